@@ -1,0 +1,46 @@
+# nftdivert: everything a fresh Debian/Ubuntu machine needs, as root.
+#   make test         the test suite (installs what it needs first)
+#   make demo         the origin scenario in a throwaway lab
+#   make test-kernel  the end-to-end suite on a stock distribution kernel (VM)
+#   make bench        diverted vs. kernel-only throughput, side by side
+
+PYTHON_SYSTEM ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# System packages: libnftables and its Python bindings come from the
+# distribution (they must match each other); NetfilterQueue builds against
+# libnetfilter-queue; the rest are the tools the tests drive.
+APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
+	python3-venv python3-dev build-essential iproute2 util-linux \
+	netcat-openbsd tcpdump conntrack
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv test test-kernel demo bench render clean
+
+all: venv
+
+deps: .cache/apt.stamp
+.cache/apt.stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p .cache && touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: .cache/apt.stamp setup.cfg pyproject.toml
+	$(PYTHON_SYSTEM) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c 'import nftables, netfilterqueue'
+	@touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+render: venv
+	@$(VENV)/bin/nftdivert render
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,188 @@
+"""Command line. Exit status: 0 success, 1 drift or failure, 2 bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import config as config_mod
+from . import __version__, engine
+from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, NftDivertError
+from .kernel import Nft, is_root
+
+CONFIG_HELP = "TOML config file. Without it, the safe embedded default: gateway mode, built-in echo listeners on TCP and UDP 1337, fail-closed."
+
+
+def _config(path: str | None) -> config_mod.Config:
+    return config_mod.load(path)
+
+
+def _root_nft(action: str) -> Nft:
+    if not is_root():
+        raise NftDivertError(f"`nftdivert {action}` changes or reads the kernel's rules: run it as root")
+    return Nft()
+
+
+class DriftFound(NftDivertError):
+    """Not an error to report: the exit status says it."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nftdivert")
+def cli() -> None:
+    """Answer for any IP address and any port, the nftables way.
+
+    nftdivert renders one nftables table from a config (NAT redirect at
+    dstnat, a queue for unbound ports after NAT, and a reply fix-up at raw
+    priority below conntrack), loads it atomically, and runs the queue worker
+    that rewrites ports so every conversation reaches a local listener.
+
+    \b
+    Typical use:
+      nftdivert render > ruleset.nft     review or commit the exact ruleset
+      nftdivert check                    validate it against this kernel
+      nftdivert apply                    load it (replaces only its own table)
+      nftdivert diff                     exit 1 if the live table drifted
+      nftdivert remove                   take it all away again
+
+    Exit status: 0 success, 1 drift or failure, 2 bad input (nothing applied).
+    """
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--backend", type=click.Choice(["nft", "xt"]),
+              help="Render for this queue backend. Default: the config's; `auto` renders the native nft form.")
+def render(config_path: str | None, backend: str | None) -> None:
+    """Print the full ruleset on stdout, byte-for-byte deterministic.
+
+    Nothing is asked of the kernel, so the output depends only on the config:
+    commit it and diff it in CI. `nft -f` loads it as one transaction that
+    replaces nftdivert's table and nothing else.
+    """
+    click.echo(engine.render_for(_config(config_path), backend), nl=False)
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.argument("ruleset", required=False, type=click.Path(dir_okay=False, exists=True))
+def check(config_path: str | None, ruleset: str | None) -> None:
+    """Validate a config's ruleset (or a RULESET.nft file) against the running kernel.
+
+    A dry run through libnftables: the kernel checks every rule, nothing
+    changes. As root it checks in this network namespace; otherwise in a user
+    and network namespace of its own, where the system allows that. Also says
+    which queue backend `auto` would pick.
+    """
+    if config_path and ruleset:
+        raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
+    if ruleset:
+        text = Path(ruleset).read_text()
+        engine.check_text(text, Nft() if is_root() else None)
+        click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
+        return
+    cfg = _config(config_path)
+    nft = Nft() if is_root() else None
+    backend, reason = engine.check(cfg, nft)
+    where = "dry run" if nft else "dry run in a user namespace"
+    click.echo(f"queue backend: {backend} ({reason})")
+    click.echo(f"{config_path or 'default config'}: accepted by the kernel ({where}, nothing changed)")
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def apply(config_path: str | None) -> None:
+    """Load the ruleset into the kernel as one atomic transaction.
+
+    Replaces only nftdivert's own table (other tables, Docker's and
+    firewalld's included, stay untouched). If the kernel rejects the new
+    ruleset, the previous one stays in force and the error names the line.
+    Without a running worker, diverted packets are dropped (fail-closed) or
+    passed (fail-open); `nftdivert run` applies and runs the worker in one go.
+    """
+    cfg = _config(config_path)
+    done = engine.apply(cfg, _root_nft("apply"))
+    click.echo(f"applied table inet {done.table}; queue backend: {done.backend} ({done.reason})")
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def diff(config_path: str | None) -> None:
+    """Compare the live table with what the config renders; print a unified diff.
+
+    Both sides are in nft's own normal form (the rendered text is loaded into
+    a scratch network namespace and listed back), so priority names, queue
+    syntax and set ordering cause no false drift. The bound-port sets change
+    at run time and are not compared.
+
+    Exit 0: same. Exit 1: drift (or nothing loaded). Exit 2: bad input.
+    """
+    cfg = _config(config_path)
+    drift = engine.diff(cfg, _root_nft("diff"))
+    if drift.same:
+        click.echo(f"table inet {cfg.table} matches the config", err=True)
+        return
+    if drift.missing_table:
+        click.echo(f"table inet {cfg.table} is not loaded", err=True)
+    click.echo(drift.diff, nl=False)
+    raise DriftFound("drift")
+
+
+@cli.command()
+@click.option("-t", "--table", default=config_mod.Config.table, show_default=True, help="Table name to remove.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Take the table name from this config.")
+def remove(table: str, config_path: str | None) -> None:
+    """Take nftdivert's table and its xt queue rules away. Idempotent: exit 0 when there was nothing."""
+    if config_path:
+        table = _config(config_path).table
+    else:
+        config_mod.Config(table=table)  # validates the name
+    gone = engine.remove(table, _root_nft("remove"))
+    click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
+
+
+@cli.command()
+@click.option("-t", "--table", default=config_mod.Config.table, show_default=True, help="Table name.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Take the table name from this config.")
+def status(table: str, config_path: str | None) -> None:
+    """What is loaded: chains with hook, priority and packet counters, queue backend, set sizes."""
+    if config_path:
+        table = _config(config_path).table
+    st = engine.status(table, _root_nft("status"))
+    if not st.loaded:
+        click.echo(f"table inet {table}: not loaded")
+        for rule in st.xt_rules:
+            click.echo(f"  stray xt rule: {rule}")
+        raise DriftFound("not loaded")
+    click.echo(f"table inet {table}: loaded, queue backend {st.backend}")
+    click.echo(f"  {'chain':<18} {'hook':<11} {'priority':>8} {'packets':>12}")
+    for ch in st.chains:
+        click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
+    click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
+    for rule in st.xt_rules:
+        click.echo(f"  xt: {rule}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every exit status is decided here."""
+    try:
+        cli.main(args=argv, prog_name="nftdivert", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_FAILURE)
+    except click.ClickException as exc:  # usage errors
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except DriftFound:
+        sys.exit(EXIT_FAILURE)
+    except ConfigError as exc:
+        click.echo(f"nftdivert: bad config: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except NftDivertError as exc:
+        click.echo(f"nftdivert: {exc}", err=True)
+        sys.exit(exc.exit_status)
+    sys.exit(0)

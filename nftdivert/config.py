@@ -1,0 +1,389 @@
+"""The configuration: one TOML file, validated into frozen dataclasses.
+
+Every key has a safe default, so no file at all is a working config. Every
+value that reaches the rendered ruleset is checked here, so nothing from the
+config can smuggle nftables syntax into it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+MODES = ("gateway", "local", "both")
+BACKENDS = ("auto", "nft", "xt")
+PROTOCOLS = ("tcp", "udp")
+LISTENER_KINDS = ("echo", "external")
+LOG_FORMATS = ("auto", "json", "text")
+
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+_LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
+_CGROUP_PART = re.compile(r"[A-Za-z0-9_.@:+-]{1,255}")
+# Characters that would end a quoted string or start a new statement in nft.
+_NFT_SYNTAX = set("\"'{};#\\\n\r\t ")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _check_type(key: str, value: object, kind: type | tuple[type, ...], what: str) -> None:
+    # bool is an int in Python; a port of `true` is a mistake, not 1.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(key, value, f"must be {what}, not a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(key, value, f"must be {what}, not {type(value).__name__}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check_type(key, value, str, "a string")
+    if value not in choices:
+        raise ConfigError(key, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_port(key: str, value: int) -> None:
+    _check_type(key, value, int, "an integer port")
+    if not 1 <= value <= 65535:
+        raise ConfigError(key, value, "ports are 1-65535")
+
+
+def _check_seconds(key: str, value: float) -> None:
+    _check_type(key, value, (int, float), "a number of seconds")
+    if not 0 < value <= 86400 * 7:
+        raise ConfigError(key, value, "must be more than 0 and at most a week")
+
+
+def _check_path(key: str, value: str) -> None:
+    _check_type(key, value, str, "a path string")
+    if "\0" in value or "\n" in value:
+        raise ConfigError(key, value, "a path cannot contain NUL or newline")
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, key: str, value: object) -> "PortRange":
+        if isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+                raise ConfigError(key, value, 'must be a port or a range like "8000-8100"')
+            nums = [int(p) for p in parts]
+            first, last = nums[0], nums[-1]
+        else:
+            _check_type(key, value, int, 'a port or a range like "8000-8100"')
+            first = last = value  # type: ignore[assignment]
+        rng = cls(first, last)
+        rng.validate(key, value)
+        return rng
+
+    def validate(self, key: str, value: object) -> None:
+        for p in (self.first, self.last):
+            if not 1 <= p <= 65535:
+                raise ConfigError(key, value, "ports are 1-65535")
+        if self.first > self.last:
+            raise ConfigError(key, value, "inverted range: the first port is above the last")
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A service that receives diverted conversations on `port`."""
+
+    name: str
+    protocol: str
+    port: int
+    # echo: nftdivert starts a built-in echo service; external: another
+    # program listens and nftdivert only diverts to it.
+    kind: str = "echo"
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.name", self.name, str, "a string")
+        if not _LISTENER_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name", self.name,
+                              "names are 1-32 letters, digits, '_', '.', '-', starting with a letter or digit")
+        _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)
+        _check_port(f"{key}.port", self.port)
+        _check_choice(f"{key}.kind", self.kind, LISTENER_KINDS)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    backend: str = "auto"
+    incoming: int = 0
+    outgoing: int = 1
+    # closed: with no worker attached diverted packets are dropped, so nothing
+    # leaks to the real destination; open: they pass (the kernel's bypass).
+    fail: str = "closed"
+    # xt backend only: the nft table marks packets for the iptables-nft queue
+    # rules with this bit, because those rules cannot see the table's sets.
+    mark: int = 0x00D10000
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.backend", self.backend, BACKENDS)
+        for name in ("incoming", "outgoing"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, int, "an integer queue number")
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{key}.{name}", value, "queue numbers are 0-65535")
+        if self.incoming == self.outgoing:
+            raise ConfigError(f"{key}.outgoing", self.outgoing,
+                              "must differ from queue.incoming: each direction needs its own queue")
+        _check_choice(f"{key}.fail", self.fail, ("closed", "open"))
+        _check_type(f"{key}.mark", self.mark, int, "an integer bit mask")
+        if not 0 < self.mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.mark", self.mark, "must be a non-zero 32-bit mask")
+
+
+@dataclass(frozen=True)
+class LeaveAlone:
+    """Traffic nftdivert never touches."""
+
+    tcp_ports: tuple[PortRange, ...] = ()
+    udp_ports: tuple[PortRange, ...] = ()
+    hosts: tuple[Network, ...] = ()
+    # local mode: this host's own traffic from these goes out untouched.
+    users: tuple[str | int, ...] = ()
+    groups: tuple[str | int, ...] = ()
+    cgroups: tuple[str, ...] = ()
+
+    def validate(self, key: str) -> None:
+        for name in ("users", "groups"):
+            for i, who in enumerate(getattr(self, name)):
+                k = f"{key}.{name}[{i}]"
+                _check_type(k, who, (str, int), "a name or a numeric id")
+                if isinstance(who, int) and not 0 <= who <= 0xFFFFFFFE:
+                    raise ConfigError(k, who, "ids are 0-4294967294")
+                if isinstance(who, str) and not _USER_NAME.fullmatch(who):
+                    raise ConfigError(k, who, "not a valid user or group name")
+        for i, path in enumerate(self.cgroups):
+            k = f"{key}.cgroups[{i}]"
+            _check_type(k, path, str, "a cgroup v2 path string")
+            parts = path.strip("/").split("/")
+            if not path.strip("/") or not all(_CGROUP_PART.fullmatch(p) and p not in (".", "..") for p in parts):
+                raise ConfigError(k, path, 'must be a cgroup v2 path like "system.slice/sshd.service"')
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_conversations: int = 65536
+    tcp_idle: float = 300.0
+    udp_idle: float = 60.0
+    # How long a TCP conversation outlives its FIN/RST, for the last ACKs.
+    close_grace: float = 10.0
+    log: str = "-"  # "-" is stdout, "" turns the conversation log off
+    log_format: str = "auto"  # auto: text on a terminal, JSON Lines elsewhere
+    pcap: str = ""
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.max_conversations", self.max_conversations, int, "an integer")
+        if not 16 <= self.max_conversations <= 10_000_000:
+            raise ConfigError(f"{key}.max_conversations", self.max_conversations, "must be 16-10000000")
+        for name in ("tcp_idle", "udp_idle", "close_grace"):
+            _check_seconds(f"{key}.{name}", getattr(self, name))
+        _check_path(f"{key}.log", self.log)
+        _check_choice(f"{key}.log_format", self.log_format, LOG_FORMATS)
+        _check_path(f"{key}.pcap", self.pcap)
+
+
+DEFAULT_LISTENERS = (
+    Listener(name="tcp-echo", protocol="tcp", port=1337),
+    Listener(name="udp-echo", protocol="udp", port=1337),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = "gateway"
+    table: str = "nftdivert"
+    ipv4: bool = True
+    ipv6: bool = True
+    # Empty: every interface. Gateway mode answers only for traffic arriving here.
+    interfaces: tuple[str, ...] = ()
+    # Gateway mode: drop everything a diverted client would have routed onward.
+    forward_containment: bool = True
+    listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
+    # The listeners that receive traffic for ports nothing is bound to.
+    default_tcp_listener: str | None = "tcp-echo"
+    default_udp_listener: str | None = "udp-echo"
+    leave_alone: LeaveAlone = field(default_factory=LeaveAlone)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_type("table", self.table, str, "a string")
+        if not _TABLE_NAME.fullmatch(self.table):
+            raise ConfigError("table", self.table, "table names are 1-32 letters, digits and '_', starting with a letter")
+        for name in ("ipv4", "ipv6", "forward_containment"):
+            _check_type(name, getattr(self, name), bool, "true or false")
+        if not (self.ipv4 or self.ipv6):
+            raise ConfigError("ipv6", self.ipv6, "ipv4 and ipv6 are both off: nothing would be diverted")
+        for i, name in enumerate(self.interfaces):
+            _check_interface(f"interfaces[{i}]", name)
+        self.queue.validate("queue")
+        self.leave_alone.validate("leave_alone")
+        self.worker.validate("worker")
+        self._validate_listeners()
+
+    def _validate_listeners(self) -> None:
+        names: set[str] = set()
+        ports: set[tuple[str, int]] = set()
+        for i, lst in enumerate(self.listeners):
+            lst.validate(f"listeners[{i}]")
+            if lst.name in names:
+                raise ConfigError(f"listeners[{i}].name", lst.name, "another listener has this name")
+            if (lst.protocol, lst.port) in ports:
+                raise ConfigError(f"listeners[{i}].port", lst.port, f"another {lst.protocol} listener has this port")
+            names.add(lst.name)
+            ports.add((lst.protocol, lst.port))
+        for proto in PROTOCOLS:
+            key = f"default_{proto}_listener"
+            name = getattr(self, key)
+            if name is None:
+                continue
+            _check_type(key, name, str, "a listener name")
+            match = [lst for lst in self.listeners if lst.name == name]
+            if not match:
+                raise ConfigError(key, name, "no listener has this name")
+            if match[0].protocol != proto:
+                raise ConfigError(key, name, f"that listener is {match[0].protocol}, not {proto}")
+            ranges = getattr(self.leave_alone, f"{proto}_ports")
+            if any(match[0].port in r for r in ranges):
+                raise ConfigError(key, name, f"its port {match[0].port} is in leave_alone.{proto}_ports")
+
+    def default_listener(self, protocol: str) -> Listener | None:
+        name = getattr(self, f"default_{protocol}_listener")
+        return next((lst for lst in self.listeners if lst.name == name), None)
+
+
+def _check_interface(key: str, name: object) -> None:
+    _check_type(key, name, str, "an interface name")
+    assert isinstance(name, str)
+    # The kernel's own rule (dev_valid_name), plus nft's trailing wildcard.
+    base = name[:-1] if name.endswith("*") else name
+    if not name or len(name) > 15:
+        raise ConfigError(key, name, "interface names are 1-15 characters")
+    if name in (".", "..") or any(c in _NFT_SYNTAX or c in "/:*" or not c.isprintable() for c in base):
+        raise ConfigError(key, name, "the kernel refuses this interface name (no spaces, quotes, '/', ':', braces, ';' or '#')")
+
+
+# ---- loading ---------------------------------------------------------------
+
+_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig}
+
+
+def _known_keys(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _reject_unknown(prefix: str, data: Mapping[str, Any], cls: type) -> None:
+    for key in data:
+        if key not in _known_keys(cls):
+            known = ", ".join(sorted(_known_keys(cls)))
+            raise ConfigError(f"{prefix}{key}", data[key], f"unknown key (known here: {known})")
+
+
+def _as_list(key: str, value: object) -> list:
+    _check_type(key, value, list, "a list")
+    return value  # type: ignore[return-value]
+
+
+def _section(key: str, data: Mapping[str, Any]) -> Any:
+    cls = _SECTIONS[key]
+    _check_type(key, data, dict, "a table")
+    _reject_unknown(f"{key}.", data, cls)
+    values = dict(data)
+    if cls is LeaveAlone:
+        for proto in PROTOCOLS:
+            k = f"{proto}_ports"
+            if k in values:
+                values[k] = tuple(PortRange.parse(f"{key}.{k}[{i}]", v) for i, v in enumerate(_as_list(f"{key}.{k}", values[k])))
+        if "hosts" in values:
+            values["hosts"] = tuple(_network(f"{key}.hosts[{i}]", v) for i, v in enumerate(_as_list(f"{key}.hosts", values["hosts"])))
+        for k in ("users", "groups", "cgroups"):
+            if k in values:
+                values[k] = tuple(_as_list(f"{key}.{k}", values[k]))
+    return cls(**values)
+
+
+def _network(key: str, value: object) -> Network:
+    _check_type(key, value, str, 'an address or network like "192.0.2.0/24"')
+    assert isinstance(value, str)
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        reason = str(exc)
+        if "host bits set" in reason:
+            reason = "host bits set: the address has bits beyond the prefix length"
+        raise ConfigError(key, value, reason) from None
+
+
+def _listener(key: str, data: object) -> Listener:
+    _check_type(key, data, dict, "a table with name, protocol and port")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, Listener)
+    for required in ("name", "protocol", "port"):
+        if required not in data:
+            raise ConfigError(f"{key}.{required}", None, "missing: every listener needs name, protocol and port")
+    return Listener(**data)
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a validated Config from parsed TOML; raise ConfigError on bad input."""
+    _reject_unknown("", data, Config)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            values[key] = _section(key, value)
+        elif key == "listeners":
+            values[key] = tuple(_listener(f"listeners[{i}]", v) for i, v in enumerate(_as_list(key, value)))
+        elif key == "interfaces":
+            values[key] = tuple(_as_list(key, value))
+        else:
+            values[key] = value
+    for proto in PROTOCOLS:
+        key = f"default_{proto}_listener"
+        if values.get(key) == "":
+            values[key] = None  # TOML has no null: "" means no default listener
+        elif key not in values and "listeners" in values:
+            # Own listeners without a say: the first of each protocol takes the rest.
+            values[key] = next((lst.name for lst in values["listeners"] if lst.protocol == proto), None)
+    # Each section validates itself before Config checks how they fit together.
+    for section in ("leave_alone", "queue", "worker"):
+        if section in values:
+            values[section].validate(section)
+    try:
+        return Config(**values)
+    except TypeError as exc:  # a dataclass field given something unusable
+        raise ConfigError("(config)", None, str(exc)) from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML config file; None means the embedded safe default."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("--config", str(path), exc.strerror or str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", str(path), "not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    return from_mapping(data)

@@ -1,0 +1,90 @@
+"""The one door to the kernel's nftables: libnftables through its Python bindings."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from .errors import KernelError, PermissionProblem
+
+
+def _library():
+    try:
+        import nftables  # the distribution's python3-nftables, matching libnftables
+    except ImportError:
+        raise KernelError(
+            "the nftables Python bindings are missing: install the distribution's "
+            "python3-nftables (a venv needs --system-site-packages to see them)"
+        ) from None
+    return nftables
+
+
+class Nft:
+    """A libnftables context. Text in, text or JSON out, errors raised."""
+
+    def __init__(self) -> None:
+        self._ctx = _library().Nftables()
+        self._ctx.set_handle_output(False)
+
+    def run(self, commands: str, *, dry_run: bool = False, source: str = "ruleset") -> str:
+        """Run nft commands as one transaction; with dry_run the kernel checks, nothing changes.
+
+        The text goes through a file because libnftables then reports errors
+        as `source:line:columns`, which a buffer does not.
+        """
+        with tempfile.NamedTemporaryFile("w", suffix=".nft", prefix="nftdivert-") as f:
+            f.write(commands)
+            f.flush()
+            self._ctx.set_dry_run(dry_run)
+            try:
+                rc, out, err = self._ctx.cmd_from_file(f.name)
+            finally:
+                self._ctx.set_dry_run(False)
+        if rc != 0:
+            raise _kernel_error(err.replace(f.name, source))
+        return out
+
+    def list_table(self, table: str, *, stateless: bool = True) -> str | None:
+        """The table as nft prints it (its normal form), or None when it is not loaded."""
+        self._ctx.set_stateless_output(stateless)
+        try:
+            rc, out, err = self._ctx.cmd(f"list table inet {table}")
+        finally:
+            self._ctx.set_stateless_output(False)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise _kernel_error(err)
+        return out
+
+    def json(self, command: str) -> list[dict[str, Any]]:
+        """The `nftables` array of a list command's JSON output ([] when absent)."""
+        self._ctx.set_json_output(True)
+        try:
+            rc, out, err = self._ctx.cmd(command)
+        finally:
+            self._ctx.set_json_output(False)
+        if rc != 0:
+            if "No such file or directory" in err:
+                return []
+            raise _kernel_error(err)
+        return json.loads(out).get("nftables", []) if out.strip() else []
+
+    def has_table(self, table: str, family: str = "inet") -> bool:
+        return any("table" in o and o["table"]["name"] == table and o["table"]["family"] == family
+                   for o in self.json("list tables"))
+
+
+def _kernel_error(err: str) -> KernelError:
+    err = err.strip()
+    if "Operation not permitted" in err:
+        return PermissionProblem(
+            "the kernel refused: changing nftables needs root (CAP_NET_ADMIN); "
+            "`nftdivert check` works unprivileged through a user namespace\n" + err)
+    return KernelError(err)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
