@@ -1,0 +1,66 @@
+"""Shared fixtures: root check, test hosts as network namespaces, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import netns as netns_mod  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root: network namespaces and nftables")
+    for item in items:
+        if "kernel" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def make_netns():
+    """Factory for test hosts; every namespace it made is removed, pass or fail."""
+    made: list[netns_mod.Netns] = []
+
+    def make(role: str) -> netns_mod.Netns:
+        ns = netns_mod.create(role)
+        made.append(ns)
+        return ns
+
+    try:
+        yield make
+    finally:
+        for ns in reversed(made):
+            ns.delete()
+
+
+@pytest.fixture
+def host(make_netns):
+    """One fresh namespace: a kernel with an empty ruleset to apply into."""
+    return make_netns("host")
+
+
+def nftdivert_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nftdivert", *args]
+
+
+@pytest.fixture
+def cli_env():
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = netns_mod.leftovers()
+    if left:  # a fixture failed to clean up: make that loud, and clean anyway
+        for name in left:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+        print(f"\nERROR: network namespaces were left behind: {left}", file=sys.stderr)
+        session.exitstatus = 1
