@@ -163,6 +163,46 @@ def status(table: str, config_path: str | None) -> None:
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
+    from . import runner
+
+    worker = runner.read_stats(table)
+    click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
+              help="Write the diverted packets, as they arrived and as rewritten, to this pcap file.")
+@click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.')
+@click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
+              help="JSON Lines or one readable line per conversation (auto: text on a terminal).")
+def run(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None) -> None:
+    """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
+
+    Every conversation to an unbound port on any address reaches the default
+    listener of its protocol; each new one is logged with its original
+    destination (the address the client asked for). SIGINT or SIGTERM stops
+    it and removes the table, the queue rules and the listeners. Started
+    after a crash, it replaces the stale table and carries on.
+
+    \b
+    Examples:
+      nftdivert run                         gateway mode, built-in echo listeners
+      nftdivert run -c lab.toml -w lab.pcap
+      nftdivert run --log conversations.jsonl
+    """
+    from dataclasses import replace
+
+    from . import runner
+
+    cfg = _config(config_path)
+    overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format)) if v is not None}
+    if overrides:
+        cfg = replace(cfg, worker=replace(cfg.worker, **overrides))
+    _root_nft("run")
+    final = runner.run(cfg, pcap_path=pcap)
+    if final:
+        click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,123 @@
+"""The conversation log: one line per new diverted conversation.
+
+The queue thread only hands over what it saw; this module's thread asks
+conntrack for the original destination (the foreign address the client asked
+for, which NAT has replaced by the time the worker sees the packet) and
+writes JSON Lines or a human-readable line. A conversation's first packet is
+not yet confirmed in conntrack while it sits in the queue, hence a thread
+with retries rather than a lookup on the hot path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
+
+
+@dataclass(frozen=True)
+class NewConversation:
+    """What the queue thread knows of a new conversation, as raw values."""
+
+    wall_time: float
+    version: int
+    protocol: int
+    client: bytes
+    client_port: int
+    local: bytes
+    original_port: int
+    listener_name: str
+    listener_port: int
+    indev: int
+
+
+def _addr(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _interface(index: int) -> str:
+    if not index:
+        return ""
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return str(index)
+
+
+def record(event: NewConversation, original: tuple[bytes, int] | None) -> dict:
+    """The log record: JSON-ready, field names stable (scripts read them)."""
+    dst_addr, dst_port, source = ((original[0], original[1], "conntrack") if original
+                                  else (event.local, event.original_port, "packet"))
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.wall_time))
+        + f".{int(event.wall_time % 1 * 1000):03d}Z",
+        "protocol": PROTOCOL_NAMES.get(event.protocol, str(event.protocol)),
+        "client": _endpoint(_addr(event.client), event.client_port),
+        "original_destination": _endpoint(_addr(dst_addr), dst_port),
+        "original_destination_from": source,
+        "listener": event.listener_name,
+        "listener_port": event.listener_port,
+        "interface": _interface(event.indev),
+    }
+
+
+def text_line(rec: dict) -> str:
+    where = f" via {rec['interface']}" if rec["interface"] else ""
+    return (f"{rec['time'][11:23]}  {rec['protocol']:<3}  {rec['client']:>22} -> "
+            f"{rec['original_destination']:<22} => {rec['listener']} (:{rec['listener_port']}){where}")
+
+
+class ConversationLog:
+    """A thread that resolves and writes log lines; close() drains it."""
+
+    def __init__(self, stream: TextIO | None, as_json: bool, lookup=None, retries: int = 10) -> None:
+        self._stream = stream
+        self._json = as_json
+        self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> (addr, port) | None
+        self._retries = retries
+        self._queue: queue.SimpleQueue[NewConversation | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
+        self.written = 0
+        self._thread.start()
+
+    def submit(self, event: NewConversation) -> None:
+        self._queue.put(event)
+
+    def _original(self, ev: NewConversation) -> tuple[bytes, int] | None:
+        if self._lookup is None:
+            return None
+        for attempt in range(self._retries):
+            try:
+                found = self._lookup(ev.version, ev.protocol, ev.client, ev.client_port, ev.local, ev.original_port)
+            except OSError:
+                return None
+            if found is not None:
+                return found
+            time.sleep(0.01 * (attempt + 1))
+        return None
+
+    def _run(self) -> None:
+        while (ev := self._queue.get()) is not None:
+            rec = record(ev, self._original(ev))
+            if self._stream is not None:
+                try:
+                    self._stream.write((json.dumps(rec) if self._json else text_line(rec)) + "\n")
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    pass  # a closed terminal must not take the worker down
+            self.written += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)

@@ -1,0 +1,114 @@
+"""Built-in listeners: accept anything, count what arrives, echo it back.
+
+They run on one asyncio loop in a thread of their own, so hundreds of
+conversations cost no thread each and the queue worker never waits on them.
+Any other program can be a listener instead (kind = "external").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from .config import Listener
+
+
+@dataclass
+class ListenerStats:
+    conversations: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class _Running:
+    listener: Listener
+    stats: ListenerStats = field(default_factory=ListenerStats)
+
+
+def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
+    # One dual-stack socket answers IPv4 and IPv6 (redirect keeps the family).
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if ipv6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::" if ipv6 else "0.0.0.0", port))
+    return sock
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def __init__(self, stats: ListenerStats) -> None:
+        self.stats = stats
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.stats.conversations += 1
+        self.stats.bytes_received += len(data)
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+
+
+class Listeners:
+    """Start with start(), stop with stop(); ports are bound when start() returns."""
+
+    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True) -> None:
+        self._running = [_Running(lst) for lst in listeners if lst.kind == "echo"]
+        self._ipv6 = ipv6 and socket.has_ipv6
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
+        self._closers: list = []
+
+    @property
+    def stats(self) -> dict[str, ListenerStats]:
+        return {r.listener.name: r.stats for r in self._running}
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+
+    async def _start(self) -> None:
+        for run in self._running:
+            lst = run.listener
+            if lst.protocol == "tcp":
+                sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
+                server = await asyncio.start_server(
+                    lambda r, w, s=run.stats: self._echo_stream(r, w, s), sock=sock, backlog=1024)
+                self._closers.append(server)
+            else:
+                sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
+                transport, _ = await self._loop.create_datagram_endpoint(lambda s=run.stats: _Echo(s), sock=sock)
+                self._closers.append(transport)
+
+    @staticmethod
+    async def _echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
+        stats.conversations += 1
+        try:
+            while data := await reader.read(65536):
+                stats.bytes_received += len(data)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()  # half-close: the client's EOF, echoed
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def close() -> None:
+            for closer in self._closers:
+                closer.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

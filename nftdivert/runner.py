@@ -1,0 +1,195 @@
+"""`nftdivert run`: listeners up, queues bound, ruleset applied, worker pumping;
+and on the way out, everything taken away again, whatever happened.
+
+Order matters. Listeners first, so their ports are in the bound-port set
+when the ruleset lands; queues bound before the ruleset, so the first
+diverted packet finds a worker; on the way out the ruleset goes first, so no
+packet is queued to a worker that is leaving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+from . import bound, engine
+from .config import Config
+from .convlog import ConversationLog
+from .errors import KernelError, NftDivertError
+from .kernel import Nft
+from .listeners import Listeners
+from .packet import TCP
+from .worker import Worker, build_fixup, new_conversation_event
+
+STATS_DIR = Path("/run/nftdivert")
+
+
+def stats_path(table: str) -> Path:
+    # One file per table and network namespace: test labs run many at once.
+    return STATS_DIR / f"{table}-{os.stat('/proc/self/ns/net').st_ino}.json"
+
+
+class _BoundPorts:
+    """The host's bound ports, as the worker and the kernel set both see them."""
+
+    def __init__(self, nft: Nft, table: str) -> None:
+        self.nft, self.table = nft, table
+        self.ports = bound.read()
+
+    def is_bound(self, protocol: int, port: int) -> bool:
+        return port in (self.ports.tcp if protocol == TCP else self.ports.udp)
+
+    def refresh(self) -> None:
+        now = bound.read()
+        if now != self.ports:
+            self.ports = now
+            self.nft.run(bound.set_commands(self.table, now), source="bound ports")
+
+
+def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
+    target, fmt = config.worker.log, config.worker.log_format
+    if target == "":
+        return None, True
+    stream = sys.stdout if target == "-" else stack.enter_context(open(target, "a", encoding="utf-8"))
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    return stream, as_json
+
+
+def _conntrack_lookup(stack: ExitStack):
+    try:
+        from .conntrack import Conntrack
+        ct = stack.enter_context(Conntrack())
+    except (ImportError, OSError):
+        return None  # the log falls back to the packet as it arrived
+    return ct.original_destination
+
+
+def _say(message: str) -> None:
+    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
+
+
+def run(config: Config, *, pcap_path: str | None = None) -> dict:
+    """Run until SIGINT or SIGTERM; returns the final counters. Leaves nothing behind."""
+    nft = Nft()
+    pcap_path = pcap_path or config.worker.pcap or None
+    # Until the worker pumps, a signal unwinds the stack (and so cleans up).
+    previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(config, nft, pcap_path)
+    except _Stopped:
+        _say("stopped before the worker started; everything removed")
+        return {}
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_early(*_args) -> None:
+    raise _Stopped
+
+
+def _run(config: Config, nft: Nft, pcap_path: str | None) -> dict:
+    with ExitStack() as stack:
+        listeners = Listeners(config.listeners, ipv6=config.ipv6)
+        try:
+            listeners.start()
+        except OSError as exc:
+            raise NftDivertError(f"cannot start the built-in listeners: {exc}") from None
+        stack.callback(listeners.stop)
+        for lst in config.listeners:
+            _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({'built-in echo' if lst.kind == 'echo' else 'external'})")
+
+        stream, as_json = _log_stream(config, stack)
+        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack))
+        stack.callback(log.close)
+
+        pcap = None
+        if pcap_path:
+            from .pcap import PcapWriter
+            pcap = stack.enter_context(PcapWriter(pcap_path))
+            _say(f"capturing diverted packets to {pcap_path}")
+
+        ports = _BoundPorts(nft, config.table)
+        fixup = build_fixup(config, ports.is_bound,
+                            on_new=lambda key, conv, seg: log.submit(new_conversation_event(config, key, conv, seg)))
+        statsfile = stats_path(config.table)
+
+        def tick(_now: float) -> None:
+            try:
+                ports.refresh()
+            except KernelError as exc:
+                _say(f"could not update the bound-port sets: {exc}")
+            _write_stats(statsfile, _snapshot(worker, listeners))
+            if pcap is not None:
+                pcap.flush()
+
+        worker = Worker(config, fixup, pcap=pcap, tick=tick)
+        worker.bind()
+        stack.callback(worker.unbind)
+        stack.callback(lambda: statsfile.unlink(missing_ok=True))
+
+        applied = engine.apply(config, nft)
+        stack.callback(lambda: engine.remove(config.table, nft))
+        _say(f"table inet {applied.table} applied; queue backend {applied.backend} ({applied.reason})")
+        _say(f"mode {config.mode}; diverting unbound ports; Ctrl-C or SIGTERM stops and removes everything")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.stop())
+        _write_stats(statsfile, _snapshot(worker, listeners))
+        worker.run()
+        _say("stopping: removing the ruleset, unbinding the queues")
+        final = _snapshot(worker, listeners)
+    return final
+
+
+def _snapshot(worker: Worker, listeners: Listeners) -> dict:
+    c = worker.fixup.counters
+    return {
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
+                    "malformed": c.malformed, "errors": c.errors + worker.stats.verdict_errors},
+        "unfit": dict(c.unfit),
+        "conversations": {"new": c.new_conversations, **asdict(worker.fixup.table.stats)},
+        "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+    }
+
+
+def _write_stats(path: Path, snapshot: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(snapshot))
+        tmp.replace(path)
+    except OSError:
+        pass  # stats are a courtesy; diverting goes on
+
+
+def read_stats(table: str) -> dict | None:
+    """The running worker's counters for `table` in this namespace, if one runs."""
+    path = stats_path(table)
+    try:
+        snap = json.loads(path.read_text())
+        os.kill(snap["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return snap
+
+
+def summary(snap: dict) -> str:
+    p, c = snap["packets"], snap["conversations"]
+    return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
+            f"malformed {p['malformed']}, errors {p['errors']}; conversations {c['new']} "
+            f"(in table {c['size']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
+            f"cap {c['evicted_cap']})")
