@@ -205,6 +205,33 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
+              help="Write the diverted packets, as they arrived and as rewritten, to this pcap file.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def sandbox(config_path: str | None, pcap: str | None, command: tuple[str, ...]) -> None:
+    """Run CMD with all of its traffic answered locally; nothing leaks out.
+
+    CMD runs as you (the user behind sudo) in a network namespace of its
+    own, whose only way out is a diverter namespace running nftdivert with
+    the built-in listeners and a DNS listener that answers every name. The
+    conversation log streams to the terminal. Exits with CMD's status and
+    removes every namespace, table and process, also on Ctrl-C.
+    Without CMD: an interactive shell in there.
+
+    \b
+    Examples:
+      sudo nftdivert sandbox -- curl -v http://anything.example:8080/
+      sudo nftdivert sandbox -w sample.pcap -- ./sample.bin
+      sudo nftdivert sandbox
+    """
+    from . import sandbox as sandbox_mod
+
+    status = sandbox_mod.run(_config(config_path), list(command), pcap=pcap)
+    raise SystemExit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every exit status is decided here."""
     try:
@@ -219,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_USAGE)
     except DriftFound:
         sys.exit(EXIT_FAILURE)
+    except SystemExit:
+        raise
     except ConfigError as exc:
         click.echo(f"nftdivert: bad config: {exc}", err=True)
         sys.exit(EXIT_USAGE)

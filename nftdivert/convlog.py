@@ -55,13 +55,12 @@ def _interface(index: int) -> str:
         return str(index)
 
 
-def record(event: NewConversation, original: tuple[bytes, int] | None) -> dict:
+def record(event: NewConversation, original: tuple[bytes, int] | None, name: str | None = None) -> dict:
     """The log record: JSON-ready, field names stable (scripts read them)."""
     dst_addr, dst_port, source = ((original[0], original[1], "conntrack") if original
                                   else (event.local, event.original_port, "packet"))
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(event.wall_time))
-        + f".{int(event.wall_time % 1 * 1000):03d}Z",
+    rec = {
+        "time": _iso(event.wall_time),
         "protocol": PROTOCOL_NAMES.get(event.protocol, str(event.protocol)),
         "client": _endpoint(_addr(event.client), event.client_port),
         "original_destination": _endpoint(_addr(dst_addr), dst_port),
@@ -70,29 +69,54 @@ def record(event: NewConversation, original: tuple[bytes, int] | None) -> dict:
         "listener_port": event.listener_port,
         "interface": _interface(event.indev),
     }
+    if name:
+        rec["name"] = name  # the DNS name the built-in resolver gave this address for
+    return rec
+
+
+def question_record(client: str, name: str, qtype: str, answer: str) -> dict:
+    return {"time": _now_iso(), "event": "dns", "client": client, "name": name, "type": qtype,
+            "answer": answer}
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _now_iso() -> str:
+    return _iso(time.time())
 
 
 def text_line(rec: dict) -> str:
+    if rec.get("event") == "dns":
+        return (f"{rec['time'][11:23]}  dns  {rec['client']:>22} asked {rec['type']} {rec['name']}"
+                f"{' -> ' + rec['answer'] if rec['answer'] else ''}")
+    named = f" ({rec['name']})" if rec.get("name") else ""
     where = f" via {rec['interface']}" if rec["interface"] else ""
     return (f"{rec['time'][11:23]}  {rec['protocol']:<3}  {rec['client']:>22} -> "
-            f"{rec['original_destination']:<22} => {rec['listener']} (:{rec['listener_port']}){where}")
+            f"{rec['original_destination']:<22}{named} => {rec['listener']} (:{rec['listener_port']}){where}")
 
 
 class ConversationLog:
     """A thread that resolves and writes log lines; close() drains it."""
 
-    def __init__(self, stream: TextIO | None, as_json: bool, lookup=None, retries: int = 10) -> None:
+    def __init__(self, stream: TextIO | None, as_json: bool, lookup=None, retries: int = 10,
+                 name_for=None) -> None:
         self._stream = stream
+        self._name_for = name_for  # original destination address -> DNS name, if we answered it
         self._json = as_json
         self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> (addr, port) | None
         self._retries = retries
-        self._queue: queue.SimpleQueue[NewConversation | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[NewConversation | dict | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self.written = 0
         self._thread.start()
 
     def submit(self, event: NewConversation) -> None:
         self._queue.put(event)
+
+    def dns_question(self, client: str, name: str, qtype: str, answer: str) -> None:
+        self._queue.put(question_record(client, name, qtype, answer))
 
     def _original(self, ev: NewConversation) -> tuple[bytes, int] | None:
         if self._lookup is None:
@@ -109,7 +133,14 @@ class ConversationLog:
 
     def _run(self) -> None:
         while (ev := self._queue.get()) is not None:
-            rec = record(ev, self._original(ev))
+            if isinstance(ev, dict):
+                rec = ev
+            else:
+                original = self._original(ev)
+                name = None
+                if self._name_for is not None:
+                    name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local))
+                rec = record(ev, original, name)
             if self._stream is not None:
                 try:
                     self._stream.write((json.dumps(rec) if self._json else text_line(rec)) + "\n")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 
 from .config import Listener
+from .dns import Resolver
 
 
 @dataclass
@@ -38,6 +40,12 @@ def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
     return sock
 
 
+def _endpoint(addr) -> str:
+    host, port = addr[0], addr[1]
+    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _Echo(asyncio.DatagramProtocol):
     def __init__(self, stats: ListenerStats) -> None:
         self.stats = stats
@@ -53,11 +61,28 @@ class _Echo(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)
 
 
+class _DnsDatagrams(asyncio.DatagramProtocol):
+    def __init__(self, stats: ListenerStats, resolver: Resolver) -> None:
+        self.stats, self.resolver = stats, resolver
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.stats.conversations += 1
+        self.stats.bytes_received += len(data)
+        reply = self.resolver.answer(data, _endpoint(addr))
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
 class Listeners:
     """Start with start(), stop with stop(); ports are bound when start() returns."""
 
-    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True) -> None:
-        self._running = [_Running(lst) for lst in listeners if lst.kind == "echo"]
+    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None) -> None:
+        self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
+        self._resolver = resolver
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -74,15 +99,43 @@ class Listeners:
     async def _start(self) -> None:
         for run in self._running:
             lst = run.listener
-            if lst.protocol == "tcp":
-                sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
-                server = await asyncio.start_server(
-                    lambda r, w, s=run.stats: self._echo_stream(r, w, s), sock=sock, backlog=1024)
-                self._closers.append(server)
-            else:
-                sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
-                transport, _ = await self._loop.create_datagram_endpoint(lambda s=run.stats: _Echo(s), sock=sock)
-                self._closers.append(transport)
+            try:
+                await self._start_one(run)
+            except OSError as exc:
+                raise OSError(exc.errno, f"listener {lst.name} ({lst.protocol} port {lst.port}): {exc.strerror}") from None
+
+    async def _start_one(self, run: _Running) -> None:
+        lst, stats = run.listener, run.stats
+        if lst.kind == "dns" and self._resolver is None:
+            raise ValueError("a dns listener needs a resolver")
+        if lst.protocol == "tcp":
+            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
+            handler = self._dns_stream if lst.kind == "dns" else self._echo_stream
+            server = await asyncio.start_server(lambda r, w: handler(r, w, stats), sock=sock, backlog=1024)
+            self._closers.append(server)
+        else:
+            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
+            factory = (lambda: _DnsDatagrams(stats, self._resolver)) if lst.kind == "dns" else (lambda: _Echo(stats))
+            transport, _ = await self._loop.create_datagram_endpoint(factory, sock=sock)
+            self._closers.append(transport)
+
+    async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
+        # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).
+        stats.conversations += 1
+        try:
+            while True:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+                query = await reader.readexactly(size)
+                stats.bytes_received += 2 + size
+                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername"))) if self._resolver else None
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
 
     @staticmethod
     async def _echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:

@@ -17,11 +17,12 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from . import bound, engine
 from .config import Config
 from .convlog import ConversationLog
+from .dns import AnswerPool, Resolver
 from .errors import KernelError, NftDivertError
 from .kernel import Nft
 from .listeners import Listeners
@@ -29,6 +30,7 @@ from .packet import TCP
 from .worker import Worker, build_fixup, new_conversation_event
 
 STATS_DIR = Path("/run/nftdivert")
+_KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
 
 
 def stats_path(table: str) -> Path:
@@ -71,18 +73,28 @@ def _conntrack_lookup(stack: ExitStack):
     return ct.original_destination
 
 
+def _resolver(config: Config) -> Resolver | None:
+    if not any(lst.kind == "dns" for lst in config.listeners):
+        return None
+    v4, v6 = config.dns.pools()
+    return Resolver(AnswerPool(v4), AnswerPool(v6), config.dns.ttl)
+
+
 def _say(message: str) -> None:
     print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
-def run(config: Config, *, pcap_path: str | None = None) -> dict:
-    """Run until SIGINT or SIGTERM; returns the final counters. Leaves nothing behind."""
+def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None) -> dict:
+    """Run until SIGINT or SIGTERM; returns the final counters. Leaves nothing behind.
+
+    `on_ready` is called once the ruleset is in place and the worker is about to pump.
+    """
     nft = Nft()
     pcap_path = pcap_path or config.worker.pcap or None
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(config, nft, pcap_path)
+        return _run(config, nft, pcap_path, on_ready)
     except _Stopped:
         _say("stopped before the worker started; everything removed")
         return {}
@@ -99,20 +111,24 @@ def _stop_early(*_args) -> None:
     raise _Stopped
 
 
-def _run(config: Config, nft: Nft, pcap_path: str | None) -> dict:
+def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[], object] | None) -> dict:
     with ExitStack() as stack:
-        listeners = Listeners(config.listeners, ipv6=config.ipv6)
+        resolver = _resolver(config)
+        listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver)
         try:
             listeners.start()
         except OSError as exc:
             raise NftDivertError(f"cannot start the built-in listeners: {exc}") from None
         stack.callback(listeners.stop)
         for lst in config.listeners:
-            _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({'built-in echo' if lst.kind == 'echo' else 'external'})")
+            _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({_KIND_NAMES[lst.kind]})")
 
         stream, as_json = _log_stream(config, stack)
-        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack))
+        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack),
+                              name_for=resolver.name_for if resolver else None)
         stack.callback(log.close)
+        if resolver is not None:
+            resolver.on_question = log.dns_question
 
         pcap = None
         if pcap_path:
@@ -147,6 +163,8 @@ def _run(config: Config, nft: Nft, pcap_path: str | None) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
         _write_stats(statsfile, _snapshot(worker, listeners))
+        if on_ready is not None:
+            on_ready()
         worker.run()
         _say("stopping: removing the ruleset, unbinding the queues")
         final = _snapshot(worker, listeners)

@@ -1,0 +1,209 @@
+"""`nftdivert sandbox -- CMD`: one program with all of its traffic answered locally.
+
+Two network namespaces joined by a veth pair and routed nowhere else: CMD
+runs in the client one as the invoking user; nftdivert runs in the diverter
+one, which is the client's gateway and DNS server. Nothing can leak: there
+is no path out, and both namespaces (with their tables and processes) are
+gone when the sandbox ends, also on Ctrl-C or when CMD crashes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import Config, Listener
+from .errors import NftDivertError
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")
+ETC_NETNS = Path("/etc/netns")  # `ip netns exec` mounts resolv.conf from here
+
+# The link between the two namespaces. Link-local and ULA addresses: they
+# exist only on that veth and route nowhere.
+DIVERTER_V4, CLIENT_V4, PREFIX_V4 = "169.254.53.1", "169.254.53.2", 30
+DIVERTER_V6, CLIENT_V6, PREFIX_V6 = "fd6e:6476::1", "fd6e:6476::2", 64
+DIVERTER_IF, CLIENT_IF = "nd-divert", "nd-client"
+
+DNS_LISTENERS = (Listener(name="dns", protocol="udp", port=53, kind="dns"),
+                 Listener(name="dns-tcp", protocol="tcp", port=53, kind="dns"))
+
+
+@dataclass(frozen=True)
+class Lab:
+    client: str
+    diverter: str
+
+
+def sandbox_config(config: Config) -> Config:
+    """The config with what a sandbox needs: gateway on its link, a DNS listener."""
+    taken = {(lst.protocol, lst.port) for lst in config.listeners}
+    extra = tuple(lst for lst in DNS_LISTENERS if (lst.protocol, lst.port) not in taken
+                  and lst.name not in {x.name for x in config.listeners})
+    return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra)
+
+
+def _ip(*argv: str) -> None:
+    proc = subprocess.run(["ip", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NftDivertError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
+
+
+def _in(ns: str, *argv: str) -> None:
+    _ip("netns", "exec", ns, *argv)
+
+
+def create(name: str, ipv6: bool) -> Lab:
+    lab = Lab(client=f"{name}-client", diverter=f"{name}-divert")
+    _ip("netns", "add", lab.client)
+    try:
+        _ip("netns", "add", lab.diverter)
+        _ip("link", "add", CLIENT_IF, "netns", lab.client, "type", "veth", "peer", "name", DIVERTER_IF,
+            "netns", lab.diverter)
+        for ns, ifname, v4, v6 in ((lab.client, CLIENT_IF, CLIENT_V4, CLIENT_V6),
+                                   (lab.diverter, DIVERTER_IF, DIVERTER_V4, DIVERTER_V6)):
+            _in(ns, "ip", "link", "set", "lo", "up")
+            _in(ns, "ip", "addr", "add", f"{v4}/{PREFIX_V4}", "dev", ifname)
+            if ipv6:
+                _in(ns, "ip", "addr", "add", f"{v6}/{PREFIX_V6}", "dev", ifname, "nodad")
+            _in(ns, "ip", "link", "set", ifname, "up")
+        _in(lab.client, "ip", "route", "add", "default", "via", DIVERTER_V4)
+        if ipv6:
+            _in(lab.client, "ip", "-6", "route", "add", "default", "via", DIVERTER_V6)
+        resolv = ETC_NETNS / lab.client / "resolv.conf"
+        resolv.parent.mkdir(parents=True, exist_ok=True)
+        resolv.write_text(f"# nftdivert sandbox: the diverter answers every name\nnameserver {DIVERTER_V4}\n")
+    except BaseException:
+        destroy(lab)
+        raise
+    return lab
+
+
+def destroy(lab: Lab) -> None:
+    """Kill what runs inside, delete both namespaces and the resolv.conf; never raises."""
+    for ns in (lab.client, lab.diverter):
+        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    shutil.rmtree(ETC_NETNS / lab.client, ignore_errors=True)
+
+
+def _enter(ns: str) -> None:
+    fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns}")
+    finally:
+        os.close(fd)
+
+
+def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, int]:
+    """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.close(ready_r)
+            os.setpgid(0, 0)  # the terminal's Ctrl-C is for CMD, not for the diverter
+            _enter(lab.diverter)
+            from . import runner
+
+            final = runner.run(config, pcap_path=pcap, on_ready=lambda: os.write(ready_w, b"1"))
+            if final:
+                print(f"nftdivert: {runner.summary(final)}", file=sys.stderr, flush=True)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - report, then leave the child
+            print(f"nftdivert: diverter failed: {exc}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    return pid, ready_r
+
+
+def _wait_ready(pid: int, ready_fd: int, timeout: float = 30.0) -> None:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([ready_fd], [], [], 0.2)
+        if readable:
+            if os.read(ready_fd, 1):
+                return
+            break  # the child closed the pipe without saying ready: it failed
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            break
+    raise NftDivertError("the diverter did not come up (see its messages above)")
+
+
+def _invoking_user() -> tuple[int, int]:
+    """Who CMD runs as: the user behind sudo, else whoever we are."""
+    if os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", os.environ["SUDO_UID"]))
+    return os.getuid(), os.getgid()
+
+
+def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
+    """Run `command` in a fresh sandbox; returns its exit status (128+N for signal N)."""
+    if os.geteuid() != 0:
+        raise NftDivertError("the sandbox makes network namespaces: run it as root (sudo keeps you as CMD's user)")
+    config = sandbox_config(config)
+    lab = create(f"nds{os.getpid()}", config.ipv6)
+    pid = 0
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # CMD gets Ctrl-C; we clean up after
+    terminated = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        pid, ready_fd = _start_diverter(lab, config, pcap)
+        try:
+            _wait_ready(pid, ready_fd)
+        finally:
+            os.close(ready_fd)
+        uid, gid = _invoking_user()
+        argv = command or [os.environ.get("SHELL", "/bin/sh")]
+        if uid != 0:
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
+        env = dict(os.environ, NFTDIVERT_SANDBOX=lab.client)
+        if not command:
+            print(f"nftdivert: sandbox shell; every address and name answers locally. exit to leave.",
+                  file=sys.stderr, flush=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.client, *argv], env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        status = proc.wait()
+        return 128 - status if status < 0 else status
+    except FileNotFoundError as exc:
+        raise NftDivertError(f"cannot run {exc.filename}: not found") from None
+    finally:
+        if pid:
+            _stop_diverter(pid)
+        destroy(lab)
+        signal.signal(signal.SIGINT, ignored)
+        signal.signal(signal.SIGTERM, terminated)
+
+
+def _terminate(*_args) -> None:
+    raise KeyboardInterrupt  # unwinds run(): the finally clause cleans up
+
+
+def _stop_diverter(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
