@@ -19,7 +19,7 @@ from .errors import ConfigError
 MODES = ("gateway", "local", "both")
 BACKENDS = ("auto", "nft", "xt")
 PROTOCOLS = ("tcp", "udp")
-LISTENER_KINDS = ("echo", "external")
+LISTENER_KINDS = ("echo", "dns", "external")
 LOG_FORMATS = ("auto", "json", "text")
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
@@ -73,7 +73,8 @@ class PortRange:
     def parse(cls, key: str, value: object) -> "PortRange":
         if isinstance(value, str):
             parts = value.split("-")
-            if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
+            # isascii: str.isdigit() also accepts "²", which int() refuses.
+            if len(parts) not in (1, 2) or not all(p.isascii() and p.isdigit() for p in parts):
                 raise ConfigError(key, value, 'must be a port or a range like "8000-8100"')
             nums = [int(p) for p in parts]
             first, last = nums[0], nums[-1]
@@ -105,8 +106,8 @@ class Listener:
     name: str
     protocol: str
     port: int
-    # echo: nftdivert starts a built-in echo service; external: another
-    # program listens and nftdivert only diverts to it.
+    # echo: a built-in echo service; dns: the built-in DNS responder (see
+    # [dns]); external: another program listens, nftdivert only diverts to it.
     kind: str = "echo"
 
     def validate(self, key: str) -> None:
@@ -198,6 +199,32 @@ class WorkerConfig:
         _check_path(f"{key}.pcap", self.pcap)
 
 
+@dataclass(frozen=True)
+class DnsConfig:
+    """What the built-in DNS listener answers: each name gets its own address
+    from these pools (one address is a pool of one), and that address is then
+    diverted like any other."""
+
+    answer_v4: str = "198.51.100.0/24"
+    answer_v6: str = "2001:db8:53::/64"
+    ttl: int = 60
+
+    def validate(self, key: str) -> None:
+        for name, version in (("answer_v4", 4), ("answer_v6", 6)):
+            net = _network(f"{key}.{name}", getattr(self, name))
+            if net.version != version:
+                raise ConfigError(f"{key}.{name}", getattr(self, name), f"must be an IPv{version} address or network")
+            if net.is_loopback or net.is_multicast or net.is_unspecified:
+                raise ConfigError(f"{key}.{name}", getattr(self, name),
+                                  "must be an address that is then diverted (not loopback, multicast or unspecified)")
+        _check_type(f"{key}.ttl", self.ttl, int, "an integer number of seconds")
+        if not 0 <= self.ttl <= 86400:
+            raise ConfigError(f"{key}.ttl", self.ttl, "must be 0-86400")
+
+    def pools(self) -> tuple[Network, Network]:
+        return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -221,6 +248,7 @@ class Config:
     leave_alone: LeaveAlone = field(default_factory=LeaveAlone)
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -236,6 +264,7 @@ class Config:
         self.queue.validate("queue")
         self.leave_alone.validate("leave_alone")
         self.worker.validate("worker")
+        self.dns.validate("dns")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -274,15 +303,18 @@ def _check_interface(key: str, name: object) -> None:
     assert isinstance(name, str)
     # The kernel's own rule (dev_valid_name), plus nft's trailing wildcard.
     base = name[:-1] if name.endswith("*") else name
-    if not name or len(name) > 15:
-        raise ConfigError(key, name, "interface names are 1-15 characters")
+    # IFNAMSIZ counts bytes: "é" takes two.
+    if not name or len(name.encode("utf-8")) > 15:
+        raise ConfigError(key, name, "interface names are 1-15 characters (bytes)")
+    if not base:
+        raise ConfigError(key, name, "a wildcard needs a prefix (nft refuses a bare '*'); no interfaces means all")
     if name in (".", "..") or any(c in _NFT_SYNTAX or c in "/:*" or not c.isprintable() for c in base):
         raise ConfigError(key, name, "the kernel refuses this interface name (no spaces, quotes, '/', ':', braces, ';' or '#')")
 
 
 # ---- loading ---------------------------------------------------------------
 
-_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig}
+_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig}
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -323,12 +355,17 @@ def _network(key: str, value: object) -> Network:
     _check_type(key, value, str, 'an address or network like "192.0.2.0/24"')
     assert isinstance(value, str)
     try:
-        return ipaddress.ip_network(value, strict=True)
+        net = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
         reason = str(exc)
         if "host bits set" in reason:
             reason = "host bits set: the address has bits beyond the prefix length"
         raise ConfigError(key, value, reason) from None
+    # ipaddress accepts an IPv6 scope ("fe80::%eth0/64") of any text, which
+    # would reach the ruleset verbatim; nft sets hold no scopes anyway.
+    if getattr(net.network_address, "scope_id", None) is not None:
+        raise ConfigError(key, value, "an IPv6 scope ('%...') has no place here: nftables addresses have none")
+    return net
 
 
 def _listener(key: str, data: object) -> Listener:
@@ -362,7 +399,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             # Own listeners without a say: the first of each protocol takes the rest.
             values[key] = next((lst.name for lst in values["listeners"] if lst.protocol == proto), None)
     # Each section validates itself before Config checks how they fit together.
-    for section in ("leave_alone", "queue", "worker"):
+    for section in _SECTIONS:
         if section in values:
             values[section].validate(section)
     try:
