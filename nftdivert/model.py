@@ -54,6 +54,12 @@ class Ruleset:
         return f"0x{~self.mark & 0xFFFFFFFF:x}"
 
     @property
+    def interface_set(self) -> str:
+        # Quoted by hand: validation already refused quotes and backslashes,
+        # and JSON-style escaping would change the names the kernel matches.
+        return ", ".join(f'"{name}"' for name in self.interfaces)
+
+    @property
     def families(self) -> tuple[str, ...]:
         return tuple(f for f, on in (("ipv4", self.ipv4), ("ipv6", self.ipv6)) if on)
 
