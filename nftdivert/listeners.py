@@ -1,4 +1,5 @@
-"""Built-in listeners: accept anything, count what arrives, echo it back.
+"""Built-in listeners: accept anything, count what arrives, echo it back
+(an HTTP request gets a minimal 200 answer, so web clients finish).
 
 They run on one asyncio loop in a thread of their own, so hundreds of
 conversations cost no thread each and the queue worker never waits on them.
@@ -8,6 +9,7 @@ Any other program can be a listener instead (kind = "external").
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import threading
@@ -77,6 +79,27 @@ class _DnsDatagrams(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
+# A web client given its own request back gives up ("HTTP/0.9 not allowed"),
+# so a request line gets a small 200 answer instead of the echo.
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
+
+
+async def _answer_http(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       stats: ListenerStats) -> None:
+    # Read the rest of the header first: closing on unread data would send RST.
+    while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 65536:
+        more = await asyncio.wait_for(reader.read(65536), timeout=5)
+        if not more:
+            break
+        stats.bytes_received += len(more)
+        head += more
+    request_line = head.split(b"\n", 1)[0].strip().decode("latin-1")
+    body = f"nftdivert: answered {request_line}\n".encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: nftdivert\r\n"
+                 + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+
+
 class Listeners:
     """Start with start(), stop with stop(); ports are bound when start() returns."""
 
@@ -141,10 +164,17 @@ class Listeners:
     async def _echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
         stats.conversations += 1
         try:
-            while data := await reader.read(65536):
+            first = await reader.read(65536)
+            if _HTTP_REQUEST.match(first):
+                stats.bytes_received += len(first)
+                await _answer_http(first, reader, writer, stats)
+                return
+            data = first
+            while data:
                 stats.bytes_received += len(data)
                 writer.write(data)
                 await writer.drain()
+                data = await reader.read(65536)
             if writer.can_write_eof():
                 writer.write_eof()  # half-close: the client's EOF, echoed
         except (ConnectionError, OSError):
