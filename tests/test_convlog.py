@@ -1,0 +1,57 @@
+"""Conversation log records: fields, text form, conntrack retries, DNS names."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+
+from nftdivert.convlog import ConversationLog, NewConversation, record, text_line
+
+V4 = NewConversation(wall_time=1_800_000_000.25, version=4, protocol=6,
+                     client=ipaddress.ip_address("192.0.2.2").packed, client_port=40000,
+                     local=ipaddress.ip_address("192.0.2.1").packed, original_port=45678,
+                     listener_name="tcp-echo", listener_port=1337, indev=1)
+
+
+def test_record_prefers_conntrack_and_falls_back_to_the_packet():
+    original = (ipaddress.ip_address("198.51.100.7").packed, 45678)
+    rec = record(V4, original)
+    assert rec["original_destination"] == "198.51.100.7:45678"
+    assert rec["original_destination_from"] == "conntrack"
+    assert rec["client"] == "192.0.2.2:40000" and rec["protocol"] == "tcp"
+    assert rec["time"] == "2027-01-15T08:00:00.250Z"
+    assert rec["interface"] == "lo"  # ifindex 1
+    fallback = record(V4, None)
+    assert fallback["original_destination"] == "192.0.2.1:45678"
+    assert fallback["original_destination_from"] == "packet"
+
+
+def test_ipv6_endpoints_are_bracketed_and_text_is_one_line():
+    ev = NewConversation(**{**V4.__dict__, "version": 6, "client": ipaddress.ip_address("2001:db8:1::2").packed,
+                            "local": ipaddress.ip_address("2001:db8:1::1").packed})
+    rec = record(ev, (ipaddress.ip_address("2001:db8:ffff::7").packed, 443), name="c2.example")
+    assert rec["client"] == "[2001:db8:1::2]:40000"
+    assert rec["original_destination"] == "[2001:db8:ffff::7]:443"
+    line = text_line(rec)
+    assert "\n" not in line and "c2.example" in line and "tcp-echo" in line
+
+
+def test_log_thread_retries_conntrack_then_writes_json_lines():
+    calls = []
+
+    def lookup(*args):
+        calls.append(args)
+        return None if len(calls) < 3 else (ipaddress.ip_address("198.51.100.7").packed, 45678)
+
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True, lookup=lookup,
+                          name_for=lambda a: "x.example" if str(a) == "198.51.100.7" else None)
+    log.submit(V4)
+    log.dns_question("192.0.2.2:5353", "x.example", "A", "198.51.100.7")
+    log.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(calls) == 3 and calls[0] == (4, 6, V4.client, 40000, V4.local, 45678)
+    assert lines[0]["original_destination"] == "198.51.100.7:45678" and lines[0]["name"] == "x.example"
+    assert lines[1] == {**lines[1], "event": "dns", "name": "x.example", "answer": "198.51.100.7"}
+    assert log.written == 2
