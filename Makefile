@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # libnetfilter-queue; the rest are the tools the tests drive.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3-venv python3-dev build-essential iproute2 util-linux \
-	netcat-openbsd tcpdump conntrack
+	netcat-openbsd curl tcpdump conntrack
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean
@@ -38,6 +38,12 @@ $(VENV)/.installed: .cache/apt.stamp setup.cfg pyproject.toml
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The origin scenario, in a throwaway lab: a client connects to an arbitrary
+# address and port and gets an answer; the log shows the original destination.
+demo: venv
+	$(VENV)/bin/nftdivert sandbox --log-format text -- sh -c \
+		'echo "hello, 198.51.100.7" | nc -v -q1 -w5 198.51.100.7 45678 && curl -sS --max-time 10 http://anything.example:8080/'
 
 render: venv
 	@$(VENV)/bin/nftdivert render

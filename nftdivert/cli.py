@@ -169,13 +169,30 @@ def status(table: str, config_path: str | None) -> None:
     click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
 
 
+def _diverter_options(func):
+    """The options `run` and `sandbox` share: config, capture, conversation log."""
+    for option in reversed((
+        click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+        click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
+                     help="Write the diverted packets, as they arrived and as rewritten, to this pcap file."),
+        click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.'),
+        click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
+                     help="JSON Lines or one readable line per conversation (auto: text on a terminal)."),
+    )):
+        func = option(func)
+    return func
+
+
+def _diverter_config(config_path: str | None, log_target: str | None, log_format: str | None) -> config_mod.Config:
+    from dataclasses import replace
+
+    cfg = _config(config_path)
+    overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format)) if v is not None}
+    return replace(cfg, worker=replace(cfg.worker, **overrides)) if overrides else cfg
+
+
 @cli.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
-              help="Write the diverted packets, as they arrived and as rewritten, to this pcap file.")
-@click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.')
-@click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
-              help="JSON Lines or one readable line per conversation (auto: text on a terminal).")
+@_diverter_options
 def run(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None) -> None:
     """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
 
@@ -191,14 +208,9 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
       nftdivert run -c lab.toml -w lab.pcap
       nftdivert run --log conversations.jsonl
     """
-    from dataclasses import replace
-
     from . import runner
 
-    cfg = _config(config_path)
-    overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format)) if v is not None}
-    if overrides:
-        cfg = replace(cfg, worker=replace(cfg.worker, **overrides))
+    cfg = _diverter_config(config_path, log_target, log_format)
     _root_nft("run")
     final = runner.run(cfg, pcap_path=pcap)
     if final:
@@ -206,11 +218,10 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
-              help="Write the diverted packets, as they arrived and as rewritten, to this pcap file.")
+@_diverter_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def sandbox(config_path: str | None, pcap: str | None, command: tuple[str, ...]) -> None:
+def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
+            command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
@@ -228,7 +239,8 @@ def sandbox(config_path: str | None, pcap: str | None, command: tuple[str, ...])
     """
     from . import sandbox as sandbox_mod
 
-    status = sandbox_mod.run(_config(config_path), list(command), pcap=pcap)
+    cfg = _diverter_config(config_path, log_target, log_format)
+    status = sandbox_mod.run(cfg, list(command), pcap=pcap)
     raise SystemExit(status)
 
 
