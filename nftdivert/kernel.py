@@ -83,6 +83,13 @@ def _kernel_error(err: str) -> KernelError:
         return PermissionProblem(
             "the kernel refused: changing nftables needs root (CAP_NET_ADMIN); "
             "`nftdivert check` works unprivileged through a user namespace\n" + err)
+    if "Could not process rule: No such file or directory" in err:
+        # The kernel knows no expression of that name: a module or option is missing.
+        hint = ("\nthe kernel lacks the nft queue statement (CONFIG_NFT_QUEUE): "
+                'set [queue] backend = "auto" or "xt"' if "queue num" in err else
+                "\nthe kernel lacks support for an expression on that line "
+                "(a module or kernel option; see the README's compatibility section)")
+        return KernelError(err + hint)
     return KernelError(err)
 
 
