@@ -1,0 +1,16 @@
+"""A non-editable install must carry the templates inside the package."""
+
+import subprocess
+import sys
+import zipfile
+
+from conftest import REPO
+
+
+def test_wheel_ships_the_templates(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("nftdivert-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"nftdivert/templates/ruleset.nft.j2", "nftdivert/templates/xt-queue.rules.j2"} <= names
+    assert "nftdivert/backends/xt.py" in names
