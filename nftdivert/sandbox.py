@@ -175,7 +175,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
             argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
         env = dict(os.environ, NFTDIVERT_SANDBOX=lab.client)
         if not command:
-            print(f"nftdivert: sandbox shell; every address and name answers locally. exit to leave.",
+            print("nftdivert: sandbox shell; every address and name answers locally. exit to leave.",
                   file=sys.stderr, flush=True)
         proc = subprocess.Popen(["ip", "netns", "exec", lab.client, *argv], env=env,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

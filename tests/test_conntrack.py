@@ -14,7 +14,6 @@ import os
 import queue
 import socket
 import struct
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
-NS_PREFIX = "ndct"
 
 RULESET = """\
 table inet t {
@@ -118,25 +116,6 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture
-def _ndct_guard():
-    """Set up before make_netns, so this runs after it has removed its namespaces."""
-    yield
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    left = [line.split()[0] for line in out.splitlines()
-            if line.startswith(f"{NS_PREFIX}-") and f"-{os.getpid()}-" in line]
-    for name in left:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    assert not left, f"network namespaces left behind: {left}"
-
-
-@pytest.fixture
-def ndct_netns(_ndct_guard, monkeypatch, make_netns):
-    """make_netns, with the namespaces named ndct-<role>-<pid>-<n>."""
-    monkeypatch.setattr(netns, "PREFIX", NS_PREFIX)
-    return make_netns
-
-
 class Lab:
     def __init__(self, make):
         self.client = make("client")
@@ -179,8 +158,8 @@ class Lab:
 
 
 @pytest.fixture
-def lab(ndct_netns):
-    return Lab(ndct_netns)
+def lab(make_netns):
+    return Lab(make_netns)
 
 
 @pytest.mark.parametrize(
@@ -224,18 +203,18 @@ def test_no_entry_is_none(lab):
     assert lab.lookup([never], retry=True) == [None]
 
 
-def test_no_entry_in_an_empty_namespace(ndct_netns):
+def test_no_entry_in_an_empty_namespace(make_netns):
     """Conntrack not even in use in the namespace: still just None."""
-    ns = ndct_netns("empty")
+    ns = make_netns("empty")
     proc = ns.run(sys.executable, "-c", LOOKUP, json.dumps(
         [{"version": 4, "proto": 6, "client": "192.0.2.2", "cport": 40000, "local": "192.0.2.1", "lport": 80}]),
         "once", env=ENV)
     assert json.loads(proc.stdout) == [None]
 
 
-def test_without_cap_net_admin_raises(ndct_netns):
+def test_without_cap_net_admin_raises(make_netns):
     """Any failure but "not found" is an OSError with the kernel's errno."""
-    ns = ndct_netns("unpriv")
+    ns = make_netns("unpriv")
     snippet = (
         "import errno\n"
         "from nftdivert.conntrack import Conntrack, ConntrackError\n"
