@@ -469,7 +469,7 @@ def test_status(cli):
     assert rows["restore_replies"] == ("output", -301)
     assert rows["contain"] == ("forward", 0)
     assert rows["divert_unbound"][0] == "-"
-    assert out.count(f"xt: ipv") == 4
+    assert out.count("xt: ipv") == 4
     assert "leave_alone_hosts_v4=0" in out
 
     cli.ok("remove")
