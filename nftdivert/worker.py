@@ -20,7 +20,7 @@ from . import decide as decide_mod
 from .config import Config
 from .conversations import Conversation, ConversationKey, ConversationTable
 from .convlog import NewConversation
-from .fixup import Counters, FixUp
+from .fixup import FixUp
 from .packet import TCP, UDP, Segment
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
@@ -30,8 +30,7 @@ QUEUE_LENGTH = 1024
 @dataclass
 class WorkerStats:
     started: float = field(default_factory=time.time)
-    incoming: Counters = field(default_factory=Counters)
-    outgoing: Counters = field(default_factory=Counters)
+    # Raised outside FixUp (reading or setting the payload); FixUp counts its own.
     verdict_errors: int = 0
 
 
