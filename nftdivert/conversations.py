@@ -14,11 +14,23 @@ from nftdivert.packet import TCP
 
 
 class ConversationKey(NamedTuple):
-    """Compares and hashes like the plain tuple, so lookups may use one."""
+    """A conversation as the client sees it, after NAT: the original port
+    belongs in it, because a client may reuse one source port towards two
+    destinations at once. Compares and hashes like the plain tuple."""
 
     protocol: int
     client_addr: bytes
     client_port: int
+    local_addr: bytes
+    original_port: int
+
+
+class ListenerSide(NamedTuple):
+    """The same conversation as the listener sees it (its replies carry this)."""
+
+    protocol: int
+    client_addr: bytes
+    client_port: int  # the conversation's alias_port
     local_addr: bytes
 
 
@@ -31,6 +43,12 @@ class Conversation:
     created: float
     last_seen: float
     closing_since: float | None = None
+    # The client port the listener sees. It equals the client's own port
+    # unless that is already taken at the listener by another conversation
+    # of the same client (same port, other destination): both would become
+    # one socket there, so this one gets another port, and its replies get
+    # the real one back.
+    alias_port: int = 0
     # First-seen metadata, for logs; set by whoever creates the entry.
     indev: int = 0
     original_dst: bytes | None = None
@@ -60,6 +78,7 @@ class ConversationTable:
         self.udp_idle = udp_idle
         self.close_grace = close_grace
         self._entries: OrderedDict[tuple, Conversation] = OrderedDict()
+        self._by_listener_side: dict[tuple, tuple] = {}
         # Closing entries in the order they started closing, i.e. of deadline.
         self._closing: OrderedDict[tuple, float] = OrderedDict()
         self._evicted_idle = 0
@@ -73,17 +92,45 @@ class ConversationTable:
         return key in self._entries
 
     def add(self, key: ConversationKey, conv: Conversation, now: float) -> None:
-        """Insert or replace; the newest entry goes to the back."""
+        """Insert or replace; the newest entry goes to the back.
+
+        `conv.alias_port` 0 means the client's own port; use free_alias()
+        first where that port may be taken at the listener.
+        """
+        if not conv.alias_port:
+            conv.alias_port = key[2]
+        self.remove(key)
+        side = (key[0], key[1], conv.alias_port, key[3])
+        clash = self._by_listener_side.get(side)
+        if clash is not None:  # the caller did not check: the newcomer wins
+            self.remove(clash)
         conv.last_seen = now
         self._entries[key] = conv
-        self._entries.move_to_end(key)
-        self._closing.pop(key, None)
+        self._by_listener_side[side] = key
         if conv.closing_since is not None:
             self._closing[key] = conv.closing_since
         while len(self._entries) > self.max_entries:
-            old, _ = self._entries.popitem(last=False)
-            self._closing.pop(old, None)
+            self.remove(next(iter(self._entries)))
             self._evicted_cap += 1
+
+    def free_alias(self, key: tuple) -> int:
+        """The client port the listener should see for a new conversation `key`:
+        the client's own if free there, else the next free one above it."""
+        protocol, client, port, local = key[0], key[1], key[2], key[3]
+        taken = self._by_listener_side
+        candidate = port
+        for _ in range(65536):
+            if (protocol, client, candidate, local) not in taken:
+                return candidate
+            candidate = candidate + 1 if candidate < 65535 else 1024
+        raise OverflowError("no free client port left at the listener for this client")
+
+    def from_listener_side(self, side: tuple, now: float) -> tuple[tuple, Conversation] | None:
+        """The conversation whose listener-side view is `side` (a reply's reversed ports)."""
+        key = self._by_listener_side.get(side)
+        if key is None:
+            return None
+        return key, self.get(key, now)
 
     def get(self, key: tuple, now: float) -> Conversation | None:
         conv = self._entries.get(key)
@@ -94,7 +141,10 @@ class ConversationTable:
 
     def remove(self, key: tuple) -> Conversation | None:
         self._closing.pop(key, None)
-        return self._entries.pop(key, None)
+        conv = self._entries.pop(key, None)
+        if conv is not None:
+            self._by_listener_side.pop((key[0], key[1], conv.alias_port, key[3]), None)
+        return conv
 
     def mark_closing(self, key: tuple, now: float) -> None:
         """Start the grace period on the first FIN/RST; later ones don't extend it."""
@@ -112,8 +162,7 @@ class ConversationTable:
             key, since = next(iter(closing.items()))
             if since > deadline:
                 break
-            del closing[key]
-            del self._entries[key]
+            self.remove(key)
             self._evicted_closed += 1
             evicted += 1
 

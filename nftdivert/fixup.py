@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from nftdivert.conversations import Conversation, ConversationKey, ConversationTable
 from nftdivert.decide import Divert
 from nftdivert.packet import TCP, Segment, Unfit, parse
-from nftdivert.rewrite import with_dport, with_sport
+from nftdivert.rewrite import with_ports
 
 Decide = Callable[[int, int], Divert | None]
 OnNew = Callable[[ConversationKey, Conversation, Segment], None]
@@ -33,6 +33,9 @@ class Counters:
     errors: int = 0
     new_conversations: int = 0
     hook_errors: int = 0  # on_new raised; the packet was still handled
+    # New conversations whose client port was already taken at the listener
+    # (the same client port towards another destination), so got an alias.
+    port_clashes: int = 0
     unfit: dict[str, int] = field(default_factory=dict)
 
 
@@ -83,19 +86,12 @@ class FixUp:
             self._unfit(seg)
             return None
         table = self.table
-        # A plain tuple hashes and compares equal to ConversationKey.
-        key = (seg.protocol, seg.src, seg.sport, seg.dst)
+        # After NAT the destination port is still the one the client asked for.
+        key = (seg.protocol, seg.src, seg.sport, seg.dst, seg.dport)
         conv = table.get(key, now)
-        if conv is not None:
-            if conv.original_port == seg.dport and not (seg.is_syn and conv.closing_since is not None):
-                return self._to_listener(data, seg, key, conv, now)
-            # Same client port, other conversation: only an opener may replace
-            # the mapping, or replies would get the wrong port back.
-            if not seg.starts_conversation:
-                self.counters.passed += 1
-                return None
-            table.remove(key)
-        elif not seg.starts_conversation:
+        if conv is not None and not (seg.is_syn and conv.closing_since is not None):
+            return self._to_listener(data, seg, key, conv, now)
+        if not seg.starts_conversation:
             # Mid-stream packet of a conversation we never diverted.
             self.counters.passed += 1
             return None
@@ -104,13 +100,19 @@ class FixUp:
         if divert is None:
             self.counters.passed += 1
             return None
+        if conv is not None:
+            table.remove(key)  # a new SYN on a closing conversation: start afresh
         key = ConversationKey(*key)
+        alias = table.free_alias(key)
+        if alias != seg.sport:
+            self.counters.port_clashes += 1
         conv = Conversation(
             original_port=divert.original_port,
             listener_port=divert.listener_port,
             created=now,
             last_seen=now,
             indev=indev,
+            alias_port=alias,
         )
         table.add(key, conv, now)
         self.counters.new_conversations += 1
@@ -123,7 +125,7 @@ class FixUp:
         return self._to_listener(data, seg, key, conv, now)
 
     def _to_listener(self, data: bytes, seg: Segment, key: tuple, conv: Conversation, now: float) -> bytes:
-        out = with_dport(data, seg, conv.listener_port)
+        out = with_ports(data, seg, conv.alias_port, conv.listener_port)
         if seg.protocol == TCP and seg.is_fin_or_rst:
             self.table.mark_closing(key, now)
         self.counters.rewritten += 1
@@ -134,14 +136,15 @@ class FixUp:
         if type(seg) is not Segment:
             self._unfit(seg)
             return None
-        # The client is the destination of a reply.
-        conv = self.table.get((seg.protocol, seg.dst, seg.dport, seg.src), now)
-        if conv is None or conv.listener_port != seg.sport:
+        # A reply: the client is its destination, as the listener knows it.
+        found = self.table.from_listener_side((seg.protocol, seg.dst, seg.dport, seg.src), now)
+        if found is None or found[1].listener_port != seg.sport:
             self.counters.passed += 1
             return None
-        out = with_sport(data, seg, conv.original_port)
+        key, conv = found
+        out = with_ports(data, seg, conv.original_port, key[2])
         if seg.protocol == TCP and seg.is_fin_or_rst:
             # The listener may close (or reset) first.
-            self.table.mark_closing((seg.protocol, seg.dst, seg.dport, seg.src), now)
+            self.table.mark_closing(key, now)
         self.counters.rewritten += 1
         return out

@@ -179,7 +179,8 @@ def _snapshot(worker: Worker, listeners: Listeners) -> dict:
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
                     "malformed": c.malformed, "errors": c.errors + worker.stats.verdict_errors},
         "unfit": dict(c.unfit),
-        "conversations": {"new": c.new_conversations, **asdict(worker.fixup.table.stats)},
+        "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
+                          **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
     }
 

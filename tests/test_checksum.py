@@ -21,7 +21,7 @@ from builders import (
 )
 from nftdivert.checksum import adjust, internet_checksum, l4_checksum
 from nftdivert.packet import TCP, UDP, parse
-from nftdivert.rewrite import with_dport, with_sport
+from nftdivert.rewrite import with_dport, with_ports, with_sport
 
 # ---------------------------------------------------------------- known answers
 
@@ -122,6 +122,15 @@ def reference(data):
 def test_rewrite_equals_full_recomputation(data, side, port):
     assert checksum_field(data) == reference(data)
     out = rewrite_any(data, side, port)
+    assert checksum_field(out) == reference(out)
+    assert checksum_valid(out)
+
+
+@settings(max_examples=400)
+@given(packets(), ports, ports)
+def test_rewriting_both_ports_equals_full_recomputation(data, sport, dport):
+    # A client port that clashes at the listener gets an alias: both ports change.
+    out = with_ports(data, parse(data), sport, dport)
     assert checksum_field(out) == reference(out)
     assert checksum_valid(out)
 

@@ -11,7 +11,7 @@ LOCAL = bytes([203, 0, 113, 1])
 
 
 def key(port, protocol=TCP):
-    return ConversationKey(protocol, CLIENT, port, LOCAL)
+    return ConversationKey(protocol, CLIENT, port, LOCAL, 80)
 
 
 def conv(now, original=80):
@@ -26,8 +26,9 @@ def test_plain_tuple_finds_the_named_key():
     t = table()
     c = conv(0.0)
     t.add(key(1), c, 0.0)
-    assert t.get((TCP, CLIENT, 1, LOCAL), 0.0) is c
-    assert t.get((UDP, CLIENT, 1, LOCAL), 0.0) is None
+    assert t.get((TCP, CLIENT, 1, LOCAL, 80), 0.0) is c
+    assert t.get((UDP, CLIENT, 1, LOCAL, 80), 0.0) is None
+    assert t.get((TCP, CLIENT, 1, LOCAL, 81), 0.0) is None
 
 
 def test_get_touches_last_seen():
@@ -138,3 +139,19 @@ def test_remove():
 def test_bad_cap():
     with pytest.raises(ValueError):
         ConversationTable(max_entries=0, tcp_idle=1, udp_idle=1, close_grace=1)
+
+
+def test_listener_side_index_follows_adds_removals_and_evictions():
+    t = table(max_entries=2)
+    a, b = conv(0.0), conv(0.0, original=81)
+    t.add(key(1), a, 0.0)
+    assert t.free_alias(ConversationKey(TCP, CLIENT, 1, LOCAL, 81)) == 2  # port 1 is taken there
+    b.alias_port = 2
+    t.add(ConversationKey(TCP, CLIENT, 1, LOCAL, 81), b, 1.0)
+    assert t.from_listener_side((TCP, CLIENT, 1, LOCAL), 1.0) == (key(1), a)
+    assert t.from_listener_side((TCP, CLIENT, 2, LOCAL), 1.0)[1] is b
+    t.add(key(7), conv(2.0), 2.0)  # the cap evicts the least recently seen: a
+    assert t.from_listener_side((TCP, CLIENT, 1, LOCAL), 2.0) is None
+    assert t.free_alias(key(1)) == 1
+    t.remove(ConversationKey(TCP, CLIENT, 1, LOCAL, 81))
+    assert t.from_listener_side((TCP, CLIENT, 2, LOCAL), 2.0) is None

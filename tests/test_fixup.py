@@ -52,7 +52,7 @@ def test_tcp_conversation(version):
     out = f.incoming(client(40000, 80, SYN, version=version), 1.0, indev=3)
     assert ports(out) == (40000, 1337) and checksum_valid(out)
     [(key, conv, seg)] = seen
-    assert key == ConversationKey(TCP, seg.src, 40000, seg.dst) and isinstance(key, ConversationKey)
+    assert key == ConversationKey(TCP, seg.src, 40000, seg.dst, 80) and isinstance(key, ConversationKey)
     assert (conv.original_port, conv.listener_port, conv.created, conv.indev) == (80, 1337, 1.0, 3)
     assert seg.dport == 80
 
@@ -120,7 +120,7 @@ def test_fin_then_expire():
     f.incoming(client(40000, 80, SYN), 0.0)
     out = f.incoming(client(40000, 80, FIN | ACK), 5.0)
     assert ports(out) == (40000, 1337)  # a FIN is still rewritten
-    assert f.table.get(ConversationKey(TCP, V4_CLIENT, 40000, V4_LOCAL), 5.0).closing_since == 5.0
+    assert f.table.get(ConversationKey(TCP, V4_CLIENT, 40000, V4_LOCAL, 80), 5.0).closing_since == 5.0
     assert ports(f.outgoing(server(1337, 40000, FIN | ACK), 6.0)) == (80, 40000)  # grace
     assert f.table.expire(7.0) == 1
     assert f.outgoing(server(1337, 40000, ACK), 7.1) is None
@@ -134,15 +134,37 @@ def test_listener_reset_starts_the_grace():
     assert f.table.expire(3.0) == 1
 
 
-def test_port_reuse_by_a_new_syn_replaces_the_mapping():
+def test_port_reuse_while_the_old_conversation_closes_gets_an_alias():
     f = make()
     f.incoming(client(40000, 80, SYN), 0.0)
     f.incoming(client(40000, 80, RST), 1.0)
     out = f.incoming(client(40000, 81, SYN), 1.5)  # same client port, other service
-    assert ports(out) == (40000, 1337)
-    assert ports(f.outgoing(server(1337, 40000, SYN | ACK), 1.6)) == (81, 40000)
-    assert f.counters.new_conversations == 2
-    assert f.table.expire(5.0) == 0  # the old closing state went with the old mapping
+    assert ports(out) == (40001, 1337) and checksum_valid(out)
+    assert ports(f.outgoing(server(1337, 40001, SYN | ACK), 1.6)) == (81, 40000)
+    assert f.counters.new_conversations == 2 and f.counters.port_clashes == 1
+    assert f.table.expire(5.0) == 1  # only the closed one goes
+
+
+@pytest.mark.parametrize("protocol", [TCP, UDP])
+@pytest.mark.parametrize("version", [4, 6])
+def test_one_client_port_towards_two_destinations_at_once(protocol, version):
+    # Linux reuses an ephemeral port for connections to different
+    # destinations; at the listener both would be one socket.
+    f = make()
+    flags = SYN if protocol == TCP else 0
+    a = f.incoming(client(40000, 80, flags, protocol=protocol, version=version), 0.0)
+    b = f.incoming(client(40000, 443, flags, protocol=protocol, version=version), 0.1)
+    listener = 1337 if protocol == TCP else 1338
+    assert ports(a) == (40000, listener) and ports(b) == (40001, listener)
+    assert checksum_valid(a) and checksum_valid(b)
+    reply_flags = SYN | ACK if protocol == TCP else 0
+    ra = f.outgoing(server(listener, 40000, reply_flags, protocol=protocol, version=version), 0.2)
+    rb = f.outgoing(server(listener, 40001, reply_flags, protocol=protocol, version=version), 0.2)
+    assert ports(ra) == (80, 40000) and ports(rb) == (443, 40000)
+    assert checksum_valid(ra) and checksum_valid(rb)
+    later = f.incoming(client(40000, 443, ACK if protocol == TCP else 0, protocol=protocol, version=version), 0.3)
+    assert ports(later) == (40001, listener)
+    assert f.counters.port_clashes == 1
 
 
 def test_syn_reopening_a_closing_conversation_starts_afresh():
@@ -168,14 +190,15 @@ def test_mid_stream_packet_to_another_port_is_not_misrouted():
     assert ports(f.outgoing(server(1337, 40000), 0.2)) == (80, 40000)  # mapping intact
 
 
-def test_udp_to_another_port_replaces_the_mapping():
+def test_udp_socket_talking_to_many_ports_keeps_every_mapping():
+    # One unconnected UDP socket scanning services: each reply must come
+    # back from the port it went to.
     f = make()
-    f.incoming(client(5353, 53, protocol=UDP), 0.0)
-    assert ports(f.incoming(client(5353, 123, protocol=UDP), 0.1)) == (5353, 1338)
-    assert ports(f.outgoing(server(1338, 5353, protocol=UDP), 0.2)) == (123, 5353)
-    # then straight to the listener: no divert, and no stale mapping left
-    assert f.incoming(client(5353, 1338, protocol=UDP), 0.3) is None
-    assert f.outgoing(server(1338, 5353, protocol=UDP), 0.4) is None
+    for n, dport in enumerate((53, 123, 161)):
+        assert ports(f.incoming(client(5353, dport, protocol=UDP), n / 10)) == (5353 + n, 1338)
+    for n, dport in enumerate((53, 123, 161)):
+        assert ports(f.outgoing(server(1338, 5353 + n, protocol=UDP), 1.0)) == (dport, 5353)
+    assert f.counters.port_clashes == 2 and len(f.table) == 3
 
 
 def test_decide_failure_counts_an_error_and_passes():
