@@ -45,6 +45,11 @@ demo: venv
 	$(VENV)/bin/nftdivert sandbox --log-format text -- sh -c \
 		'echo "hello, 198.51.100.7" | nc -v -q1 -w5 198.51.100.7 45678 && curl -sS --max-time 10 http://anything.example:8080/'
 
+# Diverted vs. kernel-only, side by side in one run; numbers also in bench-results.json.
+BENCH_ARGS ?=
+bench: venv
+	$(PY) bench/divert_bench.py $(BENCH_ARGS)
+
 render: venv
 	@$(VENV)/bin/nftdivert render
 
