@@ -12,6 +12,7 @@ rest use the xt backend, which `auto` picks on such a kernel.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -391,6 +392,21 @@ def test_check_reports_the_auto_backend(cli):
     assert f"queue backend: {want} (auto:" in proc.stdout
     assert "accepted by the kernel" in proc.stdout
     assert cli.nft("list", "ruleset") == ""  # a dry run changes nothing
+
+
+def test_auto_picks_the_native_backend_where_the_kernel_has_it(cli):
+    # On a stock kernel (the VM tier) that must be nft; on kernels without
+    # CONFIG_NFT_QUEUE (this project's own machines) xt.
+    want = "nft" if cli.native_queue() else "xt"
+    if os.environ.get("NFTDIVERT_IN_VM"):
+        assert want == "nft", "the stock distribution kernel should accept the nft queue statement"
+    assert f"queue backend: {want} (auto:" in cli.ok("check").stdout
+    assert f"queue backend: {want} (auto:" in cli.ok("apply").stdout
+    assert f"queue backend {want}" in cli("status").stdout
+    queued_natively = any("queue" in expr for o in cli.nft_json("list", "table", "inet", "nftdivert")
+                          if "rule" in o for expr in o["rule"]["expr"])
+    assert queued_natively == (want == "nft")
+    assert bool(cli.xt_tagged("ipv4")) == (want == "xt")
 
 
 def test_check_of_a_native_config_on_this_kernel(cli):
