@@ -1,0 +1,759 @@
+"""The end-to-end lab: three hosts as network namespaces, `nftdivert run` in
+the middle, packet captures, and the client programs.
+
+    client (192.0.2.2, 2001:db8:1::2)
+      | eth0
+      | to-client (192.0.2.1, 2001:db8:1::1)
+    diverter: ip_forward on, nftdivert run
+      | to-inet (203.0.113.1, 2001:db8:2::1)
+      | eth0
+    internet (203.0.113.2, 2001:db8:2::2): tcpdump for the whole module
+
+The client's default routes point at the diverter and the diverter's at the
+internet host, so without nftdivert the client's packets to any address WOULD
+reach the internet host: containment is what stops them, and the capture
+there proves it. No packet ever leaves these namespaces.
+
+Run as a script (inside a namespace) this file is also the client side:
+    python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
+    python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
+    python lab.py many --json TARGETS                    concurrent TCP exchanges
+    python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
+    python lab.py serve-tcp PORT REPLY                   a tiny server of its own
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+LAB_PY = str(Path(__file__).resolve())
+BACKEND = os.environ.get("NFTDIVERT_TEST_BACKEND", "auto")
+TABLE = "nftdivert"
+QUEUES = (0, 1)
+LISTENER_PORT = 1337
+
+CLIENT4, CLIENT6 = "192.0.2.2", "2001:db8:1::2"
+DIV_CLIENT4, DIV_CLIENT6 = "192.0.2.1", "2001:db8:1::1"
+DIV_INET4, DIV_INET6 = "203.0.113.1", "2001:db8:2::1"
+INET4, INET6 = "203.0.113.2", "2001:db8:2::2"
+DIV_CLIENT_IF, DIV_INET_IF = "to-client", "to-inet"
+
+# Everything the client could send toward the internet: its own link's
+# sources, and the documentation destinations the tests divert.
+LEAK_FILTER = ("src net 192.0.2.0/24 or src net 2001:db8:1::/64 "
+               "or dst net 198.51.100.0/24 or dst net 2001:db8:ffff::/64")
+
+QUIET_SYSCTLS = ("accept_ra=0", "autoconf=0", "router_solicitations=0", "accept_dad=0")
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
+              detail: Callable[[], str] | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+# ---- hosts ---------------------------------------------------------------------
+
+def quiet(ns) -> None:
+    """No router solicitations or autoconf on links made from now on in `ns`."""
+    for conf in ("all", "default"):
+        for s in QUIET_SYSCTLS:
+            ns.run("sysctl", "-qw", f"net.ipv6.conf.{conf}.{s}")
+
+
+def build_gateway_lab(netns_mod):
+    """client, diverter, internet: linked, addressed, routed. Returns the three."""
+    client = netns_mod.create("client")
+    diverter = netns_mod.create("diverter")
+    internet = netns_mod.create("internet")
+    made = [client, diverter, internet]
+    try:
+        for ns in made:
+            quiet(ns)
+        netns_mod.link(client, "eth0", [f"{CLIENT4}/24", f"{CLIENT6}/64"],
+                       diverter, DIV_CLIENT_IF, [f"{DIV_CLIENT4}/24", f"{DIV_CLIENT6}/64"])
+        netns_mod.link(diverter, DIV_INET_IF, [f"{DIV_INET4}/24", f"{DIV_INET6}/64"],
+                       internet, "eth0", [f"{INET4}/24", f"{INET6}/64"])
+        client.run("ip", "route", "add", "default", "via", DIV_CLIENT4)
+        client.run("ip", "-6", "route", "add", "default", "via", DIV_CLIENT6)
+        diverter.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        diverter.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        diverter.run("ip", "route", "add", "default", "via", INET4)
+        diverter.run("ip", "-6", "route", "add", "default", "via", INET6)
+        internet.run("ip", "route", "add", "192.0.2.0/24", "via", DIV_INET4)
+        internet.run("ip", "-6", "route", "add", "2001:db8:1::/64", "via", DIV_INET6)
+        # The lab routes: without nftdivert, the client reaches the internet host.
+        client.run("ping", "-c1", "-W5", INET4, timeout=10)
+        client.run("ping", "-6", "-c1", "-W5", INET6, timeout=10)
+    except BaseException:
+        for ns in reversed(made):
+            ns.delete()
+        raise
+    return client, diverter, internet
+
+
+def build_local_host(netns_mod):
+    """One host for local mode: a link to nowhere (a veth pair whose other end
+    has no address) carries the default routes, so a connect to any address
+    leaves through it and goes unanswered unless diverted."""
+    host = netns_mod.create("local")
+    try:
+        quiet(host)
+        host.run("ip", "link", "add", "out0", "type", "veth", "peer", "name", "void0")
+        host.run("ip", "addr", "add", "192.0.2.10/24", "dev", "out0")
+        host.run("ip", "addr", "add", "2001:db8:1::10/64", "dev", "out0", "nodad")
+        host.run("ip", "link", "set", "void0", "up")
+        host.run("ip", "link", "set", "out0", "up")
+        host.run("ip", "route", "add", "default", "dev", "out0")
+        host.run("ip", "-6", "route", "add", "default", "dev", "out0")
+    except BaseException:
+        host.delete()
+        raise
+    return host
+
+
+# ---- the config ------------------------------------------------------------------
+
+def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), udp_ports=(),
+                hosts=(), users=()) -> str:
+    # JSON lists of strings and integers are valid TOML arrays.
+    return "\n".join([
+        f'mode = "{mode}"',
+        "",
+        "[queue]",
+        f'backend = "{BACKEND}"',
+        f'fail = "{fail}"',
+        "",
+        "[leave_alone]",
+        f"tcp_ports = {json.dumps(list(tcp_ports))}",
+        f"udp_ports = {json.dumps(list(udp_ports))}",
+        f"hosts = {json.dumps(list(hosts))}",
+        f"users = {json.dumps(list(users))}",
+        "",
+    ])
+
+
+# ---- the kernel's view -------------------------------------------------------------
+
+def nft_json(ns, *args: str) -> list[dict]:
+    proc = ns.run("nft", "-j", *args, check=False)
+    if proc.returncode != 0:
+        return []
+    return json.loads(proc.stdout).get("nftables", [])
+
+
+def table_handle(ns, table: str = TABLE) -> int | None:
+    for o in nft_json(ns, "list", "tables"):
+        t = o.get("table")
+        if t and t["family"] == "inet" and t["name"] == table:
+            return t["handle"]
+    return None
+
+
+def active_backend(ns, table: str = TABLE) -> str | None:
+    """Which queue backend the loaded table uses: the kernel says (None: no table)."""
+    objects = nft_json(ns, "list", "table", "inet", table)
+    if not objects:
+        return None
+    native = any("queue" in expr for o in objects if "rule" in o for expr in o["rule"]["expr"])
+    return "nft" if native else "xt"
+
+
+def xt_save(ns) -> str:
+    return ns.run("iptables-nft-save").stdout + ns.run("ip6tables-nft-save").stdout
+
+
+def nfqueue_rules(ns) -> list[str]:
+    return [line for line in xt_save(ns).splitlines() if "NFQUEUE" in line]
+
+
+def queue_bindings(ns) -> list[str]:
+    """Lines of /proc/net/netfilter/nfnetlink_queue (this namespace) for our queues."""
+    proc = ns.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False)
+    return [line for line in proc.stdout.splitlines()
+            if line.split() and line.split()[0] in {str(q) for q in QUEUES}]
+
+
+def port_bound(ns, proto: str, port: int) -> bool:
+    flag = "-Hltn" if proto == "tcp" else "-Hlun"
+    return bool(ns.run("ss", flag, f"sport = :{port}", check=False).stdout.strip())
+
+
+def nftdivert(ns, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return ns.run(sys.executable, "-m", "nftdivert", *args, check=check, env=_env(), timeout=timeout)
+
+
+def stats_writable() -> bool:
+    """Can `nftdivert run` publish its counters (/run/nftdivert) on this machine?"""
+    d = Path("/run/nftdivert")
+    return os.access(d, os.W_OK) if d.exists() else os.access(d.parent, os.W_OK)
+
+
+def assert_clean(ns) -> None:
+    """Nothing of nftdivert is left in `ns`: no ruleset at all, no xt rule, no queue bound."""
+    ruleset = ns.run("nft", "list", "ruleset").stdout
+    assert ruleset.strip() == "", f"ruleset left behind in {ns.name}:\n{ruleset}"
+    assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
+    assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
+
+
+# ---- nftdivert run ---------------------------------------------------------------
+
+class Diverter:
+    """One `nftdivert run` process in a namespace, with its log and stderr in files."""
+
+    def __init__(self, ns, workdir: Path, config: str, name: str = "run") -> None:
+        self.ns = ns
+        self.workdir = workdir
+        self.config = config
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / f"{name}.log.jsonl"
+        self.err_path = workdir / f"{name}.stderr"
+        self.out_path = workdir / f"{name}.stdout"
+        self.proc: subprocess.Popen | None = None
+        self.killed = False
+
+    # -- lifecycle
+    def start(self, timeout: float = 60) -> "Diverter":
+        stale = table_handle(self.ns)
+        self.err_path.write_text("")
+        with open(self.out_path, "w") as out, open(self.err_path, "a") as err:
+            self.proc = self.ns.popen(
+                sys.executable, "-m", "nftdivert", "run", "-c", str(self.config_path),
+                "--log", str(self.log_path), "--log-format", "json", stdout=out, stderr=err, env=_env())
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nftdivert run exited {self.proc.returncode} while starting\n"
+                                     f"stderr:\n{self.stderr()}")
+            if "applied; queue backend" not in self.stderr():
+                return False
+            handle = table_handle(self.ns)
+            return (handle is not None and handle != stale
+                    and port_bound(self.ns, "tcp", LISTENER_PORT) and port_bound(self.ns, "udp", LISTENER_PORT))
+
+        try:
+            wait_for(ready, timeout, "nftdivert run to be ready (table applied, listeners bound)",
+                     detail=lambda: f"stderr:\n{self.stderr()}")
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM; returns the exit status (the caller asserts it)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError(f"nftdivert run ignored SIGTERM for {timeout}s\nstderr:\n{self.stderr()}")
+
+    def stop_and_check(self) -> None:
+        """SIGTERM, exit 0, and nothing left: table, xt rules, queue bindings, process."""
+        pid = self.proc.pid
+        rc = self.stop()
+        assert rc == 0, f"nftdivert run exited {rc} on SIGTERM\nstderr:\n{self.stderr()}"
+        assert pid not in self.ns.pids(), f"nftdivert run (pid {pid}) still in {self.ns.name}"
+        assert_clean(self.ns)
+        err = self.stderr()
+        assert "Traceback" not in err, err
+        # The final counters: every packet got its verdict without an error.
+        assert re.search(r"errors 0;", err), f"the worker counted errors:\n{err}"
+
+    def kill(self) -> None:
+        """kill -9: no cleanup at all (the table and xt rules stay)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.killed = True
+
+    # -- what it said
+    def stderr(self) -> str:
+        try:
+            return self.err_path.read_text()
+        except OSError:
+            return ""
+
+    def log(self) -> list[dict]:
+        try:
+            text = self.log_path.read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait_log(self, pred: Callable[[dict], bool], timeout: float = 10, what: str = "a log line") -> dict:
+        return wait_for(lambda: next((r for r in self.log() if pred(r)), None), timeout, what,
+                        detail=lambda: f"log: {self.log()[-10:]}")
+
+
+# ---- captures -------------------------------------------------------------------
+
+class Capture:
+    """tcpdump on one interface of a namespace, into a pcap file."""
+
+    def __init__(self, ns, iface: str, path: Path, bpf: str = "") -> None:
+        self.ns, self.iface, self.path, self.bpf = ns, iface, path, bpf
+        self.err_path = path.with_suffix(".stderr")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Capture":
+        with open(self.err_path, "w") as err:
+            self.proc = self.ns.popen(
+                "tcpdump", "-i", self.iface, "-nn", "-U", "--immediate-mode", "-Z", "root",
+                "-w", str(self.path), *shlex.split(self.bpf), stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: "listening on" in self.err_path.read_text() or self.proc.poll() is not None,
+                 20, f"tcpdump on {self.ns.name}/{self.iface}")
+        assert self.proc.poll() is None, f"tcpdump failed: {self.err_path.read_text()}"
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            time.sleep(0.2)  # the last packets on their way into the buffer
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def read(self, bpf: str = "") -> list[str]:
+        """The captured packets, one `tcpdump -nn -r` line each (optionally filtered)."""
+        proc = subprocess.run(["tcpdump", "-nn", "-r", str(self.path), *shlex.split(bpf)],
+                              capture_output=True, text=True, timeout=30)
+        # A capture still running may end in a packet half written: tolerate that.
+        return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+# ---- the gateway lab ---------------------------------------------------------------
+
+class GatewayLab:
+    """Module-wide: the three hosts, the internet capture and a diverter that
+    tests (re)start with the config they need via `ensure(**config)`."""
+
+    def __init__(self, netns_mod, workdir: Path) -> None:
+        self.workdir = workdir
+        self.client, self.diverter_ns, self.internet = build_gateway_lab(netns_mod)
+        self.hosts = [self.client, self.diverter_ns, self.internet]
+        self.internet_capture = Capture(self.internet, "eth0", workdir / "internet.pcap").start()
+        # A packet the capture must see (from the diverter itself, not the
+        # client): proves the capture works, so zero leaks means something.
+        self.diverter_ns.run("ping", "-c1", "-W5", INET4, timeout=10)
+        self.div: Diverter | None = None
+        self._config: str | None = None
+        self._runs = 0
+        self._ports = iter(range(40000, 50000))
+
+    def fresh_port(self) -> int:
+        return next(self._ports)
+
+    # -- the diverter
+    def ensure(self, **config) -> Diverter:
+        """A running diverter with exactly this config (reused when it already runs)."""
+        text = config_text(**config)
+        if self.div is not None and self.div.alive() and self._config == text \
+                and table_handle(self.diverter_ns) is not None:
+            return self.div
+        self.stop()
+        self._runs += 1
+        self.div = Diverter(self.diverter_ns, self.workdir, text, name=f"run{self._runs}").start()
+        self._config = text
+        return self.div
+
+    def stop(self) -> None:
+        """Stop the diverter: a healthy one must clean up after itself; what a
+        killed one left behind is removed here."""
+        div, self.div, self._config = self.div, None, None
+        if div is None:
+            return
+        if div.alive():
+            div.stop_and_check()
+        else:
+            nftdivert(self.diverter_ns, "remove")
+            assert_clean(self.diverter_ns)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            self.internet_capture.stop()
+            for ns in reversed(self.hosts):
+                ns.delete()
+
+    # -- what the internet saw
+    def leaks(self) -> list[str]:
+        return self.internet_capture.read(LEAK_FILTER)
+
+    def assert_no_leaks(self) -> None:
+        leaks = self.leaks()
+        assert leaks == [], f"the internet host received {len(leaks)} packet(s) from the client:\n" + \
+            "\n".join(leaks[:20])
+
+    def assert_capture_works(self) -> None:
+        seen = self.internet_capture.read(f"icmp and src host {DIV_INET4}")
+        assert seen, "the internet capture missed the diverter's own ping: it proves nothing"
+
+    # -- the client
+    def client_run(self, *args: str, timeout: float = 30, user: int | None = None) -> dict:
+        return run_client(self.client, *args, timeout=timeout, user=user)
+
+    def tcp(self, host: str, port: int, payload: str, timeout: float = 3) -> dict:
+        return self.client_run("tcp", host, str(port), payload, "--timeout", str(timeout), timeout=timeout + 20)
+
+    def udp(self, host: str, port: int, payload: str, timeout: float = 3) -> dict:
+        return self.client_run("udp", host, str(port), payload, "--timeout", str(timeout), timeout=timeout + 20)
+
+    def log_barrier(self, div: Diverter) -> list[dict]:
+        return log_barrier(self.client, div, self.fresh_port())
+
+    def start_over_stale(self, **config) -> Diverter:
+        """Start a diverter WITHOUT cleaning up first (after a kill -9: the
+        stale table and xt rules are still there; `run` must cope)."""
+        text = config_text(**config)
+        self._runs += 1
+        self.div = Diverter(self.diverter_ns, self.workdir, text, name=f"run{self._runs}").start()
+        self._config = text
+        return self.div
+
+    def origin_scenario(self, pcap: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+        """`echo fdsa | nc -v -q1 198.51.100.7 45678` from the client, with a
+        capture of port 45678 on the client's link. Returns (nc, packets)."""
+        cap = Capture(self.client, "eth0", pcap, "tcp port 45678").start()
+        try:
+            nc = self.client.sh("echo fdsa | nc -v -q1 -w3 198.51.100.7 45678", check=False, timeout=30)
+        finally:
+            cap.stop()
+        return nc, cap.read()
+
+    def assert_origin_scenario(self, div: Diverter, pcap: Path) -> None:
+        nc, packets = self.origin_scenario(pcap)
+        assert nc.returncode == 0 and nc.stdout == "fdsa\n", \
+            f"nc exited {nc.returncode}, stdout {nc.stdout!r}, stderr {nc.stderr!r}\npackets:\n" + "\n".join(packets)
+        assert "succeeded" in nc.stderr, nc.stderr
+        synacks = [p for p in map(parse_tcp, packets) if p and p["flags"] == "S."]
+        assert synacks, "no SYN/ACK captured on the client:\n" + "\n".join(packets)
+        assert all(p["src"] == ("198.51.100.7", 45678) for p in synacks), \
+            "a SYN/ACK came from somewhere else:\n" + "\n".join(packets)
+        client_port = synacks[0]["dst"][1]
+        rec = div.wait_log(lambda r: r["client"] == f"{CLIENT4}:{client_port}",
+                           what=f"the log line of client port {client_port}")
+        assert rec["original_destination"] == "198.51.100.7:45678", rec
+        assert rec["protocol"] == "tcp" and rec["listener"] == "tcp-echo", rec
+        assert rec["listener_port"] == LISTENER_PORT and rec["interface"] == DIV_CLIENT_IF, rec
+
+
+_TCPDUMP_TCP = re.compile(r"\bIP6? (\S+)\.(\d+) > (\S+)\.(\d+): Flags \[([^\]]+)\]")
+
+
+def parse_tcp(line: str) -> dict | None:
+    """A `tcpdump -nn` TCP line as {src: (addr, port), dst: (addr, port), flags}."""
+    m = _TCPDUMP_TCP.search(line)
+    if not m:
+        return None
+    return {"src": (m[1], int(m[2])), "dst": (m[3], int(m[4])), "flags": m[5], "line": line}
+
+
+def log_barrier(ns, div: Diverter, port: int) -> list[dict]:
+    """All log lines of conversations started so far: the log is written in
+    order, so once a fresh conversation's line is there, earlier ones are too."""
+    reply = run_client(ns, "udp", "198.51.100.250", str(port), f"barrier-{port}")
+    assert reply["ok"], f"barrier datagram not answered: {reply}"
+    div.wait_log(lambda r: r["original_destination"] == f"198.51.100.250:{port}", what="the barrier's log line")
+    return div.log()
+
+
+def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> dict:
+    argv = [sys.executable, LAB_PY, *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *argv]
+    proc = ns.run(*argv, check=False, timeout=timeout)
+    assert proc.returncode == 0, f"client {args[0]} crashed ({proc.returncode}): {proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def serve_tcp(ns, port: int, reply: str) -> subprocess.Popen:
+    """A tiny server of the host's own on `port`; ready when this returns."""
+    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, text=True)
+    wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
+    assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
+    return proc
+
+
+def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10) -> None:
+    """The worker refreshes the kernel's bound-port sets once a second."""
+    def ok() -> bool:
+        sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_ports") if "set" in o]
+        elems = sets[0].get("elem", []) if sets else []
+        return (port in elems) == present
+    wait_for(ok, timeout, f"port {port} {'in' if present else 'out of'} the bound_{proto}_ports set")
+
+
+# ---- client programs (script mode, run inside a namespace) -------------------------------
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _endpoint(addr) -> list:
+    return [addr[0], addr[1]]
+
+
+def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
+    res: dict = {"ok": False}
+    start = time.monotonic()
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+        res["local"], res["peer"] = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
+        sock.sendall(payload.encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        res.update(ok=True, reply=data.decode(errors="replace"))
+    except OSError as exc:
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+    res["seconds"] = time.monotonic() - start
+    return res
+
+
+def cmd_udp(host: str, port: int, payload: str, timeout: float) -> dict:
+    res: dict = {"ok": False}
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    try:
+        sock.sendto(payload.encode(), (host, port))
+        res["local"] = _endpoint(sock.getsockname())
+        data, addr = sock.recvfrom(65536)
+        res.update(ok=True, reply=data.decode(errors="replace"), source=_endpoint(addr))
+    except OSError as exc:
+        res["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+    return res
+
+
+def cmd_many(targets: list[list], timeout: float) -> dict:
+    """All connections open at once, then each sends its payload and reads it back."""
+    import asyncio
+
+    async def connect(host, port):
+        # The client port is connect()'s choice: with many open, Linux reuses
+        # one port toward different destinations, as real clients do.
+        return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+    async def exchange(conn, payload: str):
+        reader, writer = conn
+        writer.write(payload.encode())
+        await writer.drain()
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(-1), timeout)
+        peer = writer.get_extra_info("peername")
+        writer.close()
+        return data.decode(errors="replace"), _endpoint(peer)
+
+    async def main() -> dict:
+        t0 = time.monotonic()
+        conns = await asyncio.gather(*(connect(h, p) for h, p, _ in targets), return_exceptions=True)
+        t1 = time.monotonic()
+        open_now = [c for c in conns if not isinstance(c, BaseException)]
+        jobs = [exchange(c, t[2]) if not isinstance(c, BaseException) else None for c, t in zip(conns, targets)]
+        results = await asyncio.gather(*(j for j in jobs if j is not None), return_exceptions=True)
+        t2 = time.monotonic()
+        it = iter(results)
+        out, failures = 0, []
+        for (host, port, payload), conn in zip(targets, conns):
+            if isinstance(conn, BaseException):
+                failures.append([host, port, f"connect: {type(conn).__name__}: {conn}"])
+                continue
+            r = next(it)
+            if isinstance(r, BaseException):
+                failures.append([host, port, f"exchange: {type(r).__name__}: {r}"])
+            elif r[0] != payload:
+                failures.append([host, port, f"got {r[0][:60]!r}"])
+            elif r[1][1] != port or r[1][0] != host:
+                failures.append([host, port, f"peer {r[1]}"])
+            else:
+                out += 1
+        ports = [c[1].get_extra_info("sockname")[1] for c in conns if not isinstance(c, BaseException)]
+        return {"ok": out, "open_at_once": len(open_now), "failures": failures,
+                "client_ports_shared": len(ports) - len(set(ports)),
+                "connect_seconds": t1 - t0, "seconds": t2 - t0}
+
+    return asyncio.run(main())
+
+
+def cmd_bulk(host: str, port: int, megabytes: float, timeout: float) -> dict:
+    import hashlib
+    import random
+    import threading
+
+    size = int(megabytes * 1024 * 1024)
+    data = random.Random(port).randbytes(size)
+    sent_hash = hashlib.sha256(data).hexdigest()
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    res: dict = {"ok": False, "bytes_sent": size, "sha256_sent": sent_hash}
+    err: list[str] = []
+
+    def send() -> None:
+        try:
+            view = memoryview(data)
+            for off in range(0, size, 256 * 1024):
+                sock.sendall(view[off:off + 256 * 1024])
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            err.append(f"send: {type(exc).__name__}: {exc}")
+
+    start = time.monotonic()
+    try:
+        sock.connect((host, port))
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        h, got = hashlib.sha256(), 0
+        while chunk := sock.recv(1 << 20):
+            h.update(chunk)
+            got += len(chunk)
+        sender.join(timeout)
+        secs = time.monotonic() - start
+        res.update(ok=not err, bytes_received=got, sha256_received=h.hexdigest(), seconds=secs,
+                   mb_per_s=size / 1024 / 1024 / secs)
+    except OSError as exc:
+        err.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        sock.close()
+    if err:
+        res["error"] = "; ".join(err)
+    return res
+
+
+def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
+    """Conversations from ONE client port to several destinations, all open at
+    once (as Linux's connect() does by itself when many are open): each sends
+    its payload, then each reads its echo."""
+    socks, res = [], []
+    for host, port, payload in targets:
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(timeout)
+        socks.append(sock)
+        r: dict = {"target": [host, port], "ok": False}
+        res.append(r)
+        try:
+            sock.bind(("::" if ":" in host else "0.0.0.0", sport))
+            sock.connect((host, port))
+            sock.sendall(payload.encode())
+            time.sleep(0.2)  # the first is established and echoing before the next starts
+        except OSError as exc:
+            r["error"] = f"connect: {type(exc).__name__}: {exc}"
+    for sock, r, (_, _, payload) in zip(socks, res, targets):
+        if "error" in r:
+            continue
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            r.update(ok=data == payload.encode(), reply=data.decode(errors="replace"))
+        except OSError as exc:
+            r["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            sock.close()
+    return {"results": res}
+
+
+def cmd_serve_tcp(port: int, reply: str) -> None:
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", port))
+    srv.listen(128)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            conn.settimeout(3)
+            while conn.recv(65536):  # read the request to its end: no RST on close
+                pass
+            conn.sendall(reply.encode())
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="lab.py")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("tcp", "udp"):
+        p = sub.add_parser(name)
+        p.add_argument("host")
+        p.add_argument("port", type=int)
+        p.add_argument("payload")
+        p.add_argument("--timeout", type=float, default=3)
+    p = sub.add_parser("many")
+    p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
+    p.add_argument("--timeout", type=float, default=20)
+    p = sub.add_parser("bulk")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("megabytes", type=float)
+    p.add_argument("--timeout", type=float, default=60)
+    p = sub.add_parser("same-port")
+    p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
+    p.add_argument("--sport", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=3)
+    p = sub.add_parser("serve-tcp")
+    p.add_argument("port", type=int)
+    p.add_argument("reply")
+    a = ap.parse_args(argv)
+    if a.cmd == "tcp":
+        out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
+    elif a.cmd == "udp":
+        out = cmd_udp(a.host, a.port, a.payload, a.timeout)
+    elif a.cmd == "many":
+        out = cmd_many(json.loads(a.json), a.timeout)
+    elif a.cmd == "bulk":
+        out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
+    elif a.cmd == "same-port":
+        out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
+    else:
+        cmd_serve_tcp(a.port, a.reply)
+        return
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

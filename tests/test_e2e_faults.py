@@ -1,0 +1,90 @@
+"""End to end, when things go wrong: stopping, crashing, restarting, and what
+diverted traffic meets while no worker runs (fail closed: nothing; fail open:
+the kernel's own answer). The internet host must see nothing throughout."""
+
+from __future__ import annotations
+
+import pytest
+
+import lab
+import netns
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    g = lab.GatewayLab(netns, tmp_path_factory.mktemp("e2e-faults"))
+    try:
+        yield g
+        g.stop()
+        g.assert_capture_works()
+        g.assert_no_leaks()
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def own_8080(gw):
+    server = lab.serve_tcp(gw.diverter_ns, 8080, "own-8080")
+    yield server
+    server.kill()
+    server.wait(timeout=5)
+
+
+def _expected_xt_rules(backend: str) -> int:
+    return {"xt": 4, "nft": 0}[backend]  # mangle INPUT + raw OUTPUT, per family
+
+
+def test_sigterm_leaves_nothing(gw):
+    div = gw.ensure()
+    r = gw.udp("198.51.100.30", 3000, "before-sigterm")
+    assert r["ok"], r
+    assert lab.queue_bindings(gw.diverter_ns), "the worker's queues are not bound?"
+    pid = div.proc.pid
+    gw.stop()  # SIGTERM; exit 0; no table, ruleset, xt rule, queue binding, process
+    assert pid not in gw.diverter_ns.pids()
+    assert "stopping: removing the ruleset" in div.stderr(), div.stderr()
+
+
+def test_kill9_then_run_again_replaces_the_stale_table(gw, tmp_path):
+    div = gw.ensure()
+    backend = lab.active_backend(gw.diverter_ns)
+    stale = lab.table_handle(gw.diverter_ns)
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) == stale, "kill -9 cannot have removed the table"
+    assert lab.queue_bindings(gw.diverter_ns) == [], "a dead worker's queues are unbound by the kernel"
+
+    fresh = gw.start_over_stale()
+    assert lab.table_handle(gw.diverter_ns) != stale
+    assert len(lab.nfqueue_rules(gw.diverter_ns)) == _expected_xt_rules(backend), lab.nfqueue_rules(gw.diverter_ns)
+    gw.assert_origin_scenario(fresh, tmp_path / "client.pcap")
+
+
+def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
+    div = gw.ensure()
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) is not None
+    tcp = gw.tcp("198.51.100.7", 45678, "nobody-home", timeout=2)
+    assert not tcp["ok"] and "timed out" in tcp["error"], tcp
+    udp = gw.udp("198.51.100.7", 45678, "nobody-home", timeout=1)
+    assert not udp["ok"], udp
+    gw.assert_no_leaks()
+    gw.stop()  # nftdivert remove: the stale table and xt rules go
+    assert lab.table_handle(gw.diverter_ns) is None
+
+
+def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
+    div = gw.ensure(fail="open")
+    lab.wait_bound_set(gw.diverter_ns, "tcp", 8080)
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) is not None
+
+    refused = gw.tcp("198.51.100.7", 45678, "unbound", timeout=3)
+    assert not refused["ok"] and "ConnectionRefusedError" in refused["error"], refused
+    assert refused["seconds"] < 1.5, f"not an immediate RST: {refused}"
+    own = gw.tcp("198.51.100.8", 8080, "bound")
+    assert own["ok"] and own["reply"] == "own-8080" and own["peer"] == ["198.51.100.8", 8080], own
+    gw.assert_no_leaks()
+    gw.stop()
+    assert lab.table_handle(gw.diverter_ns) is None
