@@ -46,6 +46,9 @@ test: venv
 KERNEL_TESTS ?= tests/test_e2e.py tests/test_e2e_faults.py tests/test_e2e_load.py tests/test_engine.py tests/test_render.py
 test-kernel: venv
 	$(PY) tests/vm/vmrun --ensure
+	@# A failure inside the VM must fail the tier: prove vmrun passes it on.
+	@if $(PY) tests/vm/vmrun --timeout 300 -- false >/dev/null 2>&1; then \
+		echo "vmrun reported success for a failing command" >&2; exit 1; fi
 	$(PY) tests/vm/vmrun --timeout 900 --env NFTDIVERT_TEST_BACKEND=nft -- \
 		python -m pytest -p no:cacheprovider -ra -m "not slow" $(KERNEL_TESTS)
 

@@ -16,7 +16,16 @@ CONFIG_HELP = "TOML config file. Without it, the safe embedded default: gateway 
 
 
 def _config(path: str | None) -> config_mod.Config:
-    return config_mod.load(path)
+    cfg = config_mod.load(path)
+    _check_table_name(cfg.table)
+    return cfg
+
+
+def _check_table_name(table: str) -> None:
+    from .kernel import is_reserved_word
+
+    if is_reserved_word(table):
+        raise ConfigError("table", table, "nft reads this name as a keyword; choose another")
 
 
 def _root_nft(action: str) -> Nft:
@@ -139,6 +148,7 @@ def remove(table: str, config_path: str | None) -> None:
         table = _config(config_path).table
     else:
         config_mod.Config(table=table)  # validates the name
+        _check_table_name(table)
     gone = engine.remove(table, _root_nft("remove"))
     click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
 

@@ -93,5 +93,27 @@ def _kernel_error(err: str) -> KernelError:
     return KernelError(err)
 
 
+def is_reserved_word(name: str) -> bool:
+    """Whether nft's parser takes `name` for a keyword (`drop`, `counter`, ...).
+
+    nft cannot quote a table name, and its keyword list is long and grows
+    with each release, so ask the parser itself: a dry run that fails on
+    syntax never reaches the kernel, so this works unprivileged too.
+    """
+    ctx = _library().Nftables()
+    ctx.set_dry_run(True)
+    # Unprivileged, libnftables writes "you must be root" straight to fd 2
+    # once past the parser; that is not this question's answer.
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            rc, _, err = ctx.cmd(f"add table inet {name}")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return rc != 0 and "syntax error" in err
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
