@@ -18,6 +18,7 @@ from typing import Callable
 
 from . import decide as decide_mod
 from .config import Config
+from .errors import NftDivertError
 from .conversations import Conversation, ConversationKey, ConversationTable
 from .convlog import NewConversation
 from .fixup import FixUp
@@ -102,8 +103,8 @@ class Worker:
         """Attach to both queues (before the ruleset sends anything there)."""
         from netfilterqueue import NetfilterQueue
 
-        for num, callback in ((self.config.queue.incoming, self._incoming),
-                              (self.config.queue.outgoing, self._outgoing)):
+        for key, num, callback in (("incoming", self.config.queue.incoming, self._incoming),
+                                   ("outgoing", self.config.queue.outgoing, self._outgoing)):
             nfq = NetfilterQueue()
             with warnings.catch_warnings():
                 # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
@@ -112,7 +113,9 @@ class Worker:
                     nfq.bind(num, callback, max_len=QUEUE_LENGTH)
                 except OSError as exc:
                     self.unbind()
-                    raise OSError(f"cannot bind queue {num} (is another worker on it?): {exc}") from None
+                    raise NftDivertError(
+                        f"cannot bind queue.{key} = {num} ({exc}): another program (another "
+                        "nftdivert run?) holds it; stop that, or choose other numbers in [queue]") from None
             self._queues.append(nfq)
 
     def unbind(self) -> None:

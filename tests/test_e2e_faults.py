@@ -88,3 +88,17 @@ def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
     gw.assert_no_leaks()
     gw.stop()
     assert lab.table_handle(gw.diverter_ns) is None
+
+
+def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw, tmp_path):
+    gw.ensure()
+    first = lab.table_handle(gw.diverter_ns)
+    cfg = tmp_path / "second.toml"
+    cfg.write_text(f'table = "second"\n[queue]\nbackend = "{lab.BACKEND}"\n'
+                   '[[listeners]]\nname = "t"\nprotocol = "tcp"\nport = 2000\n')
+    proc = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot bind queue.incoming = 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert lab.table_handle(gw.diverter_ns, "second") is None
+    assert lab.table_handle(gw.diverter_ns) == first
+    assert gw.tcp("198.51.100.7", 45678, "still-here")["reply"] == "still-here"
