@@ -23,7 +23,7 @@ from . import bound, engine
 from .config import Config
 from .convlog import ConversationLog
 from .dns import AnswerPool, Resolver
-from .errors import KernelError, NftDivertError
+from .errors import ConfigError, KernelError, NftDivertError
 from .kernel import Nft
 from .listeners import Listeners
 from .packet import TCP
@@ -59,7 +59,10 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
     target, fmt = config.worker.log, config.worker.log_format
     if target == "":
         return None, True
-    stream = sys.stdout if target == "-" else stack.enter_context(open(target, "a", encoding="utf-8"))
+    try:
+        stream = sys.stdout if target == "-" else stack.enter_context(open(target, "a", encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("worker.log (--log)", target, exc.strerror or str(exc)) from None
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     return stream, as_json
 
@@ -113,6 +116,16 @@ def _stop_early(*_args) -> None:
 
 def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[], object] | None) -> dict:
     with ExitStack() as stack:
+        # Files first: a path that cannot be opened is bad input, found before anything starts.
+        stream, as_json = _log_stream(config, stack)
+        pcap = None
+        if pcap_path:
+            from .pcap import PcapWriter
+            try:
+                pcap = stack.enter_context(PcapWriter(pcap_path))
+            except OSError as exc:
+                raise ConfigError("worker.pcap (-w)", pcap_path, exc.strerror or str(exc)) from None
+
         resolver = _resolver(config)
         listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver)
         try:
@@ -122,19 +135,14 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         stack.callback(listeners.stop)
         for lst in config.listeners:
             _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({_KIND_NAMES[lst.kind]})")
+        if pcap is not None:
+            _say(f"capturing diverted packets to {pcap_path}")
 
-        stream, as_json = _log_stream(config, stack)
         log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack),
                               name_for=resolver.name_for if resolver else None)
         stack.callback(log.close)
         if resolver is not None:
             resolver.on_question = log.dns_question
-
-        pcap = None
-        if pcap_path:
-            from .pcap import PcapWriter
-            pcap = stack.enter_context(PcapWriter(pcap_path))
-            _say(f"capturing diverted packets to {pcap_path}")
 
         ports = _BoundPorts(nft, config.table)
         fixup = build_fixup(config, ports.is_bound,
