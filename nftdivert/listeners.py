@@ -48,9 +48,11 @@ def _endpoint(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Echo(asyncio.DatagramProtocol):
-    def __init__(self, stats: ListenerStats) -> None:
-        self.stats = stats
+class _Datagrams(asyncio.DatagramProtocol):
+    """A UDP listener: `answer` turns a datagram into the reply (or None)."""
+
+    def __init__(self, stats: ListenerStats, answer) -> None:
+        self.stats, self.answer = stats, answer
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -59,24 +61,13 @@ class _Echo(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         self.stats.conversations += 1
         self.stats.bytes_received += len(data)
-        assert self.transport is not None
-        self.transport.sendto(data, addr)
-
-
-class _DnsDatagrams(asyncio.DatagramProtocol):
-    def __init__(self, stats: ListenerStats, resolver: Resolver) -> None:
-        self.stats, self.resolver = stats, resolver
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.stats.conversations += 1
-        self.stats.bytes_received += len(data)
-        reply = self.resolver.answer(data, _endpoint(addr))
+        reply = self.answer(data, addr)
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
+
+
+def _echo(data: bytes, _addr) -> bytes:
+    return data
 
 
 # A web client given its own request back gives up ("HTTP/0.9 not allowed"),
@@ -138,8 +129,9 @@ class Listeners:
             self._closers.append(server)
         else:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
-            factory = (lambda: _DnsDatagrams(stats, self._resolver)) if lst.kind == "dns" else (lambda: _Echo(stats))
-            transport, _ = await self._loop.create_datagram_endpoint(factory, sock=sock)
+            resolver = self._resolver
+            answer = (lambda data, addr: resolver.answer(data, _endpoint(addr))) if lst.kind == "dns" else _echo
+            transport, _ = await self._loop.create_datagram_endpoint(lambda: _Datagrams(stats, answer), sock=sock)
             self._closers.append(transport)
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:

@@ -48,6 +48,25 @@ def host(make_netns):
     return make_netns("host")
 
 
+@pytest.fixture(scope="module")
+def gw(request, tmp_path_factory):
+    """The end-to-end lab (client, diverter, internet), one per test module.
+
+    At the end: nftdivert stopped cleanly, and the internet host's capture
+    worked and saw nothing from the client.
+    """
+    import lab
+
+    g = lab.GatewayLab(netns_mod, tmp_path_factory.mktemp(request.module.__name__.replace("_", "-")))
+    try:
+        yield g
+        g.stop()
+        g.assert_capture_works()
+        g.assert_no_leaks()
+    finally:
+        g.close()
+
+
 def nftdivert_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "nftdivert", *args]
 

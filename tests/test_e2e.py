@@ -15,24 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import lab
-import netns
 
 pytestmark = pytest.mark.kernel
 
 # The module's diverter config; tests that need another start their own.
 STD = dict(tcp_ports=[2222], hosts=["198.51.100.200/32"])
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    g = lab.GatewayLab(netns, tmp_path_factory.mktemp("e2e"))
-    try:
-        yield g
-        g.stop()
-        g.assert_capture_works()
-        g.assert_no_leaks()
-    finally:
-        g.close()
 
 
 @pytest.fixture

@@ -7,21 +7,8 @@ from __future__ import annotations
 import pytest
 
 import lab
-import netns
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    g = lab.GatewayLab(netns, tmp_path_factory.mktemp("e2e-faults"))
-    try:
-        yield g
-        g.stop()
-        g.assert_capture_works()
-        g.assert_no_leaks()
-    finally:
-        g.close()
 
 
 @pytest.fixture

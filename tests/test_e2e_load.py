@@ -15,18 +15,6 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    g = lab.GatewayLab(netns, tmp_path_factory.mktemp("e2e-load"))
-    try:
-        yield g
-        g.stop()
-        g.assert_capture_works()
-        g.assert_no_leaks()
-    finally:
-        g.close()
-
-
-@pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """One host in local mode: its own programs' connections are diverted, root's
     only (nobody is left alone)."""
