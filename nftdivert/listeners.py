@@ -1,9 +1,9 @@
 """Built-in listeners: accept anything, count what arrives, echo it back
 (an HTTP request gets a minimal 200 answer, so web clients finish).
 
-They run on one asyncio loop in a thread of their own, so hundreds of
-conversations cost no thread each and the queue worker never waits on them.
-Any other program can be a listener instead (kind = "external").
+They run on one asyncio loop in a thread, so hundreds of conversations cost
+no thread each; `nftdivert run` puts them in a process of their own
+(listener_process). Any other program can be a listener (kind = "external").
 """
 
 from __future__ import annotations

@@ -22,10 +22,9 @@ from typing import Callable, TextIO
 from . import bound, engine
 from .config import Config
 from .convlog import ConversationLog
-from .dns import AnswerPool, Resolver
 from .errors import ConfigError, KernelError, NftDivertError
 from .kernel import Nft
-from .listeners import Listeners
+from .listener_process import ListenerProcess
 from .packet import TCP
 from .worker import Worker, build_fixup, new_conversation_event
 
@@ -76,13 +75,6 @@ def _conntrack_lookup(stack: ExitStack):
     return ct.original_destination
 
 
-def _resolver(config: Config) -> Resolver | None:
-    if not any(lst.kind == "dns" for lst in config.listeners):
-        return None
-    v4, v6 = config.dns.pools()
-    return Resolver(AnswerPool(v4), AnswerPool(v6), config.dns.ttl)
-
-
 def _say(message: str) -> None:
     print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
@@ -126,8 +118,8 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
             except OSError as exc:
                 raise ConfigError("worker.pcap (-w)", pcap_path, exc.strerror or str(exc)) from None
 
-        resolver = _resolver(config)
-        listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver)
+        # Started before any thread of ours exists: the listener process is a fork.
+        listeners = ListenerProcess(config)
         try:
             listeners.start()
         except OSError as exc:
@@ -138,11 +130,9 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         if pcap is not None:
             _say(f"capturing diverted packets to {pcap_path}")
 
-        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack),
-                              name_for=resolver.name_for if resolver else None)
+        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack), name_for=listeners.name_for)
         stack.callback(log.close)
-        if resolver is not None:
-            resolver.on_question = log.dns_question
+        listeners.on_question = log.dns_question
 
         ports = _BoundPorts(nft, config.table)
         fixup = build_fixup(config, ports.is_bound,
@@ -179,7 +169,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
     return final
 
 
-def _snapshot(worker: Worker, listeners: Listeners) -> dict:
+def _snapshot(worker: Worker, listeners: ListenerProcess) -> dict:
     c = worker.fixup.counters
     return {
         "pid": os.getpid(),
