@@ -86,15 +86,22 @@ def create(name: str, ipv6: bool) -> Lab:
     return lab
 
 
+def _pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split() if pid.isdigit()]
+
+
 def destroy(lab: Lab) -> None:
     """Kill what runs inside, delete both namespaces and the resolv.conf; never raises."""
     for ns in (lab.client, lab.diverter):
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        deadline = time.monotonic() + 5
+        while (pids := _pids(ns)) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)  # until they are gone, not merely signalled
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     shutil.rmtree(ETC_NETNS / lab.client, ignore_errors=True)
 
@@ -161,6 +168,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
     config = sandbox_config(config)
     lab = create(f"nds{os.getpid()}", config.ipv6)
     pid = 0
+    proc = None
     ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # CMD gets Ctrl-C; we clean up after
     terminated = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -187,6 +195,11 @@ def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
         if pid:
             _stop_diverter(pid)
         destroy(lab)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)  # killed with its namespace: reap it
+            except subprocess.TimeoutExpired:
+                pass
         signal.signal(signal.SIGINT, ignored)
         signal.signal(signal.SIGTERM, terminated)
 

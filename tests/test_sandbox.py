@@ -84,7 +84,7 @@ def test_a_crashing_cmd_gives_its_signal_status_and_everything_is_removed():
 
 def test_sigterm_to_the_sandbox_removes_everything():
     before = set(_sandbox_namespaces())
-    proc = subprocess.Popen(nftdivert_argv("sandbox", "--", "sleep", "60"), env=_env(),
+    proc = subprocess.Popen(nftdivert_argv("sandbox", "--", "sleep", "60.4242"), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -101,7 +101,7 @@ def test_sigterm_to_the_sandbox_removes_everything():
         proc.stdout.close()
         proc.stderr.close()
     assert set(_sandbox_namespaces()) <= before
-    assert not subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True).stdout
+    assert not subprocess.run(["pgrep", "-f", "sleep 60.4242"], capture_output=True).stdout
 
 
 def test_nothing_leaks_out_of_the_sandbox():
