@@ -372,7 +372,9 @@ class GatewayLab:
         self.div: Diverter | None = None
         self._config: str | None = None
         self._runs = 0
-        self._ports = iter(range(40000, 50000))
+        # Below the ephemeral range (32768-60999): a port the kernel chose for an
+        # earlier test's connection may still sit in TIME_WAIT towards the same place.
+        self._ports = iter(range(20000, 30000))
 
     def fresh_port(self) -> int:
         return next(self._ports)
