@@ -150,7 +150,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
 
         worker = Worker(config, fixup, pcap=pcap, tick=tick)
         worker.bind()
-        stack.callback(worker.unbind)
+        stack.callback(worker.close)
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         applied = engine.apply(config, nft)

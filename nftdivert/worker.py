@@ -67,32 +67,24 @@ class Worker:
     # -- queue callbacks (the hot path) --------------------------------------
 
     def _incoming(self, pkt) -> None:
-        fixup = self.fixup
-        try:
-            data = pkt.get_payload()
-            new = fixup.incoming(data, time.monotonic(), indev=pkt.indev)
-            if new is not None:
-                pkt.set_payload(new)
-                if self.pcap is not None:
-                    now = time.time()
-                    self.pcap.write(data, now)  # as it arrived
-                    self.pcap.write(new, now)  # as rewritten
-        except Exception:  # noqa: BLE001 - the verdict below must still happen
-            self.stats.verdict_errors += 1
-        finally:
-            pkt.accept()
+        self._verdict(pkt, True)
 
     def _outgoing(self, pkt) -> None:
+        self._verdict(pkt, False)
+
+    def _verdict(self, pkt, incoming: bool) -> None:
         try:
             data = pkt.get_payload()
-            new = self.fixup.outgoing(data, time.monotonic())
+            now = time.monotonic()
+            new = (self.fixup.incoming(data, now, indev=pkt.indev) if incoming
+                   else self.fixup.outgoing(data, now))
             if new is not None:
                 pkt.set_payload(new)
                 if self.pcap is not None:
-                    now = time.time()
-                    self.pcap.write(data, now)
-                    self.pcap.write(new, now)
-        except Exception:  # noqa: BLE001
+                    wall = time.time()
+                    self.pcap.write(data, wall)  # as it arrived
+                    self.pcap.write(new, wall)  # as rewritten
+        except Exception:  # noqa: BLE001 - the verdict below must still happen
             self.stats.verdict_errors += 1
         finally:
             pkt.accept()
@@ -126,11 +118,20 @@ class Worker:
                 pass
         self._queues.clear()
 
+    def close(self) -> None:
+        """Unbind and release the stop pipe; the worker cannot run again."""
+        self.unbind()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def stop(self) -> None:
         """Ask run() to return; safe from a signal handler or another thread."""
         try:
             os.write(self._stop_w, b"x")
-        except BlockingIOError:
+        except OSError:  # full (a stop is pending anyway) or already closed
             pass
 
     def run(self) -> None:
