@@ -27,6 +27,8 @@ class Netns:
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
     def argv(self, *argv: str) -> list[str]:
+        if argv[:1] == ("ip",):  # the same as `ip netns exec NAME ip ...`, one process less
+            return ["ip", "-n", self.name, *argv[1:]]
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60, input: str | bytes | None = None,
