@@ -60,7 +60,17 @@ QUIET_SYSCTLS = ("accept_ra=0", "autoconf=0", "router_solicitations=0", "accept_
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO))
+    """For nftdivert_argv(): the checkout first, then the package directories
+    `site` gave this interpreter (the venv's, the system's with `nftables`)."""
+    packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *packages]))
+
+
+def nftdivert_argv(*args: str) -> list[str]:
+    """`nftdivert ARGS` from the checkout. -S: with the import path given in
+    _env(), `site` adds nothing but its .pth hooks, which cost seconds per
+    process under emulation (the VM tier). Run it with env=_env()."""
+    return [sys.executable, "-S", "-m", "nftdivert", *args]
 
 
 def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05,
@@ -201,7 +211,7 @@ def port_bound(ns, proto: str, port: int) -> bool:
 
 
 def nftdivert(ns, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    return ns.run(sys.executable, "-m", "nftdivert", *args, check=check, env=_env(), timeout=timeout)
+    return ns.run(*nftdivert_argv(*args), check=check, env=_env(), timeout=timeout)
 
 
 def stats_writable() -> bool:
@@ -241,7 +251,7 @@ class Diverter:
         self.err_path.write_text("")
         with open(self.out_path, "w") as out, open(self.err_path, "a") as err:
             self.proc = self.ns.popen(
-                sys.executable, "-m", "nftdivert", "run", "-c", str(self.config_path),
+                *nftdivert_argv("run", "-c", str(self.config_path)),
                 "--log", str(self.log_path), "--log-format", "json", stdout=out, stderr=err, env=_env())
 
         def ready() -> bool:
@@ -491,12 +501,20 @@ def log_barrier(ns, div: Diverter, port: int) -> list[dict]:
     return div.log()
 
 
+def _client(*args: str) -> tuple[list[str], dict]:
+    """argv and environment of this file as a client program. It needs only the
+    standard library, so -S: under emulation (the VM tier) `site` costs seconds
+    per process; and -m, so its bytecode is cached rather than compiled each time."""
+    return [sys.executable, "-S", "-m", "lab", *args], dict(os.environ, PYTHONPATH=str(TESTS))
+
+
 def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> dict:
     if user is None:
-        proc = ns.run(sys.executable, LAB_PY, *args, check=False, timeout=timeout)
+        argv, env = _client(*args)
+        proc = ns.run(*argv, check=False, timeout=timeout, env=env)
     else:  # the checkout may be out of the user's reach: a readable copy of this file
         import unprivileged  # not at the top: this file also runs as the client, alone
-        proc = ns.run(*unprivileged.python(unprivileged.script(LAB_PY), *args, uid=user), check=False,
+        proc = ns.run(*unprivileged.python("-S", unprivileged.script(LAB_PY), *args, uid=user), check=False,
                       timeout=timeout, env=unprivileged.env())
     assert proc.returncode == 0, f"client {args[0]} crashed ({proc.returncode}): {proc.stderr}"
     return json.loads(proc.stdout)
@@ -504,7 +522,8 @@ def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> 
 
 def serve_tcp(ns, port: int, reply: str) -> subprocess.Popen:
     """A tiny server of the host's own on `port`; ready when this returns."""
-    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, text=True)
+    argv, env = _client("serve-tcp", str(port), reply)
+    proc = ns.popen(*argv, text=True, env=env)
     wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
     assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
     return proc

@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 UID = 65534
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = os.path.realpath(sys.executable)  # outside the venv: runs without reading it
@@ -29,6 +27,8 @@ _tree: Path | None = None
 
 def _distributions() -> list[importlib.metadata.Distribution]:
     """nftdivert's runtime requirements (setup.cfg) and theirs, as installed in the venv."""
+    from packaging.requirements import Requirement  # here: costly to import, seldom needed
+
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     todo = [Requirement(line) for line in cfg["options"]["install_requires"].split("\n") if line.strip()]
