@@ -18,6 +18,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
     python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
     python lab.py many --json TARGETS                    concurrent TCP exchanges
+    python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
     python lab.py serve-tcp PORT REPLY                   a tiny server of its own
 """
@@ -568,9 +569,20 @@ def cmd_udp(host: str, port: int, payload: str, timeout: float) -> dict:
     return res
 
 
+def _enough_files(n: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64) if hard != resource.RLIM_INFINITY
+                                                    else n + 64, hard))
+
+
 def cmd_many(targets: list[list], timeout: float) -> dict:
     """All connections open at once, then each sends its payload and reads it back."""
     import asyncio
+
+    _enough_files(len(targets))
 
     async def connect(host, port):
         # The client port is connect()'s choice: with many open, Linux reuses
@@ -611,8 +623,10 @@ def cmd_many(targets: list[list], timeout: float) -> dict:
             else:
                 out += 1
         ports = [c[1].get_extra_info("sockname")[1] for c in conns if not isinstance(c, BaseException)]
+        sockets = [[t[0], t[1], c[1].get_extra_info("sockname")[1]] for c, t in zip(conns, targets)
+                   if not isinstance(c, BaseException)]
         return {"ok": out, "open_at_once": len(open_now), "failures": failures,
-                "client_ports_shared": len(ports) - len(set(ports)),
+                "client_ports_shared": len(ports) - len(set(ports)), "sockets": sockets,
                 "connect_seconds": t1 - t0, "seconds": t2 - t0}
 
     return asyncio.run(main())
@@ -662,39 +676,70 @@ def cmd_bulk(host: str, port: int, megabytes: float, timeout: float) -> dict:
     return res
 
 
-def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
-    """Conversations from ONE client port to several destinations, all open at
-    once (as Linux's connect() does by itself when many are open): each sends
-    its payload, then each reads its echo."""
-    socks, res = [], []
-    for host, port, payload in targets:
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one_by_one: bool) -> dict:
+    """One client port (sport 0: the kernel's choice) towards many destinations.
+
+    TCP: a socket per destination bound to that port, all open at once; each
+    sends its payload, then each reads its echo. UDP: one socket sends to every
+    destination (one by one, each waiting for its answer, or all at once) and
+    reports where each answer came from."""
+    res: list[dict] = [{"target": [h, p], "ok": False} for h, p, _ in targets]
+    family = _family(targets[0][0])
+    any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    _enough_files(len(targets))
+    if proto == "udp":
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(timeout)
+        sock.bind((any_addr, sport))
+        by_payload = {payload.encode(): r for r, (_, _, payload) in zip(res, targets)}
+
+        def collect(until_payload: bytes | None) -> None:
+            while True:
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:
+                    return
+                r = by_payload.get(data)
+                if r is not None:
+                    r.update(ok=True, source=_endpoint(addr))
+                if until_payload is None and all(x["ok"] for x in res) or data == until_payload:
+                    return
+
+        for host, port, payload in targets:
+            sock.sendto(payload.encode(), (host, port))
+            if one_by_one:
+                collect(payload.encode())
+        if not one_by_one:
+            collect(None)
+        local = sock.getsockname()[1]
+        sock.close()
+        return {"local": local, "results": res}
+
+    socks = []
+    for r, (host, port, payload) in zip(res, targets):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.settimeout(timeout)
         socks.append(sock)
-        r: dict = {"target": [host, port], "ok": False}
-        res.append(r)
         try:
-            sock.bind(("::" if ":" in host else "0.0.0.0", sport))
+            sock.bind((any_addr, sport))
             sock.connect((host, port))
+            r["peer"] = _endpoint(sock.getpeername())
             sock.sendall(payload.encode())
-            time.sleep(0.2)  # the first is established and echoing before the next starts
         except OSError as exc:
             r["error"] = f"connect: {type(exc).__name__}: {exc}"
     for sock, r, (_, _, payload) in zip(socks, res, targets):
-        if "error" in r:
-            continue
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            r.update(ok=data == payload.encode(), reply=data.decode(errors="replace"))
-        except OSError as exc:
-            r["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            sock.close()
-    return {"results": res}
+        if "error" not in r:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                r.update(ok=data == payload.encode(), reply=data.decode(errors="replace")[:80])
+            except OSError as exc:
+                r["error"] = f"{type(exc).__name__}: {exc}"
+        sock.close()
+    return {"local": sport, "results": res}
 
 
 def cmd_serve_tcp(port: int, reply: str) -> None:
@@ -733,10 +778,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("port", type=int)
     p.add_argument("megabytes", type=float)
     p.add_argument("--timeout", type=float, default=60)
-    p = sub.add_parser("same-port")
+    p = sub.add_parser("fan-out")
+    p.add_argument("proto", choices=("tcp", "udp"))
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
-    p.add_argument("--sport", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=3)
+    p.add_argument("--sport", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=5)
+    p.add_argument("--one-by-one", action="store_true")
     p = sub.add_parser("serve-tcp")
     p.add_argument("port", type=int)
     p.add_argument("reply")
@@ -749,8 +796,8 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
-    elif a.cmd == "same-port":
-        out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
+    elif a.cmd == "fan-out":
+        out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
     else:
         cmd_serve_tcp(a.port, a.reply)
         return
