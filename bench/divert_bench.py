@@ -619,7 +619,7 @@ def micro(iterations: int, reps: int) -> dict:
 
     import builders
     from nftdivert.config import Config
-    from nftdivert.packet import ACK, SYN, TCP
+    from nftdivert.packet import ACK, SYN, TCP, UDP
     from nftdivert.worker import build_fixup, new_conversation_event
 
     cfg = Config()
@@ -629,7 +629,7 @@ def micro(iterations: int, reps: int) -> dict:
     def fresh():
         # on_new as `nftdivert run` wires it: build the log event, hand it to the log thread.
         return build_fixup(cfg, lambda proto, port: port in bound_ports,
-                           on_new=lambda key, conv, seg: events.put(new_conversation_event(cfg, key, conv, seg)))
+                           on_new=lambda conv: events.put(new_conversation_event(cfg, conv)))
 
     local = ipaddress.ip_address(DIVERT_ADDR).packed  # after `redirect`: the diverter's address
     psh = 0x08
@@ -655,8 +655,13 @@ def micro(iterations: int, reps: int) -> dict:
     n_conv = 1000
     say(f"micro: building {n_syn + 6 * n_conv} packets")
     syns = [inc(i, SYN, opts=syn_opts) for i in range(n_syn)]
+    # One UDP socket scanning ports: every datagram a new conversation from the
+    # same client port, so each needs a free alias port at the listener.
+    scan = [builders.packet(4, UDP, client(0), local, 5353, 2000 + i, b"probe") for i in range(n_syn)]
+    openers = {"in_syn_new": syns, "in_udp_scan_new": scan}
     kinds = {
         "in_syn_new": None,
+        "in_udp_scan_new": None,
         "out_synack": [out(i, SYN | ACK, opts=syn_opts) for i in range(n_conv)],
         "in_ack": [inc(i, ACK) for i in range(n_conv)],
         "in_data_64": [inc(i, ACK | psh, bytes(64)) for i in range(n_conv)],
@@ -671,7 +676,7 @@ def micro(iterations: int, reps: int) -> dict:
         for _ in range(reps):
             fx = fresh()
             if pkts is None:  # every packet opens a conversation the table has not seen
-                batch, fn = syns, fx.incoming
+                batch, fn = openers[kind], fx.incoming
             else:
                 for p in syns[:n_conv]:  # the conversations these packets belong to
                     fx.incoming(p, now)
@@ -706,7 +711,8 @@ def micro(iterations: int, reps: int) -> dict:
 
 MICRO_LABELS = {
     "in_syn_new": "FixUp.incoming  SYN, new conversation",
-    "out_synack": "FixUp.outgoing  SYN-ACK reply",
+    "in_udp_scan_new": "FixUp.incoming  UDP, new, same client port",
+    "out_synack": "FixUp.outgoing  SYN-ACK reply (announces it)",
     "in_ack": "FixUp.incoming  ACK, no data",
     "in_data_64": "FixUp.incoming  data, 64 B",
     "in_data_1400": "FixUp.incoming  data, 1400 B",
