@@ -202,6 +202,8 @@ class WorkerConfig:
 # A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and
 # '_' (service labels like _dmarc), dot-separated; "*." may lead.
 _DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# What an HTTP header value may hold: visible ASCII and inner spaces (no CR/LF).
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,28 @@ def _check_dns_pattern(key: str, value: object) -> None:
                                       "at most 253 characters")
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """The built-in echo listener's answer to an HTTP request. Neutral by
+    default: what a plain web server says, nothing naming nftdivert."""
+
+    server: str = "nginx"  # the Server header; "" sends none
+    content_type: str = "text/html"
+    body: str = ("<!DOCTYPE html>\n<html><head><title>Welcome</title></head>"
+                 "<body><h1>Welcome</h1></body></html>\n")
+
+    def validate(self, key: str) -> None:
+        for name in ("server", "content_type"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, str, "a string")
+            if (value or name == "content_type") and (len(value) > 256 or not _HEADER_VALUE.fullmatch(value)):
+                raise ConfigError(f"{key}.{name}", value,
+                                  "a header value is 1-256 visible ASCII characters (spaces inside, no line breaks)")
+        _check_type(f"{key}.body", self.body, str, "a string")
+        if len(self.body.encode()) > 65536:
+            raise ConfigError(f"{key}.body", self.body[:40] + "...", "at most 64 KiB")
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -286,6 +310,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -302,6 +327,7 @@ class Config:
         self.leave_alone.validate("leave_alone")
         self.worker.validate("worker")
         self.dns.validate("dns")
+        self.http.validate("http")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -351,7 +377,8 @@ def _check_interface(key: str, name: object) -> None:
 
 # ---- loading ---------------------------------------------------------------
 
-_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig}
+_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
+             "http": HttpConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

@@ -157,7 +157,7 @@ def _serve(config: Config, conn) -> None:
         resolver = Resolver.from_config(
             config.dns, on_question=lambda *q: send(("dns", *q)),
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
-    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver)
+    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http)
     try:
         listeners.start()
     except OSError as exc:
