@@ -1,17 +1,21 @@
 """The DNS listener end to end: real `dig`, `nc` and `curl` inside `nftdivert sandbox`.
 
 Each test runs one sandbox with a script; what the clients print goes to a
-file (stdout carries the conversation log as JSON Lines).
+file (stdout carries the conversation log as JSON Lines). That the sandbox
+leaves nothing behind is test_sandbox's to prove.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
-from test_sandbox import _env, log_records, sandbox
+from conftest import REPO, nftdivert_argv
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (bind9-dnsutils, see the Makefile)")]
@@ -24,10 +28,18 @@ def run(tmp_path, script: str, config: str = "") -> tuple[list[dict], str]:
     out = tmp_path / "out.txt"
     cfg = tmp_path / "sandbox.toml"
     cfg.write_text(config)
-    proc = sandbox(f"OUT={out}; exec >$OUT 2>&1; {script}", "-c", str(cfg), timeout=180)
+    proc = subprocess.run(nftdivert_argv("sandbox", "-c", str(cfg), "--", "sh", "-c", f"exec >{out} 2>&1; {script}"),
+                          capture_output=True, text=True, timeout=180, env=sandbox_env())
     assert proc.returncode == 0, f"{proc.stderr}\n{out.read_text() if out.exists() else ''}"
     assert "Traceback" not in proc.stderr, proc.stderr
-    return log_records(proc.stdout), out.read_text()
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], out.read_text()
+
+
+def sandbox_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for sudo in ("SUDO_UID", "SUDO_GID"):  # CMD runs as root, so it may write its output anywhere
+        env.pop(sudo, None)
+    return env
 
 
 def section(text: str, name: str) -> list[str]:
@@ -142,7 +154,7 @@ def test_nothing_a_client_sees_names_nftdivert_and_a_configured_server_header_sh
     dig = section(out, "dns")
     assert sum("status: NOERROR" in line for line in dig) == 10, out
     assert any(line.startswith("1.0.18.198.in-addr.arpa.") and line.endswith("probe.example.") for line in dig)
-    env_passed = {f"{k}={v}" for k, v in _env().items()}
+    env_passed = {f"{k}={v}" for k, v in sandbox_env().items()}
     seen = [line for name in ("http", "echo", "dns", "resolv") for line in section(out, name)]
     seen += [line for line in section(out, "env") if line not in env_passed]  # what the sandbox added
     assert not [line for line in seen if "nftdivert" in line.lower()], out
