@@ -24,7 +24,7 @@ DIG = "dig +tries=1 +time=5"
 
 
 def run(tmp_path, script: str, config: str = "") -> tuple[list[dict], str]:
-    """Run `script` in a sandbox with `config`; returns (log records, what the script wrote to $OUT)."""
+    """Run `script` in a sandbox with `config`; returns (log records, what the script printed)."""
     out = tmp_path / "out.txt"
     cfg = tmp_path / "sandbox.toml"
     cfg.write_text(config)
