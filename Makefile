@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 # libnetfilter-queue; the rest are the tools the tests drive.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3-venv python3-dev build-essential iproute2 util-linux \
-	netcat-openbsd curl tcpdump conntrack
+	netcat-openbsd curl tcpdump conntrack bind9-dnsutils
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean

@@ -199,15 +199,34 @@ class WorkerConfig:
         _check_path(f"{key}.pcap", self.pcap)
 
 
+# A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and
+# '_' (service labels like _dmarc), dot-separated; "*." may lead.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# What an HTTP header value may hold: visible ASCII and inner spaces (no CR/LF).
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
 @dataclass(frozen=True)
 class DnsConfig:
-    """What the built-in DNS listener answers: each name gets its own address
-    from these pools (one address is a pool of one), and that address is then
-    diverted like any other."""
+    """What the built-in DNS listener answers. Each name gets an address of its
+    own from these pools, one name per address at any time; when a pool is
+    full, the least recently asked name's address is recycled (and logged).
 
-    answer_v4: str = "198.51.100.0/24"
+    198.18.0.0/15 is the benchmarking range (RFC 2544) that fake-IP DNS tools
+    use: 131,070 addresses, reserved, never routed on the internet. The IPv6
+    pool lies in the documentation prefix 2001:db8::/32. A pool holds at most
+    max_names names, so memory stays bounded however many names are asked."""
+
+    answer_v4: str = "198.18.0.0/15"
     answer_v6: str = "2001:db8:53::/64"
+    max_names: int = 131072  # per pool
     ttl: int = 60
+    nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
+    txt: str = "v=spf1 -all"  # the answer to every TXT question
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nxdomain, list):  # as TOML gives it
+            object.__setattr__(self, "nxdomain", tuple(self.nxdomain))
 
     def validate(self, key: str) -> None:
         for name, version in (("answer_v4", 4), ("answer_v6", 6)):
@@ -217,12 +236,54 @@ class DnsConfig:
             if net.is_loopback or net.is_multicast or net.is_unspecified:
                 raise ConfigError(f"{key}.{name}", getattr(self, name),
                                   "must be an address that is then diverted (not loopback, multicast or unspecified)")
+        _check_type(f"{key}.max_names", self.max_names, int, "an integer")
+        if not 1 <= self.max_names <= 4_194_304:
+            raise ConfigError(f"{key}.max_names", self.max_names, "must be 1-4194304 (each name takes memory)")
         _check_type(f"{key}.ttl", self.ttl, int, "an integer number of seconds")
         if not 0 <= self.ttl <= 86400:
             raise ConfigError(f"{key}.ttl", self.ttl, "must be 0-86400")
+        _check_type(f"{key}.nxdomain", self.nxdomain, tuple, "a list")
+        for i, pattern in enumerate(self.nxdomain):
+            _check_dns_pattern(f"{key}.nxdomain[{i}]", pattern)
+        _check_type(f"{key}.txt", self.txt, str, "a string")
+        if len(self.txt.encode()) > 255:
+            raise ConfigError(f"{key}.txt", self.txt, "a TXT string holds at most 255 bytes")
 
     def pools(self) -> tuple[Network, Network]:
         return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
+
+
+def _check_dns_pattern(key: str, value: object) -> None:
+    _check_type(key, value, str, 'a name like "c2.example" or "*.blocked.example"')
+    assert isinstance(value, str)
+    name = (value[2:] if value.startswith("*.") else value).rstrip(".")
+    if "*" in name:
+        raise ConfigError(key, value, 'a wildcard only as the whole first label, like "*.blocked.example"')
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(key, value, "not a DNS name: dot-separated labels of 1-63 letters, digits, '-' or '_', "
+                                      "at most 253 characters")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The built-in echo listener's answer to an HTTP request. Neutral by
+    default: what a plain web server says, nothing naming nftdivert."""
+
+    server: str = "nginx"  # the Server header; "" sends none
+    content_type: str = "text/html"
+    body: str = ("<!DOCTYPE html>\n<html><head><title>Welcome</title></head>"
+                 "<body><h1>Welcome</h1></body></html>\n")
+
+    def validate(self, key: str) -> None:
+        for name in ("server", "content_type"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, str, "a string")
+            if (value or name == "content_type") and (len(value) > 256 or not _HEADER_VALUE.fullmatch(value)):
+                raise ConfigError(f"{key}.{name}", value,
+                                  "a header value is 1-256 visible ASCII characters (spaces inside, no line breaks)")
+        _check_type(f"{key}.body", self.body, str, "a string")
+        if len(self.body.encode()) > 65536:
+            raise ConfigError(f"{key}.body", self.body[:40] + "...", "at most 64 KiB")
 
 
 DEFAULT_LISTENERS = (
@@ -249,6 +310,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -265,6 +327,7 @@ class Config:
         self.leave_alone.validate("leave_alone")
         self.worker.validate("worker")
         self.dns.validate("dns")
+        self.http.validate("http")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -314,7 +377,8 @@ def _check_interface(key: str, name: object) -> None:
 
 # ---- loading ---------------------------------------------------------------
 
-_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig}
+_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
+             "http": HttpConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

@@ -76,9 +76,15 @@ def record(event: NewConversation, original: tuple[bytes, int] | None, name: str
     return rec
 
 
-def question_record(client: str, name: str, qtype: str, answer: str) -> dict:
+def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:
     return {"time": _now_iso(), "event": "dns", "client": client, "name": name, "type": qtype,
-            "answer": answer}
+            "answer": answer, "rcode": rcode}
+
+
+def recycled_record(when: float, address: str, old_name: str, new_name: str) -> dict:
+    """The DNS pool was full: `address` stopped standing for old_name and now stands for new_name."""
+    return {"time": _iso(when), "event": "dns_recycled", "address": address, "old_name": old_name,
+            "new_name": new_name}
 
 
 def _iso(t: float) -> str:
@@ -91,8 +97,12 @@ def _now_iso() -> str:
 
 def text_line(rec: dict) -> str:
     if rec.get("event") == "dns":
+        answer = rec["answer"] or (rec["rcode"] if rec.get("rcode", "NOERROR") != "NOERROR" else "")
         return (f"{rec['time'][11:23]}  dns  {rec['client']:>22} asked {rec['type']} {rec['name']}"
-                f"{' -> ' + rec['answer'] if rec['answer'] else ''}")
+                f"{' -> ' + answer if answer else ''}")
+    if rec.get("event") == "dns_recycled":
+        return (f"{rec['time'][11:23]}  dns  pool full: {rec['address']} now stands for {rec['new_name']}"
+                f" (was {rec['old_name']})")
     named = f" ({rec['name']})" if rec.get("name") else ""
     where = f" via {rec['interface']}" if rec["interface"] else ""
     return (f"{rec['time'][11:23]}  {rec['protocol']:<3}  {rec['client']:>22} -> "
@@ -105,7 +115,7 @@ class ConversationLog:
     def __init__(self, stream: TextIO | None, as_json: bool, lookup=None, retries: int = 10,
                  name_for=None) -> None:
         self._stream = stream
-        self._name_for = name_for  # original destination address -> DNS name, if we answered it
+        self._name_for = name_for  # (address, wall time) -> the DNS name it stood for then, if any
         self._json = as_json
         self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> conntrack.Entry | None
         self._retries = retries
@@ -117,8 +127,11 @@ class ConversationLog:
     def submit(self, event: NewConversation) -> None:
         self._queue.put(event)
 
-    def dns_question(self, client: str, name: str, qtype: str, answer: str) -> None:
-        self._queue.put(question_record(client, name, qtype, answer))
+    def dns_question(self, client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> None:
+        self._queue.put(question_record(client, name, qtype, answer, rcode))
+
+    def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
+        self._queue.put(recycled_record(when, address, old_name, new_name))
 
     def _resolve(self, ev: NewConversation) -> tuple[NewConversation, tuple[bytes, int] | None]:
         """The event with the client's own port, and the original destination, as conntrack says."""
@@ -144,7 +157,7 @@ class ConversationLog:
                 ev, original = self._resolve(ev)
                 name = None
                 if self._name_for is not None:
-                    name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local))
+                    name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local), ev.wall_time)
                 rec = record(ev, original, name)
             if self._stream is not None:
                 try:

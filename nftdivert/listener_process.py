@@ -3,10 +3,11 @@
 In the worker's process they shared its interpreter lock with the queue
 worker's hot path: `make bench` measured a third fewer diverted connections
 per second that way. The child reports back over one pipe: ready or the
-error that stopped it, each DNS question it answered (the conversation log
-names conversations by them), and its counters once a second. It dies with
-its parent (PR_SET_PDEATHSIG), so a `kill -9` of the worker does not leave
-the listener ports taken for the next run.
+error that stopped it, each DNS question it answered, each address the DNS
+pool gave to a name (the conversation log names conversations by them), and
+its counters once a second. It dies with its parent (PR_SET_PDEATHSIG), so
+a `kill -9` of the worker does not leave the listener ports taken for the
+next run.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import ipaddress
 import multiprocessing
 import signal
 import threading
+import time
 from typing import Callable
 
 from .config import Config
-from .dns import AnswerPool, Resolver
+from .dns import NameHistory, Question, Resolver
 from .listeners import Listeners, ListenerStats
 
 _PR_SET_PDEATHSIG = 1
 _STATS_SECONDS = 1.0
+_CATCH_UP_SECONDS = 1.0  # at most this long a name lookup waits for the pipe to be read
 
-Question = Callable[[str, str, str, str], None]  # client, name, type, answer
+Recycled = Callable[[float, str, str, str], None]  # when, address, old name, new name
 
 
 class ListenerProcess:
@@ -33,10 +36,16 @@ class ListenerProcess:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._names: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+        self._names = NameHistory()
+        # Held while a message is read and applied; a name lookup waits on it
+        # until the pool's assignments up to its moment have all arrived.
+        self._applied = threading.Condition()
+        self._applied_until = 0.0  # the child's time of the last assignment applied
+        self._eof = False
         self._stats: dict[str, ListenerStats] = {
             lst.name: ListenerStats() for lst in config.listeners if lst.kind != "external"}
         self.on_question: Question | None = None
+        self.on_recycled: Recycled | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: threading.Thread | None = None
         self._conn = None
@@ -45,9 +54,24 @@ class ListenerProcess:
     def stats(self) -> dict[str, ListenerStats]:
         return self._stats
 
-    def name_for(self, address) -> str | None:
-        """The DNS name the built-in resolver last gave out this address for."""
-        return self._names.get(address)
+    def name_for(self, address, when: float | None = None) -> str | None:
+        """The DNS name this address stood for at `when` (wall clock; None: now).
+
+        The child reports an assignment before it answers the question, so
+        once everything it sent up to `when` is read, the answer is exact.
+        """
+        deadline = time.monotonic() + _CATCH_UP_SECONDS
+        with self._applied:
+            while (when is not None and self._applied_until < when and self._unread()
+                   and time.monotonic() < deadline):
+                self._applied.wait(0.05)
+            return self._names.name_at(address, when)
+
+    def _unread(self) -> bool:
+        try:
+            return not self._eof and self._conn is not None and self._conn.poll(0)
+        except (OSError, ValueError):
+            return False
 
     def start(self, timeout: float = 15.0) -> None:
         if not self._stats:
@@ -75,15 +99,26 @@ class ListenerProcess:
     def _read(self) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                self._conn.poll(None)  # outside the lock: a lookup may look meanwhile
+                with self._applied:
+                    message = self._conn.recv()
+                    if message[0] == "assign":
+                        _, when, address, name, _old = message
+                        self._names.assign(ipaddress.ip_address(address), name, when)
+                        self._applied_until = when
+                    self._applied.notify_all()
             except (EOFError, OSError):
+                with self._applied:
+                    self._eof = True
+                    self._applied.notify_all()
                 return
             if message[0] == "dns":
-                _, client, name, qtype, answer = message
-                if answer:
-                    self._names[ipaddress.ip_address(answer)] = name
                 if self.on_question is not None:
-                    self.on_question(client, name, qtype, answer)
+                    self.on_question(*message[1:])
+            elif message[0] == "assign":
+                _, when, address, name, old = message
+                if old is not None and self.on_recycled is not None:
+                    self.on_recycled(when, address, old, name)
             elif message[0] == "stats":
                 for name, (conversations, received) in message[1].items():
                     self._stats[name] = ListenerStats(conversations, received)
@@ -119,10 +154,10 @@ def _serve(config: Config, conn) -> None:
 
     resolver = None
     if any(lst.kind == "dns" for lst in config.listeners):
-        v4, v6 = config.dns.pools()
-        resolver = Resolver(AnswerPool(v4), AnswerPool(v6), config.dns.ttl,
-                            on_question=lambda *q: send(("dns", *q)))
-    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver)
+        resolver = Resolver.from_config(
+            config.dns, on_question=lambda *q: send(("dns", *q)),
+            on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
+    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http)
     try:
         listeners.start()
     except OSError as exc:

@@ -1,5 +1,6 @@
 """Built-in listeners: accept anything, count what arrives, echo it back
-(an HTTP request gets a minimal 200 answer, so web clients finish).
+(an HTTP request gets a plain 200 answer, so web clients finish; it looks
+like any web server's, see [http], so a sample has nothing to recognise).
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
 no thread each; `nftdivert run` puts them in a process of their own
@@ -9,13 +10,14 @@ no thread each; `nftdivert run` puts them in a process of their own
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import re
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
 
-from .config import Listener
+from .config import HttpConfig, Listener
 from .dns import Resolver
 
 
@@ -76,7 +78,7 @@ _HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
 
 
 async def _answer_http(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       stats: ListenerStats) -> None:
+                       stats: ListenerStats, http: HttpConfig) -> None:
     # Read the rest of the header first: closing on unread data would send RST.
     while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 65536:
         more = await asyncio.wait_for(reader.read(65536), timeout=5)
@@ -84,19 +86,27 @@ async def _answer_http(head: bytes, reader: asyncio.StreamReader, writer: asynci
             break
         stats.bytes_received += len(more)
         head += more
-    request_line = head.split(b"\n", 1)[0].strip().decode("latin-1")
-    body = f"nftdivert: answered {request_line}\n".encode()
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nServer: nftdivert\r\n"
-                 + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    writer.write(http_response(http, head.startswith(b"HEAD ")))
     await writer.drain()
+
+
+def http_response(http: HttpConfig, head_only: bool = False) -> bytes:
+    """The 200 answer, headers in the order a common web server sends them."""
+    body = http.body.encode()
+    server = f"Server: {http.server}\r\n" if http.server else ""
+    return (f"HTTP/1.1 200 OK\r\n{server}Date: {email.utils.formatdate(usegmt=True)}\r\n"
+            f"Content-Type: {http.content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + (b"" if head_only else body)
 
 
 class Listeners:
     """Start with start(), stop with stop(); ports are bound when start() returns."""
 
-    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None) -> None:
+    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
+                 http: HttpConfig = HttpConfig()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
+        self._http = http
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -152,14 +162,14 @@ class Listeners:
         finally:
             writer.close()
 
-    @staticmethod
-    async def _echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
+    async def _echo_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           stats: ListenerStats) -> None:
         stats.conversations += 1
         try:
             first = await reader.read(65536)
             if _HTTP_REQUEST.match(first):
                 stats.bytes_received += len(first)
-                await _answer_http(first, reader, writer, stats)
+                await _answer_http(first, reader, writer, stats, self._http)
                 return
             data = first
             while data:

@@ -135,6 +135,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack), name_for=listeners.name_for)
         stack.callback(log.close)
         listeners.on_question = log.dns_question
+        listeners.on_recycled = log.dns_recycled
 
         ports = _BoundPorts(nft, config.table)
         # The worker asks conntrack on its own socket: the log thread's retries must not hold it up.

@@ -79,7 +79,7 @@ def create(name: str, ipv6: bool) -> Lab:
             _in(lab.client, "ip", "-6", "route", "add", "default", "via", DIVERTER_V6)
         resolv = ETC_NETNS / lab.client / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
-        resolv.write_text(f"# nftdivert sandbox: the diverter answers every name\nnameserver {DIVERTER_V4}\n")
+        resolv.write_text(f"nameserver {DIVERTER_V4}\n")  # nothing more: CMD may read it
     except BaseException:
         destroy(lab)
         raise
@@ -181,11 +181,11 @@ def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
         argv = command or [os.environ.get("SHELL", "/bin/sh")]
         if uid != 0:
             argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
-        env = dict(os.environ, NFTDIVERT_SANDBOX=lab.client)
         if not command:
             print("nftdivert: sandbox shell; every address and name answers locally. exit to leave.",
                   file=sys.stderr, flush=True)
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.client, *argv], env=env,
+        # CMD's environment is ours, with nothing added that names nftdivert: CMD may read it.
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.client, *argv],
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         status = proc.wait()
         return 128 - status if status < 0 else status

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +79,9 @@ def pytest_sessionfinish(session, exitstatus):
     left = netns_mod.leftovers()
     if left:  # a fixture failed to clean up: make that loud, and clean anyway
         for name in left:
-            subprocess.run(["ip", "netns", "del", name], check=False)
+            netns_mod.Netns(name).delete()
         print(f"\nERROR: network namespaces were left behind: {left}", file=sys.stderr)
         session.exitstatus = 1
+    stale = netns_mod.remove_stale() if os.geteuid() == 0 else []
+    if stale:  # not this run's fault: an earlier one was killed before its cleanup
+        print(f"\nremoved namespaces of an earlier, killed test run: {stale}", file=sys.stderr)

@@ -7,7 +7,7 @@ import ipaddress
 import json
 
 from nftdivert.conntrack import Entry
-from nftdivert.convlog import ConversationLog, NewConversation, record, text_line
+from nftdivert.convlog import ConversationLog, NewConversation, question_record, record, recycled_record, text_line
 
 V4 = NewConversation(wall_time=1_800_000_000.25, version=4, protocol=6,
                      client=ipaddress.ip_address("192.0.2.2").packed, client_port=40000,
@@ -47,15 +47,21 @@ def test_log_thread_retries_conntrack_then_writes_json_lines():
                                                  45678, 1, False)
 
     out = io.StringIO()
-    log = ConversationLog(out, as_json=True, lookup=lookup,
-                          name_for=lambda a: "x.example" if str(a) == "198.51.100.7" else None)
+    asked = []
+
+    def name_for(address, when):
+        asked.append(when)
+        return "x.example" if str(address) == "198.51.100.7" else None
+
+    log = ConversationLog(out, as_json=True, lookup=lookup, name_for=name_for)
     log.submit(V4)
     log.dns_question("192.0.2.2:5353", "x.example", "A", "198.51.100.7")
     log.close()
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(calls) == 3 and calls[0] == (4, 6, V4.client, 40000, V4.local, 45678)
     assert lines[0]["original_destination"] == "198.51.100.7:45678" and lines[0]["name"] == "x.example"
-    assert lines[1] == {**lines[1], "event": "dns", "name": "x.example", "answer": "198.51.100.7"}
+    assert asked == [V4.wall_time]  # the name at the time of the conversation, not at the time of writing
+    assert lines[1] == {**lines[1], "event": "dns", "name": "x.example", "answer": "198.51.100.7", "rcode": "NOERROR"}
     assert log.written == 2
 
 
@@ -78,3 +84,14 @@ def test_the_clients_own_port_comes_from_conntrack_and_a_known_original_needs_no
     assert first["client"] == "192.0.2.2:40000" and calls == [(4, 6, V4.client, 41000, V4.local, 45678)]
     assert second["original_destination"] == "198.51.100.91:4444"
     assert second["original_destination_from"] == "conntrack" and len(calls) == 1
+
+
+def test_dns_records_in_json_and_text():
+    rec = recycled_record(1_800_000_000.5, "198.18.0.9", "dga1.example", "dga300.example")
+    assert rec == {"time": "2027-01-15T08:00:00.500Z", "event": "dns_recycled", "address": "198.18.0.9",
+                   "old_name": "dga1.example", "new_name": "dga300.example"}
+    assert text_line(rec).endswith("pool full: 198.18.0.9 now stands for dga300.example (was dga1.example)")
+    nx = question_record("192.0.2.2:5353", "x.blocked.example", "A", "", "NXDOMAIN")
+    assert text_line(nx).endswith("asked A x.blocked.example -> NXDOMAIN")
+    mx = question_record("192.0.2.2:5353", "corp.example", "MX", "10 mail.corp.example")
+    assert text_line(mx).endswith("asked MX corp.example -> 10 mail.corp.example")

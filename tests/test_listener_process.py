@@ -9,7 +9,7 @@ import time
 import dns.message
 import pytest
 
-from nftdivert.config import Config, Listener
+from nftdivert.config import Config, DnsConfig, Listener
 from nftdivert.listener_process import ListenerProcess
 from test_listeners import free_port
 
@@ -48,7 +48,7 @@ def test_serves_reports_counters_and_dns_answers_then_leaves_no_process(ports):
             s.sendto(query.to_wire(), ("127.0.0.1", ports["dns"]))
             answer = str(dns.message.from_wire(s.recvfrom(4096)[0]).answer[0][0])
         wait(lambda: questions and proc.stats["t"].bytes_received == 5)
-        assert questions[0][1:] == ("c2.example", "A", answer)
+        assert questions[0][1:] == ("c2.example", "A", answer, "NOERROR")
         assert proc.name_for(ipaddress.ip_address(answer)) == "c2.example"
         assert "x" not in proc.stats  # external: someone else's program
     finally:
@@ -67,3 +67,33 @@ def test_a_taken_port_is_an_error_naming_the_listener(ports):
         with pytest.raises(OSError, match=f"listener t \\(tcp port {ports['tcp']}\\)"):
             proc.start()
         assert proc._process is None
+
+
+def test_names_follow_recycling_exactly_at_the_moment_asked(ports):
+    """A pool of two: every new name recycles an address. Right after each
+    answer, the parent already knows the new name, and still knows which name
+    the address stood for before."""
+    recycled = []
+    cfg = Config(listeners=(Listener("d", "udp", ports["dns"], kind="dns"),), default_tcp_listener=None,
+                 default_udp_listener=None, dns=DnsConfig(answer_v4="203.0.113.0/30"))
+    proc = ListenerProcess(cfg)
+    proc.on_recycled = lambda *r: recycled.append(r)
+    proc.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            held = {}
+            for i in range(100):
+                name = f"n{i}.example"
+                s.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", ports["dns"]))
+                address = ipaddress.ip_address(str(dns.message.from_wire(s.recvfrom(4096)[0]).answer[0][0]))
+                now = time.time()  # a conversation starting right now, to the address just answered
+                assert proc.name_for(address, now) == name
+                if address in held:
+                    assert proc.name_for(address, held[address][1]) == held[address][0]
+                held[address] = (name, now)
+        wait(lambda: len(recycled) == 98)
+        assert [r[1:] for r in recycled[:2]] == [("203.0.113.1", "n0.example", "n2.example"),
+                                                 ("203.0.113.2", "n1.example", "n3.example")]
+    finally:
+        proc.stop()

@@ -9,8 +9,9 @@ import struct
 import dns.message
 import pytest
 
-from nftdivert.config import Listener
+from nftdivert.config import HttpConfig, Listener, from_mapping
 from nftdivert.dns import AnswerPool, Resolver
+from nftdivert.errors import ConfigError
 from nftdivert.listeners import Listeners
 
 
@@ -52,16 +53,63 @@ def test_tcp_echoes_everything_both_families_and_counts(running):
     assert "x" not in lst.stats  # external listeners are someone else's program
 
 
-def test_http_request_gets_a_200(running):
-    _, ports = running
-    with socket.create_connection(("127.0.0.1", ports["t"]), timeout=5) as s:
-        s.sendall(b"GET /index.html HTTP/1.1\r\nHost: anything.example\r\n\r\n")
+def http_exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
         reply = b""
         while chunk := s.recv(4096):
             reply += chunk
     head, body = reply.split(b"\r\n\r\n", 1)
-    assert head.startswith(b"HTTP/1.1 200 OK")
-    assert body == b"nftdivert: answered GET /index.html HTTP/1.1\n"
+    return head, body
+
+
+def test_http_request_gets_a_neutral_200(running):
+    _, ports = running
+    head, body = http_exchange(ports["t"], b"GET /index.html HTTP/1.1\r\nHost: anything.example\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    assert lines[1] == "Server: nginx" and lines[2].startswith("Date: ") and lines[2].endswith(" GMT")
+    assert f"Content-Length: {len(body)}" in lines and "Content-Type: text/html" in lines
+    assert body == HttpConfig().body.encode() and body.startswith(b"<!DOCTYPE html>")
+    assert b"nftdivert" not in (head + body).lower()
+    head, body = http_exchange(ports["t"], b"HEAD / HTTP/1.0\r\n\r\n")
+    assert body == b"" and f"Content-Length: {len(HttpConfig().body)}".encode() in head
+
+
+def test_the_http_answer_is_configurable():
+    port = free_port(socket.SOCK_STREAM)
+    lst = Listeners((Listener("t", "tcp", port),),
+                    http=HttpConfig(server="Apache/2.4.41 (Ubuntu)", content_type="text/plain", body="ok\n"))
+    lst.start()
+    try:
+        head, body = http_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        lst.stop()
+    assert b"\r\nServer: Apache/2.4.41 (Ubuntu)\r\n" in head and b"Content-Type: text/plain" in head
+    assert body == b"ok\n"
+    no_server = Listeners((Listener("t", "tcp", port),), http=HttpConfig(server=""))
+    no_server.start()
+    try:
+        head, _ = http_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        no_server.stop()
+    assert b"Server:" not in head
+
+
+@pytest.mark.parametrize("section, key, reason", [
+    ({"server": "nginx\r\nX-Evil: 1"}, "http.server", "no line breaks"),
+    ({"server": " nginx"}, "http.server", "visible ASCII"),
+    ({"server": "caf\u00e9"}, "http.server", "visible ASCII"),
+    ({"server": 1}, "http.server", "not int"),
+    ({"content_type": ""}, "http.content_type", "1-256"),
+    ({"body": ["x"]}, "http.body", "not list"),
+    ({"body": "x" * 65537}, "http.body", "64 KiB"),
+    ({"banner": "x"}, "http.banner", "unknown key"),
+])
+def test_bad_http_config_names_the_key(section, key, reason):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"http": section})
+    assert info.value.key == key and reason in str(info.value)
 
 
 def test_udp_echo(running):

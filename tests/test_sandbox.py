@@ -53,7 +53,7 @@ def test_origin_scenario_is_answered_and_logged_and_status_is_cmds():
 def test_names_resolve_and_the_log_ties_the_name_to_the_conversation():
     proc = sandbox("curl -sS -4 --max-time 10 http://anything.example:8080/probe")
     assert proc.returncode == 0, proc.stderr
-    assert "nftdivert: answered GET /probe HTTP/1.1" in proc.stdout
+    assert "<h1>Welcome</h1>" in proc.stdout
     recs = log_records(proc.stdout)
     assert any(r.get("event") == "dns" and r["name"] == "anything.example" and r["type"] == "A" for r in recs)
     conv = [r for r in recs if r.get("protocol") == "tcp"]
