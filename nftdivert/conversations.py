@@ -146,20 +146,19 @@ class ConversationTable:
             ports.move_to_end(key[4])  # for recent_ports(): a reply to it follows soon
         if len(route.members) != 1:
             return None
-        for binding in route.members:
-            return self.get(binding, now)
-        return None  # unreachable
+        (binding,) = route.members
+        return self.get(binding, now)
 
     def open(self, key: RouteKey, listener_port: int, now: float, *, indev: int = 0) -> Conversation:
         """A new route for `key` and the conversation that opened it, bound at
         the listener as the client's own port or, if another conversation of
         this client holds that there, a free alias."""
         self.remove_route(key)
+        alias = self.free_alias(key)
         peer_key = (key[0], key[1], key[3])
         peer = self._peers.get(peer_key)
         if peer is None:
             peer = self._peers[peer_key] = _Peer()
-        alias = self.free_alias(key)
         route = Route(listener_port=listener_port, alias_port=alias, indev=indev, peer=peer)
         self._routes[key] = route
         peer.ports[key[4]] = peer.ports.get(key[4], 0) + 1
@@ -203,13 +202,14 @@ class ConversationTable:
 
     # -- conversations (the listener side) --------------------------------------
 
-    def learn(self, binding: Binding, route_key: tuple, reply_port: int, now: float, *,
+    def learn(self, binding: tuple, route_key: tuple, reply_port: int, now: float, *,
               original: tuple[bytes, int] | None = None) -> Conversation | None:
         """Bind a conversation found through conntrack to its route; it replaces
         whatever held `binding`. None if the route is gone."""
         route = self._routes.get(route_key)
         if route is None:
             return None
+        binding = Binding(*binding)
         old = self._entries.get(binding)
         if old is not None and old.route == route_key:
             route.members.discard(binding)  # keeps the route alive through the swap

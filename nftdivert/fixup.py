@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nftdivert.conntrack import Entry
-from nftdivert.conversations import Binding, Conversation, ConversationTable, RouteKey
+from nftdivert.conversations import Conversation, ConversationTable, RouteKey
 from nftdivert.decide import Divert
 from nftdivert.packet import ACK, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
 from nftdivert.rewrite import with_ports
@@ -155,7 +155,8 @@ class FixUp:
         if type(seg) is not Segment:
             return self._unfit(seg, seg.reason == "truncated" and self._diverted(data))
         # A reply: the client is its destination, as the listener knows it.
-        binding = Binding(seg.protocol, seg.dst, seg.dport, seg.src)
+        # (A plain tuple: it hashes and compares like the Binding it finds.)
+        binding = (seg.protocol, seg.dst, seg.dport, seg.src)
         conv = self.table.from_listener_side(binding, now)
         if conv is None:
             conv = self._learn(seg, binding, seg.dport, now)
@@ -176,7 +177,7 @@ class FixUp:
         self.counters.rewritten += 1
         return with_ports(data, seg, conv.route[4], conv.reply_port)
 
-    def _learn(self, seg: Segment, binding: Binding, reply_port: int, now: float,
+    def _learn(self, seg: Segment, binding: tuple, reply_port: int, now: float,
                hint: int | None = None) -> Conversation | None:
         """The conversation behind a reply: ask conntrack for the entry whose
         reply tuple is local:P -> client:reply_port, for the client's recent
@@ -220,7 +221,7 @@ class FixUp:
         """Is this truncated reply one of a diverted conversation? Then it must
         not pass unrestored: it would show the client the listener's port."""
         seg = parse_head(data)
-        return type(seg) is Segment and Binding(seg.protocol, seg.dst, seg.dport, seg.src) in self.table
+        return type(seg) is Segment and (seg.protocol, seg.dst, seg.dport, seg.src) in self.table
 
     def _announce(self, conv: Conversation) -> None:
         conv.announced = True
