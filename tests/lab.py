@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -316,6 +317,22 @@ class Diverter:
     def wait_log(self, pred: Callable[[dict], bool], timeout: float = 10, what: str = "a log line") -> dict:
         return wait_for(lambda: next((r for r in self.log() if pred(r)), None), timeout, what,
                         detail=lambda: f"log: {self.log()[-10:]}")
+
+
+@contextmanager
+def local_lab(netns_mod, workdir: Path, **config):
+    """One host in local mode running `nftdivert run`: (host, Diverter). At the
+    end the diverter must stop cleanly; the host goes, pass or fail."""
+    host = build_local_host(netns_mod)
+    div = None
+    try:
+        div = Diverter(host, workdir, config_text(mode="local", **config), name="local").start()
+        yield host, div
+        div.stop_and_check()
+    finally:
+        if div is not None:
+            div.kill()
+        host.delete()
 
 
 # ---- captures -------------------------------------------------------------------

@@ -144,17 +144,8 @@ def test_an_8000_byte_udp_datagram_is_dropped_counted_and_reported_once(gw):
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    host = lab.build_local_host(netns)
-    div = None
-    try:
-        div = lab.Diverter(host, tmp_path_factory.mktemp("e2e-identity-local"), lab.config_text(mode="local"),
-                           name="local").start()
-        yield host, div
-        div.stop_and_check()
-    finally:
-        if div is not None:
-            div.kill()
-        host.delete()
+    with lab.local_lab(netns, tmp_path_factory.mktemp("e2e-identity-local")) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize("proto", ["tcp", pytest.param("udp", marks=pytest.mark.xfail(

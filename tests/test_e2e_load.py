@@ -18,17 +18,8 @@ pytestmark = pytest.mark.kernel
 def local(tmp_path_factory):
     """One host in local mode: its own programs' connections are diverted, root's
     only (nobody is left alone)."""
-    host = lab.build_local_host(netns)
-    div = None
-    try:
-        div = lab.Diverter(host, tmp_path_factory.mktemp("e2e-local"),
-                           lab.config_text(mode="local", users=["nobody"]), name="local").start()
-        yield host, div
-        div.stop_and_check()
-    finally:
-        if div is not None:
-            div.kill()
-        host.delete()
+    with lab.local_lab(netns, tmp_path_factory.mktemp("e2e-local"), users=["nobody"]) as pair:
+        yield pair
 
 
 # ---- 6. load -------------------------------------------------------------------------
