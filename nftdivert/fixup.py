@@ -18,7 +18,7 @@ from nftdivert.decide import Divert
 from nftdivert.packet import TCP, Segment, Unfit, parse
 from nftdivert.rewrite import with_ports
 
-Decide = Callable[[int, int], Divert | None]
+Decide = Callable[[int, bytes, int], Divert | None]
 OnNew = Callable[[ConversationKey, Conversation, Segment], None]
 
 
@@ -96,7 +96,7 @@ class FixUp:
             self.counters.passed += 1
             return None
 
-        divert = self.decide(seg.protocol, seg.dport)
+        divert = self.decide(seg.protocol, seg.dst, seg.dport)
         if divert is None:
             self.counters.passed += 1
             return None

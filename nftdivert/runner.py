@@ -25,7 +25,6 @@ from .convlog import ConversationLog
 from .errors import ConfigError, KernelError, NftDivertError
 from .kernel import Nft
 from .listener_process import ListenerProcess
-from .packet import TCP
 from .worker import Worker, build_fixup, new_conversation_event
 
 STATS_DIR = Path("/run/nftdivert")
@@ -44,8 +43,8 @@ class _BoundPorts:
         self.nft, self.table = nft, table
         self.ports = bound.read()
 
-    def is_bound(self, protocol: int, port: int) -> bool:
-        return port in (self.ports.tcp if protocol == TCP else self.ports.udp)
+    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
+        return self.ports.is_bound(protocol, address, port)
 
     def refresh(self) -> None:
         now = bound.read()
@@ -181,6 +180,7 @@ def _snapshot(worker: Worker, listeners: ListenerProcess) -> dict:
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
                           **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+        "kernel": worker.kernel_drops(),
     }
 
 
@@ -210,4 +210,10 @@ def summary(snap: dict) -> str:
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
             f"malformed {p['malformed']}, errors {p['errors']}; conversations {c['new']} "
             f"(in table {c['size']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
-            f"cap {c['evicted_cap']})")
+            f"cap {c['evicted_cap']})" + _kernel_summary(snap.get("kernel", {})))
+
+
+def _kernel_summary(kernel: dict) -> str:
+    parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
+             f"(socket full), waiting {q['waiting']}" for name, q in sorted(kernel.items())]
+    return "; kernel: " + ", ".join(parts) if parts else ""

@@ -503,21 +503,33 @@ def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> 
     return json.loads(proc.stdout)
 
 
-def serve_tcp(ns, port: int, reply: str) -> subprocess.Popen:
-    """A tiny server of the host's own on `port`; ready when this returns."""
-    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, text=True)
+def serve_tcp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
+    """A tiny server of the host's own on `port` (`bind`: "::" is dual-stack,
+    "0.0.0.0" IPv4 only, or one address); ready when this returns."""
+    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, "--bind", bind, text=True)
     wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
     assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
     return proc
 
 
-def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10) -> None:
-    """The worker refreshes the kernel's bound-port sets once a second."""
-    def ok() -> bool:
-        sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_ports") if "set" in o]
-        elems = sets[0].get("elem", []) if sets else []
-        return (port in elems) == present
-    wait_for(ok, timeout, f"port {port} {'in' if present else 'out of'} the bound_{proto}_ports set")
+def bound_elements(ns, proto: str, version: int) -> set[tuple[str, int]]:
+    """The kernel's bound_<proto>_v<version> set as (address or prefix, port) pairs."""
+    sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_v{version}") if "set" in o]
+    out = set()
+    for elem in sets[0].get("elem", []) if sets else []:
+        addr, port = elem["concat"]
+        if isinstance(addr, dict):
+            addr = f"{addr['prefix']['addr']}/{addr['prefix']['len']}"
+        out.add((addr, port))
+    return out
+
+
+def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10,
+                   address: str = "0.0.0.0/0") -> None:
+    """The worker refreshes the kernel's bound sets once a second."""
+    version = 6 if ":" in address else 4
+    wait_for(lambda: ((address, port) in bound_elements(ns, proto, version)) == present, timeout,
+             f"{address} . {port} {'in' if present else 'out of'} the bound_{proto}_v{version} set")
 
 
 # ---- client programs (script mode, run inside a namespace) -------------------------------
@@ -697,11 +709,12 @@ def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
     return {"results": res}
 
 
-def cmd_serve_tcp(port: int, reply: str) -> None:
-    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
+    srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    srv.bind(("::", port))
+    if bind == "::":
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind((bind, port))
     srv.listen(128)
     while True:
         conn, _ = srv.accept()
@@ -740,6 +753,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve-tcp")
     p.add_argument("port", type=int)
     p.add_argument("reply")
+    p.add_argument("--bind", default="::")
     a = ap.parse_args(argv)
     if a.cmd == "tcp":
         out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
@@ -752,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "same-port":
         out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
     else:
-        cmd_serve_tcp(a.port, a.reply)
+        cmd_serve_tcp(a.port, a.reply, a.bind)
         return
     print(json.dumps(out))
 

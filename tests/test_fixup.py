@@ -20,7 +20,7 @@ def make(on_new=None, max_entries=100):
     decide = partial(
         decide_mod.decide,
         listeners=LISTEN,
-        is_bound=lambda p, port: (p, port) in BOUND,
+        is_bound=lambda p, addr, port: (p, port) in BOUND,
         left_alone=lambda p, port: False,
     )
     return FixUp(table, decide, Counters(), on_new=on_new)
@@ -204,7 +204,7 @@ def test_udp_socket_talking_to_many_ports_keeps_every_mapping():
 def test_decide_failure_counts_an_error_and_passes():
     f = make()
 
-    def broken(protocol, dport):
+    def broken(protocol, daddr, dport):
         raise RuntimeError("boom")
 
     f.decide = broken
