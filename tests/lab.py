@@ -564,19 +564,30 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
     return res
 
 
-def cmd_udp(host: str, port: int, payload: str, timeout: float) -> dict:
+def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0) -> dict:
+    """One datagram and its answer; with `resend`, the datagram again every
+    `resend` seconds until answered, as resolvers and other UDP clients do."""
     res: dict = {"ok": False}
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
-    sock.settimeout(timeout)
+    start = time.monotonic()
     try:
-        sock.sendto(payload.encode(), (host, port))
-        res["local"] = _endpoint(sock.getsockname())
-        data, addr = sock.recvfrom(65536)
+        while True:
+            sock.sendto(payload.encode(), (host, port))
+            res["local"] = _endpoint(sock.getsockname())
+            left = timeout - (time.monotonic() - start)
+            sock.settimeout(max(0.001, min(left, resend) if resend else left))
+            try:
+                data, addr = sock.recvfrom(65536)
+                break
+            except TimeoutError:
+                if time.monotonic() - start >= timeout:
+                    raise
         res.update(ok=True, reply=data.decode(errors="replace"), source=_endpoint(addr))
     except OSError as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         sock.close()
+    res["seconds"] = time.monotonic() - start
     return res
 
 
@@ -709,6 +720,66 @@ def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
     return {"results": res}
 
 
+def _sum16(data: bytes) -> int:
+    return sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+
+
+def cmd_synflood(src: str, net: str, count: int, seconds: float) -> dict:
+    """`count` TCP SYNs from `src` (this host's own address) to addresses of
+    `net` and ports 1-65535, from a raw socket: nobody waits for an answer,
+    as in a flood. Paced to take at least `seconds`."""
+    import ipaddress
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    base = ipaddress.ip_network(net)
+    saddr = ipaddress.ip_address(src).packed
+    # The checksum's fixed part: source address, protocol, length, header fields.
+    fixed = _sum16(saddr) + socket.IPPROTO_TCP + 20 + 0x5002 + 65535
+    start, sent = time.monotonic(), 0
+    for i in range(count):
+        daddr = base[1 + i % (base.num_addresses - 2)].packed
+        sport, dport = 1024 + i % 64000, 1 + (i * 7919) % 65535  # as hping3 does: a port per SYN
+        total = fixed + _sum16(daddr) + sport + dport + (i >> 16) + (i & 0xFFFF)
+        while total > 0xFFFF:
+            total = (total & 0xFFFF) + (total >> 16)
+        seg = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 0x50, 0x02, 65535, ~total & 0xFFFF, 0)
+        try:
+            sock.sendto(seg, (socket.inet_ntoa(daddr), 0))
+            sent += 1
+        except OSError:
+            pass  # a full transmit queue: a flood does not care
+        if i % 1000 == 999:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.monotonic() - start}
+
+
+def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
+    """One UDP socket sends `count` datagrams to ports 1, 2, ... of `host`
+    (a port scan), paced to take at least `seconds`; counts the answers."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    start, answers = time.monotonic(), 0
+    for i in range(count):
+        try:
+            sock.sendto(b"scan", (host, 1 + i % 65535))
+        except OSError:
+            pass
+        while True:
+            try:
+                sock.recv(64)
+                answers += 1
+            except OSError:
+                break
+        if i % 500 == 499:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": count, "answers": answers, "seconds": time.monotonic() - start}
+
+
 def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
     srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -738,6 +809,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("port", type=int)
         p.add_argument("payload")
         p.add_argument("--timeout", type=float, default=3)
+        if name == "udp":
+            p.add_argument("--resend", type=float, default=0)
     p = sub.add_parser("many")
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--timeout", type=float, default=20)
@@ -750,6 +823,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--sport", type=int, required=True)
     p.add_argument("--timeout", type=float, default=3)
+    p = sub.add_parser("synflood")
+    p.add_argument("src")
+    p.add_argument("net")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("udpscan")
+    p.add_argument("host")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
     p = sub.add_parser("serve-tcp")
     p.add_argument("port", type=int)
     p.add_argument("reply")
@@ -758,11 +840,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "tcp":
         out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
     elif a.cmd == "udp":
-        out = cmd_udp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend)
     elif a.cmd == "many":
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
+    elif a.cmd == "synflood":
+        out = cmd_synflood(a.src, a.net, a.count, a.seconds)
+    elif a.cmd == "udpscan":
+        out = cmd_udpscan(a.host, a.count, a.seconds)
     elif a.cmd == "same-port":
         out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
     else:
