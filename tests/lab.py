@@ -542,15 +542,33 @@ def _endpoint(addr) -> list:
     return [addr[0], addr[1]]
 
 
-def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
+def _odd_headers(sock: socket.socket, a) -> None:
+    """What the packets of `sock` carry beyond the plain IP header: IPv4
+    options, IPv6 hop-by-hop or destination options (each given in hex)."""
+    for hexa, level, name in ((a.ipopts, socket.IPPROTO_IP, socket.IP_OPTIONS),
+                              (a.hopopts, socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS),
+                              (a.dstopts, socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS)):
+        if hexa:
+            sock.setsockopt(level, name, bytes.fromhex(hexa))
+
+
+def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
+    """One exchange; with --urgent N, byte N of the payload goes as TCP urgent data."""
     res: dict = {"ok": False}
     start = time.monotonic()
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
+        if a is not None:
+            _odd_headers(sock, a)
         sock.connect((host, port))
         res["local"], res["peer"] = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
-        sock.sendall(payload.encode())
+        data = payload.encode()
+        if a is not None and a.urgent is not None:
+            sock.sendall(data[:a.urgent])
+            sock.send(data[a.urgent:a.urgent + 1], socket.MSG_OOB)
+            data = data[a.urgent + 1:]
+        sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := sock.recv(65536):
@@ -564,13 +582,17 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
     return res
 
 
-def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0) -> dict:
+def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0, a=None) -> dict:
     """One datagram and its answer; with `resend`, the datagram again every
     `resend` seconds until answered, as resolvers and other UDP clients do."""
     res: dict = {"ok": False}
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     start = time.monotonic()
     try:
+        if a is not None:
+            _odd_headers(sock, a)
+            if a.broadcast:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         while True:
             sock.sendto(payload.encode(), (host, port))
             res["local"] = _endpoint(sock.getsockname())
@@ -809,8 +831,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("port", type=int)
         p.add_argument("payload")
         p.add_argument("--timeout", type=float, default=3)
+        for opt in ("--ipopts", "--hopopts", "--dstopts"):
+            p.add_argument(opt, help="hex bytes: IPv4 options, IPv6 hop-by-hop or destination options header")
         if name == "udp":
             p.add_argument("--resend", type=float, default=0)
+            p.add_argument("--broadcast", action="store_true")
+        else:
+            p.add_argument("--urgent", type=int, help="send byte N of the payload as urgent data")
     p = sub.add_parser("many")
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--timeout", type=float, default=20)
@@ -838,9 +865,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bind", default="::")
     a = ap.parse_args(argv)
     if a.cmd == "tcp":
-        out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_tcp(a.host, a.port, a.payload, a.timeout, a)
     elif a.cmd == "udp":
-        out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend)
+        out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend, a)
     elif a.cmd == "many":
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":

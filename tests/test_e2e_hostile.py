@@ -73,3 +73,47 @@ def test_an_ipv4_only_service_leaves_ipv6_clients_diverted(gw, div):
         assert v6["peer"] == ["2001:db8::8", 8000], v6
     finally:
         _stop(procs)
+
+
+# ---- answers that do not give the diverter away ----------------------------------------
+
+# Options that change nothing on the way: IPv4 NOP, NOP, NOP, end of list;
+# an IPv6 options header of one PadN option (its next-header byte is the kernel's to set).
+IPV4_OPTIONS = "01010100"
+IPV6_OPTIONS = "0000010400000000"
+
+
+def test_an_empty_udp_datagram_is_echoed(gw, div):
+    for host in ("198.51.100.31", "2001:db8::31"):
+        port = gw.fresh_port()
+        r = gw.udp(host, port, "")
+        assert r["ok"] and r["reply"] == "", f"{host}: {r}"
+        assert r["source"] == [host, port], r
+
+
+def test_a_broadcast_datagram_is_answered_from_the_port_asked_for(gw, div):
+    # To the client link's broadcast address: the diverter itself receives it
+    # (no NAT: it is already ours) and answers from its own address, as a
+    # service there would, but from the port the client asked for.
+    port = gw.fresh_port()
+    r = gw.client_run("udp", "192.0.2.255", str(port), "to-everyone", "--broadcast")
+    assert r["ok"] and r["reply"] == "to-everyone", r
+    assert r["source"] == [lab.DIV_CLIENT4, port], r
+
+
+@pytest.mark.parametrize(("host", "option"), [
+    ("198.51.100.32", ["--ipopts", IPV4_OPTIONS]),
+    ("2001:db8::32", ["--hopopts", IPV6_OPTIONS]),
+    ("2001:db8::33", ["--dstopts", IPV6_OPTIONS]),
+], ids=["ipv4-options", "ipv6-hop-by-hop", "ipv6-destination-options"])
+def test_packets_with_ip_options_or_extension_headers_are_answered(gw, div, host, option):
+    port = gw.fresh_port()
+    t = gw.client_run("tcp", host, str(port), "with-options", "--timeout", "3", *option)
+    assert t["ok"] and t["reply"] == "with-options" and t["peer"] == [host, port], t
+    u = gw.client_run("udp", host, str(port), "with-options", "--timeout", "3", *option)
+    assert u["ok"] and u["reply"] == "with-options" and u["source"] == [host, port], u
+
+
+def test_the_tcp_urgent_byte_is_echoed_in_place(gw, div):
+    r = gw.client_run("tcp", "198.51.100.34", str(gw.fresh_port()), "before!after", "--urgent", "6")
+    assert r["ok"] and r["reply"] == "before!after", r
