@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 TCP, UDP = 6, 17
 ANY = b""  # the wildcard address: every address of the family
@@ -36,6 +36,9 @@ _MSG = struct.Struct("=BBxxHH16s16s")  # family, state, sport, dport, src, dst (
 _MSG_SIZE = 72
 _ATTR = struct.Struct("=HH")
 _V4_MAPPED = bytes(10) + b"\xff\xff"
+_RTM_GETADDR = 22
+_IFADDRMSG = struct.Struct("=B7x")  # ifaddrmsg: family, then prefix length, flags, scope, index
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,32 +84,40 @@ def from_sockets(sockets: Iterable[Listening]) -> BoundPorts:
                        for key, pairs in found.items()})
 
 
-def _dump(sock: socket.socket, family: int, protocol: int, states: int) -> list[Listening]:
-    req = _REQ.pack(family, protocol, 0, states)
-    sock.send(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0) + req)
-    size = 4 if family == socket.AF_INET else 16
-    out = []
+def _netlink_dump(sock: socket.socket, kind: int, request: bytes) -> Iterator[bytes]:
+    """Send one dump request; yield the body of each answer until the dump is done."""
+    sock.send(_NLMSG.pack(_NLMSG.size + len(request), kind, _NLM_F_REQUEST_DUMP, 1, 0) + request)
     while True:
         data = sock.recv(1 << 16)
         at = 0
         while at + _NLMSG.size <= len(data):
-            length, kind = _NLMSG.unpack_from(data, at)[:2]
-            if kind == _NLMSG_DONE:
-                return out
-            if kind == _NLMSG_ERROR:
+            length, answer = _NLMSG.unpack_from(data, at)[:2]
+            if answer == _NLMSG_DONE:
+                return
+            if answer == _NLMSG_ERROR:
                 err = -struct.unpack_from("=i", data, at + _NLMSG.size)[0]
-                raise OSError(err, f"sock_diag: {os.strerror(err)}")
-            body = data[at + _NLMSG.size:at + length]
-            fam, _state, sport, _dport, src, _dst = _MSG.unpack_from(body)
-            v6only = False
-            a = _MSG_SIZE
-            while a + _ATTR.size <= len(body):
-                alen, atype = _ATTR.unpack_from(body, a)
-                if atype == _INET_DIAG_SKV6ONLY:
-                    v6only = bool(body[a + _ATTR.size])
-                a += max(_ATTR.size, (alen + 3) & ~3)
-            out.append(Listening(protocol, fam, src[:size], socket.ntohs(sport), v6only))
+                raise OSError(err, f"netlink dump: {os.strerror(err)}")
+            yield data[at + _NLMSG.size:at + length]
             at += (length + 3) & ~3
+
+
+def _attributes(body: bytes, at: int) -> dict[int, bytes]:
+    found = {}
+    while at + _ATTR.size <= len(body):
+        size, kind = _ATTR.unpack_from(body, at)
+        found[kind] = body[at + _ATTR.size:at + size]
+        at += max(_ATTR.size, (size + 3) & ~3)
+    return found
+
+
+def _dump(sock: socket.socket, family: int, protocol: int, states: int) -> list[Listening]:
+    size = 4 if family == socket.AF_INET else 16
+    out = []
+    for body in _netlink_dump(sock, _SOCK_DIAG_BY_FAMILY, _REQ.pack(family, protocol, 0, states)):
+        fam, _state, sport, _dport, src, _dst = _MSG.unpack_from(body)
+        v6only = _attributes(body, _MSG_SIZE).get(_INET_DIAG_SKV6ONLY, b"\0")[:1] == b"\1"
+        out.append(Listening(protocol, fam, src[:size], socket.ntohs(sport), v6only))
+    return out
 
 
 def sockets() -> list[Listening]:
@@ -115,6 +126,21 @@ def sockets() -> list[Listening]:
         return [s for family in (socket.AF_INET, socket.AF_INET6)
                 for protocol, states in ((TCP, _TCP_LISTEN), (UDP, _UDP_UNCONNECTED))
                 for s in _dump(sock, family, protocol, states) if s.port]
+
+
+def local_addresses() -> frozenset[bytes]:
+    """This namespace's own unicast addresses, both families. A conversation to
+    any other address of ours (a broadcast, multicast or anycast one) is
+    answered from one of these, chosen by the kernel."""
+    found = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC)):
+            attrs = _attributes(body, _IFADDRMSG.size)
+            # IPv4 names its own address IFA_LOCAL (IFA_ADDRESS may be a peer's); IPv6 only IFA_ADDRESS.
+            address = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+            if address:
+                found.add(address)
+    return frozenset(found)
 
 
 def read() -> BoundPorts:

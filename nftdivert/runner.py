@@ -37,16 +37,22 @@ def stats_path(table: str) -> Path:
 
 
 class _BoundPorts:
-    """The host's bound ports, as the worker and the kernel set both see them."""
+    """The host's bound ports, as the worker and the kernel sets both see
+    them, and its own unicast addresses."""
 
     def __init__(self, nft: Nft, table: str) -> None:
         self.nft, self.table = nft, table
         self.ports = bound.read()
+        self.addresses = bound.local_addresses()
 
     def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
         return self.ports.is_bound(protocol, address, port)
 
+    def is_local(self, address: bytes) -> bool:
+        return address in self.addresses
+
     def refresh(self) -> None:
+        self.addresses = bound.local_addresses()
         now = bound.read()
         if now != self.ports:
             self.ports = now
@@ -136,13 +142,14 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
 
         ports = _BoundPorts(nft, config.table)
         fixup = build_fixup(config, ports.is_bound,
-                            on_new=lambda key, conv, seg: log.submit(new_conversation_event(config, key, conv, seg)))
+                            on_new=lambda key, conv, seg: log.submit(new_conversation_event(config, key, conv, seg)),
+                            is_local=ports.is_local)
         statsfile = stats_path(config.table)
 
         def tick(_now: float) -> None:
             try:
                 ports.refresh()
-            except KernelError as exc:
+            except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             _write_stats(statsfile, _snapshot(worker, listeners))
             if pcap is not None:

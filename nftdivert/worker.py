@@ -46,8 +46,11 @@ class WorkerStats:
     verdict_errors: int = 0
 
 
-def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_new=None) -> FixUp:
-    """The per-packet pipeline for `config`: decide() wired to its listeners and exemptions."""
+def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_new=None,
+                is_local: Callable[[bytes], bool] | None = None) -> FixUp:
+    """The per-packet pipeline for `config`: decide() wired to its listeners and exemptions.
+
+    `is_local(address)`: is it one of this host's unicast addresses (see FixUp)."""
     listeners = {PROTOCOLS[p]: lst.port for p in PROTOCOLS if (lst := config.default_listener(p))}
     ranges = {TCP: config.leave_alone.tcp_ports, UDP: config.leave_alone.udp_ports}
 
@@ -57,7 +60,7 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
     table = ConversationTable(config.worker.max_conversations, config.worker.tcp_idle,
                               config.worker.udp_idle, config.worker.close_grace)
     decide = partial(decide_mod.decide, listeners=listeners, is_bound=is_bound, left_alone=left_alone)
-    return FixUp(table, decide, on_new=on_new)
+    return FixUp(table, decide, on_new=on_new, is_local=is_local)
 
 
 class _BoundedSocket:
