@@ -20,7 +20,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-TCP, UDP = 6, 17
+from .packet import TCP, UDP
+
 ANY = b""  # the wildcard address: every address of the family
 
 _NETLINK_SOCK_DIAG = 4
