@@ -33,8 +33,8 @@ from .packet import TCP, UDP, Segment
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
 QUEUE_LENGTH = 1024
 # Packets taken from one queue before the other queue and the tick get their
-# turn: small enough that a flooded queue delays the other by well under a
-# millisecond's worth of work per turn, large enough to amortise select().
+# turn: a flooded queue delays the other by a few milliseconds of work at
+# most, and one select() serves 64 packets.
 DRAIN_BOUND = 64
 KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
 
