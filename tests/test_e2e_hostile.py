@@ -101,6 +101,14 @@ def test_a_broadcast_datagram_is_answered_from_the_port_asked_for(gw, div):
     assert r["source"] == [lab.DIV_CLIENT4, port], r
 
 
+def test_an_ipv6_all_nodes_datagram_is_answered_from_the_port_asked_for(gw, div):
+    # Link-scope multicast: answered from the diverter's link-local address.
+    port = gw.fresh_port()
+    r = gw.client_run("udp", "ff02::1%eth0", str(port), "to-all-nodes")
+    assert r["ok"] and r["reply"] == "to-all-nodes", r
+    assert r["source"][0].startswith("fe80:") and r["source"][1] == port, r
+
+
 @pytest.mark.parametrize(("host", "option"), [
     ("198.51.100.32", ["--ipopts", IPV4_OPTIONS]),
     ("2001:db8::32", ["--hopopts", IPV6_OPTIONS]),
