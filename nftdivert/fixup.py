@@ -18,7 +18,7 @@ from nftdivert.decide import Divert
 from nftdivert.packet import TCP, Segment, Unfit, parse
 from nftdivert.rewrite import with_ports
 
-Decide = Callable[[int, int], Divert | None]
+Decide = Callable[[int, bytes, int], Divert | None]
 OnNew = Callable[[ConversationKey, Conversation, Segment], None]
 
 
@@ -49,12 +49,18 @@ class FixUp:
         counters: Counters | None = None,
         *,
         on_new: OnNew | None = None,
+        is_local: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.table = table
         self.decide = decide  # e.g. partial(decide.decide, listeners=..., ...)
         self.counters = counters if counters is not None else Counters()
         self.on_new = on_new
         self.last_error: Exception | None = None
+        # Conversations to an address of ours that is not a unicast one (a
+        # broadcast): the listener answers from a unicast address the kernel
+        # picks, so its replies are found by (protocol, client, client port).
+        self.is_local = is_local
+        self._elsewhere: dict[tuple, ConversationKey] = {}
 
     def incoming(self, data: bytes, now: float, *, indev: int = 0) -> bytes | None:
         """`indev` is only recorded on a new conversation, for its log line."""
@@ -96,7 +102,7 @@ class FixUp:
             self.counters.passed += 1
             return None
 
-        divert = self.decide(seg.protocol, seg.dport)
+        divert = self.decide(seg.protocol, seg.dst, seg.dport)
         if divert is None:
             self.counters.passed += 1
             return None
@@ -115,6 +121,8 @@ class FixUp:
             alias_port=alias,
         )
         table.add(key, conv, now)
+        if self.is_local is not None and not self.is_local(seg.dst):
+            self._answered_from_elsewhere(key, conv)
         self.counters.new_conversations += 1
         if self.on_new is not None:
             try:
@@ -138,6 +146,8 @@ class FixUp:
             return None
         # A reply: the client is its destination, as the listener knows it.
         found = self.table.from_listener_side((seg.protocol, seg.dst, seg.dport, seg.src), now)
+        if found is None and self._elsewhere:
+            found = self._from_elsewhere((seg.protocol, seg.dst, seg.dport), now)
         if found is None or found[1].listener_port != seg.sport:
             self.counters.passed += 1
             return None
@@ -148,3 +158,17 @@ class FixUp:
             self.table.mark_closing(key, now)
         self.counters.rewritten += 1
         return out
+
+    def _answered_from_elsewhere(self, key: ConversationKey, conv: Conversation) -> None:
+        elsewhere = self._elsewhere
+        elsewhere[(key[0], key[1], conv.alias_port)] = key
+        if len(elsewhere) > self.table.max_entries:  # bounded like the table: the oldest goes
+            del elsewhere[next(iter(elsewhere))]
+
+    def _from_elsewhere(self, side: tuple, now: float) -> tuple[tuple, Conversation] | None:
+        key = self._elsewhere.get(side)
+        conv = self.table.get(key, now) if key is not None else None
+        if conv is None or conv.alias_port != side[2]:
+            self._elsewhere.pop(side, None)  # gone from the table since
+            return None
+        return key, conv
