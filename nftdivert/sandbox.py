@@ -10,6 +10,7 @@ gone when the sandbox ends, also on Ctrl-C or when CMD crashes.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -50,10 +51,11 @@ def sandbox_config(config: Config) -> Config:
     return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra)
 
 
-def _ip(*argv: str) -> None:
+def _ip(*argv: str) -> str:
     proc = subprocess.run(["ip", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise NftDivertError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
 
 
 def _in(ns: str, *argv: str) -> None:
@@ -72,6 +74,8 @@ def create(name: str, ipv6: bool) -> Lab:
             _in(ns, "ip", "link", "set", "lo", "up")
             _in(ns, "ip", "addr", "add", f"{v4}/{PREFIX_V4}", "dev", ifname)
             if ipv6:
+                # No duplicate address detection on a link of two: no address is ever tentative.
+                _in(ns, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.accept_dad=0")
                 _in(ns, "ip", "addr", "add", f"{v6}/{PREFIX_V6}", "dev", ifname, "nodad")
             _in(ns, "ip", "link", "set", ifname, "up")
         _in(lab.client, "ip", "route", "add", "default", "via", DIVERTER_V4)
@@ -80,10 +84,33 @@ def create(name: str, ipv6: bool) -> Lab:
         resolv = ETC_NETNS / lab.client / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
         resolv.write_text(f"nameserver {DIVERTER_V4}\n")  # nothing more: CMD may read it
+        _wait_link(lab, ipv6)
     except BaseException:
         destroy(lab)
         raise
     return lab
+
+
+def _wait_link(lab: Lab, ipv6: bool, timeout: float = 5.0) -> None:
+    """Until both ends of the veth carry packets.
+
+    The kernel brings a link up in two steps: the second one (when it sees
+    the carrier) attaches the queueing discipline and starts IPv6 on it.
+    Before that, packets are dropped: the first connection would wait for a
+    retransmission, a second later. The link-local address appears in that
+    second step, so it is the sign; on the other end it is there at once.
+    """
+    deadline = time.monotonic() + timeout
+    for ns, ifname in ((lab.client, CLIENT_IF), (lab.diverter, DIVERTER_IF)):
+        while not _link_ready(ns, ifname, ipv6) and time.monotonic() < deadline:
+            time.sleep(0.01)  # not ready in time only costs that one second
+
+
+def _link_ready(ns: str, ifname: str, ipv6: bool) -> bool:
+    link = json.loads(_ip("-n", ns, "-j", "addr", "show", "dev", ifname))[0]
+    v6 = [a for a in link.get("addr_info", []) if a.get("family") == "inet6"]
+    return link.get("operstate") == "UP" and (not ipv6 or (
+        any(a["local"].startswith("fe80:") for a in v6) and not any(a.get("tentative") for a in v6)))
 
 
 def _pids(ns: str) -> list[int]:

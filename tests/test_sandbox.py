@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, nftdivert_argv
+from nftdivert import sandbox as sandbox_mod
 
 pytestmark = pytest.mark.kernel
 
@@ -112,3 +114,16 @@ def test_the_client_has_no_route_but_the_sandbox_link():
     assert "default via 169.254.53.1" in routes
     assert all(("169.254.53." in line or "fd6e:6476::" in line or "fe80::" in line)
                for line in routes.splitlines() if line.strip())
+
+
+def test_the_sandbox_link_carries_ipv6_as_soon_as_it_exists():
+    # A ping right after create() got its answer after one second (the first
+    # one was lost): so did the first IPv6 connection in a fresh sandbox.
+    lab_ = sandbox_mod.create(f"ndt-link-{os.getpid()}", ipv6=True)
+    try:
+        ping = subprocess.run(["ip", "netns", "exec", lab_.client, "ping", "-6", "-c1", "-W5",
+                               sandbox_mod.DIVERTER_V6], capture_output=True, text=True, timeout=30)
+    finally:
+        sandbox_mod.destroy(lab_)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert float(re.search(r"time=([\d.]+) ms", ping.stdout)[1]) < 100, ping.stdout
