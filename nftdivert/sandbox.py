@@ -8,14 +8,17 @@ is no path out.
 Lifetime: the sandbox lasts until every process CMD started has exited
 (pidns.py keeps them together), until --timeout, or until Ctrl-C or SIGTERM.
 Then both namespaces, with their tables and processes, are gone. After a
-SIGKILL its children die with it (lifeline.py).
+SIGKILL its children die with it (lifeline.py), and the next sandbox removes
+the namespaces it left, once its lock file proves that nothing of it runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,10 +31,15 @@ from .config import Config, Listener
 from .errors import NftDivertError
 from .lifeline import die_with_parent
 from .pidns import Tree
+from .runner import STATS_DIR
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")  # `ip netns exec` mounts resolv.conf from here
+# One lock file per sandbox, held by it and its children for as long as any
+# of them lives; the kernel lets go of it when the last one dies, SIGKILL or not.
+LOCKS = STATS_DIR / "sandbox"
+_LAB_NAME = re.compile(r"(nds\d+)-(?:client|divert)")
 
 # The link between the two namespaces. Link-local and ULA addresses: they
 # exist only on that veth and route nowhere.
@@ -150,6 +158,74 @@ def destroy(lab: Lab) -> None:
             time.sleep(0.02)  # until they are gone, not merely signalled
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     shutil.rmtree(ETC_NETNS / lab.client, ignore_errors=True)
+
+
+# ---- what a killed sandbox left behind -------------------------------------------
+
+def _lock(base: str) -> int:
+    """This sandbox's lock file, held; an fd every child inherits (and no exec'd program)."""
+    try:
+        LOCKS.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCKS / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise NftDivertError(f"cannot make the sandbox's lock file in {LOCKS}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise NftDivertError(f"a sandbox named {base} is running already (in another PID namespace?)") from None
+    return fd
+
+
+def remove_stale() -> list[str]:
+    """Remove what killed sandboxes left behind; returns what went.
+
+    Only what is provably dead goes: the namespaces and resolv.conf of a
+    sandbox whose lock file nobody holds any more, and a resolv.conf
+    directory whose namespace is gone (a reboot empties /run, and so the
+    locks, but not /etc). Namespaces without a lock file (an older
+    nftdivert's) are left alone.
+    """
+    bases = set()
+    for folder in (NETNS_DIR, ETC_NETNS):
+        try:
+            bases.update(m[1] for name in os.listdir(folder) if (m := _LAB_NAME.fullmatch(name)))
+        except FileNotFoundError:
+            pass
+    removed = []
+    for base in sorted(bases):
+        lab, lock = Lab.named(base), LOCKS / f"{base}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            resolv = ETC_NETNS / lab.client
+            if resolv.is_dir() and not any((NETNS_DIR / ns).exists() for ns in (lab.client, lab.diverter)):
+                shutil.rmtree(resolv, ignore_errors=True)
+                removed.append(str(resolv))
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still that sandbox's lock, and not one it removed as it ended?
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                _remove_stats(lab)
+                destroy(lab)
+                lock.unlink()
+                removed.append(base)
+        except (BlockingIOError, FileNotFoundError):
+            pass  # alive, or it has just cleaned up after itself
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _remove_stats(lab: Lab) -> None:
+    """The counters file the diverter kept (runner.stats_path), named by its namespace."""
+    try:
+        ino = os.stat(NETNS_DIR / lab.diverter).st_ino
+    except OSError:
+        return
+    for path in STATS_DIR.glob(f"*-{ino}.json"):
+        path.unlink(missing_ok=True)
 
 
 # ---- the diverter -------------------------------------------------------------------
@@ -293,10 +369,15 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
         raise NftDivertError("the sandbox makes network namespaces: run it as root (sudo keeps you as CMD's user)")
     config = sandbox_config(config)
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    lab = tree = None
+    base = f"nds{os.getpid()}"
+    lock = lab = tree = None
     pid = 0
     try:
-        lab = create(f"nds{os.getpid()}", config.ipv6)
+        removed = remove_stale()
+        if removed:
+            _say(f"removed what killed sandboxes left behind: {', '.join(removed)}")
+        lock = _lock(base)
+        lab = create(base, config.ipv6)
         pid, ready_fd = _start_diverter(lab, config, pcap)
         try:
             _wait_ready(pid, ready_fd)
@@ -325,5 +406,8 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
             _stop_diverter(pid)
         if lab is not None:
             destroy(lab)
+        if lock is not None:
+            (LOCKS / f"{base}.lock").unlink(missing_ok=True)
+            os.close(lock)
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -18,7 +18,7 @@ import pytest
 
 import lab
 from conftest import REPO, nftdivert_argv
-from procs import descendants, running
+from procs import descendants, running, wait_gone
 from nftdivert import sandbox as sandbox_mod
 
 pytestmark = pytest.mark.kernel
@@ -44,10 +44,10 @@ def argv(config: str, *args: str) -> list[str]:
 
 
 def leftovers(pid: int) -> list[str]:
-    """What of the sandbox run by `pid` still exists: namespaces, resolv.conf."""
+    """What of the sandbox run by `pid` still exists: namespaces, resolv.conf, lock."""
     base = f"nds{pid}"
     paths = [sandbox_mod.NETNS_DIR / f"{base}-client", sandbox_mod.NETNS_DIR / f"{base}-divert",
-             sandbox_mod.ETC_NETNS / f"{base}-client"]
+             sandbox_mod.ETC_NETNS / f"{base}-client", sandbox_mod.LOCKS / f"{base}.lock"]
     return [str(p) for p in paths if p.exists()]
 
 
@@ -224,3 +224,30 @@ def test_sigterm_to_the_sandbox_removes_everything(config):
     assert stop(proc) == 128 + signal.SIGTERM
     assert not running(tree)
     assert not leftovers(proc.pid)
+
+
+def test_sigkill_leaves_no_orphan_and_the_next_sandbox_removes_the_rest(config):
+    live = start(config, "echo ready; exec sleep 60")  # another sandbox, alive throughout: it must stay whole
+    try:
+        killed = start(config, "setsid -f sleep 60; echo ready; exec sleep 60")
+        tree = descendants(killed.pid)
+        assert len(tree) >= 5, tree  # the diverter, its listeners, the init, two sleeps
+        netns = os.stat(sandbox_mod.NETNS_DIR / f"nds{killed.pid}-divert").st_ino
+        stats = list(sandbox_mod.STATS_DIR.glob(f"*-{netns}.json"))  # the diverter's counters
+        assert stats
+        killed.kill()
+        assert not (left := wait_gone(tree, 1.0)), f"outlived the sandbox by more than a second: {left}"
+        stop(killed)
+        stale = leftovers(killed.pid)
+        assert stale, "a SIGKILLed sandbox cannot have removed its namespaces"
+
+        after = sandbox(config, "true")
+        assert after.returncode == 0, after.stderr
+        assert re.search(rf"removed what killed sandboxes left behind: .*\bnds{killed.pid}\b", after.stderr)
+        assert not leftovers(killed.pid), f"left after the next start: {leftovers(killed.pid)}"
+        assert not any(path.exists() for path in stats)
+        assert len(leftovers(live.pid)) == 4, "the next start touched a live sandbox"
+        assert live.poll() is None
+    finally:
+        assert stop(live) == 128 + signal.SIGTERM
+    assert not leftovers(live.pid)
