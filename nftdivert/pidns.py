@@ -25,11 +25,13 @@ from pathlib import Path
 from .lifeline import die_with_parent
 
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNS = 0x00020000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x2, 0x4, 0x8, 0x4000, 0x80000
 # CMD gets the signal dispositions a shell would give it; Python ignores these.
 _DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
 
 
-def _libc(name: str, *args: int) -> None:
+def _libc(name: str, *args) -> None:
     if getattr(ctypes.CDLL(None, use_errno=True), name)(*args) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{name}: {os.strerror(errno)}")
@@ -129,6 +131,18 @@ class Tree:
             self.cmd_status = exit_status(status)
 
 
+def _own_proc() -> None:
+    """A /proc that shows the tree's processes only, under the pids they know.
+
+    With the host's, `ps`, `pgrep` and `kill $(pidof x)` inside would mix
+    the two pid numberings. Mounted in a mount namespace of the init's own,
+    which `ip netns exec` then copies for CMD; nothing reaches the host's.
+    """
+    _libc("unshare", CLONE_NEWNS)
+    _libc("mount", None, b"/", None, MS_REC | MS_SLAVE, None)
+    _libc("mount", b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+
+
 def _init(argv: list[str], env: dict[str, str], status_w: int, lifeline: int, mask) -> None:
     """PID 1 of the tree: start CMD, reap everything, report CMD's status; never returns."""
     code = 127
@@ -138,6 +152,7 @@ def _init(argv: list[str], env: dict[str, str], status_w: int, lifeline: int, ma
         # kill(-1) from a namespace's init reaches every other process in it.
         signal.signal(signal.SIGTERM, lambda *_: os.kill(-1, signal.SIGTERM))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _own_proc()
         try:
             cmd = os.posix_spawnp(argv[0], argv, env, setsigdef=_DEFAULT_SIGNALS)
         except OSError as exc:

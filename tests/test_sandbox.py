@@ -197,6 +197,16 @@ def test_a_daemonizing_cmd_is_observed_until_everything_it_started_has_exited(co
     assert "<h1>Welcome</h1>" in proc.stdout  # the built-in HTTP answer reached curl
 
 
+def test_inside_pids_are_the_sandbox_own_and_proc_shows_only_its_processes(config):
+    proc = sandbox(config, 'sleep 30 & echo "started $!"; echo "found $(pgrep -x sleep)"; kill $!; '
+                           'echo "processes $(ls /proc | grep -c "^[0-9]")"')
+    assert proc.returncode == 0, proc.stderr
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("started", "found",
+                                                                                             "processes")))
+    assert said["found"] == said["started"], proc.stdout  # `kill $(pgrep x)` inside hits what it means
+    assert int(said["processes"]) < 10, proc.stdout  # the init, sh and a few: not the host's processes
+
+
 def test_timeout_ends_the_whole_tree_with_status_124_and_removes_everything(config):
     # A daemon in a session of its own that ignores SIGTERM: it takes SIGKILL.
     daemon, cmd = f"sleep 61.{os.getpid()}", f"sleep 62.{os.getpid()}"  # names no other run uses
