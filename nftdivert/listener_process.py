@@ -13,8 +13,8 @@ next run.
 from __future__ import annotations
 
 import ipaddress
-import os
 import multiprocessing
+import os
 import signal
 import threading
 import time

@@ -152,7 +152,12 @@ def _init(argv: list[str], env: dict[str, str], status_w: int, lifeline: int, ma
         # kill(-1) from a namespace's init reaches every other process in it.
         signal.signal(signal.SIGTERM, lambda *_: os.kill(-1, signal.SIGTERM))
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        _own_proc()
+        try:
+            _own_proc()
+        except OSError as exc:
+            print(f"nftdivert: cannot give the sandbox a /proc of its own: {exc.strerror}", file=sys.stderr,
+                  flush=True)
+            return
         try:
             cmd = os.posix_spawnp(argv[0], argv, env, setsigdef=_DEFAULT_SIGNALS)
         except OSError as exc:
