@@ -32,7 +32,7 @@ def micro(iterations: int, reps: int) -> dict:
 
     def fresh():
         # on_new as `nftdivert run` wires it: build the log event, hand it to the log thread.
-        return build_fixup(cfg, lambda proto, port: port in bound_ports,
+        return build_fixup(cfg, lambda proto, addr, port: port in bound_ports,
                            on_new=lambda conv: events.put(new_conversation_event(cfg, conv)))
 
     local = ipaddress.ip_address(DIVERT_ADDR).packed  # after `redirect`: the diverter's address

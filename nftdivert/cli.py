@@ -227,30 +227,54 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+def _timeout(value: str | None) -> float | None:
+    import math
+
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError("--timeout", value, "must be a positive number of seconds")
+    return seconds
+
+
+# CMD's own options stay CMD's, with or without "--" (wget --timeout=5 ...).
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_diverter_options
+@click.option("--timeout", "timeout", metavar="SECONDS",
+              help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
-            command: tuple[str, ...]) -> None:
+            timeout: str | None, command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
     own, whose only way out is a diverter namespace running nftdivert with
     the built-in listeners and a DNS listener that answers every name. The
-    conversation log streams to the terminal. Exits with CMD's status and
-    removes every namespace, table and process, also on Ctrl-C.
-    Without CMD: an interactive shell in there.
+    conversation log streams to the terminal. Without CMD: an interactive
+    shell in there.
+
+    The sandbox runs until every process CMD started has exited (daemons
+    too; it says which still run), until --timeout, or until Ctrl-C or
+    SIGTERM. Then it removes every namespace, table and process. Exit
+    status: CMD's; 124 after --timeout; 130 after Ctrl-C, 143 after SIGTERM.
+    After a SIGKILL its processes die with it, and the next sandbox removes
+    the namespaces it left.
 
     \b
     Examples:
       sudo nftdivert sandbox -- curl -v http://anything.example:8080/
-      sudo nftdivert sandbox -w sample.pcap -- ./sample.bin
+      sudo nftdivert sandbox -w sample.pcap --timeout 60 -- ./sample.bin
       sudo nftdivert sandbox
     """
     from . import sandbox as sandbox_mod
 
+    seconds = _timeout(timeout)
     cfg = _diverter_config(config_path, log_target, log_format)
-    status = sandbox_mod.run(cfg, list(command), pcap=pcap)
+    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds)
     raise SystemExit(status)
 
 

@@ -17,17 +17,22 @@ class Divert:
 
 def decide(
     protocol: int,
+    daddr: bytes,
     dport: int,
     *,
     listeners: Mapping[int, int],
-    is_bound: Callable[[int, int], bool],
+    is_bound: Callable[[int, bytes, int], bool],
     left_alone: Callable[[int, int], bool],
 ) -> Divert | None:
-    """Divert to the protocol's default listener unless something answers already."""
+    """Divert to the protocol's default listener unless something answers already.
+
+    `daddr` is the destination after NAT: a socket bound to another address
+    (127.0.0.1 for a gateway client) or family does not answer there.
+    """
     listener = listeners.get(protocol)
     if listener is None or dport == listener:
         return None
     # Cheapest first: is_bound may consult the kernel's socket tables.
-    if left_alone(protocol, dport) or is_bound(protocol, dport):
+    if left_alone(protocol, dport) or is_bound(protocol, daddr, dport):
         return None
     return Divert(listener_port=listener, original_port=dport)

@@ -88,7 +88,7 @@ def remove(table: str, nft: Nft) -> list[str]:
 
 # The bound-port sets change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\tset bound_(?:tcp|udp)_ports \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\tset bound_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:

@@ -23,7 +23,7 @@ from nftdivert.decide import Divert
 from nftdivert.packet import ACK, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
 from nftdivert.rewrite import with_ports
 
-Decide = Callable[[int, int], Divert | None]
+Decide = Callable[[int, bytes, int], Divert | None]
 OnNew = Callable[[Conversation], None]
 # (version, protocol, client, client_port, local, local_port) -> the conntrack
 # entry whose reply tuple is local:local_port -> client:client_port.
@@ -70,6 +70,7 @@ class FixUp:
         counters: Counters | None = None,
         *,
         on_new: OnNew | None = None,
+        is_local: Callable[[bytes], bool] | None = None,
         resolve: Resolve | None = None,
     ) -> None:
         self.table = table
@@ -78,6 +79,11 @@ class FixUp:
         self.on_new = on_new
         self.resolve = resolve
         self.last_error: Exception | None = None
+        # Conversations to an address of ours that is not a unicast one (a
+        # broadcast): the listener answers from a unicast address the kernel
+        # picks, so its replies are found by (protocol, client, client port).
+        self.is_local = is_local
+        self._elsewhere: dict[tuple, tuple] = {}
         self._unplaced: OrderedDict[tuple, float] = OrderedDict()
 
     def incoming(self, data: bytes, now: float, *, indev: int = 0) -> bytes | None:
@@ -134,7 +140,7 @@ class FixUp:
             self.counters.passed += 1
             return None
 
-        divert = self.decide(seg.protocol, seg.dport)
+        divert = self.decide(seg.protocol, seg.dst, seg.dport)
         if divert is None:
             self.counters.passed += 1
             return None
@@ -142,6 +148,8 @@ class FixUp:
         conv = table.open(RouteKey(*key), divert.listener_port, now, indev=indev)
         if conv.binding.client_port != seg.sport:
             self.counters.port_clashes += 1
+        if self.is_local is not None and not self.is_local(seg.dst):
+            self._answered_from_elsewhere(conv)
         if seg.protocol == UDP:
             # A TCP conversation is announced at its SYN/ACK: if the kernel
             # remaps this one, the listener never answers on this binding,
@@ -158,6 +166,8 @@ class FixUp:
         # (A plain tuple: it hashes and compares like the Binding it finds.)
         binding = (seg.protocol, seg.dst, seg.dport, seg.src)
         conv = self.table.from_listener_side(binding, now)
+        if conv is None and self._elsewhere:
+            conv = self._from_elsewhere(binding[:3], now)
         if conv is None:
             conv = self._learn(seg, binding, seg.dport, now)
         elif conv.listener_port != seg.sport:
@@ -173,7 +183,7 @@ class FixUp:
             self._announce(conv)
         if seg.protocol == TCP and seg.is_fin_or_rst:
             # The listener may close (or reset) first.
-            self.table.mark_closing(binding, now)
+            self.table.mark_closing(conv.binding, now)
         self.counters.rewritten += 1
         return with_ports(data, seg, conv.route[4], conv.reply_port)
 
@@ -232,3 +242,16 @@ class FixUp:
             except Exception as exc:  # noqa: BLE001 - logging must not cost the packet
                 self.counters.hook_errors += 1
                 self.last_error = exc
+
+    def _answered_from_elsewhere(self, conv: Conversation) -> None:
+        elsewhere = self._elsewhere
+        elsewhere[conv.binding[:3]] = conv.binding
+        if len(elsewhere) > self.table.max_entries:  # bounded like the table: the oldest goes
+            del elsewhere[next(iter(elsewhere))]
+
+    def _from_elsewhere(self, side: tuple, now: float) -> Conversation | None:
+        binding = self._elsewhere.get(side)
+        conv = self.table.get(binding, now) if binding is not None else None
+        if conv is None:
+            self._elsewhere.pop(side, None)  # gone from the table since
+        return conv

@@ -5,16 +5,16 @@ worker's hot path: `make bench` measured a third fewer diverted connections
 per second that way. The child reports back over one pipe: ready or the
 error that stopped it, each DNS question it answered, each address the DNS
 pool gave to a name (the conversation log names conversations by them), and
-its counters once a second. It dies with its parent (PR_SET_PDEATHSIG), so
-a `kill -9` of the worker does not leave the listener ports taken for the
+its counters once a second. It dies with its parent (lifeline.py), so a
+`kill -9` of the worker does not leave the listener ports taken for the
 next run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -22,9 +22,9 @@ from typing import Callable
 
 from .config import Config
 from .dns import NameHistory, Question, Resolver
+from .lifeline import die_with_parent
 from .listeners import Listeners, ListenerStats
 
-_PR_SET_PDEATHSIG = 1
 _STATS_SECONDS = 1.0
 _CATCH_UP_SECONDS = 1.0  # at most this long a name lookup waits for the pipe to be read
 
@@ -78,7 +78,7 @@ class ListenerProcess:
             return  # only external listeners: nothing to run
         ctx = multiprocessing.get_context("fork")
         parent_end, child_end = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_serve, args=(self._config, child_end),
+        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid()),
                                     name="nftdivert-listeners", daemon=True)
         self._process.start()
         child_end.close()
@@ -137,9 +137,9 @@ class ListenerProcess:
         self._process = self._reader = self._conn = None
 
 
-def _serve(config: Config, conn) -> None:
+def _serve(config: Config, conn, parent: int) -> None:
     """The child: bind, say ready (or why not), serve, report, until SIGTERM."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -38,6 +38,10 @@ def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if kind == socket.SOCK_STREAM:
+        # Urgent data stays in the stream (accepted sockets inherit this), so
+        # the echo has it where the client put it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
     if ipv6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::" if ipv6 else "0.0.0.0", port))
@@ -53,8 +57,8 @@ def _endpoint(addr) -> str:
 class _Datagrams(asyncio.DatagramProtocol):
     """A UDP listener: `answer` turns a datagram into the reply (or None)."""
 
-    def __init__(self, stats: ListenerStats, answer) -> None:
-        self.stats, self.answer = stats, answer
+    def __init__(self, stats: ListenerStats, answer, sock: socket.socket) -> None:
+        self.stats, self.answer, self.sock = stats, answer, sock
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport) -> None:
@@ -64,7 +68,13 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.stats.conversations += 1
         self.stats.bytes_received += len(data)
         reply = self.answer(data, addr)
-        if reply is not None and self.transport is not None:
+        if reply == b"":
+            # asyncio's sendto() drops an empty datagram; the socket sends it.
+            try:
+                self.sock.sendto(reply, addr)
+            except OSError:
+                pass
+        elif reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
 
@@ -141,7 +151,7 @@ class Listeners:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
             resolver = self._resolver
             answer = (lambda data, addr: resolver.answer(data, _endpoint(addr))) if lst.kind == "dns" else _echo
-            transport, _ = await self._loop.create_datagram_endpoint(lambda: _Datagrams(stats, answer), sock=sock)
+            transport, _ = await self._loop.create_datagram_endpoint(lambda: _Datagrams(stats, answer, sock), sock=sock)
             self._closers.append(transport)
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:

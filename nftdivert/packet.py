@@ -1,8 +1,13 @@
 """Parse just enough of an IPv4/IPv6 TCP/UDP packet to divert it.
 
-Anything we are not certain to rewrite correctly is Unfit and must pass
-unchanged: options, extension headers, fragments and, above all, the
-truncated copies NetfilterQueue hands over for packets beyond its copy range.
+IPv4 options and IPv6 hop-by-hop, routing (with no segments left) and
+destination options headers are stepped over: a port rewrite leaves them,
+and the pseudo-header the checksum covers, as they were. Anything we are not
+certain to rewrite correctly is Unfit and must pass unchanged: fragments,
+AH and other extension headers, a routing header still under way and, above
+all, the truncated copies NetfilterQueue hands over for packets beyond its
+copy range. (Conntrack reassembles fragments before our hooks, so a fragment
+reaching us is rare and is not ours to rewrite.)
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ ACK = 0x10
 UnfitReason = Literal[
     "short-header",
     "bad-version",
-    "ip-options",
     "truncated",
     "length-mismatch",
     "fragment",
@@ -69,7 +73,6 @@ class Segment:
 # One instance per reason: the reject path allocates nothing.
 SHORT_HEADER = Unfit("short-header")
 BAD_VERSION = Unfit("bad-version")
-IP_OPTIONS = Unfit("ip-options")
 TRUNCATED = Unfit("truncated")
 LENGTH_MISMATCH = Unfit("length-mismatch")
 FRAGMENT = Unfit("fragment")
@@ -87,8 +90,15 @@ _UDP = struct.Struct("!HHHH")
 
 _IPV4_MF_AND_OFFSET = 0x3FFF  # DF alone is fine
 _IPV6_FRAGMENT = 44
-# Headers the kernel may chain before TCP/UDP; we do not walk chains.
-_IPV6_EXTENSIONS = frozenset({0, 43, 51, 60, 135, 139, 140, 253, 254})
+_IPV6_ROUTING = 43
+# Extension headers of the common form (next header, length in 8 octets
+# beyond the first 8) that a port rewrite may step over.
+_IPV6_WALKED = frozenset({0, _IPV6_ROUTING, 60})
+# The others: AH authenticates the ports; the rest are not for TCP/UDP.
+_IPV6_EXTENSIONS = frozenset({51, 135, 139, 140, 253, 254})
+# Headers reaching beyond this offset: not a packet we rewrite (and a
+# hostile chain of tiny headers costs a bounded walk).
+_IPV6_WALK_LIMIT = 40 + 512
 
 
 def parse(data: bytes) -> Segment | Unfit:
@@ -115,15 +125,15 @@ def _parse(data: bytes, whole: bool) -> Segment | Unfit:
         ihl = vihl & 0x0F
         if ihl < 5:
             return SHORT_HEADER
-        if ihl > 5:
-            return IP_OPTIONS
         if total > size and whole:
             return TRUNCATED
         if total < size:
             return LENGTH_MISMATCH
+        if ihl * 4 > size:
+            return SHORT_HEADER
         if frag & _IPV4_MF_AND_OFFSET:
             return FRAGMENT
-        l4 = 20
+        l4 = ihl * 4
     elif version == 6:
         if size < 40:
             return SHORT_HEADER
@@ -132,11 +142,17 @@ def _parse(data: bytes, whole: bool) -> Segment | Unfit:
             return TRUNCATED
         if 40 + payload < size:
             return LENGTH_MISMATCH
+        l4 = 40
+        while protocol in _IPV6_WALKED:
+            if l4 + 8 > size or l4 >= _IPV6_WALK_LIMIT:
+                return SHORT_HEADER if l4 + 8 > size else IPV6_EXTENSION_HEADER
+            if protocol == _IPV6_ROUTING and data[l4 + 3]:
+                return IPV6_EXTENSION_HEADER  # segments left: the destination is not final yet
+            protocol, l4 = data[l4], l4 + (data[l4 + 1] + 1) * 8
         if protocol == _IPV6_FRAGMENT:
             return FRAGMENT
         if protocol in _IPV6_EXTENSIONS:
             return IPV6_EXTENSION_HEADER
-        l4 = 40
     else:
         return BAD_VERSION
 

@@ -26,7 +26,6 @@ from .errors import ConfigError, KernelError, NftDivertError
 from .kernel import Nft
 from .listener_process import ListenerProcess
 from .model import QUEUE_COPY_LIMIT
-from .packet import TCP
 from .worker import Worker, build_fixup, new_conversation_event
 
 STATS_DIR = Path("/run/nftdivert")
@@ -39,16 +38,22 @@ def stats_path(table: str) -> Path:
 
 
 class _BoundPorts:
-    """The host's bound ports, as the worker and the kernel set both see them."""
+    """The host's bound ports, as the worker and the kernel sets both see
+    them, and its own unicast addresses."""
 
     def __init__(self, nft: Nft, table: str) -> None:
         self.nft, self.table = nft, table
         self.ports = bound.read()
+        self.addresses = bound.local_addresses()
 
-    def is_bound(self, protocol: int, port: int) -> bool:
-        return port in (self.ports.tcp if protocol == TCP else self.ports.udp)
+    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
+        return self.ports.is_bound(protocol, address, port)
+
+    def is_local(self, address: bytes) -> bool:
+        return address in self.addresses
 
     def refresh(self) -> None:
+        self.addresses = bound.local_addresses()
         now = bound.read()
         if now != self.ports:
             self.ports = now
@@ -141,7 +146,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         # The worker asks conntrack on its own socket: the log thread's retries must not hold it up.
         fixup = build_fixup(config, ports.is_bound,
                             on_new=lambda conv: log.submit(new_conversation_event(config, conv)),
-                            resolve=_conntrack_lookup(stack))
+                            is_local=ports.is_local, resolve=_conntrack_lookup(stack))
         statsfile = stats_path(config.table)
         warned = False
 
@@ -155,7 +160,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         def tick(_now: float) -> None:
             try:
                 ports.refresh()
-            except KernelError as exc:
+            except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
             _write_stats(statsfile, _snapshot(worker, listeners))
@@ -196,6 +201,7 @@ def _snapshot(worker: Worker, listeners: ListenerProcess) -> dict:
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
                           "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+        "kernel": worker.kernel_drops(),
     }
 
 
@@ -226,4 +232,10 @@ def summary(snap: dict) -> str:
             f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
             f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
             f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
-            f"cap {c['evicted_cap']})")
+            f"cap {c['evicted_cap']})" + _kernel_summary(snap.get("kernel", {})))
+
+
+def _kernel_summary(kernel: dict) -> str:
+    parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
+             f"(socket full), waiting {q['waiting']}" for name, q in sorted(kernel.items())]
+    return "; kernel: " + ", ".join(parts) if parts else ""

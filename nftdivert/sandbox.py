@@ -3,14 +3,22 @@
 Two network namespaces joined by a veth pair and routed nowhere else: CMD
 runs in the client one as the invoking user; nftdivert runs in the diverter
 one, which is the client's gateway and DNS server. Nothing can leak: there
-is no path out, and both namespaces (with their tables and processes) are
-gone when the sandbox ends, also on Ctrl-C or when CMD crashes.
+is no path out.
+
+Lifetime: the sandbox lasts until every process CMD started has exited
+(pidns.py keeps them together), until --timeout, or until Ctrl-C or SIGTERM.
+Then both namespaces, with their tables and processes, are gone. After a
+SIGKILL its children die with it (lifeline.py), and the next sandbox removes
+the namespaces it left, once its lock file proves that nothing of it runs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,10 +29,17 @@ from pathlib import Path
 
 from .config import Config, Listener
 from .errors import NftDivertError
+from .lifeline import die_with_parent
+from .pidns import Tree
+from .runner import STATS_DIR
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")  # `ip netns exec` mounts resolv.conf from here
+# One lock file per sandbox, held by it and its children for as long as any
+# of them lives; the kernel lets go of it when the last one dies, SIGKILL or not.
+LOCKS = STATS_DIR / "sandbox"
+_LAB_NAME = re.compile(r"(nds\d+)-(?:client|divert)")
 
 # The link between the two namespaces. Link-local and ULA addresses: they
 # exist only on that veth and route nowhere.
@@ -35,11 +50,20 @@ DIVERTER_IF, CLIENT_IF = "nd-divert", "nd-client"
 DNS_LISTENERS = (Listener(name="dns", protocol="udp", port=53, kind="dns"),
                  Listener(name="dns-tcp", protocol="tcp", port=53, kind="dns"))
 
+TIMED_OUT = 124  # like timeout(1)
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when the sandbox ends the tree
+REPORT_AT_MOST = 2.0  # seconds between two reports of what still runs, when it changes
+REPORT_EVERY = 15.0  # ... and when it does not
+
 
 @dataclass(frozen=True)
 class Lab:
     client: str
     diverter: str
+
+    @classmethod
+    def named(cls, base: str) -> "Lab":
+        return cls(client=f"{base}-client", diverter=f"{base}-divert")
 
 
 def sandbox_config(config: Config) -> Config:
@@ -50,10 +74,15 @@ def sandbox_config(config: Config) -> Config:
     return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra)
 
 
-def _ip(*argv: str) -> None:
+def _say(message: str) -> None:
+    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
+
+
+def _ip(*argv: str) -> str:
     proc = subprocess.run(["ip", *argv], capture_output=True, text=True)
     if proc.returncode != 0:
         raise NftDivertError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
 
 
 def _in(ns: str, *argv: str) -> None:
@@ -61,7 +90,7 @@ def _in(ns: str, *argv: str) -> None:
 
 
 def create(name: str, ipv6: bool) -> Lab:
-    lab = Lab(client=f"{name}-client", diverter=f"{name}-divert")
+    lab = Lab.named(name)
     _ip("netns", "add", lab.client)
     try:
         _ip("netns", "add", lab.diverter)
@@ -72,6 +101,8 @@ def create(name: str, ipv6: bool) -> Lab:
             _in(ns, "ip", "link", "set", "lo", "up")
             _in(ns, "ip", "addr", "add", f"{v4}/{PREFIX_V4}", "dev", ifname)
             if ipv6:
+                # No duplicate address detection on a link of two: no address is ever tentative.
+                _in(ns, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.accept_dad=0")
                 _in(ns, "ip", "addr", "add", f"{v6}/{PREFIX_V6}", "dev", ifname, "nodad")
             _in(ns, "ip", "link", "set", ifname, "up")
         _in(lab.client, "ip", "route", "add", "default", "via", DIVERTER_V4)
@@ -80,10 +111,33 @@ def create(name: str, ipv6: bool) -> Lab:
         resolv = ETC_NETNS / lab.client / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
         resolv.write_text(f"nameserver {DIVERTER_V4}\n")  # nothing more: CMD may read it
+        _wait_link(lab, ipv6)
     except BaseException:
         destroy(lab)
         raise
     return lab
+
+
+def _wait_link(lab: Lab, ipv6: bool, timeout: float = 5.0) -> None:
+    """Until both ends of the veth carry packets.
+
+    The kernel brings a link up in two steps: the second one (when it sees
+    the carrier) attaches the queueing discipline and starts IPv6 on it.
+    Before that, packets are dropped: the first connection would wait for a
+    retransmission, a second later. The link-local address appears in that
+    second step, so it is the sign; on the other end it is there at once.
+    """
+    deadline = time.monotonic() + timeout
+    for ns, ifname in ((lab.client, CLIENT_IF), (lab.diverter, DIVERTER_IF)):
+        while not _link_ready(ns, ifname, ipv6) and time.monotonic() < deadline:
+            time.sleep(0.01)  # not ready in time only costs that one second
+
+
+def _link_ready(ns: str, ifname: str, ipv6: bool) -> bool:
+    link = json.loads(_ip("-n", ns, "-j", "addr", "show", "dev", ifname))[0]
+    v6 = [a for a in link.get("addr_info", []) if a.get("family") == "inet6"]
+    return link.get("operstate") == "UP" and (not ipv6 or (
+        any(a["local"].startswith("fe80:") for a in v6) and not any(a.get("tentative") for a in v6)))
 
 
 def _pids(ns: str) -> list[int]:
@@ -106,6 +160,76 @@ def destroy(lab: Lab) -> None:
     shutil.rmtree(ETC_NETNS / lab.client, ignore_errors=True)
 
 
+# ---- what a killed sandbox left behind -------------------------------------------
+
+def _lock(base: str) -> int:
+    """This sandbox's lock file, held; an fd every child inherits (and no exec'd program)."""
+    try:
+        LOCKS.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCKS / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise NftDivertError(f"cannot make the sandbox's lock file in {LOCKS}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise NftDivertError(f"a sandbox named {base} is running already (in another PID namespace?)") from None
+    return fd
+
+
+def remove_stale() -> list[str]:
+    """Remove what killed sandboxes left behind; returns what went.
+
+    Only what is provably dead goes: the namespaces and resolv.conf of a
+    sandbox whose lock file nobody holds any more, and a resolv.conf
+    directory whose namespace is gone (a reboot empties /run, and so the
+    locks, but not /etc). Namespaces without a lock file (an older
+    nftdivert's) are left alone.
+    """
+    bases = set()
+    for folder in (NETNS_DIR, ETC_NETNS):
+        try:
+            bases.update(m[1] for name in os.listdir(folder) if (m := _LAB_NAME.fullmatch(name)))
+        except FileNotFoundError:
+            pass
+    removed = []
+    for base in sorted(bases):
+        lab, lock = Lab.named(base), LOCKS / f"{base}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            resolv = ETC_NETNS / lab.client
+            if resolv.is_dir() and not any((NETNS_DIR / ns).exists() for ns in (lab.client, lab.diverter)):
+                shutil.rmtree(resolv, ignore_errors=True)
+                removed.append(str(resolv))
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still that sandbox's lock, and not one it removed as it ended?
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                _remove_stats(lab)
+                destroy(lab)
+                lock.unlink()
+                removed.append(base)
+        except (BlockingIOError, FileNotFoundError):
+            pass  # alive, or it has just cleaned up after itself
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _remove_stats(lab: Lab) -> None:
+    """The counters file the diverter kept (runner.stats_path), named by its namespace."""
+    try:
+        ino = os.stat(NETNS_DIR / lab.diverter).st_ino
+    except OSError:
+        return
+    for path in STATS_DIR.glob(f"*-{ino}.json"):
+        path.unlink(missing_ok=True)
+
+
+# ---- the diverter -------------------------------------------------------------------
+
 def _enter(ns: str) -> None:
     fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
     try:
@@ -118,10 +242,14 @@ def _enter(ns: str) -> None:
 def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, int]:
     """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
     ready_r, ready_w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
         try:
+            die_with_parent(parent)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)  # not the parent's handlers; runner sets its own
             os.close(ready_r)
             os.setpgid(0, 0)  # the terminal's Ctrl-C is for CMD, not for the diverter
             _enter(lab.diverter)
@@ -154,60 +282,6 @@ def _wait_ready(pid: int, ready_fd: int, timeout: float = 30.0) -> None:
     raise NftDivertError("the diverter did not come up (see its messages above)")
 
 
-def _invoking_user() -> tuple[int, int]:
-    """Who CMD runs as: the user behind sudo, else whoever we are."""
-    if os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
-        return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", os.environ["SUDO_UID"]))
-    return os.getuid(), os.getgid()
-
-
-def run(config: Config, command: list[str], *, pcap: str | None = None) -> int:
-    """Run `command` in a fresh sandbox; returns its exit status (128+N for signal N)."""
-    if os.geteuid() != 0:
-        raise NftDivertError("the sandbox makes network namespaces: run it as root (sudo keeps you as CMD's user)")
-    config = sandbox_config(config)
-    lab = create(f"nds{os.getpid()}", config.ipv6)
-    pid = 0
-    proc = None
-    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # CMD gets Ctrl-C; we clean up after
-    terminated = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        pid, ready_fd = _start_diverter(lab, config, pcap)
-        try:
-            _wait_ready(pid, ready_fd)
-        finally:
-            os.close(ready_fd)
-        uid, gid = _invoking_user()
-        argv = command or [os.environ.get("SHELL", "/bin/sh")]
-        if uid != 0:
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
-        if not command:
-            print("nftdivert: sandbox shell; every address and name answers locally. exit to leave.",
-                  file=sys.stderr, flush=True)
-        # CMD's environment is ours, with nothing added that names nftdivert: CMD may read it.
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.client, *argv],
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        status = proc.wait()
-        return 128 - status if status < 0 else status
-    except FileNotFoundError as exc:
-        raise NftDivertError(f"cannot run {exc.filename}: not found") from None
-    finally:
-        if pid:
-            _stop_diverter(pid)
-        destroy(lab)
-        if proc is not None:
-            try:
-                proc.wait(timeout=10)  # killed with its namespace: reap it
-            except subprocess.TimeoutExpired:
-                pass
-        signal.signal(signal.SIGINT, ignored)
-        signal.signal(signal.SIGTERM, terminated)
-
-
-def _terminate(*_args) -> None:
-    raise KeyboardInterrupt  # unwinds run(): the finally clause cleans up
-
-
 def _stop_diverter(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
@@ -220,3 +294,120 @@ def _stop_diverter(pid: int) -> None:
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+
+
+# ---- CMD ----------------------------------------------------------------------------
+
+def _invoking_user() -> tuple[int, int]:
+    """Who CMD runs as: the user behind sudo, else whoever we are."""
+    if os.geteuid() == 0 and os.environ.get("SUDO_UID", "").isdigit():
+        return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", os.environ["SUDO_UID"]))
+    return os.getuid(), os.getgid()
+
+
+def _cmd_argv(lab: Lab, command: list[str]) -> list[str]:
+    uid, gid = _invoking_user()
+    argv = command or [os.environ.get("SHELL", "/bin/sh")]
+    if uid != 0:
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
+    return ["ip", "netns", "exec", lab.client, *argv]
+
+
+def _show(running: list[tuple[int, str]]) -> None:
+    for pid, cmdline in running:
+        _say(f"  pid {pid}: {cmdline[:120]}")
+
+
+def _watch(tree: Tree, timeout: float | None) -> int:
+    """Until the tree is empty (CMD's status) or `timeout` seconds (TIMED_OUT)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    shown: list | None = None
+    exited_at = shown_at = 0.0
+    while True:
+        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if tree.wait(max(left, 0)):
+            return tree.cmd_status
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            _say(f"--timeout {timeout:g} s reached: ending the sandbox")
+            _show(tree.members())
+            return TIMED_OUT
+        if tree.cmd_status is None:
+            continue
+        exited_at = exited_at or now  # what is about to exit gets a moment first
+        if now - exited_at < 0.5 or now - shown_at < REPORT_AT_MOST:
+            continue
+        running = tree.members()
+        if not running or (running == shown and now - shown_at < REPORT_EVERY):
+            continue
+        if shown is None:
+            _say(f"CMD exited with status {tree.cmd_status}; the sandbox waits for what it started "
+                 "(Ctrl-C ends it now):")
+        else:
+            _say("still running:")
+        _show(running)
+        shown, shown_at = running, now
+
+
+class _Interrupted(Exception):
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _interrupt(signo, _frame) -> None:
+    raise _Interrupted(signo)  # unwinds run(): the finally clause cleans up
+
+
+def run(config: Config, command: list[str], *, pcap: str | None = None, timeout: float | None = None) -> int:
+    """Run `command` in a fresh sandbox until its whole tree has exited.
+
+    Returns CMD's exit status (128+N for signal N), TIMED_OUT after `timeout`
+    seconds, or 128+N when signal N (SIGINT, SIGTERM) ended the sandbox.
+    """
+    if os.geteuid() != 0:
+        raise NftDivertError("the sandbox makes network namespaces: run it as root (sudo keeps you as CMD's user)")
+    config = sandbox_config(config)
+    previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    base = f"nds{os.getpid()}"
+    lock = lab = tree = None
+    pid = 0
+    try:
+        removed = remove_stale()
+        if removed:
+            _say(f"removed what killed sandboxes left behind: {', '.join(removed)}")
+        lock = _lock(base)
+        lab = create(base, config.ipv6)
+        pid, ready_fd = _start_diverter(lab, config, pcap)
+        try:
+            _wait_ready(pid, ready_fd)
+        finally:
+            os.close(ready_fd)
+        if not command:
+            _say("sandbox shell; every address and name answers locally. exit to leave.")
+        try:
+            # CMD's environment is ours, with nothing added that names nftdivert: CMD may read it.
+            tree = Tree(_cmd_argv(lab, command), dict(os.environ))
+        except OSError as exc:
+            raise NftDivertError(f"cannot give CMD a PID namespace of its own: {exc}") from None
+        return _watch(tree, timeout)
+    except _Interrupted as exc:
+        _say(f"{signal.Signals(exc.signo).name}: ending the sandbox")
+        if tree is not None:
+            _show(tree.members())
+        return 128 + exc.signo
+    finally:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        if tree is not None:
+            tree.end(KILL_GRACE)
+            tree.close()
+        if pid:
+            _stop_diverter(pid)
+        if lab is not None:
+            destroy(lab)
+        if lock is not None:
+            (LOCKS / f"{base}.lock").unlink(missing_ok=True)
+            os.close(lock)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

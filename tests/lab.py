@@ -521,21 +521,33 @@ def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> 
     return json.loads(proc.stdout)
 
 
-def serve_tcp(ns, port: int, reply: str) -> subprocess.Popen:
-    """A tiny server of the host's own on `port`; ready when this returns."""
-    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, text=True)
+def serve_tcp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
+    """A tiny server of the host's own on `port` (`bind`: "::" is dual-stack,
+    "0.0.0.0" IPv4 only, or one address); ready when this returns."""
+    proc = ns.popen(sys.executable, LAB_PY, "serve-tcp", str(port), reply, "--bind", bind, text=True)
     wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
     assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
     return proc
 
 
-def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10) -> None:
-    """The worker refreshes the kernel's bound-port sets once a second."""
-    def ok() -> bool:
-        sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_ports") if "set" in o]
-        elems = sets[0].get("elem", []) if sets else []
-        return (port in elems) == present
-    wait_for(ok, timeout, f"port {port} {'in' if present else 'out of'} the bound_{proto}_ports set")
+def bound_elements(ns, proto: str, version: int) -> set[tuple[str, int]]:
+    """The kernel's bound_<proto>_v<version> set as (address or prefix, port) pairs."""
+    sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_v{version}") if "set" in o]
+    out = set()
+    for elem in sets[0].get("elem", []) if sets else []:
+        addr, port = elem["concat"]
+        if isinstance(addr, dict):
+            addr = f"{addr['prefix']['addr']}/{addr['prefix']['len']}"
+        out.add((addr, port))
+    return out
+
+
+def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10,
+                   address: str = "0.0.0.0/0") -> None:
+    """The worker refreshes the kernel's bound sets once a second."""
+    version = 6 if ":" in address else 4
+    wait_for(lambda: ((address, port) in bound_elements(ns, proto, version)) == present, timeout,
+             f"{address} . {port} {'in' if present else 'out of'} the bound_{proto}_v{version} set")
 
 
 # ---- client programs (script mode, run inside a namespace) -------------------------------
@@ -548,15 +560,33 @@ def _endpoint(addr) -> list:
     return [addr[0], addr[1]]
 
 
-def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
+def _odd_headers(sock: socket.socket, a) -> None:
+    """What the packets of `sock` carry beyond the plain IP header: IPv4
+    options, IPv6 hop-by-hop or destination options (each given in hex)."""
+    for hexa, level, name in ((a.ipopts, socket.IPPROTO_IP, socket.IP_OPTIONS),
+                              (a.hopopts, socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS),
+                              (a.dstopts, socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS)):
+        if hexa:
+            sock.setsockopt(level, name, bytes.fromhex(hexa))
+
+
+def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
+    """One exchange; with --urgent N, byte N of the payload goes as TCP urgent data."""
     res: dict = {"ok": False}
     start = time.monotonic()
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
+        if a is not None:
+            _odd_headers(sock, a)
         sock.connect((host, port))
         res["local"], res["peer"] = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
-        sock.sendall(payload.encode())
+        data = payload.encode()
+        if a is not None and a.urgent is not None:
+            sock.sendall(data[:a.urgent])
+            sock.send(data[a.urgent:a.urgent + 1], socket.MSG_OOB)
+            data = data[a.urgent + 1:]
+        sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := sock.recv(65536):
@@ -570,19 +600,34 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
     return res
 
 
-def cmd_udp(host: str, port: int, payload: str, timeout: float) -> dict:
+def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0, a=None) -> dict:
+    """One datagram and its answer; with `resend`, the datagram again every
+    `resend` seconds until answered, as resolvers and other UDP clients do."""
     res: dict = {"ok": False}
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
-    sock.settimeout(timeout)
+    start = time.monotonic()
     try:
-        sock.sendto(payload.encode(), (host, port))
-        res["local"] = _endpoint(sock.getsockname())
-        data, addr = sock.recvfrom(65536)
+        if a is not None:
+            _odd_headers(sock, a)
+            if a.broadcast:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        while True:
+            sock.sendto(payload.encode(), (host, port))
+            res["local"] = _endpoint(sock.getsockname())
+            left = timeout - (time.monotonic() - start)
+            sock.settimeout(max(0.001, min(left, resend) if resend else left))
+            try:
+                data, addr = sock.recvfrom(65536)
+                break
+            except TimeoutError:
+                if time.monotonic() - start >= timeout:
+                    raise
         res.update(ok=True, reply=data.decode(errors="replace"), source=_endpoint(addr))
     except OSError as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         sock.close()
+    res["seconds"] = time.monotonic() - start
     return res
 
 
@@ -759,11 +804,72 @@ def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one
     return {"local": sport, "results": res}
 
 
-def cmd_serve_tcp(port: int, reply: str) -> None:
-    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+def _sum16(data: bytes) -> int:
+    return sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+
+
+def cmd_synflood(src: str, net: str, count: int, seconds: float) -> dict:
+    """`count` TCP SYNs from `src` (this host's own address) to addresses of
+    `net` and ports 1-65535, from a raw socket: nobody waits for an answer,
+    as in a flood. Paced to take at least `seconds`."""
+    import ipaddress
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    base = ipaddress.ip_network(net)
+    saddr = ipaddress.ip_address(src).packed
+    # The checksum's fixed part: source address, protocol, length, header fields.
+    fixed = _sum16(saddr) + socket.IPPROTO_TCP + 20 + 0x5002 + 65535
+    start, sent = time.monotonic(), 0
+    for i in range(count):
+        daddr = base[1 + i % (base.num_addresses - 2)].packed
+        sport, dport = 1024 + i % 64000, 1 + (i * 7919) % 65535  # as hping3 does: a port per SYN
+        total = fixed + _sum16(daddr) + sport + dport + (i >> 16) + (i & 0xFFFF)
+        while total > 0xFFFF:
+            total = (total & 0xFFFF) + (total >> 16)
+        seg = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 0x50, 0x02, 65535, ~total & 0xFFFF, 0)
+        try:
+            sock.sendto(seg, (socket.inet_ntoa(daddr), 0))
+            sent += 1
+        except OSError:
+            pass  # a full transmit queue: a flood does not care
+        if i % 1000 == 999:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.monotonic() - start}
+
+
+def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
+    """One UDP socket sends `count` datagrams to ports 1, 2, ... of `host`
+    (a port scan), paced to take at least `seconds`; counts the answers."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    start, answers = time.monotonic(), 0
+    for i in range(count):
+        try:
+            sock.sendto(b"scan", (host, 1 + i % 65535))
+        except OSError:
+            pass
+        while True:
+            try:
+                sock.recv(64)
+                answers += 1
+            except OSError:
+                break
+        if i % 500 == 499:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": count, "answers": answers, "seconds": time.monotonic() - start}
+
+
+def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
+    srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    srv.bind(("::", port))
+    if bind == "::":
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind((bind, port))
     srv.listen(128)
     while True:
         conn, _ = srv.accept()
@@ -787,6 +893,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("port", type=int)
         p.add_argument("payload")
         p.add_argument("--timeout", type=float, default=3)
+        for opt in ("--ipopts", "--hopopts", "--dstopts"):
+            p.add_argument(opt, help="hex bytes: IPv4 options, IPv6 hop-by-hop or destination options header")
+        if name == "udp":
+            p.add_argument("--resend", type=float, default=0)
+            p.add_argument("--broadcast", action="store_true")
+        else:
+            p.add_argument("--urgent", type=int, help="send byte N of the payload as urgent data")
     p = sub.add_parser("many")
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--timeout", type=float, default=20)
@@ -801,22 +914,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sport", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5)
     p.add_argument("--one-by-one", action="store_true")
+    p = sub.add_parser("synflood")
+    p.add_argument("src")
+    p.add_argument("net")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("udpscan")
+    p.add_argument("host")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
     p = sub.add_parser("serve-tcp")
     p.add_argument("port", type=int)
     p.add_argument("reply")
+    p.add_argument("--bind", default="::")
     a = ap.parse_args(argv)
     if a.cmd == "tcp":
-        out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_tcp(a.host, a.port, a.payload, a.timeout, a)
     elif a.cmd == "udp":
-        out = cmd_udp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend, a)
     elif a.cmd == "many":
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
     elif a.cmd == "fan-out":
         out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
+    elif a.cmd == "synflood":
+        out = cmd_synflood(a.src, a.net, a.count, a.seconds)
+    elif a.cmd == "udpscan":
+        out = cmd_udpscan(a.host, a.count, a.seconds)
     else:
-        cmd_serve_tcp(a.port, a.reply)
+        cmd_serve_tcp(a.port, a.reply, a.bind)
         return
     print(json.dumps(out))
 

@@ -9,14 +9,16 @@ from nftdivert.packet import TCP, UDP
 LISTENERS = {TCP: 1337, UDP: 1338}
 BOUND = {(TCP, 22), (UDP, 53)}
 LEFT_ALONE = {(TCP, 443)}
+HERE = bytes([192, 0, 2, 1])
 
 
 def run(protocol, dport, listeners=LISTENERS):
     return decide(
         protocol,
+        HERE,
         dport,
         listeners=listeners,
-        is_bound=lambda p, port: (p, port) in BOUND,
+        is_bound=lambda p, addr, port: (p, port) in BOUND,
         left_alone=lambda p, port: (p, port) in LEFT_ALONE,
     )
 
@@ -50,12 +52,15 @@ def test_callbacks_get_protocol_and_port_and_bound_is_asked_last():
         calls.append(("left_alone", p, port))
         return True
 
-    def is_bound(p, port):
-        calls.append(("is_bound", p, port))
+    def is_bound(p, addr, port):
+        calls.append(("is_bound", p, addr, port))
         return False
 
-    assert decide(TCP, 80, listeners=LISTENERS, is_bound=is_bound, left_alone=left_alone) is None
+    assert decide(TCP, HERE, 80, listeners=LISTENERS, is_bound=is_bound, left_alone=left_alone) is None
     assert calls == [("left_alone", TCP, 80)]
+    calls.clear()
+    decide(TCP, HERE, 80, listeners=LISTENERS, is_bound=is_bound, left_alone=lambda p, port: False)
+    assert calls == [("is_bound", TCP, HERE, 80)]  # the address after NAT, for family and address
 
 
 def test_divert_is_frozen():

@@ -110,3 +110,23 @@ def test_local_mode_leaves_users_alone(local):
     mine = [x for x in lines if x["original_destination"] == "198.51.100.51:45678"]
     # Exactly one conversation to it: root's.
     assert [x["client"].rsplit(":", 1)[1] for x in mine] == [str(root["local"][1])], mine
+
+
+def test_local_mode_a_loopback_service_is_reached_and_one_on_another_address_is_not(local):
+    """In local mode `redirect` goes to 127.0.0.1: a service there is what the
+    host's own programs reach; one on the host's other address is not, so
+    that port stays diverted."""
+    host, div = local
+    procs = [lab.serve_tcp(host, 9002, "own-loopback", bind="127.0.0.1"),
+             lab.serve_tcp(host, 9003, "own-out0", bind="192.0.2.10")]
+    try:
+        lab.wait_bound_set(host, "tcp", 9002, address="127.0.0.1")
+        lab.wait_bound_set(host, "tcp", 9003, address="192.0.2.10")
+        r = lab.run_client(host, "tcp", "198.51.100.52", "9002", "hello")
+        assert r["ok"] and r["reply"] == "own-loopback" and r["peer"] == ["198.51.100.52", 9002], r
+        r = lab.run_client(host, "tcp", "198.51.100.53", "9003", "echo-9003")
+        assert r["ok"] and r["reply"] == "echo-9003" and r["peer"] == ["198.51.100.53", 9003], r
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=5)

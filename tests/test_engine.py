@@ -221,8 +221,10 @@ def test_apply_fills_bound_port_sets_from_this_namespace(cli):
         objects = cli.nft_json("list", "set", "inet", "nftdivert", name)
         return next(o["set"] for o in objects if "set" in o).get("elem", [])
 
-    assert elements("bound_tcp_ports") == [5555]
-    assert elements("bound_udp_ports") == [5556]
+    # Each for its own family and address only.
+    assert elements("bound_tcp_v4") == [{"concat": ["127.0.0.1", 5555]}]
+    assert elements("bound_udp_v6") == [{"concat": ["::1", 5556]}]
+    assert elements("bound_tcp_v6") == elements("bound_udp_v4") == []
 
 
 # ---- atomicity ---------------------------------------------------------------------
@@ -325,8 +327,8 @@ def test_diff_lifecycle(cli):
     assert cli("diff", "-c", cfg).returncode == 0
 
     # Bound-port sets change at run time by design: no drift.
-    cli.nft("add", "element", "inet", "nftdivert", "bound_tcp_ports", "{ 4444 }")
-    cli.nft("add", "element", "inet", "nftdivert", "bound_udp_ports", "{ 53, 4445 }")
+    cli.nft("add", "element", "inet", "nftdivert", "bound_tcp_v4", "{ 0.0.0.0/0 . 4444 }")
+    cli.nft("add", "element", "inet", "nftdivert", "bound_udp_v6", "{ ::1 . 53, ::/0 . 4445 }")
     proc = cli("diff", "-c", cfg)
     assert proc.returncode == 0, proc.stdout
 

@@ -16,15 +16,15 @@ LISTEN = {TCP: 1337, UDP: 1338}
 BOUND = {(TCP, 22)}
 
 
-def make(on_new=None, max_entries=100, resolve=None):
+def make(on_new=None, max_entries=100, is_local=None, resolve=None):
     table = ConversationTable(max_entries=max_entries, tcp_idle=60.0, udp_idle=10.0, close_grace=2.0)
     decide = partial(
         decide_mod.decide,
         listeners=LISTEN,
-        is_bound=lambda p, port: (p, port) in BOUND,
+        is_bound=lambda p, addr, port: (p, port) in BOUND,
         left_alone=lambda p, port: False,
     )
-    return FixUp(table, decide, Counters(), on_new=on_new, resolve=resolve)
+    return FixUp(table, decide, Counters(), on_new=on_new, is_local=is_local, resolve=resolve)
 
 
 class Conntrack:
@@ -97,6 +97,30 @@ def test_udp_any_datagram_starts_and_replies_are_restored():
     assert len(seen) == 1  # UDP is announced at once: a listener need not answer
     reply = f.outgoing(server(1338, 5353, payload=b"a", protocol=UDP), 0.1)
     assert ports(reply) == (53, 5353) and checksum_valid(reply)
+
+
+BROADCAST = bytes([203, 0, 113, 255])  # of V4_LOCAL's link
+
+
+def test_a_broadcast_conversation_gets_the_reply_from_our_unicast_address_restored():
+    f = make(is_local=lambda addr: addr == V4_LOCAL, max_entries=2)
+    to_all = packet(4, UDP, V4_CLIENT, BROADCAST, 5353, 137, b"q")
+    out = f.incoming(to_all, 0.0)
+    assert ports(out) == (5353, 1338) and checksum_valid(out)
+    # The listener answers from the address the kernel picks, not the broadcast one.
+    reply = f.outgoing(packet(4, UDP, V4_LOCAL, V4_CLIENT, 1338, 5353, b"a"), 0.1)
+    assert ports(reply) == (137, 5353) and checksum_valid(reply)
+    # Gone from the table (two newer conversations pushed it out): no longer restored.
+    f.incoming(client(1, 53, payload=b"q", protocol=UDP), 0.2)
+    f.incoming(client(2, 53, payload=b"q", protocol=UDP), 0.3)
+    assert f.outgoing(packet(4, UDP, V4_LOCAL, V4_CLIENT, 1338, 5353, b"a"), 0.4) is None
+
+
+def test_a_reply_from_another_address_is_not_taken_for_a_unicast_conversation():
+    f = make(is_local=lambda addr: addr == V4_LOCAL)
+    f.incoming(client(5353, 53, payload=b"q", protocol=UDP), 0.0)
+    elsewhere = bytes([192, 0, 2, 1])
+    assert f.outgoing(packet(4, UDP, elsewhere, V4_CLIENT, 1338, 5353, b"a"), 0.1) is None
 
 
 def test_unknown_reply_is_untouched():
@@ -238,7 +262,7 @@ def test_udp_socket_talking_to_many_ports_keeps_every_mapping():
 def test_decide_failure_counts_an_error_and_passes():
     f = make()
 
-    def broken(protocol, dport):
+    def broken(protocol, daddr, dport):
         raise RuntimeError("boom")
 
     f.decide = broken

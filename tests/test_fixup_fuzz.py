@@ -21,7 +21,7 @@ ADDRS = {4: (V4_CLIENT, V4_LOCAL), 6: (V6_CLIENT, V6_LOCAL)}
 def make():
     table = ConversationTable(max_entries=64, tcp_idle=60.0, udp_idle=10.0, close_grace=2.0)
     decide = partial(
-        decide_mod.decide, listeners=LISTEN, is_bound=lambda p, port: port == 22, left_alone=lambda p, port: False
+        decide_mod.decide, listeners=LISTEN, is_bound=lambda p, addr, port: port == 22, left_alone=lambda p, port: False
     )
     return FixUp(table, decide, Counters())
 

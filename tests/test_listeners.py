@@ -148,3 +148,24 @@ def test_a_taken_port_names_the_listener():
         with pytest.raises(OSError, match=f"listener busy \\(tcp port {port}\\)"):
             lst.start()
         lst.stop()
+
+
+def test_an_empty_datagram_is_echoed(running):
+    _, ports = running
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(b"", ("127.0.0.1", ports["u"]))
+        assert s.recvfrom(16) == (b"", ("127.0.0.1", ports["u"]))
+
+
+def test_the_urgent_byte_is_echoed_in_place(running):
+    _, ports = running
+    with socket.create_connection(("127.0.0.1", ports["t"]), timeout=5) as s:
+        s.sendall(b"before")
+        s.send(b"!", socket.MSG_OOB)
+        s.sendall(b"after")
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got == b"before!after"

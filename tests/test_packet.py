@@ -8,10 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from builders import (
+    AH,
+    DEST_OPTS,
+    FRAGMENT_HEADER,
+    HOP_BY_HOP,
+    PADN6,
+    ROUTING,
     V4_CLIENT,
     V4_LOCAL,
     V6_CLIENT,
     V6_LOCAL,
+    extension_headers,
     ipv4,
     ipv6,
     packet,
@@ -34,6 +41,16 @@ def v6(l4, next_header=TCP, **kw):
 
 SYN_SEGMENT = tcp_segment(1, 2, SYN)
 
+
+def v6_ext(chain, l4=SYN_SEGMENT, protocol=TCP):
+    first, headers = extension_headers(chain, protocol)
+    return v6(headers + l4, next_header=first)
+
+
+# A routing header (type 4, segment routing) whose segments left is 0 or 1.
+ROUTING_DONE = bytes([4, 0]) + bytes(4)
+ROUTING_UNDER_WAY = bytes([4, 1]) + bytes(4)
+
 UNFIT = [
     ("empty", b"", "short-header"),
     ("v4 shorter than its header", TCP4[:19], "short-header"),
@@ -41,7 +58,7 @@ UNFIT = [
     ("version 0", b"\x05" + TCP4[1:], "bad-version"),
     ("version 5", b"\x55" + TCP4[1:], "bad-version"),
     ("IHL below 5", b"\x44" + TCP4[1:], "short-header"),
-    ("IPv4 options", v4(SYN_SEGMENT, options=b"\x01\x01\x01\x00"), "ip-options"),
+    ("IPv4 options past the packet", v4(SYN_SEGMENT[:0], options=bytes(4), ihl=15), "short-header"),
     ("v4 copy cut short", TCP4[:-1], "truncated"),
     ("v4 NFQUEUE 4016-byte copy", v4(tcp_segment(1, 2, ACK, bytes(5000)))[:4016], "truncated"),
     ("v6 copy cut short", UDP6[:-1], "truncated"),
@@ -52,9 +69,14 @@ UNFIT = [
     ("v4 non-first fragment", v4(SYN_SEGMENT, frag=0x0001), "fragment"),
     ("v4 last fragment with DF", v4(SYN_SEGMENT, frag=0x4010), "fragment"),
     ("v6 fragment header", v6(bytes(8) + SYN_SEGMENT, next_header=44), "fragment"),
-    ("v6 hop-by-hop", v6(bytes(8) + SYN_SEGMENT, next_header=0), "ipv6-extension-header"),
-    ("v6 routing header", v6(bytes(8) + SYN_SEGMENT, next_header=43), "ipv6-extension-header"),
-    ("v6 destination options", v6(bytes(8) + SYN_SEGMENT, next_header=60), "ipv6-extension-header"),
+    ("v6 fragment after hop-by-hop", v6_ext([(HOP_BY_HOP, PADN6), (FRAGMENT_HEADER, bytes(6))]), "fragment"),
+    ("v6 routing header under way", v6_ext([(ROUTING, ROUTING_UNDER_WAY)]), "ipv6-extension-header"),
+    ("v6 AH", v6_ext([(DEST_OPTS, PADN6), (AH, bytes(14))]), "ipv6-extension-header"),
+    ("v6 mobility header", v6(bytes(8), next_header=135), "ipv6-extension-header"),
+    ("v6 headers beyond 512 bytes", v6_ext([(DEST_OPTS, PADN6)] * 70), "ipv6-extension-header"),
+    ("v6 extension header cut", v6(bytes([TCP, 0, 1, 4]), next_header=HOP_BY_HOP), "short-header"),
+    ("v6 extension header longer than the packet", v6(bytes([TCP, 9]) + PADN6, next_header=HOP_BY_HOP),
+     "short-header"),
     ("v4 ICMP", v4(bytes(8), protocol=1), "unknown-protocol"),
     ("v6 ICMPv6", v6(bytes(8), next_header=58), "unknown-protocol"),
     ("v4 SCTP", v4(bytes(12), protocol=132), "unknown-protocol"),
@@ -78,7 +100,6 @@ def test_every_reason_is_exercised():
     assert {c[2] for c in UNFIT} == {
         "short-header",
         "bad-version",
-        "ip-options",
         "truncated",
         "length-mismatch",
         "fragment",
@@ -119,6 +140,31 @@ def test_parse_tcp6_with_options_and_udp4():
     assert (seg.version, seg.protocol, seg.sport, seg.dport, seg.l4_offset) == (6, TCP, 1, 65535, 40)
     seg = parse(packet(4, UDP, V4_CLIENT, V4_LOCAL, 0, 9, b""))
     assert (seg.version, seg.protocol, seg.sport, seg.dport, seg.checksum_offset) == (4, UDP, 0, 9, 26)
+
+
+@pytest.mark.parametrize("protocol", [TCP, UDP])
+def test_ipv4_options_are_stepped_over(protocol):
+    options = bytes.fromhex("07070400" "00000000" "01010100")  # record route (one slot), NOP NOP NOP EOL
+    data = packet(4, protocol, V4_CLIENT, V4_LOCAL, 40000, 8080, b"x", ip_options=options)
+    seg = parse(data)
+    assert isinstance(seg, Segment), seg
+    assert (seg.sport, seg.dport, seg.l4_offset) == (40000, 8080, 32)
+    assert seg.checksum_offset == 32 + (16 if protocol == TCP else 6)
+
+
+@pytest.mark.parametrize("chain", [
+    [(HOP_BY_HOP, PADN6)],
+    [(DEST_OPTS, PADN6 + bytes(8))],
+    [(ROUTING, ROUTING_DONE)],
+    [(HOP_BY_HOP, PADN6), (ROUTING, ROUTING_DONE), (DEST_OPTS, PADN6)],
+], ids=["hop-by-hop", "destination-options-16", "routing-done", "three"])
+@pytest.mark.parametrize("protocol", [TCP, UDP])
+def test_ipv6_extension_headers_are_walked(chain, protocol):
+    data = packet(6, protocol, V6_CLIENT, V6_LOCAL, 5353, 53, b"q", ext=chain)
+    seg = parse(data)
+    assert isinstance(seg, Segment), seg
+    assert (seg.protocol, seg.sport, seg.dport) == (protocol, 5353, 53)
+    assert seg.l4_offset == 40 + sum(2 + len(body) for _, body in chain)
 
 
 def test_dont_fragment_alone_is_fine():

@@ -12,6 +12,7 @@ import pytest
 
 import lab
 import netns
+import procs
 from conftest import nftdivert_argv
 
 pytestmark = pytest.mark.kernel
@@ -59,3 +60,12 @@ def test_an_unwritable_pcap_path_is_bad_input_and_nothing_is_applied(host, tmp_p
     assert proc.returncode == 2
     assert "worker.pcap (-w)" in proc.stderr and "No such file or directory" in proc.stderr
     assert host.run("nft", "list", "ruleset").stdout == ""
+
+
+def test_sigkill_of_run_takes_its_listener_process_along(host, tmp_path):
+    proc = start(host, tmp_path)
+    children = procs.descendants(proc.pid)  # the built-in listeners' process
+    assert children
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not (left := procs.wait_gone(children, 1.0)), f"outlived `nftdivert run` by more than a second: {left}"
