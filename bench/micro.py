@@ -23,7 +23,7 @@ def micro(iterations: int, reps: int) -> dict:
 
     import builders
     from nftdivert.config import Config
-    from nftdivert.packet import ACK, SYN, TCP
+    from nftdivert.packet import ACK, SYN, TCP, UDP
     from nftdivert.worker import build_fixup, new_conversation_event
 
     cfg = Config()
@@ -33,7 +33,7 @@ def micro(iterations: int, reps: int) -> dict:
     def fresh():
         # on_new as `nftdivert run` wires it: build the log event, hand it to the log thread.
         return build_fixup(cfg, lambda proto, addr, port: port in bound_ports,
-                           on_new=lambda key, conv, seg: events.put(new_conversation_event(cfg, key, conv, seg)))
+                           on_new=lambda conv: events.put(new_conversation_event(cfg, conv)))
 
     local = ipaddress.ip_address(DIVERT_ADDR).packed  # after `redirect`: the diverter's address
     psh = 0x08
@@ -59,8 +59,13 @@ def micro(iterations: int, reps: int) -> dict:
     n_conv = 1000
     say(f"micro: building {n_syn + 6 * n_conv} packets")
     syns = [inc(i, SYN, opts=syn_opts) for i in range(n_syn)]
+    # One UDP socket scanning ports: every datagram a new conversation from the
+    # same client port, so each needs a free alias port at the listener.
+    scan = [builders.packet(4, UDP, client(0), local, 5353, 2000 + i, b"probe") for i in range(n_syn)]
+    openers = {"in_syn_new": syns, "in_udp_scan_new": scan}
     kinds = {
         "in_syn_new": None,
+        "in_udp_scan_new": None,
         "out_synack": [out(i, SYN | ACK, opts=syn_opts) for i in range(n_conv)],
         "in_ack": [inc(i, ACK) for i in range(n_conv)],
         "in_data_64": [inc(i, ACK | psh, bytes(64)) for i in range(n_conv)],
@@ -75,7 +80,7 @@ def micro(iterations: int, reps: int) -> dict:
         for _ in range(reps):
             fx = fresh()
             if pkts is None:  # every packet opens a conversation the table has not seen
-                batch, fn = syns, fx.incoming
+                batch, fn = openers[kind], fx.incoming
             else:
                 for p in syns[:n_conv]:  # the conversations these packets belong to
                     fx.incoming(p, now)

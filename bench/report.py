@@ -18,7 +18,8 @@ def machine() -> dict:
 
 MICRO_LABELS = {
     "in_syn_new": "FixUp.incoming  SYN, new conversation",
-    "out_synack": "FixUp.outgoing  SYN-ACK reply",
+    "in_udp_scan_new": "FixUp.incoming  UDP, new, same client port",
+    "out_synack": "FixUp.outgoing  SYN-ACK reply (announces it)",
     "in_ack": "FixUp.incoming  ACK, no data",
     "in_data_64": "FixUp.incoming  data, 64 B",
     "in_data_1400": "FixUp.incoming  data, 1400 B",

@@ -10,6 +10,9 @@ The worker knows the packet as the kernel delivered it, after NAT:
 client:client_port -> local:port. That is exactly the entry's REPLY tuple
 turned around (local:port -> client:client_port), and the kernel finds an
 entry by either of its tuples, so one CT_GET with CTA_TUPLE_REPLY suffices.
+The same GET also finds a conversation whose client port the kernel itself
+remapped (its reply tuple then names the new port), so the worker asks it
+for replies it cannot place; see `Conntrack.entry`.
 
 Entries are only in the table once confirmed, i.e. after the first packet has
 passed the last netfilter hook. The queue callback runs before that, hence
@@ -23,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+from typing import NamedTuple
 
 # Not all exported by the socket module; values are from the Linux UAPI headers.
 NETLINK_NETFILTER = 12  # linux/netlink.h
@@ -64,6 +68,8 @@ IPCTNL_MSG_CT_NEW = 0  # event/dump messages describing an entry
 IPCTNL_MSG_CT_GET = 1
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
+CTA_STATUS = 3
+CTA_ID = 12
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC = 1
@@ -73,6 +79,7 @@ CTA_IP_V6_DST = 4
 CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
+IPS_SEEN_REPLY = 1 << 1  # linux/netfilter/nf_conntrack_common.h
 
 TCP = 6
 UDP = 17
@@ -83,6 +90,18 @@ RECV_BUFFER = 65536
 DEFAULT_TIMEOUT = 1.0  # seconds; the kernel answers at once or never
 
 _FAMILY = {4: (socket.AF_INET, 4, CTA_IP_V4_SRC, CTA_IP_V4_DST), 6: (socket.AF_INET6, 16, CTA_IP_V6_SRC, CTA_IP_V6_DST)}
+
+
+class Entry(NamedTuple):
+    """What one conntrack entry says: its ORIGINAL tuple, the client's side of
+    the conversation before any NAT, and two facts about the entry itself."""
+
+    src: bytes  # the client
+    src_port: int  # the client's own port (the kernel may have remapped it since)
+    dst: bytes  # the destination the client asked for
+    dst_port: int
+    id: int  # CTA_ID, 0 when the kernel sent none
+    seen_reply: bool  # a reply has already passed conntrack (IPS_SEEN_REPLY)
 
 
 class ConntrackError(OSError):
@@ -165,28 +184,44 @@ def build_get_request(seq: int, version: int, protocol: int, client: bytes, clie
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
-def parse_original_destination(payload: bytes | memoryview) -> tuple[int, bytes, int]:
-    """(family, address, port) of the ORIGINAL tuple's destination in a ctnetlink entry message body."""
+def _u32(attrs: dict[int, memoryview], attr_type: int) -> int:
+    value = attrs.get(attr_type)
+    if value is None:
+        return 0
+    if len(value) != 4:
+        raise NetlinkFormatError(f"attribute {attr_type} of {len(value)} bytes, not 4")
+    return struct.unpack("!I", value)[0]
+
+
+def _endpoint(ip: dict[int, memoryview], proto: dict[int, memoryview], which: str) -> tuple[bytes, int]:
+    v4, v6, port_type = ((CTA_IP_V4_SRC, CTA_IP_V6_SRC, CTA_PROTO_SRC_PORT) if which == "source"
+                         else (CTA_IP_V4_DST, CTA_IP_V6_DST, CTA_PROTO_DST_PORT))
+    if v4 in ip:
+        address, size = bytes(ip[v4]), 4
+    elif v6 in ip:
+        address, size = bytes(ip[v6]), 16
+    else:
+        raise NetlinkFormatError(f"no {which} address in CTA_TUPLE_IP")
+    if len(address) != size:
+        raise NetlinkFormatError(f"{which} address of {len(address)} bytes")
+    port_attr = proto.get(port_type)
+    if port_attr is None or len(port_attr) != 2:
+        raise NetlinkFormatError(f"{which} port missing or not 2 bytes")
+    return address, struct.unpack("!H", port_attr)[0]
+
+
+def parse_entry(payload: bytes | memoryview) -> Entry:
+    """The Entry in a ctnetlink entry message body (after the nlmsghdr)."""
     view = memoryview(payload)
     if len(view) < NFGENMSG.size:
         raise NetlinkFormatError("message shorter than nfgenmsg")
-    family, _, _ = NFGENMSG.unpack_from(view)
-    orig = _nested(parse_attrs(view[NFGENMSG.size :]), CTA_TUPLE_ORIG, "CTA_TUPLE_ORIG")
+    top = parse_attrs(view[NFGENMSG.size :])
+    orig = _nested(top, CTA_TUPLE_ORIG, "CTA_TUPLE_ORIG")
     ip = _nested(orig, CTA_TUPLE_IP, "CTA_TUPLE_IP")
     proto = _nested(orig, CTA_TUPLE_PROTO, "CTA_TUPLE_PROTO")
-    if CTA_IP_V4_DST in ip:
-        address, size = bytes(ip[CTA_IP_V4_DST]), 4
-    elif CTA_IP_V6_DST in ip:
-        address, size = bytes(ip[CTA_IP_V6_DST]), 16
-    else:
-        raise NetlinkFormatError("no destination address in CTA_TUPLE_IP")
-    if len(address) != size:
-        raise NetlinkFormatError(f"destination address of {len(address)} bytes")
-    port_attr = proto.get(CTA_PROTO_DST_PORT)
-    if port_attr is None or len(port_attr) != 2:
-        raise NetlinkFormatError("CTA_PROTO_DST_PORT missing or not 2 bytes")
-    (port,) = struct.unpack("!H", port_attr)
-    return family, address, port
+    src, src_port = _endpoint(ip, proto, "source")
+    dst, dst_port = _endpoint(ip, proto, "destination")
+    return Entry(src, src_port, dst, dst_port, _u32(top, CTA_ID), bool(_u32(top, CTA_STATUS) & IPS_SEEN_REPLY))
 
 
 def _error_reason(flags: int, data: memoryview) -> str:
@@ -242,13 +277,13 @@ class Conntrack:
                 self._sock.close()
                 self._sock = None
 
-    def original_destination(self, version: int, protocol: int, client: bytes, client_port: int,
-                             local: bytes, local_port: int) -> tuple[bytes, int] | None:
-        """(address, port) the client originally sent to, or None if conntrack has no such entry.
+    def entry(self, version: int, protocol: int, client: bytes, client_port: int,
+              local: bytes, local_port: int) -> Entry | None:
+        """The entry whose REPLY tuple is local:local_port -> client:client_port, or None.
 
-        client/client_port: the packet's source as the worker saw it; local:
-        its destination address after the redirect; local_port: its
-        destination port before the worker rewrote it (redirect keeps it).
+        client/client_port: the packet's source as the worker saw it (or the
+        port a listener's reply goes to); local: its destination address after
+        the redirect; local_port: the port the client asked for (redirect keeps it).
         """
         with self._lock:
             if self._sock is None:
@@ -267,6 +302,12 @@ class Conntrack:
                 # e.g. ENOBUFS when our receive queue overflowed
                 raise ConntrackError(exc.errno, f"ctnetlink: {exc.strerror or exc}") from exc
 
+    def original_destination(self, version: int, protocol: int, client: bytes, client_port: int,
+                             local: bytes, local_port: int) -> tuple[bytes, int] | None:
+        """(address, port) the client originally sent to, or None if conntrack has no such entry."""
+        found = self.entry(version, protocol, client, client_port, local, local_port)
+        return None if found is None else (found.dst, found.dst_port)
+
     def original_destination_retry(self, version: int, protocol: int, client: bytes, client_port: int,
                                    local: bytes, local_port: int, attempts: int = 10,
                                    delay: float = 0.02) -> tuple[bytes, int] | None:
@@ -279,11 +320,11 @@ class Conntrack:
                 return found
         return None
 
-    def _receive(self, seq: int) -> tuple[bytes, int] | None:
+    def _receive(self, seq: int) -> Entry | None:
         """Read until the NLMSG_ERROR/ack for `seq`; messages for other sequence numbers
         (late answers to a request that timed out) are dropped."""
         assert self._sock is not None
-        found: tuple[bytes, int] | None = None
+        found: Entry | None = None
         while True:
             size = self._sock.recv_into(self._buffer)
             view = memoryview(self._buffer)[:size]
@@ -316,5 +357,4 @@ class Conntrack:
                 if msg_type >> 8 != NFNL_SUBSYS_CTNETLINK:
                     continue
                 if found is None:
-                    _family, address, port = parse_original_destination(payload)
-                    found = (address, port)
+                    found = parse_entry(payload)

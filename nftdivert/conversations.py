@@ -1,22 +1,39 @@
-"""Bounded table of diverted conversations: who was redirected from which port.
+"""Bounded table of diverted conversations: routes on the way in, bindings on the way out.
 
-The incoming side needs it to keep rewriting a conversation consistently, the
-outgoing side to put the original port back on the listener's replies.
+The worker sees a client's packet at input priority -150: after the redirect
+(dstnat) but before the kernel's source-NAT step at input (priority 100).
+When one client port talks to two addresses on the same port, both
+conversations would end in the same reply tuple, so at 100 the kernel gives
+all but one of them another client port. At -150 they still look alike.
+
+So the table keeps two things:
+- a Route per tuple as the worker sees it on the way in (RouteKey): which
+  listener port and which client port to write. Conversations that share a
+  RouteKey share the route.
+- a Conversation per tuple as the listener sees it (Binding), which is unique
+  and which its replies carry: which ports to put back. A route lives while
+  any conversation bound to it lives.
+
 Time is always passed in (monotonic seconds) so behaviour is reproducible.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 from nftdivert.packet import TCP
 
+# Alias client ports come from here (the kernel's own NAT range for ports >= 1024).
+ALIAS_FIRST, ALIAS_LAST = 1024, 65535
 
-class ConversationKey(NamedTuple):
-    """A conversation as the client sees it, after NAT: the original port
-    belongs in it, because a client may reuse one source port towards two
-    destinations at once. Compares and hashes like the plain tuple."""
+
+class RouteKey(NamedTuple):
+    """A conversation as the worker sees it on the incoming side, after the
+    redirect: the original port belongs in it, because a client may use one
+    source port towards several ports at once. Compares and hashes like the
+    plain tuple."""
 
     protocol: int
     client_addr: bytes
@@ -25,49 +42,71 @@ class ConversationKey(NamedTuple):
     original_port: int
 
 
-class ListenerSide(NamedTuple):
-    """The same conversation as the listener sees it (its replies carry this)."""
+class Binding(NamedTuple):
+    """A conversation as the listener sees it (its replies carry this, reversed)."""
 
     protocol: int
     client_addr: bytes
-    client_port: int  # the conversation's alias_port
+    client_port: int  # the alias the worker wrote, or the port the kernel chose
     local_addr: bytes
+
+
+@dataclass(slots=True)
+class _Peer:
+    """One client address towards one local address, per protocol."""
+
+    # Original ports of its routes -> how many routes use each, most recently used last.
+    ports: OrderedDict = field(default_factory=OrderedDict)
+    cursor: int = 0  # the next alias port to try; 0: not used yet
+
+
+@dataclass(slots=True)
+class Route:
+    """How the incoming packets of a RouteKey are rewritten."""
+
+    listener_port: int
+    alias_port: int  # the client port written into them
+    indev: int
+    members: set = field(default_factory=set)  # the Bindings of its conversations
+    peer: _Peer | None = None
 
 
 @dataclass(slots=True)
 class Conversation:
     """Mutable on purpose: last_seen is touched on every packet."""
 
-    original_port: int
+    binding: Binding
+    route: RouteKey
     listener_port: int
+    # The destination port its replies get back: the port conntrack's reply
+    # tuple expects. The client's own port, or the one the kernel gave it.
+    reply_port: int
     created: float
     last_seen: float
     closing_since: float | None = None
-    # The client port the listener sees. It equals the client's own port
-    # unless that is already taken at the listener by another conversation
-    # of the same client (same port, other destination): both would become
-    # one socket there, so this one gets another port, and its replies get
-    # the real one back.
-    alias_port: int = 0
-    # First-seen metadata, for logs; set by whoever creates the entry.
     indev: int = 0
-    original_dst: bytes | None = None
+    # From conntrack when the conversation was learned there: (address, port)
+    # the client asked for. None: the log asks conntrack itself.
+    original: tuple[bytes, int] | None = None
+    announced: bool = False  # its log line has been handed over
 
 
 @dataclass(frozen=True, slots=True)
 class TableStats:
     size: int
+    routes: int
     evicted_idle: int
     evicted_closed: int
     evicted_cap: int
 
 
 class ConversationTable:
-    """LRU-ordered: the front holds the least recently seen entry.
+    """Conversations in LRU order: the front holds the least recently seen.
 
     That order makes both the size cap (drop the front) and idle expiry (scan
     from the front, stop at the first fresh entry) cheap. It relies on `now`
-    never going backwards, as time.monotonic() guarantees.
+    never going backwards, as time.monotonic() guarantees. Routes and the
+    per-client index only change when conversations come and go.
     """
 
     def __init__(self, max_entries: int, tcp_idle: float, udp_idle: float, close_grace: float) -> None:
@@ -77,92 +116,171 @@ class ConversationTable:
         self.tcp_idle = tcp_idle
         self.udp_idle = udp_idle
         self.close_grace = close_grace
-        self._entries: OrderedDict[tuple, Conversation] = OrderedDict()
-        self._by_listener_side: dict[tuple, tuple] = {}
+        self._entries: OrderedDict[Binding, Conversation] = OrderedDict()
+        self._routes: dict[tuple, Route] = {}
+        self._peers: dict[tuple, _Peer] = {}
         # Closing entries in the order they started closing, i.e. of deadline.
-        self._closing: OrderedDict[tuple, float] = OrderedDict()
+        self._closing: OrderedDict[Binding, float] = OrderedDict()
         self._evicted_idle = 0
         self._evicted_closed = 0
         self._evicted_cap = 0
+        # Candidate ports free_alias() looked at, in all: the work it did.
+        self.alias_probes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
+    def __contains__(self, binding: object) -> bool:
+        return binding in self._entries
 
-    def add(self, key: ConversationKey, conv: Conversation, now: float) -> None:
-        """Insert or replace; the newest entry goes to the back.
+    # -- routes (the incoming side) -------------------------------------------
 
-        `conv.alias_port` 0 means the client's own port; use free_alias()
-        first where that port may be taken at the listener.
-        """
-        if not conv.alias_port:
-            conv.alias_port = key[2]
-        self.remove(key)
-        side = (key[0], key[1], conv.alias_port, key[3])
-        clash = self._by_listener_side.get(side)
-        if clash is not None:  # the caller did not check: the newcomer wins
-            self.remove(clash)
+    def route(self, key: tuple) -> Route | None:
+        return self._routes.get(key)
+
+    def touch_route(self, key: tuple, route: Route, now: float) -> Conversation | None:
+        """An incoming packet went along `route`: its conversation, if the route
+        has only one (the packet can be attributed), is touched and returned."""
+        ports = route.peer.ports
+        if len(ports) > 1:
+            ports.move_to_end(key[4])  # for recent_ports(): a reply to it follows soon
+        if len(route.members) != 1:
+            return None
+        (binding,) = route.members
+        return self.get(binding, now)
+
+    def open(self, key: RouteKey, listener_port: int, now: float, *, indev: int = 0) -> Conversation:
+        """A new route for `key` and the conversation that opened it, bound at
+        the listener as the client's own port or, if another conversation of
+        this client holds that there, a free alias."""
+        self.remove_route(key)
+        alias = self.free_alias(key)
+        peer_key = (key[0], key[1], key[3])
+        peer = self._peers.get(peer_key)
+        if peer is None:
+            peer = self._peers[peer_key] = _Peer()
+        route = Route(listener_port=listener_port, alias_port=alias, indev=indev, peer=peer)
+        self._routes[key] = route
+        peer.ports[key[4]] = peer.ports.get(key[4], 0) + 1
+        peer.ports.move_to_end(key[4])
+        conv = Conversation(binding=Binding(key[0], key[1], alias, key[3]), route=key, listener_port=listener_port,
+                            reply_port=key[2], created=now, last_seen=now, indev=indev)
+        self._bind(conv, route, now)
+        return conv
+
+    def remove_route(self, key: tuple) -> None:
+        route = self._routes.get(key)
+        if route is not None:
+            for binding in list(route.members):
+                self.remove(binding)
+
+    def free_alias(self, key: tuple) -> int:
+        """The client port the listener should see for a new route `key`: the
+        client's own if free there, else the next free one after the last alias
+        given to this client (a cursor, so each new route costs O(1) amortized
+        instead of a scan over every alias already taken)."""
+        protocol, client, port, local = key[0], key[1], key[2], key[3]
+        taken = self._entries
+        self.alias_probes += 1
+        if (protocol, client, port, local) not in taken:
+            return port
+        peer = self._peers.get((protocol, client, local))
+        candidate = peer.cursor if peer is not None and peer.cursor else port
+        for _ in range(ALIAS_LAST - ALIAS_FIRST + 1):
+            candidate = candidate + 1 if ALIAS_FIRST <= candidate < ALIAS_LAST else ALIAS_FIRST
+            self.alias_probes += 1
+            if (protocol, client, candidate, local) not in taken:
+                if peer is not None:
+                    peer.cursor = candidate
+                return candidate
+        raise OverflowError("no free client port left at the listener for this client")
+
+    def recent_ports(self, protocol: int, client: bytes, local: bytes, limit: int) -> list[int]:
+        """Original ports of this client's routes to `local`, most recently used first."""
+        peer = self._peers.get((protocol, client, local))
+        return [] if peer is None else list(islice(reversed(peer.ports), limit))
+
+    # -- conversations (the listener side) --------------------------------------
+
+    def learn(self, binding: tuple, route_key: tuple, reply_port: int, now: float, *,
+              original: tuple[bytes, int] | None = None) -> Conversation | None:
+        """Bind a conversation found through conntrack to its route; it replaces
+        whatever held `binding`. None if the route is gone."""
+        route = self._routes.get(route_key)
+        if route is None:
+            return None
+        binding = Binding(*binding)
+        old = self._entries.get(binding)
+        if old is not None and old.route == route_key:
+            route.members.discard(binding)  # keeps the route alive through the swap
+            self._closing.pop(binding, None)
+            del self._entries[binding]
+        elif old is not None:
+            self.remove(binding)
+        conv = Conversation(binding=binding, route=RouteKey(*route_key), listener_port=route.listener_port,
+                            reply_port=reply_port, created=now, last_seen=now, indev=route.indev,
+                            original=original)
+        self._bind(conv, route, now)
+        return conv
+
+    def _bind(self, conv: Conversation, route: Route, now: float) -> None:
         conv.last_seen = now
-        self._entries[key] = conv
-        self._by_listener_side[side] = key
-        if conv.closing_since is not None:
-            self._closing[key] = conv.closing_since
+        self._entries[conv.binding] = conv
+        route.members.add(conv.binding)
         while len(self._entries) > self.max_entries:
             self.remove(next(iter(self._entries)))
             self._evicted_cap += 1
 
-    def free_alias(self, key: tuple) -> int:
-        """The client port the listener should see for a new conversation `key`:
-        the client's own if free there, else the next free one above it."""
-        protocol, client, port, local = key[0], key[1], key[2], key[3]
-        taken = self._by_listener_side
-        candidate = port
-        for _ in range(65536):
-            if (protocol, client, candidate, local) not in taken:
-                return candidate
-            candidate = candidate + 1 if candidate < 65535 else 1024
-        raise OverflowError("no free client port left at the listener for this client")
+    def from_listener_side(self, binding: tuple, now: float) -> Conversation | None:
+        """The conversation a reply belongs to (the reply's reversed addresses and ports)."""
+        return self.get(binding, now)
 
-    def from_listener_side(self, side: tuple, now: float) -> tuple[tuple, Conversation] | None:
-        """The conversation whose listener-side view is `side` (a reply's reversed ports)."""
-        key = self._by_listener_side.get(side)
-        if key is None:
-            return None
-        return key, self.get(key, now)
-
-    def get(self, key: tuple, now: float) -> Conversation | None:
-        conv = self._entries.get(key)
+    def get(self, binding: tuple, now: float) -> Conversation | None:
+        conv = self._entries.get(binding)
         if conv is not None:
             conv.last_seen = now
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(binding)
         return conv
 
-    def remove(self, key: tuple) -> Conversation | None:
-        self._closing.pop(key, None)
-        conv = self._entries.pop(key, None)
-        if conv is not None:
-            self._by_listener_side.pop((key[0], key[1], conv.alias_port, key[3]), None)
+    def remove(self, binding: tuple) -> Conversation | None:
+        """Forget a conversation; its route goes with its last conversation."""
+        self._closing.pop(binding, None)
+        conv = self._entries.pop(binding, None)
+        if conv is None:
+            return None
+        key = conv.route
+        route = self._routes.get(key)
+        if route is not None:
+            route.members.discard(binding)
+            if not route.members:
+                del self._routes[key]
+                ports = route.peer.ports
+                left = ports.get(key[4], 1) - 1
+                if left:
+                    ports[key[4]] = left
+                else:
+                    ports.pop(key[4], None)
+                    if not ports:
+                        self._peers.pop((key[0], key[1], key[3]), None)
         return conv
 
-    def mark_closing(self, key: tuple, now: float) -> None:
+    def mark_closing(self, binding: tuple, now: float) -> None:
         """Start the grace period on the first FIN/RST; later ones don't extend it."""
-        conv = self._entries.get(key)
+        conv = self._entries.get(binding)
         if conv is not None and conv.closing_since is None:
             conv.closing_since = now
-            self._closing[key] = now
+            self._closing[binding] = now
 
     def expire(self, now: float) -> int:
-        """Evict closed-and-graced and idle entries; return how many."""
+        """Evict closed-and-graced and idle conversations; return how many."""
         evicted = 0
         closing = self._closing
         deadline = now - self.close_grace
         while closing:
-            key, since = next(iter(closing.items()))
+            binding, since = next(iter(closing.items()))
             if since > deadline:
                 break
-            self.remove(key)
+            self.remove(binding)
             self._evicted_closed += 1
             evicted += 1
 
@@ -170,14 +288,14 @@ class ConversationTable:
         udp_cutoff = now - self.udp_idle
         oldest_cutoff = max(tcp_cutoff, udp_cutoff)
         stale = []
-        for key, conv in self._entries.items():
+        for binding, conv in self._entries.items():
             if conv.last_seen > oldest_cutoff:
                 break  # everything behind is fresher still
-            cutoff = tcp_cutoff if key[0] == TCP else udp_cutoff
+            cutoff = tcp_cutoff if binding[0] == TCP else udp_cutoff
             if conv.last_seen <= cutoff:
-                stale.append(key)
-        for key in stale:
-            self.remove(key)
+                stale.append(binding)
+        for binding in stale:
+            self.remove(binding)
         self._evicted_idle += len(stale)
         return evicted + len(stale)
 
@@ -185,6 +303,7 @@ class ConversationTable:
     def stats(self) -> TableStats:
         return TableStats(
             size=len(self._entries),
+            routes=len(self._routes),
             evicted_idle=self._evicted_idle,
             evicted_closed=self._evicted_closed,
             evicted_cap=self._evicted_cap,

@@ -16,7 +16,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TextIO
 
 PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
@@ -36,6 +36,8 @@ class NewConversation:
     listener_name: str
     listener_port: int
     indev: int
+    # Known already when the worker learned the conversation from conntrack.
+    original: tuple[bytes, int] | None = None
 
 
 def _addr(raw: bytes) -> str:
@@ -115,7 +117,7 @@ class ConversationLog:
         self._stream = stream
         self._name_for = name_for  # (address, wall time) -> the DNS name it stood for then, if any
         self._json = as_json
-        self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> (addr, port) | None
+        self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> conntrack.Entry | None
         self._retries = retries
         self._queue: queue.SimpleQueue[NewConversation | dict | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
@@ -131,25 +133,28 @@ class ConversationLog:
     def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
         self._queue.put(recycled_record(when, address, old_name, new_name))
 
-    def _original(self, ev: NewConversation) -> tuple[bytes, int] | None:
-        if self._lookup is None:
-            return None
+    def _resolve(self, ev: NewConversation) -> tuple[NewConversation, tuple[bytes, int] | None]:
+        """The event with the client's own port, and the original destination, as conntrack says."""
+        if ev.original is not None or self._lookup is None:
+            return ev, ev.original
         for attempt in range(self._retries):
             try:
                 found = self._lookup(ev.version, ev.protocol, ev.client, ev.client_port, ev.local, ev.original_port)
             except OSError:
-                return None
+                return ev, None
             if found is not None:
-                return found
+                # In local mode the kernel may have remapped the client's port
+                # before the worker saw the packet; the log names the client's own.
+                return replace(ev, client_port=found.src_port), (found.dst, found.dst_port)
             time.sleep(0.01 * (attempt + 1))
-        return None
+        return ev, None
 
     def _run(self) -> None:
         while (ev := self._queue.get()) is not None:
             if isinstance(ev, dict):
                 rec = ev
             else:
-                original = self._original(ev)
+                ev, original = self._resolve(ev)
                 name = None
                 if self._name_for is not None:
                     name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local), ev.wall_time)

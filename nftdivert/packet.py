@@ -103,6 +103,17 @@ _IPV6_WALK_LIMIT = 40 + 512
 
 def parse(data: bytes) -> Segment | Unfit:
     """Return a Segment only for a complete, plain TCP/UDP packet. Never raises."""
+    return _parse(data, True)
+
+
+def parse_head(data: bytes) -> Segment | Unfit:
+    """The headers of a copy that parse() called TRUNCATED (the queue copies
+    only the first 4016 bytes): enough to tell whose packet it is, never
+    enough to rewrite it, since its checksum covers bytes we do not have."""
+    return _parse(data, False)
+
+
+def _parse(data: bytes, whole: bool) -> Segment | Unfit:
     size = len(data)
     if size < 1:
         return SHORT_HEADER
@@ -114,7 +125,7 @@ def parse(data: bytes) -> Segment | Unfit:
         ihl = vihl & 0x0F
         if ihl < 5:
             return SHORT_HEADER
-        if total > size:
+        if total > size and whole:
             return TRUNCATED
         if total < size:
             return LENGTH_MISMATCH
@@ -127,7 +138,7 @@ def parse(data: bytes) -> Segment | Unfit:
         if size < 40:
             return SHORT_HEADER
         payload, protocol, src, dst = _IPV6.unpack_from(data)
-        if 40 + payload > size:
+        if 40 + payload > size and whole:
             return TRUNCATED
         if 40 + payload < size:
             return LENGTH_MISMATCH
@@ -158,7 +169,7 @@ def parse(data: bytes) -> Segment | Unfit:
         if l4_size < 8:
             return SHORT_HEADER
         sport, dport, length, checksum = _UDP.unpack_from(data, l4)
-        if length != l4_size:
+        if length != l4_size and (whole or length < l4_size):
             return LENGTH_MISMATCH
         return Segment(version, UDP, src, dst, sport, dport, l4, 0, checksum)
     return UNKNOWN_PROTOCOL

@@ -25,6 +25,7 @@ from .convlog import ConversationLog
 from .errors import ConfigError, KernelError, NftDivertError
 from .kernel import Nft
 from .listener_process import ListenerProcess
+from .model import QUEUE_COPY_LIMIT
 from .worker import Worker, build_fixup, new_conversation_event
 
 STATS_DIR = Path("/run/nftdivert")
@@ -72,12 +73,13 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
 
 
 def _conntrack_lookup(stack: ExitStack):
+    """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
     try:
         from .conntrack import Conntrack
         ct = stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
-    return ct.original_destination
+    return ct.entry
 
 
 def _say(message: str) -> None:
@@ -141,16 +143,26 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         listeners.on_recycled = log.dns_recycled
 
         ports = _BoundPorts(nft, config.table)
+        # The worker asks conntrack on its own socket: the log thread's retries must not hold it up.
         fixup = build_fixup(config, ports.is_bound,
-                            on_new=lambda key, conv, seg: log.submit(new_conversation_event(config, key, conv, seg)),
-                            is_local=ports.is_local)
+                            on_new=lambda conv: log.submit(new_conversation_event(config, conv)),
+                            is_local=ports.is_local, resolve=_conntrack_lookup(stack))
         statsfile = stats_path(config.table)
+        warned = False
+
+        def warn_once() -> None:
+            nonlocal warned
+            if fixup.counters.dropped and not warned:
+                warned = True
+                _say(f"warning: dropped a packet larger than the queue copies ({QUEUE_COPY_LIMIT} bytes): it cannot "
+                     "be rewritten; such packets are counted as 'dropped' and not reported again")
 
         def tick(_now: float) -> None:
             try:
                 ports.refresh()
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
+            warn_once()
             _write_stats(statsfile, _snapshot(worker, listeners))
             if pcap is not None:
                 pcap.flush()
@@ -171,6 +183,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         if on_ready is not None:
             on_ready()
         worker.run()
+        warn_once()
         _say("stopping: removing the ruleset, unbinding the queues")
         final = _snapshot(worker, listeners)
     return final
@@ -182,10 +195,11 @@ def _snapshot(worker: Worker, listeners: ListenerProcess) -> dict:
         "pid": os.getpid(),
         "updated": time.time(),
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
-                    "malformed": c.malformed, "errors": c.errors + worker.stats.verdict_errors},
+                    "malformed": c.malformed, "dropped": c.dropped,
+                    "errors": c.errors + worker.stats.verdict_errors},
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
-                          **asdict(worker.fixup.table.stats)},
+                          "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
         "kernel": worker.kernel_drops(),
     }
@@ -215,8 +229,9 @@ def read_stats(table: str) -> dict | None:
 def summary(snap: dict) -> str:
     p, c = snap["packets"], snap["conversations"]
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
-            f"malformed {p['malformed']}, errors {p['errors']}; conversations {c['new']} "
-            f"(in table {c['size']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
+            f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
+            f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
+            f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
             f"cap {c['evicted_cap']})" + _kernel_summary(snap.get("kernel", {})))
 
 

@@ -5,8 +5,8 @@ table need no lock. NetfilterQueue's own run(block=False) reads until the
 socket is empty, which under a flood is never: one queue would starve the
 other and the tick. So each turn takes at most DRAIN_BOUND packets from each
 ready queue, and the tick (expiry, stats, bound ports) is checked between
-turns. Every packet gets a verdict, whatever happens inside: `accept` in a
-`finally`.
+turns. Every packet gets a verdict, whatever happens inside: `accept` (or
+the one `drop` FixUp asks for) in a `finally`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Callable
 from . import decide as decide_mod
 from .config import Config
 from .errors import NftDivertError
-from .conversations import Conversation, ConversationKey, ConversationTable
+from .conversations import Conversation, ConversationTable
 from .convlog import NewConversation
-from .fixup import FixUp
-from .packet import TCP, UDP, Segment
+from .fixup import DROP, FixUp, Resolve
+from .packet import TCP, UDP
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
 QUEUE_LENGTH = 1024
@@ -47,10 +47,11 @@ class WorkerStats:
 
 
 def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_new=None,
-                is_local: Callable[[bytes], bool] | None = None) -> FixUp:
+                is_local: Callable[[bytes], bool] | None = None, resolve: Resolve | None = None) -> FixUp:
     """The per-packet pipeline for `config`: decide() wired to its listeners and exemptions.
 
-    `is_local(address)`: is it one of this host's unicast addresses (see FixUp)."""
+    `is_local(address)`: is it one of this host's unicast addresses (see FixUp).
+    `resolve`: a conntrack lookup by reply tuple (see FixUp)."""
     listeners = {PROTOCOLS[p]: lst.port for p in PROTOCOLS if (lst := config.default_listener(p))}
     ranges = {TCP: config.leave_alone.tcp_ports, UDP: config.leave_alone.udp_ports}
 
@@ -60,7 +61,7 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
     table = ConversationTable(config.worker.max_conversations, config.worker.tcp_idle,
                               config.worker.udp_idle, config.worker.close_grace)
     decide = partial(decide_mod.decide, listeners=listeners, is_bound=is_bound, left_alone=left_alone)
-    return FixUp(table, decide, on_new=on_new, is_local=is_local)
+    return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve)
 
 
 class _BoundedSocket:
@@ -128,12 +129,15 @@ class Worker:
         self._verdict(pkt, False)
 
     def _verdict(self, pkt, incoming: bool) -> None:
+        drop = False
         try:
             data = pkt.get_payload()
             now = time.monotonic()
             new = (self.fixup.incoming(data, now, indev=pkt.indev) if incoming
                    else self.fixup.outgoing(data, now))
-            if new is not None:
+            if new is DROP:
+                drop = True
+            elif new is not None:
                 pkt.set_payload(new)
                 if self.pcap is not None:
                     wall = time.time()
@@ -142,7 +146,10 @@ class Worker:
         except Exception:  # noqa: BLE001 - the verdict below must still happen
             self.stats.verdict_errors += 1
         finally:
-            pkt.accept()
+            if drop:
+                pkt.drop()
+            else:
+                pkt.accept()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -221,10 +228,11 @@ class Worker:
             sel.close()
 
 
-def new_conversation_event(config: Config, key: ConversationKey, conv: Conversation, seg: Segment) -> NewConversation:
-    names = {lst.port: lst.name for lst in config.listeners if lst.protocol == ("tcp" if seg.protocol == TCP else "udp")}
+def new_conversation_event(config: Config, conv: Conversation) -> NewConversation:
+    protocol, client, client_port, local, original_port = conv.route
+    names = {lst.port: lst.name for lst in config.listeners if lst.protocol == ("tcp" if protocol == TCP else "udp")}
     return NewConversation(
-        wall_time=time.time(), version=seg.version, protocol=seg.protocol,
-        client=seg.src, client_port=seg.sport, local=seg.dst, original_port=conv.original_port,
+        wall_time=time.time(), version=4 if len(client) == 4 else 6, protocol=protocol,
+        client=client, client_port=client_port, local=local, original_port=original_port,
         listener_name=names.get(conv.listener_port, str(conv.listener_port)),
-        listener_port=conv.listener_port, indev=conv.indev)
+        listener_port=conv.listener_port, indev=conv.indev, original=conv.original)

@@ -18,6 +18,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
     python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
     python lab.py many --json TARGETS                    concurrent TCP exchanges
+    python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
     python lab.py serve-tcp PORT REPLY                   a tiny server of its own
 """
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -315,6 +317,22 @@ class Diverter:
     def wait_log(self, pred: Callable[[dict], bool], timeout: float = 10, what: str = "a log line") -> dict:
         return wait_for(lambda: next((r for r in self.log() if pred(r)), None), timeout, what,
                         detail=lambda: f"log: {self.log()[-10:]}")
+
+
+@contextmanager
+def local_lab(netns_mod, workdir: Path, **config):
+    """One host in local mode running `nftdivert run`: (host, Diverter). At the
+    end the diverter must stop cleanly; the host goes, pass or fail."""
+    host = build_local_host(netns_mod)
+    div = None
+    try:
+        div = Diverter(host, workdir, config_text(mode="local", **config), name="local").start()
+        yield host, div
+        div.stop_and_check()
+    finally:
+        if div is not None:
+            div.kill()
+        host.delete()
 
 
 # ---- captures -------------------------------------------------------------------
@@ -613,9 +631,20 @@ def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 
     return res
 
 
+def _enough_files(n: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64) if hard != resource.RLIM_INFINITY
+                                                    else n + 64, hard))
+
+
 def cmd_many(targets: list[list], timeout: float) -> dict:
     """All connections open at once, then each sends its payload and reads it back."""
     import asyncio
+
+    _enough_files(len(targets))
 
     async def connect(host, port):
         # The client port is connect()'s choice: with many open, Linux reuses
@@ -656,8 +685,10 @@ def cmd_many(targets: list[list], timeout: float) -> dict:
             else:
                 out += 1
         ports = [c[1].get_extra_info("sockname")[1] for c in conns if not isinstance(c, BaseException)]
+        sockets = [[t[0], t[1], c[1].get_extra_info("sockname")[1]] for c, t in zip(conns, targets)
+                   if not isinstance(c, BaseException)]
         return {"ok": out, "open_at_once": len(open_now), "failures": failures,
-                "client_ports_shared": len(ports) - len(set(ports)),
+                "client_ports_shared": len(ports) - len(set(ports)), "sockets": sockets,
                 "connect_seconds": t1 - t0, "seconds": t2 - t0}
 
     return asyncio.run(main())
@@ -707,39 +738,70 @@ def cmd_bulk(host: str, port: int, megabytes: float, timeout: float) -> dict:
     return res
 
 
-def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
-    """Conversations from ONE client port to several destinations, all open at
-    once (as Linux's connect() does by itself when many are open): each sends
-    its payload, then each reads its echo."""
-    socks, res = [], []
-    for host, port, payload in targets:
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one_by_one: bool) -> dict:
+    """One client port (sport 0: the kernel's choice) towards many destinations.
+
+    TCP: a socket per destination bound to that port, all open at once; each
+    sends its payload, then each reads its echo. UDP: one socket sends to every
+    destination (one by one, each waiting for its answer, or all at once) and
+    reports where each answer came from."""
+    res: list[dict] = [{"target": [h, p], "ok": False} for h, p, _ in targets]
+    family = _family(targets[0][0])
+    any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    _enough_files(len(targets))
+    if proto == "udp":
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(timeout)
+        sock.bind((any_addr, sport))
+        by_payload = {payload.encode(): r for r, (_, _, payload) in zip(res, targets)}
+
+        def collect(until_payload: bytes | None) -> None:
+            while True:
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:
+                    return
+                r = by_payload.get(data)
+                if r is not None:
+                    r.update(ok=True, source=_endpoint(addr))
+                if until_payload is None and all(x["ok"] for x in res) or data == until_payload:
+                    return
+
+        for host, port, payload in targets:
+            sock.sendto(payload.encode(), (host, port))
+            if one_by_one:
+                collect(payload.encode())
+        if not one_by_one:
+            collect(None)
+        local = sock.getsockname()[1]
+        sock.close()
+        return {"local": local, "results": res}
+
+    socks = []
+    for r, (host, port, payload) in zip(res, targets):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.settimeout(timeout)
         socks.append(sock)
-        r: dict = {"target": [host, port], "ok": False}
-        res.append(r)
         try:
-            sock.bind(("::" if ":" in host else "0.0.0.0", sport))
+            sock.bind((any_addr, sport))
             sock.connect((host, port))
+            r["peer"] = _endpoint(sock.getpeername())
             sock.sendall(payload.encode())
-            time.sleep(0.2)  # the first is established and echoing before the next starts
         except OSError as exc:
             r["error"] = f"connect: {type(exc).__name__}: {exc}"
     for sock, r, (_, _, payload) in zip(socks, res, targets):
-        if "error" in r:
-            continue
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            r.update(ok=data == payload.encode(), reply=data.decode(errors="replace"))
-        except OSError as exc:
-            r["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            sock.close()
-    return {"results": res}
+        if "error" not in r:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                r.update(ok=data == payload.encode(), reply=data.decode(errors="replace")[:80])
+            except OSError as exc:
+                r["error"] = f"{type(exc).__name__}: {exc}"
+        sock.close()
+    return {"local": sport, "results": res}
 
 
 def _sum16(data: bytes) -> int:
@@ -846,10 +908,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("port", type=int)
     p.add_argument("megabytes", type=float)
     p.add_argument("--timeout", type=float, default=60)
-    p = sub.add_parser("same-port")
+    p = sub.add_parser("fan-out")
+    p.add_argument("proto", choices=("tcp", "udp"))
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
-    p.add_argument("--sport", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=3)
+    p.add_argument("--sport", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=5)
+    p.add_argument("--one-by-one", action="store_true")
     p = sub.add_parser("synflood")
     p.add_argument("src")
     p.add_argument("net")
@@ -872,12 +936,12 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
+    elif a.cmd == "fan-out":
+        out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
     elif a.cmd == "synflood":
         out = cmd_synflood(a.src, a.net, a.count, a.seconds)
     elif a.cmd == "udpscan":
         out = cmd_udpscan(a.host, a.count, a.seconds)
-    elif a.cmd == "same-port":
-        out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
     else:
         cmd_serve_tcp(a.port, a.reply, a.bind)
         return

@@ -24,7 +24,7 @@ import netns
 from nftdivert import conntrack as ct_mod
 from nftdivert.conntrack import Conntrack, ConntrackError
 
-pytestmark = pytest.mark.kernel
+kernel = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -162,6 +162,7 @@ def lab(make_netns):
     return Lab(make_netns)
 
 
+@kernel
 @pytest.mark.parametrize(
     "target, port, kind, version, local",
     [
@@ -181,6 +182,7 @@ def test_original_destination_after_redirect(lab, target, port, kind, version, l
     assert lab.lookup([seen]) == [[target, port]]
 
 
+@kernel
 def test_several_conversations_one_socket(lab):
     """Distinct entries told apart, over one reused socket, without retries."""
     seen = [lab.converse("198.51.100.7", TCP_PORT, "tcp"),
@@ -191,6 +193,46 @@ def test_several_conversations_one_socket(lab):
                                              ["2001:db8:ffff::7", TCP_PORT], ["203.0.113.9", UDP_PORT]]
 
 
+# Client side: one bound port towards several addresses on one port, all open at once.
+SAME_PORT_CLIENT = r"""
+import socket, sys
+sport, port, hosts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+kept = []
+for host in hosts:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(5)
+    s.bind(("0.0.0.0", sport))
+    s.connect((host, port))
+    assert s.recv(16) == b"ok"
+    kept.append(s)
+print(sport)
+"""
+
+
+@kernel
+def test_entry_finds_a_conversation_whose_client_port_the_kernel_remapped(lab):
+    """The second conversation from one client port to another address on the
+    same port reaches the listener from another port (NAT at input 100). Its
+    reply tuple names that port, and the entry behind it has the original."""
+    hosts = ["198.51.100.90", "198.51.100.91", "198.51.100.92"]
+    lab.client.run(sys.executable, "-c", SAME_PORT_CLIENT, "5000", str(TCP_PORT), *hosts)
+    seen = [lab.event() for _ in hosts]
+    ports = [s["cport"] for s in seen]
+    assert ports[0] == 5000 and len(set(ports)) == 3, ports  # the kernel remapped two of them
+    snippet = (
+        "import ipaddress, json, sys\n"
+        "from nftdivert.conntrack import Conntrack\n"
+        "p = lambda a: ipaddress.ip_address(a).packed\n"
+        "with Conntrack() as ct:\n"
+        "    out = [ct.entry(4, 6, p('192.0.2.2'), port, p('192.0.2.1'), %d) for port in json.loads(sys.argv[1])]\n"
+        "print(json.dumps([[str(ipaddress.ip_address(e.src)), e.src_port, str(ipaddress.ip_address(e.dst)),"
+        " e.dst_port, e.id != 0, e.seen_reply] for e in out]))\n" % TCP_PORT)
+    got = json.loads(lab.diverter.run(sys.executable, "-c", snippet, json.dumps(ports), env=ENV).stdout)
+    assert got == [["192.0.2.2", 5000, host, TCP_PORT, True, True] for host in hosts]
+
+
+@kernel
 def test_no_entry_is_none(lab):
     seen = lab.converse("198.51.100.7", TCP_PORT, "tcp")
     other_port = dict(seen, cport=(seen["cport"] + 1) % 65536 or 1)
@@ -203,6 +245,7 @@ def test_no_entry_is_none(lab):
     assert lab.lookup([never], retry=True) == [None]
 
 
+@kernel
 def test_no_entry_in_an_empty_namespace(make_netns):
     """Conntrack not even in use in the namespace: still just None."""
     ns = make_netns("empty")
@@ -212,6 +255,7 @@ def test_no_entry_in_an_empty_namespace(make_netns):
     assert json.loads(proc.stdout) == [None]
 
 
+@kernel
 def test_without_cap_net_admin_raises(make_netns):
     """Any failure but "not found" is an OSError with the kernel's errno."""
     ns = make_netns("unpriv")
@@ -250,7 +294,7 @@ def _error(seq: int, error: int, reason: str = "") -> bytes:
     return _nlmsg(ct_mod.NLMSG_ERROR, seq, payload, flags)
 
 
-def _entry(seq: int, dst: bytes, dport: int, *, nested_flag: bool = True) -> bytes:
+def _entry(seq: int, dst: bytes, dport: int, *, nested_flag: bool = True, extra: bytes = b"") -> bytes:
     """A ctnetlink entry message, with odd-length attributes to exercise padding."""
     nla = ct_mod.nla
 
@@ -264,7 +308,8 @@ def _entry(seq: int, dst: bytes, dport: int, *, nested_flag: bool = True) -> byt
     body = (ct_mod.NFGENMSG.pack(socket.AF_INET, 0, 0)
             + nla(99, b"xyz")  # unknown, 3 bytes: padded
             + tuple_attr(ct_mod.CTA_TUPLE_ORIG, V4_CLIENT, dst, 40000, dport)
-            + tuple_attr(ct_mod.CTA_TUPLE_REPLY, V4_LOCAL, V4_CLIENT, dport, 40000))
+            + tuple_attr(ct_mod.CTA_TUPLE_REPLY, V4_LOCAL, V4_CLIENT, dport, 40000)
+            + extra)
     return _nlmsg((ct_mod.NFNL_SUBSYS_CTNETLINK << 8) | ct_mod.IPCTNL_MSG_CT_NEW, seq, body)
 
 
@@ -367,3 +412,32 @@ def test_closed():
     ct.close()
     with pytest.raises(ValueError):
         _ask(ct)
+
+
+def _status_and_id(status: int, ct_id: int) -> bytes:
+    return (ct_mod.nla(ct_mod.CTA_STATUS, struct.pack("!I", status))
+            + ct_mod.nla(ct_mod.CTA_ID, struct.pack("!I", ct_id)))
+
+
+@pytest.mark.parametrize("status, seen_reply", [(0x0, False), (0x8, False), (0xE, True)])
+def test_parse_entry_reads_the_original_tuple_id_and_seen_reply(status, seen_reply):
+    msg = _entry(1, V4_ORIG, 45678, extra=_status_and_id(status, 0xDEADBEEF))
+    entry = ct_mod.parse_entry(msg[ct_mod.NLMSGHDR.size:])
+    assert entry == ct_mod.Entry(V4_CLIENT, 40000, V4_ORIG, 45678, 0xDEADBEEF, seen_reply)
+
+
+def test_parse_entry_without_status_or_id():
+    entry = ct_mod.parse_entry(_entry(1, V4_ORIG, 45678)[ct_mod.NLMSGHDR.size:])
+    assert (entry.id, entry.seen_reply) == (0, False)
+
+
+def test_parse_entry_refuses_a_status_that_is_not_four_bytes():
+    msg = _entry(1, V4_ORIG, 45678, extra=ct_mod.nla(ct_mod.CTA_STATUS, b"\x00\x02"))
+    with pytest.raises(ct_mod.NetlinkFormatError):
+        ct_mod.parse_entry(msg[ct_mod.NLMSGHDR.size:])
+
+
+def test_entry_by_reply_tuple(fake):
+    ct, kernel = fake
+    kernel.send(_entry(1, V4_ORIG, 45678, extra=_status_and_id(0x2, 9)) + _error(1, 0))
+    assert ct.entry(4, 6, V4_CLIENT, 41000, V4_LOCAL, 45678) == ct_mod.Entry(V4_CLIENT, 40000, V4_ORIG, 45678, 9, True)

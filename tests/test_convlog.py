@@ -6,6 +6,7 @@ import io
 import ipaddress
 import json
 
+from nftdivert.conntrack import Entry
 from nftdivert.convlog import ConversationLog, NewConversation, question_record, record, recycled_record, text_line
 
 V4 = NewConversation(wall_time=1_800_000_000.25, version=4, protocol=6,
@@ -42,7 +43,8 @@ def test_log_thread_retries_conntrack_then_writes_json_lines():
 
     def lookup(*args):
         calls.append(args)
-        return None if len(calls) < 3 else (ipaddress.ip_address("198.51.100.7").packed, 45678)
+        return None if len(calls) < 3 else Entry(V4.client, 40000, ipaddress.ip_address("198.51.100.7").packed,
+                                                 45678, 1, False)
 
     out = io.StringIO()
     asked = []
@@ -61,6 +63,27 @@ def test_log_thread_retries_conntrack_then_writes_json_lines():
     assert asked == [V4.wall_time]  # the name at the time of the conversation, not at the time of writing
     assert lines[1] == {**lines[1], "event": "dns", "name": "x.example", "answer": "198.51.100.7", "rcode": "NOERROR"}
     assert log.written == 2
+
+
+def test_the_clients_own_port_comes_from_conntrack_and_a_known_original_needs_no_lookup():
+    """Local mode: the kernel remapped the client's port before the worker saw
+    it (41000); conntrack's original tuple has the client's own (40000)."""
+    calls = []
+
+    def lookup(*args):
+        calls.append(args)
+        return Entry(V4.client, 40000, ipaddress.ip_address("198.51.100.7").packed, 45678, 1, False)
+
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True, lookup=lookup)
+    log.submit(NewConversation(**{**V4.__dict__, "client_port": 41000}))
+    learned = (ipaddress.ip_address("198.51.100.91").packed, 4444)
+    log.submit(NewConversation(**{**V4.__dict__, "original_port": 4444, "original": learned}))
+    log.close()
+    first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert first["client"] == "192.0.2.2:40000" and calls == [(4, 6, V4.client, 41000, V4.local, 45678)]
+    assert second["original_destination"] == "198.51.100.91:4444"
+    assert second["original_destination_from"] == "conntrack" and len(calls) == 1
 
 
 def test_dns_records_in_json_and_text():

@@ -126,9 +126,8 @@ def test_syn_flood_starves_neither_the_replies_nor_the_tick(gw):
     _check(gw, samples, f"100k SYNs in {result['seconds']:.1f}s", answer_within=PROBE_TIMEOUT)
 
 
-# Each datagram of the scan needs an alias client port at the listener; until
-# finding one is O(1) (issue 10, item 3), the worker falls behind the scan.
-@pytest.mark.xfail(reason="needs the O(1) alias port search (issue 10, item 3)", strict=False)
+# Each datagram of the scan needs an alias client port at the listener: found
+# in O(1) (issue 10, item 3), or the worker falls behind the scan.
 def test_udp_port_scan_from_one_socket(gw):
     # One socket, 60,000 ports of one address at 1,500 a second: every
     # datagram a new conversation from the same client port (an alias at the

@@ -18,17 +18,8 @@ pytestmark = pytest.mark.kernel
 def local(tmp_path_factory):
     """One host in local mode: its own programs' connections are diverted, root's
     only (nobody is left alone)."""
-    host = lab.build_local_host(netns)
-    div = None
-    try:
-        div = lab.Diverter(host, tmp_path_factory.mktemp("e2e-local"),
-                           lab.config_text(mode="local", users=["nobody"]), name="local").start()
-        yield host, div
-        div.stop_and_check()
-    finally:
-        if div is not None:
-            div.kill()
-        host.delete()
+    with lab.local_lab(netns, tmp_path_factory.mktemp("e2e-local"), users=["nobody"]) as pair:
+        yield pair
 
 
 # ---- 6. load -------------------------------------------------------------------------
@@ -79,7 +70,7 @@ def test_same_client_port_to_two_destinations(gw):
     sport = gw.fresh_port()
     # Destinations no other test uses, so no TIME_WAIT of theirs is in the way.
     targets = [["198.51.100.221", 32221, "first-conversation"], ["198.51.100.241", 32241, "second-conversation"]]
-    r = gw.client_run("same-port", "--json", json.dumps(targets), "--sport", str(sport))
+    r = gw.client_run("fan-out", "tcp", "--json", json.dumps(targets), "--sport", str(sport))
     assert all(x["ok"] for x in r["results"]), r["results"]
     lines = lab.log_barrier(gw.client, div, gw.fresh_port())
     got = sorted(x["original_destination"] for x in lines if x["client"] == f"{lab.CLIENT4}:{sport}")

@@ -7,15 +7,16 @@ import pytest
 
 from builders import V4_CLIENT, V4_LOCAL, V6_CLIENT, V6_LOCAL, checksum_valid, packet
 from nftdivert import decide as decide_mod
-from nftdivert.conversations import ConversationKey, ConversationTable
-from nftdivert.fixup import Counters, FixUp
+from nftdivert.conntrack import Entry
+from nftdivert.conversations import Binding, ConversationTable, RouteKey
+from nftdivert.fixup import DROP, RESOLVE_TRIES, Counters, FixUp
 from nftdivert.packet import ACK, FIN, RST, SYN, TCP, UDP, parse
 
 LISTEN = {TCP: 1337, UDP: 1338}
 BOUND = {(TCP, 22)}
 
 
-def make(on_new=None, max_entries=100, is_local=None):
+def make(on_new=None, max_entries=100, is_local=None, resolve=None):
     table = ConversationTable(max_entries=max_entries, tcp_idle=60.0, udp_idle=10.0, close_grace=2.0)
     decide = partial(
         decide_mod.decide,
@@ -23,7 +24,25 @@ def make(on_new=None, max_entries=100, is_local=None):
         is_bound=lambda p, addr, port: (p, port) in BOUND,
         left_alone=lambda p, port: False,
     )
-    return FixUp(table, decide, Counters(), on_new=on_new, is_local=is_local)
+    return FixUp(table, decide, Counters(), on_new=on_new, is_local=is_local, resolve=resolve)
+
+
+class Conntrack:
+    """Stands in for conntrack's table: entries by reply tuple, as the kernel
+    would hold them after remapping a client port; counts the questions."""
+
+    def __init__(self):
+        self.entries = {}
+        self.asked = []
+
+    def add(self, protocol, client_port, reply_port, original_dst, original_port, *, seen_reply=False, version=4):
+        client, local = (V4_CLIENT, V4_LOCAL) if version == 4 else (V6_CLIENT, V6_LOCAL)
+        self.entries[(version, protocol, client, reply_port, local, original_port)] = Entry(
+            client, client_port, original_dst, original_port, 7, seen_reply)
+
+    def __call__(self, *reply_tuple):
+        self.asked.append(reply_tuple)
+        return self.entries.get(reply_tuple)
 
 
 def client(sport, dport, flags=ACK, payload=b"", protocol=TCP, version=4):
@@ -42,22 +61,24 @@ def ports(data):
 
 
 def balanced(c: Counters):
-    return c.seen == c.rewritten + c.passed + c.malformed + c.errors
+    return c.seen == c.rewritten + c.passed + c.malformed + c.dropped + c.errors
 
 
 @pytest.mark.parametrize("version", [4, 6])
 def test_tcp_conversation(version):
     seen = []
-    f = make(on_new=lambda key, conv, seg: seen.append((key, conv, seg)))
+    f = make(on_new=seen.append)
     out = f.incoming(client(40000, 80, SYN, version=version), 1.0, indev=3)
     assert ports(out) == (40000, 1337) and checksum_valid(out)
-    [(key, conv, seg)] = seen
-    assert key == ConversationKey(TCP, seg.src, 40000, seg.dst, 80) and isinstance(key, ConversationKey)
-    assert (conv.original_port, conv.listener_port, conv.created, conv.indev) == (80, 1337, 1.0, 3)
-    assert seg.dport == 80
+    assert seen == []  # TCP is announced at the listener's SYN/ACK
 
     reply = f.outgoing(server(1337, 40000, SYN | ACK, version=version), 1.1)
     assert ports(reply) == (80, 40000) and checksum_valid(reply)
+    [conv] = seen
+    seg = parse(out)
+    assert conv.route == RouteKey(TCP, seg.src, 40000, seg.dst, 80) and isinstance(conv.route, RouteKey)
+    assert conv.binding == Binding(TCP, seg.src, 40000, seg.dst)
+    assert (conv.listener_port, conv.reply_port, conv.created, conv.indev, conv.original) == (1337, 40000, 1.0, 3, None)
 
     data = f.incoming(client(40000, 80, ACK, b"GET /", version=version), 1.2)
     assert ports(data) == (40000, 1337) and checksum_valid(data)
@@ -69,9 +90,11 @@ def test_tcp_conversation(version):
 
 
 def test_udp_any_datagram_starts_and_replies_are_restored():
-    f = make()
+    seen = []
+    f = make(on_new=seen.append)
     out = f.incoming(client(5353, 53, payload=b"q", protocol=UDP), 0.0)
     assert ports(out) == (5353, 1338) and checksum_valid(out)
+    assert len(seen) == 1  # UDP is announced at once: a listener need not answer
     reply = f.outgoing(server(1338, 5353, payload=b"a", protocol=UDP), 0.1)
     assert ports(reply) == (53, 5353) and checksum_valid(reply)
 
@@ -109,15 +132,21 @@ def test_unknown_reply_is_untouched():
     assert f.counters.passed == 3 and balanced(f.counters)
 
 
-def test_truncated_copy_is_untouched():
+@pytest.mark.parametrize("version", [4, 6])
+def test_truncated_copy_of_diverted_traffic_is_dropped(version):
+    # Incoming, it would reach the unbound port (port unreachable ends the
+    # conversation); outgoing, it would show the client the listener's port.
     f = make()
-    big = client(40000, 80, SYN, payload=bytes(5000))
-    assert f.incoming(big[:4016], 0.0) is None
+    big = client(5353, 53, payload=bytes(8000), protocol=UDP, version=version)
+    assert f.incoming(big[:4016], 0.0) is DROP
     assert len(f.table) == 0
-    assert f.counters.malformed == 1 and f.counters.unfit == {"truncated": 1}
-    f.incoming(client(40000, 80, SYN), 0.0)
-    assert f.outgoing(server(1337, 40000, payload=bytes(5000))[:4016], 0.1) is None
-    assert f.counters.unfit == {"truncated": 2}
+    assert f.counters.dropped == 1 and f.counters.unfit == {"truncated": 1}
+    f.incoming(client(5353, 53, protocol=UDP, version=version), 0.0)
+    assert f.outgoing(server(1338, 5353, payload=bytes(8000), protocol=UDP, version=version)[:4016], 0.1) is DROP
+    # A reply of a conversation nobody diverted (a client of the listener's own port) goes on.
+    assert f.outgoing(server(1338, 9999, payload=bytes(8000), protocol=UDP, version=version)[:4016], 0.1) is None
+    c = f.counters
+    assert (c.dropped, c.malformed, c.unfit) == (2, 1, {"truncated": 3}) and balanced(c)
 
 
 def test_only_an_opener_starts_a_tcp_conversation():
@@ -144,7 +173,7 @@ def test_fin_then_expire():
     f.incoming(client(40000, 80, SYN), 0.0)
     out = f.incoming(client(40000, 80, FIN | ACK), 5.0)
     assert ports(out) == (40000, 1337)  # a FIN is still rewritten
-    assert f.table.get(ConversationKey(TCP, V4_CLIENT, 40000, V4_LOCAL, 80), 5.0).closing_since == 5.0
+    assert f.table.get(Binding(TCP, V4_CLIENT, 40000, V4_LOCAL), 5.0).closing_since == 5.0
     assert ports(f.outgoing(server(1337, 40000, FIN | ACK), 6.0)) == (80, 40000)  # grace
     assert f.table.expire(7.0) == 1
     assert f.outgoing(server(1337, 40000, ACK), 7.1) is None
@@ -161,6 +190,7 @@ def test_listener_reset_starts_the_grace():
 def test_port_reuse_while_the_old_conversation_closes_gets_an_alias():
     f = make()
     f.incoming(client(40000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 40000, SYN | ACK), 0.1)
     f.incoming(client(40000, 80, RST), 1.0)
     out = f.incoming(client(40000, 81, SYN), 1.5)  # same client port, other service
     assert ports(out) == (40001, 1337) and checksum_valid(out)
@@ -194,8 +224,10 @@ def test_one_client_port_towards_two_destinations_at_once(protocol, version):
 def test_syn_reopening_a_closing_conversation_starts_afresh():
     f = make()
     f.incoming(client(40000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 40000, SYN | ACK), 0.1)
     f.incoming(client(40000, 80, FIN | ACK), 1.0)
     f.incoming(client(40000, 80, SYN), 1.5)
+    f.outgoing(server(1337, 40000, SYN | ACK), 1.6)
     assert f.counters.new_conversations == 2
     assert f.table.expire(5.0) == 0
 
@@ -204,7 +236,9 @@ def test_retransmitted_syn_keeps_the_conversation():
     f = make()
     f.incoming(client(40000, 80, SYN), 0.0)
     assert ports(f.incoming(client(40000, 80, SYN), 1.0)) == (40000, 1337)
-    assert f.counters.new_conversations == 1
+    f.outgoing(server(1337, 40000, SYN | ACK), 1.1)
+    f.outgoing(server(1337, 40000, SYN | ACK), 1.2)  # and a retransmitted SYN/ACK
+    assert f.counters.new_conversations == 1 and len(f.table) == 1
 
 
 def test_mid_stream_packet_to_another_port_is_not_misrouted():
@@ -238,12 +272,12 @@ def test_decide_failure_counts_an_error_and_passes():
 
 
 def test_hook_failure_still_rewrites():
-    def hook(key, conv, seg):
+    def hook(conv):
         raise ValueError("log broke")
 
     f = make(on_new=hook)
-    out = f.incoming(client(40000, 80, SYN), 0.0)
-    assert ports(out) == (40000, 1337)
+    out = f.incoming(client(5353, 53, protocol=UDP), 0.0)
+    assert ports(out) == (5353, 1338)
     assert f.counters.hook_errors == 1 and f.counters.errors == 0 and f.counters.rewritten == 1
 
 
@@ -260,3 +294,139 @@ def test_rewritten_conversation_is_touched_by_both_directions():
     f.outgoing(server(1338, 5353, protocol=UDP), 9.0)
     assert f.table.expire(15.0) == 0  # reply at 9.0 kept it alive
     assert f.table.expire(19.0) == 1
+
+
+# -- one client port towards several addresses on one port ------------------------------
+# All share one route at -150; at input 100 the kernel gives all but the first
+# another client port (X), which the listener then answers.
+
+ADDR_A, ADDR_B = bytes([198, 51, 100, 90]), bytes([198, 51, 100, 91])
+
+
+@pytest.mark.parametrize("protocol", [TCP, UDP])
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_conversation_the_kernel_remapped_is_learned_from_conntrack(protocol, version):
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct)
+    listener = LISTEN[protocol]
+    opener, answer = (SYN, SYN | ACK) if protocol == TCP else (0, 0)
+    kw = dict(protocol=protocol, version=version)
+    a = f.incoming(client(5000, 4444, opener, **kw), 0.0, indev=3)
+    b = f.incoming(client(5000, 4444, opener, **kw), 0.1)  # to another address: the same tuple here
+    assert ports(a) == ports(b) == (5000, listener) and len(f.table) == 1
+
+    # The first keeps its port: the listener answers 5000, restored without asking conntrack.
+    assert ports(f.outgoing(server(listener, 5000, answer, **kw), 0.2)) == (4444, 5000)
+    assert ct.asked == []
+    # The second reached the listener as 5000 -> 41000 (NAT at input 100).
+    ct.add(protocol, 5000, 41000, ADDR_B, 4444, version=version)
+    rb = f.outgoing(server(listener, 41000, answer, **kw), 0.3)
+    # Conntrack's reply tuple expects 41000; it turns that back into 5000 and the address into B.
+    assert ports(rb) == (4444, 41000) and checksum_valid(rb)
+    assert len(ct.asked) == 1 and ct.asked[0][3:] == (41000, ct.asked[0][4], 4444)
+    assert ports(f.outgoing(server(listener, 41000, ACK if protocol == TCP else 0, **kw), 0.4)) == (4444, 41000)
+    assert len(ct.asked) == 1  # learned once, then a binding like any other
+
+    second = seen[-1]
+    assert second.original == (ADDR_B, 4444) and second.route[2] == 5000 and second.indev == 3
+    assert second.binding.client_port == 41000 and second.reply_port == 41000
+    c = f.counters
+    assert (c.new_conversations, c.kernel_remaps, c.port_clashes) == (2, 1, 0) and balanced(c)
+    assert f.table.stats.routes == 1 and len(f.table) == 2
+
+
+def test_fifty_conversations_on_one_route_each_get_their_own_destination():
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct)
+    for i in range(50):
+        f.incoming(client(5000, 4444, SYN), i)
+    f.outgoing(server(1337, 5000, SYN | ACK), 50.0)
+    for i in range(1, 50):
+        ct.add(TCP, 5000, 30000 + i, bytes([198, 51, 100, i]), 4444)
+        assert ports(f.outgoing(server(1337, 30000 + i, SYN | ACK), 50.0)) == (4444, 30000 + i)
+    assert len(seen) == 50 and len(ct.asked) == 49
+    assert [c.original for c in seen[1:]] == [(bytes([198, 51, 100, i]), 4444) for i in range(1, 50)]
+    assert f.counters.kernel_remaps == 49 and f.table.stats.routes == 1
+
+
+def test_a_shared_route_closes_from_the_listener_side_and_lives_while_one_conversation_does():
+    ct = Conntrack()
+    f = make(resolve=ct)
+    f.incoming(client(5000, 4444, SYN), 0.0)
+    f.incoming(client(5000, 4444, SYN), 0.0)
+    f.outgoing(server(1337, 5000, SYN | ACK), 0.1)
+    ct.add(TCP, 5000, 41000, ADDR_B, 4444)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.1)
+    # A client FIN on a shared route cannot be told apart: it closes nothing.
+    assert ports(f.incoming(client(5000, 4444, FIN | ACK), 1.0)) == (5000, 1337)
+    assert f.table.expire(5.0) == 0
+    # The listener closes the second; only it goes.
+    f.outgoing(server(1337, 41000, FIN | ACK), 6.0)
+    assert f.table.expire(8.0) == 1
+    assert Binding(TCP, V4_CLIENT, 5000, V4_LOCAL) in f.table
+    # Now the route has one conversation again: a client FIN is its.
+    f.incoming(client(5000, 4444, FIN | ACK), 9.0)
+    assert f.table.expire(11.0) == 1
+    assert len(f.table) == 0 and f.table.stats.routes == 0
+    assert f.incoming(client(5000, 4444, ACK), 12.0) is None  # the route went with it
+
+
+def test_a_reply_conntrack_has_seen_answered_before_is_restored_but_not_announced_again():
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct, max_entries=2)
+    f.incoming(client(5000, 4444, SYN), 0.0)
+    f.outgoing(server(1337, 5000, SYN | ACK), 0.1)
+    f.incoming(client(5001, 4444, SYN), 0.2)
+    f.outgoing(server(1337, 5001, SYN | ACK), 0.3)
+    ct.add(TCP, 5000, 41000, ADDR_B, 4444, seen_reply=True)
+    f.incoming(client(5000, 4444, SYN), 0.4)
+    f.incoming(client(5000, 4444, ACK), 0.5)
+    # The table (cap 2) forgot it; conntrack has answered it before.
+    assert ports(f.outgoing(server(1337, 41000, ACK), 0.6)) == (4444, 41000)
+    assert len(seen) == 2 and f.counters.kernel_remaps == 0
+
+
+def test_unplaced_replies_ask_conntrack_a_bounded_number_of_times():
+    ct = Conntrack()
+    f = make(resolve=ct)
+    assert f.outgoing(server(1337, 41000, ACK), 0.0) is None
+    assert ct.asked == []  # no route of this client: nothing to ask about
+    for port in range(100, 200):
+        f.incoming(client(5000 + port, port, SYN), 0.0)
+    assert f.outgoing(server(1337, 41000, ACK), 0.1) is None
+    assert len(ct.asked) == RESOLVE_TRIES
+    # Most recently used original ports first.
+    assert [q[5] for q in ct.asked[:3]] == [199, 198, 197]
+    assert f.outgoing(server(1337, 41000, ACK), 0.2) is None
+    assert len(ct.asked) == RESOLVE_TRIES  # not asked again at once
+    f.outgoing(server(1337, 41000, ACK), 1.5)
+    assert len(ct.asked) == 2 * RESOLVE_TRIES
+    assert f.counters.passed == 4 and balanced(f.counters)
+
+
+def test_an_entry_of_a_route_the_worker_does_not_hold_is_not_bound():
+    ct = Conntrack()
+    f = make(resolve=ct)
+    f.incoming(client(5000, 4444, SYN), 0.0)
+    ct.add(TCP, 6000, 41000, ADDR_B, 4444)  # client port 6000: no route of ours
+    assert f.outgoing(server(1337, 41000, SYN | ACK), 0.1) is None
+    assert len(f.table) == 1
+
+
+def test_the_listener_accepting_on_a_closing_binding_is_a_new_conversation():
+    """The client reopens its port towards the same address while the first
+    conversation closes on a shared route: conntrack names the new one."""
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct)
+    f.incoming(client(5000, 4444, SYN), 0.0)
+    f.outgoing(server(1337, 5000, SYN | ACK), 0.1)
+    f.incoming(client(5000, 4444, SYN), 0.2)
+    ct.add(TCP, 5000, 41000, ADDR_B, 4444)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.3)
+    f.outgoing(server(1337, 5000, FIN | ACK), 1.0)  # the first closes
+    f.incoming(client(5000, 4444, SYN), 2.0)  # shared route: routed, not started afresh
+    ct.add(TCP, 5000, 5000, ADDR_A, 4444)
+    assert ports(f.outgoing(server(1337, 5000, SYN | ACK), 2.1)) == (4444, 5000)
+    assert [c.original for c in seen] == [None, (ADDR_B, 4444), (ADDR_A, 4444)]
+    assert f.table.get(Binding(TCP, V4_CLIENT, 5000, V4_LOCAL), 2.2).closing_since is None
+    assert f.counters.kernel_remaps == 1

@@ -25,7 +25,7 @@ from builders import (
     tcp_segment,
     udp_datagram,
 )
-from nftdivert.packet import ACK, FIN, RST, SYN, TCP, UDP, Segment, Unfit, parse
+from nftdivert.packet import ACK, FIN, RST, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
 
 TCP4 = packet(4, TCP, V4_CLIENT, V4_LOCAL, 40000, 80, b"GET / HTTP/1.0\r\n\r\n", flags=ACK)
 UDP6 = packet(6, UDP, V6_CLIENT, V6_LOCAL, 5353, 53, b"query")
@@ -188,6 +188,23 @@ def test_every_prefix_of_a_packet_is_unfit():
     for data in (TCP4, UDP6):
         for cut in range(len(data)):
             assert isinstance(parse(data[:cut]), Unfit), cut
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_parse_head_reads_the_ports_of_a_truncated_copy(version):
+    client, local = (V4_CLIENT, V4_LOCAL) if version == 4 else (V6_CLIENT, V6_LOCAL)
+    big = packet(version, UDP, client, local, 5353, 53, bytes(8000))
+    copy = big[:4016]
+    assert parse(copy) == Unfit("truncated")
+    head = parse_head(copy)
+    assert (head.protocol, head.src, head.dst, head.sport, head.dport) == (UDP, client, local, 5353, 53)
+    assert parse_head(big) == parse(big)
+    # What is wrong besides the length still is.
+    l4 = 20 if version == 4 else 40
+    assert parse_head(copy[: l4 + 4]) == Unfit("short-header")
+    bad_length = bytearray(copy)
+    struct.pack_into("!H", bad_length, l4 + 4, 4)
+    assert parse_head(bytes(bad_length)) == Unfit("length-mismatch")
 
 
 def test_accepts_bytearray_and_memoryview():
