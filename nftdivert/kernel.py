@@ -8,7 +8,7 @@ import tempfile
 from typing import Any
 
 from .config import check_table_name as _check_table_syntax
-from .errors import ConfigError, KernelError, PermissionProblem, clip
+from .errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
 
 def _library():
@@ -113,8 +113,7 @@ def table_ref(table: str) -> str:
 
 
 def _kernel_error(err: str) -> KernelError:
-    # nft repeats the offending line: a megabyte-long line stays a short one.
-    err = "\n".join(clip(line.expandtabs(8)) if len(line) > 240 else line for line in err.strip().splitlines())
+    err = "\n".join(map(_short_line, err.strip().splitlines()))
     if "Operation not permitted" in err:
         return PermissionProblem(
             "the kernel refused: changing nftables needs root (CAP_NET_ADMIN); "
@@ -127,6 +126,15 @@ def _kernel_error(err: str) -> KernelError:
                 "(a module or kernel option; see the README's compatibility section)")
         return KernelError(err + hint)
     return KernelError(err)
+
+
+def _short_line(line: str) -> str:
+    """nft repeats the offending line and marks it: a megabyte-long line stays a short one."""
+    if len(line) <= MESSAGE_LINE_CHARS:
+        return line
+    if set(line.strip()) <= set("^~"):  # the marker line under it
+        return f"^ (at column {len(line) - len(line.lstrip()) + 1})"
+    return clip(line.expandtabs(8))
 
 
 def check_table_name(table: object, key: str = "table") -> None:

@@ -1,5 +1,5 @@
 """`nftdivert run`: listeners up, queues bound, ruleset applied, worker pumping;
-and on the way out, everything taken away again, whatever happened.
+and on the way out, everything but containment taken away again, whatever happened.
 
 Order matters. The table is claimed first, so a second run cannot take over
 a live one's table. Listeners next, so their ports are in the bound-port set
@@ -217,6 +217,9 @@ def _close_capture(pcap, path: str, exc_type, *_exc) -> bool:
 
 
 def _leave_table(config: Config, nft: Nft) -> None:
+    # The first step on the way out: a second Ctrl-C must not cut it short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if engine.after_stop(config, nft):
         _say(f"containment stays: table inet {config.table} drops what clients would route onward; "
              "nothing is diverted; `nftdivert remove` takes it away")

@@ -160,6 +160,16 @@ def test_check_of_a_ruleset_that_is_not_utf8_is_bad_input(host, tmp_path):
     assert_bad_input(run("check", "/dev/zero", ns=host), "not a regular file or a pipe")
 
 
+@pytest.mark.kernel
+def test_the_kernels_error_on_a_huge_line_stays_short(host, tmp_path):
+    ruleset = tmp_path / "long.nft"
+    ruleset.write_text("table inet x { chain c { " + "tcp dport 1 " * 50_000 + "bogus } }\n")
+    proc = run("check", str(ruleset), ns=host)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[:2000]
+    assert "syntax error" in proc.stderr and "^ (at column " in proc.stderr, proc.stderr[:2000]
+    assert len(proc.stderr) < 2000 and max(map(len, proc.stderr.splitlines())) < 400, proc.stderr[:2000]
+
+
 # ---- failures outside the config -------------------------------------------------------------
 
 def test_a_stdout_that_fails_is_one_line_and_exit_1():
