@@ -123,6 +123,8 @@ def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_
 
 def test_the_final_counters_show_hook_errors_and_the_log(host, tmp_path):
     proc = start(host, tmp_path)
+    # The worker pumps once its counters are published (a SIGTERM before that stops the start).
+    lab.wait_for(lambda: "worker: pid" in lab.nftdivert(host, "status").stdout, 30, "the worker's counters")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
