@@ -33,12 +33,13 @@ from .listener_process import ListenerProcess
 from .model import QUEUE_COPY_LIMIT
 from .worker import Worker, build_fixup, new_conversation_event
 
+STATS_DIR = owner.STATE_DIR
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
 
 
 def stats_path(table: str) -> Path:
-    # One file per table and network namespace: test labs run many at once.
-    return owner.STATE_DIR / f"{table}-{owner.netns_id()}.json"
+    # One file per table and network namespace (as the ownership lock): test labs run many at once.
+    return STATS_DIR / f"{table}-{owner.netns_id()}.json"
 
 
 class _BoundPorts:

@@ -223,12 +223,13 @@ def remove_stale() -> list[str]:
 
 
 def _remove_stats(lab: Lab) -> None:
-    """The counters file the diverter kept (runner.stats_path), named by its namespace."""
+    """The counters file and the ownership lock the diverter kept (runner.stats_path,
+    owner.lock_path), named by its namespace."""
     try:
         ino = os.stat(NETNS_DIR / lab.diverter).st_ino
     except OSError:
         return
-    for path in STATS_DIR.glob(f"*-{ino}.json"):
+    for path in [*STATS_DIR.glob(f"*-{ino}.json"), *STATS_DIR.glob(f"*-{ino}.lock")]:
         path.unlink(missing_ok=True)
 
 
