@@ -68,7 +68,9 @@ class NftdivertSide:
         self.stats_file = Path("/run/nftdivert") / f"nftdivert-{ino}.json"
 
     def start(self) -> None:
-        self.cfg.write_text('# the default config, queue backend left to auto\n[queue]\nbackend = "auto"\n')
+        # The default config, queue backend left to auto; a stop takes containment too,
+        # so the kernel-only side and the check below find nothing of ours.
+        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n')
         argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), "--log", str(self.log), "--log-format", "json"]
         with open(self.err, "wb") as err:
             self.proc = self.topo.divert.popen(*argv, stdout=subprocess.DEVNULL, stderr=err,

@@ -8,7 +8,9 @@ config can smuggle nftables syntax into it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +23,11 @@ BACKENDS = ("auto", "nft", "xt")
 PROTOCOLS = ("tcp", "udp")
 LISTENER_KINDS = ("echo", "dns", "external")
 LOG_FORMATS = ("auto", "json", "text")
+AFTER_STOP = ("keep", "remove")
+
+# A config or ruleset larger than this is refused unread: no real one comes
+# near it, and reading without a bound lets `-c /dev/zero` eat all memory.
+MAX_INPUT_BYTES = 1024 * 1024
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 _LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -56,6 +63,14 @@ def _check_seconds(key: str, value: float) -> None:
     _check_type(key, value, (int, float), "a number of seconds")
     if not 0 < value <= 86400 * 7:
         raise ConfigError(key, value, "must be more than 0 and at most a week")
+
+
+def check_table_name(key: str, value: object) -> None:
+    """The syntax rule for nftdivert's table name (nft's keywords are checked in kernel.py)."""
+    _check_type(key, value, str, "a string")
+    assert isinstance(value, str)
+    if not _TABLE_NAME.fullmatch(value):
+        raise ConfigError(key, value, "table names are 1-32 letters, digits and '_', starting with a letter")
 
 
 def _check_path(key: str, value: str) -> None:
@@ -302,6 +317,10 @@ class Config:
     interfaces: tuple[str, ...] = ()
     # Gateway mode: drop everything a diverted client would have routed onward.
     forward_containment: bool = True
+    # keep: a clean stop leaves the containment chain in place (a malware lab
+    # must not start routing its clients out when the diverter stops) until
+    # `nftdivert remove`; remove: a clean stop takes everything away.
+    containment_after_stop: str = "keep"
     listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
     # The listeners that receive traffic for ports nothing is bound to.
     default_tcp_listener: str | None = "tcp-echo"
@@ -314,11 +333,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
-        _check_type("table", self.table, str, "a string")
-        if not _TABLE_NAME.fullmatch(self.table):
-            raise ConfigError("table", self.table, "table names are 1-32 letters, digits and '_', starting with a letter")
+        check_table_name("table", self.table)
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
+        _check_choice("containment_after_stop", self.containment_after_stop, AFTER_STOP)
         if not (self.ipv4 or self.ipv6):
             raise ConfigError("ipv6", self.ipv6, "ipv4 and ipv6 are both off: nothing would be diverted")
         for i, name in enumerate(self.interfaces):
@@ -472,19 +490,41 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         raise ConfigError("(config)", None, str(exc)) from None
 
 
+def read_input(path: str | Path, key: str) -> str:
+    """A config or ruleset file's text: UTF-8, at most MAX_INPUT_BYTES, read with that bound.
+
+    Regular files and pipes (`-c <(...)`) are read; devices, sockets and
+    directories are refused before a byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ConfigError(key, str(path), "not a regular file or a pipe")
+        try:
+            data = f.read(MAX_INPUT_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise ConfigError(key, str(path), f"larger than {MAX_INPUT_BYTES // 1024} KiB: refused unread")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, str(path), f"not UTF-8 text (byte {exc.start})") from None
+
+
 def load(path: str | Path | None) -> Config:
     """Read a TOML config file; None means the embedded safe default."""
     if path is None:
         return Config()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("--config", str(path), exc.strerror or str(exc)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("--config", str(path), "not UTF-8 text") from None
+    text = read_input(path, "--config")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError("--config", str(path), "not valid TOML: nested too deeply") from None
     return from_mapping(data)

@@ -109,29 +109,46 @@ def text_line(rec: dict) -> str:
             f"{rec['original_destination']:<22}{named} => {rec['listener']} (:{rec['listener_port']}){where}")
 
 
+# Events waiting for their line. A flood of new conversations (a port scan)
+# outruns the conntrack lookups; beyond this many, lines are dropped and
+# counted instead of growing memory without bound.
+QUEUE_LIMIT = 4096
+
+
 class ConversationLog:
-    """A thread that resolves and writes log lines; close() drains it."""
+    """A thread that resolves and writes log lines; close() drains it.
+
+    Counters: `written` lines, `dropped` (the queue was full), `failed` (an
+    event that raised; the thread logs the next one all the same).
+    """
 
     def __init__(self, stream: TextIO | None, as_json: bool, lookup=None, retries: int = 10,
-                 name_for=None) -> None:
+                 name_for=None, limit: int = QUEUE_LIMIT) -> None:
         self._stream = stream
         self._name_for = name_for  # (address, wall time) -> the DNS name it stood for then, if any
         self._json = as_json
         self._lookup = lookup  # (version, protocol, client, cport, local, lport) -> conntrack.Entry | None
         self._retries = retries
-        self._queue: queue.SimpleQueue[NewConversation | dict | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[NewConversation | dict | None] = queue.Queue(limit)
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
-        self.written = 0
+        self._abandon = False
+        self.written = self.dropped = self.failed = 0
         self._thread.start()
 
+    def _put(self, item: NewConversation | dict) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
     def submit(self, event: NewConversation) -> None:
-        self._queue.put(event)
+        self._put(event)
 
     def dns_question(self, client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> None:
-        self._queue.put(question_record(client, name, qtype, answer, rcode))
+        self._put(question_record(client, name, qtype, answer, rcode))
 
     def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
-        self._queue.put(recycled_record(when, address, old_name, new_name))
+        self._put(recycled_record(when, address, old_name, new_name))
 
     def _resolve(self, ev: NewConversation) -> tuple[NewConversation, tuple[bytes, int] | None]:
         """The event with the client's own port, and the original destination, as conntrack says."""
@@ -150,23 +167,35 @@ class ConversationLog:
         return ev, None
 
     def _run(self) -> None:
-        while (ev := self._queue.get()) is not None:
-            if isinstance(ev, dict):
-                rec = ev
-            else:
-                ev, original = self._resolve(ev)
-                name = None
-                if self._name_for is not None:
-                    name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local), ev.wall_time)
-                rec = record(ev, original, name)
-            if self._stream is not None:
-                try:
-                    self._stream.write((json.dumps(rec) if self._json else text_line(rec)) + "\n")
-                    self._stream.flush()
-                except (OSError, ValueError):
-                    pass  # a closed terminal must not take the worker down
-            self.written += 1
+        while not self._abandon and (ev := self._queue.get()) is not None:
+            try:
+                self._write(ev)
+            except Exception:  # noqa: BLE001 - one bad event must not end the log
+                self.failed += 1
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+    def _write(self, ev: NewConversation | dict) -> None:
+        if isinstance(ev, dict):
+            rec = ev
+        else:
+            ev, original = self._resolve(ev)
+            name = None
+            if self._name_for is not None:
+                name = self._name_for(ipaddress.ip_address(original[0] if original else ev.local), ev.wall_time)
+            rec = record(ev, original, name)
+        if self._stream is not None:
+            try:
+                self._stream.write((json.dumps(rec) if self._json else text_line(rec)) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                self.failed += 1  # a closed terminal must not take the worker down
+                return
+        self.written += 1
+
+    def close(self, timeout: float = 10) -> None:
+        """Write what is queued, for at most `timeout` seconds; the rest is dropped."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            self._abandon = True
+            self.dropped += self._queue.qsize()
+        self._thread.join(timeout=timeout)

@@ -10,7 +10,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from . import backends, bound, model, render, scratch
+from . import backends, bound, model, owner, render, scratch
 from .backends.base import QueueBackend
 from .config import Config
 from .kernel import Nft
@@ -56,15 +56,22 @@ def check(config: Config, nft: Nft | None) -> tuple[str, str]:
     return name, reason
 
 
-def apply(config: Config, nft: Nft) -> Applied:
+def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied:
     """Replace nftdivert's table in one transaction, then the backend's extras.
 
     The rendered text starts with `table; delete table; table {...}`, so the
     kernel swaps old for new atomically; if it refuses, the old table stays.
+    `claim`: the run that owns the table. Without one, a table a live run
+    owns is only loaded again with that run's own ruleset.
     """
     backend, reason = backend_for(config, nft)
     rs = model.build(config, backend.name)
-    nft.run(render.render(rs) + bound.set_commands(rs.table, bound.read()))
+    text = render.render(rs)
+    if claim is None:
+        owner.check_apply(rs.table, text)
+    else:
+        claim.record(text)
+    nft.run(text + bound.set_commands(rs.table, bound.read()))
     backend.install(rs)
     # A table of ours from another backend leaves its rules behind otherwise.
     for other in backends.BACKENDS.values():
@@ -77,13 +84,33 @@ def remove(table: str, nft: Nft) -> list[str]:
     """Take away the table and any xt rules of ours; idempotent. Says what went."""
     gone = []
     if nft.has_table(table):
-        nft.run(f"delete table inet {table}\n", source="remove")
+        nft.delete_table(table)
         gone.append(f"table inet {table}")
+    return gone + _remove_queue_rules(table, nft)
+
+
+def _remove_queue_rules(table: str, nft: Nft) -> list[str]:
+    gone = []
     for cls in backends.BACKENDS.values():
         n = cls(nft).remove(table)
         if n:
             gone.append(f"{n} {cls.name} queue rule(s)")
     return gone
+
+
+def after_stop(config: Config, nft: Nft) -> bool:
+    """Leave what a clean stop leaves: the containment chain alone, or nothing.
+
+    The containment-only table replaces the full one in one transaction, so
+    forwarded traffic is never let through in between. True: containment stays.
+    """
+    text = render.render_after_stop(model.build(config, "nft"))
+    if text is None:
+        remove(config.table, nft)
+        return False
+    nft.run(text, source="after stop")
+    _remove_queue_rules(config.table, nft)
+    return True
 
 
 # The bound-port sets change at run time by design: never drift.
@@ -106,17 +133,22 @@ class Drift:
         return not self.diff
 
 
-def diff(config: Config, nft: Nft) -> Drift:
-    """Compare the live table with what `config` renders, both in nft's normal form."""
+def diff(config: Config, nft: Nft, *, after_stop: bool = False) -> Drift:
+    """Compare the live table with what `config` renders, both in nft's normal form.
+
+    after_stop: with what a clean stop of `run` leaves (containment alone, or nothing).
+    """
     backend, _ = backend_for(config, nft)
     rs = model.build(config, backend.name)
-    want = _comparable(scratch.run("normalize", render.render(rs), rs.table))
+    text = render.render_after_stop(rs) if after_stop else render.render(rs)
+    want = _comparable(scratch.run("normalize", text, rs.table)) if text else ""
     live_text = nft.list_table(rs.table)
     have = _comparable(live_text or "")
-    want_lines = want.splitlines(keepends=True) + [f"# xt: {r}\n" for r in backend.expected(rs)]
+    expected_xt = [] if after_stop else backend.expected(rs)
+    want_lines = want.splitlines(keepends=True) + [f"# xt: {r}\n" for r in expected_xt]
     have_lines = have.splitlines(keepends=True) + [f"# xt: {r}\n" for r in _installed_xt(rs.table, nft)]
-    text = "".join(difflib.unified_diff(have_lines, want_lines, "live", "rendered"))
-    return Drift(backend.name, text, missing_table=live_text is None)
+    return Drift(backend.name, "".join(difflib.unified_diff(have_lines, want_lines, "live", "rendered")),
+                 missing_table=live_text is None)
 
 
 def _installed_xt(table: str, nft: Nft) -> list[str]:
@@ -140,9 +172,15 @@ class Status:
     xt_rules: tuple[str, ...] = ()
     sets: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def contained(self) -> bool:
+        """Only the containment chain: what a clean stop leaves (no worker, nothing diverted)."""
+        names = {c.name for c in self.chains}
+        return "contain" in names and "divert_incoming" not in names
+
 
 def status(table: str, nft: Nft) -> Status:
-    objects = nft.json(f"list table inet {table}")
+    objects = nft.table_objects(table)
     if not objects:
         return Status(table, loaded=False, xt_rules=tuple(_installed_xt(table, nft)))
     chains: dict[str, dict] = {o["chain"]["name"]: o["chain"] for o in objects if "chain" in o}

@@ -7,7 +7,8 @@ import os
 import tempfile
 from typing import Any
 
-from .errors import KernelError, PermissionProblem
+from .config import check_table_name as _check_table_syntax
+from .errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
 
 def _library():
@@ -34,7 +35,7 @@ class Nft:
         The text goes through a file because libnftables then reports errors
         as `source:line:columns`, which a buffer does not.
         """
-        with tempfile.NamedTemporaryFile("w", suffix=".nft", prefix="nftdivert-") as f:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".nft", prefix="nftdivert-") as f:
             f.write(commands)
             f.flush()
             self._ctx.set_dry_run(dry_run)
@@ -50,7 +51,7 @@ class Nft:
         """The table as nft prints it (its normal form), or None when it is not loaded."""
         self._ctx.set_stateless_output(stateless)
         try:
-            rc, out, err = self._ctx.cmd(f"list table inet {table}")
+            rc, out, err = self._ctx.cmd(f"list table {table_ref(table)}")
         finally:
             self._ctx.set_stateless_output(False)
         if rc != 0:
@@ -60,25 +61,59 @@ class Nft:
         return out
 
     def json(self, command: str) -> list[dict[str, Any]]:
-        """The `nftables` array of a list command's JSON output ([] when absent)."""
+        """The `nftables` array of a fixed list command's JSON output ([] when absent).
+
+        Only for command text with no user string in it; names go through
+        json_cmd(), where they are JSON strings and never nft syntax.
+        """
         self._ctx.set_json_output(True)
         try:
             rc, out, err = self._ctx.cmd(command)
         finally:
             self._ctx.set_json_output(False)
-        if rc != 0:
-            if "No such file or directory" in err:
-                return []
-            raise _kernel_error(err)
-        return json.loads(out).get("nftables", []) if out.strip() else []
+        return _json_result(rc, out, err)
+
+    def json_cmd(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
+        """libnftables' JSON input: each command an object like {"list": {"table": {...}}}."""
+        self._ctx.set_json_output(True)  # libnftables 1.0 parses JSON input only with JSON output on
+        try:
+            rc, out, err = self._ctx.cmd(json.dumps({"nftables": list(commands)}))
+        finally:
+            self._ctx.set_json_output(False)
+        return _json_result(rc, out, err)
+
+    def table_objects(self, table: str, family: str = "inet") -> list[dict[str, Any]]:
+        """Everything in the table as JSON objects ([] when it is not loaded)."""
+        return self.json_cmd({"list": {"table": {"family": family, "name": table}}})
+
+    def delete_table(self, table: str, family: str = "inet") -> None:
+        self.json_cmd({"delete": {"table": {"family": family, "name": table}}})
 
     def has_table(self, table: str, family: str = "inet") -> bool:
         return any("table" in o and o["table"]["name"] == table and o["table"]["family"] == family
                    for o in self.json("list tables"))
 
 
+def _json_result(rc: int, out: str, err: str) -> list[dict[str, Any]]:
+    if rc != 0:
+        if "No such file or directory" in err:
+            return []
+        raise _kernel_error(err)
+    return json.loads(out).get("nftables", []) if out.strip() else []
+
+
+def table_ref(table: str) -> str:
+    """`inet NAME` for nft command text: the one place a table name enters nft syntax.
+
+    nft cannot quote a table name, so a name is only ever let through whole,
+    after the config's rule for table names (letters, digits, '_').
+    """
+    _check_table_syntax("table", table)
+    return f"inet {table}"
+
+
 def _kernel_error(err: str) -> KernelError:
-    err = err.strip()
+    err = "\n".join(map(_short_line, err.strip().splitlines()))
     if "Operation not permitted" in err:
         return PermissionProblem(
             "the kernel refused: changing nftables needs root (CAP_NET_ADMIN); "
@@ -91,6 +126,22 @@ def _kernel_error(err: str) -> KernelError:
                 "(a module or kernel option; see the README's compatibility section)")
         return KernelError(err + hint)
     return KernelError(err)
+
+
+def _short_line(line: str) -> str:
+    """nft repeats the offending line and marks it: a megabyte-long line stays a short one."""
+    if len(line) <= MESSAGE_LINE_CHARS:
+        return line
+    if set(line.strip()) <= set("^~"):  # the marker line under it
+        return f"^ (at column {len(line) - len(line.lstrip()) + 1})"
+    return clip(line.expandtabs(8))
+
+
+def check_table_name(table: object, key: str = "table") -> None:
+    """Every table name from the user passes here: the config's syntax rule, then nft's keywords."""
+    _check_table_syntax(key, table)
+    if is_reserved_word(table):  # type: ignore[arg-type]
+        raise ConfigError(key, table, "nft reads this name as a keyword; choose another")
 
 
 def is_reserved_word(name: str) -> bool:
@@ -108,7 +159,7 @@ def is_reserved_word(name: str) -> bool:
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-            rc, _, err = ctx.cmd(f"add table inet {name}")
+            rc, _, err = ctx.cmd(f"add table {table_ref(name)}")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

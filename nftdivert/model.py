@@ -43,6 +43,8 @@ class Ruleset:
     leave_alone_users: tuple[str, ...]
     leave_alone_groups: tuple[str, ...]
     leave_alone_cgroups: tuple[tuple[int, str], ...]  # (level, path)
+    # A clean stop leaves the containment chain loaded (containment_after_stop = "keep").
+    contain_after_stop: bool = False
     mss: int = DIVERTED_MSS
 
     @property
@@ -83,12 +85,13 @@ def build(config: Config, backend: str) -> Ruleset:
     tcp = config.default_listener("tcp")
     udp = config.default_listener("udp")
     hosts = sorted(set(la.hosts), key=lambda n: (n.version, n.network_address, n.prefixlen))
+    gateway = config.mode in ("gateway", "both")
     return Ruleset(
         table=config.table,
         backend=backend,
         ipv4=config.ipv4,
         ipv6=config.ipv6,
-        gateway=config.mode in ("gateway", "both"),
+        gateway=gateway,
         local=config.mode in ("local", "both"),
         interfaces=tuple(sorted(set(config.interfaces))),
         containment=config.forward_containment,
@@ -107,4 +110,5 @@ def build(config: Config, backend: str) -> Ruleset:
         leave_alone_cgroups=tuple(
             sorted({(len(p.strip("/").split("/")), p.strip("/")) for p in la.cgroups})
         ),
+        contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
     )

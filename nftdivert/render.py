@@ -55,6 +55,13 @@ def xt_rule_lines(rs: Ruleset) -> list[str]:
     return lines
 
 
+def render_after_stop(rs: Ruleset) -> str | None:
+    """What a clean stop leaves loaded: the containment chain alone, or None for nothing."""
+    if not rs.contain_after_stop:
+        return None
+    return _environment().get_template("after-stop.nft.j2").render(rs=rs)
+
+
 def render(rs: Ruleset) -> str:
     """The full nftables ruleset for `rs`, loadable with `nft -f`."""
     xt = xt_rule_lines(rs) if rs.backend == "xt" else []

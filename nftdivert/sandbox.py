@@ -67,11 +67,15 @@ class Lab:
 
 
 def sandbox_config(config: Config) -> Config:
-    """The config with what a sandbox needs: gateway on its link, a DNS listener."""
+    """The config with what a sandbox needs: gateway on its link, a DNS listener.
+
+    Its namespaces go when it ends, containment with them: nothing to keep after a stop.
+    """
     taken = {(lst.protocol, lst.port) for lst in config.listeners}
     extra = tuple(lst for lst in DNS_LISTENERS if (lst.protocol, lst.port) not in taken
                   and lst.name not in {x.name for x in config.listeners})
-    return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra)
+    return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra,
+                   containment_after_stop="remove")
 
 
 def _say(message: str) -> None:
@@ -219,12 +223,13 @@ def remove_stale() -> list[str]:
 
 
 def _remove_stats(lab: Lab) -> None:
-    """The counters file the diverter kept (runner.stats_path), named by its namespace."""
+    """The counters file and the ownership lock the diverter kept (runner.stats_path,
+    owner.lock_path), named by its namespace."""
     try:
         ino = os.stat(NETNS_DIR / lab.diverter).st_ino
     except OSError:
         return
-    for path in STATS_DIR.glob(f"*-{ino}.json"):
+    for path in [*STATS_DIR.glob(f"*-{ino}.json"), *STATS_DIR.glob(f"*-{ino}.lock")]:
         path.unlink(missing_ok=True)
 
 

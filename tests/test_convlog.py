@@ -95,3 +95,60 @@ def test_dns_records_in_json_and_text():
     assert text_line(nx).endswith("asked A x.blocked.example -> NXDOMAIN")
     mx = question_record("192.0.2.2:5353", "corp.example", "MX", "10 mail.corp.example")
     assert text_line(mx).endswith("asked MX corp.example -> 10 mail.corp.example")
+
+
+def test_the_queue_is_bounded_and_counts_what_it_drops():
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+
+    def lookup(*_args):
+        entered.set()
+        gate.wait(10)  # conntrack slower than a flood of new conversations
+        return None
+
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True, lookup=lookup, retries=1, limit=8)
+    log.submit(V4)
+    assert entered.wait(10)  # the first is off the queue, waiting at the gate
+    for _ in range(8 + 50):
+        log.submit(V4)
+    assert log.dropped == 50
+    gate.set()
+    log.close()
+    assert log.written + log.dropped == 59 and log.failed == 0
+    assert len(out.getvalue().splitlines()) == log.written
+
+
+def test_an_event_that_raises_is_counted_and_the_thread_carries_on():
+    names = iter([RuntimeError("boom"), "second.example"])
+
+    def name_for(_addr, _when):
+        value = next(names)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True, name_for=name_for)
+    log.submit(V4)
+    log.submit(V4)
+    log.close()
+    assert (log.failed, log.written) == (1, 1)
+    assert json.loads(out.getvalue())["name"] == "second.example"
+
+
+def test_close_gives_up_on_a_stuck_queue():
+    import threading
+    import time
+
+    gate = threading.Event()
+    log = ConversationLog(io.StringIO(), as_json=True, lookup=lambda *_: gate.wait(30) and None,
+                          retries=1, limit=2)
+    for _ in range(4):
+        log.submit(V4)
+    t0 = time.monotonic()
+    log.close(timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    gate.set()
+    assert log.dropped >= 2

@@ -179,4 +179,5 @@ def test_status_shows_table_backend_and_worker_counters(gw, div):
     out, m = lab.wait_for(worker_line, 10, "the worker's counters in `nftdivert status`",
                           detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
     assert int(m[1]) == div.proc.pid, out
+    assert "new-conversation hook errors 0, log lines " in out and "(dropped 0, failed 0)" in out, out
     print(f"\nstatus: {out.splitlines()[-1].strip()}")

@@ -236,6 +236,22 @@ def test_interface_names_reach_the_ruleset_verbatim():
     assert "\\u" not in text
 
 
+def test_after_stop_is_the_containment_chain_alone_and_only_where_it_contains():
+    def after_stop(**kw) -> str | None:
+        return render.render_after_stop(model.build(Config(**kw), "xt"))
+
+    text = after_stop()
+    assert text.startswith("# nftdivert after a clean stop")
+    assert "table inet nftdivert\ndelete table inet nftdivert\n" in text  # an atomic swap
+    assert text.count("chain ") == 1 and "type filter hook forward priority filter; policy drop;" in text
+    # The same chain as in the full ruleset, byte for byte.
+    assert text[text.index("\t# Containment"):text.rindex("}")] in render.render(model.build(Config(), "xt"))
+    assert 'iifname { "eth1" } counter drop' in after_stop(interfaces=("eth1",))
+    for nothing in (dict(containment_after_stop="remove"), dict(mode="local"), dict(forward_containment=False)):
+        assert after_stop(**nothing) is None, nothing
+    assert after_stop(mode="both") is not None
+
+
 def test_render_for_auto_is_native_and_kernel_free():
     cfg = Config()
     assert engine.render_for(cfg) == render.render(model.build(cfg, "nft"))

@@ -243,8 +243,9 @@ def test_sigkill_leaves_no_orphan_and_the_next_sandbox_removes_the_rest(config):
         tree = descendants(killed.pid)
         assert len(tree) >= 5, tree  # the diverter, its listeners, the init, two sleeps
         netns = os.stat(sandbox_mod.NETNS_DIR / f"nds{killed.pid}-divert").st_ino
-        stats = list(sandbox_mod.STATS_DIR.glob(f"*-{netns}.json"))  # the diverter's counters
-        assert stats
+        # The diverter's counters and its table's ownership lock.
+        stats = [*sandbox_mod.STATS_DIR.glob(f"*-{netns}.json"), *sandbox_mod.STATS_DIR.glob(f"*-{netns}.lock")]
+        assert len(stats) == 2, stats
         killed.kill()
         assert not (left := wait_gone(tree, 1.0)), f"outlived the sandbox by more than a second: {left}"
         stop(killed)

@@ -24,9 +24,11 @@ def test_the_kernels_counters_of_our_queues_only(tmp_path):
 
 
 def test_the_summary_ends_with_them():
-    snap = {"packets": dict.fromkeys(("seen", "rewritten", "passed", "malformed", "dropped", "errors"), 0),
+    snap = {"packets": dict.fromkeys(("seen", "rewritten", "passed", "malformed", "dropped", "errors",
+                                      "hook_errors"), 0),
             "conversations": dict.fromkeys(("new", "size", "routes", "client_port_clashes", "kernel_remaps",
                                             "evicted_idle", "evicted_closed", "evicted_cap"), 0),
+            "log": dict.fromkeys(("written", "dropped", "failed"), 0),
             "kernel": {"incoming": {"queue": 0, "waiting": 2, "queue_full": 26768, "socket_full": 3}}}
     assert runner.summary(snap).endswith(
         "; kernel: incoming queue 0 dropped 26768 (queue full) + 3 (socket full), waiting 2")
