@@ -59,7 +59,12 @@ class Netns:
     @classmethod
     def create(cls, prefix: str) -> Netns:
         """A new namespace named `<prefix>-<pid>-<n>`, loopback up."""
-        ns = cls(unique_name(prefix))
+        return cls.add(unique_name(prefix))
+
+    @classmethod
+    def add(cls, name: str) -> Netns:
+        """A new namespace called `name`, loopback up."""
+        ns = cls(name)
         _ip("netns", "add", ns.name)
         try:
             ns.run("ip", "link", "set", "lo", "up")

@@ -14,28 +14,24 @@ the namespaces it left, once its lock file proves that nothing of it runs.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import netns
 from .config import Config, Listener
 from .errors import NftDivertError
 from .lifeline import die_with_parent
 from .pidns import Tree
 from .runner import STATS_DIR
 
-CLONE_NEWNET = 0x40000000
-NETNS_DIR = Path("/run/netns")
-ETC_NETNS = Path("/etc/netns")  # `ip netns exec` mounts resolv.conf from here
 # One lock file per sandbox, held by it and its children for as long as any
 # of them lives; the kernel lets go of it when the last one dies, SIGKILL or not.
 LOCKS = STATS_DIR / "sandbox"
@@ -82,37 +78,18 @@ def _say(message: str) -> None:
     print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
-def _ip(*argv: str) -> str:
-    proc = subprocess.run(["ip", *argv], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NftDivertError(f"ip {' '.join(argv)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _in(ns: str, *argv: str) -> None:
-    _ip("netns", "exec", ns, *argv)
-
-
 def create(name: str, ipv6: bool) -> Lab:
     lab = Lab.named(name)
-    _ip("netns", "add", lab.client)
+    client = netns.Netns.add(lab.client)
     try:
-        _ip("netns", "add", lab.diverter)
-        _ip("link", "add", CLIENT_IF, "netns", lab.client, "type", "veth", "peer", "name", DIVERTER_IF,
-            "netns", lab.diverter)
-        for ns, ifname, v4, v6 in ((lab.client, CLIENT_IF, CLIENT_V4, CLIENT_V6),
-                                   (lab.diverter, DIVERTER_IF, DIVERTER_V4, DIVERTER_V6)):
-            _in(ns, "ip", "link", "set", "lo", "up")
-            _in(ns, "ip", "addr", "add", f"{v4}/{PREFIX_V4}", "dev", ifname)
-            if ipv6:
-                # No duplicate address detection on a link of two: no address is ever tentative.
-                _in(ns, "sysctl", "-qw", f"net.ipv6.conf.{ifname}.accept_dad=0")
-                _in(ns, "ip", "addr", "add", f"{v6}/{PREFIX_V6}", "dev", ifname, "nodad")
-            _in(ns, "ip", "link", "set", ifname, "up")
-        _in(lab.client, "ip", "route", "add", "default", "via", DIVERTER_V4)
+        diverter = netns.Netns.add(lab.diverter)
+        # veth() skips duplicate address detection: on a link of two no address is ever tentative.
+        netns.veth(client, CLIENT_IF, [f"{CLIENT_V4}/{PREFIX_V4}"] + ([f"{CLIENT_V6}/{PREFIX_V6}"] if ipv6 else []),
+                   diverter, DIVERTER_IF, [f"{DIVERTER_V4}/{PREFIX_V4}"] + ([f"{DIVERTER_V6}/{PREFIX_V6}"] if ipv6 else []))
+        client.run("ip", "route", "add", "default", "via", DIVERTER_V4)
         if ipv6:
-            _in(lab.client, "ip", "-6", "route", "add", "default", "via", DIVERTER_V6)
-        resolv = ETC_NETNS / lab.client / "resolv.conf"
+            client.run("ip", "-6", "route", "add", "default", "via", DIVERTER_V6)
+        resolv = netns.ETC_NETNS / lab.client / "resolv.conf"
         resolv.parent.mkdir(parents=True, exist_ok=True)
         resolv.write_text(f"nameserver {DIVERTER_V4}\n")  # nothing more: CMD may read it
         _wait_link(lab, ipv6)
@@ -138,30 +115,16 @@ def _wait_link(lab: Lab, ipv6: bool, timeout: float = 5.0) -> None:
 
 
 def _link_ready(ns: str, ifname: str, ipv6: bool) -> bool:
-    link = json.loads(_ip("-n", ns, "-j", "addr", "show", "dev", ifname))[0]
+    link = json.loads(netns.Netns(ns).run("ip", "-j", "addr", "show", "dev", ifname).stdout)[0]
     v6 = [a for a in link.get("addr_info", []) if a.get("family") == "inet6"]
     return link.get("operstate") == "UP" and (not ipv6 or (
         any(a["local"].startswith("fe80:") for a in v6) and not any(a.get("tentative") for a in v6)))
 
 
-def _pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split() if pid.isdigit()]
-
-
 def destroy(lab: Lab) -> None:
     """Kill what runs inside, delete both namespaces and the resolv.conf; never raises."""
     for ns in (lab.client, lab.diverter):
-        deadline = time.monotonic() + 5
-        while (pids := _pids(ns)) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)  # until they are gone, not merely signalled
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-    shutil.rmtree(ETC_NETNS / lab.client, ignore_errors=True)
+        netns.Netns(ns).delete()
 
 
 # ---- what a killed sandbox left behind -------------------------------------------
@@ -191,7 +154,7 @@ def remove_stale() -> list[str]:
     nftdivert's) are left alone.
     """
     bases = set()
-    for folder in (NETNS_DIR, ETC_NETNS):
+    for folder in (netns.NETNS_DIR, netns.ETC_NETNS):
         try:
             bases.update(m[1] for name in os.listdir(folder) if (m := _LAB_NAME.fullmatch(name)))
         except FileNotFoundError:
@@ -202,8 +165,8 @@ def remove_stale() -> list[str]:
         try:
             fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
-            resolv = ETC_NETNS / lab.client
-            if resolv.is_dir() and not any((NETNS_DIR / ns).exists() for ns in (lab.client, lab.diverter)):
+            resolv = netns.ETC_NETNS / lab.client
+            if resolv.is_dir() and not any((netns.NETNS_DIR / ns).exists() for ns in (lab.client, lab.diverter)):
                 shutil.rmtree(resolv, ignore_errors=True)
                 removed.append(str(resolv))
             continue
@@ -226,7 +189,7 @@ def _remove_stats(lab: Lab) -> None:
     """The counters file and the ownership lock the diverter kept (runner.stats_path,
     owner.lock_path), named by its namespace."""
     try:
-        ino = os.stat(NETNS_DIR / lab.diverter).st_ino
+        ino = os.stat(netns.NETNS_DIR / lab.diverter).st_ino
     except OSError:
         return
     for path in [*STATS_DIR.glob(f"*-{ino}.json"), *STATS_DIR.glob(f"*-{ino}.lock")]:
@@ -234,15 +197,6 @@ def _remove_stats(lab: Lab) -> None:
 
 
 # ---- the diverter -------------------------------------------------------------------
-
-def _enter(ns: str) -> None:
-    fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns}")
-    finally:
-        os.close(fd)
-
 
 def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, int]:
     """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
@@ -257,7 +211,7 @@ def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, in
                 signal.signal(sig, signal.SIG_DFL)  # not the parent's handlers; runner sets its own
             os.close(ready_r)
             os.setpgid(0, 0)  # the terminal's Ctrl-C is for CMD, not for the diverter
-            _enter(lab.diverter)
+            netns.Netns(lab.diverter).enter()
             from . import runner
 
             final = runner.run(config, pcap_path=pcap, on_ready=lambda: os.write(ready_w, b"1"))

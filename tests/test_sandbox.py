@@ -20,6 +20,7 @@ import lab
 from conftest import REPO, nftdivert_argv
 from procs import descendants, running, wait_gone
 from nftdivert import sandbox as sandbox_mod
+from nftdivert import netns as netns_mod
 
 pytestmark = pytest.mark.kernel
 
@@ -46,8 +47,8 @@ def argv(config: str, *args: str) -> list[str]:
 def leftovers(pid: int) -> list[str]:
     """What of the sandbox run by `pid` still exists: namespaces, resolv.conf, lock."""
     base = f"nds{pid}"
-    paths = [sandbox_mod.NETNS_DIR / f"{base}-client", sandbox_mod.NETNS_DIR / f"{base}-divert",
-             sandbox_mod.ETC_NETNS / f"{base}-client", sandbox_mod.LOCKS / f"{base}.lock"]
+    paths = [netns_mod.NETNS_DIR / f"{base}-client", netns_mod.NETNS_DIR / f"{base}-divert",
+             netns_mod.ETC_NETNS / f"{base}-client", sandbox_mod.LOCKS / f"{base}.lock"]
     return [str(p) for p in paths if p.exists()]
 
 
@@ -242,7 +243,7 @@ def test_sigkill_leaves_no_orphan_and_the_next_sandbox_removes_the_rest(config):
         killed = start(config, "setsid -f sleep 60; echo ready; exec sleep 60")
         tree = descendants(killed.pid)
         assert len(tree) >= 5, tree  # the diverter, its listeners, the init, two sleeps
-        netns = os.stat(sandbox_mod.NETNS_DIR / f"nds{killed.pid}-divert").st_ino
+        netns = os.stat(netns_mod.NETNS_DIR / f"nds{killed.pid}-divert").st_ino
         # The diverter's counters and its table's ownership lock.
         stats = [*sandbox_mod.STATS_DIR.glob(f"*-{netns}.json"), *sandbox_mod.STATS_DIR.glob(f"*-{netns}.lock")]
         assert len(stats) == 2, stats
