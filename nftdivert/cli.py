@@ -80,12 +80,12 @@ def render(config_path: str | None, backend: str | None, after_stop: bool) -> No
     a clean stop leaves (containment_after_stop = "keep"), or a comment
     saying nothing stays.
     """
-    cfg = _config(config_path)
-    if not after_stop:
-        click.echo(engine.render_for(cfg, backend), nl=False)
-        return
     from . import model, render as render_mod
 
+    cfg = _config(config_path)
+    if not after_stop:
+        click.echo(render_mod.render_for(cfg, backend), nl=False)
+        return
     text = render_mod.render_after_stop(model.build(cfg, "nft"))
     click.echo(text or "# nftdivert after a clean stop: nothing stays loaded "
                        "(no containment, or containment_after_stop = \"remove\")\n", nl=False)

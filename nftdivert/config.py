@@ -480,10 +480,6 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         elif key not in values and "listeners" in values:
             # Own listeners without a say: the first of each protocol takes the rest.
             values[key] = next((lst.name for lst in values["listeners"] if lst.protocol == proto), None)
-    # Each section validates itself before Config checks how they fit together.
-    for section in _SECTIONS:
-        if section in values:
-            values[section].validate(section)
     try:
         return Config(**values)
     except TypeError as exc:  # a dataclass field given something unusable

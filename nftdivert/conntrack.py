@@ -16,7 +16,7 @@ for replies it cannot place; see `Conntrack.entry`.
 
 Entries are only in the table once confirmed, i.e. after the first packet has
 passed the last netfilter hook. The queue callback runs before that, hence
-`original_destination_retry` for a logging thread that looks up shortly after.
+the logging thread (convlog) looks up shortly after, and again if need be.
 """
 from __future__ import annotations
 
@@ -307,18 +307,6 @@ class Conntrack:
         """(address, port) the client originally sent to, or None if conntrack has no such entry."""
         found = self.entry(version, protocol, client, client_port, local, local_port)
         return None if found is None else (found.dst, found.dst_port)
-
-    def original_destination_retry(self, version: int, protocol: int, client: bytes, client_port: int,
-                                   local: bytes, local_port: int, attempts: int = 10,
-                                   delay: float = 0.02) -> tuple[bytes, int] | None:
-        """original_destination, retried while the entry is not (yet) confirmed; None after `attempts`."""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(delay)
-            found = self.original_destination(version, protocol, client, client_port, local, local_port)
-            if found is not None:
-                return found
-        return None
 
     def _receive(self, seq: int) -> Entry | None:
         """Read until the NLMSG_ERROR/ack for `seq`; messages for other sequence numbers

@@ -28,12 +28,6 @@ def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
     return backends.select(config.queue.backend, nft)
 
 
-def render_for(config: Config, backend: str | None = None) -> str:
-    """The ruleset text; `auto` renders the native form, the kernel is not asked."""
-    chosen = backend or (config.queue.backend if config.queue.backend != "auto" else "nft")
-    return render.render(model.build(config, chosen))
-
-
 def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert") -> None:
     """Dry-run `text` against the running kernel; nothing changes. Raises on rejection."""
     if nft is not None:
@@ -52,7 +46,7 @@ def check(config: Config, nft: Nft | None) -> tuple[str, str]:
         reason = "auto: probed in a user namespace"
     else:
         name, reason = config.queue.backend, "set in the config"
-    check_text(render_for(config, name), nft, config.table)
+    check_text(render.render_for(config, name), nft, config.table)
     return name, reason
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import jinja2
 
+from . import model
+from .config import Config
 from .model import Ruleset
 
 # iptables-nft rules carry this comment; removal matches it and nothing else.
@@ -60,6 +62,12 @@ def render_after_stop(rs: Ruleset) -> str | None:
     if not rs.contain_after_stop:
         return None
     return _environment().get_template("after-stop.nft.j2").render(rs=rs)
+
+
+def render_for(config: Config, backend: str | None = None) -> str:
+    """The ruleset text for `config`; `auto` renders the native form, the kernel is not asked."""
+    chosen = backend or (config.queue.backend if config.queue.backend != "auto" else "nft")
+    return render(model.build(config, chosen))
 
 
 def render(rs: Ruleset) -> str:

@@ -31,7 +31,7 @@ def run(action: str, text: str, table: str) -> str:
     if proc.returncode == 0:
         return proc.stdout
     err = proc.stderr.strip()
-    if proc.returncode == 3 or "unshare failed" in err or "unshare:" in err:
+    if "unshare failed" in err or "unshare:" in err:
         raise PermissionProblem(
             "cannot make a scratch network namespace"
             + ("" if is_root() else " (unprivileged user namespaces are off here: "
@@ -48,8 +48,8 @@ def _main(argv: list[str]) -> int:
         if action == "check":
             nft.run(text, dry_run=True)
         elif action == "probe":
-            from .backends import NativeQueue
-            print("nft" if NativeQueue.kernel_supports(nft) else "xt")
+            from .backends import select
+            print(select("auto", nft)[0].name)
         elif action == "normalize":
             nft.run(text)
             sys.stdout.write(nft.list_table(table) or "")

@@ -104,13 +104,12 @@ LOOKUP = r"""
 import ipaddress, json, sys
 from nftdivert.conntrack import Conntrack
 queries = json.loads(sys.argv[1])
-retry = sys.argv[2] == "retry"
 packed = lambda a: ipaddress.ip_address(a).packed
 results = []
 with Conntrack() as ct:
     for q in queries:
         args = (q["version"], q["proto"], packed(q["client"]), q["cport"], packed(q["local"]), q["lport"])
-        r = ct.original_destination_retry(*args) if retry else ct.original_destination(*args)
+        r = ct.original_destination(*args)
         results.append(None if r is None else [str(ipaddress.ip_address(r[0])), r[1]])
 print(json.dumps(results))
 """
@@ -151,8 +150,8 @@ class Lab:
         assert seen["cport"] == cport and seen["local"] is not None
         return seen
 
-    def lookup(self, queries: list[dict], retry: bool = True) -> list:
-        proc = self.diverter.run(sys.executable, "-c", LOOKUP, json.dumps(queries), "retry" if retry else "once",
+    def lookup(self, queries: list[dict]) -> list:
+        proc = self.diverter.run(sys.executable, "-c", LOOKUP, json.dumps(queries),
                                  env=ENV)
         return json.loads(proc.stdout)
 
@@ -189,7 +188,7 @@ def test_several_conversations_one_socket(lab):
             lab.converse("198.51.100.8", TCP_PORT, "tcp"),
             lab.converse("2001:db8:ffff::7", TCP_PORT, "tcp"),
             lab.converse("203.0.113.9", UDP_PORT, "udp")]
-    assert lab.lookup(seen, retry=False) == [["198.51.100.7", TCP_PORT], ["198.51.100.8", TCP_PORT],
+    assert lab.lookup(seen) == [["198.51.100.7", TCP_PORT], ["198.51.100.8", TCP_PORT],
                                              ["2001:db8:ffff::7", TCP_PORT], ["203.0.113.9", UDP_PORT]]
 
 
@@ -240,9 +239,7 @@ def test_no_entry_is_none(lab):
     other_local_port = dict(seen, lport=seen["lport"] + 1)
     never = {"version": 6, "proto": 6, "client": "2001:db8:1::2", "cport": 1, "local": "2001:db8:1::1", "lport": 2}
     queries = [other_port, other_proto, other_local_port, never, seen]
-    assert lab.lookup(queries, retry=False) == [None, None, None, None, ["198.51.100.7", TCP_PORT]]
-    # the retry gives up quietly too
-    assert lab.lookup([never], retry=True) == [None]
+    assert lab.lookup(queries) == [None, None, None, None, ["198.51.100.7", TCP_PORT]]
 
 
 @kernel

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import nftdivert_argv
-from nftdivert import engine
+from nftdivert import engine, render
 from nftdivert.config import load
 
 pytestmark = pytest.mark.kernel
@@ -241,7 +241,7 @@ def test_rejected_apply_keeps_the_previous_table(cli):
     # libnftables names the line: "ruleset:LINE:COLUMNS: Error: ..." and shows it.
     m = re.search(r"ruleset:(\d+):\d+(?:-\d+)?: Error: cgroupv2 path fails", proc.stderr)
     assert m, proc.stderr
-    line = engine.render_for(load(bad)).splitlines()[int(m.group(1)) - 1]
+    line = render.render_for(load(bad)).splitlines()[int(m.group(1)) - 1]
     assert line.strip() == 'socket cgroupv2 level 1 "does-not-exist.slice" return'
     assert 'socket cgroupv2 level 1 "does-not-exist.slice" return' in proc.stderr
 
@@ -424,7 +424,7 @@ def test_check_of_a_native_config_on_this_kernel(cli):
 
 def test_check_ruleset_files(cli, tmp_path):
     good = tmp_path / "good.nft"
-    good.write_text(engine.render_for(load(None), "xt"))
+    good.write_text(render.render_for(load(None), "xt"))
     proc = cli.ok("check", str(good))
     assert "accepted by the kernel" in proc.stdout
 
@@ -447,7 +447,7 @@ def _userns_allowed(cli) -> bool:
 
 def test_check_as_non_root(cli, public_dir):
     ruleset = public_dir / "default-xt.nft"
-    ruleset.write_text(engine.render_for(load(None), "xt"))
+    ruleset.write_text(render.render_for(load(None), "xt"))
     ruleset.chmod(0o644)
     proc = cli("check", user=65534)
     proc_file = cli("check", str(ruleset), user=65534)

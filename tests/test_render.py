@@ -58,7 +58,7 @@ def golden_paths(name: str) -> tuple[Path, Path]:
 
 def rendered(name: str) -> str:
     cfg_path, _ = golden_paths(name)
-    return engine.render_for(load(cfg_path))
+    return render.render_for(load(cfg_path))
 
 
 def compare_or_update(path: Path, text: str) -> None:
@@ -98,10 +98,10 @@ def test_golden(name):
 @pytest.mark.parametrize("name", GOLDEN)
 def test_render_is_deterministic(name):
     cfg = load(golden_paths(name)[0])
-    first = engine.render_for(cfg)
-    assert engine.render_for(cfg) == first
+    first = render.render_for(cfg)
+    assert render.render_for(cfg) == first
     # A fresh load (new objects, new set iteration) changes nothing either.
-    assert engine.render_for(load(golden_paths(name)[0])) == first
+    assert render.render_for(load(golden_paths(name)[0])) == first
 
 
 def _shuffled(data: dict, rng: random.Random) -> dict:
@@ -122,12 +122,12 @@ def _shuffled(data: dict, rng: random.Random) -> dict:
 def test_shuffled_set_elements_render_the_same(name):
     cfg_path, golden = golden_paths(name)
     data = tomllib.loads(cfg_path.read_text())
-    want = engine.render_for(from_mapping(data))
+    want = render.render_for(from_mapping(data))
     rng = random.Random(name)
     for _ in range(3):
         shuffled = _shuffled(data, rng)
         assert shuffled != data or name == "interfaces"
-        assert engine.render_for(from_mapping(shuffled)) == want
+        assert render.render_for(from_mapping(shuffled)) == want
 
 
 @pytest.mark.parametrize("name", [n for n in GOLDEN if n != "bignets"] + [
@@ -231,7 +231,7 @@ def test_bignets_golden_holds_every_network_in_order():
 def test_interface_names_reach_the_ruleset_verbatim():
     # Jinja's tojson turned "a<b" into "a\u003cb", a name nft matches literally:
     # containment and answering silently skipped such an interface.
-    text = engine.render_for(Config(interfaces=("x&y", "a<b", "\u00e90"), queue=QueueConfig(backend="xt")))
+    text = render.render_for(Config(interfaces=("x&y", "a<b", "\u00e90"), queue=QueueConfig(backend="xt")))
     assert 'iifname { "a<b", "x&y", "\u00e90" } counter drop' in text
     assert "\\u" not in text
 
@@ -254,8 +254,8 @@ def test_after_stop_is_the_containment_chain_alone_and_only_where_it_contains():
 
 def test_render_for_auto_is_native_and_kernel_free():
     cfg = Config()
-    assert engine.render_for(cfg) == render.render(model.build(cfg, "nft"))
-    assert engine.render_for(cfg, "xt") == render.render(model.build(cfg, "xt"))
+    assert render.render_for(cfg) == render.render(model.build(cfg, "nft"))
+    assert render.render_for(cfg, "xt") == render.render(model.build(cfg, "xt"))
     with pytest.raises(ValueError):
         model.build(cfg, "auto")
 
@@ -265,7 +265,7 @@ def test_render_times_for_bignets():
     t0 = time.perf_counter()
     cfg = from_mapping(data)
     t1 = time.perf_counter()
-    text = engine.render_for(cfg)
+    text = render.render_for(cfg)
     t2 = time.perf_counter()
     print(f"\nbignets: validate {t1 - t0:.3f}s, render {t2 - t1:.3f}s, {len(text)} bytes")
     assert text.count("\t\t\t198.18.") == BIGNETS
@@ -326,7 +326,7 @@ def test_golden_loads_in_kernel(host, name):
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_config_for_xt_loads_in_kernel(host, name):
     """Every golden config, native ones included, rendered for xt: all features meet this kernel."""
-    _checked(host, name, engine.render_for(load(golden_paths(name)[0]), "xt"))
+    _checked(host, name, render.render_for(load(golden_paths(name)[0]), "xt"))
 
 
 @pytest.mark.kernel

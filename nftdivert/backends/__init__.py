@@ -7,13 +7,15 @@ installs two NFQUEUE rules through iptables-nft for kernels without it
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KernelError
 from ..kernel import Nft
 from .base import QueueBackend
 from .nft import NativeQueue
 from .xt import XtQueue
 
-BACKENDS: dict[str, type[QueueBackend]] = {"nft": NativeQueue, "xt": XtQueue}
+# In order of preference, like sshuttle's methods: the first this kernel supports wins.
+PREFERENCE: tuple[type[QueueBackend], ...] = (NativeQueue, XtQueue)
+BACKENDS: dict[str, type[QueueBackend]] = {cls.name: cls for cls in PREFERENCE}
 
 
 def select(requested: str, nft: Nft) -> tuple[QueueBackend, str]:
@@ -21,7 +23,8 @@ def select(requested: str, nft: Nft) -> tuple[QueueBackend, str]:
     if requested in BACKENDS:
         return BACKENDS[requested](nft), "set in the config"
     if requested != "auto":
-        raise ConfigError("queue.backend", requested, "must be one of auto, nft, xt")
-    if NativeQueue.kernel_supports(nft):
-        return NativeQueue(nft), "auto: the kernel accepts the nft queue statement"
-    return XtQueue(nft), "auto: the kernel has no nft queue statement (CONFIG_NFT_QUEUE), using iptables-nft NFQUEUE"
+        raise ConfigError("queue.backend", requested, "must be one of auto, " + ", ".join(BACKENDS))
+    for cls in PREFERENCE:
+        if cls.supported(nft):
+            return cls(nft), cls.auto_reason
+    raise KernelError("no queue backend works on this kernel: it needs nft_queue, or nft_compat + xt_NFQUEUE")

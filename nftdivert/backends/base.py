@@ -8,6 +8,13 @@ from ..model import Ruleset
 
 class QueueBackend:
     name = ""
+    # Why `auto` picked this backend, for check/apply/run to say.
+    auto_reason = ""
+
+    @classmethod
+    def supported(cls, nft: Nft) -> bool:
+        """Whether this kernel can queue this way (asked by `auto`, in order of preference)."""
+        return True
 
     def __init__(self, nft: Nft) -> None:
         self.nft = nft

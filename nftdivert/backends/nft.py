@@ -16,9 +16,10 @@ add rule inet nftdivert_probe probe queue num 0 bypass
 
 class NativeQueue(QueueBackend):
     name = "nft"
+    auto_reason = "auto: the kernel accepts the nft queue statement"
 
-    @staticmethod
-    def kernel_supports(nft: Nft) -> bool:
+    @classmethod
+    def supported(cls, nft: Nft) -> bool:
         try:
             nft.run(_PROBE, dry_run=True, source="queue probe")
         except KernelError as exc:

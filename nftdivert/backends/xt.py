@@ -20,7 +20,6 @@ from .base import QueueBackend
 
 _TOOLS = {"ipv4": ("iptables-nft-restore", "iptables-nft-save", "ip"),
           "ipv6": ("ip6tables-nft-restore", "ip6tables-nft-save", "ip6")}
-_TABLES = ("mangle", "raw")
 
 
 def _tool(name: str) -> str:
@@ -51,6 +50,7 @@ def _tagged(save_output: str, tag: str) -> dict[str, list[str]]:
 
 class XtQueue(QueueBackend):
     name = "xt"
+    auto_reason = "auto: the kernel has no nft queue statement (CONFIG_NFT_QUEUE), using iptables-nft NFQUEUE"
 
     def _save(self, family: str) -> str:
         return _run([_tool(_TOOLS[family][1])])
