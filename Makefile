@@ -43,7 +43,7 @@ test: venv
 # native nft queue statement this machine's kernel may lack: booted under
 # qemu (software emulation) by virtme-ng with this root file system read-only.
 # The kernel package is cached in .cache/kernel.
-KERNEL_TESTS ?= tests/test_e2e.py tests/test_e2e_faults.py tests/test_e2e_load.py tests/test_e2e_identity.py tests/test_runner.py tests/test_engine.py tests/test_render.py
+KERNEL_TESTS ?= tests/e2e/test_e2e.py tests/e2e/test_e2e_faults.py tests/e2e/test_e2e_load.py tests/e2e/test_e2e_identity.py tests/test_runner.py tests/ruleset/test_engine.py tests/ruleset/test_render.py
 test-kernel: venv
 	$(PY) tests/vm/vmrun --ensure
 	@# A failure inside the VM must fail the tier: prove vmrun passes it on.

@@ -3,7 +3,7 @@
 
 Builds two network namespaces, a client and a diverter (topology.py), and
 measures, alternating the two sides round by round (ABBA), with the SAME
-echo listener code (nftdivert.listeners.Listeners) on TCP 1337:
+echo listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
 
   nftdivert    `nftdivert run` (queue backend auto), conversation log as JSON
   kernel-only  one nat rule `redirect to :1337`, no queue, no worker

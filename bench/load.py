@@ -23,7 +23,7 @@ import time
 from common import BenchError
 from topology import CLIENT_ADDR, LISTEN_PORT, TARGETS, Topology, client_addr
 
-from nftdivert.netns import Netns
+from nftdivert.lab.netns import Netns
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _children: set[int] = set()  # forked workers not yet reaped

@@ -23,8 +23,8 @@ def micro(iterations: int, reps: int) -> dict:
 
     import builders
     from nftdivert.config import Config
-    from nftdivert.packet import ACK, SYN, TCP, UDP
-    from nftdivert.worker import build_fixup, new_conversation_event
+    from nftdivert.worker.packet import ACK, SYN, TCP, UDP
+    from nftdivert.worker.queue import build_fixup, new_conversation_event
 
     cfg = Config()
     bound_ports = {LISTEN_PORT, 22}  # the worker's is_bound: a set lookup, as in runner._BoundPorts

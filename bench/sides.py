@@ -3,7 +3,7 @@
   nftdivert    `nftdivert run` (queue backend auto), conversation log as JSON
   kernel-only  one nat rule `redirect to :1337`, no queue, no worker
 
-Both answer with the same echo listener code (nftdivert.listeners.Listeners).
+Both answer with the same echo listener code (nftdivert.services.listeners.Listeners).
 A side has start(), counters() (the worker's packet counters, or None) and
 stop(), which checks that it left nothing behind.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from common import REPO, BenchError
 from topology import Topology
 
-from nftdivert import netns
+from nftdivert.lab import netns
 
 REF_TABLE = """\
 table inet ref {
@@ -39,7 +39,7 @@ import json, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 from dataclasses import asdict
 from nftdivert.config import DEFAULT_LISTENERS
-from nftdivert.listeners import Listeners
+from nftdivert.services.listeners import Listeners
 listeners = Listeners(DEFAULT_LISTENERS, ipv6=True)
 listeners.start()
 print("ready", flush=True)

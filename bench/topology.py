@@ -12,7 +12,7 @@ import sys
 
 from common import say
 
-from nftdivert import netns
+from nftdivert.lab import netns
 
 NS_PREFIX = "ndb"  # namespaces ndb-client-<pid>-<n>, ndb-divert-<pid>-<n>
 CLIENT_IF, DIVERT_IF = "ndb-c", "ndb-d"

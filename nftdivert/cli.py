@@ -7,10 +7,11 @@ import sys
 
 import click
 
-from . import config as config_mod
-from . import __version__, engine, errors, owner
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
-from .kernel import Nft, check_table_name, is_root
+from nftdivert import config as config_mod
+from nftdivert import __version__, errors
+from nftdivert.ruleset import engine, owner
+from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
+from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
 CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded default: gateway mode, "
                "built-in echo listeners on TCP and UDP 1337, fail-closed, containment on.")
@@ -80,7 +81,7 @@ def render(config_path: str | None, backend: str | None, after_stop: bool) -> No
     a clean stop leaves (containment_after_stop = "keep"), or a comment
     saying nothing stays.
     """
-    from . import model, render as render_mod
+    from nftdivert.ruleset import model, render as render_mod
 
     cfg = _config(config_path)
     if not after_stop:
@@ -211,7 +212,7 @@ def status(table: str, config_path: str | None) -> None:
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
-    from . import runner
+    from nftdivert import runner
 
     worker = runner.read_stats(table)
     click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
@@ -259,7 +260,7 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
       nftdivert run -c lab.toml -w lab.pcap
       nftdivert run --log conversations.jsonl
     """
-    from . import runner
+    from nftdivert import runner
 
     cfg = _diverter_config(config_path, log_target, log_format)
     _root_nft("run")
@@ -311,7 +312,7 @@ def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, l
       sudo nftdivert sandbox -w sample.pcap --timeout 60 -- ./sample.bin
       sudo nftdivert sandbox
     """
-    from . import sandbox as sandbox_mod
+    from nftdivert.lab import sandbox as sandbox_mod
 
     seconds = _timeout(timeout)
     cfg = _diverter_config(config_path, log_target, log_format)

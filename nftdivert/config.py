@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from nftdivert.errors import ConfigError
 
 MODES = ("gateway", "local", "both")
 BACKENDS = ("auto", "nft", "xt")

@@ -24,14 +24,15 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
-from . import bound, engine, owner
-from .config import Config
-from .convlog import ConversationLog
-from .errors import ConfigError, KernelError, NftDivertError
-from .kernel import Nft
-from .listener_process import ListenerProcess
-from .model import QUEUE_COPY_LIMIT
-from .worker import Worker, build_fixup, new_conversation_event
+from nftdivert.services import bound
+from nftdivert.ruleset import engine, owner
+from nftdivert.config import Config
+from nftdivert.services.convlog import ConversationLog
+from nftdivert.errors import ConfigError, KernelError, NftDivertError
+from nftdivert.ruleset.kernel import Nft
+from nftdivert.services.listener_process import ListenerProcess
+from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
+from nftdivert.worker.queue import Worker, build_fixup, new_conversation_event
 
 STATS_DIR = owner.STATE_DIR
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
@@ -80,7 +81,7 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
 def _conntrack_lookup(stack: ExitStack):
     """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
     try:
-        from .conntrack import Conntrack
+        from nftdivert.services.conntrack import Conntrack
         ct = stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
@@ -126,7 +127,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         stream, as_json = _log_stream(config, stack)
         pcap = None
         if pcap_path:
-            from .pcap import PcapWriter
+            from nftdivert.services.pcap import PcapWriter
             try:
                 pcap = PcapWriter(pcap_path)
             except OSError as exc:

@@ -1,6 +1,6 @@
 """Build IPv4/IPv6 TCP/UDP packets for tests, and check checksums independently.
 
-The independent check uses a different method from nftdivert.checksum: the
+The independent check uses a different method from nftdivert.worker.checksum: the
 one's complement sum of 16-bit words is congruent to the big-endian integer
 of the bytes modulo 0xFFFF, because 2**16 == 1 (mod 0xFFFF).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from nftdivert.checksum import internet_checksum, l4_checksum
-from nftdivert.packet import SYN, TCP, UDP
+from nftdivert.worker.checksum import internet_checksum, l4_checksum
+from nftdivert.worker.packet import SYN, TCP, UDP
 
 V4_CLIENT = ipaddress.ip_address("198.51.100.7").packed
 V4_LOCAL = ipaddress.ip_address("203.0.113.1").packed

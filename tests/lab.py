@@ -242,7 +242,8 @@ def keeps_containment(config: str) -> bool:
     """Does a clean stop of `nftdivert run` with this config leave containment?"""
     import tomllib
 
-    from nftdivert import config as config_mod, model
+    from nftdivert import config as config_mod
+    from nftdivert.ruleset import model
 
     return model.build(config_mod.from_mapping(tomllib.loads(config)), "nft").contain_after_stop
 

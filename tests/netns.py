@@ -1,4 +1,4 @@
-"""Network namespaces as test hosts: nftdivert.netns, failing as assertions.
+"""Network namespaces as test hosts: nftdivert.lab.netns, failing as assertions.
 
 Every test host is a namespace named `<prefix>-<role>-<pid>-<n>`; removal
 kills whatever still runs inside it first, so nothing outlives a failed test.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from nftdivert import netns as _netns
+from nftdivert.lab import netns as _netns
 
 PREFIX = "ndt"
 

@@ -94,7 +94,7 @@ def test_the_engine_passes_names_to_libnftables_as_json_never_as_nft_text(foreig
     # Even past the CLI's check, a name is a JSON string to libnftables, not syntax:
     # the smuggled commands name no table, so nothing is loaded and nothing goes.
     ns, before = foreign
-    script = ("import sys\nfrom nftdivert import engine\nfrom nftdivert.kernel import Nft\n"
+    script = ("import sys\nfrom nftdivert.ruleset import engine\nfrom nftdivert.ruleset.kernel import Nft\n"
               "nft = Nft()\nst = engine.status(sys.argv[1], nft)\n"
               "print(st.loaded, engine.remove(sys.argv[1], nft))\n")
     proc = ns.run(sys.executable, "-c", script, name, env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin"},
@@ -106,7 +106,7 @@ def test_the_engine_passes_names_to_libnftables_as_json_never_as_nft_text(foreig
 
 def test_the_nft_text_door_refuses_a_name_it_cannot_quote():
     from nftdivert.errors import ConfigError
-    from nftdivert.kernel import table_ref
+    from nftdivert.ruleset.kernel import table_ref
 
     assert table_ref("nftdivert") == "inet nftdivert"
     with pytest.raises(ConfigError, match="table names are"):
