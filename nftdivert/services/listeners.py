@@ -54,28 +54,67 @@ def _endpoint(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Datagrams(asyncio.DatagramProtocol):
-    """A UDP listener: `answer` turns a datagram into the reply (or None)."""
+# Linux's IP_PKTINFO (linux/in.h); Python's socket module does not name it.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 
-    def __init__(self, stats: ListenerStats, answer, sock: socket.socket) -> None:
-        self.stats, self.answer, self.sock = stats, answer, sock
-        self.transport: asyncio.DatagramTransport | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+def _reply_source(family: int, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The control message that makes a reply leave from the address the datagram came to."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo {ifindex; spec_dst; addr}: the header's destination is `addr`.
+            if family == socket.AF_INET:
+                return [(level, kind, b"\0" * 4 + data[8:12] + b"\0" * 4)]
+            # On the dual-stack socket an IPv4 reply takes it as a mapped in6_pktinfo.
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                     b"\0" * 10 + b"\xff\xff" + data[8:12] + b"\0\0\0\0")]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return [(level, kind, data[:20])]
+    return []
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.stats.conversations += 1
-        self.stats.bytes_received += len(data)
-        reply = self.answer(data, addr)
-        if reply == b"":
-            # asyncio's sendto() drops an empty datagram; the socket sends it.
+
+class _Datagrams:
+    """A UDP listener: `answer` turns a datagram into the reply (or None).
+
+    Each reply leaves from the address its datagram was sent to. A wildcard
+    socket would otherwise answer from whatever source the route picks: in
+    local mode the host's own address instead of the 127.0.0.1 that NAT gave
+    the conversation, so conntrack could not match the reply. Where that
+    address cannot be a source (broadcast, multicast), the route picks one.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, stats: ListenerStats, answer) -> None:
+        self.loop, self.sock, self.stats, self.answer = loop, sock, stats, answer
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # IPv4, also on the dual-stack socket
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(64):  # a turn, so one busy listener cannot hold the loop
             try:
-                self.sock.sendto(reply, addr)
+                data, ancillary, _flags, addr = self.sock.recvmsg(65535, 256)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                pass
-        elif reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
+                continue
+            self.stats.conversations += 1
+            self.stats.bytes_received += len(data)
+            reply = self.answer(data, addr)
+            if reply is None:
+                continue
+            try:
+                self.sock.sendmsg([reply], _reply_source(self.sock.family, ancillary), 0, addr)
+            except OSError:
+                try:  # not an address we may send from: let the route choose
+                    self.sock.sendto(reply, addr)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def _echo(data: bytes, _addr) -> bytes:
@@ -151,8 +190,7 @@ class Listeners:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
             resolver = self._resolver
             answer = (lambda data, addr: resolver.answer(data, _endpoint(addr))) if lst.kind == "dns" else _echo
-            transport, _ = await self._loop.create_datagram_endpoint(lambda: _Datagrams(stats, answer, sock), sock=sock)
-            self._closers.append(transport)
+            self._closers.append(_Datagrams(self._loop, sock, stats, answer))
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
         # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).

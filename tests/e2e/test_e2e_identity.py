@@ -148,10 +148,7 @@ def local(tmp_path_factory):
         yield pair
 
 
-@pytest.mark.parametrize("proto", ["tcp", pytest.param("udp", marks=pytest.mark.xfail(
-    strict=True, reason="the built-in UDP listener answers a redirected datagram from the host's own "
-                        "address instead of 127.0.0.1, so no reply is restored in local mode (one "
-                        "datagram is wrong too); it must reply from the address it was sent to"))])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_local_mode_one_client_port_towards_10_addresses(local, proto):
     """Here the kernel remaps at postrouting, before the worker sees the
     packets: the log still names the client's own port, from conntrack."""
