@@ -1,4 +1,16 @@
-"""Shared fixtures: root check, test hosts as network namespaces, the CLI."""
+"""Shared fixtures: root check, test hosts as network namespaces, the CLI.
+
+Session start: a preflight names every program the suite needs that is
+missing (tests/programs.py), with its Debian package, and stops the run.
+
+Markers: `kernel` (root and a real kernel), `slow`, `load`, and `vm`. The VM
+tier (`make test-kernel`) runs `-m vm`: what needs a stock kernel with the
+native nft queue. The rule: every test in an end-to-end module
+(tests/e2e/test_e2e*.py) is `vm` unless it is marked `load` or `slow` (under
+emulation a load test only stresses qemu); other tests join by a `vm` mark of their own
+(the kernel's read-back of native rulesets). So a new end-to-end test runs in
+the VM without further ado.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +23,32 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netns as netns_mod  # noqa: E402
+import programs  # noqa: E402
+import unprivileged  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+MARKERS = {
+    "vm": "needs a stock kernel's native nft queue: runs in the VM tier (make test-kernel)",
+    "load": "an end-to-end load test: stays on the host, out of the VM tier",
+}
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_sessionstart(session):
+    absent = programs.missing()
+    if absent:
+        raise pytest.UsageError(programs.preflight_message(absent))
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_e2e") and not {"load", "slow"} & set(item.keywords):
+            item.add_marker(pytest.mark.vm)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root: network namespaces and nftables")
@@ -76,6 +109,7 @@ def cli_env():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    unprivileged.cleanup()
     left = netns_mod.leftovers()
     if left:  # a fixture failed to clean up: make that loud, and clean anyway
         for name in left:

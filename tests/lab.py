@@ -82,9 +82,7 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
 
 def quiet(ns) -> None:
     """No router solicitations or autoconf on links made from now on in `ns`."""
-    for conf in ("all", "default"):
-        for s in QUIET_SYSCTLS:
-            ns.run("sysctl", "-qw", f"net.ipv6.conf.{conf}.{s}")
+    ns.run("sysctl", "-qw", *(f"net.ipv6.conf.{conf}.{s}" for conf in ("all", "default") for s in QUIET_SYSCTLS))
 
 
 def build_gateway_lab(netns_mod):
@@ -102,8 +100,7 @@ def build_gateway_lab(netns_mod):
                        internet, "eth0", [f"{INET4}/24", f"{INET6}/64"])
         client.run("ip", "route", "add", "default", "via", DIV_CLIENT4)
         client.run("ip", "-6", "route", "add", "default", "via", DIV_CLIENT6)
-        diverter.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        diverter.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        diverter.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         diverter.run("ip", "route", "add", "default", "via", INET4)
         diverter.run("ip", "-6", "route", "add", "default", "via", INET6)
         internet.run("ip", "route", "add", "192.0.2.0/24", "via", DIV_INET4)
@@ -542,10 +539,12 @@ def log_barrier(ns, div: Diverter, port: int) -> list[dict]:
 
 
 def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> dict:
-    argv = [sys.executable, LAB_PY, *args]
-    if user is not None:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *argv]
-    proc = ns.run(*argv, check=False, timeout=timeout)
+    if user is None:
+        proc = ns.run(sys.executable, LAB_PY, *args, check=False, timeout=timeout)
+    else:  # the checkout may be out of the user's reach: a readable copy of this file
+        import unprivileged  # not at the top: this file also runs as the client, alone
+        proc = ns.run(*unprivileged.python(unprivileged.script(LAB_PY), *args, uid=user), check=False,
+                      timeout=timeout, env=unprivileged.env())
     assert proc.returncode == 0, f"client {args[0]} crashed ({proc.returncode}): {proc.stderr}"
     return json.loads(proc.stdout)
 

@@ -48,6 +48,7 @@ def section(text: str, name: str) -> list[str]:
     return [line for line in lines.splitlines() if line.strip()]
 
 
+@pytest.mark.load
 def test_2000_names_through_a_pool_of_254_one_name_per_address_and_recycling_logged(tmp_path):
     pool = ipaddress.ip_network("198.18.7.0/24")
     names = tmp_path / "names.txt"

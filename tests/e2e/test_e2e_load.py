@@ -39,6 +39,7 @@ def _diagnose(gw, div, r: dict, cap: lab.Capture) -> str:
             f"\nworker stderr:\n{div.stderr()[-2000:]}")
 
 
+@pytest.mark.load
 def test_200_concurrent_connections_to_200_addresses(gw, tmp_path):
     div = gw.ensure()
     tag = uuid.uuid4().hex[:8]
@@ -77,6 +78,7 @@ def test_same_client_port_to_two_destinations(gw):
     assert got == ["198.51.100.221:32221", "198.51.100.241:32241"], lines
 
 
+@pytest.mark.load
 def test_50mb_through_one_diverted_connection_is_byte_exact(gw):
     gw.ensure()
     r = gw.client_run("bulk", "198.51.100.10", "45679", "50", "--timeout", "120", timeout=180)
@@ -87,6 +89,7 @@ def test_50mb_through_one_diverted_connection_is_byte_exact(gw):
           f"{r['seconds']:.2f}s, {r['mb_per_s']:.1f} MB/s each way")
 
 
+@pytest.mark.load
 def test_local_mode_10mb_over_loopback_is_byte_exact(local):
     host, div = local
     r = lab.run_client(host, "bulk", "198.51.100.50", "45678", "10", "--timeout", "60", timeout=120)

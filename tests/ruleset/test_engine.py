@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import unprivileged
 from conftest import nftdivert_argv
 from nftdivert.ruleset import engine, render
 from nftdivert.config import load
@@ -77,10 +78,10 @@ class Cli:
         self.host, self.env, self.tmp = host, env, tmp_path
 
     def __call__(self, *args: str, user: int | None = None) -> subprocess.CompletedProcess:
-        argv = nftdivert_argv(*args)
         if user is not None:
-            argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *argv]
-        return self.host.run(*argv, check=False, env=self.env, timeout=120)
+            return self.host.run(*unprivileged.python("-m", "nftdivert", *args, uid=user), check=False,
+                                 env=unprivileged.env(self.env), timeout=120)
+        return self.host.run(*nftdivert_argv(*args), check=False, env=self.env, timeout=120)
 
     def ok(self, *args: str) -> subprocess.CompletedProcess:
         proc = self(*args)
@@ -143,7 +144,7 @@ def need_backend(cli: Cli, backend: str) -> None:
 
 # ---- apply: hooks and priorities -------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["xt", "nft"])
+@pytest.mark.parametrize("backend", ["xt", pytest.param("nft", marks=pytest.mark.vm)])
 def test_apply_gateway_hooks_and_priorities(cli, backend):
     need_backend(cli, backend)
     out = cli.ok("apply", "-c", cli.config(f'[queue]\nbackend = "{backend}"\n')).stdout
@@ -396,6 +397,7 @@ def test_check_reports_the_auto_backend(cli):
     assert cli.nft("list", "ruleset") == ""  # a dry run changes nothing
 
 
+@pytest.mark.vm
 def test_auto_picks_the_native_backend_where_the_kernel_has_it(cli):
     # On a stock kernel (the VM tier) that must be nft; on kernels without
     # CONFIG_NFT_QUEUE (this project's own machines) xt.
@@ -411,6 +413,7 @@ def test_auto_picks_the_native_backend_where_the_kernel_has_it(cli):
     assert bool(cli.xt_tagged("ipv4")) == (want == "xt")
 
 
+@pytest.mark.vm
 def test_check_of_a_native_config_on_this_kernel(cli):
     cfg = cli.config('[queue]\nbackend = "nft"\n')
     proc = cli("check", "-c", cfg)

@@ -312,6 +312,7 @@ def _checked(host, name: str, text: str) -> None:
 
 
 @pytest.mark.kernel
+@pytest.mark.vm
 @pytest.mark.parametrize("name", GOLDEN)
 def test_golden_loads_in_kernel(host, name):
     cfg = load(golden_paths(name)[0])

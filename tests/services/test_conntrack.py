@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import netns
+import unprivileged
 from nftdivert.services import conntrack as ct_mod
 from nftdivert.services.conntrack import Conntrack, ConntrackError
 
@@ -265,8 +266,7 @@ def test_without_cap_net_admin_raises(make_netns):
         "    assert isinstance(e, OSError) and e.errno == errno.EPERM, e\n"
         "    print('EPERM', e)\n"
     )
-    proc = ns.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", snippet,
-                  env=ENV)
+    proc = ns.run(*unprivileged.python("-c", snippet), env=unprivileged.env(ENV))
     assert proc.stdout.startswith("EPERM"), proc.stdout
 
 

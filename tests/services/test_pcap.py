@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import stat
 import struct
 import subprocess
@@ -79,7 +78,6 @@ def test_tcpdump_reads_it(capture):
     assert "link-type RAW" in proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
 def test_tshark_reads_it(capture):
     proc = subprocess.run(["tshark", "-r", str(capture), "-T", "fields", "-e", "ip.dst", "-e", "ipv6.dst",
                            "-e", "tcp.dstport", "-e", "udp.dstport"], capture_output=True, text=True, check=True)
