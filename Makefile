@@ -13,8 +13,8 @@ PY := $(VENV)/bin/python
 # (tests/programs.py maps each program to its package; a test checks this list).
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
-	mount coreutils dash procps iputils-ping netcat-openbsd curl tcpdump \
-	tshark conntrack
+	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
+	tshark conntrack bind9-dnsutils
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean
@@ -54,7 +54,7 @@ test: venv
 # in .cache/kernel. Only the files that can hold `vm` tests are collected.
 # No hypothesis plugin: none of these tests uses it, and loading it takes 40 s
 # under emulation.
-VM_TEST_FILES = $(sort $(wildcard tests/test_e2e*.py) $(shell grep -l 'mark\.vm' tests/test_*.py))
+VM_TEST_FILES = $(sort $(wildcard tests/e2e/test_e2e*.py) $(shell grep -rl --include='test_*.py' 'mark\.vm' tests))
 VM_TIMEOUT ?= 1200
 test-kernel: venv
 	$(PY) tests/vm/vmrun --ensure

@@ -1,3 +1,3 @@
-from .cli import main
+from nftdivert.cli import main
 
 main()

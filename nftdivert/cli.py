@@ -2,40 +2,46 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
 import click
 
-from . import config as config_mod
-from . import __version__, engine
-from .errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, NftDivertError
-from .kernel import Nft, is_root
+from nftdivert import config as config_mod
+from nftdivert import __version__, errors
+from nftdivert.ruleset import engine, owner
+from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
+from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
-CONFIG_HELP = "TOML config file. Without it, the safe embedded default: gateway mode, built-in echo listeners on TCP and UDP 1337, fail-closed."
+CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded default: gateway mode, "
+               "built-in echo listeners on TCP and UDP 1337, fail-closed, containment on.")
 
 
 def _config(path: str | None) -> config_mod.Config:
     cfg = config_mod.load(path)
-    _check_table_name(cfg.table)
+    check_table_name(cfg.table)
     return cfg
 
 
-def _check_table_name(table: str) -> None:
-    from .kernel import is_reserved_word
+def _table_option(_ctx, _param, value: str) -> str:
+    check_table_name(value)  # the one check every table name from the user passes
+    return value
 
-    if is_reserved_word(table):
-        raise ConfigError("table", table, "nft reads this name as a keyword; choose another")
+
+TABLE_OPTION = click.option("-t", "--table", default=config_mod.Config.table, show_default=True,
+                            callback=_table_option, help="Table name (checked like the config's `table`).")
+TABLE_CONFIG_OPTION = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                                   help="Take the table name from this config.")
+
+
+def _table_name(table: str, config_path: str | None) -> str:
+    return _config(config_path).table if config_path else table
 
 
 def _root_nft(action: str) -> Nft:
     if not is_root():
         raise NftDivertError(f"`nftdivert {action}` changes or reads the kernel's rules: run it as root")
     return Nft()
-
-
-class DriftFound(NftDivertError):
-    """Not an error to report: the exit status says it."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,14 +70,26 @@ def cli() -> None:
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--backend", type=click.Choice(["nft", "xt"]),
               help="Render for this queue backend. Default: the config's; `auto` renders the native nft form.")
-def render(config_path: str | None, backend: str | None) -> None:
+@click.option("--after-stop", is_flag=True,
+              help="Render what a clean stop of `nftdivert run` leaves loaded: the containment chain alone.")
+def render(config_path: str | None, backend: str | None, after_stop: bool) -> None:
     """Print the full ruleset on stdout, byte-for-byte deterministic.
 
     Nothing is asked of the kernel, so the output depends only on the config:
     commit it and diff it in CI. `nft -f` loads it as one transaction that
-    replaces nftdivert's table and nothing else.
+    replaces nftdivert's table and nothing else. With --after-stop: the table
+    a clean stop leaves (containment_after_stop = "keep"), or a comment
+    saying nothing stays.
     """
-    click.echo(engine.render_for(_config(config_path), backend), nl=False)
+    from nftdivert.ruleset import model, render as render_mod
+
+    cfg = _config(config_path)
+    if not after_stop:
+        click.echo(render_mod.render_for(cfg, backend), nl=False)
+        return
+    text = render_mod.render_after_stop(model.build(cfg, "nft"))
+    click.echo(text or "# nftdivert after a clean stop: nothing stays loaded "
+                       "(no containment, or containment_after_stop = \"remove\")\n", nl=False)
 
 
 @cli.command()
@@ -83,12 +101,13 @@ def check(config_path: str | None, ruleset: str | None) -> None:
     A dry run through libnftables: the kernel checks every rule, nothing
     changes. As root it checks in this network namespace; otherwise in a user
     and network namespace of its own, where the system allows that. Also says
-    which queue backend `auto` would pick.
+    which queue backend `auto` would pick. A RULESET must be UTF-8 text of at
+    most 1 MiB.
     """
     if config_path and ruleset:
         raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
     if ruleset:
-        text = Path(ruleset).read_text()
+        text = config_mod.read_input(ruleset, "RULESET")
         engine.check_text(text, Nft() if is_root() else None)
         click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
         return
@@ -110,6 +129,8 @@ def apply(config_path: str | None) -> None:
     ruleset, the previous one stays in force and the error names the line.
     Without a running worker, diverted packets are dropped (fail-closed) or
     passed (fail-open); `nftdivert run` applies and runs the worker in one go.
+    A table that a running `nftdivert run` owns is only loaded again with
+    that run's own ruleset (to undo drift); another one is refused (exit 1).
     """
     cfg = _config(config_path)
     done = engine.apply(cfg, _root_nft("apply"))
@@ -118,7 +139,9 @@ def apply(config_path: str | None) -> None:
 
 @cli.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def diff(config_path: str | None) -> None:
+@click.option("--after-stop", is_flag=True,
+              help="Compare with what a clean stop of `nftdivert run` leaves (the containment chain alone).")
+def diff(config_path: str | None, after_stop: bool) -> None:
     """Compare the live table with what the config renders; print a unified diff.
 
     Both sides are in nft's own normal form (the rendered text is loaded into
@@ -129,51 +152,67 @@ def diff(config_path: str | None) -> None:
     Exit 0: same. Exit 1: drift (or nothing loaded). Exit 2: bad input.
     """
     cfg = _config(config_path)
-    drift = engine.diff(cfg, _root_nft("diff"))
+    nft = _root_nft("diff")
+    drift = engine.diff(cfg, nft, after_stop=after_stop)
     if drift.same:
-        click.echo(f"table inet {cfg.table} matches the config", err=True)
+        click.echo(f"table inet {cfg.table} matches the config" + (" (after a stop)" if after_stop else ""), err=True)
         return
     if drift.missing_table:
         click.echo(f"table inet {cfg.table} is not loaded", err=True)
+    elif not after_stop and engine.status(cfg.table, nft).contained:
+        click.echo(f"table inet {cfg.table} holds only containment, as a clean stop leaves it: "
+                   "compare with --after-stop", err=True)
     click.echo(drift.diff, nl=False)
     raise DriftFound("drift")
 
 
 @cli.command()
-@click.option("-t", "--table", default=config_mod.Config.table, show_default=True, help="Table name to remove.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Take the table name from this config.")
+@TABLE_OPTION
+@TABLE_CONFIG_OPTION
 def remove(table: str, config_path: str | None) -> None:
-    """Take nftdivert's table and its xt queue rules away. Idempotent: exit 0 when there was nothing."""
-    if config_path:
-        table = _config(config_path).table
-    else:
-        config_mod.Config(table=table)  # validates the name
-        _check_table_name(table)
+    """Take nftdivert's table and its xt queue rules away. Idempotent: exit 0 when there was nothing.
+
+    This is also how the containment a clean stop of `nftdivert run` leaves
+    in place goes away.
+    """
+    table = _table_name(table, config_path)
     gone = engine.remove(table, _root_nft("remove"))
     click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
+    running = owner.owner_of(table)
+    if gone and running is not None:
+        click.echo(f"nftdivert: note: nftdivert run (pid {running.pid}) still runs, now without its table",
+                   err=True)
 
 
 @cli.command()
-@click.option("-t", "--table", default=config_mod.Config.table, show_default=True, help="Table name.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Take the table name from this config.")
+@TABLE_OPTION
+@TABLE_CONFIG_OPTION
 def status(table: str, config_path: str | None) -> None:
-    """What is loaded: chains with hook, priority and packet counters, queue backend, set sizes."""
-    if config_path:
-        table = _config(config_path).table
+    """What is loaded: chains with hook, priority and packet counters, queue backend, set sizes,
+    and the running worker's counters.
+
+    After a clean stop of `nftdivert run` it says "contained, no worker": only
+    the containment chain is loaded. Exit 0: loaded; 1: not loaded.
+    """
+    table = _table_name(table, config_path)
     st = engine.status(table, _root_nft("status"))
     if not st.loaded:
         click.echo(f"table inet {table}: not loaded")
         for rule in st.xt_rules:
             click.echo(f"  stray xt rule: {rule}")
         raise DriftFound("not loaded")
-    click.echo(f"table inet {table}: loaded, queue backend {st.backend}")
+    if st.contained:
+        click.echo(f"table inet {table}: contained, no worker (forwarded traffic is dropped; "
+                   "nothing is diverted; `nftdivert remove` takes it away)")
+    else:
+        click.echo(f"table inet {table}: loaded, queue backend {st.backend}")
     click.echo(f"  {'chain':<18} {'hook':<11} {'priority':>8} {'packets':>12}")
     for ch in st.chains:
         click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
-    from . import runner
+    from nftdivert import runner
 
     worker = runner.read_stats(table)
     click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
@@ -209,8 +248,11 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
     Every conversation to an unbound port on any address reaches the default
     listener of its protocol; each new one is logged with its original
     destination (the address the client asked for). SIGINT or SIGTERM stops
-    it and removes the table, the queue rules and the listeners. Started
-    after a crash, it replaces the stale table and carries on.
+    it: the queue rules and the listeners go, and the table keeps only its
+    containment chain until `nftdivert remove` (containment_after_stop =
+    "remove" takes it all away). The table belongs to this run while it
+    runs: another run for the same table is refused (exit 1). Started after
+    a crash or kill -9, it replaces the stale table and carries on.
 
     \b
     Examples:
@@ -218,7 +260,7 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
       nftdivert run -c lab.toml -w lab.pcap
       nftdivert run --log conversations.jsonl
     """
-    from . import runner
+    from nftdivert import runner
 
     cfg = _diverter_config(config_path, log_target, log_format)
     _root_nft("run")
@@ -227,35 +269,59 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+def _timeout(value: str | None) -> float | None:
+    import math
+
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError("--timeout", value, "must be a positive number of seconds")
+    return seconds
+
+
+# CMD's own options stay CMD's, with or without "--" (wget --timeout=5 ...).
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_diverter_options
+@click.option("--timeout", "timeout", metavar="SECONDS",
+              help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
-            command: tuple[str, ...]) -> None:
+            timeout: str | None, command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
     own, whose only way out is a diverter namespace running nftdivert with
     the built-in listeners and a DNS listener that answers every name. The
-    conversation log streams to the terminal. Exits with CMD's status and
-    removes every namespace, table and process, also on Ctrl-C.
-    Without CMD: an interactive shell in there.
+    conversation log streams to the terminal. Without CMD: an interactive
+    shell in there.
+
+    The sandbox runs until every process CMD started has exited (daemons
+    too; it says which still run), until --timeout, or until Ctrl-C or
+    SIGTERM. Then it removes every namespace, table and process. Exit
+    status: CMD's; 124 after --timeout; 130 after Ctrl-C, 143 after SIGTERM.
+    After a SIGKILL its processes die with it, and the next sandbox removes
+    the namespaces it left.
 
     \b
     Examples:
       sudo nftdivert sandbox -- curl -v http://anything.example:8080/
-      sudo nftdivert sandbox -w sample.pcap -- ./sample.bin
+      sudo nftdivert sandbox -w sample.pcap --timeout 60 -- ./sample.bin
       sudo nftdivert sandbox
     """
-    from . import sandbox as sandbox_mod
+    from nftdivert.lab import sandbox as sandbox_mod
 
+    seconds = _timeout(timeout)
     cfg = _diverter_config(config_path, log_target, log_format)
-    status = sandbox_mod.run(cfg, list(command), pcap=pcap)
+    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds)
     raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every exit status is decided here."""
+    """Entry point: every exit status is decided here and in errors.report."""
     try:
         cli.main(args=argv, prog_name="nftdivert", standalone_mode=False)
     except click.exceptions.Exit as exc:  # --help, --version
@@ -266,14 +332,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors
         exc.show()
         sys.exit(EXIT_USAGE)
-    except DriftFound:
-        sys.exit(EXIT_FAILURE)
-    except SystemExit:
-        raise
-    except ConfigError as exc:
-        click.echo(f"nftdivert: bad config: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except NftDivertError as exc:
-        click.echo(f"nftdivert: {exc}", err=True)
-        sys.exit(exc.exit_status)
-    sys.exit(0)
+    except (NftDivertError, OSError, UnicodeError) as exc:
+        message, status = errors.report(exc)
+        _quiet_stdout()
+        if message:
+            click.echo(message, err=True)
+        sys.exit(status)
+    sys.exit(EXIT_OK)
+
+
+def _quiet_stdout() -> None:
+    """A stdout that failed (`> /dev/full`, a closed pipe) must not fail again at exit."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

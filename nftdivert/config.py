@@ -8,19 +8,26 @@ config can smuggle nftables syntax into it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from nftdivert.errors import ConfigError
 
 MODES = ("gateway", "local", "both")
 BACKENDS = ("auto", "nft", "xt")
 PROTOCOLS = ("tcp", "udp")
 LISTENER_KINDS = ("echo", "dns", "external")
 LOG_FORMATS = ("auto", "json", "text")
+AFTER_STOP = ("keep", "remove")
+
+# A config or ruleset larger than this is refused unread: no real one comes
+# near it, and reading without a bound lets `-c /dev/zero` eat all memory.
+MAX_INPUT_BYTES = 1024 * 1024
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 _LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -56,6 +63,14 @@ def _check_seconds(key: str, value: float) -> None:
     _check_type(key, value, (int, float), "a number of seconds")
     if not 0 < value <= 86400 * 7:
         raise ConfigError(key, value, "must be more than 0 and at most a week")
+
+
+def check_table_name(key: str, value: object) -> None:
+    """The syntax rule for nftdivert's table name (nft's keywords are checked in kernel.py)."""
+    _check_type(key, value, str, "a string")
+    assert isinstance(value, str)
+    if not _TABLE_NAME.fullmatch(value):
+        raise ConfigError(key, value, "table names are 1-32 letters, digits and '_', starting with a letter")
 
 
 def _check_path(key: str, value: str) -> None:
@@ -199,15 +214,34 @@ class WorkerConfig:
         _check_path(f"{key}.pcap", self.pcap)
 
 
+# A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and
+# '_' (service labels like _dmarc), dot-separated; "*." may lead.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+# What an HTTP header value may hold: visible ASCII and inner spaces (no CR/LF).
+_HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
 @dataclass(frozen=True)
 class DnsConfig:
-    """What the built-in DNS listener answers: each name gets its own address
-    from these pools (one address is a pool of one), and that address is then
-    diverted like any other."""
+    """What the built-in DNS listener answers. Each name gets an address of its
+    own from these pools, one name per address at any time; when a pool is
+    full, the least recently asked name's address is recycled (and logged).
 
-    answer_v4: str = "198.51.100.0/24"
+    198.18.0.0/15 is the benchmarking range (RFC 2544) that fake-IP DNS tools
+    use: 131,070 addresses, reserved, never routed on the internet. The IPv6
+    pool lies in the documentation prefix 2001:db8::/32. A pool holds at most
+    max_names names, so memory stays bounded however many names are asked."""
+
+    answer_v4: str = "198.18.0.0/15"
     answer_v6: str = "2001:db8:53::/64"
+    max_names: int = 131072  # per pool
     ttl: int = 60
+    nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
+    txt: str = "v=spf1 -all"  # the answer to every TXT question
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nxdomain, list):  # as TOML gives it
+            object.__setattr__(self, "nxdomain", tuple(self.nxdomain))
 
     def validate(self, key: str) -> None:
         for name, version in (("answer_v4", 4), ("answer_v6", 6)):
@@ -217,12 +251,54 @@ class DnsConfig:
             if net.is_loopback or net.is_multicast or net.is_unspecified:
                 raise ConfigError(f"{key}.{name}", getattr(self, name),
                                   "must be an address that is then diverted (not loopback, multicast or unspecified)")
+        _check_type(f"{key}.max_names", self.max_names, int, "an integer")
+        if not 1 <= self.max_names <= 4_194_304:
+            raise ConfigError(f"{key}.max_names", self.max_names, "must be 1-4194304 (each name takes memory)")
         _check_type(f"{key}.ttl", self.ttl, int, "an integer number of seconds")
         if not 0 <= self.ttl <= 86400:
             raise ConfigError(f"{key}.ttl", self.ttl, "must be 0-86400")
+        _check_type(f"{key}.nxdomain", self.nxdomain, tuple, "a list")
+        for i, pattern in enumerate(self.nxdomain):
+            _check_dns_pattern(f"{key}.nxdomain[{i}]", pattern)
+        _check_type(f"{key}.txt", self.txt, str, "a string")
+        if len(self.txt.encode()) > 255:
+            raise ConfigError(f"{key}.txt", self.txt, "a TXT string holds at most 255 bytes")
 
     def pools(self) -> tuple[Network, Network]:
         return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
+
+
+def _check_dns_pattern(key: str, value: object) -> None:
+    _check_type(key, value, str, 'a name like "c2.example" or "*.blocked.example"')
+    assert isinstance(value, str)
+    name = (value[2:] if value.startswith("*.") else value).rstrip(".")
+    if "*" in name:
+        raise ConfigError(key, value, 'a wildcard only as the whole first label, like "*.blocked.example"')
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(key, value, "not a DNS name: dot-separated labels of 1-63 letters, digits, '-' or '_', "
+                                      "at most 253 characters")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The built-in echo listener's answer to an HTTP request. Neutral by
+    default: what a plain web server says, nothing naming nftdivert."""
+
+    server: str = "nginx"  # the Server header; "" sends none
+    content_type: str = "text/html"
+    body: str = ("<!DOCTYPE html>\n<html><head><title>Welcome</title></head>"
+                 "<body><h1>Welcome</h1></body></html>\n")
+
+    def validate(self, key: str) -> None:
+        for name in ("server", "content_type"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, str, "a string")
+            if (value or name == "content_type") and (len(value) > 256 or not _HEADER_VALUE.fullmatch(value)):
+                raise ConfigError(f"{key}.{name}", value,
+                                  "a header value is 1-256 visible ASCII characters (spaces inside, no line breaks)")
+        _check_type(f"{key}.body", self.body, str, "a string")
+        if len(self.body.encode()) > 65536:
+            raise ConfigError(f"{key}.body", self.body[:40] + "...", "at most 64 KiB")
 
 
 DEFAULT_LISTENERS = (
@@ -241,6 +317,10 @@ class Config:
     interfaces: tuple[str, ...] = ()
     # Gateway mode: drop everything a diverted client would have routed onward.
     forward_containment: bool = True
+    # keep: a clean stop leaves the containment chain in place (a malware lab
+    # must not start routing its clients out when the diverter stops) until
+    # `nftdivert remove`; remove: a clean stop takes everything away.
+    containment_after_stop: str = "keep"
     listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
     # The listeners that receive traffic for ports nothing is bound to.
     default_tcp_listener: str | None = "tcp-echo"
@@ -249,14 +329,14 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
-        _check_type("table", self.table, str, "a string")
-        if not _TABLE_NAME.fullmatch(self.table):
-            raise ConfigError("table", self.table, "table names are 1-32 letters, digits and '_', starting with a letter")
+        check_table_name("table", self.table)
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
+        _check_choice("containment_after_stop", self.containment_after_stop, AFTER_STOP)
         if not (self.ipv4 or self.ipv6):
             raise ConfigError("ipv6", self.ipv6, "ipv4 and ipv6 are both off: nothing would be diverted")
         for i, name in enumerate(self.interfaces):
@@ -265,6 +345,7 @@ class Config:
         self.leave_alone.validate("leave_alone")
         self.worker.validate("worker")
         self.dns.validate("dns")
+        self.http.validate("http")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -314,7 +395,8 @@ def _check_interface(key: str, name: object) -> None:
 
 # ---- loading ---------------------------------------------------------------
 
-_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig}
+_SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
+             "http": HttpConfig}
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -398,29 +480,47 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         elif key not in values and "listeners" in values:
             # Own listeners without a say: the first of each protocol takes the rest.
             values[key] = next((lst.name for lst in values["listeners"] if lst.protocol == proto), None)
-    # Each section validates itself before Config checks how they fit together.
-    for section in _SECTIONS:
-        if section in values:
-            values[section].validate(section)
     try:
         return Config(**values)
     except TypeError as exc:  # a dataclass field given something unusable
         raise ConfigError("(config)", None, str(exc)) from None
 
 
+def read_input(path: str | Path, key: str) -> str:
+    """A config or ruleset file's text: UTF-8, at most MAX_INPUT_BYTES, read with that bound.
+
+    Regular files and pipes (`-c <(...)`) are read; devices, sockets and
+    directories are refused before a byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ConfigError(key, str(path), "not a regular file or a pipe")
+        try:
+            data = f.read(MAX_INPUT_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
+    if len(data) > MAX_INPUT_BYTES:
+        raise ConfigError(key, str(path), f"larger than {MAX_INPUT_BYTES // 1024} KiB: refused unread")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, str(path), f"not UTF-8 text (byte {exc.start})") from None
+
+
 def load(path: str | Path | None) -> Config:
     """Read a TOML config file; None means the embedded safe default."""
     if path is None:
         return Config()
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("--config", str(path), exc.strerror or str(exc)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("--config", str(path), "not UTF-8 text") from None
+    text = read_input(path, "--config")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError("--config", str(path), "not valid TOML: nested too deeply") from None
     return from_mapping(data)

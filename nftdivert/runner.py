@@ -1,10 +1,14 @@
 """`nftdivert run`: listeners up, queues bound, ruleset applied, worker pumping;
-and on the way out, everything taken away again, whatever happened.
+and on the way out, everything but containment taken away again, whatever happened.
 
-Order matters. Listeners first, so their ports are in the bound-port set
+Order matters. The table is claimed first, so a second run cannot take over
+a live one's table. Listeners next, so their ports are in the bound-port set
 when the ruleset lands; queues bound before the ruleset, so the first
-diverted packet finds a worker; on the way out the ruleset goes first, so no
-packet is queued to a worker that is leaving.
+diverted packet finds a worker; the way out is registered before the ruleset
+goes in, so a failure or a signal in between leaves no diverting table; on
+the way out the ruleset goes first, so no packet is queued to a worker that
+is leaving. A clean stop leaves the containment chain alone in the table
+(containment_after_stop = "keep"), or nothing.
 """
 
 from __future__ import annotations
@@ -16,38 +20,46 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
-from . import bound, engine
-from .config import Config
-from .convlog import ConversationLog
-from .errors import ConfigError, KernelError, NftDivertError
-from .kernel import Nft
-from .listener_process import ListenerProcess
-from .packet import TCP
-from .worker import Worker, build_fixup, new_conversation_event
+from nftdivert.services import bound
+from nftdivert.ruleset import engine, owner
+from nftdivert.config import Config
+from nftdivert.services.convlog import ConversationLog
+from nftdivert.errors import ConfigError, KernelError, NftDivertError
+from nftdivert.ruleset.kernel import Nft
+from nftdivert.services.listener_process import ListenerProcess
+from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
+from nftdivert.worker.queue import Worker, build_fixup, new_conversation_event
 
-STATS_DIR = Path("/run/nftdivert")
+STATS_DIR = owner.STATE_DIR
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
 
 
 def stats_path(table: str) -> Path:
-    # One file per table and network namespace: test labs run many at once.
-    return STATS_DIR / f"{table}-{os.stat('/proc/self/ns/net').st_ino}.json"
+    # One file per table and network namespace (as the ownership lock): test labs run many at once.
+    return STATS_DIR / f"{table}-{owner.netns_id()}.json"
 
 
 class _BoundPorts:
-    """The host's bound ports, as the worker and the kernel set both see them."""
+    """The host's bound ports, as the worker and the kernel sets both see
+    them, and its own unicast addresses."""
 
     def __init__(self, nft: Nft, table: str) -> None:
         self.nft, self.table = nft, table
         self.ports = bound.read()
+        self.addresses = bound.local_addresses()
 
-    def is_bound(self, protocol: int, port: int) -> bool:
-        return port in (self.ports.tcp if protocol == TCP else self.ports.udp)
+    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
+        return self.ports.is_bound(protocol, address, port)
+
+    def is_local(self, address: bytes) -> bool:
+        return address in self.addresses
 
     def refresh(self) -> None:
+        self.addresses = bound.local_addresses()
         now = bound.read()
         if now != self.ports:
             self.ports = now
@@ -67,12 +79,13 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
 
 
 def _conntrack_lookup(stack: ExitStack):
+    """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
     try:
-        from .conntrack import Conntrack
+        from nftdivert.services.conntrack import Conntrack
         ct = stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
-    return ct.original_destination
+    return ct.entry
 
 
 def _say(message: str) -> None:
@@ -91,7 +104,7 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     try:
         return _run(config, nft, pcap_path, on_ready)
     except _Stopped:
-        _say("stopped before the worker started; everything removed")
+        _say("stopped before the worker started")
         return {}
     finally:
         for s, handler in previous.items():
@@ -108,15 +121,18 @@ def _stop_early(*_args) -> None:
 
 def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[], object] | None) -> dict:
     with ExitStack() as stack:
+        claim = owner.claim(config.table)  # refused while another live run owns the table
+        stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
         pcap = None
         if pcap_path:
-            from .pcap import PcapWriter
+            from nftdivert.services.pcap import PcapWriter
             try:
-                pcap = stack.enter_context(PcapWriter(pcap_path))
+                pcap = PcapWriter(pcap_path)
             except OSError as exc:
                 raise ConfigError("worker.pcap (-w)", pcap_path, exc.strerror or str(exc)) from None
+            stack.push(partial(_close_capture, pcap, pcap_path))
 
         # Started before any thread of ours exists: the listener process is a fork.
         listeners = ListenerProcess(config)
@@ -133,53 +149,98 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack), name_for=listeners.name_for)
         stack.callback(log.close)
         listeners.on_question = log.dns_question
+        listeners.on_recycled = log.dns_recycled
 
         ports = _BoundPorts(nft, config.table)
+        # The worker asks conntrack on its own socket: the log thread's retries must not hold it up.
         fixup = build_fixup(config, ports.is_bound,
-                            on_new=lambda key, conv, seg: log.submit(new_conversation_event(config, key, conv, seg)))
+                            on_new=lambda conv: log.submit(new_conversation_event(config, conv)),
+                            is_local=ports.is_local, resolve=_conntrack_lookup(stack))
         statsfile = stats_path(config.table)
+        warned = False
+
+        def warn_once() -> None:
+            nonlocal warned
+            if fixup.counters.dropped and not warned:
+                warned = True
+                _say(f"warning: dropped a packet larger than the queue copies ({QUEUE_COPY_LIMIT} bytes): it cannot "
+                     "be rewritten; such packets are counted as 'dropped' and not reported again")
 
         def tick(_now: float) -> None:
             try:
                 ports.refresh()
-            except KernelError as exc:
+            except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
-            _write_stats(statsfile, _snapshot(worker, listeners))
+            warn_once()
+            _write_stats(statsfile, _snapshot(worker, listeners, log))
             if pcap is not None:
-                pcap.flush()
+                try:
+                    pcap.flush()
+                except OSError as exc:  # disk full, EIO: stop rather than divert uncaptured
+                    raise _capture_failed(pcap_path, exc) from None
 
         worker = Worker(config, fixup, pcap=pcap, tick=tick)
         worker.bind()
         stack.callback(worker.close)
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
-        applied = engine.apply(config, nft)
-        stack.callback(lambda: engine.remove(config.table, nft))
+        stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
+        applied = engine.apply(config, nft, claim)
         _say(f"table inet {applied.table} applied; queue backend {applied.backend} ({applied.reason})")
-        _say(f"mode {config.mode}; diverting unbound ports; Ctrl-C or SIGTERM stops and removes everything")
+        _say(f"mode {config.mode}; diverting unbound ports; Ctrl-C or SIGTERM stops, "
+             + ("and containment stays until `nftdivert remove`" if applied.ruleset.contain_after_stop
+                else "and removes everything"))
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
-        _write_stats(statsfile, _snapshot(worker, listeners))
+        _write_stats(statsfile, _snapshot(worker, listeners, log))
         if on_ready is not None:
             on_ready()
         worker.run()
+        warn_once()
         _say("stopping: removing the ruleset, unbinding the queues")
-        final = _snapshot(worker, listeners)
+        final = _snapshot(worker, listeners, log)
     return final
 
 
-def _snapshot(worker: Worker, listeners: ListenerProcess) -> dict:
+def _capture_failed(path: str, exc: OSError) -> NftDivertError:
+    return NftDivertError(f"cannot write the capture {path}: {exc.strerror or exc}")
+
+
+def _close_capture(pcap, path: str, exc_type, *_exc) -> bool:
+    """Close the capture; a failure is the run's error unless it already has one."""
+    try:
+        pcap.close()
+    except OSError as exc:
+        if exc_type is None:
+            raise _capture_failed(path, exc) from None
+        _say(f"the capture {path} is incomplete: {exc.strerror or exc}")
+    return False
+
+
+def _leave_table(config: Config, nft: Nft) -> None:
+    # The first step on the way out: a second Ctrl-C must not cut it short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if engine.after_stop(config, nft):
+        _say(f"containment stays: table inet {config.table} drops what clients would route onward; "
+             "nothing is diverted; `nftdivert remove` takes it away")
+
+
+def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog) -> dict:
     c = worker.fixup.counters
     return {
         "pid": os.getpid(),
         "updated": time.time(),
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
-                    "malformed": c.malformed, "errors": c.errors + worker.stats.verdict_errors},
+                    "malformed": c.malformed, "dropped": c.dropped,
+                    "errors": c.errors + worker.stats.verdict_errors, "hook_errors": c.hook_errors},
+        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed},
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
-                          **asdict(worker.fixup.table.stats)},
+                          "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+        "kernel": worker.kernel_drops(),
     }
 
 
@@ -205,8 +266,17 @@ def read_stats(table: str) -> dict | None:
 
 
 def summary(snap: dict) -> str:
-    p, c = snap["packets"], snap["conversations"]
+    p, c, lg = snap["packets"], snap["conversations"], snap["log"]
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
-            f"malformed {p['malformed']}, errors {p['errors']}; conversations {c['new']} "
-            f"(in table {c['size']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
-            f"cap {c['evicted_cap']})")
+            f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
+            f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
+            f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
+            f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
+            f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']})"
+            + _kernel_summary(snap.get("kernel", {})))
+
+
+def _kernel_summary(kernel: dict) -> str:
+    parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
+             f"(socket full), waiting {q['waiting']}" for name, q in sorted(kernel.items())]
+    return "; kernel: " + ", ".join(parts) if parts else ""

@@ -1,6 +1,6 @@
 """Build IPv4/IPv6 TCP/UDP packets for tests, and check checksums independently.
 
-The independent check uses a different method from nftdivert.checksum: the
+The independent check uses a different method from nftdivert.worker.checksum: the
 one's complement sum of 16-bit words is congruent to the big-endian integer
 of the bytes modulo 0xFFFF, because 2**16 == 1 (mod 0xFFFF).
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from nftdivert.checksum import internet_checksum, l4_checksum
-from nftdivert.packet import SYN, TCP, UDP
+from nftdivert.worker.checksum import internet_checksum, l4_checksum
+from nftdivert.worker.packet import SYN, TCP, UDP
 
 V4_CLIENT = ipaddress.ip_address("198.51.100.7").packed
 V4_LOCAL = ipaddress.ip_address("203.0.113.1").packed
@@ -57,17 +57,38 @@ def with_checksum(version, src, dst, protocol, l4):
     return bytes(out)
 
 
-def wrap(version, src, dst, protocol, l4):
-    return (ipv4 if version == 4 else ipv6)(src, dst, protocol, l4)
+def extension_headers(chain, protocol):
+    """IPv6 extension headers [(type, body), ...] in front of `protocol`:
+    (first next-header value, bytes). Each body is 6 bytes plus a multiple of 8."""
+    out = b""
+    for i, (kind, body) in enumerate(chain):
+        assert len(body) % 8 == 6, "a header is a multiple of 8 bytes"
+        following = chain[i + 1][0] if i + 1 < len(chain) else protocol
+        out += bytes([following, (len(body) + 2) // 8 - 1]) + body
+    return (chain[0][0] if chain else protocol), out
 
 
-def packet(version, protocol, src, dst, sport, dport, payload=b"", *, flags=SYN, options=b""):
-    """A complete packet with a valid checksum."""
+PADN6 = b"\x01\x04" + bytes(4)  # one PadN option filling a 6-byte body
+HOP_BY_HOP, ROUTING, DEST_OPTS, FRAGMENT_HEADER, AH = 0, 43, 60, 44, 51
+
+
+def wrap(version, src, dst, protocol, l4, *, ip_options=b"", ext=()):
+    if version == 4:
+        return ipv4(src, dst, protocol, l4, options=ip_options)
+    first, headers = extension_headers(list(ext), protocol)
+    return ipv6(src, dst, first, headers + l4)
+
+
+def packet(version, protocol, src, dst, sport, dport, payload=b"", *, flags=SYN, options=b"",
+           ip_options=b"", ext=()):
+    """A complete packet with a valid checksum; `ip_options` (IPv4, a multiple
+    of 4 bytes) or `ext` (IPv6 extension headers) between IP and TCP/UDP."""
     if protocol == TCP:
         l4 = tcp_segment(sport, dport, flags, payload, options=options)
     else:
         l4 = udp_datagram(sport, dport, payload)
-    return wrap(version, src, dst, protocol, with_checksum(version, src, dst, protocol, l4))
+    return wrap(version, src, dst, protocol, with_checksum(version, src, dst, protocol, l4),
+                ip_options=ip_options, ext=ext)
 
 
 def split(data):
@@ -75,7 +96,10 @@ def split(data):
     if data[0] >> 4 == 4:
         ihl = (data[0] & 15) * 4
         return 4, data[12:16], data[16:20], data[9], data[ihl:]
-    return 6, data[8:24], data[24:40], data[6], data[40:]
+    protocol, at = data[6], 40
+    while protocol in (HOP_BY_HOP, ROUTING, DEST_OPTS):
+        protocol, at = data[at], at + 8 * (data[at + 1] + 1)
+    return 6, data[8:24], data[24:40], protocol, data[at:]
 
 
 def pseudo_header(version, src, dst, protocol, length):

@@ -6,8 +6,8 @@ missing (tests/programs.py), with its Debian package, and stops the run.
 Markers: `kernel` (root and a real kernel), `slow`, `load`, and `vm`. The VM
 tier (`make test-kernel`) runs `-m vm`: what needs a stock kernel with the
 native nft queue. The rule: every test in an end-to-end module
-(tests/test_e2e*.py) is `vm` unless it is marked `load` (under emulation a
-load test only stresses qemu); other tests join by a `vm` mark of their own
+(tests/e2e/test_e2e*.py) is `vm` unless it is marked `load` or `slow` (under
+emulation a load test only stresses qemu); other tests join by a `vm` mark of their own
 (the kernel's read-back of native rulesets). So a new end-to-end test runs in
 the VM without further ado.
 """
@@ -15,7 +15,6 @@ the VM without further ado.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name.startswith("test_e2e") and "load" not in item.keywords:
+        if item.path.name.startswith("test_e2e") and not {"load", "slow"} & set(item.keywords):
             item.add_marker(pytest.mark.vm)
     if os.geteuid() == 0:
         return
@@ -114,6 +113,9 @@ def pytest_sessionfinish(session, exitstatus):
     left = netns_mod.leftovers()
     if left:  # a fixture failed to clean up: make that loud, and clean anyway
         for name in left:
-            subprocess.run(["ip", "netns", "del", name], check=False)
+            netns_mod.Netns(name).delete()
         print(f"\nERROR: network namespaces were left behind: {left}", file=sys.stderr)
         session.exitstatus = 1
+    stale = netns_mod.remove_stale() if os.geteuid() == 0 else []
+    if stale:  # not this run's fault: an earlier one was killed before its cleanup
+        print(f"\nremoved namespaces of an earlier, killed test run: {stale}", file=sys.stderr)

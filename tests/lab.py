@@ -18,6 +18,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
     python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
     python lab.py many --json TARGETS                    concurrent TCP exchanges
+    python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
     python lab.py serve-tcp PORT REPLY                   a tiny server of its own
 """
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -146,10 +148,11 @@ def build_local_host(netns_mod):
 # ---- the config ------------------------------------------------------------------
 
 def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), udp_ports=(),
-                hosts=(), users=()) -> str:
+                hosts=(), users=(), after_stop: str = "keep") -> str:
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
+        *([f'containment_after_stop = "{after_stop}"'] if after_stop != "keep" else []),
         "",
         "[queue]",
         f'backend = "{BACKEND}"',
@@ -228,6 +231,30 @@ def assert_clean(ns) -> None:
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
 
 
+def assert_contained(ns, table: str = TABLE) -> None:
+    """What a clean stop leaves by default: the table with its containment chain
+    alone (a forward hook that drops), and otherwise nothing: no xt rule, no queue bound."""
+    objects = nft_json(ns, "list", "ruleset")
+    tables = [(o["table"]["family"], o["table"]["name"]) for o in objects if "table" in o]
+    assert tables == [("inet", table)], f"after a clean stop, {ns.name} holds {tables}"
+    chains = [o["chain"] for o in objects if "chain" in o]
+    assert [(c["name"], c.get("hook")) for c in chains] == [("contain", "forward")], chains
+    rules = [o["rule"] for o in objects if "rule" in o]
+    assert chains[0]["policy"] == "drop" or any("drop" in e for r in rules for e in r["expr"]), rules
+    assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
+    assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
+
+
+def keeps_containment(config: str) -> bool:
+    """Does a clean stop of `nftdivert run` with this config leave containment?"""
+    import tomllib
+
+    from nftdivert import config as config_mod
+    from nftdivert.ruleset import model
+
+    return model.build(config_mod.from_mapping(tomllib.loads(config)), "nft").contain_after_stop
+
+
 # ---- nftdivert run ---------------------------------------------------------------
 
 class Diverter:
@@ -287,16 +314,20 @@ class Diverter:
             raise AssertionError(f"nftdivert run ignored SIGTERM for {timeout}s\nstderr:\n{self.stderr()}")
 
     def stop_and_check(self) -> None:
-        """SIGTERM, exit 0, and nothing left: table, xt rules, queue bindings, process."""
+        """SIGTERM, exit 0, and nothing left but containment (when the config keeps
+        it): no diverting table, xt rules, queue bindings or process."""
         pid = self.proc.pid
         rc = self.stop()
         assert rc == 0, f"nftdivert run exited {rc} on SIGTERM\nstderr:\n{self.stderr()}"
         assert pid not in self.ns.pids(), f"nftdivert run (pid {pid}) still in {self.ns.name}"
-        assert_clean(self.ns)
+        if keeps_containment(self.config):
+            assert_contained(self.ns)
+        else:
+            assert_clean(self.ns)
         err = self.stderr()
         assert "Traceback" not in err, err
         # The final counters: every packet got its verdict without an error.
-        assert re.search(r"errors 0;", err), f"the worker counted errors:\n{err}"
+        assert re.search(r"malformed \d+, dropped \d+, errors 0;", err), f"the worker counted errors:\n{err}"
 
     def kill(self) -> None:
         """kill -9: no cleanup at all (the table and xt rules stay)."""
@@ -322,6 +353,22 @@ class Diverter:
     def wait_log(self, pred: Callable[[dict], bool], timeout: float = 10, what: str = "a log line") -> dict:
         return wait_for(lambda: next((r for r in self.log() if pred(r)), None), timeout, what,
                         detail=lambda: f"log: {self.log()[-10:]}")
+
+
+@contextmanager
+def local_lab(netns_mod, workdir: Path, **config):
+    """One host in local mode running `nftdivert run`: (host, Diverter). At the
+    end the diverter must stop cleanly; the host goes, pass or fail."""
+    host = build_local_host(netns_mod)
+    div = None
+    try:
+        div = Diverter(host, workdir, config_text(mode="local", **config), name="local").start()
+        yield host, div
+        div.stop_and_check()
+    finally:
+        if div is not None:
+            div.kill()
+        host.delete()
 
 
 # ---- captures -------------------------------------------------------------------
@@ -400,16 +447,16 @@ class GatewayLab:
         return self.div
 
     def stop(self) -> None:
-        """Stop the diverter: a healthy one must clean up after itself; what a
-        killed one left behind is removed here."""
+        """Stop the diverter: a healthy one must clean up after itself but for
+        containment; that, and what a killed one left behind, `remove` takes away."""
         div, self.div, self._config = self.div, None, None
         if div is None:
             return
         if div.alive():
             div.stop_and_check()
-        else:
-            nftdivert(self.diverter_ns, "remove")
-            assert_clean(self.diverter_ns)
+        # What a clean stop kept, or a killed one left behind: `remove` takes all of it.
+        nftdivert(self.diverter_ns, "remove")
+        assert_clean(self.diverter_ns)
 
     def close(self) -> None:
         try:
@@ -520,22 +567,34 @@ def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> 
     return json.loads(proc.stdout)
 
 
-def serve_tcp(ns, port: int, reply: str) -> subprocess.Popen:
-    """A tiny server of the host's own on `port`; ready when this returns."""
-    argv, env = _client("serve-tcp", str(port), reply)
+def serve_tcp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
+    """A tiny server of the host's own on `port` (`bind`: "::" is dual-stack,
+    "0.0.0.0" IPv4 only, or one address); ready when this returns."""
+    argv, env = _client("serve-tcp", str(port), reply, "--bind", bind)
     proc = ns.popen(*argv, text=True, env=env)
     wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
     assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
     return proc
 
 
-def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10) -> None:
-    """The worker refreshes the kernel's bound-port sets once a second."""
-    def ok() -> bool:
-        sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_ports") if "set" in o]
-        elems = sets[0].get("elem", []) if sets else []
-        return (port in elems) == present
-    wait_for(ok, timeout, f"port {port} {'in' if present else 'out of'} the bound_{proto}_ports set")
+def bound_elements(ns, proto: str, version: int) -> set[tuple[str, int]]:
+    """The kernel's bound_<proto>_v<version> set as (address or prefix, port) pairs."""
+    sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_v{version}") if "set" in o]
+    out = set()
+    for elem in sets[0].get("elem", []) if sets else []:
+        addr, port = elem["concat"]
+        if isinstance(addr, dict):
+            addr = f"{addr['prefix']['addr']}/{addr['prefix']['len']}"
+        out.add((addr, port))
+    return out
+
+
+def wait_bound_set(ns, proto: str, port: int, present: bool = True, timeout: float = 10,
+                   address: str = "0.0.0.0/0") -> None:
+    """The worker refreshes the kernel's bound sets once a second."""
+    version = 6 if ":" in address else 4
+    wait_for(lambda: ((address, port) in bound_elements(ns, proto, version)) == present, timeout,
+             f"{address} . {port} {'in' if present else 'out of'} the bound_{proto}_v{version} set")
 
 
 # ---- client programs (script mode, run inside a namespace) -------------------------------
@@ -548,15 +607,33 @@ def _endpoint(addr) -> list:
     return [addr[0], addr[1]]
 
 
-def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
+def _odd_headers(sock: socket.socket, a) -> None:
+    """What the packets of `sock` carry beyond the plain IP header: IPv4
+    options, IPv6 hop-by-hop or destination options (each given in hex)."""
+    for hexa, level, name in ((a.ipopts, socket.IPPROTO_IP, socket.IP_OPTIONS),
+                              (a.hopopts, socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS),
+                              (a.dstopts, socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS)):
+        if hexa:
+            sock.setsockopt(level, name, bytes.fromhex(hexa))
+
+
+def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
+    """One exchange; with --urgent N, byte N of the payload goes as TCP urgent data."""
     res: dict = {"ok": False}
     start = time.monotonic()
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
+        if a is not None:
+            _odd_headers(sock, a)
         sock.connect((host, port))
         res["local"], res["peer"] = _endpoint(sock.getsockname()), _endpoint(sock.getpeername())
-        sock.sendall(payload.encode())
+        data = payload.encode()
+        if a is not None and a.urgent is not None:
+            sock.sendall(data[:a.urgent])
+            sock.send(data[a.urgent:a.urgent + 1], socket.MSG_OOB)
+            data = data[a.urgent + 1:]
+        sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := sock.recv(65536):
@@ -570,25 +647,51 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float) -> dict:
     return res
 
 
-def cmd_udp(host: str, port: int, payload: str, timeout: float) -> dict:
+def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0, a=None) -> dict:
+    """One datagram and its answer; with `resend`, the datagram again every
+    `resend` seconds until answered, as resolvers and other UDP clients do."""
     res: dict = {"ok": False}
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
-    sock.settimeout(timeout)
+    start = time.monotonic()
     try:
-        sock.sendto(payload.encode(), (host, port))
-        res["local"] = _endpoint(sock.getsockname())
-        data, addr = sock.recvfrom(65536)
+        if a is not None:
+            _odd_headers(sock, a)
+            if a.broadcast:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        while True:
+            sock.sendto(payload.encode(), (host, port))
+            res["local"] = _endpoint(sock.getsockname())
+            left = timeout - (time.monotonic() - start)
+            sock.settimeout(max(0.001, min(left, resend) if resend else left))
+            try:
+                data, addr = sock.recvfrom(65536)
+                break
+            except TimeoutError:
+                if time.monotonic() - start >= timeout:
+                    raise
         res.update(ok=True, reply=data.decode(errors="replace"), source=_endpoint(addr))
     except OSError as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         sock.close()
+    res["seconds"] = time.monotonic() - start
     return res
+
+
+def _enough_files(n: int) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64) if hard != resource.RLIM_INFINITY
+                                                    else n + 64, hard))
 
 
 def cmd_many(targets: list[list], timeout: float) -> dict:
     """All connections open at once, then each sends its payload and reads it back."""
     import asyncio
+
+    _enough_files(len(targets))
 
     async def connect(host, port):
         # The client port is connect()'s choice: with many open, Linux reuses
@@ -629,8 +732,10 @@ def cmd_many(targets: list[list], timeout: float) -> dict:
             else:
                 out += 1
         ports = [c[1].get_extra_info("sockname")[1] for c in conns if not isinstance(c, BaseException)]
+        sockets = [[t[0], t[1], c[1].get_extra_info("sockname")[1]] for c, t in zip(conns, targets)
+                   if not isinstance(c, BaseException)]
         return {"ok": out, "open_at_once": len(open_now), "failures": failures,
-                "client_ports_shared": len(ports) - len(set(ports)),
+                "client_ports_shared": len(ports) - len(set(ports)), "sockets": sockets,
                 "connect_seconds": t1 - t0, "seconds": t2 - t0}
 
     return asyncio.run(main())
@@ -680,46 +785,138 @@ def cmd_bulk(host: str, port: int, megabytes: float, timeout: float) -> dict:
     return res
 
 
-def cmd_same_port(targets: list[list], sport: int, timeout: float) -> dict:
-    """Conversations from ONE client port to several destinations, all open at
-    once (as Linux's connect() does by itself when many are open): each sends
-    its payload, then each reads its echo."""
-    socks, res = [], []
-    for host, port, payload in targets:
-        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one_by_one: bool) -> dict:
+    """One client port (sport 0: the kernel's choice) towards many destinations.
+
+    TCP: a socket per destination bound to that port, all open at once; each
+    sends its payload, then each reads its echo. UDP: one socket sends to every
+    destination (one by one, each waiting for its answer, or all at once) and
+    reports where each answer came from."""
+    res: list[dict] = [{"target": [h, p], "ok": False} for h, p, _ in targets]
+    family = _family(targets[0][0])
+    any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    _enough_files(len(targets))
+    if proto == "udp":
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(timeout)
+        sock.bind((any_addr, sport))
+        by_payload = {payload.encode(): r for r, (_, _, payload) in zip(res, targets)}
+
+        def collect(until_payload: bytes | None) -> None:
+            while True:
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:
+                    return
+                r = by_payload.get(data)
+                if r is not None:
+                    r.update(ok=True, source=_endpoint(addr))
+                if until_payload is None and all(x["ok"] for x in res) or data == until_payload:
+                    return
+
+        for host, port, payload in targets:
+            sock.sendto(payload.encode(), (host, port))
+            if one_by_one:
+                collect(payload.encode())
+        if not one_by_one:
+            collect(None)
+        local = sock.getsockname()[1]
+        sock.close()
+        return {"local": local, "results": res}
+
+    socks = []
+    for r, (host, port, payload) in zip(res, targets):
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.settimeout(timeout)
         socks.append(sock)
-        r: dict = {"target": [host, port], "ok": False}
-        res.append(r)
         try:
-            sock.bind(("::" if ":" in host else "0.0.0.0", sport))
+            sock.bind((any_addr, sport))
             sock.connect((host, port))
+            r["peer"] = _endpoint(sock.getpeername())
             sock.sendall(payload.encode())
-            time.sleep(0.2)  # the first is established and echoing before the next starts
         except OSError as exc:
             r["error"] = f"connect: {type(exc).__name__}: {exc}"
     for sock, r, (_, _, payload) in zip(socks, res, targets):
-        if "error" in r:
-            continue
+        if "error" not in r:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                r.update(ok=data == payload.encode(), reply=data.decode(errors="replace")[:80])
+            except OSError as exc:
+                r["error"] = f"{type(exc).__name__}: {exc}"
+        sock.close()
+    return {"local": sport, "results": res}
+
+
+def _sum16(data: bytes) -> int:
+    return sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+
+
+def cmd_synflood(src: str, net: str, count: int, seconds: float) -> dict:
+    """`count` TCP SYNs from `src` (this host's own address) to addresses of
+    `net` and ports 1-65535, from a raw socket: nobody waits for an answer,
+    as in a flood. Paced to take at least `seconds`."""
+    import ipaddress
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    base = ipaddress.ip_network(net)
+    saddr = ipaddress.ip_address(src).packed
+    # The checksum's fixed part: source address, protocol, length, header fields.
+    fixed = _sum16(saddr) + socket.IPPROTO_TCP + 20 + 0x5002 + 65535
+    start, sent = time.monotonic(), 0
+    for i in range(count):
+        daddr = base[1 + i % (base.num_addresses - 2)].packed
+        sport, dport = 1024 + i % 64000, 1 + (i * 7919) % 65535  # as hping3 does: a port per SYN
+        total = fixed + _sum16(daddr) + sport + dport + (i >> 16) + (i & 0xFFFF)
+        while total > 0xFFFF:
+            total = (total & 0xFFFF) + (total >> 16)
+        seg = struct.pack("!HHIIBBHHH", sport, dport, i, 0, 0x50, 0x02, 65535, ~total & 0xFFFF, 0)
         try:
-            sock.shutdown(socket.SHUT_WR)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            r.update(ok=data == payload.encode(), reply=data.decode(errors="replace"))
-        except OSError as exc:
-            r["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            sock.close()
-    return {"results": res}
+            sock.sendto(seg, (socket.inet_ntoa(daddr), 0))
+            sent += 1
+        except OSError:
+            pass  # a full transmit queue: a flood does not care
+        if i % 1000 == 999:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.monotonic() - start}
 
 
-def cmd_serve_tcp(port: int, reply: str) -> None:
-    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
+    """One UDP socket sends `count` datagrams to ports 1, 2, ... of `host`
+    (a port scan), paced to take at least `seconds`; counts the answers."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    start, answers = time.monotonic(), 0
+    for i in range(count):
+        try:
+            sock.sendto(b"scan", (host, 1 + i % 65535))
+        except OSError:
+            pass
+        while True:
+            try:
+                sock.recv(64)
+                answers += 1
+            except OSError:
+                break
+        if i % 500 == 499:
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": count, "answers": answers, "seconds": time.monotonic() - start}
+
+
+def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
+    srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    srv.bind(("::", port))
+    if bind == "::":
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind((bind, port))
     srv.listen(128)
     while True:
         conn, _ = srv.accept()
@@ -743,6 +940,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("port", type=int)
         p.add_argument("payload")
         p.add_argument("--timeout", type=float, default=3)
+        for opt in ("--ipopts", "--hopopts", "--dstopts"):
+            p.add_argument(opt, help="hex bytes: IPv4 options, IPv6 hop-by-hop or destination options header")
+        if name == "udp":
+            p.add_argument("--resend", type=float, default=0)
+            p.add_argument("--broadcast", action="store_true")
+        else:
+            p.add_argument("--urgent", type=int, help="send byte N of the payload as urgent data")
     p = sub.add_parser("many")
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--timeout", type=float, default=20)
@@ -751,26 +955,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("port", type=int)
     p.add_argument("megabytes", type=float)
     p.add_argument("--timeout", type=float, default=60)
-    p = sub.add_parser("same-port")
+    p = sub.add_parser("fan-out")
+    p.add_argument("proto", choices=("tcp", "udp"))
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
-    p.add_argument("--sport", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=3)
+    p.add_argument("--sport", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=5)
+    p.add_argument("--one-by-one", action="store_true")
+    p = sub.add_parser("synflood")
+    p.add_argument("src")
+    p.add_argument("net")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("udpscan")
+    p.add_argument("host")
+    p.add_argument("count", type=int)
+    p.add_argument("--seconds", type=float, default=0)
     p = sub.add_parser("serve-tcp")
     p.add_argument("port", type=int)
     p.add_argument("reply")
+    p.add_argument("--bind", default="::")
     a = ap.parse_args(argv)
     if a.cmd == "tcp":
-        out = cmd_tcp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_tcp(a.host, a.port, a.payload, a.timeout, a)
     elif a.cmd == "udp":
-        out = cmd_udp(a.host, a.port, a.payload, a.timeout)
+        out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend, a)
     elif a.cmd == "many":
         out = cmd_many(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
-    elif a.cmd == "same-port":
-        out = cmd_same_port(json.loads(a.json), a.sport, a.timeout)
+    elif a.cmd == "fan-out":
+        out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
+    elif a.cmd == "synflood":
+        out = cmd_synflood(a.src, a.net, a.count, a.seconds)
+    elif a.cmd == "udpscan":
+        out = cmd_udpscan(a.host, a.count, a.seconds)
     else:
-        cmd_serve_tcp(a.port, a.reply)
+        cmd_serve_tcp(a.port, a.reply, a.bind)
         return
     print(json.dumps(out))
 

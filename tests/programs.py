@@ -13,6 +13,7 @@ import shutil
 PACKAGES = {
     "cat": "coreutils",
     "curl": "curl",
+    "grep": "grep",
     "id": "coreutils",
     "ip": "iproute2",
     "ip6tables-nft": "iptables",
@@ -21,6 +22,7 @@ PACKAGES = {
     "iptables-nft": "iptables",
     "iptables-nft-restore": "iptables",
     "iptables-nft-save": "iptables",
+    "ls": "coreutils",
     "mkdir": "coreutils",
     "mount": "mount",
     "nc": "netcat-openbsd",

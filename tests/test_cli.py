@@ -49,3 +49,4 @@ def test_render_default_is_deterministic_and_needs_no_kernel(cli_env):
     first, second = cli("render", env=cli_env), cli("render", env=cli_env)
     assert first.returncode == 0 and first.stdout == second.stdout
     assert "priority raw;" in first.stdout and "priority dstnat;" in first.stdout
+

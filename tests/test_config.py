@@ -173,6 +173,7 @@ BAD = [
     case("seconds-as-string", '[worker]\nclose_grace = "10s"\n', "worker.close_grace", "not str"),
     case("log-format", '[worker]\nlog_format = "xml"\n', "worker.log_format", "one of auto, json, text"),
     case("log-newline", '[worker]\nlog = "a\\nb"\n', "worker.log", "newline"),
+    case("after-stop-choice", 'containment_after_stop = "maybe"\n', "containment_after_stop", "one of keep, remove"),
     # --- not TOML at all ---------------------------------------------------------------------------
     case("toml-syntax-error", 'mode = "gateway\n', "--config", "not valid TOML"),
     case("toml-duplicate-key", 'mode = "gateway"\nmode = "local"\n', "--config", "not valid TOML"),
@@ -208,7 +209,7 @@ def test_not_utf8_is_a_config_error(tmp_path):
     path.write_bytes('table = "caf\u00e9"\n'.encode("latin-1"))
     with pytest.raises(ConfigError) as info:
         load(path)
-    assert (info.value.key, info.value.reason) == ("--config", "not UTF-8 text")
+    assert (info.value.key, info.value.reason) == ("--config", "not UTF-8 text (byte 12)")
 
 
 # ---- defaults -----------------------------------------------------------------
@@ -404,3 +405,5 @@ def test_module_constants_match_validation():
         assert Config(mode=mode).mode == mode
     for backend in config_mod.BACKENDS:
         assert Config(queue=QueueConfig(backend=backend)).queue.backend == backend
+    for after_stop in config_mod.AFTER_STOP:
+        assert Config(containment_after_stop=after_stop).containment_after_stop == after_stop

@@ -13,4 +13,4 @@ def test_wheel_ships_the_templates(tmp_path):
     wheel = next(tmp_path.glob("nftdivert-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"nftdivert/templates/ruleset.nft.j2", "nftdivert/templates/xt-queue.rules.j2"} <= names
-    assert "nftdivert/backends/xt.py" in names
+    assert {"nftdivert/ruleset/backends/xt.py", "nftdivert/worker/fixup.py", "nftdivert/services/listeners.py", "nftdivert/lab/sandbox.py"} <= names

@@ -19,12 +19,13 @@ from pathlib import Path
 from programs import PACKAGES
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*(REPO / "tests").glob("*.py"), *(REPO / "nftdivert").rglob("*.py")])
+SOURCES = sorted([*(REPO / "tests").rglob("*.py"), *(REPO / "nftdivert").rglob("*.py")])
 
 # How a call's first argument is a command: an argv, a shell script, or the
 # arguments of nftdivert itself.
 EXECUTORS = {"run": "argv", "popen": "argv", "Popen": "argv", "check_output": "argv", "check_call": "argv",
              "sh": "script", "sandbox": "script", "nftdivert_argv": "nftdivert"}
+SCRIPT_ARG = {"sh": 0, "sandbox": 1}  # ns.sh(script), sandbox(config, script, ...)
 SHELL_WORDS = {"echo", "exit", "kill", "cd", "export", "exec", "set", "true", "false", "test", "[", "printf",
                "read", "wait", "trap", "if", "then", "else", "elif", "fi", "for", "in", "do", "done", "while",
                "until", "case", "esac", "return", "shift", "unset", ":", ".", "!"}
@@ -34,6 +35,7 @@ _SHELL_SPLIT = re.compile(r"&&|\|\||[;|&\n(){}]|\$\(|`")
 
 def shell_programs(script: str) -> set[str]:
     found = set()
+    script = re.sub(r"'[^']*'", "''", script)  # single-quoted: data (such as `python3 -c '...'`)
     for part in _SHELL_SPLIT.split(script):
         words = [w for w in part.split() if not re.match(r"\w+=", w)]
         while words and words[0] in _BEFORE_COMMAND:
@@ -113,8 +115,8 @@ def _bindings(tree: ast.AST) -> dict[str, set[str]]:
 
 
 def source_programs(text: str, positional: bool = True) -> set[str]:
-    """Programs a module runs. `positional`: also `run("prog", "arg", ...)`, the
-    tests' Netns helpers; in the package `run` also names functions that are no
+    """Programs a module runs. `positional`: also `ns.run("prog", "arg", ...)`,
+    the tests' Netns methods; in the package `run` also names functions that are no
     process, so there only argv lists count."""
     tree = ast.parse(text)
     names = _bindings(tree)
@@ -125,12 +127,13 @@ def source_programs(text: str, positional: bool = True) -> set[str]:
             continue
         first = call.args[0]
         if kind == "script":
-            for script in _word(first, names) or ():
+            at = SCRIPT_ARG[_name(call.func)]
+            for script in (_word(call.args[at], names) or ()) if len(call.args) > at else ():
                 found |= shell_programs(script)
             continue
         is_list = isinstance(first, (ast.List, ast.Tuple))
-        if not (is_list or positional):
-            continue
+        if kind == "argv" and not is_list and not (positional and isinstance(call.func, ast.Attribute)):
+            continue  # a bare run("x") is some module's own helper
         words = [{"nftdivert"}] if kind == "nftdivert" else []
         for node in first.elts if is_list else call.args:
             if isinstance(node, ast.Starred):
@@ -153,7 +156,7 @@ def all_programs() -> dict[str, set[str]]:
     """program -> the files that run it."""
     where: dict[str, set[str]] = {}
     for path in SOURCES:
-        for prog in source_programs(path.read_text(), positional=path.parent.name == "tests"):
+        for prog in source_programs(path.read_text(), positional="tests" in path.relative_to(REPO).parts[:1]):
             where.setdefault(prog, set()).add(str(path.relative_to(REPO)))
     for prog in demo_programs():
         where.setdefault(prog, set()).add("Makefile (demo)")

@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
 import lab
 import netns
+import procs
 from conftest import nftdivert_argv
 
 pytestmark = pytest.mark.kernel
@@ -26,9 +29,14 @@ def host():
         h.delete()
 
 
-def start(host, tmp_path, *args):
+def _local_config(tmp_path):
     cfg = tmp_path / "local.toml"
     cfg.write_text(lab.config_text(mode="local"))
+    return cfg
+
+
+def start(host, tmp_path, *args):
+    cfg = _local_config(tmp_path)
     proc = host.popen(*nftdivert_argv("run", "-c", str(cfg), "--log", str(tmp_path / "log.jsonl"), *args),
                       env=lab._env(), text=True)
     lab.wait_for(lambda: lab.table_handle(host) is not None and lab.port_bound(host, "tcp", 1337), 30,
@@ -59,3 +67,65 @@ def test_an_unwritable_pcap_path_is_bad_input_and_nothing_is_applied(host, tmp_p
     assert proc.returncode == 2
     assert "worker.pcap (-w)" in proc.stderr and "No such file or directory" in proc.stderr
     assert host.run("nft", "list", "ruleset").stdout == ""
+
+
+def test_sigkill_of_run_takes_its_listener_process_along(host, tmp_path):
+    proc = start(host, tmp_path)
+    children = procs.descendants(proc.pid)  # the built-in listeners' process
+    assert children
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not (left := procs.wait_gone(children, 1.0)), f"outlived `nftdivert run` by more than a second: {left}"
+
+
+def _path_without_iptables(tmp_path):
+    """A PATH with `ip` (for `ip netns exec`) and none of the iptables tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ip").symlink_to(shutil.which("ip"))
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("after_stop", ["keep", "remove"])
+def test_a_start_that_fails_after_the_commit_leaves_no_diverting_table(tmp_path, make_netns, after_stop):
+    # The xt backend without iptables fails after the table is committed: the
+    # table must go (or shrink to containment), not stay loaded and diverting.
+    ns = make_netns("noipt")
+    cfg = tmp_path / "xt.toml"
+    keep_is_default = after_stop == "keep"
+    cfg.write_text(("" if keep_is_default else f'containment_after_stop = "{after_stop}"\n')
+                   + '[queue]\nbackend = "xt"\n')
+    env = dict(lab._env(), PATH=_path_without_iptables(tmp_path))
+    proc = ns.run(sys.executable, "-m", "nftdivert", "run", "-c", str(cfg), env=env, check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "iptables-nft-save is missing" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if after_stop == "keep":
+        lab.assert_contained(ns)
+    else:
+        assert ns.run("nft", "list", "ruleset").stdout == ""
+    assert lab.queue_bindings(ns) == []
+
+
+def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
+    # /dev/full opens, then every flush fails (ENOSPC): before, a traceback from the worker's tick.
+    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "-w", "/dev/full",
+                                      "--log", ""), env=lab._env(), text=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "nftdivert: cannot write the capture /dev/full: No space left on device" in err, err
+    assert "Traceback" not in err
+    assert host.run("nft", "list", "ruleset").stdout == ""  # local mode: no containment to keep
+
+
+def test_the_final_counters_show_hook_errors_and_the_log(host, tmp_path):
+    proc = start(host, tmp_path)
+    # The worker pumps once its counters are published (a SIGTERM before that stops the start).
+    lab.wait_for(lambda: "worker: pid" in lab.nftdivert(host, "status").stdout, 30, "the worker's counters")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "new-conversation hook errors 0, log lines 0 (dropped 0, failed 0)" in err, err

@@ -1,0 +1,1 @@
+"""Throwaway network namespaces and process trees: the sandbox a sample runs in."""

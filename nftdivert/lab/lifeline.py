@@ -1,0 +1,31 @@
+"""Children that die with their parent, even when the parent gets SIGKILL.
+
+PR_SET_PDEATHSIG asks the kernel for a SIGKILL when the parent goes. It is
+set in the child, after fork, so a parent that died in between would never
+send it: the child checks once more after setting it and leaves at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None, lifeline: int | None = None) -> None:
+    """Call first thing in a forked child.
+
+    `parent`: the parent's pid, for a child in the parent's PID namespace.
+    `lifeline`: the read end of a pipe whose write end only the parent holds,
+    for a child in a new PID namespace (there, getppid() is 0): the pipe
+    reads as closed once the parent is gone.
+    """
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        os._exit(1)  # without it, a SIGKILLed parent would leave us behind
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+    if lifeline is not None and select.select([lifeline], [], [], 0)[0]:
+        os._exit(1)

@@ -1,0 +1,1 @@
+"""The ruleset as code: config -> model -> text (templates) -> kernel (libnftables)."""

@@ -1,0 +1,198 @@
+"""The ruleset's life in the kernel: check, apply, diff, remove, status.
+
+Everything here goes through libnftables (kernel.Nft) and the queue backend;
+the text itself comes from render, which knows nothing of the kernel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from nftdivert.ruleset import backends, model, owner, render, scratch
+from nftdivert.services import bound
+from nftdivert.ruleset.backends.base import QueueBackend
+from nftdivert.config import Config
+from nftdivert.ruleset.kernel import Nft
+
+
+@dataclass(frozen=True)
+class Applied:
+    table: str
+    backend: str
+    reason: str
+    ruleset: model.Ruleset
+
+
+def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
+    return backends.select(config.queue.backend, nft)
+
+
+def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert") -> None:
+    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection."""
+    if nft is not None:
+        nft.run(text, dry_run=True)
+    else:  # not root: a user + network namespace of our own
+        scratch.run("check", text, table)
+
+
+def check(config: Config, nft: Nft | None) -> tuple[str, str]:
+    """Dry-run the config's ruleset for the backend this kernel gets; (backend, reason)."""
+    if nft is not None:
+        backend, reason = backend_for(config, nft)
+        name = backend.name
+    elif config.queue.backend == "auto":
+        name = scratch.run("probe", "", config.table).strip()
+        reason = "auto: probed in a user namespace"
+    else:
+        name, reason = config.queue.backend, "set in the config"
+    check_text(render.render_for(config, name), nft, config.table)
+    return name, reason
+
+
+def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied:
+    """Replace nftdivert's table in one transaction, then the backend's extras.
+
+    The rendered text starts with `table; delete table; table {...}`, so the
+    kernel swaps old for new atomically; if it refuses, the old table stays.
+    `claim`: the run that owns the table. Without one, a table a live run
+    owns is only loaded again with that run's own ruleset.
+    """
+    backend, reason = backend_for(config, nft)
+    rs = model.build(config, backend.name)
+    text = render.render(rs)
+    if claim is None:
+        owner.check_apply(rs.table, text)
+    else:
+        claim.record(text)
+    nft.run(text + bound.set_commands(rs.table, bound.read()))
+    backend.install(rs)
+    # A table of ours from another backend leaves its rules behind otherwise.
+    for other in backends.BACKENDS.values():
+        if other is not type(backend):
+            other(nft).remove(rs.table)
+    return Applied(rs.table, backend.name, reason, rs)
+
+
+def remove(table: str, nft: Nft) -> list[str]:
+    """Take away the table and any xt rules of ours; idempotent. Says what went."""
+    gone = []
+    if nft.has_table(table):
+        nft.delete_table(table)
+        gone.append(f"table inet {table}")
+    return gone + _remove_queue_rules(table, nft)
+
+
+def _remove_queue_rules(table: str, nft: Nft) -> list[str]:
+    gone = []
+    for cls in backends.BACKENDS.values():
+        n = cls(nft).remove(table)
+        if n:
+            gone.append(f"{n} {cls.name} queue rule(s)")
+    return gone
+
+
+def after_stop(config: Config, nft: Nft) -> bool:
+    """Leave what a clean stop leaves: the containment chain alone, or nothing.
+
+    The containment-only table replaces the full one in one transaction, so
+    forwarded traffic is never let through in between. True: containment stays.
+    """
+    text = render.render_after_stop(model.build(config, "nft"))
+    if text is None:
+        remove(config.table, nft)
+        return False
+    nft.run(text, source="after stop")
+    _remove_queue_rules(config.table, nft)
+    return True
+
+
+# The bound-port sets change at run time by design: never drift.
+_RUNTIME_ELEMENTS = re.compile(
+    r"(\tset bound_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+
+
+def _comparable(text: str) -> str:
+    return _RUNTIME_ELEMENTS.sub(r"\1", text)
+
+
+@dataclass(frozen=True)
+class Drift:
+    backend: str
+    diff: str = ""
+    missing_table: bool = False
+
+    @property
+    def same(self) -> bool:
+        return not self.diff
+
+
+def diff(config: Config, nft: Nft, *, after_stop: bool = False) -> Drift:
+    """Compare the live table with what `config` renders, both in nft's normal form.
+
+    after_stop: with what a clean stop of `run` leaves (containment alone, or nothing).
+    """
+    backend, _ = backend_for(config, nft)
+    rs = model.build(config, backend.name)
+    text = render.render_after_stop(rs) if after_stop else render.render(rs)
+    want = _comparable(scratch.run("normalize", text, rs.table)) if text else ""
+    live_text = nft.list_table(rs.table)
+    have = _comparable(live_text or "")
+    expected_xt = [] if after_stop else backend.expected(rs)
+    want_lines = want.splitlines(keepends=True) + [f"# xt: {r}\n" for r in expected_xt]
+    have_lines = have.splitlines(keepends=True) + [f"# xt: {r}\n" for r in _installed_xt(rs.table, nft)]
+    return Drift(backend.name, "".join(difflib.unified_diff(have_lines, want_lines, "live", "rendered")),
+                 missing_table=live_text is None)
+
+
+def _installed_xt(table: str, nft: Nft) -> list[str]:
+    return backends.XtQueue(nft).installed(table)
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    name: str
+    hook: str
+    priority: int
+    packets: int
+
+
+@dataclass(frozen=True)
+class Status:
+    table: str
+    loaded: bool
+    backend: str = ""
+    chains: tuple[ChainStatus, ...] = ()
+    xt_rules: tuple[str, ...] = ()
+    sets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def contained(self) -> bool:
+        """Only the containment chain: what a clean stop leaves (no worker, nothing diverted)."""
+        names = {c.name for c in self.chains}
+        return "contain" in names and "divert_incoming" not in names
+
+
+def status(table: str, nft: Nft) -> Status:
+    objects = nft.table_objects(table)
+    if not objects:
+        return Status(table, loaded=False, xt_rules=tuple(_installed_xt(table, nft)))
+    chains: dict[str, dict] = {o["chain"]["name"]: o["chain"] for o in objects if "chain" in o}
+    packets: dict[str, int] = dict.fromkeys(chains, 0)
+    queued_natively = False
+    for o in objects:
+        rule = o.get("rule")
+        if not rule:
+            continue
+        for expr in rule["expr"]:
+            if "counter" in expr:
+                packets[rule["chain"]] += expr["counter"]["packets"]
+            queued_natively |= "queue" in expr
+    sets = {o["set"]["name"]: len(o["set"].get("elem", [])) for o in objects if "set" in o}
+    xt = tuple(_installed_xt(table, nft))
+    return Status(
+        table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
+        chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
+                     for n, c in chains.items()),
+        xt_rules=xt, sets=sets)

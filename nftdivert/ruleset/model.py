@@ -1,0 +1,114 @@
+"""What the ruleset says, derived from a Config: the only input of the templates.
+
+The model holds values ready to print (sorted, deterministic), so the
+templates stay free of logic beyond `if` and `for`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nftdivert.config import Config, PortRange
+
+# NetfilterQueue copies at most 4016 bytes of a packet and a rewritten packet
+# must go back whole. Clamp the MSS of diverted TCP so that no segment is
+# longer: 4016 - 40 (IPv6 header) - 60 (largest TCP header) = 3916. Loopback's
+# MTU of 65536 would otherwise allow segments of 64 KiB in local mode.
+QUEUE_COPY_LIMIT = 4016
+DIVERTED_MSS = QUEUE_COPY_LIMIT - 40 - 60
+
+BACKENDS = ("nft", "xt")
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    table: str
+    backend: str  # "nft": native queue statement; "xt": mark here, queue in iptables-nft
+    ipv4: bool
+    ipv6: bool
+    gateway: bool
+    local: bool
+    interfaces: tuple[str, ...]
+    containment: bool
+    incoming_queue: int
+    outgoing_queue: int
+    bypass: bool
+    mark: int
+    default_tcp_port: int | None
+    default_udp_port: int | None
+    leave_alone_tcp_ports: tuple[str, ...]
+    leave_alone_udp_ports: tuple[str, ...]
+    leave_alone_hosts_v4: tuple[str, ...]
+    leave_alone_hosts_v6: tuple[str, ...]
+    leave_alone_users: tuple[str, ...]
+    leave_alone_groups: tuple[str, ...]
+    leave_alone_cgroups: tuple[tuple[int, str], ...]  # (level, path)
+    # A clean stop leaves the containment chain loaded (containment_after_stop = "keep").
+    contain_after_stop: bool = False
+    mss: int = DIVERTED_MSS
+
+    @property
+    def mark_hex(self) -> str:
+        return f"0x{self.mark:x}"
+
+    @property
+    def unmark_hex(self) -> str:
+        return f"0x{~self.mark & 0xFFFFFFFF:x}"
+
+    @property
+    def interface_set(self) -> str:
+        # Quoted by hand: validation already refused quotes and backslashes,
+        # and JSON-style escaping would change the names the kernel matches.
+        return ", ".join(f'"{name}"' for name in self.interfaces)
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(f for f, on in (("ipv4", self.ipv4), ("ipv6", self.ipv6)) if on)
+
+
+def _ports(ranges: tuple[PortRange, ...]) -> tuple[str, ...]:
+    return tuple(str(r) for r in sorted(set(ranges)))
+
+
+def _ids(values: tuple[str | int, ...]) -> tuple[str, ...]:
+    # Numbers stay numbers; names are quoted and nft resolves them at load time.
+    nums = sorted({v for v in values if isinstance(v, int)})
+    names = sorted({v for v in values if isinstance(v, str)})
+    return tuple(str(n) for n in nums) + tuple(f'"{n}"' for n in names)
+
+
+def build(config: Config, backend: str) -> Ruleset:
+    """The ruleset for `config` with a concrete queue backend ("nft" or "xt")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    la = config.leave_alone
+    tcp = config.default_listener("tcp")
+    udp = config.default_listener("udp")
+    hosts = sorted(set(la.hosts), key=lambda n: (n.version, n.network_address, n.prefixlen))
+    gateway = config.mode in ("gateway", "both")
+    return Ruleset(
+        table=config.table,
+        backend=backend,
+        ipv4=config.ipv4,
+        ipv6=config.ipv6,
+        gateway=gateway,
+        local=config.mode in ("local", "both"),
+        interfaces=tuple(sorted(set(config.interfaces))),
+        containment=config.forward_containment,
+        incoming_queue=config.queue.incoming,
+        outgoing_queue=config.queue.outgoing,
+        bypass=config.queue.fail == "open",
+        mark=config.queue.mark,
+        default_tcp_port=tcp.port if tcp else None,
+        default_udp_port=udp.port if udp else None,
+        leave_alone_tcp_ports=_ports(la.tcp_ports),
+        leave_alone_udp_ports=_ports(la.udp_ports),
+        leave_alone_hosts_v4=tuple(str(n) for n in hosts if n.version == 4),
+        leave_alone_hosts_v6=tuple(str(n) for n in hosts if n.version == 6),
+        leave_alone_users=_ids(la.users),
+        leave_alone_groups=_ids(la.groups),
+        leave_alone_cgroups=tuple(
+            sorted({(len(p.strip("/").split("/")), p.strip("/")) for p in la.cgroups})
+        ),
+        contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
+    )

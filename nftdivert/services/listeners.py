@@ -1,0 +1,247 @@
+"""Built-in listeners: accept anything, count what arrives, echo it back
+(an HTTP request gets a plain 200 answer, so web clients finish; it looks
+like any web server's, see [http], so a sample has nothing to recognise).
+
+They run on one asyncio loop in a thread, so hundreds of conversations cost
+no thread each; `nftdivert run` puts them in a process of their own
+(listener_process). Any other program can be a listener (kind = "external").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from nftdivert.config import HttpConfig, Listener
+from nftdivert.services.dns import Resolver
+
+
+@dataclass
+class ListenerStats:
+    conversations: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class _Running:
+    listener: Listener
+    stats: ListenerStats = field(default_factory=ListenerStats)
+
+
+def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
+    # One dual-stack socket answers IPv4 and IPv6 (redirect keeps the family).
+    family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if kind == socket.SOCK_STREAM:
+        # Urgent data stays in the stream (accepted sockets inherit this), so
+        # the echo has it where the client put it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    if ipv6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::" if ipv6 else "0.0.0.0", port))
+    return sock
+
+
+def _endpoint(addr) -> str:
+    host, port = addr[0], addr[1]
+    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Linux's IP_PKTINFO (linux/in.h); Python's socket module does not name it.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
+def _reply_source(family: int, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The control message that makes a reply leave from the address the datagram came to."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # struct in_pktinfo {ifindex; spec_dst; addr}: the header's destination is `addr`.
+            if family == socket.AF_INET:
+                return [(level, kind, b"\0" * 4 + data[8:12] + b"\0" * 4)]
+            # On the dual-stack socket an IPv4 reply takes it as a mapped in6_pktinfo.
+            return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                     b"\0" * 10 + b"\xff\xff" + data[8:12] + b"\0\0\0\0")]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return [(level, kind, data[:20])]
+    return []
+
+
+class _Datagrams:
+    """A UDP listener: `answer` turns a datagram into the reply (or None).
+
+    Each reply leaves from the address its datagram was sent to. A wildcard
+    socket would otherwise answer from whatever source the route picks: in
+    local mode the host's own address instead of the 127.0.0.1 that NAT gave
+    the conversation, so conntrack could not match the reply. Where that
+    address cannot be a source (broadcast, multicast), the route picks one.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, stats: ListenerStats, answer) -> None:
+        self.loop, self.sock, self.stats, self.answer = loop, sock, stats, answer
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # IPv4, also on the dual-stack socket
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(64):  # a turn, so one busy listener cannot hold the loop
+            try:
+                data, ancillary, _flags, addr = self.sock.recvmsg(65535, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            self.stats.conversations += 1
+            self.stats.bytes_received += len(data)
+            reply = self.answer(data, addr)
+            if reply is None:
+                continue
+            try:
+                self.sock.sendmsg([reply], _reply_source(self.sock.family, ancillary), 0, addr)
+            except OSError:
+                try:  # not an address we may send from: let the route choose
+                    self.sock.sendto(reply, addr)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _echo(data: bytes, _addr) -> bytes:
+    return data
+
+
+# A web client given its own request back gives up ("HTTP/0.9 not allowed"),
+# so a request line gets a small 200 answer instead of the echo.
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
+
+
+async def _answer_http(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       stats: ListenerStats, http: HttpConfig) -> None:
+    # Read the rest of the header first: closing on unread data would send RST.
+    while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 65536:
+        more = await asyncio.wait_for(reader.read(65536), timeout=5)
+        if not more:
+            break
+        stats.bytes_received += len(more)
+        head += more
+    writer.write(http_response(http, head.startswith(b"HEAD ")))
+    await writer.drain()
+
+
+def http_response(http: HttpConfig, head_only: bool = False) -> bytes:
+    """The 200 answer, headers in the order a common web server sends them."""
+    body = http.body.encode()
+    server = f"Server: {http.server}\r\n" if http.server else ""
+    return (f"HTTP/1.1 200 OK\r\n{server}Date: {email.utils.formatdate(usegmt=True)}\r\n"
+            f"Content-Type: {http.content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + (b"" if head_only else body)
+
+
+class Listeners:
+    """Start with start(), stop with stop(); ports are bound when start() returns."""
+
+    def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
+                 http: HttpConfig = HttpConfig()) -> None:
+        self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
+        self._resolver = resolver
+        self._http = http
+        self._ipv6 = ipv6 and socket.has_ipv6
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
+        self._closers: list = []
+
+    @property
+    def stats(self) -> dict[str, ListenerStats]:
+        return {r.listener.name: r.stats for r in self._running}
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+
+    async def _start(self) -> None:
+        for run in self._running:
+            lst = run.listener
+            try:
+                await self._start_one(run)
+            except OSError as exc:
+                raise OSError(exc.errno, f"listener {lst.name} ({lst.protocol} port {lst.port}): {exc.strerror}") from None
+
+    async def _start_one(self, run: _Running) -> None:
+        lst, stats = run.listener, run.stats
+        if lst.kind == "dns" and self._resolver is None:
+            raise ValueError("a dns listener needs a resolver")
+        if lst.protocol == "tcp":
+            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
+            handler = self._dns_stream if lst.kind == "dns" else self._echo_stream
+            server = await asyncio.start_server(lambda r, w: handler(r, w, stats), sock=sock, backlog=1024)
+            self._closers.append(server)
+        else:
+            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
+            resolver = self._resolver
+            answer = (lambda data, addr: resolver.answer(data, _endpoint(addr))) if lst.kind == "dns" else _echo
+            self._closers.append(_Datagrams(self._loop, sock, stats, answer))
+
+    async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
+        # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).
+        stats.conversations += 1
+        try:
+            while True:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+                query = await reader.readexactly(size)
+                stats.bytes_received += 2 + size
+                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername"))) if self._resolver else None
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _echo_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           stats: ListenerStats) -> None:
+        stats.conversations += 1
+        try:
+            first = await reader.read(65536)
+            if _HTTP_REQUEST.match(first):
+                stats.bytes_received += len(first)
+                await _answer_http(first, reader, writer, stats, self._http)
+                return
+            data = first
+            while data:
+                stats.bytes_received += len(data)
+                writer.write(data)
+                await writer.drain()
+                data = await reader.read(65536)
+            if writer.can_write_eof():
+                writer.write_eof()  # half-close: the client's EOF, echoed
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+
+        async def close() -> None:
+            for closer in self._closers:
+                closer.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

@@ -1,0 +1,1 @@
+"""The queue worker: packets -> parse -> decide -> rewrite + checksum -> verdict."""

@@ -1,0 +1,257 @@
+"""Per-packet pipeline between NetfilterQueue and the pure logic.
+
+incoming: after NAT redirect, send a new conversation to an unbound port to
+the default listener and keep its later packets going there (its route).
+outgoing: before conntrack (raw priority), give the listener's replies back
+their original ports so conntrack matches its reply tuple. A reply to a
+client port the table does not know belongs, in practice, to a conversation
+whose client port the kernel remapped after the worker saw it (see
+conversations.py); conntrack is asked which one.
+
+Both return None (accept unchanged), DROP, or the new payload, and never
+raise: the queue thread must survive anything and every packet must get a verdict.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nftdivert.services.conntrack import Entry
+from nftdivert.worker.conversations import Conversation, ConversationTable, RouteKey
+from nftdivert.worker.decide import Divert
+from nftdivert.worker.packet import ACK, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
+from nftdivert.worker.rewrite import with_ports
+
+Decide = Callable[[int, bytes, int], Divert | None]
+OnNew = Callable[[Conversation], None]
+# (version, protocol, client, client_port, local, local_port) -> the conntrack
+# entry whose reply tuple is local:local_port -> client:client_port.
+Resolve = Callable[[int, int, bytes, int, bytes, int], Entry | None]
+
+DROP = b""  # the verdict for a packet that must not go on (compared by identity)
+
+# How many of a client's original ports one unplaced reply may try (most
+# recently used first: the right one is nearly always the first).
+RESOLVE_TRIES = 16
+# A reply conntrack could not place is not asked about again for this long.
+UNPLACED_TTL = 1.0
+UNPLACED_MAX = 4096
+
+
+@dataclass(slots=True)
+class Counters:
+    """Each packet counts in `seen` and in exactly one of the next five."""
+
+    seen: int = 0
+    rewritten: int = 0
+    passed: int = 0
+    malformed: int = 0  # unfit and passed unchanged
+    dropped: int = 0  # unfit and dropped: a truncated copy of diverted traffic
+    errors: int = 0
+    new_conversations: int = 0
+    hook_errors: int = 0  # on_new raised; the packet was still handled
+    # New routes whose client port was already taken at the listener (the
+    # same client port towards another port), so got an alias.
+    port_clashes: int = 0
+    # New conversations the kernel gave another client port (one client port
+    # towards several addresses on one port), found through conntrack.
+    kernel_remaps: int = 0
+    unfit: dict[str, int] = field(default_factory=dict)
+
+
+class FixUp:
+    """Not thread-safe: serve both queues from one thread, or lock around calls."""
+
+    def __init__(
+        self,
+        table: ConversationTable,
+        decide: Decide,
+        counters: Counters | None = None,
+        *,
+        on_new: OnNew | None = None,
+        is_local: Callable[[bytes], bool] | None = None,
+        resolve: Resolve | None = None,
+    ) -> None:
+        self.table = table
+        self.decide = decide  # e.g. partial(decide.decide, listeners=..., ...)
+        self.counters = counters if counters is not None else Counters()
+        self.on_new = on_new
+        self.resolve = resolve
+        self.last_error: Exception | None = None
+        # Conversations to an address of ours that is not a unicast one (a
+        # broadcast): the listener answers from a unicast address the kernel
+        # picks, so its replies are found by (protocol, client, client port).
+        self.is_local = is_local
+        self._elsewhere: dict[tuple, tuple] = {}
+        self._unplaced: OrderedDict[tuple, float] = OrderedDict()
+
+    def incoming(self, data: bytes, now: float, *, indev: int = 0) -> bytes | None:
+        """`indev` is only recorded on a new conversation, for its log line."""
+        self.counters.seen += 1
+        try:
+            return self._incoming(data, now, indev)
+        except Exception as exc:  # noqa: BLE001 - see module docstring
+            self.counters.errors += 1
+            self.last_error = exc
+            return None
+
+    def outgoing(self, data: bytes, now: float) -> bytes | None:
+        self.counters.seen += 1
+        try:
+            return self._outgoing(data, now)
+        except Exception as exc:  # noqa: BLE001
+            self.counters.errors += 1
+            self.last_error = exc
+            return None
+
+    def _unfit(self, unfit: Unfit, drop: bool) -> bytes | None:
+        counters = self.counters
+        counters.unfit[unfit.reason] = counters.unfit.get(unfit.reason, 0) + 1
+        if drop:
+            counters.dropped += 1
+            return DROP
+        counters.malformed += 1
+        return None
+
+    def _incoming(self, data: bytes, now: float, indev: int) -> bytes | None:
+        seg = parse(data)
+        if type(seg) is not Segment:
+            # Everything queued here is diverted. A truncated copy cannot be
+            # rewritten, and passed on it would reach the unbound port and
+            # draw a port-unreachable that ends the whole conversation;
+            # dropped, it is lost like a datagram over a smaller MTU.
+            return self._unfit(seg, seg.reason == "truncated")
+        table = self.table
+        # After NAT the destination port is still the one the client asked for.
+        key = (seg.protocol, seg.src, seg.sport, seg.dst, seg.dport)
+        route = table.route(key)
+        if route is not None:
+            conv = table.touch_route(key, route, now)
+            if not (seg.is_syn and conv is not None and conv.closing_since is not None):
+                if conv is not None and seg.protocol == TCP and seg.is_fin_or_rst:
+                    # Only a route's one conversation can be told from a FIN
+                    # here; shared routes close from the listener's side.
+                    table.mark_closing(conv.binding, now)
+                self.counters.rewritten += 1
+                return with_ports(data, seg, route.alias_port, route.listener_port)
+        if not seg.starts_conversation:
+            # Mid-stream packet of a conversation we never diverted.
+            self.counters.passed += 1
+            return None
+
+        divert = self.decide(seg.protocol, seg.dst, seg.dport)
+        if divert is None:
+            self.counters.passed += 1
+            return None
+        # New, or a new SYN on the route's closing conversation: start afresh.
+        conv = table.open(RouteKey(*key), divert.listener_port, now, indev=indev)
+        if conv.binding.client_port != seg.sport:
+            self.counters.port_clashes += 1
+        if self.is_local is not None and not self.is_local(seg.dst):
+            self._answered_from_elsewhere(conv)
+        if seg.protocol == UDP:
+            # A TCP conversation is announced at its SYN/ACK: if the kernel
+            # remaps this one, the listener never answers on this binding,
+            # and the log must not ask conntrack about a port it gave away.
+            self._announce(conv)
+        self.counters.rewritten += 1
+        return with_ports(data, seg, conv.binding.client_port, divert.listener_port)
+
+    def _outgoing(self, data: bytes, now: float) -> bytes | None:
+        seg = parse(data)
+        if type(seg) is not Segment:
+            return self._unfit(seg, seg.reason == "truncated" and self._diverted(data))
+        # A reply: the client is its destination, as the listener knows it.
+        # (A plain tuple: it hashes and compares like the Binding it finds.)
+        binding = (seg.protocol, seg.dst, seg.dport, seg.src)
+        conv = self.table.from_listener_side(binding, now)
+        if conv is None and self._elsewhere:
+            conv = self._from_elsewhere(binding[:3], now)
+        if conv is None:
+            conv = self._learn(seg, binding, seg.dport, now)
+        elif conv.listener_port != seg.sport:
+            conv = None
+        elif conv.closing_since is not None and seg.tcp_flags & (SYN | ACK) == SYN | ACK:
+            # The listener accepts a new connection on a closing binding: the
+            # client reopened it; conntrack says which conversation it is.
+            conv = self._learn(seg, binding, conv.reply_port, now, hint=conv.route[4]) or conv
+        if conv is None:
+            self.counters.passed += 1
+            return None
+        if not conv.announced:
+            self._announce(conv)
+        if seg.protocol == TCP and seg.is_fin_or_rst:
+            # The listener may close (or reset) first.
+            self.table.mark_closing(conv.binding, now)
+        self.counters.rewritten += 1
+        return with_ports(data, seg, conv.route[4], conv.reply_port)
+
+    def _learn(self, seg: Segment, binding: tuple, reply_port: int, now: float,
+               hint: int | None = None) -> Conversation | None:
+        """The conversation behind a reply: ask conntrack for the entry whose
+        reply tuple is local:P -> client:reply_port, for the client's recent
+        original ports P, and bind the one found to its route."""
+        if self.resolve is None:
+            return None
+        unplaced = self._unplaced
+        missed = unplaced.get(binding)
+        if missed is not None and now - missed < UNPLACED_TTL:
+            return None
+        table = self.table
+        ports = table.recent_ports(seg.protocol, seg.dst, seg.src, RESOLVE_TRIES)
+        if hint is not None:
+            ports = [hint, *(p for p in ports if p != hint)]
+        if not ports:
+            return None  # no route of this client: nothing to ask about
+        for port in ports:
+            entry = self.resolve(seg.version, seg.protocol, seg.dst, reply_port, seg.src, port)
+            if entry is None:
+                continue
+            route_key = (seg.protocol, seg.dst, entry.src_port, seg.src, port)
+            route = table.route(route_key)
+            if route is None or route.listener_port != seg.sport:
+                break  # a conversation of the kernel's, not one the worker diverted
+            conv = table.learn(binding, route_key, reply_port, now, original=(entry.dst, entry.dst_port))
+            unplaced.pop(binding, None)
+            if entry.seen_reply:
+                # Conntrack has seen this conversation answered before: one the
+                # table forgot (evicted, or closed but still talking), not new.
+                conv.announced = True
+            elif reply_port != entry.src_port:
+                self.counters.kernel_remaps += 1
+            return conv
+        unplaced[binding] = now
+        unplaced.move_to_end(binding)
+        if len(unplaced) > UNPLACED_MAX:
+            unplaced.popitem(last=False)
+        return None
+
+    def _diverted(self, data: bytes) -> bool:
+        """Is this truncated reply one of a diverted conversation? Then it must
+        not pass unrestored: it would show the client the listener's port."""
+        seg = parse_head(data)
+        return type(seg) is Segment and (seg.protocol, seg.dst, seg.dport, seg.src) in self.table
+
+    def _announce(self, conv: Conversation) -> None:
+        conv.announced = True
+        self.counters.new_conversations += 1
+        if self.on_new is not None:
+            try:
+                self.on_new(conv)
+            except Exception as exc:  # noqa: BLE001 - logging must not cost the packet
+                self.counters.hook_errors += 1
+                self.last_error = exc
+
+    def _answered_from_elsewhere(self, conv: Conversation) -> None:
+        elsewhere = self._elsewhere
+        elsewhere[conv.binding[:3]] = conv.binding
+        if len(elsewhere) > self.table.max_entries:  # bounded like the table: the oldest goes
+            del elsewhere[next(iter(elsewhere))]
+
+    def _from_elsewhere(self, side: tuple, now: float) -> Conversation | None:
+        binding = self._elsewhere.get(side)
+        conv = self.table.get(binding, now) if binding is not None else None
+        if conv is None:
+            self._elsewhere.pop(side, None)  # gone from the table since
+        return conv

@@ -1,0 +1,238 @@
+"""The queue worker: NetfilterQueue in, FixUp in the middle, verdicts out.
+
+One thread serves both queues with select(), so FixUp and the conversation
+table need no lock. NetfilterQueue's own run(block=False) reads until the
+socket is empty, which under a flood is never: one queue would starve the
+other and the tick. So each turn takes at most DRAIN_BOUND packets from each
+ready queue, and the tick (expiry, stats, bound ports) is checked between
+turns. Every packet gets a verdict, whatever happens inside: `accept` (or
+the one `drop` FixUp asks for) in a `finally`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from nftdivert.worker import decide as decide_mod
+from nftdivert.config import Config
+from nftdivert.errors import NftDivertError
+from nftdivert.worker.conversations import Conversation, ConversationTable
+from nftdivert.services.convlog import NewConversation
+from nftdivert.worker.fixup import DROP, FixUp, Resolve
+from nftdivert.worker.packet import TCP, UDP
+
+PROTOCOLS = {"tcp": TCP, "udp": UDP}
+QUEUE_LENGTH = 1024
+# Packets taken from one queue before the other queue and the tick get their
+# turn: a flooded queue delays the other by a few milliseconds of work at
+# most, and one select() serves 64 packets.
+DRAIN_BOUND = 64
+KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    # Raised outside FixUp (reading or setting the payload); FixUp counts its own.
+    verdict_errors: int = 0
+
+
+def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_new=None,
+                is_local: Callable[[bytes], bool] | None = None, resolve: Resolve | None = None) -> FixUp:
+    """The per-packet pipeline for `config`: decide() wired to its listeners and exemptions.
+
+    `is_local(address)`: is it one of this host's unicast addresses (see FixUp).
+    `resolve`: a conntrack lookup by reply tuple (see FixUp)."""
+    listeners = {PROTOCOLS[p]: lst.port for p in PROTOCOLS if (lst := config.default_listener(p))}
+    ranges = {TCP: config.leave_alone.tcp_ports, UDP: config.leave_alone.udp_ports}
+
+    def left_alone(protocol: int, port: int) -> bool:
+        return any(port in r for r in ranges[protocol])
+
+    table = ConversationTable(config.worker.max_conversations, config.worker.tcp_idle,
+                              config.worker.udp_idle, config.worker.close_grace)
+    decide = partial(decide_mod.decide, listeners=listeners, is_bound=is_bound, left_alone=left_alone)
+    return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve)
+
+
+class _BoundedSocket:
+    """What NetfilterQueue.run_socket reads from: the queue's netlink socket,
+    but at most `left` messages (one packet each), then EAGAIN, which ends
+    run_socket's loop as an empty socket would."""
+
+    __slots__ = ("sock", "left")
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.fromfd(fd, socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: ours to close
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "drain bound reached")
+        self.left -= 1
+        return self.sock.recv(size, socket.MSG_DONTWAIT)
+
+    def drain(self, nfq, bound: int) -> bool:
+        """Handle up to `bound` packets; True if the bound was reached (more may wait)."""
+        self.left = bound
+        nfq.run_socket(self)
+        return self.left <= 0
+
+
+def kernel_queue_drops(numbers: dict[str, int], path: Path = KERNEL_QUEUES) -> dict[str, dict[str, int]]:
+    """The kernel's own counters of our queues, in this network namespace:
+    `queue_full` packets found the queue at its length, `socket_full` ones
+    could not be handed to the worker's socket; `waiting` are queued now."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    by_number = {}
+    for line in lines:
+        cols = line.split()
+        if len(cols) >= 7 and cols[0].isdigit():
+            by_number[int(cols[0])] = {"waiting": int(cols[2]), "queue_full": int(cols[5]),
+                                       "socket_full": int(cols[6])}
+    return {key: {"queue": num, **by_number[num]} for key, num in numbers.items() if num in by_number}
+
+
+class Worker:
+    """Binds the two queues and pumps packets until stop() or a signal."""
+
+    def __init__(self, config: Config, fixup: FixUp, *, pcap=None, tick: Callable[[float], None] | None = None,
+                 tick_seconds: float = 1.0) -> None:
+        self.config = config
+        self.fixup = fixup
+        self.pcap = pcap
+        self.tick = tick
+        self.tick_seconds = tick_seconds
+        self.stats = WorkerStats()
+        self._queues: list = []
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_w, False)
+
+    # -- queue callbacks (the hot path) --------------------------------------
+
+    def _incoming(self, pkt) -> None:
+        self._verdict(pkt, True)
+
+    def _outgoing(self, pkt) -> None:
+        self._verdict(pkt, False)
+
+    def _verdict(self, pkt, incoming: bool) -> None:
+        drop = False
+        try:
+            data = pkt.get_payload()
+            now = time.monotonic()
+            new = (self.fixup.incoming(data, now, indev=pkt.indev) if incoming
+                   else self.fixup.outgoing(data, now))
+            if new is DROP:
+                drop = True
+            elif new is not None:
+                pkt.set_payload(new)
+                if self.pcap is not None:
+                    wall = time.time()
+                    self.pcap.write(data, wall)  # as it arrived
+                    self.pcap.write(new, wall)  # as rewritten
+        except Exception:  # noqa: BLE001 - the verdict below must still happen
+            self.stats.verdict_errors += 1
+        finally:
+            if drop:
+                pkt.drop()
+            else:
+                pkt.accept()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Attach to both queues (before the ruleset sends anything there)."""
+        from netfilterqueue import NetfilterQueue
+
+        for key, num, callback in (("incoming", self.config.queue.incoming, self._incoming),
+                                   ("outgoing", self.config.queue.outgoing, self._outgoing)):
+            nfq = NetfilterQueue()
+            with warnings.catch_warnings():
+                # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                try:
+                    nfq.bind(num, callback, max_len=QUEUE_LENGTH)
+                except OSError as exc:
+                    self.unbind()
+                    raise NftDivertError(
+                        f"cannot bind queue.{key} = {num} ({exc}): another program (another "
+                        "nftdivert run?) holds it; stop that, or choose other numbers in [queue]") from None
+            self._queues.append((nfq, _BoundedSocket(nfq.get_fd())))
+
+    def kernel_drops(self) -> dict[str, dict[str, int]]:
+        """Per queue ("incoming", "outgoing"): what the kernel dropped or holds."""
+        return kernel_queue_drops({"incoming": self.config.queue.incoming, "outgoing": self.config.queue.outgoing})
+
+    def unbind(self) -> None:
+        for nfq, reader in self._queues:
+            try:
+                nfq.unbind()
+            except Exception:  # noqa: BLE001 - unbinding the rest matters more
+                pass
+            reader.sock.close()
+        self._queues.clear()
+
+    def close(self) -> None:
+        """Unbind and release the stop pipe; the worker cannot run again."""
+        self.unbind()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """Ask run() to return; safe from a signal handler or another thread."""
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:  # full (a stop is pending anyway) or already closed
+            pass
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        for nfq, reader in self._queues:
+            sel.register(nfq.get_fd(), selectors.EVENT_READ, (nfq, reader))
+        sel.register(self._stop_r, selectors.EVENT_READ, None)
+        next_tick = time.monotonic() + self.tick_seconds
+        busy = False
+        try:
+            while True:
+                # While a queue had more than one turn's worth, poll rather than wait.
+                timeout = 0.0 if busy else max(0.0, next_tick - time.monotonic())
+                busy = False
+                for key, _ in sel.select(timeout):
+                    if key.data is None:
+                        return
+                    nfq, reader = key.data
+                    busy |= reader.drain(nfq, DRAIN_BOUND)  # one turn, then the next queue
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + self.tick_seconds
+                    self.fixup.table.expire(now)
+                    if self.tick is not None:
+                        self.tick(now)
+        finally:
+            sel.close()
+
+
+def new_conversation_event(config: Config, conv: Conversation) -> NewConversation:
+    protocol, client, client_port, local, original_port = conv.route
+    names = {lst.port: lst.name for lst in config.listeners if lst.protocol == ("tcp" if protocol == TCP else "udp")}
+    return NewConversation(
+        wall_time=time.time(), version=4 if len(client) == 4 else 6, protocol=protocol,
+        client=client, client_port=client_port, local=local, original_port=original_port,
+        listener_name=names.get(conv.listener_port, str(conv.listener_port)),
+        listener_port=conv.listener_port, indev=conv.indev, original=conv.original)

@@ -1,0 +1,183 @@
+"""End to end, real kernel, real packets: a client routes through a diverter
+running `nftdivert run`; an internet host behind it must never see the client.
+
+Lab and client programs: tests/lab.py. The queue backend comes from
+NFTDIVERT_TEST_BACKEND (default auto: xt on kernels without the nft queue
+statement, nft on stock kernels); every test works with either.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import lab
+
+pytestmark = pytest.mark.kernel
+
+# The module's diverter config; tests that need another start their own.
+STD = dict(tcp_ports=[2222], hosts=["198.51.100.200/32"])
+
+
+@pytest.fixture
+def div(gw):
+    return gw.ensure(**STD)
+
+
+# ---- 1. the origin scenario ---------------------------------------------------------
+
+def test_origin_scenario_tcp_answered_from_the_address_asked_for(gw, div, tmp_path):
+    gw.assert_origin_scenario(div, tmp_path / "client.pcap")
+
+
+# ---- 2. the counter-proof: the reply fix-up after conntrack breaks it -----------------
+
+_RESTORE_PRIO = re.compile(r"(chain restore_replies \{\n\s*type filter hook output priority )raw( - 1)?;")
+
+
+def _move_xt_rule(ns, chain: str, src: str, dst: str) -> None:
+    """Move nftdivert's tagged iptables-nft rule in `chain` from table `src` to `dst`."""
+    for tool in ("iptables-nft", "ip6tables-nft"):
+        rules = [line for line in ns.run(f"{tool}-save", "-t", src).stdout.splitlines()
+                 if line.startswith(f"-A {chain} ") and "nftdivert:" in line]
+        assert len(rules) == 1, f"{tool} -t {src}: expected one tagged {chain} rule, got {rules}"
+        spec = shlex.split(rules[0])[2:]
+        ns.run(tool, "-t", src, "-D", chain, *spec)
+        ns.run(tool, "-t", dst, "-A", chain, *spec)
+
+
+def _restore_replies_prio(ns) -> int:
+    chains = [o["chain"] for o in lab.nft_json(ns, "list", "chain", "inet", lab.TABLE, "restore_replies")
+              if "chain" in o]
+    return chains[0]["prio"]
+
+
+def test_counterproof_reply_fixup_at_mangle_priority_breaks_the_connection(gw, div, tmp_path):
+    ns = gw.diverter_ns
+    backend = lab.active_backend(ns)
+    normal_prio = _restore_replies_prio(ns)
+    assert normal_prio == {"nft": -300, "xt": -301}[backend]
+
+    text = lab.nftdivert(ns, "render", "-c", str(div.config_path), "--backend", backend).stdout
+    moved, n = _RESTORE_PRIO.subn(lambda m: m[1] + "mangle" + (m[2] or "") + ";", text)
+    assert n == 1, "restore_replies chain header not found in the rendered ruleset"
+    (tmp_path / "mangle.nft").write_text(moved)
+    try:
+        ns.run("nft", "-f", str(tmp_path / "mangle.nft"))
+        if backend == "xt":
+            _move_xt_rule(ns, "OUTPUT", "raw", "mangle")
+        assert _restore_replies_prio(ns) == normal_prio + 150  # mangle (-150) or mangle - 1
+
+        nc, packets = gw.origin_scenario(tmp_path / "broken.pcap")
+        shown = "\n".join(packets)
+        assert not (nc.returncode == 0 and nc.stdout == "fdsa\n"), f"it worked at mangle priority?\n{shown}"
+        parsed = [p for p in map(lab.parse_tcp, packets) if p]
+        wrong_synack = [p for p in parsed if p["flags"] == "S." and p["src"] != ("198.51.100.7", 45678)]
+        client_rst = [p for p in parsed if p["src"][0] == lab.CLIENT4 and "R" in p["flags"]]
+        assert wrong_synack or client_rst, f"neither a misaddressed SYN/ACK nor a client RST:\n{shown}"
+        print(f"\ncounter-proof ({backend}): nc exit {nc.returncode}; "
+              f"{len(wrong_synack)} SYN/ACK from {sorted({p['src'] for p in wrong_synack})}, "
+              f"{len(client_rst)} RST from the client")
+    finally:
+        lab.nftdivert(ns, "apply", "-c", str(div.config_path))
+
+    assert _restore_replies_prio(ns) == normal_prio
+    if backend == "xt":
+        tagged = [line for line in lab.xt_save(ns).splitlines() if "nftdivert:" in line]
+        assert len(tagged) == 4, tagged  # mangle INPUT + raw OUTPUT, per family
+    assert div.alive()
+    gw.assert_origin_scenario(div, tmp_path / "restored.pcap")
+
+
+# ---- 3. UDP, IPv6, ICMP ------------------------------------------------------------
+
+def test_udp_round_trip_answered_from_the_address_asked_for(gw, div):
+    r = gw.udp("198.51.100.23", 5353, "udp-hello-5353")
+    assert r["ok"], r
+    assert r["reply"] == "udp-hello-5353" and r["source"] == ["198.51.100.23", 5353], r
+    rec = div.wait_log(lambda x: x["client"] == f"{lab.CLIENT4}:{r['local'][1]}")
+    assert rec["protocol"] == "udp" and rec["original_destination"] == "198.51.100.23:5353", rec
+    assert rec["listener"] == "udp-echo" and rec["interface"] == lab.DIV_CLIENT_IF, rec
+
+
+def test_ipv6_tcp_round_trip(gw, div):
+    r = gw.tcp("2001:db8:ffff::7", 45678, "tcp6-hello")
+    assert r["ok"] and r["reply"] == "tcp6-hello", r
+    assert r["peer"] == ["2001:db8:ffff::7", 45678], r
+    rec = div.wait_log(lambda x: x["client"] == f"[{lab.CLIENT6}]:{r['local'][1]}")
+    assert rec["protocol"] == "tcp" and rec["original_destination"] == "[2001:db8:ffff::7]:45678", rec
+
+
+def test_ipv6_udp_round_trip(gw, div):
+    r = gw.udp("2001:db8:ffff::7", 45678, "udp6-hello")
+    assert r["ok"], r
+    assert r["reply"] == "udp6-hello" and r["source"] == ["2001:db8:ffff::7", 45678], r
+    rec = div.wait_log(lambda x: x["client"] == f"[{lab.CLIENT6}]:{r['local'][1]}")
+    assert rec["protocol"] == "udp" and rec["original_destination"] == "[2001:db8:ffff::7]:45678", rec
+
+
+@pytest.mark.parametrize("addr", ["198.51.100.99", "2001:db8:ffff::99"])
+def test_icmp_echo_answered(gw, div, addr):
+    proc = gw.client.run("ping", "-c1", "-W2", addr, check=False, timeout=15)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"from {addr}" in proc.stdout, proc.stdout
+
+
+# ---- 4. a bound port reaches its own socket ------------------------------------------
+
+def test_bound_port_reaches_its_own_listener_untouched(gw, div):
+    server = lab.serve_tcp(gw.diverter_ns, 8080, "own-8080")
+    try:
+        lab.wait_bound_set(gw.diverter_ns, "tcp", 8080)
+        r = gw.tcp("198.51.100.8", 8080, "not-an-echo")
+        assert r["ok"] and r["reply"] == "own-8080", r
+        assert r["peer"] == ["198.51.100.8", 8080], r
+        lines = gw.log_barrier(div)
+        assert not [x for x in lines if x["original_destination"].endswith(":8080")], lines
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+
+
+# ---- 5. left alone ------------------------------------------------------------------
+
+def test_left_alone_ports_and_hosts_are_not_answered_and_do_not_leak(gw, div):
+    targets = [("198.51.100.9", 2222), ("198.51.100.200", 45678)]
+    with ThreadPoolExecutor(len(targets)) as pool:
+        results = list(pool.map(lambda t: gw.tcp(t[0], t[1], "leave-me", timeout=2), targets))
+    for (host, port), r in zip(targets, results):
+        assert not r["ok"], f"{host}:{port} was answered: {r}"
+        assert "timed out" in r["error"], f"{host}:{port}: {r}"
+    lines = gw.log_barrier(div)
+    assert not [x for x in lines if x["original_destination"] in ("198.51.100.9:2222", "198.51.100.200:45678")]
+    gw.assert_no_leaks()
+
+
+# ---- 9. status ----------------------------------------------------------------------
+
+def test_status_shows_table_backend_and_worker_counters(gw, div):
+    r = gw.udp("198.51.100.24", 4242, "status-traffic")
+    assert r["ok"], r
+    backend = lab.active_backend(gw.diverter_ns)
+    if lab.BACKEND != "auto":
+        assert backend == lab.BACKEND
+
+    def worker_line():
+        out = lab.nftdivert(gw.diverter_ns, "status").stdout
+        m = re.search(r"worker: pid (\d+): packets seen (\d+)", out)
+        return (out, m) if m and int(m[2]) > 0 else None
+
+    out = lab.nftdivert(gw.diverter_ns, "status").stdout
+    assert f"table inet {lab.TABLE}: loaded, queue backend {backend}" in out, out
+    for chain in ("divert_incoming", "restore_replies", "contain"):
+        assert chain in out, out
+    if "worker: none running" in out and not lab.stats_writable():
+        pytest.skip("/run is not writable here: the worker cannot publish its counters")
+    out, m = lab.wait_for(worker_line, 10, "the worker's counters in `nftdivert status`",
+                          detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
+    assert int(m[1]) == div.proc.pid, out
+    assert "new-conversation hook errors 0, log lines " in out and "(dropped 0, failed 0)" in out, out
+    print(f"\nstatus: {out.splitlines()[-1].strip()}")

@@ -1,0 +1,166 @@
+"""End to end, when things go wrong: stopping, crashing, restarting, and what
+diverted traffic meets while no worker runs (fail closed: nothing; fail open:
+the kernel's own answer). The internet host must see nothing throughout."""
+
+from __future__ import annotations
+
+import pytest
+
+import lab
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def own_8080(gw):
+    server = lab.serve_tcp(gw.diverter_ns, 8080, "own-8080")
+    yield server
+    server.kill()
+    server.wait(timeout=5)
+
+
+def _expected_xt_rules(backend: str) -> int:
+    return {"xt": 4, "nft": 0}[backend]  # mangle INPUT + raw OUTPUT, per family
+
+
+def test_sigterm_leaves_nothing(gw):
+    div = gw.ensure()
+    r = gw.udp("198.51.100.30", 3000, "before-sigterm")
+    assert r["ok"], r
+    assert lab.queue_bindings(gw.diverter_ns), "the worker's queues are not bound?"
+    pid = div.proc.pid
+    gw.stop()  # SIGTERM; exit 0; no table, ruleset, xt rule, queue binding, process
+    assert pid not in gw.diverter_ns.pids()
+    assert "stopping: removing the ruleset" in div.stderr(), div.stderr()
+
+
+def test_kill9_then_run_again_replaces_the_stale_table(gw, tmp_path):
+    div = gw.ensure()
+    backend = lab.active_backend(gw.diverter_ns)
+    stale = lab.table_handle(gw.diverter_ns)
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) == stale, "kill -9 cannot have removed the table"
+    assert lab.queue_bindings(gw.diverter_ns) == [], "a dead worker's queues are unbound by the kernel"
+
+    fresh = gw.start_over_stale()
+    assert lab.table_handle(gw.diverter_ns) != stale
+    assert len(lab.nfqueue_rules(gw.diverter_ns)) == _expected_xt_rules(backend), lab.nfqueue_rules(gw.diverter_ns)
+    gw.assert_origin_scenario(fresh, tmp_path / "client.pcap")
+
+
+def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
+    div = gw.ensure()
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) is not None
+    tcp = gw.tcp("198.51.100.7", 45678, "nobody-home", timeout=2)
+    assert not tcp["ok"] and "timed out" in tcp["error"], tcp
+    udp = gw.udp("198.51.100.7", 45678, "nobody-home", timeout=1)
+    assert not udp["ok"], udp
+    gw.assert_no_leaks()
+    gw.stop()  # nftdivert remove: the stale table and xt rules go
+    assert lab.table_handle(gw.diverter_ns) is None
+
+
+def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
+    div = gw.ensure(fail="open")
+    lab.wait_bound_set(gw.diverter_ns, "tcp", 8080)
+    div.kill()
+    assert lab.table_handle(gw.diverter_ns) is not None
+
+    refused = gw.tcp("198.51.100.7", 45678, "unbound", timeout=3)
+    assert not refused["ok"] and "ConnectionRefusedError" in refused["error"], refused
+    assert refused["seconds"] < 1.5, f"not an immediate RST: {refused}"
+    own = gw.tcp("198.51.100.8", 8080, "bound")
+    assert own["ok"] and own["reply"] == "own-8080" and own["peer"] == ["198.51.100.8", 8080], own
+    gw.assert_no_leaks()
+    gw.stop()
+    assert lab.table_handle(gw.diverter_ns) is None
+
+
+def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw, tmp_path):
+    gw.ensure()
+    first = lab.table_handle(gw.diverter_ns)
+    cfg = tmp_path / "second.toml"
+    cfg.write_text(f'table = "second"\n[queue]\nbackend = "{lab.BACKEND}"\n'
+                   '[[listeners]]\nname = "t"\nprotocol = "tcp"\nport = 2000\n')
+    proc = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot bind queue.incoming = 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert lab.table_handle(gw.diverter_ns, "second") is None
+    assert lab.table_handle(gw.diverter_ns) == first
+    assert gw.tcp("198.51.100.7", 45678, "still-here")["reply"] == "still-here"
+
+
+# ---- one table, one owner ---------------------------------------------------------------
+
+OTHER = ('[queue]\nbackend = "{backend}"\nincoming = 10\noutgoing = 11\n'
+         '[[listeners]]\nname = "tcp-other"\nprotocol = "tcp"\nport = 2337\n'
+         '[[listeners]]\nname = "udp-other"\nprotocol = "udp"\nport = 2337\n')
+
+
+def test_a_second_run_for_a_live_runs_table_is_refused_and_the_first_keeps_it(gw, tmp_path):
+    first = gw.ensure()
+    handle = lab.table_handle(gw.diverter_ns)
+    mine = f"worker: pid {first.proc.pid}:"
+    lab.wait_for(lambda: mine in lab.nftdivert(gw.diverter_ns, "status").stdout, 30, "the first run's counters")
+    cfg = tmp_path / "other.toml"
+    cfg.write_text(OTHER.format(backend=lab.BACKEND))
+
+    second = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False, timeout=30)
+    assert second.returncode == 1, second.stderr
+    assert "Traceback" not in second.stderr
+    assert (f"table inet {lab.TABLE} is owned by nftdivert run (pid {first.proc.pid}) "
+            "in this network namespace") in second.stderr, second.stderr
+    # apply with another ruleset is refused the same way; with the run's own, it reloads.
+    applied = lab.nftdivert(gw.diverter_ns, "apply", "-c", str(cfg), check=False)
+    assert applied.returncode == 1 and f"pid {first.proc.pid}" in applied.stderr, applied.stderr
+    assert lab.table_handle(gw.diverter_ns) == handle
+
+    assert not lab.port_bound(gw.diverter_ns, "tcp", 2337)
+    assert mine in lab.nftdivert(gw.diverter_ns, "status").stdout  # its status file is still its own
+    r = gw.tcp("198.51.100.7", 45678, "still-diverted")
+    assert r["ok"] and r["reply"] == "still-diverted", r
+    lab.nftdivert(gw.diverter_ns, "apply", "-c", str(first.config_path))
+    r = gw.tcp("198.51.100.7", 45679, "after-reapply")
+    assert r["ok"] and r["reply"] == "after-reapply", r
+    gw.stop()  # the first stops cleanly: its containment stays, `remove` then leaves nothing
+    gw.assert_no_leaks()
+
+
+# ---- after a clean stop -----------------------------------------------------------------
+
+def test_a_clean_stop_keeps_containment_until_remove(gw, tmp_path):
+    div = gw.ensure()
+    div.stop_and_check()  # exit 0; the table holds the containment chain alone
+    assert "containment stays: table inet nftdivert" in div.stderr(), div.stderr()
+    gw.div = None
+    ns = gw.diverter_ns
+
+    status = lab.nftdivert(ns, "status")
+    assert f"table inet {lab.TABLE}: contained, no worker" in status.stdout, status.stdout
+    assert "worker: none running" in status.stdout
+    assert lab.nftdivert(ns, "diff", "-c", str(div.config_path), "--after-stop").returncode == 0
+    drift = lab.nftdivert(ns, "diff", "-c", str(div.config_path), check=False)
+    assert drift.returncode == 1 and "compare with --after-stop" in drift.stderr, drift.stderr
+    rendered = lab.nftdivert(ns, "render", "-c", str(div.config_path), "--after-stop").stdout
+    assert "chain contain {" in rendered and "divert_incoming" not in rendered
+
+    # The gateway still forwards nothing: nothing answers, nothing reaches the host behind.
+    probes = [gw.udp("198.51.100.77", 9999, "after-stop", timeout=1),
+              gw.tcp("198.51.100.77", 45678, "after-stop", timeout=1), gw.tcp(lab.INET4, 22, "x", timeout=1)]
+    assert not any(p["ok"] for p in probes), probes
+    gw.assert_no_leaks()
+
+    removed = lab.nftdivert(ns, "remove").stdout
+    assert f"removed table inet {lab.TABLE}" in removed
+    lab.assert_clean(ns)
+
+
+def test_a_clean_stop_with_after_stop_remove_leaves_nothing(gw):
+    div = gw.ensure(after_stop="remove")
+    pid = div.proc.pid
+    assert div.stop() == 0, div.stderr()
+    gw.div = None
+    assert pid not in gw.diverter_ns.pids()
+    lab.assert_clean(gw.diverter_ns)
+    assert "containment stays" not in div.stderr()

@@ -1,0 +1,127 @@
+"""End to end, real kernel, real packets: what a hostile or merely odd client
+meets. The diverter must not give itself away: a port is bound only for the
+family and address a conversation would reach, and odd packets (IPv4
+options, IPv6 extension headers, an urgent byte, an empty or broadcast
+datagram) get the answer an ordinary one gets.
+
+Lab and client programs: tests/lab.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import lab
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def div(gw):
+    return gw.ensure()
+
+
+def _serve(ns, servers):
+    procs = []
+    try:
+        for bind, port in servers:
+            procs.append(lab.serve_tcp(ns, port, f"own-{bind}-{port}", bind=bind))
+    except BaseException:
+        _stop(procs)
+        raise
+    return procs
+
+
+def _stop(procs):
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+# ---- bound ports: only for the family and address a conversation reaches ----------------
+
+def test_loopback_services_do_not_make_a_port_bound_for_gateway_clients(gw, div):
+    ns = gw.diverter_ns
+    procs = _serve(ns, [("127.0.0.1", 9000), ("::1", 9001)])
+    try:
+        # The kernel knows them, each for its own address only.
+        lab.wait_bound_set(ns, "tcp", 9000, address="127.0.0.1")
+        lab.wait_bound_set(ns, "tcp", 9001, address="::1")
+        assert not [e for e in lab.bound_elements(ns, "tcp", 4) if e[1] in (9000, 9001) and e[0] != "127.0.0.1"]
+        assert not [e for e in lab.bound_elements(ns, "tcp", 6) if e[1] in (9000, 9001) and e[0] != "::1"]
+        for host, port in (("198.51.100.7", 9000), ("2001:db8::7", 9001)):
+            r = gw.tcp(host, port, f"echo-{port}")
+            assert r["ok"] and r["reply"] == f"echo-{port}", f"{host}:{port}: {r}"  # the default listener's echo
+            assert r["peer"] == [host, port], r
+        lines = gw.log_barrier(div)
+        got = {x["original_destination"] for x in lines}
+        assert {"198.51.100.7:9000", "[2001:db8::7]:9001"} <= got, lines
+    finally:
+        _stop(procs)
+
+
+def test_an_ipv4_only_service_leaves_ipv6_clients_diverted(gw, div):
+    ns = gw.diverter_ns
+    procs = _serve(ns, [("0.0.0.0", 8000)])
+    try:
+        lab.wait_bound_set(ns, "tcp", 8000, address="0.0.0.0/0")
+        assert not [e for e in lab.bound_elements(ns, "tcp", 6) if e[1] == 8000]
+        v4 = gw.tcp("198.51.100.8", 8000, "to-the-service")
+        assert v4["ok"] and v4["reply"] == "own-0.0.0.0-8000", v4  # bound for IPv4: its own socket
+        v6 = gw.tcp("2001:db8::8", 8000, "echo-v6-8000")
+        assert v6["ok"] and v6["reply"] == "echo-v6-8000", v6  # not for IPv6: the default listener
+        assert v6["peer"] == ["2001:db8::8", 8000], v6
+    finally:
+        _stop(procs)
+
+
+# ---- answers that do not give the diverter away ----------------------------------------
+
+# Options that change nothing on the way: IPv4 NOP, NOP, NOP, end of list;
+# an IPv6 options header of one PadN option (its next-header byte is the kernel's to set).
+IPV4_OPTIONS = "01010100"
+IPV6_OPTIONS = "0000010400000000"
+
+
+def test_an_empty_udp_datagram_is_echoed(gw, div):
+    for host in ("198.51.100.31", "2001:db8::31"):
+        port = gw.fresh_port()
+        r = gw.udp(host, port, "")
+        assert r["ok"] and r["reply"] == "", f"{host}: {r}"
+        assert r["source"] == [host, port], r
+
+
+def test_a_broadcast_datagram_is_answered_from_the_port_asked_for(gw, div):
+    # To the client link's broadcast address: the diverter itself receives it
+    # (no NAT: it is already ours) and answers from its own address, as a
+    # service there would, but from the port the client asked for.
+    port = gw.fresh_port()
+    r = gw.client_run("udp", "192.0.2.255", str(port), "to-everyone", "--broadcast")
+    assert r["ok"] and r["reply"] == "to-everyone", r
+    assert r["source"] == [lab.DIV_CLIENT4, port], r
+
+
+def test_an_ipv6_all_nodes_datagram_is_answered_from_the_port_asked_for(gw, div):
+    # Link-scope multicast: answered from the diverter's link-local address.
+    port = gw.fresh_port()
+    r = gw.client_run("udp", "ff02::1%eth0", str(port), "to-all-nodes")
+    assert r["ok"] and r["reply"] == "to-all-nodes", r
+    assert r["source"][0].startswith("fe80:") and r["source"][1] == port, r
+
+
+@pytest.mark.parametrize(("host", "option"), [
+    ("198.51.100.32", ["--ipopts", IPV4_OPTIONS]),
+    ("2001:db8::32", ["--hopopts", IPV6_OPTIONS]),
+    ("2001:db8::33", ["--dstopts", IPV6_OPTIONS]),
+], ids=["ipv4-options", "ipv6-hop-by-hop", "ipv6-destination-options"])
+def test_packets_with_ip_options_or_extension_headers_are_answered(gw, div, host, option):
+    port = gw.fresh_port()
+    t = gw.client_run("tcp", host, str(port), "with-options", "--timeout", "3", *option)
+    assert t["ok"] and t["reply"] == "with-options" and t["peer"] == [host, port], t
+    u = gw.client_run("udp", host, str(port), "with-options", "--timeout", "3", *option)
+    assert u["ok"] and u["reply"] == "with-options" and u["source"] == [host, port], u
+
+
+def test_the_tcp_urgent_byte_is_echoed_in_place(gw, div):
+    r = gw.client_run("tcp", "198.51.100.34", str(gw.fresh_port()), "before!after", "--urgent", "6")
+    assert r["ok"] and r["reply"] == "before!after", r
