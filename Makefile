@@ -55,7 +55,7 @@ test: venv
 # No hypothesis plugin: none of these tests uses it, and loading it takes 40 s
 # under emulation.
 VM_TEST_FILES = $(sort $(wildcard tests/e2e/test_e2e*.py) $(shell grep -rl --include='test_*.py' 'mark\.vm' tests))
-VM_TIMEOUT ?= 1200
+VM_TIMEOUT ?= 2700
 test-kernel: venv
 	$(PY) tests/vm/vmrun --ensure
 	@# A failure inside the VM must fail the tier: prove vmrun passes it on.

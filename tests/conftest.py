@@ -7,7 +7,8 @@ Markers: `kernel` (root and a real kernel), `slow`, `load`, and `vm`. The VM
 tier (`make test-kernel`) runs `-m vm`: what needs a stock kernel with the
 native nft queue. The rule: every test in an end-to-end module
 (tests/e2e/test_e2e*.py) is `vm` unless it is marked `load` or `slow` (under
-emulation a load test only stresses qemu); other tests join by a `vm` mark of their own
+emulation a load test only stresses qemu) or `any_backend` (what it proves does
+not depend on the queue backend, e.g. DNS answers); other tests join by a `vm` mark of their own
 (the kernel's read-back of native rulesets). So a new end-to-end test runs in
 the VM without further ado.
 """
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 MARKERS = {
     "vm": "needs a stock kernel's native nft queue: runs in the VM tier (make test-kernel)",
+    "any_backend": "end to end, but the queue backend plays no part: the host tier covers it, not the VM",
     "load": "an end-to-end load test: stays on the host, out of the VM tier",
 }
 
@@ -47,7 +49,7 @@ def pytest_sessionstart(session):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name.startswith("test_e2e") and not {"load", "slow"} & set(item.keywords):
+        if item.path.name.startswith("test_e2e") and not {"load", "slow", "any_backend"} & set(item.keywords):
             item.add_marker(pytest.mark.vm)
     if os.geteuid() == 0:
         return
