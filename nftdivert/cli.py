@@ -9,7 +9,7 @@ import click
 
 from nftdivert import config as config_mod
 from nftdivert import __version__, errors
-from nftdivert.ruleset import engine, owner
+from nftdivert.ruleset import engine, keywords, owner
 from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
 from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
@@ -17,9 +17,10 @@ CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded 
                "built-in echo listeners on TCP and UDP 1337, fail-closed, containment on.")
 
 
-def _config(path: str | None) -> config_mod.Config:
+def _config(path: str | None, *, kernel: bool = True) -> config_mod.Config:
+    """The config, its table name checked; kernel=False: without libnftables (render)."""
     cfg = config_mod.load(path)
-    check_table_name(cfg.table)
+    (check_table_name if kernel else keywords.check_table_name)(cfg.table)
     return cfg
 
 
@@ -83,7 +84,7 @@ def render(config_path: str | None, backend: str | None, after_stop: bool) -> No
     """
     from nftdivert.ruleset import model, render as render_mod
 
-    cfg = _config(config_path)
+    cfg = _config(config_path, kernel=False)
     if not after_stop:
         click.echo(render_mod.render_for(cfg, backend), nl=False)
         return

@@ -8,6 +8,7 @@ import tempfile
 from typing import Any
 
 from nftdivert.config import check_table_name as _check_table_syntax
+from nftdivert.ruleset import keywords
 from nftdivert.errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
 
@@ -138,18 +139,20 @@ def _short_line(line: str) -> str:
 
 
 def check_table_name(table: object, key: str = "table") -> None:
-    """Every table name from the user passes here: the config's syntax rule, then nft's keywords."""
-    _check_table_syntax(key, table)
+    """Every table name from the user passes here on its way to the kernel: the
+    config's syntax rule and the listed keywords, then the installed parser
+    (a newer nft may know words the list does not)."""
+    keywords.check_table_name(table, key)
     if is_reserved_word(table):  # type: ignore[arg-type]
-        raise ConfigError(key, table, "nft reads this name as a keyword; choose another")
+        raise ConfigError(key, table, keywords.KEYWORD_REASON)
 
 
 def is_reserved_word(name: str) -> bool:
     """Whether nft's parser takes `name` for a keyword (`drop`, `counter`, ...).
 
-    nft cannot quote a table name, and its keyword list is long and grows
-    with each release, so ask the parser itself: a dry run that fails on
-    syntax never reaches the kernel, so this works unprivileged too.
+    nft cannot quote a table name, and its keyword list grows with each
+    release, so ask the parser itself: a dry run that fails on syntax never
+    reaches the kernel, so this works unprivileged too.
     """
     ctx = _library().Nftables()
     ctx.set_dry_run(True)
