@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,10 +63,15 @@ QUIET_SYSCTLS = ("accept_ra=0", "autoconf=0", "router_solicitations=0", "accept_
 
 
 def _env() -> dict:
-    """For nftdivert_argv(): the checkout first, then the package directories
-    `site` gave this interpreter (the venv's, the system's with `nftables`)."""
+    """For nftdivert_argv(): the standard library, the checkout, then the package
+    directories `site` gave this interpreter (the venv's, the system's with
+    `nftables`). The standard library first, as `site` would order it: every
+    import then finds it at the first place it looks, which saves thousands
+    of stat() calls per process on the VM tier's shared file system."""
+    stdlib = sysconfig.get_path("stdlib")
     packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *packages]))
+    path = [stdlib, os.path.join(stdlib, "lib-dynload"), str(REPO), *packages]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
 
 
 def nftdivert_argv(*args: str) -> list[str]:
