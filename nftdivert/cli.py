@@ -102,13 +102,13 @@ def check(config_path: str | None, ruleset: str | None) -> None:
     changes. As root it checks in this network namespace; otherwise in a user
     and network namespace of its own, where the system allows that. Also says
     which queue backend `auto` would pick. A RULESET must be UTF-8 text of at
-    most 1 MiB.
+    most 1 MiB, with no `include` (nftdivert checks only the text it is given).
     """
     if config_path and ruleset:
         raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
     if ruleset:
         text = config_mod.read_input(ruleset, "RULESET")
-        engine.check_text(text, Nft() if is_root() else None)
+        engine.check_text(text, Nft() if is_root() else None, source=ruleset)
         click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
         return
     cfg = _config(config_path)

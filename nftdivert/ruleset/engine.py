@@ -14,7 +14,7 @@ from nftdivert.ruleset import backends, model, owner, render, scratch
 from nftdivert.services import bound
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import Config
-from nftdivert.ruleset.kernel import Nft
+from nftdivert.ruleset.kernel import Nft, refuse_file_reads
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,14 @@ def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
     return backends.select(config.queue.backend, nft)
 
 
-def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert") -> None:
-    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection."""
+def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> None:
+    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection.
+
+    Text that would make libnftables read other files is refused first (bad input).
+    """
+    refuse_file_reads(text, source)
     if nft is not None:
-        nft.run(text, dry_run=True)
+        nft.run(text, dry_run=True, source=source)
     else:  # not root: a user + network namespace of our own
         scratch.run("check", text, table)
 
