@@ -127,6 +127,8 @@ def apply(config_path: str | None) -> None:
     Replaces only nftdivert's own table (other tables, Docker's and
     firewalld's included, stay untouched). If the kernel rejects the new
     ruleset, the previous one stays in force and the error names the line.
+    If a step after the commit fails (the xt backend's iptables rules), what
+    this apply added is taken back: the previous table returns, or ours goes.
     Without a running worker, diverted packets are dropped (fail-closed) or
     passed (fail-open); `nftdivert run` applies and runs the worker in one go.
     A table that a running `nftdivert run` owns is only loaded again with

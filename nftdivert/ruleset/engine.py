@@ -14,7 +14,8 @@ from nftdivert.ruleset import backends, model, owner, render, scratch
 from nftdivert.services import bound
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import Config
-from nftdivert.ruleset.kernel import Nft, refuse_file_reads
+from nftdivert.errors import KernelError, NftDivertError, clip
+from nftdivert.ruleset.kernel import Nft, refuse_file_reads, table_ref
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,49 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied
         owner.check_apply(rs.table, text)
     else:
         claim.record(text)
+    previous = nft.list_table(rs.table, stateless=False)
+    previous_xt = _xt_rules_if_readable(rs.table, nft)
     nft.run(text + bound.set_commands(rs.table, bound.read()))
-    backend.install(rs)
-    # A table of ours from another backend leaves its rules behind otherwise.
-    for other in backends.BACKENDS.values():
-        if other is not type(backend):
-            other(nft).remove(rs.table)
+    try:
+        backend.install(rs)
+        # A table of ours from another backend leaves its rules behind otherwise.
+        for other in backends.BACKENDS.values():
+            if other is not type(backend):
+                other(nft).remove(rs.table)
+    except (NftDivertError, OSError) as exc:
+        raise _take_back(rs.table, previous, previous_xt, nft, exc) from None
     return Applied(rs.table, backend.name, reason, rs)
+
+
+def _xt_rules_if_readable(table: str, nft: Nft) -> list[str] | None:
+    """Our xt rules now; None without iptables (then an apply cannot add any either)."""
+    try:
+        return backends.XtQueue(nft).installed(table)
+    except KernelError:
+        return None
+
+
+def _take_back(table: str, previous: str | None, previous_xt: list[str] | None, nft: Nft,
+               exc: Exception) -> KernelError:
+    """Undo an apply that failed after its commit: the table as it was (or none), our xt rules as they were.
+
+    Otherwise the new table would stay, marking packets that no rule queues.
+    """
+    try:
+        if previous is None:
+            if nft.has_table(table):
+                nft.delete_table(table)
+            done = "removed"
+        else:
+            nft.run(f"table {table_ref(table)}\ndelete table {table_ref(table)}\n{previous}", source="previous table")
+            done = "the previous table is restored"
+        if previous_xt is not None:
+            backends.XtQueue(nft).restore(table, previous_xt)
+    except (NftDivertError, OSError) as undo:
+        return KernelError(clip(f"apply of table inet {table} failed after the kernel loaded it ({exc}), "
+                                f"and taking it back failed too: {undo}"))
+    return KernelError(clip(f"apply of table inet {table} failed after the kernel loaded it, "
+                            f"so it was taken back ({done}): {exc}"))
 
 
 def remove(table: str, nft: Nft) -> list[str]:
