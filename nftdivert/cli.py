@@ -212,6 +212,9 @@ def status(table: str, config_path: str | None) -> None:
     for ch in st.chains:
         click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
+    if st.admission:
+        click.echo("  admission: dropped " + ", ".join(f"{p} {n}" for p, n in sorted(st.admission.items()))
+                   + " new conversations over their client's share (queue.new_*_per_source)")
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
     from nftdivert import runner

@@ -149,9 +149,9 @@ def after_stop(config: Config, nft: Nft) -> bool:
     return True
 
 
-# The bound-port sets change at run time by design: never drift.
+# The bound-port and admission sets change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\tset bound_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\tset (?:bound|admit)_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:
@@ -207,6 +207,8 @@ class Status:
     chains: tuple[ChainStatus, ...] = ()
     xt_rules: tuple[str, ...] = ()
     sets: dict[str, int] = field(default_factory=dict)
+    # protocol -> new conversations admission control dropped before the queue
+    admission: dict[str, int] = field(default_factory=dict)
 
     @property
     def contained(self) -> bool:
@@ -227,7 +229,7 @@ def status(table: str, nft: Nft) -> Status:
         if not rule:
             continue
         for expr in rule["expr"]:
-            if "counter" in expr:
+            if isinstance(expr.get("counter"), dict):  # a named one is {"counter": "name"}: counted below
                 packets[rule["chain"]] += expr["counter"]["packets"]
             queued_natively |= "queue" in expr
     sets = {o["set"]["name"]: len(o["set"].get("elem", [])) for o in objects if "set" in o}
@@ -236,4 +238,15 @@ def status(table: str, nft: Nft) -> Status:
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
-        xt_rules=xt, sets=sets)
+        xt_rules=xt, sets=sets, admission=_admission(objects))
+
+
+def _admission(objects: list[dict]) -> dict[str, int]:
+    prefix = "admission_"
+    return {o["counter"]["name"][len(prefix):]: o["counter"]["packets"]
+            for o in objects if "counter" in o and o["counter"]["name"].startswith(prefix)}
+
+
+def admission_drops(table: str, nft: Nft) -> dict[str, int]:
+    """protocol -> new conversations dropped by admission control so far ({} without the table)."""
+    return _admission(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}))
