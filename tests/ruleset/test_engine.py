@@ -377,6 +377,13 @@ def test_diff_lifecycle(cli):
     cli.nft("add", "element", "inet", "nftdivert", "bound_udp_v6", "{ ::1 . 53, ::/0 . 4445 }")
     proc = cli("diff", "-c", cfg)
     assert proc.returncode == 0, proc.stdout
+    # So do the admission sets (each client address with its token bucket) and counters.
+    cli.nft("add", "element", "inet", "nftdivert", "admit_tcp_v4",
+            "{ 192.0.2.9 limit rate over 1000/second burst 500 packets, 192.0.2.10 }")
+    cli.nft("add", "element", "inet", "nftdivert", "admit_udp_v6", "{ 2001:db8::9 }")
+    assert "192.0.2.9 limit rate over" in cli.nft("list", "set", "inet", "nftdivert", "admit_tcp_v4")
+    proc = cli("diff", "-c", cfg)
+    assert proc.returncode == 0, proc.stdout
 
     # ...but left-alone sets are config, so a hand-made element is drift.
     cli.nft("add", "element", "inet", "nftdivert", "leave_alone_tcp_ports", "{ 4444 }")
@@ -537,6 +544,7 @@ def test_status(cli):
     assert rows["divert_unbound"][0] == "-"
     assert out.count("xt: ipv") == 4
     assert "leave_alone_hosts_v4=0" in out
+    assert "admission: dropped tcp 0, udp 0 new conversations" in out
 
     cli.ok("remove")
     proc = cli("status")
