@@ -152,7 +152,7 @@ class QueueConfig:
     # family) that may enter the incoming queue; the rest are dropped before
     # it, counted, and retransmitted by the client. A flood from one client
     # then cannot fill the queue and starve every other conversation. 0: no limit.
-    new_tcp_per_source: int = 1000
+    new_tcp_per_source: int = 500
     new_udp_per_source: int = 2000
 
     def validate(self, key: str) -> None:

@@ -245,7 +245,7 @@ def test_no_file_and_empty_file_are_the_safe_default(tmp_path):
     assert cfg.ipv4 and cfg.ipv6 and cfg.forward_containment
     assert cfg.queue.fail == "closed" and cfg.queue.backend == "auto"
     assert (cfg.queue.incoming, cfg.queue.outgoing) == (0, 1)
-    assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source) == (1000, 2000)
+    assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source) == (500, 2000)
     assert cfg.default_listener("tcp") == Listener("tcp-echo", "tcp", 1337)
     assert cfg.default_listener("udp") == Listener("udp-echo", "udp", 1337)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import lab
+from nftdivert.config import QueueConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -121,7 +122,7 @@ def _admission_dropped(gw) -> dict[str, int]:
     status = lab.nftdivert(gw.diverter_ns, "status").stdout
     said = re.search(r"admission: dropped tcp (\d+), udp (\d+) new conversations", status)
     assert said, status
-    print(f"admission: {said[0]}")
+    print(said[0])
     return {"tcp": int(said[1]), "udp": int(said[2])}
 
 
@@ -134,8 +135,9 @@ def test_syn_flood_starves_neither_the_replies_nor_the_tick(gw):
     assert result["sent"] == 100000, result
     _check(gw, samples, f"100k SYNs in {result['seconds']:.1f}s", answer_within=1.0)
     # What admission control dropped is reported: all but the client's share
-    # (the default: a burst of 500, then 1000 a second).
-    most_admitted = 500 + 1000 * (result["seconds"] + 1)
+    # (the default: a burst of half a second's worth, then the rate).
+    rate = QueueConfig().new_tcp_per_source
+    most_admitted = rate // 2 + rate * (result["seconds"] + 1)
     assert _admission_dropped(gw)["tcp"] >= 100000 - most_admitted
 
 
@@ -150,5 +152,6 @@ def test_udp_port_scan_from_one_socket(gw):
     _check(gw, samples, f"60k-port UDP scan in {result['seconds']:.1f}s, {result['answers']} answers",
            answer_within=1.0)
     assert result["answers"] > 0, result
-    # A scan at this pace stays within the default share (2000 a second).
-    assert _admission_dropped(gw)["udp"] == 0
+    # A scan at this pace stays within the default share (2000 a second),
+    # but for catch-up bursts of a sender the CPU held back.
+    assert _admission_dropped(gw)["udp"] <= 60000 // 20
