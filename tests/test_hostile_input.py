@@ -251,3 +251,6 @@ def test_no_command_hands_libnftables_an_include():
     with pytest.raises(ConfigError, match="ruleset:2 = "):
         refuse_file_reads('table inet x {\n}; include "/dev/zero"\n', "ruleset")
     refuse_file_reads('table inet x { comment "include"; }  # include "/dev/zero"\n', "ruleset")
+    # Lines are nft's: only a newline ends one (not a carriage return or U+2028).
+    with pytest.raises(ConfigError, match="ruleset:2 = 'include"):
+        refuse_file_reads('# a\rb\u2028c\ninclude "/dev/zero"\n', "ruleset")

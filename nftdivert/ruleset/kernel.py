@@ -122,7 +122,7 @@ def refuse_file_reads(text: str, source: str) -> None:
     found = _INCLUDE.search(code)
     if found:
         number = code.count("\n", 0, found.start()) + 1
-        raise ConfigError(f"{source}:{number}", text.splitlines()[number - 1].strip(),
+        raise ConfigError(f"{source}:{number}", text.split("\n")[number - 1].strip(),
                           "an `include` makes nft read another file; nftdivert checks only the text it is given")
 
 
