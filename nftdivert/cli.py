@@ -103,13 +103,13 @@ def check(config_path: str | None, ruleset: str | None) -> None:
     changes. As root it checks in this network namespace; otherwise in a user
     and network namespace of its own, where the system allows that. Also says
     which queue backend `auto` would pick. A RULESET must be UTF-8 text of at
-    most 1 MiB.
+    most 1 MiB, with no `include` (nftdivert checks only the text it is given).
     """
     if config_path and ruleset:
         raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
     if ruleset:
         text = config_mod.read_input(ruleset, "RULESET")
-        engine.check_text(text, Nft() if is_root() else None)
+        engine.check_text(text, Nft() if is_root() else None, source=ruleset)
         click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
         return
     cfg = _config(config_path)
@@ -128,6 +128,8 @@ def apply(config_path: str | None) -> None:
     Replaces only nftdivert's own table (other tables, Docker's and
     firewalld's included, stay untouched). If the kernel rejects the new
     ruleset, the previous one stays in force and the error names the line.
+    If a step after the commit fails (the xt backend's iptables rules), what
+    this apply added is taken back: the previous table returns, or ours goes.
     Without a running worker, diverted packets are dropped (fail-closed) or
     passed (fail-open); `nftdivert run` applies and runs the worker in one go.
     A table that a running `nftdivert run` owns is only loaded again with
@@ -211,6 +213,9 @@ def status(table: str, config_path: str | None) -> None:
     for ch in st.chains:
         click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
+    if st.admission:
+        click.echo("  admission: dropped " + ", ".join(f"{p} {n}" for p, n in sorted(st.admission.items()))
+                   + " new conversations over their client's share (queue.new_*_per_source)")
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
     from nftdivert import runner

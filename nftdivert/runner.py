@@ -172,7 +172,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
-            _write_stats(statsfile, _snapshot(worker, listeners, log))
+            _write_stats(statsfile, _snapshot(worker, listeners, log, _admission(config.table, nft)))
             if pcap is not None:
                 try:
                     pcap.flush()
@@ -193,13 +193,13 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
-        _write_stats(statsfile, _snapshot(worker, listeners, log))
+        _write_stats(statsfile, _snapshot(worker, listeners, log, _admission(config.table, nft)))
         if on_ready is not None:
             on_ready()
         worker.run()
         warn_once()
         _say("stopping: removing the ruleset, unbinding the queues")
-        final = _snapshot(worker, listeners, log)
+        final = _snapshot(worker, listeners, log, _admission(config.table, nft))  # the table is still loaded
     return final
 
 
@@ -227,7 +227,14 @@ def _leave_table(config: Config, nft: Nft) -> None:
              "nothing is diverted; `nftdivert remove` takes it away")
 
 
-def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog) -> dict:
+def _admission(table: str, nft: Nft) -> dict[str, int]:
+    try:
+        return engine.admission_drops(table, nft)
+    except (KernelError, OSError):
+        return {}  # counters are a courtesy; diverting goes on
+
+
+def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, admission: dict[str, int]) -> dict:
     c = worker.fixup.counters
     return {
         "pid": os.getpid(),
@@ -241,6 +248,7 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog) 
                           "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
         "kernel": worker.kernel_drops(),
+        "admission": admission,
     }
 
 
@@ -273,7 +281,14 @@ def summary(snap: dict) -> str:
             f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
             f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
             f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']})"
-            + _kernel_summary(snap.get("kernel", {})))
+            + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))
+
+
+def _admission_summary(admission: dict[str, int]) -> str:
+    if not admission:
+        return ""
+    return "; admission dropped " + ", ".join(f"{proto} {n}" for proto, n in sorted(admission.items())) + \
+        " new conversations"
 
 
 def _kernel_summary(kernel: dict) -> str:

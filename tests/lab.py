@@ -154,7 +154,7 @@ def build_local_host(netns_mod):
 # ---- the config ------------------------------------------------------------------
 
 def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), udp_ports=(),
-                hosts=(), users=(), after_stop: str = "keep") -> str:
+                hosts=(), users=(), after_stop: str = "keep", new_tcp_per_source: int | None = None) -> str:
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
@@ -163,6 +163,7 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
         "[queue]",
         f'backend = "{BACKEND}"',
         f'fail = "{fail}"',
+        *([f"new_tcp_per_source = {new_tcp_per_source}"] if new_tcp_per_source is not None else []),
         "",
         "[leave_alone]",
         f"tcp_ports = {json.dumps(list(tcp_ports))}",

@@ -13,6 +13,7 @@ import shutil
 PACKAGES = {
     "cat": "coreutils",
     "curl": "curl",
+    "env": "coreutils",
     "grep": "grep",
     "id": "coreutils",
     "ip": "iproute2",

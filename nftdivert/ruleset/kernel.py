@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -36,6 +37,7 @@ class Nft:
         The text goes through a file because libnftables then reports errors
         as `source:line:columns`, which a buffer does not.
         """
+        refuse_file_reads(commands, source)
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".nft", prefix="nftdivert-") as f:
             f.write(commands)
             f.flush()
@@ -101,6 +103,28 @@ def _json_result(rc: int, out: str, err: str) -> list[dict[str, Any]]:
             return []
         raise _kernel_error(err)
     return json.loads(out).get("nftables", []) if out.strip() else []
+
+
+# What nft's scanner reads as text it will not act on: a quoted string (no
+# escapes, may span lines) or a comment to the end of the line. An `include`
+# anywhere else is a token, whatever surrounds it (`;`, a block, a `\`-newline).
+_INERT = re.compile(r'"[^"]*"|#[^\n]*')
+_INCLUDE = re.compile(r"(?<![A-Za-z0-9_])include(?![A-Za-z0-9_])")
+
+
+def refuse_file_reads(text: str, source: str) -> None:
+    """Refuse nft text that would make libnftables read another file: `include`.
+
+    nftdivert never renders one; in a ruleset given to `check` it would read
+    a file the user did not name (`include "/dev/zero"` never ends). Checked
+    before libnftables sees the text. Raises ConfigError naming the line.
+    """
+    code = _INERT.sub(lambda m: re.sub(r"[^\n]", " ", m[0]), text)  # blanked, line numbers kept
+    found = _INCLUDE.search(code)
+    if found:
+        number = code.count("\n", 0, found.start()) + 1
+        raise ConfigError(f"{source}:{number}", text.split("\n")[number - 1].strip(),
+                          "an `include` makes nft read another file; nftdivert checks only the text it is given")
 
 
 def table_ref(table: str) -> str:

@@ -46,6 +46,16 @@ class Ruleset:
     # A clean stop leaves the containment chain loaded (containment_after_stop = "keep").
     contain_after_stop: bool = False
     mss: int = DIVERTED_MSS
+    # Admission: protocol -> new conversations per second per client address (0: no limit).
+    admit: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def admission(self) -> tuple[tuple[str, int, int], ...]:
+        """(protocol, rate, burst) of each limited protocol. The burst, half a
+        second's worth, lets a scanner's batch through without filling the queue.
+        A protocol without a default listener is never queued, so never limited."""
+        queued = {"tcp": self.default_tcp_port is not None, "udp": self.default_udp_port is not None}
+        return tuple((proto, rate, max(rate // 2, 1)) for proto, rate in self.admit if rate and queued[proto])
 
     @property
     def mark_hex(self) -> str:
@@ -60,6 +70,12 @@ class Ruleset:
         # Quoted by hand: validation already refused quotes and backslashes,
         # and JSON-style escaping would change the names the kernel matches.
         return ", ".join(f'"{name}"' for name in self.interfaces)
+
+    @property
+    def admission_keys(self) -> tuple[tuple[str, str, str], ...]:
+        """(set suffix, element type, source address expression) per enabled family."""
+        keys = (("v4", "ipv4_addr", "ip saddr"), ("v6", "ipv6_addr", "ip6 saddr"))
+        return tuple(k for k, on in zip(keys, (self.ipv4, self.ipv6)) if on)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -111,4 +127,5 @@ def build(config: Config, backend: str) -> Ruleset:
             sorted({(len(p.strip("/").split("/")), p.strip("/")) for p in la.cgroups})
         ),
         contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
+        admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
     )
