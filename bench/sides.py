@@ -69,8 +69,11 @@ class NftdivertSide:
 
     def start(self) -> None:
         # The default config, queue backend left to auto; a stop takes containment too,
-        # so the kernel-only side and the check below find nothing of ours.
-        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n')
+        # so the kernel-only side and the check below find nothing of ours. No
+        # admission limit: one client address opens thousands of connections a
+        # second here, and the bench measures the data path, not the share.
+        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
+                            'new_tcp_per_source = 0\nnew_udp_per_source = 0\n')
         argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), "--log", str(self.log), "--log-format", "json"]
         with open(self.err, "wb") as err:
             self.proc = self.topo.divert.popen(*argv, stdout=subprocess.DEVNULL, stderr=err,
