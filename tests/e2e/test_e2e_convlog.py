@@ -11,11 +11,15 @@ the queue backend plays no part in what is proved here.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 
 import pytest
 
 import lab
+import netns
+from conftest import REPO, nftdivert_argv
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
@@ -159,3 +163,42 @@ def test_the_summary_at_exit(observed):
     assert named["name"] == "c2.example", named
     assert rows["198.51.100.35", None, "icmp"]["bytes_received"] == 84
     assert "contacted:" in observed["stderr"] and "c2.example" in observed["stderr"], observed["stderr"]
+
+
+# ---- which process: local mode and the sandbox ---------------------------------------
+
+def _start_of(records: list[dict], destination: str) -> dict:
+    starts = [r for r in records if r.get("event") == "start" and r["original_destination"] == destination]
+    assert len(starts) == 1, records
+    return starts[0]
+
+
+def test_local_mode_names_the_process_that_connected(tmp_path):
+    with lab.local_lab(netns, tmp_path) as (host, div):
+        # `ip netns exec` execs: nc keeps the pid Popen knows. -q1: it stays a second after connecting.
+        nc = host.popen("nc", "-q1", "-w5", "198.51.100.60", "45678", stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            div.wait_log(lambda r: r.get("event") == "start" and r["original_destination"] == "198.51.100.60:45678")
+        finally:
+            nc.wait(timeout=15)
+        start = _start_of(div.log(), "198.51.100.60:45678")
+    assert start["interface"] == "lo" and start["listener"] == "tcp-echo", start
+    assert start["process"] == {"pid": nc.pid, "host_pid": nc.pid, "command": "nc -q1 -w5 198.51.100.60 45678",
+                                "uid": 0}, start
+
+
+def test_the_sandbox_names_the_process_by_the_pid_it_has_inside(tmp_path):
+    pidfile, log = tmp_path / "pid", tmp_path / "log.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID")}  # CMD runs as root
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(nftdivert_argv("sandbox", "--log", str(log), "--log-format", "json", "--", "sh", "-c",
+                                         f"echo $$ > {pidfile}; exec nc -q1 -w5 198.51.100.61 45678 </dev/null"),
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    start = _start_of(records, "198.51.100.61:45678")
+    process = start["process"]
+    assert process["pid"] == int(pidfile.read_text()) and process["pid"] != process["host_pid"], start
+    assert process["command"] == "nc -q1 -w5 198.51.100.61 45678" and process["uid"] == 0, start
+    assert len([r for r in records if r.get("event") == "end" and r["id"] == start["id"]]) == 1, records
