@@ -20,7 +20,9 @@ HOST = "host"  # a service on this host that is not one of nftdivert's listeners
 
 
 def iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    """UTC, to the millisecond (rounded: 0.25 s is not shown as .249 for a float a hair below it)."""
+    seconds, ms = divmod(round(t * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
 
 
 def address(raw: bytes) -> str:
