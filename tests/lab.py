@@ -541,12 +541,13 @@ def parse_tcp(line: str) -> dict | None:
 
 
 def log_barrier(ns, div: Diverter, port: int) -> list[dict]:
-    """All log lines of conversations started so far: the log is written in
-    order, so once a fresh conversation's line is there, earlier ones are too."""
+    """All log lines of conversations started so far, without end records: the
+    log is written in order, so once a fresh conversation's start is there,
+    earlier ones are too."""
     reply = run_client(ns, "udp", "198.51.100.250", str(port), f"barrier-{port}")
     assert reply["ok"], f"barrier datagram not answered: {reply}"
-    div.wait_log(lambda r: r["original_destination"] == f"198.51.100.250:{port}", what="the barrier's log line")
-    return div.log()
+    div.wait_log(lambda r: r.get("original_destination") == f"198.51.100.250:{port}", what="the barrier's log line")
+    return [r for r in div.log() if r.get("event") != "end"]  # one record per conversation: its start
 
 
 def _client(*args: str) -> tuple[list[str], dict]:

@@ -15,8 +15,10 @@ remapped (its reply tuple then names the new port), so the worker asks it
 for replies it cannot place; see `Conntrack.entry`.
 
 Entries are only in the table once confirmed, i.e. after the first packet has
-passed the last netfilter hook. The queue callback runs before that, hence
-the logging thread (convlog) looks up shortly after, and again if need be.
+passed the last netfilter hook. The queue callback runs before that; the
+worker asks only at a listener's reply, by which time the entry is there.
+The conversation log does not look up at all: it reads conntrack's events
+(ctevents.py, built on the helpers here).
 """
 from __future__ import annotations
 
