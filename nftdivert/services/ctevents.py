@@ -22,7 +22,7 @@ from nftdivert.services.conntrack import (
     CTA_ID, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, NETLINK_NETFILTER,
     NFGENMSG, NFNETLINK_V0, NFNL_SUBSYS_CTNETLINK, NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN,
     NLMSGHDR, NLM_F_REQUEST, CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_PROTO_DST_PORT,
-    CTA_PROTO_SRC_PORT, NetlinkFormatError, _align, _nested, _u32, nla, parse_attrs)
+    CTA_PROTO_SRC_PORT, NetlinkFormatError, _align, _nested, _u32, nla, parse_attrs, unsigned)
 
 # linux/netfilter/nfnetlink_compat.h: the multicast groups, as bind() takes them.
 NF_NETLINK_CONNTRACK_NEW = 0x1
@@ -98,12 +98,7 @@ class CtEvent:
 
 
 def _u64(attrs, attr_type: int) -> int:
-    value = attrs.get(attr_type)
-    if value is None:
-        return 0
-    if len(value) != 8:
-        raise NetlinkFormatError(f"attribute {attr_type} of {len(value)} bytes, not 8")
-    return struct.unpack("!Q", value)[0]
+    return unsigned(attrs, attr_type, 8)
 
 
 def _u8(attrs, attr_type: int) -> int:

@@ -83,11 +83,11 @@ class Observer:
         return links.interface_for(client, self._subnets)
 
     def _start(self, ev: CtEvent, received: float) -> None:
+        process = None
+        if self._owners is not None:  # first: the process may be about to close its socket
+            process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         when = convrecords.start_time(ev, received)
         name = self._name_for(ipaddress.ip_address(ev.dst), when) if self._name_for else None
-        process = None
-        if self._owners is not None:
-            process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), name, process)
         self._open[ev.id] = (rec, when)
         self._record(rec)

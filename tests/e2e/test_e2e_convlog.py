@@ -175,30 +175,43 @@ def _start_of(records: list[dict], destination: str) -> dict:
 
 def test_local_mode_names_the_process_that_connected(tmp_path):
     with lab.local_lab(netns, tmp_path) as (host, div):
-        # `ip netns exec` execs: nc keeps the pid Popen knows. -q1: it stays a second after connecting.
-        nc = host.popen("nc", "-q1", "-w5", "198.51.100.60", "45678", stdin=subprocess.DEVNULL,
+        # `ip netns exec` execs: nc keeps the pid Popen knows. It stays connected until its
+        # stdin closes, after the test has seen the start record.
+        nc = host.popen("nc", "-q1", "-w10", "198.51.100.60", "45678", stdin=subprocess.PIPE,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            div.wait_log(lambda r: r.get("event") == "start" and r["original_destination"] == "198.51.100.60:45678")
+            div.wait_log(lambda r: r.get("event") == "start" and r["original_destination"] == "198.51.100.60:45678",
+                         timeout=30)
         finally:
+            nc.stdin.close()
             nc.wait(timeout=15)
         start = _start_of(div.log(), "198.51.100.60:45678")
     assert start["interface"] == "lo" and start["listener"] == "tcp-echo", start
-    assert start["process"] == {"pid": nc.pid, "host_pid": nc.pid, "command": "nc -q1 -w5 198.51.100.60 45678",
+    assert start["process"] == {"pid": nc.pid, "host_pid": nc.pid, "command": "nc -q1 -w10 198.51.100.60 45678",
                                 "uid": 0}, start
 
 
 def test_the_sandbox_names_the_process_by_the_pid_it_has_inside(tmp_path):
-    pidfile, log = tmp_path / "pid", tmp_path / "log.jsonl"
+    pidfile, log, gate = tmp_path / "pid", tmp_path / "log.jsonl", tmp_path / "gate"
+    os.mkfifo(gate)  # nc's stdin: it stays connected until the test has seen its start record
     env = {k: v for k, v in os.environ.items() if k not in ("SUDO_UID", "SUDO_GID")}  # CMD runs as root
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(nftdivert_argv("sandbox", "--log", str(log), "--log-format", "json", "--", "sh", "-c",
-                                         f"echo $$ > {pidfile}; exec nc -q1 -w5 198.51.100.61 45678 </dev/null"),
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.Popen(nftdivert_argv("sandbox", "--log", str(log), "--log-format", "json", "--", "sh", "-c",
+                                           f"echo $$ > {pidfile}; exec nc -q1 -w10 198.51.100.61 45678 <{gate}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with open(gate, "w"):
+            lab.wait_for(lambda: log.exists() and "198.51.100.61:45678" in log.read_text(), 60,
+                         "the start record of nc's conversation")
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
     records = [json.loads(line) for line in log.read_text().splitlines()]
     start = _start_of(records, "198.51.100.61:45678")
     process = start["process"]
     assert process["pid"] == int(pidfile.read_text()) and process["pid"] != process["host_pid"], start
-    assert process["command"] == "nc -q1 -w5 198.51.100.61 45678" and process["uid"] == 0, start
+    assert process["command"] == "nc -q1 -w10 198.51.100.61 45678" and process["uid"] == 0, start
     assert len([r for r in records if r.get("event") == "end" and r["id"] == start["id"]]) == 1, records
