@@ -159,7 +159,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         listeners.on_recycled = log.dns_recycled
 
         ports = _BoundPorts(nft, config.table)
-        observer = seen.start(config, stack, log, ports, listeners.name_for)
+        observer = seen.start(config, stack, log, listeners.name_for)
         fixup = build_fixup(config, ports.is_bound, is_local=ports.is_local, resolve=_conntrack_lookup(stack))
         statsfile = stats_path(config.table)
         warned = False

@@ -37,6 +37,28 @@ def endpoint(raw: bytes, port: int | None) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+def split_endpoint(text: str) -> tuple[str, int | None]:
+    """"[2001:db8::1]:53" -> ("2001:db8::1", 53); an ICMP endpoint has no port."""
+    if text.startswith("["):
+        addr, _, port = text[1:].partition("]:")
+        return addr, int(port)
+    if text.count(":") == 1:
+        addr, _, port = text.partition(":")
+        return addr, int(port)
+    return text, None
+
+
+def named(rec: dict, name: str) -> dict:
+    """The record with `name`, in its place: after the destination (and icmp)."""
+    out = {}
+    for key, value in rec.items():
+        if key in ("listener", "duration") and "name" not in out:
+            out["name"] = name
+        out[key] = value
+    out.setdefault("name", name)
+    return out
+
+
 def _port(ev: CtEvent, port: int) -> int | None:
     return None if ev.icmp is not None else port
 

@@ -8,7 +8,8 @@ from typing import TextIO
 
 from nftdivert.config import Config
 from nftdivert.errors import ConfigError, NftDivertError
-from nftdivert.services import ctsettings, observer as observer_mod
+from nftdivert.services import ctsettings
+from nftdivert.services.observer_process import ObserverProcess
 from nftdivert.services.convlog import ConversationLog
 
 
@@ -32,12 +33,12 @@ class Observation:
             except OSError as exc:
                 raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
 
-    def start(self, config: Config, stack: ExitStack, log: ConversationLog, ports, name_for):
+    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for):
         """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log."""
         try:
-            self.observer = observer_mod.for_config(config, log.put, ports.is_bound, name_for, self.clients_netns)
+            self.observer = ObserverProcess(config, log.put, name_for, self.clients_netns)
         except OSError as exc:
-            raise NftDivertError(f"cannot watch conntrack for the conversation log: {exc}") from None
+            raise NftDivertError(str(exc)) from None
         stack.callback(self.report)  # once the observer has closed: every conversation has its end
         stack.callback(self.observer.close)
         stack.enter_context(ctsettings.accounting())  # after the event socket: it loads conntrack

@@ -1,7 +1,8 @@
 """The conversation observer: conntrack events in, start and end records out.
 
-It watches from the edge: a thread of its own reads conntrack's NEW and
-DESTROY events, so no packet ever waits for it. Only entries with the
+It watches from the edge: a thread of its own (in a process of its own,
+observer_process.py) reads conntrack's NEW and DESTROY events, so no packet
+ever waits for it. Only entries with the
 ruleset's ct mark bit are nftdivert's (every conversation its redirect
 answers); all others are skipped unread. On close it reads what is left,
 and ends every conversation still tracked with an `open` (or `closed`,
@@ -9,7 +10,6 @@ and ends every conversation still tracked with an `open` (or `closed`,
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import select
 import threading
@@ -18,25 +18,23 @@ from typing import Callable
 
 from nftdivert.services import convrecords, ctevents, links
 from nftdivert.services.ctevents import CtEvent, EventSocket
-from nftdivert.services.summary import Summary
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
 
 
 class Observer:
-    """`emit(record)` gets each record (the log); `summary` counts them too.
+    """`emit(record, when)` gets each record and its time as a number.
 
-    context: `listener_for(event) -> (name, port)`, `name_for(address, when)`,
-    and `owners` (procowner.ProcessOwners) in local and sandbox mode.
+    context: `listener_for(event) -> (name, port)`, and `owners`
+    (procowner.ProcessOwners) in local and sandbox mode. The DNS name is
+    added by whoever knows the names (observer_process.py).
     """
 
-    def __init__(self, mark: int, emit: Callable[[dict], None], listener_for, name_for=None, owners=None) -> None:
+    def __init__(self, mark: int, emit: Callable[[dict, float], None], listener_for, owners=None) -> None:
         self.mark = mark
         self._emit = emit
         self._listener_for = listener_for
-        self._name_for = name_for
         self._owners = owners
-        self.summary = Summary()
         self.failed = 0  # events that raised while turned into records
         self.unended = 0  # started, then gone from conntrack without a DESTROY we read
         self._open: dict[int, tuple[dict, float]] = {}  # conntrack id -> (start record, start time)
@@ -87,18 +85,14 @@ class Observer:
         if self._owners is not None:  # first: the process may be about to close its socket
             process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         when = convrecords.start_time(ev, received)
-        name = self._name_for(ipaddress.ip_address(ev.dst), when) if self._name_for else None
-        rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), name, process)
+        rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), process=process)
         self._open[ev.id] = (rec, when)
-        self._record(rec)
+        self._emit(rec, when)
 
     def _end(self, ev: CtEvent) -> None:
         start, started = self._open.pop(ev.id, (None, None))
-        self._record(convrecords.end_record(ev, time.time(), start, started))
-
-    def _record(self, rec: dict) -> None:
-        self.summary.add(rec)
-        self._emit(rec)
+        now = time.time()
+        self._emit(convrecords.end_record(ev, now, start, started), now)
 
     def close(self) -> None:
         """Stop the thread; read what is left; end what conntrack still tracks."""
@@ -125,8 +119,7 @@ class Observer:
 _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
 
 
-def for_config(config, emit: Callable[[dict], None], is_bound, name_for=None,
-               clients_netns: str | None = None) -> Observer:
+def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None) -> Observer:
     """The observer `run` starts: listeners from the config; processes named in
     local mode (this namespace) and in the sandbox (the clients' namespace)."""
     from nftdivert.services.procowner import ProcessOwners
@@ -138,7 +131,7 @@ def for_config(config, emit: Callable[[dict], None], is_bound, name_for=None,
         owners = ProcessOwners(clients_netns)
     try:
         return Observer(config.worker.ct_mark, emit,
-                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), name_for, owners)
+                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners)
     except BaseException:
         if owners is not None:
             owners.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from nftdivert.services.convrecords import split_endpoint
+
 
 @dataclass
 class Row:
@@ -21,24 +23,13 @@ class Row:
     bytes_received: int = 0
 
 
-def _split(destination: str) -> tuple[str, int | None]:
-    """"[2001:db8::1]:53" -> ("2001:db8::1", 53); an ICMP destination has no port."""
-    if destination.startswith("["):
-        addr, _, port = destination[1:].partition("]:")
-        return addr, int(port)
-    if destination.count(":") == 1:
-        addr, _, port = destination.partition(":")
-        return addr, int(port)
-    return destination, None
-
-
 @dataclass
 class Summary:
     rows: dict[tuple, Row] = field(default_factory=dict)
     _started: set[int] = field(default_factory=set)
 
     def _row(self, rec: dict) -> Row:
-        addr, port = _split(rec["original_destination"])
+        addr, port = split_endpoint(rec["original_destination"])
         key = (rec.get("name", ""), addr, port, rec["protocol"])
         if key not in self.rows:
             self.rows[key] = Row(*key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -40,7 +39,7 @@ from nftdivert.services import ctsettings
 from nftdivert.services.observer import Observer
 
 records = []
-obs = Observer(0x200000, records.append, lambda ev: ("echo", 4444))
+obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("echo", 4444))
 with ctsettings.accounting():
     tcp = socket.create_server(("0.0.0.0", 4444))
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
