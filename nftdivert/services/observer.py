@@ -2,9 +2,9 @@
 
 It watches from the edge: a thread of its own (in a process of its own,
 observer_process.py) reads conntrack's NEW and DESTROY events, so no packet
-ever waits for it. Only entries with the
-ruleset's ct mark bit are nftdivert's (every conversation its redirect
-answers); all others are skipped unread. On close it reads what is left,
+ever waits for it. Only entries with the ruleset's ct mark bit are
+nftdivert's (every conversation its redirect answers); all others are
+skipped unread. On close it reads what is left,
 and ends every conversation still tracked with an `open` (or `closed`,
 `reset`) end record from a dump, so each start has its end.
 """
