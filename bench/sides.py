@@ -132,7 +132,7 @@ class NftdivertSide:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("protocol") == "tcp":
+                if rec.get("protocol") == "tcp" and rec.get("event") == "start":
                     log_tcp += 1
                     targets.add(rec.get("original_destination"))
         return {"final": final, "log_tcp_conversations": log_tcp, "log_targets": targets}

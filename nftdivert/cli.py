@@ -224,6 +224,17 @@ def status(table: str, config_path: str | None) -> None:
     click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
 
 
+def _summary_option(_ctx, _param, value: str | None) -> str | None:
+    """A summary file that cannot be written is bad input, found before anything starts."""
+    if value is not None:
+        try:
+            with open(value, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError("--summary", value, exc.strerror or str(exc)) from None
+    return value
+
+
 def _diverter_options(func):
     """The options `run` and `sandbox` share: config, capture, conversation log."""
     for option in reversed((
@@ -233,6 +244,8 @@ def _diverter_options(func):
         click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.'),
         click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
                      help="JSON Lines or one readable line per conversation (auto: text on a terminal)."),
+        click.option("--summary", "summary", type=click.Path(dir_okay=False), callback=_summary_option,
+                     help="Also write the table of what was contacted, printed at the end, as JSON to this file."),
     )):
         func = option(func)
     return func
@@ -248,7 +261,8 @@ def _diverter_config(config_path: str | None, log_target: str | None, log_format
 
 @cli.command()
 @_diverter_options
-def run(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None) -> None:
+def run(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
+        summary: str | None) -> None:
     """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
 
     Every conversation to an unbound port on any address reaches the default
@@ -270,7 +284,7 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
 
     cfg = _diverter_config(config_path, log_target, log_format)
     _root_nft("run")
-    final = runner.run(cfg, pcap_path=pcap)
+    final = runner.run(cfg, pcap_path=pcap, summary_path=summary)
     if final:
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
@@ -296,7 +310,7 @@ def _timeout(value: str | None) -> float | None:
               help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
-            timeout: str | None, command: tuple[str, ...]) -> None:
+            summary: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
@@ -322,7 +336,7 @@ def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, l
 
     seconds = _timeout(timeout)
     cfg = _diverter_config(config_path, log_target, log_format)
-    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds)
+    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds, summary=summary)
     raise SystemExit(status)
 
 

@@ -215,6 +215,9 @@ class WorkerConfig:
     log: str = "-"  # "-" is stdout, "" turns the conversation log off
     log_format: str = "auto"  # auto: text on a terminal, JSON Lines elsewhere
     pcap: str = ""
+    # The ruleset sets this conntrack mark bit on every conversation it
+    # answers; the conversation log reads only entries that carry it.
+    ct_mark: int = 0x00200000
 
     def validate(self, key: str) -> None:
         _check_type(f"{key}.max_conversations", self.max_conversations, int, "an integer")
@@ -225,6 +228,9 @@ class WorkerConfig:
         _check_path(f"{key}.log", self.log)
         _check_choice(f"{key}.log_format", self.log_format, LOG_FORMATS)
         _check_path(f"{key}.pcap", self.pcap)
+        _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
+        if not 0 < self.ct_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
 
 
 # A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and

@@ -12,6 +12,7 @@ import shutil
 
 PACKAGES = {
     "cat": "coreutils",
+    "conntrack": "conntrack",
     "curl": "curl",
     "env": "coreutils",
     "grep": "grep",

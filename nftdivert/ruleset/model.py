@@ -34,6 +34,7 @@ class Ruleset:
     outgoing_queue: int
     bypass: bool
     mark: int
+    ct_mark: int  # on every conversation the redirect answers: what the conversation log reads
     default_tcp_port: int | None
     default_udp_port: int | None
     leave_alone_tcp_ports: tuple[str, ...]
@@ -60,6 +61,10 @@ class Ruleset:
     @property
     def mark_hex(self) -> str:
         return f"0x{self.mark:x}"
+
+    @property
+    def ct_mark_hex(self) -> str:
+        return f"0x{self.ct_mark:x}"
 
     @property
     def unmark_hex(self) -> str:
@@ -115,6 +120,7 @@ def build(config: Config, backend: str) -> Ruleset:
         outgoing_queue=config.queue.outgoing,
         bypass=config.queue.fail == "open",
         mark=config.queue.mark,
+        ct_mark=config.worker.ct_mark,
         default_tcp_port=tcp.port if tcp else None,
         default_udp_port=udp.port if udp else None,
         leave_alone_tcp_ports=_ports(la.tcp_ports),

@@ -129,7 +129,7 @@ def test_icmp_echo_answered(gw, div, addr):
 
 # ---- 4. a bound port reaches its own socket ------------------------------------------
 
-def test_bound_port_reaches_its_own_listener_untouched(gw, div):
+def test_bound_port_reaches_its_own_listener_untouched_and_is_logged(gw, div):
     server = lab.serve_tcp(gw.diverter_ns, 8080, "own-8080")
     try:
         lab.wait_bound_set(gw.diverter_ns, "tcp", 8080)
@@ -137,7 +137,10 @@ def test_bound_port_reaches_its_own_listener_untouched(gw, div):
         assert r["ok"] and r["reply"] == "own-8080", r
         assert r["peer"] == ["198.51.100.8", 8080], r
         lines = gw.log_barrier(div)
-        assert not [x for x in lines if x["original_destination"].endswith(":8080")], lines
+        mine = [x for x in lines if x["original_destination"] == "198.51.100.8:8080"]
+        # Logged like any other conversation: exactly one start, naming the host's own service.
+        assert len(mine) == 1 and mine[0]["client"] == f"{lab.CLIENT4}:{r['local'][1]}", lines
+        assert (mine[0]["listener"], mine[0]["listener_port"]) == ("host", 8080), mine
     finally:
         server.kill()
         server.wait(timeout=5)
