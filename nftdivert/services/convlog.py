@@ -103,10 +103,26 @@ def text_line(rec: dict) -> str:
     if rec.get("event") == "dns_recycled":
         return (f"{rec['time'][11:23]}  dns  pool full: {rec['address']} now stands for {rec['new_name']}"
                 f" (was {rec['old_name']})")
+    if rec.get("event") in ("tls", "http"):
+        return _service_line(rec)
     named = f" ({rec['name']})" if rec.get("name") else ""
     where = f" via {rec['interface']}" if rec["interface"] else ""
     return (f"{rec['time'][11:23]}  {rec['protocol']:<3}  {rec['client']:>22} -> "
             f"{rec['original_destination']:<22}{named} => {rec['listener']} (:{rec['listener_port']}){where}")
+
+
+def _service_line(rec: dict) -> str:
+    head = f"{rec['time'][11:23]}  {rec['event']:<4} {rec.get('client', ''):>22}"
+    if rec.get("error") and rec["event"] == "http":
+        return f"{head} bad request: {rec['error']}"
+    if rec["event"] == "tls":
+        offered = ",".join(rec.get("alpn_offered", []))
+        result = "ok" if rec.get("result") == "ok" else f"failed: {rec.get('error', '')}"
+        return (f"{head} sni={rec.get('sni', '-')} alpn={offered or '-'} "
+                f"version={rec.get('version') or rec.get('client_version', '-')} {result}")
+    saved = f" saved {rec['body_saved']}" if rec.get("body_saved") else ""
+    return (f"{head} {rec['method']} {rec['url']} -> {rec['status']}, body {rec['body_size']} bytes"
+            f" sha256 {rec['body_sha256'][:16]}...{saved}")
 
 
 # Events waiting for their line. A flood of new conversations (a port scan)
@@ -149,6 +165,10 @@ class ConversationLog:
 
     def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
         self._put(recycled_record(when, address, old_name, new_name))
+
+    def event(self, rec: dict) -> None:
+        """A record a listener made (a TLS handshake, an HTTP request): written as it is, stamped now."""
+        self._put({"time": _now_iso(), **rec})
 
     def _resolve(self, ev: NewConversation) -> tuple[NewConversation, tuple[bytes, int] | None]:
         """The event with the client's own port, and the original destination, as conntrack says."""
