@@ -14,6 +14,7 @@ PACKAGES = {
     "cat": "coreutils",
     "curl": "curl",
     "grep": "grep",
+    "head": "coreutils",
     "id": "coreutils",
     "ip": "iproute2",
     "ip6tables-nft": "iptables",
@@ -27,6 +28,7 @@ PACKAGES = {
     "mount": "mount",
     "nc": "netcat-openbsd",
     "nft": "nftables",
+    "openssl": "openssl",
     "pgrep": "procps",
     "ping": "iputils-ping",
     "python3": "python3",
@@ -39,6 +41,7 @@ PACKAGES = {
     "true": "coreutils",
     "tshark": "tshark",
     "unshare": "util-linux",
+    "wget": "wget",
 }
 
 # Root's programs sit in sbin, which a non-root PATH may leave out.

@@ -23,7 +23,7 @@ from nftdivert.services import certs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
-BIG = 5 * 1024 * 1024
+BIG = 5 * 1024 * 1024  # what the script sends
 
 # $D is the work directory; every client's result lands there.
 SCRIPT = r"""
@@ -31,9 +31,9 @@ cd "$D"
 curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
-openssl s_client -connect c2.example:443 -servername x.example -showcerts </dev/null >s_client.txt 2>&1
+openssl s_client -connect c2.example:443 -servername x.example -showcerts </dev/null >s_client.txt 2>s_client.err
 wget -q -T 20 -O stage2.exe http://dl.example/files/stage2.exe; echo $? > wget.rc
-head -c {big} /dev/urandom > big.bin
+head -c 5242880 /dev/urandom > big.bin
 curl -sS --max-time 60 -o /dev/null --data-binary @big.bin https://upload.example/up; echo $? > big.rc
 printf 'chunk-body' | curl -sS --max-time 20 -o /dev/null -H 'Transfer-Encoding: chunked' --data-binary @- \
     http://chunked.example/c; echo $? > chunked.rc
@@ -47,7 +47,7 @@ while chunk := s.recv(4096):
     got += chunk
 open("echo.bin", "wb").write(got)
 '
-""".replace("{big}", str(BIG))
+"""
 
 
 @pytest.fixture(scope="module")
