@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,9 @@ class Contexts:
 
     def _context(self, cert: x509.Certificate) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1  # old samples speak old TLS
+        with warnings.catch_warnings():  # deprecated, and still what old samples speak
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
         ctx.set_ciphers("ALL:@SECLEVEL=0")
         ctx.set_alpn_protocols(list(self._alpn))
         ctx.sni_callback = self._on_sni

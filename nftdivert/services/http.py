@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import h11
+from http import HTTPStatus
 
 from nftdivert.config import HttpConfig, HttpRule
 from nftdivert.services import payloads
@@ -119,7 +120,7 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         target = request.target.decode("latin-1")
         body = _Body(http.bodies_dir, http.max_body)
         if conn.they_are_waiting_for_100_continue:
-            await send(h11.InformationalResponse(status_code=100, headers=[]))
+            await send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[]))
         while not isinstance(event := await next_event(), h11.EndOfMessage):
             if isinstance(event, h11.Data):
                 body.add(bytes(event.data))
@@ -131,7 +132,7 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         body = None
         server = [("Server", http.server)] if http.server else []
         # One request per connection: every client copes with a close, and none waits on a keep-alive.
-        events = [h11.Response(status_code=status, headers=server + [
+        events = [h11.Response(status_code=status, reason=_reason(status), headers=server + [
             ("Date", email.utils.formatdate(usegmt=True)), *extra, ("Content-Length", str(len(content))),
             ("Connection", "close")])]
         if request.method != b"HEAD" and content:
@@ -141,7 +142,7 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         emit(dict(base, event="http", error=str(exc)[:200]))
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             try:
-                await send(h11.Response(status_code=400, headers=[("Content-Length", "0"), ("Connection", "close")]),
+                await send(h11.Response(status_code=400, reason=b"Bad Request", headers=[("Content-Length", "0"), ("Connection", "close")]),
                            h11.EndOfMessage())
             except (h11.LocalProtocolError, ConnectionError, OSError):
                 pass
@@ -151,6 +152,13 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         if body is not None:
             body.abandon()
     stream.write_eof()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _hostname(host: str) -> str:
