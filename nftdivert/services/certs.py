@@ -136,6 +136,8 @@ class Contexts:
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self._tmp = tempfile.TemporaryDirectory(prefix="leaf-")  # load_cert_chain reads files only
         os.chmod(self._tmp.name, 0o700)
+        if keylog:  # session keys: readable by its owner only (ssl would create it world-readable)
+            os.close(os.open(keylog, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -91,3 +91,13 @@ def test_the_cache_is_bounded_and_least_recently_used_goes_first(ca):
     contexts.get("c.example", "192.0.2.1")
     assert len(contexts) == 2
     assert contexts.get("a.example", "192.0.2.1") is a  # b went, not a
+
+
+def test_the_key_log_is_created_private_and_gets_the_session_keys(ca, tmp_path):
+    keylog = tmp_path / "keys.log"
+    contexts = certs.Contexts(ca, keylog=str(keylog))
+    assert keylog.stat().st_mode & 0o777 == 0o600
+    handshake(contexts.get(None, "192.0.2.9"), ca.pem, "k.example")
+    lines = keylog.read_text().splitlines()
+    assert any(line.startswith("CLIENT_TRAFFIC_SECRET_0 ") for line in lines)
+    assert keylog.stat().st_mode & 0o777 == 0o600
