@@ -13,6 +13,7 @@ import asyncio
 from typing import Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, TlsConfig
+from nftdivert.errors import NftDivertError
 from nftdivert.services import recognize
 from nftdivert.services.tls import Plain, handshake
 
@@ -80,7 +81,7 @@ class DefaultTcp:
             record = dict(base, event="tls")
             try:
                 contexts = self._certs()
-            except Exception as exc:  # noqa: BLE001 - no CA (state_dir unwritable): logged, not fatal
+            except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
                 self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
                 return
             stream = await handshake(plain, first, contexts, local, record)

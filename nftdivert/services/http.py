@@ -64,22 +64,32 @@ class _Body:
         self._dir = directory
         self._fd: int | None = None
         self._tmp = ""
+        self.error = ""
 
     def add(self, data: bytes) -> None:
         self.size += len(data)
         self._hash.update(data)
         keep = data[:max(0, self._cap - self.saved)]
-        if keep:
+        if not keep:
+            return
+        try:
             if self._fd is None:
                 os.makedirs(self._dir, mode=0o700, exist_ok=True)
                 self._fd, self._tmp = tempfile.mkstemp(dir=self._dir, prefix=".part-")
             os.write(self._fd, keep)
             self.saved += len(keep)
+        except OSError as exc:  # a full disk stops the saving, not the answer
+            self.error = f"{self._dir}: {exc.strerror or exc}"
+            self.abandon()
+            self._cap = 0
 
     def finish(self) -> dict:
         info: dict = {"body_size": self.size, "body_sha256": self._hash.hexdigest()}
+        if self.error:
+            info["body_save_error"] = self.error
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
             whole = self.saved == self.size
             path = os.path.join(self._dir, info["body_sha256"] + ("" if whole else ".part"))
             os.replace(self._tmp, path)
@@ -91,6 +101,7 @@ class _Body:
     def abandon(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
             os.unlink(self._tmp)
 
 
@@ -139,6 +150,8 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
             events.append(h11.Data(data=content))
         await send(*events, h11.EndOfMessage())
     except h11.RemoteProtocolError as exc:
+        if body is not None:
+            body.abandon()  # before the answer: nothing half-written outlives the request
         emit(dict(base, event="http", error=str(exc)[:200]))
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             try:
@@ -147,6 +160,8 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
             except (h11.LocalProtocolError, ConnectionError, OSError):
                 pass
     except asyncio.TimeoutError:
+        if body is not None:
+            body.abandon()
         emit(dict(base, event="http", error=f"no whole request within {READ_TIMEOUT:g} s"))
     finally:
         if body is not None:
