@@ -10,6 +10,7 @@ no thread each; `nftdivert run` puts them in a process of their own
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 import threading
@@ -154,9 +155,9 @@ class Listeners:
         if lst.protocol == "tcp":
             sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
             if lst.kind == "dns":
-                handler = lambda r, w: self._dns_stream(r, w, stats)  # noqa: E731
+                handler = functools.partial(self._dns_stream, stats=stats)
             else:
-                handler = lambda r, w, d=DefaultTcp(lst.name, *self._answers): self._tcp_stream(r, w, stats, d)  # noqa: E731
+                handler = functools.partial(self._tcp_stream, stats=stats, answers=DefaultTcp(lst.name, *self._answers))
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:
