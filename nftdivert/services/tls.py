@@ -47,9 +47,9 @@ class Plain:
 class Tls:
     """Application data over an established SSLObject on a Plain stream."""
 
-    def __init__(self, plain: Plain, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 first: bytes = b"") -> None:
-        self._plain, self._obj, self._in, self._out, self._first = plain, obj, incoming, outgoing, first
+    def __init__(self, plain: Plain, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+        self._plain, self._obj, self._in, self._out = plain, obj, incoming, outgoing
+        self._first = b""  # what recognition read inside, put back (prepend)
 
     async def read(self, n: int = 65536) -> bytes:
         if self._first:
@@ -66,9 +66,8 @@ class Tls:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
-    def prepend(self, first: bytes) -> "Tls":
+    def prepend(self, first: bytes) -> None:
         self._first = first + self._first
-        return self
 
     def write(self, data: bytes) -> None:
         self._obj.write(data)
