@@ -202,3 +202,9 @@ def test_a_body_that_cannot_be_saved_is_still_answered_and_logged(tmp_path):
     body.add(b"abc")
     info = body.finish()
     assert info["body_size"] == 3 and "body_saved" not in info and "Not a directory" in info["body_save_error"]
+
+
+def test_a_header_beyond_64_kib_gets_400_not_memory(served):
+    port, records, _ = served
+    reply = exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ") and "error" in records[-1]
