@@ -157,6 +157,7 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         stack.callback(log.close)
         listeners.on_question = log.dns_question
         listeners.on_recycled = log.dns_recycled
+        listeners.on_event = log.event
 
         ports = _BoundPorts(nft, config.table)
         observer = seen.start(config, stack, log, listeners.name_for)

@@ -16,6 +16,7 @@ PACKAGES = {
     "curl": "curl",
     "env": "coreutils",
     "grep": "grep",
+    "head": "coreutils",
     "id": "coreutils",
     "ip": "iproute2",
     "ip6tables-nft": "iptables",
@@ -29,6 +30,7 @@ PACKAGES = {
     "mount": "mount",
     "nc": "netcat-openbsd",
     "nft": "nftables",
+    "openssl": "openssl",
     "pgrep": "procps",
     "ping": "iputils-ping",
     "python3": "python3",
@@ -41,6 +43,7 @@ PACKAGES = {
     "true": "coreutils",
     "tshark": "tshark",
     "unshare": "util-linux",
+    "wget": "wget",
 }
 
 # Root's programs sit in sbin, which a non-root PATH may leave out.
