@@ -84,23 +84,29 @@ def host(make_netns):
     return make_netns("host")
 
 
-@pytest.fixture(scope="module")
-def gw(request, tmp_path_factory):
-    """The end-to-end lab (client, diverter, internet), one per test module.
-
-    At the end: nftdivert stopped cleanly, and the internet host's capture
-    worked and saw nothing from the client.
-    """
+@pytest.fixture(scope="session")
+def _gateway_lab(tmp_path_factory):
+    """One end-to-end lab (client, diverter, internet) for the whole run:
+    building and removing one costs seconds, and under emulation (the VM
+    tier) half a minute. Modules get it through `gw`."""
     import lab
 
-    g = lab.GatewayLab(netns_mod, tmp_path_factory.mktemp(request.module.__name__.replace("_", "-")))
+    g = lab.GatewayLab(netns_mod, tmp_path_factory.mktemp("gateway-lab"))
     try:
         yield g
-        g.stop()
-        g.assert_capture_works()
-        g.assert_no_leaks()
     finally:
         g.close()
+
+
+@pytest.fixture(scope="module")
+def gw(_gateway_lab):
+    """The gateway lab, as each end-to-end module leaves it: at the module's
+    end nftdivert stopped cleanly (`remove` leaves nothing), and the internet
+    host's capture worked and saw nothing from the client."""
+    yield _gateway_lab
+    _gateway_lab.stop()
+    _gateway_lab.assert_capture_works()
+    _gateway_lab.assert_no_leaks()
 
 
 def nftdivert_argv(*args: str) -> list[str]:
