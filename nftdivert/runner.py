@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
@@ -98,11 +98,12 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     `on_ready` is called once the ruleset is in place and the worker is about to pump.
     """
     nft = Nft()
-    pcap_path = pcap_path or config.worker.pcap or None
+    if pcap_path:  # -w: into the config, whose ruleset then carries the capture chains
+        config = replace(config, worker=replace(config.worker, pcap=pcap_path))
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(config, nft, pcap_path, on_ready)
+        return _run(config, nft, on_ready)
     except _Stopped:
         _say("stopped before the worker started")
         return {}
@@ -119,19 +120,22 @@ def _stop_early(*_args) -> None:
     raise _Stopped
 
 
-def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[], object] | None) -> dict:
+def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dict:
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
         stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
+        capture = _start_capture(config, stack)  # before any thread: tcpdump is a fork
+        pcap_path = config.worker.pcap_rewritten or None
         pcap = None
         if pcap_path:
             from nftdivert.services.pcap import PcapWriter
             try:
                 pcap = PcapWriter(pcap_path)
             except OSError as exc:
-                raise ConfigError("worker.pcap (-w)", pcap_path, exc.strerror or str(exc)) from None
+                raise ConfigError("worker.pcap_rewritten (--write-rewritten)", pcap_path,
+                                  exc.strerror or str(exc)) from None
             stack.push(partial(_close_capture, pcap, pcap_path))
 
         # Started before any thread of ours exists: the listener process is a fork.
@@ -143,8 +147,10 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         stack.callback(listeners.stop)
         for lst in config.listeners:
             _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({_KIND_NAMES[lst.kind]})")
+        if capture is not None:
+            _say(f"capturing what the clients send and get to {capture.path} (nflog group {capture.group})")
         if pcap is not None:
-            _say(f"capturing diverted packets to {pcap_path}")
+            _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
         log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack), name_for=listeners.name_for)
         stack.callback(log.close)
@@ -173,6 +179,9 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
             _write_stats(statsfile, _snapshot(worker, listeners, log))
+            stopped = capture.failed() if capture is not None else None
+            if stopped:  # stop rather than divert uncaptured
+                raise NftDivertError(stopped)
             if pcap is not None:
                 try:
                     pcap.flush()
@@ -201,6 +210,28 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         _say("stopping: removing the ruleset, unbinding the queues")
         final = _snapshot(worker, listeners, log)
     return final
+
+
+def _start_capture(config: Config, stack: ExitStack):
+    """The capture (-w): tcpdump on the table's nflog group, stopped after the ruleset is gone."""
+    path = config.worker.pcap
+    if not path:
+        return None
+    from nftdivert.services import capture as capture_mod
+    try:
+        fd = capture_mod.open_file(path)
+    except OSError as exc:
+        raise ConfigError("worker.pcap (-w)", path, exc.strerror or str(exc)) from None
+    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path)
+    cap.start()
+    stack.callback(_stop_capture, cap)
+    return cap
+
+
+def _stop_capture(cap) -> None:
+    counts = cap.stop()
+    if counts:
+        _say(f"capture {cap.path}: {counts['captured']} packets, {counts['dropped']} dropped by the kernel")
 
 
 def _capture_failed(path: str, exc: OSError) -> NftDivertError:

@@ -44,9 +44,9 @@ def start(host, tmp_path, *args):
     return proc
 
 
-def test_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tmp_path):
+def test_the_rewritten_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tmp_path):
     pcap = tmp_path / "divert.pcap"
-    proc = start(host, tmp_path, "-w", str(pcap))
+    proc = start(host, tmp_path, "--write-rewritten", str(pcap))
     reply = lab.run_client(host, "tcp", "198.51.100.60", "45678", "captured")
     assert reply["ok"] and reply["reply"] == "captured", reply
     proc.send_signal(signal.SIGTERM)
@@ -108,7 +108,7 @@ def test_a_start_that_fails_after_the_commit_leaves_no_diverting_table(tmp_path,
 
 def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
     # /dev/full opens, then every flush fails (ENOSPC): before, a traceback from the worker's tick.
-    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "-w", "/dev/full",
+    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "--write-rewritten", "/dev/full",
                                       "--log", ""), env=lab._env(), text=True)
     try:
         _, err = proc.communicate(timeout=60)
