@@ -126,7 +126,9 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
         stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
-        capture = _start_capture(config, stack)  # before any thread: tcpdump is a fork
+        # Before the listeners: tcpdump's start runs code between fork and exec, which is only
+        # safe without other threads; its copier thread then waits in read(), holding no lock.
+        capture = _start_capture(config, stack)
         pcap_path = config.worker.pcap_rewritten or None
         pcap = None
         if pcap_path:
@@ -224,14 +226,20 @@ def _start_capture(config: Config, stack: ExitStack):
         raise ConfigError("worker.pcap (-w)", path, exc.strerror or str(exc)) from None
     cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path)
     cap.start()
-    stack.callback(_stop_capture, cap)
+    stack.push(partial(_stop_capture, cap))
     return cap
 
 
-def _stop_capture(cap) -> None:
+def _stop_capture(cap, exc_type, *_exc) -> bool:
+    """Stop the capture and say what it holds; a write failure is the run's error unless it already has one."""
     counts = cap.stop()
     if counts:
         _say(f"capture {cap.path}: {counts['captured']} packets, {counts['dropped']} dropped by the kernel")
+    if counts.get("error"):
+        if exc_type is None:
+            raise NftDivertError(counts["error"])
+        _say(f"the capture {cap.path} is incomplete: {counts['error']}")
+    return False
 
 
 def _capture_failed(path: str, exc: OSError) -> NftDivertError:

@@ -6,6 +6,9 @@ ports the client used: incoming before conntrack and NAT, replies after
 their un-NAT. tcpdump reads the group and writes the pcap (link type NFLOG),
 so the per-packet work is done in C, in a process of its own, and never
 holds a packet: the kernel copies it to the group's socket and lets it go.
+tcpdump writes into a pipe and `cat` copies that to the file: tcpdump
+ignores write errors, cat fails on them, and a capture that cannot be
+written must stop the run, as the rewritten one does.
 
 tcpdump starts before the ruleset goes in and stops after it is gone, once
 it has read what the kernel already handed over. It dies with us (a
@@ -40,11 +43,12 @@ def open_file(path: str) -> int:
 
 
 class NflogCapture:
-    """tcpdump on `nflog:GROUP`, writing the pcap to an open file descriptor."""
+    """tcpdump on `nflog:GROUP`, its pcap copied by cat to an open file descriptor."""
 
     def __init__(self, fd: int, group: int, path: str) -> None:
         self.fd, self.group, self.path = fd, group, path
         self.proc: subprocess.Popen | None = None
+        self.cat: subprocess.Popen | None = None
         self._err = b""
 
     def start(self) -> None:
@@ -53,13 +57,20 @@ class NflogCapture:
         # -Z root: a tcpdump that changed its user would lose the death signal.
         argv = ["tcpdump", "-i", f"nflog:{self.group}", "-w", "-", "-B", str(RECEIVE_BUFFER_KIB), "-Z", "root"]
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.fd, stderr=subprocess.PIPE,
-                                         start_new_session=True,
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True,
                                          preexec_fn=lambda: die_with_parent(parent, signum=signal.SIGTERM))
+            assert self.proc.stdout is not None
+            # cat ends when tcpdump does (end of file), so it needs no death signal of its own.
+            self.cat = subprocess.Popen(["cat"], stdin=self.proc.stdout, stdout=self.fd, stderr=subprocess.PIPE,
+                                        start_new_session=True)
         except OSError as exc:
+            self.stop()
+            raise NftDivertError(f"cannot start the capture {self.path}: {exc.strerror or exc}") from None
+        finally:
             os.close(self.fd)
-            raise NftDivertError(f"cannot start tcpdump for the capture {self.path}: {exc.strerror or exc}") from None
-        os.close(self.fd)  # tcpdump holds it now
+            if self.proc is not None and self.proc.stdout is not None:
+                self.proc.stdout.close()  # cat's now: tcpdump's writes fail once cat is gone
         deadline = time.monotonic() + START_TIMEOUT
         while b"listening on" not in self._err:
             left = deadline - time.monotonic()
@@ -85,29 +96,47 @@ class NflogCapture:
 
     def failed(self) -> str | None:
         """Why the capture stopped while it should run, or None."""
-        if self.proc is None or self.proc.poll() is None:
+        if self.proc is None or (self.proc.poll() is None and self.cat is not None and self.cat.poll() is None):
             return None
-        self.stop()
-        return f"the capture {self.path} stopped: {self._why_not()}"
+        counts = self.stop()
+        return counts.get("error") or f"the capture {self.path} stopped: {self._why_not()}"
 
     def stop(self) -> dict:
-        """Let tcpdump read what the kernel handed over, then stop it; returns its counts."""
-        proc, self.proc = self.proc, None
+        """Let tcpdump read what the kernel handed over, then stop it.
+
+        Returns its counts, and `error`: why the file is incomplete, or None."""
+        proc, cat, self.proc, self.cat = self.proc, self.cat, None, None
         if proc is None:
             return {}
         if proc.poll() is None:
             _drain(self.group, DRAIN_TIMEOUT)
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _wait(proc)
         assert proc.stderr is not None
         self._err += proc.stderr.read()
         proc.stderr.close()
         counts = {kind: int(n) for n, kind in _COUNTS.findall(self._err.decode(errors="replace"))}
-        return {"captured": counts.get("captured", 0), "dropped": counts.get("dropped by kernel", 0)}
+        error = None
+        if cat is not None:
+            _wait(cat)  # tcpdump is gone: end of file
+            assert cat.stderr is not None
+            said = cat.stderr.read().decode(errors="replace").strip()
+            cat.stderr.close()
+            if cat.returncode != 0:
+                error = _cannot_write(self.path, said.rsplit(": ", 1)[-1] or f"cat exited {cat.returncode}")
+        return {"captured": counts.get("captured", 0), "dropped": counts.get("dropped by kernel", 0), "error": error}
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _cannot_write(path: str, reason: str) -> str:
+    return f"cannot write the capture {path}: {reason}"
 
 
 def _drain(group: int, timeout: float) -> None:
