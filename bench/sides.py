@@ -1,7 +1,8 @@
-"""The two sides measured, each in the diverter namespace, each on TCP 1337.
+"""The sides measured, each in the diverter namespace, each on TCP 1337.
 
-  nftdivert    `nftdivert run` (queue backend auto), conversation log as JSON
-  kernel-only  one nat rule `redirect to :1337`, no queue, no worker
+  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w)
+  nftdivert-quiet  the same with neither: what observing costs is the difference
+  kernel-only      one nat rule `redirect to :1337`, no queue, no worker
 
 Both answer with the same echo listener code (nftdivert.services.listeners.Listeners).
 A side has start(), counters() (the worker's packet counters, or None) and
@@ -55,13 +56,15 @@ def nftdivert_argv() -> list[str]:
 
 
 class NftdivertSide:
-    name = "nftdivert"
+    """`nftdivert run`, observed (conversation log and pcap on) or quiet (both off)."""
 
-    def __init__(self, topo: Topology, tmp: Path, rnd: int) -> None:
-        self.topo, self.tmp, self.rnd = topo, tmp, rnd
+    def __init__(self, topo: Topology, tmp: Path, rnd: int, observed: bool = True) -> None:
+        self.topo, self.tmp, self.rnd, self.observed = topo, tmp, rnd, observed
+        self.name = "nftdivert" if observed else "nftdivert-quiet"
         self.cfg = tmp / "nftdivert.toml"
-        self.log = tmp / f"conversations-{rnd}.jsonl"
-        self.err = tmp / f"nftdivert-{rnd}.stderr"
+        self.log = tmp / f"conversations-{self.name}-{rnd}.jsonl"
+        self.pcap = tmp / f"capture-{rnd}.pcap"
+        self.err = tmp / f"{self.name}-{rnd}.stderr"
         self.proc: subprocess.Popen | None = None
         self.backend = self.reason = ""
         ino = os.stat(netns.NETNS_DIR / topo.divert.name).st_ino  # as runner names it, from inside
@@ -71,7 +74,9 @@ class NftdivertSide:
         # The default config, queue backend left to auto; a stop takes containment too,
         # so the kernel-only side and the check below find nothing of ours.
         self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n')
-        argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), "--log", str(self.log), "--log-format", "json"]
+        observe = ["--log", str(self.log), "--log-format", "json", "-w", str(self.pcap)] if self.observed \
+            else ["--log", ""]
+        argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), *observe]
         with open(self.err, "wb") as err:
             self.proc = self.topo.divert.popen(*argv, stdout=subprocess.DEVNULL, stderr=err,
                                                stdin=subprocess.DEVNULL)
@@ -121,6 +126,14 @@ class NftdivertSide:
         # It must leave nothing behind in the diverter.
         if "nftdivert" in self.topo.divert.run("nft", "list", "tables", check=False).stdout:
             raise BenchError("nftdivert's table is still loaded after it stopped")
+        if not self.observed:
+            return {"final": final}
+        m = re.search(r"capture \S+: (\d+) packets, (\d+) dropped by the kernel; tcpdump and cat used ([\d.]+) s CPU",
+                      text)
+        if not m:
+            raise BenchError(f"nftdivert said nothing about its capture:\n{text.strip()}")
+        capture = {"packets": int(m.group(1)), "dropped": int(m.group(2)), "cpu_seconds": float(m.group(3)),
+                   "bytes": self.pcap.stat().st_size}
         log_tcp = 0
         targets = set()
         if self.log.exists():
@@ -132,7 +145,7 @@ class NftdivertSide:
                 if rec.get("protocol") == "tcp":
                     log_tcp += 1
                     targets.add(rec.get("original_destination"))
-        return {"final": final, "log_tcp_conversations": log_tcp, "log_targets": targets}
+        return {"final": final, "log_tcp_conversations": log_tcp, "log_targets": targets, "capture": capture}
 
 
 class KernelSide:

@@ -126,9 +126,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
         stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
-        # Before the listeners: tcpdump's start runs code between fork and exec, which is only
-        # safe without other threads; its copier thread then waits in read(), holding no lock.
-        capture = _start_capture(config, stack)
+        capture = _start_capture(config, stack)  # before any thread of ours: the reader is a fork
         pcap_path = config.worker.pcap_rewritten or None
         pcap = None
         if pcap_path:
@@ -215,7 +213,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
 
 
 def _start_capture(config: Config, stack: ExitStack):
-    """The capture (-w): tcpdump on the table's nflog group, stopped after the ruleset is gone."""
+    """The capture (-w): the reader of the table's nflog group, stopped after the ruleset is gone."""
     path = config.worker.pcap
     if not path:
         return None
@@ -233,8 +231,9 @@ def _start_capture(config: Config, stack: ExitStack):
 def _stop_capture(cap, exc_type, *_exc) -> bool:
     """Stop the capture and say what it holds; a write failure is the run's error unless it already has one."""
     counts = cap.stop()
-    if counts:
-        _say(f"capture {cap.path}: {counts['captured']} packets, {counts['dropped']} dropped by the kernel")
+    if "packets" in counts:
+        _say(f"capture {cap.path}: {counts['packets']} packets, {counts['overruns']} overruns (packets lost); "
+             f"its reader used {counts['cpu_seconds']:.2f} s CPU")
     if counts.get("error"):
         if exc_type is None:
             raise NftDivertError(counts["error"])

@@ -1,9 +1,9 @@
-"""Capture diverted packets to a classic libpcap file.
+"""Packets to a classic libpcap file: the capture (-w) and the worker's view (--write-rewritten).
 
 Classic pcap rather than pcapng: every tool reads it, and the format is two
 fixed headers. LINKTYPE_RAW means each record is a bare IP packet whose
 version nibble says IPv4 or IPv6, so both families share one file, which is
-exactly what the queue hands us (no link-layer header).
+exactly what the queue and nflog hand us (no link-layer header).
 """
 from __future__ import annotations
 
@@ -49,10 +49,12 @@ class PcapWriter:
     visible to readers, close() at the end.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, fd: int | None = None) -> None:
+        """Opens `path`, or writes to `fd`, a file already opened (and then owned by the writer)."""
+        self.path = os.fspath(path) if path is not None else f"fd {fd}"
         self._lock = threading.Lock()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        if fd is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             self._file: BinaryIO | None = os.fdopen(fd, "wb")
         except BaseException:

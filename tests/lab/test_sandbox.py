@@ -113,15 +113,17 @@ def test_the_pcap_holds_what_cmd_sent_and_got_on_its_veth_once(config, tmp_path)
                            "ping -c1 -W5 198.51.100.7 >/dev/null && ping -6 -c1 -W5 2001:db8::7 >/dev/null",
                    "-w", str(pcap), "--log", "")
     assert proc.returncode == 0, proc.stderr
-    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "nflog.prefix", "-e", "ip.src",
-                          "-e", "ipv6.src", "-e", "ip.dst", "-e", "ipv6.dst", "-e", "_ws.col.Protocol",
+    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "ip.src", "-e", "ipv6.src",
+                          "-e", "ip.dst", "-e", "ipv6.dst", "-e", "_ws.col.Protocol",
                           "-e", "tcp.seq_raw", "-e", "tcp.ack_raw", "-e", "tcp.flags", "-e", "dns.id",
                           "-e", "icmp.seq", "-e", "icmpv6.echo.sequence_number"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     rows = [tuple(line.split("\t")) for line in out.splitlines()]
     assert rows and len(set(rows)) == len(rows), "a packet is in the pcap twice:\n" + out
-    sent = {(r[3] or r[4], r[5]) for r in rows if r[0] == "nftdivert: from client"}
-    got = {(r[1] or r[2], r[5]) for r in rows if r[0] == "nftdivert: to client"}
+    cmd = (sandbox_mod.CLIENT_V4, sandbox_mod.CLIENT_V6)
+    assert all((r[0] or r[1] in cmd) != (r[2] or r[3] in cmd) for r in rows), out  # CMD on one side, always
+    sent = {(r[2] or r[3], r[4]) for r in rows if (r[0] or r[1]) in cmd}
+    got = {(r[0] or r[1], r[4]) for r in rows if (r[2] or r[3]) in cmd}
     # The resolver is the diverter's own address: answered here, so in the capture too.
     for far in ((sandbox_mod.DIVERTER_V4, "DNS"), ("198.51.100.7", "ICMP"), ("2001:db8::7", "ICMPv6")):
         assert far in sent and far in got, f"{far} missing:\n{out}"
