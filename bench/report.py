@@ -54,7 +54,7 @@ def summarize(res: dict) -> dict:
     rows = _compare(res, "nftdivert", "kernel")
     rows["observation"] = _compare(res, "nftdivert", "nftdivert-quiet")
     captures = [r["capture"] for r in res["rounds"] if "capture" in r]
-    cap = {k: sum(c[k] for c in captures) for k in ("packets", "dropped", "bytes", "cpu_seconds")}
+    cap = {k: sum(c[k] for c in captures) for k in ("packets", "overruns", "bytes", "cpu_seconds")}
     cap["cpu_us_per_packet"] = 1e6 * cap["cpu_seconds"] / cap["packets"] if cap["packets"] else None
     rows["observation"]["capture"] = cap
     ratio = rows["observation"]["conn_per_s"]["ratio"]
@@ -107,9 +107,10 @@ def _print_observation(obs: dict, labels: dict, w: int) -> None:
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
         print(f"{labels[key]:<{w}} {f.format(row['nftdivert']):>12} {f.format(row['nftdivert-quiet']):>12} {ratio:>7}")
     cap = obs["capture"]
-    print(f"{'captured packets (dropped by the kernel)':<{w}} {cap['packets']:>12,} {'-':>12} {cap['dropped']:>7,}")
+    print(f"{'captured packets (socket overruns: packets lost)':<{w}} {cap['packets']:>12,} {'-':>12} "
+          f"{cap['overruns']:>7,}")
     if cap["cpu_us_per_packet"] is not None:
-        print(f"{'capture CPU, tcpdump and cat (us/packet)':<{w}} {cap['cpu_us_per_packet']:>12.2f} {'-':>12} {'-':>7}")
+        print(f"{'capture reader CPU (us/packet)':<{w}} {cap['cpu_us_per_packet']:>12.2f} {'-':>12} {'-':>7}")
     verdict = "within" if obs["within_goal"] else "NOT within"
     print(f"connections/s observed: {verdict} {100 - 100 * OBSERVATION_GOAL:.0f}% of quiet")
 

@@ -128,11 +128,11 @@ class NftdivertSide:
             raise BenchError("nftdivert's table is still loaded after it stopped")
         if not self.observed:
             return {"final": final}
-        m = re.search(r"capture \S+: (\d+) packets, (\d+) dropped by the kernel; tcpdump and cat used ([\d.]+) s CPU",
+        m = re.search(r"capture \S+: (\d+) packets, (\d+) overruns \(packets lost\); its reader used ([\d.]+) s CPU",
                       text)
         if not m:
             raise BenchError(f"nftdivert said nothing about its capture:\n{text.strip()}")
-        capture = {"packets": int(m.group(1)), "dropped": int(m.group(2)), "cpu_seconds": float(m.group(3)),
+        capture = {"packets": int(m.group(1)), "overruns": int(m.group(2)), "cpu_seconds": float(m.group(3)),
                    "bytes": self.pcap.stat().st_size}
         log_tcp = 0
         targets = set()
