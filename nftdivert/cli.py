@@ -224,7 +224,7 @@ def _diverter_options(func):
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP),
         click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
                      help="Capture what the clients send and get, as they see it (original addresses, "
-                          "each packet once), to this pcap file (link type NFLOG; needs tcpdump)."),
+                          "each packet once; DNS, ICMP and bound ports too), to this pcap file (raw IP)."),
         click.option("--write-rewritten", "pcap_rewritten", type=click.Path(dir_okay=False),
                      help="Debugging the worker: write each diverted packet as the queue worker got it "
                           "(after NAT) and as it rewrote it, to this pcap file."),

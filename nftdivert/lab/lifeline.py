@@ -11,6 +11,7 @@ import ctypes
 import os
 import select
 import signal
+from typing import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -31,3 +32,18 @@ def die_with_parent(parent: int | None = None, lifeline: int | None = None,
         os._exit(1)
     if lifeline is not None and select.select([lifeline], [], [], 0)[0]:
         os._exit(1)
+
+
+def fork_child(body: Callable[[], int], signum: int = signal.SIGKILL) -> int:
+    """Fork a child that dies with us (`signum`), runs `body` and exits with what it returns
+    (1 if it raises), never returning into the parent's code; returns its pid."""
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        die_with_parent(parent, signum=signum)
+        code = body()
+    finally:
+        os._exit(code)

@@ -26,7 +26,7 @@ import signal
 import time
 
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.lab.lifeline import fork_child
 from nftdivert.services import nflog
 from nftdivert.services.pcap import FILE_MODE, PcapWriter
 
@@ -60,16 +60,12 @@ class NflogCapture:
             raise NftDivertError(f"cannot read nflog group {self.group} for the capture: "
                                  f"{exc.strerror or exc}") from None
         report_r, report_w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            try:
-                die_with_parent(parent, signum=signal.SIGTERM)
-                os.close(report_r)
-                code = _read_and_write(sock, self.fd, report_w)
-            finally:
-                os._exit(code)
+
+        def child() -> int:
+            os.close(report_r)
+            return _read_and_write(sock, self.fd, report_w)
+
+        pid = fork_child(child, signum=signal.SIGTERM)
         sock.close()
         os.close(self.fd)
         os.close(report_w)
