@@ -161,7 +161,8 @@ def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float)
                 counts["overruns"] += 1
                 continue
             raise
-        for data, stamp in nflog.timed(nflog.batch(buf, size), time.time(), floor):
-            writer.write(data, stamp)
-            floor = stamp
-            counts["packets"] += 1
+        packets = nflog.timed(nflog.batch(buf, size), time.time(), floor)
+        if packets:
+            writer.write_many(packets)  # before the next receive reuses the buffer
+            floor = packets[-1][1]
+            counts["packets"] += len(packets)

@@ -51,7 +51,7 @@ RECEIVE_BUFFER = 8 << 20  # SO_RCVBUF: bursts wait here while the reader is busy
 
 
 class Packet(NamedTuple):
-    data: bytes  # the IP packet
+    data: memoryview  # the IP packet, in the receive buffer: valid until the next receive
     time: float | None  # seconds since the epoch, when the kernel received it; None for packets it sent
 
 
@@ -122,7 +122,7 @@ def _packet(view: memoryview, at: int, end: int, _attr=NLATTR.unpack_from) -> Pa
             break
         kind &= NLA_TYPE_MASK
         if kind == NFULA_PAYLOAD:
-            data = bytes(view[at + 4:at + length])
+            data = view[at + 4:at + length]
         elif kind == NFULA_TIMESTAMP and length >= 4 + TIMESTAMP.size:
             seconds, micros = TIMESTAMP.unpack_from(view, at + 4)
             stamp = seconds + micros / 1e6
@@ -130,7 +130,7 @@ def _packet(view: memoryview, at: int, end: int, _attr=NLATTR.unpack_from) -> Pa
     return None if data is None else Packet(data, stamp)
 
 
-def timed(packets: list[Packet], received: float, floor: float) -> list[tuple[bytes, float]]:
+def timed(packets: list[Packet], received: float, floor: float) -> list[tuple[memoryview, float]]:
     """Every packet with a time, in the kernel's order, never earlier than `floor` or the one before.
 
     A packet the kernel sent has no time of its own: it gets the time this

@@ -30,14 +30,19 @@ def file_header() -> bytes:
 
 def record(packet: bytes, timestamp: float) -> bytes:
     """One record: the header plus the packet, cut to SNAPLEN (orig_len keeps the real size)."""
+    return b"".join(record_parts(packet, timestamp))
+
+
+def record_parts(packet: bytes | memoryview, timestamp: float) -> tuple[bytes, bytes | memoryview]:
+    """A record as (header, data), so a batch of them can be joined with one copy."""
     if not 0 <= timestamp < 2**32:
         raise ValueError(f"timestamp out of range for pcap: {timestamp!r}")
     seconds = int(timestamp)
     micros = round((timestamp - seconds) * 1_000_000)
     if micros >= 1_000_000:  # rounding carried into the next second
         seconds, micros = seconds + 1, micros - 1_000_000
-    data = bytes(packet[:SNAPLEN])
-    return RECORD_HEADER.pack(seconds, micros, len(data), len(packet)) + data
+    data = packet[:SNAPLEN]
+    return RECORD_HEADER.pack(seconds, micros, len(data), len(packet)), data
 
 
 class PcapWriter:
@@ -77,6 +82,15 @@ class PcapWriter:
                 raise ValueError("PcapWriter is closed")
             self._file.write(data)
             self.packets += 1
+
+    def write_many(self, packets: list[tuple[bytes | memoryview, float]]) -> None:
+        """Append a batch of (packet, timestamp) with one write: what a capture reader gets at once."""
+        data = b"".join(part for packet, stamp in packets for part in record_parts(packet, stamp))
+        with self._lock:
+            if self._file is None:
+                raise ValueError("PcapWriter is closed")
+            self._file.write(data)
+            self.packets += len(packets)
 
     def flush(self) -> None:
         with self._lock:
