@@ -18,6 +18,7 @@ stops the run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -46,7 +47,6 @@ class NflogCapture:
         self.fd, self.group, self.path = fd, group, path
         self.pid: int | None = None
         self._report: int | None = None
-        self._status: int | None = None
 
     def start(self) -> None:
         """Bind the group here (a group another program reads is refused at once), then fork the reader."""
@@ -54,7 +54,7 @@ class NflogCapture:
             sock = nflog.open_group(self.group)
         except OSError as exc:
             os.close(self.fd)
-            if exc.errno == 1:  # EPERM: bound by someone else
+            if exc.errno == errno.EPERM:  # the group has a reader already
                 raise NftDivertError(f"nflog group {self.group} is read by another program in this network "
                                      "namespace: set worker.pcap_group to another") from None
             raise NftDivertError(f"cannot read nflog group {self.group} for the capture: "
