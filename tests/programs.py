@@ -13,6 +13,7 @@ import shutil
 PACKAGES = {
     "cat": "coreutils",
     "curl": "curl",
+    "dig": "bind9-dnsutils",
     "grep": "grep",
     "id": "coreutils",
     "ip": "iproute2",
