@@ -77,11 +77,14 @@ def test_the_pcap_holds_what_local_programs_sent_and_got_once_with_original_dest
     host.run("ping", "-c1", "-W5", "198.51.100.62", timeout=20)
     host.run("ping", "-6", "-c1", "-W5", "2001:db8:ffff::62", timeout=20)
     host.run("ping", "-c1", "-W5", "127.0.0.1", timeout=20)  # the host's own: not a diverted conversation
+    bulk = lab.run_client(host, "bulk", "198.51.100.63", "45679", "2", timeout=60)  # large segments too
+    assert bulk["ok"], bulk
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     rows = _tshark(pcap, "ip.src", "ipv6.src", "ip.dst", "ipv6.dst", "tcp.srcport", "tcp.dstport",
-                   "udp.srcport", "udp.dstport", "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "icmp.type", "icmpv6.type")
+                   "udp.srcport", "udp.dstport", "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "icmp.type", "icmpv6.type",
+                   "ip.id", "tcp.window_size_value", "tcp.len")
     assert len(set(rows)) == len(rows), "a packet is in the pcap twice:\n" + "\n".join(map(str, rows))
     far = Counter()
     host_addresses = ("192.0.2.10", "2001:db8:1::10")  # the source the route gave the programs
@@ -92,7 +95,10 @@ def test_the_pcap_holds_what_local_programs_sent_and_got_once_with_original_dest
         far[(dst, dport) if src in host_addresses else (src, sport)] += 1
     # Each conversation asked and answered, from where the program thought it went; nothing else.
     assert set(far) == {("198.51.100.60", "45678"), ("198.51.100.61", "5353"), ("198.51.100.62", ""),
-                        ("2001:db8:ffff::62", "")}, far
+                        ("2001:db8:ffff::62", ""), ("198.51.100.63", "45679")}, far
+    # Every byte of the bulk transfer, both ways, whole: no packet lost or cut short.
+    lengths = _tshark(pcap, "tcp.len", "tcp.srcport", "tcp.dstport")
+    assert sum(int(n) for n, *ports in lengths if "45679" in ports) == 2 * 2 * 1024 * 1024
     assert far[("198.51.100.60", "45678")] >= 8 and far[("198.51.100.61", "5353")] == 2, far
     assert f"capture {pcap}: {len(rows)} packets, 0 overruns" in err, err
 

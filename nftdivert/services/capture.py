@@ -24,6 +24,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import time
 
 from nftdivert.errors import NftDivertError
@@ -120,7 +121,7 @@ def _read_and_write(sock, fd: int, report_w: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, stop)
     counts = {"packets": 0, "overruns": 0}
-    buf = bytearray(nflog.NETLINK_BUFFER + 4096)
+    buf = bytearray(nflog.MESSAGE_MAX)
     floor = 0.0
     try:
         writer = PcapWriter(fd=fd)
@@ -153,7 +154,7 @@ def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float)
     """Everything the socket holds into the file; returns the time of the last packet written."""
     while True:
         try:
-            size = sock.recv_into(buf)
+            size = sock.recv_into(buf, 0, socket.MSG_TRUNC)  # the whole length, even if the buffer was short
         except BlockingIOError:
             return floor
         except OSError as exc:
@@ -161,6 +162,9 @@ def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float)
                 counts["overruns"] += 1
                 continue
             raise
+        if size > len(buf):  # never from the kernel's own sizes; counted as lost if it happens
+            counts["overruns"] += 1
+            size = len(buf)
         packets = nflog.timed(nflog.batch(buf, size), time.time(), floor)
         if packets:
             writer.write_many(packets)  # before the next receive reuses the buffer

@@ -46,7 +46,8 @@ TIMESTAMP = struct.Struct(">QQ")
 COPY_RANGE = 0xFFFF  # the whole packet (the kernel's limit)
 QUEUE_THRESHOLD = 64  # packets per batch, at most
 FLUSH_TIMEOUT = 1  # hundredths of a second: a batch waits at most 10 ms
-NETLINK_BUFFER = 131072  # the kernel's batch buffer (its maximum)
+NETLINK_BUFFER = 16384  # the kernel's batch buffer: 64 small packets; allocated per batch, so not larger
+MESSAGE_MAX = 1 << 17  # a receive: a batch, or one packet of up to 64 KiB (GSO) with its attributes
 RECEIVE_BUFFER = 8 << 20  # SO_RCVBUF: bursts wait here while the reader is busy
 
 
