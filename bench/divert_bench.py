@@ -48,6 +48,7 @@ from sides import KernelSide, NftdivertSide
 from nftdivert.errors import NftDivertError
 
 MAIN_PID = os.getpid()
+OBSERVE = {"both": ("log", "pcap"), "log": ("log",), "pcap": ("pcap",)}
 
 
 def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
@@ -76,7 +77,7 @@ def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
         bulk["bytes_per_queued_packet"] = 2 * bulk["bytes"] / max(1, bulk["queued_packets"])
     say(f"round {rnd + 1}: {side.name}: {bulk['mb_per_s']:.1f} MB/s echoed")
     info = side.stop()
-    if isinstance(side, NftdivertSide) and side.observed:
+    if isinstance(side, NftdivertSide) and "log_targets" in info:
         missing = [t for t in conns["sample"] if t not in info["log_targets"]]
         if info["log_tcp_conversations"] == 0:
             raise BenchError("nftdivert logged no diverted TCP conversation")
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                          "must tell apart by their original destination)")
     ap.add_argument("--micro-iterations", type=int, default=30000, help="packets per micro timing (default 30000)")
     ap.add_argument("--micro-reps", type=int, default=5, help="repetitions per micro timing, best kept (default 5)")
+    ap.add_argument("--observe", choices=sorted(OBSERVE), default="both",
+                    help="what the observed nftdivert side turns on: the conversation log, the pcap (-w), or both "
+                         "(default); the quiet side has neither")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {"seconds": args.seconds, "rounds": args.rounds, "workers": args.workers,
                               "address_per_worker": args.address_per_worker,
                               "micro_iterations": args.micro_iterations, "micro_reps": args.micro_reps,
+                              "observe": args.observe,
                               "seed": seed},
                  "rounds": [], "ok": False}
     status = 1
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         topology.remove_stale()
         topo.up()
         for rnd in range(args.rounds):
-            sides = [NftdivertSide(topo, tmp, rnd), NftdivertSide(topo, tmp, rnd, observed=False), KernelSide(topo)]
+            sides = [NftdivertSide(topo, tmp, rnd, OBSERVE[args.observe]), NftdivertSide(topo, tmp, rnd, ()),
+                     KernelSide(topo)]
             for side in (sides if rnd % 2 == 0 else sides[::-1]):
                 run_side(side, args, rng, res, rnd)
         res["ok"] = True

@@ -89,7 +89,7 @@ def print_report(res: dict, rows: dict, args) -> None:
         print(f"{'queued packets per connection':<{w}} {ppc:>12.1f} {'-':>12} {'-':>7}")
     if qb is not None:
         print(f"{'queued packets/s, bulk phase':<{w}} {qb:>12,.0f} {'-':>12} {'-':>7}")
-    _print_observation(rows["observation"], labels, w)
+    _print_observation(rows["observation"], labels, w, res["settings"]["observe"])
     print(f"\n{'worker cost in-process (us/packet; 1e6/us = packets/s)':<{w}} {'us/pkt':>12} {'pkt/s':>12}")
     print("-" * (w + 34))
     for kind, r in res["micro"].items():
@@ -97,8 +97,9 @@ def print_report(res: dict, rows: dict, args) -> None:
     print(f"\nresults: {args.json}; run time {res['duration_s']:.1f}s")
 
 
-def _print_observation(obs: dict, labels: dict, w: int) -> None:
-    print(f"\nobservation: conversation log and pcap on (nftdivert) vs. both off (nftdivert-quiet)")
+def _print_observation(obs: dict, labels: dict, w: int, observe: str) -> None:
+    what = {"both": "conversation log and pcap", "log": "conversation log", "pcap": "pcap"}[observe]
+    print(f"\nobservation: {what} on (nftdivert) vs. off (nftdivert-quiet)")
     print(f"{'metric':<{w}} {'observed':>12} {'quiet':>12} {'ratio':>7}")
     print("-" * (w + 34))
     for key, _, _ in METRICS:
@@ -107,8 +108,9 @@ def _print_observation(obs: dict, labels: dict, w: int) -> None:
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
         print(f"{labels[key]:<{w}} {f.format(row['nftdivert']):>12} {f.format(row['nftdivert-quiet']):>12} {ratio:>7}")
     cap = obs["capture"]
-    print(f"{'captured packets (socket overruns: packets lost)':<{w}} {cap['packets']:>12,} {'-':>12} "
-          f"{cap['overruns']:>7,}")
+    if cap["packets"]:
+        print(f"{'captured packets (socket overruns: packets lost)':<{w}} {cap['packets']:>12,} {'-':>12} "
+              f"{cap['overruns']:>7,}")
     if cap["cpu_us_per_packet"] is not None:
         print(f"{'capture reader CPU (us/packet)':<{w}} {cap['cpu_us_per_packet']:>12.2f} {'-':>12} {'-':>7}")
     verdict = "within" if obs["within_goal"] else "NOT within"

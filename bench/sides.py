@@ -1,6 +1,6 @@
 """The sides measured, each in the diverter namespace, each on TCP 1337.
 
-  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w)
+  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w); --observe
   nftdivert-quiet  the same with neither: what observing costs is the difference
   kernel-only      one nat rule `redirect to :1337`, no queue, no worker
 
@@ -56,11 +56,12 @@ def nftdivert_argv() -> list[str]:
 
 
 class NftdivertSide:
-    """`nftdivert run`, observed (conversation log and pcap on) or quiet (both off)."""
+    """`nftdivert run`, observed (`observe`: the conversation log, the pcap, or both on) or quiet (neither)."""
 
-    def __init__(self, topo: Topology, tmp: Path, rnd: int, observed: bool = True) -> None:
-        self.topo, self.tmp, self.rnd, self.observed = topo, tmp, rnd, observed
-        self.name = "nftdivert" if observed else "nftdivert-quiet"
+    def __init__(self, topo: Topology, tmp: Path, rnd: int, observe: tuple[str, ...] = ("log", "pcap")) -> None:
+        self.topo, self.tmp, self.rnd, self.observe = topo, tmp, rnd, observe
+        self.observed = bool(observe)
+        self.name = "nftdivert" if observe else "nftdivert-quiet"
         self.cfg = tmp / "nftdivert.toml"
         self.log = tmp / f"conversations-{self.name}-{rnd}.jsonl"
         self.pcap = tmp / f"capture-{rnd}.pcap"
@@ -74,8 +75,8 @@ class NftdivertSide:
         # The default config, queue backend left to auto; a stop takes containment too,
         # so the kernel-only side and the check below find nothing of ours.
         self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n')
-        observe = ["--log", str(self.log), "--log-format", "json", "-w", str(self.pcap)] if self.observed \
-            else ["--log", ""]
+        observe = (["--log", str(self.log), "--log-format", "json"] if "log" in self.observe else ["--log", ""]) \
+            + (["-w", str(self.pcap)] if "pcap" in self.observe else [])
         argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), *observe]
         with open(self.err, "wb") as err:
             self.proc = self.topo.divert.popen(*argv, stdout=subprocess.DEVNULL, stderr=err,
@@ -126,14 +127,22 @@ class NftdivertSide:
         # It must leave nothing behind in the diverter.
         if "nftdivert" in self.topo.divert.run("nft", "list", "tables", check=False).stdout:
             raise BenchError("nftdivert's table is still loaded after it stopped")
-        if not self.observed:
-            return {"final": final}
+        info: dict = {"final": final}
+        if "pcap" in self.observe:
+            info["capture"] = self._capture(text)
+        if "log" in self.observe:
+            info.update(self._log())
+        return info
+
+    def _capture(self, text: str) -> dict:
         m = re.search(r"capture \S+: (\d+) packets, (\d+) overruns \(packets lost\); its reader used ([\d.]+) s CPU",
                       text)
         if not m:
             raise BenchError(f"nftdivert said nothing about its capture:\n{text.strip()}")
-        capture = {"packets": int(m.group(1)), "overruns": int(m.group(2)), "cpu_seconds": float(m.group(3)),
-                   "bytes": self.pcap.stat().st_size}
+        return {"packets": int(m.group(1)), "overruns": int(m.group(2)), "cpu_seconds": float(m.group(3)),
+                "bytes": self.pcap.stat().st_size}
+
+    def _log(self) -> dict:
         log_tcp = 0
         targets = set()
         if self.log.exists():
@@ -145,7 +154,7 @@ class NftdivertSide:
                 if rec.get("protocol") == "tcp":
                     log_tcp += 1
                     targets.add(rec.get("original_destination"))
-        return {"final": final, "log_tcp_conversations": log_tcp, "log_targets": targets, "capture": capture}
+        return {"log_tcp_conversations": log_tcp, "log_targets": targets}
 
 
 class KernelSide:
