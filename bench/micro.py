@@ -1,8 +1,8 @@
 """The worker's cost per packet, in-process: FixUp.incoming / FixUp.outgoing.
 
 No kernel and no queue: packets made with tests/builders.py go straight
-through the pipeline `nftdivert run` builds (worker.build_fixup, with on_new
-building the log event). The gap to the queued packets/s of the live phases
+through the pipeline `nftdivert run` builds (worker.build_fixup; the
+conversation log watches conntrack, off this path). The gap to the queued packets/s of the live phases
 is what NFQUEUE itself costs.
 """
 
@@ -19,21 +19,18 @@ from topology import DIVERT_ADDR, LISTEN_PORT
 def micro(iterations: int, reps: int) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     import ipaddress
-    import queue
 
     import builders
     from nftdivert.config import Config
     from nftdivert.worker.packet import ACK, SYN, TCP, UDP
-    from nftdivert.worker.queue import build_fixup, new_conversation_event
+    from nftdivert.worker.queue import build_fixup
 
     cfg = Config()
     bound_ports = {LISTEN_PORT, 22}  # the worker's is_bound: a set lookup, as in runner._BoundPorts
-    events: queue.SimpleQueue = queue.SimpleQueue()
 
     def fresh():
-        # on_new as `nftdivert run` wires it: build the log event, hand it to the log thread.
-        return build_fixup(cfg, lambda proto, addr, port: port in bound_ports,
-                           on_new=lambda conv: events.put(new_conversation_event(cfg, conv)))
+        # As `nftdivert run` wires it: the log watches conntrack, nothing hangs on the worker.
+        return build_fixup(cfg, lambda proto, addr, port: port in bound_ports)
 
     local = ipaddress.ip_address(DIVERT_ADDR).packed  # after `redirect`: the diverter's address
     psh = 0x08
@@ -96,8 +93,6 @@ def micro(iterations: int, reps: int) -> dict:
                 raise BenchError(f"micro {kind}: {len(batch)} packets, {c.rewritten - c0} rewritten, "
                                  f"{c.errors} errors ({fx.last_error!r}), {c.malformed} malformed")
             times.append(dt / len(batch) * 1e6)
-            while not events.empty():
-                events.get_nowait()
         # Best of the repetitions: other load on the machine only ever adds time.
         us = min(times)
         results[kind] = {"us_per_packet": us, "median_us": statistics.median(times), "packets_per_s": 1e6 / us,

@@ -73,8 +73,11 @@ class NftdivertSide:
 
     def start(self) -> None:
         # The default config, queue backend left to auto; a stop takes containment too,
-        # so the kernel-only side and the check below find nothing of ours.
-        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n')
+        # so the kernel-only side and the check below find nothing of ours. No
+        # admission limit: one client address opens thousands of connections a
+        # second here, and the bench measures the data path, not the share.
+        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
+                            'new_tcp_per_source = 0\nnew_udp_per_source = 0\n')
         observe = (["--log", str(self.log), "--log-format", "json"] if "log" in self.observe else ["--log", ""]) \
             + (["-w", str(self.pcap)] if "pcap" in self.observe else [])
         argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), *observe]
@@ -151,7 +154,7 @@ class NftdivertSide:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("protocol") == "tcp":
+                if rec.get("protocol") == "tcp" and rec.get("event") == "start":
                     log_tcp += 1
                     targets.add(rec.get("original_destination"))
         return {"log_tcp_conversations": log_tcp, "log_targets": targets}

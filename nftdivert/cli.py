@@ -9,7 +9,7 @@ import click
 
 from nftdivert import config as config_mod
 from nftdivert import __version__, errors
-from nftdivert.ruleset import engine, owner
+from nftdivert.ruleset import engine, keywords, owner
 from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
 from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
@@ -17,9 +17,10 @@ CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded 
                "built-in echo listeners on TCP and UDP 1337, fail-closed, containment on.")
 
 
-def _config(path: str | None) -> config_mod.Config:
+def _config(path: str | None, *, kernel: bool = True) -> config_mod.Config:
+    """The config, its table name checked; kernel=False: without libnftables (render)."""
     cfg = config_mod.load(path)
-    check_table_name(cfg.table)
+    (check_table_name if kernel else keywords.check_table_name)(cfg.table)
     return cfg
 
 
@@ -83,7 +84,7 @@ def render(config_path: str | None, backend: str | None, after_stop: bool) -> No
     """
     from nftdivert.ruleset import model, render as render_mod
 
-    cfg = _config(config_path)
+    cfg = _config(config_path, kernel=False)
     if not after_stop:
         click.echo(render_mod.render_for(cfg, backend), nl=False)
         return
@@ -102,13 +103,13 @@ def check(config_path: str | None, ruleset: str | None) -> None:
     changes. As root it checks in this network namespace; otherwise in a user
     and network namespace of its own, where the system allows that. Also says
     which queue backend `auto` would pick. A RULESET must be UTF-8 text of at
-    most 1 MiB.
+    most 1 MiB, with no `include` (nftdivert checks only the text it is given).
     """
     if config_path and ruleset:
         raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
     if ruleset:
         text = config_mod.read_input(ruleset, "RULESET")
-        engine.check_text(text, Nft() if is_root() else None)
+        engine.check_text(text, Nft() if is_root() else None, source=ruleset)
         click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
         return
     cfg = _config(config_path)
@@ -127,6 +128,8 @@ def apply(config_path: str | None) -> None:
     Replaces only nftdivert's own table (other tables, Docker's and
     firewalld's included, stay untouched). If the kernel rejects the new
     ruleset, the previous one stays in force and the error names the line.
+    If a step after the commit fails (the xt backend's iptables rules), what
+    this apply added is taken back: the previous table returns, or ours goes.
     Without a running worker, diverted packets are dropped (fail-closed) or
     passed (fail-open); `nftdivert run` applies and runs the worker in one go.
     A table that a running `nftdivert run` owns is only loaded again with
@@ -210,12 +213,26 @@ def status(table: str, config_path: str | None) -> None:
     for ch in st.chains:
         click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
     click.echo("  sets: " + ", ".join(f"{k}={v}" for k, v in sorted(st.sets.items())))
+    if st.admission:
+        click.echo("  admission: dropped " + ", ".join(f"{p} {n}" for p, n in sorted(st.admission.items()))
+                   + " new conversations over their client's share (queue.new_*_per_source)")
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
     from nftdivert import runner
 
     worker = runner.read_stats(table)
     click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
+
+
+def _summary_option(_ctx, _param, value: str | None) -> str | None:
+    """A summary file that cannot be written is bad input, found before anything starts."""
+    if value is not None:
+        try:
+            with open(value, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ConfigError("--summary", value, exc.strerror or str(exc)) from None
+    return value
 
 
 def _diverter_options(func):
@@ -231,6 +248,8 @@ def _diverter_options(func):
         click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.'),
         click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
                      help="JSON Lines or one readable line per conversation (auto: text on a terminal)."),
+        click.option("--summary", "summary", type=click.Path(dir_okay=False), callback=_summary_option,
+                     help="Also write the table of what was contacted, printed at the end, as JSON to this file."),
     )):
         func = option(func)
     return func
@@ -249,7 +268,7 @@ def _diverter_config(config_path: str | None, log_target: str | None, log_format
 @cli.command()
 @_diverter_options
 def run(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
-        log_format: str | None) -> None:
+        log_format: str | None, summary: str | None) -> None:
     """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
 
     Every conversation to an unbound port on any address reaches the default
@@ -271,7 +290,7 @@ def run(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, l
 
     cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
     _root_nft("run")
-    final = runner.run(cfg, pcap_path=pcap)
+    final = runner.run(cfg, pcap_path=pcap, summary_path=summary)
     if final:
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 
@@ -297,7 +316,7 @@ def _timeout(value: str | None) -> float | None:
               help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
-            log_format: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
+            log_format: str | None, summary: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
@@ -323,7 +342,7 @@ def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | Non
 
     seconds = _timeout(timeout)
     cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
-    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds)
+    status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds, summary=summary)
     raise SystemExit(status)
 
 

@@ -28,6 +28,8 @@ AFTER_STOP = ("keep", "remove")
 # A config or ruleset larger than this is refused unread: no real one comes
 # near it, and reading without a bound lets `-c /dev/zero` eat all memory.
 MAX_INPUT_BYTES = 1024 * 1024
+# Far above what one worker handles (tens of thousands of packets a second).
+MAX_ADMISSION_RATE = 1_000_000
 
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 _LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
@@ -146,9 +148,20 @@ class QueueConfig:
     # xt backend only: the nft table marks packets for the iptables-nft queue
     # rules with this bit, because those rules cannot see the table's sets.
     mark: int = 0x00D10000
+    # Admission: new conversations per second from one client address (per
+    # family) that may enter the incoming queue; the rest are dropped before
+    # it, counted, and retransmitted by the client. A flood from one client
+    # then cannot fill the queue and starve every other conversation. 0: no limit.
+    new_tcp_per_source: int = 500
+    new_udp_per_source: int = 2000
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.backend", self.backend, BACKENDS)
+        for name in ("new_tcp_per_source", "new_udp_per_source"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, int, "an integer number of new conversations per second")
+            if not 0 <= value <= MAX_ADMISSION_RATE:
+                raise ConfigError(f"{key}.{name}", value, f"must be 0 (no limit) to {MAX_ADMISSION_RATE}")
         for name in ("incoming", "outgoing"):
             value = getattr(self, name)
             _check_type(f"{key}.{name}", value, int, "an integer queue number")
@@ -206,6 +219,10 @@ class WorkerConfig:
     # and a group another program already reads is refused, so captures never mix.
     pcap_group: int = 1337
     pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
+    pcap: str = ""
+    # The ruleset sets this conntrack mark bit on every conversation it
+    # answers; the conversation log reads only entries that carry it.
+    ct_mark: int = 0x00200000
 
     def validate(self, key: str) -> None:
         _check_type(f"{key}.max_conversations", self.max_conversations, int, "an integer")
@@ -222,6 +239,9 @@ class WorkerConfig:
         _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
         if self.pcap and self.pcap == self.pcap_rewritten:
             raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
+        _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
+        if not 0 < self.ct_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
 
 
 # A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and

@@ -32,7 +32,8 @@ from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
-from nftdivert.worker.queue import Worker, build_fixup, new_conversation_event
+from nftdivert.services.observation import Observation
+from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
@@ -92,10 +93,14 @@ def _say(message: str) -> None:
     print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
-def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None) -> dict:
+def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
+        summary_path: str | None = None, clients_netns: str | None = None) -> dict:
     """Run until SIGINT or SIGTERM; returns the final counters. Leaves nothing behind.
 
     `on_ready` is called once the ruleset is in place and the worker is about to pump.
+    The table of what was contacted goes to stderr at the end, and as JSON to
+    `summary_path`. `clients_netns`: where the clients live (the sandbox's),
+    for naming their processes.
     """
     nft = Nft()
     if pcap_path:  # -w: into the config, whose ruleset then carries the capture chains
@@ -103,7 +108,7 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(config, nft, on_ready)
+        return _run(config, nft, on_ready, Observation(summary_path, clients_netns))
     except _Stopped:
         _say("stopped before the worker started")
         return {}
@@ -120,12 +125,13 @@ def _stop_early(*_args) -> None:
     raise _Stopped
 
 
-def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dict:
+def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: Observation) -> dict:
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
         stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
+        seen.open_summary(stack)
         capture = _start_capture(config, stack)  # before any thread of ours: the reader is a fork
         pcap_path = config.worker.pcap_rewritten or None
         pcap = None
@@ -152,16 +158,14 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
         if pcap is not None:
             _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
-        log = ConversationLog(stream, as_json, lookup=_conntrack_lookup(stack), name_for=listeners.name_for)
+        log = ConversationLog(stream, as_json)
         stack.callback(log.close)
         listeners.on_question = log.dns_question
         listeners.on_recycled = log.dns_recycled
 
         ports = _BoundPorts(nft, config.table)
-        # The worker asks conntrack on its own socket: the log thread's retries must not hold it up.
-        fixup = build_fixup(config, ports.is_bound,
-                            on_new=lambda conv: log.submit(new_conversation_event(config, conv)),
-                            is_local=ports.is_local, resolve=_conntrack_lookup(stack))
+        observer = seen.start(config, stack, log, listeners.name_for)
+        fixup = build_fixup(config, ports.is_bound, is_local=ports.is_local, resolve=_conntrack_lookup(stack))
         statsfile = stats_path(config.table)
         warned = False
 
@@ -178,7 +182,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
-            _write_stats(statsfile, _snapshot(worker, listeners, log))
+            _write_stats(statsfile, _snapshot(worker, listeners, log, observer, _admission(config.table, nft)))
             stopped = capture.failed() if capture is not None else None
             if stopped:  # stop rather than divert uncaptured
                 raise NftDivertError(stopped)
@@ -202,13 +206,13 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None) -> dic
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
-        _write_stats(statsfile, _snapshot(worker, listeners, log))
+        _write_stats(statsfile, _snapshot(worker, listeners, log, observer, _admission(config.table, nft)))
         if on_ready is not None:
             on_ready()
         worker.run()
         warn_once()
         _say("stopping: removing the ruleset, unbinding the queues")
-        final = _snapshot(worker, listeners, log)
+        final = _snapshot(worker, listeners, log, observer, _admission(config.table, nft))  # the table is still loaded
     return final
 
 
@@ -265,7 +269,15 @@ def _leave_table(config: Config, nft: Nft) -> None:
              "nothing is diverted; `nftdivert remove` takes it away")
 
 
-def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog) -> dict:
+def _admission(table: str, nft: Nft) -> dict[str, int]:
+    try:
+        return engine.admission_drops(table, nft)
+    except (KernelError, OSError):
+        return {}  # counters are a courtesy; diverting goes on
+
+
+def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, observer,
+              admission: dict[str, int]) -> dict:
     c = worker.fixup.counters
     return {
         "pid": os.getpid(),
@@ -273,12 +285,14 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog) 
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
                     "malformed": c.malformed, "dropped": c.dropped,
                     "errors": c.errors + worker.stats.verdict_errors, "hook_errors": c.hook_errors},
-        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed},
+        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
+                "events_lost": observer.lost},
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
                           "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
         "kernel": worker.kernel_drops(),
+        "admission": admission,
     }
 
 
@@ -310,8 +324,16 @@ def summary(snap: dict) -> str:
             f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
             f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
             f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
-            f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']})"
-            + _kernel_summary(snap.get("kernel", {})))
+            f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
+            f"conntrack event overruns {lg.get('events_lost', 0)}"
+            + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))
+
+
+def _admission_summary(admission: dict[str, int]) -> str:
+    if not admission:
+        return ""
+    return "; admission dropped " + ", ".join(f"{proto} {n}" for proto, n in sorted(admission.items())) + \
+        " new conversations"
 
 
 def _kernel_summary(kernel: dict) -> str:

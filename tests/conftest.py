@@ -3,14 +3,16 @@
 Session start: a preflight names every program the suite needs that is
 missing (tests/programs.py), with its Debian package, and stops the run.
 
-Markers: `kernel` (root and a real kernel), `slow`, `load`, and `vm`. The VM
-tier (`make test-kernel`) runs `-m vm`: what needs a stock kernel with the
-native nft queue. The rule: every test in an end-to-end module
-(tests/e2e/test_e2e*.py) is `vm` unless it is marked `load` or `slow` (under
-emulation a load test only stresses qemu) or `any_backend` (what it proves does
-not depend on the queue backend, e.g. DNS answers); other tests join by a `vm` mark of their own
-(the kernel's read-back of native rulesets). So a new end-to-end test runs in
-the VM without further ado.
+Markers: `kernel` (root and a real kernel), `slow`, `load`, `vm` and
+`any_backend`. The VM tier (`make test-kernel`) runs `-m vm`: what needs a
+stock kernel with the native nft queue, and nothing else, because under
+emulation every test costs ten to sixty times what it costs here. The rule:
+every test in an end-to-end module (tests/e2e/test_e2e*.py) is `vm` unless it
+is marked `load` or `slow` (under emulation a load test only stresses qemu) or
+`any_backend` (what it proves is the same code on both queue backends: the
+worker's logic, ownership, containment, DNS; the host covers it). Other tests
+join by a `vm` mark of their own (the kernel's read-back of native rulesets).
+So a new end-to-end test runs in the VM unless it says why not.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 MARKERS = {
     "vm": "needs a stock kernel's native nft queue: runs in the VM tier (make test-kernel)",
-    "any_backend": "end to end, but the queue backend plays no part: the host tier covers it, not the VM",
+    "any_backend": "end to end, but the same code on both queue backends: the host tier covers it, not the VM",
     "load": "an end-to-end load test: stays on the host, out of the VM tier",
 }
 

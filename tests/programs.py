@@ -12,8 +12,10 @@ import shutil
 
 PACKAGES = {
     "cat": "coreutils",
+    "conntrack": "conntrack",
     "curl": "curl",
     "dig": "bind9-dnsutils",
+    "env": "coreutils",
     "grep": "grep",
     "id": "coreutils",
     "ip": "iproute2",

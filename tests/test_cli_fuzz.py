@@ -159,7 +159,7 @@ def child(examples: int, workdir: Path) -> None:
     current = workdir / "current.json"
     statuses: dict[str, int] = {}
 
-    def one(argv: list[str], content: bytes | None) -> None:
+    def one(argv: list[str], content: bytes | None) -> int:
         if content is not None:
             path.write_bytes(content)
         current.write_text(json.dumps({"argv": argv, "content": (content or b"")[:2000].decode("latin-1")}))
@@ -167,6 +167,7 @@ def child(examples: int, workdir: Path) -> None:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         assert status in (0, 1, 2), f"{argv}: exit {status}\n{printed[-4000:]}"
         assert "Traceback" not in printed, f"{argv}:\n{printed[-4000:]}"
+        return status
 
     # Fixed cases first: the ones issue #10 found, and past the read cap.
     big = [b"a = " + b"[" * 2048, b"[" * 2048, b"x = " + b"{a=" * 3000, b"\xff\xfe" * 100,
@@ -176,6 +177,10 @@ def child(examples: int, workdir: Path) -> None:
             one(argv, content)
     for argv in _commands("/dev/zero"):
         one(argv, None)
+    # A ruleset that includes other files (/dev/zero never ends): refused unread.
+    for include in (b'include "/dev/zero"\n', b'table inet x {\n\tinclude "/dev/zero"\n}\n',
+                    b'flush ruleset; include \\\n"/dev/*"\n'):
+        assert one(["check", str(path)], include) == 2, f"not refused as bad input: {include!r}"
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))

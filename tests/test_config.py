@@ -136,6 +136,12 @@ BAD = [
     case("queue-mark-too-wide", "[queue]\nmark = 0x100000000\n", "queue.mark", "32-bit"),
     case("bad-backend", '[queue]\nbackend = "iptables"\n', "queue.backend", "one of auto, nft, xt"),
     case("bad-fail", '[queue]\nfail = "maybe"\n', "queue.fail", "one of closed, open"),
+    case("admission-negative", "[queue]\nnew_tcp_per_source = -1\n", "queue.new_tcp_per_source", "0 (no limit) to"),
+    case("admission-too-high", "[queue]\nnew_udp_per_source = 1000001\n", "queue.new_udp_per_source", "to 1000000"),
+    case("admission-as-bool", "[queue]\nnew_tcp_per_source = true\n", "queue.new_tcp_per_source", "boolean"),
+    case("admission-as-float", "[queue]\nnew_udp_per_source = 1.5\n", "queue.new_udp_per_source", "not float"),
+    case("admission-as-string", '[queue]\nnew_tcp_per_source = "1000/second"\n', "queue.new_tcp_per_source",
+         "not str"),
     # --- mode, table --------------------------------------------------------------------------
     case("bad-mode", 'mode = "router"\n', "mode", "one of gateway, local, both"),
     case("mode-uppercase", 'mode = "Gateway"\n', "mode", "one of gateway"),
@@ -243,6 +249,7 @@ def test_no_file_and_empty_file_are_the_safe_default(tmp_path):
     assert cfg.ipv4 and cfg.ipv6 and cfg.forward_containment
     assert cfg.queue.fail == "closed" and cfg.queue.backend == "auto"
     assert (cfg.queue.incoming, cfg.queue.outgoing) == (0, 1)
+    assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source) == (500, 2000)
     assert cfg.default_listener("tcp") == Listener("tcp-echo", "tcp", 1337)
     assert cfg.default_listener("udp") == Listener("udp-echo", "udp", 1337)
 

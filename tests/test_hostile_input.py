@@ -203,3 +203,54 @@ def test_shown_values_are_bounded_in_length_and_depth():
     assert shown(deep) == "[[[[...]]]]"
     assert len(shown("x" * 10**6)) < MESSAGE_LINE_CHARS
     assert shown("a\nb") == "'a\\nb'"
+
+
+# ---- rulesets that make nft read other files ------------------------------------------------
+
+# nft follows `include` wherever its scanner meets the word as a token: at the
+# top, inside a table or chain block, after a `;`, past a line continuation,
+# and with a glob. /dev/zero never ends: before, check read it until the cap.
+INCLUDES = [
+    pytest.param('include "/dev/zero"\n', 1, id="dev-zero"),
+    pytest.param('flush ruleset; include "/etc/passwd"\n', 1, id="after-semicolon"),
+    pytest.param('table inet x {\n\tinclude "/etc/nftables.conf"\n}\n', 2, id="in-a-block"),
+    pytest.param('# a comment\ntable inet x {\n\tchain c {\n\t\tinclude "/dev/zero"\n\t}\n}\n', 4, id="in-a-chain"),
+    pytest.param('table inet x { comment "one\nline" }; include \\\n "/dev/zero"\n', 2, id="continued"),
+    pytest.param('include "/etc/*"\n', 1, id="glob"),
+    pytest.param('include "relative.nft"\n', 1, id="search-path"),
+]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("text, line", INCLUDES)
+def test_check_refuses_a_ruleset_that_includes_other_files(host, tmp_path, text, line):
+    ruleset = tmp_path / "with-include.nft"
+    ruleset.write_text(text)
+    err = assert_bad_input(run("check", str(ruleset), ns=host, timeout=30),
+                           f"{ruleset}:{line} = ", "`include` makes nft read another file")
+    print(f"\n{err.strip()}")
+
+
+@pytest.mark.kernel
+def test_the_word_include_in_a_comment_or_a_string_is_no_include(host, tmp_path):
+    ruleset = tmp_path / "no-include.nft"
+    ruleset.write_text("# include \"/dev/zero\"\n"
+                       "table inet nd_incl {\n"
+                       "\tcomment \"include '/dev/zero'\"\n"
+                       "\tchain include_not {\n\t}\n"
+                       "}\n")
+    proc = run("check", str(ruleset), ns=host, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_no_command_hands_libnftables_an_include():
+    # The door itself refuses, whoever calls it (apply, diff's scratch namespace, check).
+    from nftdivert.errors import ConfigError
+    from nftdivert.ruleset.kernel import refuse_file_reads
+
+    with pytest.raises(ConfigError, match="ruleset:2 = "):
+        refuse_file_reads('table inet x {\n}; include "/dev/zero"\n', "ruleset")
+    refuse_file_reads('table inet x { comment "include"; }  # include "/dev/zero"\n', "ruleset")
+    # Lines are nft's: only a newline ends one (not a carriage return or U+2028).
+    with pytest.raises(ConfigError, match="ruleset:2 = 'include"):
+        refuse_file_reads('# a\rb\u2028c\ninclude "/dev/zero"\n', "ruleset")

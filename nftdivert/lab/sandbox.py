@@ -198,7 +198,7 @@ def _remove_stats(lab: Lab) -> None:
 
 # ---- the diverter -------------------------------------------------------------------
 
-def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, int]:
+def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | None) -> tuple[int, int]:
     """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
     ready_r, ready_w = os.pipe()
 
@@ -211,7 +211,8 @@ def _start_diverter(lab: Lab, config: Config, pcap: str | None) -> tuple[int, in
             netns.Netns(lab.diverter).enter()
             from nftdivert import runner
 
-            final = runner.run(config, pcap_path=pcap, on_ready=lambda: os.write(ready_w, b"1"))
+            final = runner.run(config, pcap_path=pcap, on_ready=lambda: os.write(ready_w, b"1"),
+                               summary_path=summary, clients_netns=str(netns.NETNS_DIR / lab.client))
             if final:
                 print(f"nftdivert: {runner.summary(final)}", file=sys.stderr, flush=True)
             return 0
@@ -316,7 +317,8 @@ def _interrupt(signo, _frame) -> None:
     raise _Interrupted(signo)  # unwinds run(): the finally clause cleans up
 
 
-def run(config: Config, command: list[str], *, pcap: str | None = None, timeout: float | None = None) -> int:
+def run(config: Config, command: list[str], *, pcap: str | None = None, timeout: float | None = None,
+        summary: str | None = None) -> int:
     """Run `command` in a fresh sandbox until its whole tree has exited.
 
     Returns CMD's exit status (128+N for signal N), TIMED_OUT after `timeout`
@@ -335,7 +337,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
             _say(f"removed what killed sandboxes left behind: {', '.join(removed)}")
         lock = _lock(base)
         lab = create(base, config.ipv6)
-        pid, ready_fd = _start_diverter(lab, config, pcap)
+        pid, ready_fd = _start_diverter(lab, config, pcap, summary)
         try:
             _wait_ready(pid, ready_fd)
         finally:

@@ -14,7 +14,8 @@ from nftdivert.ruleset import backends, model, owner, render, scratch
 from nftdivert.services import bound
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import Config
-from nftdivert.ruleset.kernel import Nft
+from nftdivert.errors import KernelError, NftDivertError, clip
+from nftdivert.ruleset.kernel import Nft, refuse_file_reads, table_ref
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,14 @@ def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
     return backends.select(config.queue.backend, nft)
 
 
-def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert") -> None:
-    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection."""
+def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> None:
+    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection.
+
+    Text that would make libnftables read other files is refused first (bad input).
+    """
+    refuse_file_reads(text, source)
     if nft is not None:
-        nft.run(text, dry_run=True)
+        nft.run(text, dry_run=True, source=source)
     else:  # not root: a user + network namespace of our own
         scratch.run("check", text, table)
 
@@ -66,13 +71,49 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied
         owner.check_apply(rs.table, text)
     else:
         claim.record(text)
+    previous = nft.list_table(rs.table, stateless=False)
+    previous_xt = _xt_rules_if_readable(rs.table, nft)
     nft.run(text + bound.set_commands(rs.table, bound.read()))
-    backend.install(rs)
-    # A table of ours from another backend leaves its rules behind otherwise.
-    for other in backends.BACKENDS.values():
-        if other is not type(backend):
-            other(nft).remove(rs.table)
+    try:
+        backend.install(rs)
+        # A table of ours from another backend leaves its rules behind otherwise.
+        for other in backends.BACKENDS.values():
+            if other is not type(backend):
+                other(nft).remove(rs.table)
+    except (NftDivertError, OSError) as exc:
+        raise _take_back(rs.table, previous, previous_xt, nft, exc) from None
     return Applied(rs.table, backend.name, reason, rs)
+
+
+def _xt_rules_if_readable(table: str, nft: Nft) -> list[str] | None:
+    """Our xt rules now; None without iptables (then an apply cannot add any either)."""
+    try:
+        return backends.XtQueue(nft).installed(table)
+    except KernelError:
+        return None
+
+
+def _take_back(table: str, previous: str | None, previous_xt: list[str] | None, nft: Nft,
+               exc: Exception) -> KernelError:
+    """Undo an apply that failed after its commit: the table as it was (or none), our xt rules as they were.
+
+    Otherwise the new table would stay, marking packets that no rule queues.
+    """
+    try:
+        if previous is None:
+            if nft.has_table(table):
+                nft.delete_table(table)
+            done = "removed"
+        else:
+            nft.run(f"table {table_ref(table)}\ndelete table {table_ref(table)}\n{previous}", source="previous table")
+            done = "the previous table is restored"
+        if previous_xt is not None:
+            backends.XtQueue(nft).restore(table, previous_xt)
+    except (NftDivertError, OSError) as undo:
+        return KernelError(clip(f"apply of table inet {table} failed after the kernel loaded it ({exc}), "
+                                f"and taking it back failed too: {undo}"))
+    return KernelError(clip(f"apply of table inet {table} failed after the kernel loaded it, "
+                            f"so it was taken back ({done}): {exc}"))
 
 
 def remove(table: str, nft: Nft) -> list[str]:
@@ -108,9 +149,9 @@ def after_stop(config: Config, nft: Nft) -> bool:
     return True
 
 
-# The bound-port sets change at run time by design: never drift.
+# The bound-port and admission sets change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\tset bound_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\tset (?:bound|admit)_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:
@@ -166,6 +207,8 @@ class Status:
     chains: tuple[ChainStatus, ...] = ()
     xt_rules: tuple[str, ...] = ()
     sets: dict[str, int] = field(default_factory=dict)
+    # protocol -> new conversations admission control dropped before the queue
+    admission: dict[str, int] = field(default_factory=dict)
 
     @property
     def contained(self) -> bool:
@@ -186,7 +229,7 @@ def status(table: str, nft: Nft) -> Status:
         if not rule:
             continue
         for expr in rule["expr"]:
-            if "counter" in expr:
+            if isinstance(expr.get("counter"), dict):  # a named one is {"counter": "name"}: counted below
                 packets[rule["chain"]] += expr["counter"]["packets"]
             queued_natively |= "queue" in expr
     sets = {o["set"]["name"]: len(o["set"].get("elem", [])) for o in objects if "set" in o}
@@ -195,4 +238,15 @@ def status(table: str, nft: Nft) -> Status:
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
-        xt_rules=xt, sets=sets)
+        xt_rules=xt, sets=sets, admission=_admission(objects))
+
+
+def _admission(objects: list[dict]) -> dict[str, int]:
+    prefix = "admission_"
+    return {o["counter"]["name"][len(prefix):]: o["counter"]["packets"]
+            for o in objects if "counter" in o and o["counter"]["name"].startswith(prefix)}
+
+
+def admission_drops(table: str, nft: Nft) -> dict[str, int]:
+    """protocol -> new conversations dropped by admission control so far ({} without the table)."""
+    return _admission(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}))

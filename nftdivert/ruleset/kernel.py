@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
 from nftdivert.config import check_table_name as _check_table_syntax
+from nftdivert.ruleset import keywords
 from nftdivert.errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
 
@@ -35,6 +37,7 @@ class Nft:
         The text goes through a file because libnftables then reports errors
         as `source:line:columns`, which a buffer does not.
         """
+        refuse_file_reads(commands, source)
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".nft", prefix="nftdivert-") as f:
             f.write(commands)
             f.flush()
@@ -102,6 +105,28 @@ def _json_result(rc: int, out: str, err: str) -> list[dict[str, Any]]:
     return json.loads(out).get("nftables", []) if out.strip() else []
 
 
+# What nft's scanner reads as text it will not act on: a quoted string (no
+# escapes, may span lines) or a comment to the end of the line. An `include`
+# anywhere else is a token, whatever surrounds it (`;`, a block, a `\`-newline).
+_INERT = re.compile(r'"[^"]*"|#[^\n]*')
+_INCLUDE = re.compile(r"(?<![A-Za-z0-9_])include(?![A-Za-z0-9_])")
+
+
+def refuse_file_reads(text: str, source: str) -> None:
+    """Refuse nft text that would make libnftables read another file: `include`.
+
+    nftdivert never renders one; in a ruleset given to `check` it would read
+    a file the user did not name (`include "/dev/zero"` never ends). Checked
+    before libnftables sees the text. Raises ConfigError naming the line.
+    """
+    code = _INERT.sub(lambda m: re.sub(r"[^\n]", " ", m[0]), text)  # blanked, line numbers kept
+    found = _INCLUDE.search(code)
+    if found:
+        number = code.count("\n", 0, found.start()) + 1
+        raise ConfigError(f"{source}:{number}", text.split("\n")[number - 1].strip(),
+                          "an `include` makes nft read another file; nftdivert checks only the text it is given")
+
+
 def table_ref(table: str) -> str:
     """`inet NAME` for nft command text: the one place a table name enters nft syntax.
 
@@ -138,18 +163,20 @@ def _short_line(line: str) -> str:
 
 
 def check_table_name(table: object, key: str = "table") -> None:
-    """Every table name from the user passes here: the config's syntax rule, then nft's keywords."""
-    _check_table_syntax(key, table)
+    """Every table name from the user passes here on its way to the kernel: the
+    config's syntax rule and the listed keywords, then the installed parser
+    (a newer nft may know words the list does not)."""
+    keywords.check_table_name(table, key)
     if is_reserved_word(table):  # type: ignore[arg-type]
-        raise ConfigError(key, table, "nft reads this name as a keyword; choose another")
+        raise ConfigError(key, table, keywords.KEYWORD_REASON)
 
 
 def is_reserved_word(name: str) -> bool:
     """Whether nft's parser takes `name` for a keyword (`drop`, `counter`, ...).
 
-    nft cannot quote a table name, and its keyword list is long and grows
-    with each release, so ask the parser itself: a dry run that fails on
-    syntax never reaches the kernel, so this works unprivileged too.
+    nft cannot quote a table name, and its keyword list grows with each
+    release, so ask the parser itself: a dry run that fails on syntax never
+    reaches the kernel, so this works unprivileged too.
     """
     ctx = _library().Nftables()
     ctx.set_dry_run(True)

@@ -34,6 +34,7 @@ class Ruleset:
     outgoing_queue: int
     bypass: bool
     mark: int
+    ct_mark: int  # on every conversation the redirect answers: what the conversation log reads
     default_tcp_port: int | None
     default_udp_port: int | None
     leave_alone_tcp_ports: tuple[str, ...]
@@ -48,10 +49,24 @@ class Ruleset:
     mss: int = DIVERTED_MSS
     # The capture (worker.pcap): nflog group of the capture chains, None when nothing is captured.
     capture_group: int | None = None
+    # Admission: protocol -> new conversations per second per client address (0: no limit).
+    admit: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def admission(self) -> tuple[tuple[str, int, int], ...]:
+        """(protocol, rate, burst) of each limited protocol. The burst, half a
+        second's worth, lets a scanner's batch through without filling the queue.
+        A protocol without a default listener is never queued, so never limited."""
+        queued = {"tcp": self.default_tcp_port is not None, "udp": self.default_udp_port is not None}
+        return tuple((proto, rate, max(rate // 2, 1)) for proto, rate in self.admit if rate and queued[proto])
 
     @property
     def mark_hex(self) -> str:
         return f"0x{self.mark:x}"
+
+    @property
+    def ct_mark_hex(self) -> str:
+        return f"0x{self.ct_mark:x}"
 
     @property
     def unmark_hex(self) -> str:
@@ -62,6 +77,12 @@ class Ruleset:
         # Quoted by hand: validation already refused quotes and backslashes,
         # and JSON-style escaping would change the names the kernel matches.
         return ", ".join(f'"{name}"' for name in self.interfaces)
+
+    @property
+    def admission_keys(self) -> tuple[tuple[str, str, str], ...]:
+        """(set suffix, element type, source address expression) per enabled family."""
+        keys = (("v4", "ipv4_addr", "ip saddr"), ("v6", "ipv6_addr", "ip6 saddr"))
+        return tuple(k for k, on in zip(keys, (self.ipv4, self.ipv6)) if on)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -101,6 +122,7 @@ def build(config: Config, backend: str) -> Ruleset:
         outgoing_queue=config.queue.outgoing,
         bypass=config.queue.fail == "open",
         mark=config.queue.mark,
+        ct_mark=config.worker.ct_mark,
         default_tcp_port=tcp.port if tcp else None,
         default_udp_port=udp.port if udp else None,
         leave_alone_tcp_ports=_ports(la.tcp_ports),
@@ -114,4 +136,5 @@ def build(config: Config, backend: str) -> Ruleset:
         ),
         contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
         capture_group=config.worker.pcap_group if config.worker.pcap else None,
+        admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
     )

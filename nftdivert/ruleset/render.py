@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from nftdivert.ruleset import model
 from nftdivert.config import Config
 from nftdivert.ruleset.model import Ruleset
+
+if TYPE_CHECKING:
+    import jinja2
 
 # iptables-nft rules carry this comment; removal matches it and nothing else.
 XT_TAG_PREFIX = "nftdivert:"
@@ -27,7 +29,11 @@ def _template_dir() -> Path:
 
 
 @functools.cache
-def _environment() -> jinja2.Environment:
+def _environment() -> "jinja2.Environment":
+    # Imported here: status, remove and the worker's edges never render, and
+    # loading jinja2 costs seconds per process under emulation (the VM tier).
+    import jinja2
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(_template_dir()),
         undefined=jinja2.StrictUndefined,

@@ -15,8 +15,10 @@ remapped (its reply tuple then names the new port), so the worker asks it
 for replies it cannot place; see `Conntrack.entry`.
 
 Entries are only in the table once confirmed, i.e. after the first packet has
-passed the last netfilter hook. The queue callback runs before that, hence
-the logging thread (convlog) looks up shortly after, and again if need be.
+passed the last netfilter hook. The queue callback runs before that; the
+worker asks only at a listener's reply, by which time the entry is there.
+The conversation log does not look up at all: it reads conntrack's events
+(ctevents.py, built on the helpers here).
 """
 from __future__ import annotations
 
@@ -184,13 +186,18 @@ def build_get_request(seq: int, version: int, protocol: int, client: bytes, clie
     return NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
 
 
-def _u32(attrs: dict[int, memoryview], attr_type: int) -> int:
+def unsigned(attrs: dict[int, memoryview], attr_type: int, size: int) -> int:
+    """A big-endian unsigned attribute of `size` bytes; 0 when absent."""
     value = attrs.get(attr_type)
     if value is None:
         return 0
-    if len(value) != 4:
-        raise NetlinkFormatError(f"attribute {attr_type} of {len(value)} bytes, not 4")
-    return struct.unpack("!I", value)[0]
+    if len(value) != size:
+        raise NetlinkFormatError(f"attribute {attr_type} of {len(value)} bytes, not {size}")
+    return int.from_bytes(value, "big")
+
+
+def _u32(attrs: dict[int, memoryview], attr_type: int) -> int:
+    return unsigned(attrs, attr_type, 4)
 
 
 def _endpoint(ip: dict[int, memoryview], proto: dict[int, memoryview], which: str) -> tuple[bytes, int]:

@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from nftdivert.config import Config
-from nftdivert.services.dns import NameHistory, Question, Resolver
+from nftdivert.services.names import NameHistory, Question
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.services.listeners import Listeners, ListenerStats
 
@@ -154,6 +154,8 @@ def _serve(config: Config, conn, parent: int) -> None:
 
     resolver = None
     if any(lst.kind == "dns" for lst in config.listeners):
+        from nftdivert.services.dns import Resolver  # dnspython: only where a DNS listener runs
+
         resolver = Resolver.from_config(
             config.dns, on_question=lambda *q: send(("dns", *q)),
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))

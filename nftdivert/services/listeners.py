@@ -16,9 +16,12 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nftdivert.config import HttpConfig, Listener
-from nftdivert.services.dns import Resolver
+
+if TYPE_CHECKING:
+    from nftdivert.services.dns import Resolver
 
 
 @dataclass

@@ -58,6 +58,9 @@ class _Peer:
     # Original ports of its routes -> how many routes use each, most recently used last.
     ports: OrderedDict = field(default_factory=OrderedDict)
     cursor: int = 0  # the next alias port to try; 0: not used yet
+    # Every alias port is taken: a new route fails at once, not after a scan
+    # of all of them, until one of this peer's conversations goes.
+    full: bool = False
 
 
 @dataclass(slots=True)
@@ -185,6 +188,8 @@ class ConversationTable:
         if (protocol, client, port, local) not in taken:
             return port
         peer = self._peers.get((protocol, client, local))
+        if peer is not None and peer.full:
+            raise OverflowError("no free client port left at the listener for this client")
         candidate = peer.cursor if peer is not None and peer.cursor else port
         for _ in range(ALIAS_LAST - ALIAS_FIRST + 1):
             candidate = candidate + 1 if ALIAS_FIRST <= candidate < ALIAS_LAST else ALIAS_FIRST
@@ -193,6 +198,8 @@ class ConversationTable:
                 if peer is not None:
                     peer.cursor = candidate
                 return candidate
+        if peer is not None:
+            peer.full = True
         raise OverflowError("no free client port left at the listener for this client")
 
     def recent_ports(self, protocol: int, client: bytes, local: bytes, limit: int) -> list[int]:
@@ -248,6 +255,9 @@ class ConversationTable:
         conv = self._entries.pop(binding, None)
         if conv is None:
             return None
+        freed = self._peers.get((binding[0], binding[1], binding[3]))
+        if freed is not None:
+            freed.full = False  # its client port at the listener is free again
         key = conv.route
         route = self._routes.get(key)
         if route is not None:

@@ -25,8 +25,7 @@ from typing import Callable
 from nftdivert.worker import decide as decide_mod
 from nftdivert.config import Config
 from nftdivert.errors import NftDivertError
-from nftdivert.worker.conversations import Conversation, ConversationTable
-from nftdivert.services.convlog import NewConversation
+from nftdivert.worker.conversations import ConversationTable
 from nftdivert.worker.fixup import DROP, FixUp, Resolve
 from nftdivert.worker.packet import TCP, UDP
 
@@ -226,13 +225,3 @@ class Worker:
                         self.tick(now)
         finally:
             sel.close()
-
-
-def new_conversation_event(config: Config, conv: Conversation) -> NewConversation:
-    protocol, client, client_port, local, original_port = conv.route
-    names = {lst.port: lst.name for lst in config.listeners if lst.protocol == ("tcp" if protocol == TCP else "udp")}
-    return NewConversation(
-        wall_time=time.time(), version=4 if len(client) == 4 else 6, protocol=protocol,
-        client=client, client_port=client_port, local=local, original_port=original_port,
-        listener_name=names.get(conv.listener_port, str(conv.listener_port)),
-        listener_port=conv.listener_port, indev=conv.indev, original=conv.original)

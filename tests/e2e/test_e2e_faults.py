@@ -1,6 +1,11 @@
 """End to end, when things go wrong: stopping, crashing, restarting, and what
 diverted traffic meets while no worker runs (fail closed: nothing; fail open:
-the kernel's own answer). The internet host must see nothing throughout."""
+the kernel's own answer). The internet host must see nothing throughout.
+
+Only fail closed and fail open depend on the queue backend (how each queues
+with no worker bound: the native statement's bypass flag, or NFQUEUE's), so
+only they run in the VM tier. Stopping, the ownership of the table and the
+containment after a stop are the same code on both: any_backend."""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ def _expected_xt_rules(backend: str) -> int:
     return {"xt": 4, "nft": 0}[backend]  # mangle INPUT + raw OUTPUT, per family
 
 
+@pytest.mark.any_backend
 def test_sigterm_leaves_nothing(gw):
     div = gw.ensure()
     r = gw.udp("198.51.100.30", 3000, "before-sigterm")
@@ -34,6 +40,7 @@ def test_sigterm_leaves_nothing(gw):
     assert "stopping: removing the ruleset" in div.stderr(), div.stderr()
 
 
+@pytest.mark.any_backend
 def test_kill9_then_run_again_replaces_the_stale_table(gw, tmp_path):
     div = gw.ensure()
     backend = lab.active_backend(gw.diverter_ns)
@@ -77,6 +84,7 @@ def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
     assert lab.table_handle(gw.diverter_ns) is None
 
 
+@pytest.mark.any_backend
 def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw, tmp_path):
     gw.ensure()
     first = lab.table_handle(gw.diverter_ns)
@@ -98,6 +106,7 @@ OTHER = ('[queue]\nbackend = "{backend}"\nincoming = 10\noutgoing = 11\n'
          '[[listeners]]\nname = "udp-other"\nprotocol = "udp"\nport = 2337\n')
 
 
+@pytest.mark.any_backend
 def test_a_second_run_for_a_live_runs_table_is_refused_and_the_first_keeps_it(gw, tmp_path):
     first = gw.ensure()
     handle = lab.table_handle(gw.diverter_ns)
@@ -129,6 +138,7 @@ def test_a_second_run_for_a_live_runs_table_is_refused_and_the_first_keeps_it(gw
 
 # ---- after a clean stop -----------------------------------------------------------------
 
+@pytest.mark.any_backend
 def test_a_clean_stop_keeps_containment_until_remove(gw, tmp_path):
     div = gw.ensure()
     div.stop_and_check()  # exit 0; the table holds the containment chain alone
@@ -156,6 +166,7 @@ def test_a_clean_stop_keeps_containment_until_remove(gw, tmp_path):
     lab.assert_clean(ns)
 
 
+@pytest.mark.any_backend
 def test_a_clean_stop_with_after_stop_remove_leaves_nothing(gw):
     div = gw.ensure(after_stop="remove")
     pid = div.proc.pid

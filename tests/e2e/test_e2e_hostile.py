@@ -9,6 +9,8 @@ Lab and client programs: tests/lab.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import lab
@@ -127,3 +129,32 @@ def test_packets_with_ip_options_or_extension_headers_are_answered(gw, div, host
 def test_the_tcp_urgent_byte_is_echoed_in_place(gw, div):
     r = gw.client_run("tcp", "198.51.100.34", str(gw.fresh_port()), "before!after", "--urgent", "6")
     assert r["ok"] and r["reply"] == "before!after", r
+
+
+# ---- admission: one client's flood of new conversations stops before the queue -------------
+
+SHARE = 50  # new TCP conversations a second for the client: far below the flood
+
+
+def test_a_clients_syns_beyond_its_share_are_dropped_before_the_queue_and_counted(gw):
+    div = gw.ensure(new_tcp_per_source=SHARE)
+    flood = gw.client_run("synflood", lab.CLIENT4, "198.18.0.0/16", "3000", "--seconds", "1", timeout=60)
+    assert flood["sent"] == 3000, flood
+    # The token bucket lets through at most its burst plus its rate for the time the flood took.
+    most_admitted = SHARE // 2 + SHARE * (flood["seconds"] + 1)
+    status = lab.nftdivert(gw.diverter_ns, "status").stdout
+    print(f"\n{status}")
+    said = re.search(r"admission: dropped tcp (\d+), udp (\d+) new conversations", status)
+    assert said and int(said[1]) >= 3000 - most_admitted and said[2] == "0", status
+    worker = re.search(r"conversations (\d+) ", status)
+    assert worker and int(worker[1]) <= most_admitted, status
+    # The share is per protocol: the same client's UDP is answered at once,
+    # and its TCP again once its share has refilled (SYNs are retransmitted).
+    u = gw.udp("198.51.100.61", gw.fresh_port(), "udp-meanwhile")
+    assert u["ok"] and u["reply"] == "udp-meanwhile", u
+    t = gw.tcp("198.51.100.61", gw.fresh_port(), "tcp-after")
+    assert t["ok"] and t["reply"] == "tcp-after", t
+    # The run's final counters say it too.
+    gw.stop()
+    final = re.search(r"admission dropped tcp (\d+), udp 0 new conversations", div.stderr())
+    assert final and int(final[1]) >= int(said[1]), div.stderr()

@@ -39,7 +39,11 @@ def _kernel_remaps(ns) -> int | None:
 
 # ---- gateway mode ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("proto, subnet, port", [("tcp", 1, 4444), ("udp", 2, 9999)])
+# The VM tier keeps the TCP case: the replies of 49 remapped conversations
+# through the native queue at -300. The rest is the worker's own logic, the
+# same on both backends: the host covers it (any_backend).
+@pytest.mark.parametrize("proto, subnet, port", [("tcp", 1, 4444),
+                                                 pytest.param("udp", 2, 9999, marks=pytest.mark.any_backend)])
 def test_one_client_port_towards_50_addresses_on_one_port(gw, proto, subnet, port):
     div = gw.ensure()
     sport, tag = gw.fresh_port(), uuid.uuid4().hex[:6]
@@ -51,11 +55,12 @@ def test_one_client_port_towards_50_addresses_on_one_port(gw, proto, subnet, por
     lines = gw.log_barrier(div)
     mine = [x for x in lines if x["client"] == f"{lab.CLIENT4}:{sport}" and x["protocol"] == proto]
     assert sorted(x["original_destination"] for x in mine) == sorted(_dest(h, p) for h, p, _ in targets), mine
-    assert {x["original_destination_from"] for x in mine} == {"conntrack"}
+    assert {x["event"] for x in mine} == {"start"} and len({x["id"] for x in mine}) == 50, mine
     if lab.stats_writable():  # 49 of them reached the listener from a port the kernel chose
         assert lab.wait_for(lambda: (_kernel_remaps(gw.diverter_ns) or 0) >= 49, 5, "kernel remaps counted")
 
 
+@pytest.mark.any_backend
 def test_udp_socket_answered_by_one_address_then_sends_to_another_on_the_same_port(gw):
     """P2P and fallback C2: one unconnected socket (an ordinary ephemeral port),
     first answered by 198.51.100.50:9999, then talking to .51:9999."""
@@ -70,6 +75,7 @@ def test_udp_socket_answered_by_one_address_then_sends_to_another_on_the_same_po
     assert sorted(mine) == ["198.51.100.50:9999", "198.51.100.51:9999"], lines
 
 
+@pytest.mark.any_backend
 def test_ipv6_one_client_port_towards_10_addresses(gw):
     div = gw.ensure()
     sport, tag = gw.fresh_port(), uuid.uuid4().hex[:6]
@@ -99,7 +105,7 @@ def test_1000_concurrent_connections_to_1000_addresses_on_443(gw):
 
     def logged() -> list:
         return sorted((x["client"], x["original_destination"]) for x in div.log()
-                      if x["original_destination"] in asked)
+                      if x.get("event") == "start" and x["original_destination"] in asked)
 
     lab.wait_for(lambda: len(logged()) >= 1000, 30, "1000 log lines",
                  detail=lambda: f"{len(logged())} logged")
@@ -114,6 +120,7 @@ def _dropped(ns) -> int:
     return int(m[1]) if m else -1
 
 
+@pytest.mark.any_backend  # NetfilterQueue's copy limit, whichever backend queued the packet
 def test_an_8000_byte_udp_datagram_is_dropped_counted_and_reported_once(gw):
     """Beyond the queue's copy (4016 bytes) a datagram cannot be rewritten: it
     is dropped (like over a smaller MTU), counted, and reported once; the
@@ -148,6 +155,7 @@ def local(tmp_path_factory):
         yield pair
 
 
+@pytest.mark.any_backend  # local mode's native queue: test_e2e_load's local tests in the VM tier
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_local_mode_one_client_port_towards_10_addresses(local, proto):
     """Here the kernel remaps at postrouting, before the worker sees the

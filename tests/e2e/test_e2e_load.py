@@ -62,6 +62,7 @@ def test_200_concurrent_connections_to_200_addresses(gw, tmp_path):
                  detail=lambda: f"missing: {sorted(want - {x['original_destination'] for x in div.log()})[:10]}")
 
 
+@pytest.mark.any_backend  # the worker's aliasing; test_e2e_identity's TCP case runs in the VM tier
 def test_same_client_port_to_two_destinations(gw):
     """Two conversations from one client address and port (to different
     addresses and ports) are both open at once: each gets its own echo. At

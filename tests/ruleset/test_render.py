@@ -218,6 +218,19 @@ def test_feature_goldens_content():
     assert "tcp sport 8080 counter" in both and "udp sport 5300 counter" in both
     assert 'iif "lo" ct status dnat jump divert_unbound' in both
     assert "--queue-num 7 --queue-bypass" in both and "--queue-num 8 --queue-bypass" in both
+    assert ("ct state new meta l4proto tcp update @admit_tcp_v6 { ip6 saddr limit rate over 300/second "
+            'burst 150 packets } counter name "admission_tcp" drop') in both
+    assert "admission_udp" not in both and "admit_udp" not in both  # 0: no limit
+    # Admission comes after everything that returns, right before the queue (a
+    # bound port or a port left alone is never limited), in every mode.
+    for name in GOLDEN:
+        text = golden_paths(name)[1].read_text()
+        unbound = text[text.index("chain divert_unbound {"):]
+        unbound = unbound[:unbound.index("\n\t}")]
+        assert unbound.index("update @admit_tcp_v") > unbound.rindex(" return\n"), name
+        assert unbound.index("update @admit_tcp_v") < unbound.index("tcp option maxseg size set"), name
+    # Only a protocol that is queued is limited.
+    assert "admit_udp" not in golden_paths("ipv4_only")[1].read_text()
 
 
 def test_bignets_golden_holds_every_network_in_order():
@@ -344,7 +357,7 @@ def test_xt_queue_rules_parse(host, name):
 @pytest.mark.kernel
 def test_nft_check_catches_a_broken_ruleset(host):
     # The check above is not a rubber stamp.
-    broken = golden_paths("default_xt")[1].read_text().replace("counter redirect", "counter redirekt")
+    broken = golden_paths("default_xt")[1].read_text().replace(" redirect\n", " redirekt\n")
     proc = nft_check(host, broken)
     assert proc.returncode != 0 and "redirekt" in proc.stderr
 

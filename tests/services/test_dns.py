@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nftdivert.config import Config, DnsConfig, from_mapping
-from nftdivert.services.dns import AnswerPool, NameHistory, Resolver
+from nftdivert.services.dns import Resolver
+from nftdivert.services.names import AnswerPool, NameHistory
 from nftdivert.errors import ConfigError
 
 

@@ -10,7 +10,8 @@ import dns.message
 import pytest
 
 from nftdivert.config import HttpConfig, Listener, from_mapping
-from nftdivert.services.dns import AnswerPool, Resolver
+from nftdivert.services.dns import Resolver
+from nftdivert.services.names import AnswerPool
 from nftdivert.errors import ConfigError
 from nftdivert.services.listeners import Listeners
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from nftdivert.worker.conversations import ALIAS_FIRST, Binding, ConversationTable, RouteKey, TableStats
+from nftdivert.worker.conversations import ALIAS_FIRST, ALIAS_LAST, Binding, ConversationTable, RouteKey, TableStats
 from nftdivert.worker.packet import TCP, UDP
 
 CLIENT = bytes([198, 51, 100, 7])
@@ -232,3 +232,22 @@ def test_alias_cursor_skips_taken_ports_and_wraps():
     assert t.open(key(65535, UDP, 2), 1337, 0.0).binding.client_port == ALIAS_FIRST  # wraps
     opened(t, ALIAS_FIRST + 1, protocol=UDP, original=9)  # the client's own port, next in line
     assert t.open(key(65535, UDP, 3), 1337, 0.0).binding.client_port == ALIAS_FIRST + 2
+
+
+def test_a_client_with_every_alias_taken_costs_one_probe_until_one_is_freed():
+    # One UDP socket scanning more ports within udp_idle than there are alias
+    # ports: each further datagram used to scan all 64,512 in vain, and the
+    # worker handled 10 packets a second.
+    n = ALIAS_LAST - ALIAS_FIRST + 1
+    t = table(max_entries=n + 10)
+    for original in range(1, n + 1):
+        t.open(key(5353, UDP, original), 1337, 0.0)
+    probes = t.alias_probes
+    for original in range(n + 1, n + 101):
+        with pytest.raises(OverflowError):
+            t.open(key(5353, UDP, original), 1337, 0.0)
+    assert t.alias_probes - probes <= 100 * 2 + n  # the first finds out, the rest know
+    # A freed alias is found again.
+    freed = t.route(key(5353, UDP, 7)).alias_port
+    t.remove_route(key(5353, UDP, 7))
+    assert t.open(key(5353, UDP, n + 200), 1337, 0.0).binding.client_port == freed

@@ -79,6 +79,26 @@ class XtQueue(QueueBackend):
         for family in rs.families:
             _run([_tool(_TOOLS[family][0]), "--noflush"], stdin=restore)
 
+    def restore(self, table: str, lines: list[str]) -> None:
+        """Make the rules tagged for `table` exactly `lines` again (as installed() gave them)."""
+        if not lines:
+            self.remove(table)
+            return
+        now = self.installed(table)
+        for family, (restore_cmd, _, _) in _TOOLS.items():
+            changes: dict[str, list[str]] = {}
+            for line in now:  # first take away what is not wanted, then put back what is
+                if line not in lines and line.startswith(f"{family} "):
+                    _, ipt_table, rule = line.split(" ", 2)
+                    changes.setdefault(ipt_table, []).append("-D" + rule[2:])
+            for line in lines:
+                if line not in now and line.startswith(f"{family} "):
+                    _, ipt_table, rule = line.split(" ", 2)
+                    changes.setdefault(ipt_table, []).append(rule)
+            if changes:
+                batch = [x for t, rules in changes.items() for x in (f"*{t}", *rules, "COMMIT")]
+                _run([_tool(restore_cmd), "--noflush"], stdin="\n".join(batch) + "\n")
+
     def remove(self, table: str) -> int:
         tag = f"{XT_TAG_PREFIX}{table}"
         removed = 0

@@ -1,0 +1,148 @@
+"""Conntrack events -> conversation log records (pure).
+
+A conversation gets exactly one `start` record (from conntrack's NEW event)
+and one `end` record (its DESTROY event, or the dump at stop for what is
+still tracked then). Every record carries the schema version `v`; the README
+documents every field.
+"""
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Callable
+
+from nftdivert.services.ctevents import ICMP, ICMPV6, TCP, TCP_CLOSE, TCP_TIME_WAIT, UDP, CtEvent
+
+SCHEMA = 1
+PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
+KERNEL = "kernel"  # the listener of an ICMP echo: the kernel answers it
+HOST = "host"  # a service on this host that is not one of nftdivert's listeners
+
+
+def iso(t: float) -> str:
+    """UTC, to the millisecond (rounded: 0.25 s is not shown as .249 for a float a hair below it)."""
+    seconds, ms = divmod(round(t * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def address(raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw))
+
+
+def endpoint(raw: bytes, port: int | None) -> str:
+    """"192.0.2.1:80", "[2001:db8::1]:80", or the bare address for ICMP (port None)."""
+    addr = address(raw)
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def split_endpoint(text: str) -> tuple[str, int | None]:
+    """"[2001:db8::1]:53" -> ("2001:db8::1", 53); an ICMP endpoint has no port."""
+    if text.startswith("["):
+        addr, _, port = text[1:].partition("]:")
+        return addr, int(port)
+    if text.count(":") == 1:
+        addr, _, port = text.partition(":")
+        return addr, int(port)
+    return text, None
+
+
+def named(rec: dict, name: str) -> dict:
+    """The record with `name`, in its place: after the destination (and icmp)."""
+    out = {}
+    for key, value in rec.items():
+        if key in ("listener", "duration") and "name" not in out:
+            out["name"] = name
+        out[key] = value
+    out.setdefault("name", name)
+    return out
+
+
+def _port(ev: CtEvent, port: int) -> int | None:
+    return None if ev.icmp is not None else port
+
+
+def listener_for(ev: CtEvent, listeners: dict[tuple[int, int], str], defaults: dict[int, tuple[str, int]],
+                 is_bound: Callable[[int, bytes, int], bool]) -> tuple[str, int | None]:
+    """(listener, its port) that answered: ours on that port, a host service, or the default one.
+
+    `listeners`: (protocol, port) -> name of nftdivert's own; `defaults`:
+    protocol -> (name, port) of the default listener. After the redirect the
+    port is the one the client asked for; a bound one reaches its socket,
+    any other goes to the default listener (the worker rewrites the port).
+    """
+    if ev.icmp is not None:
+        return KERNEL, None
+    port = ev.reply_src_port
+    if is_bound(ev.protocol, ev.reply_src, port):
+        return listeners.get((ev.protocol, port), HOST), port
+    if ev.protocol in defaults:
+        return defaults[ev.protocol]
+    return "", None  # no default listener: the kernel refuses it
+
+
+def _identity(ev: CtEvent) -> dict:
+    rec = {
+        "protocol": PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol)),
+        "client": endpoint(ev.src, _port(ev, ev.src_port)),
+        "original_destination": endpoint(ev.dst, _port(ev, ev.dst_port)),
+    }
+    if ev.icmp is not None:
+        rec["icmp"] = {"type": ev.icmp[0], "code": ev.icmp[1], "id": ev.icmp[2]}
+    return rec
+
+
+def start_time(ev: CtEvent, received: float) -> float:
+    """When the conversation began: conntrack's own stamp if it sent one."""
+    return (ev.start_ns or ev.event_ns) / 1e9 or received
+
+
+def start_record(ev: CtEvent, when: float, listener: tuple[str, int | None], interface: str,
+                 name: str | None = None, process: dict | None = None) -> dict:
+    rec = {"v": SCHEMA, "time": iso(when), "event": "start", "id": ev.id, **_identity(ev)}
+    if name:
+        rec["name"] = name  # the name the DNS listener gave this address, as of `when`
+    rec["listener"], port = listener
+    if port is not None:
+        rec["listener_port"] = port
+    rec["interface"] = interface
+    if process is not None:
+        rec["process"] = process
+    return rec
+
+
+def ended(ev: CtEvent) -> str:
+    """How it ended, as far as conntrack can tell."""
+    if ev.protocol == TCP and ev.tcp_state == TCP_TIME_WAIT:
+        return "closed"
+    if ev.protocol == TCP and ev.tcp_state == TCP_CLOSE:
+        return "reset"
+    return "open" if ev.kind == "live" else "timeout"
+
+
+def _counters(c) -> dict | None:
+    return None if c is None else {"packets": c.packets, "bytes": c.bytes}
+
+
+def end_record(ev: CtEvent, now: float, start: dict | None = None, started: float | None = None) -> dict:
+    """The end record; `start` is this conversation's start record (its name and listener), if written.
+
+    duration: conntrack's start to stop stamps when it sent them (a DESTROY
+    with nf_conntrack_timestamp on), else from `started` (or the start
+    record's time) until `now`.
+    """
+    if ev.start_ns and ev.stop_ns:
+        duration = (ev.stop_ns - ev.start_ns) / 1e9
+    else:
+        begin = ev.start_ns / 1e9 if ev.start_ns else started
+        duration = max(0.0, now - begin) if begin else None
+    rec = {"v": SCHEMA, "time": iso(ev.stop_ns / 1e9 if ev.stop_ns else now), "event": "end", "id": ev.id,
+           **_identity(ev)}
+    if start is not None:
+        for key in ("name", "listener", "listener_port", "interface"):
+            if key in start:
+                rec[key] = start[key]
+    rec.update({"duration": None if duration is None else round(duration, 3),
+                "sent": _counters(ev.sent), "received": _counters(ev.received), "ended": ended(ev)})
+    return rec

@@ -1,0 +1,56 @@
+"""The conversation log's part of `run`: conntrack accounting on, the observer
+feeding the log, and the table of what was contacted when it stops."""
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from typing import TextIO
+
+from nftdivert.config import Config
+from nftdivert.errors import ConfigError, NftDivertError
+from nftdivert.services import ctsettings
+from nftdivert.services.observer_process import ObserverProcess
+from nftdivert.services.convlog import ConversationLog
+
+
+def _say(message: str) -> None:
+    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
+
+
+class Observation:
+    """The conversation observer's part of a run: conntrack accounting on, the
+    observer feeding the log, and the table of what was contacted at the end."""
+
+    def __init__(self, summary_path: str | None, clients_netns: str | None) -> None:
+        self.summary_path, self.clients_netns = summary_path, clients_netns
+        self.summary_file: TextIO | None = None
+        self.observer = None
+
+    def open_summary(self, stack: ExitStack) -> None:
+        if self.summary_path:  # opened first: a bad path is bad input, found before anything starts
+            try:
+                self.summary_file = stack.enter_context(open(self.summary_path, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
+
+    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for):
+        """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log."""
+        try:
+            self.observer = ObserverProcess(config, log.put, name_for, self.clients_netns)
+        except OSError as exc:
+            raise NftDivertError(str(exc)) from None
+        stack.callback(self.report)  # once the observer has closed: every conversation has its end
+        stack.callback(self.observer.close)
+        stack.enter_context(ctsettings.accounting())  # after the event socket: it loads conntrack
+        return self.observer
+
+    def report(self) -> None:
+        if self.observer is None:
+            return
+        print(self.observer.summary.table(), file=sys.stderr, end="", flush=True)
+        if self.summary_file is not None:
+            try:
+                self.summary_file.write(self.observer.summary.as_json())
+                self.summary_file.flush()
+            except OSError as exc:
+                _say(f"cannot write the summary {self.summary_path}: {exc.strerror or exc}")

@@ -1,0 +1,143 @@
+"""Conntrack event messages -> CtEvent -> start and end records, without a kernel.
+
+The messages are built attribute by attribute as ctnetlink sends them
+(linux/netfilter/nfnetlink_conntrack.h), so the parser and the records are
+checked against the wire format, not against themselves.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from nftdivert.services import convrecords, ctevents
+from nftdivert.services.conntrack import NFGENMSG, NLMSGHDR, NetlinkFormatError, nla
+from nftdivert.services.ctevents import CtEvent, Counters
+
+CLIENT, ASKED, OURS = "192.0.2.2", "198.51.100.7", "192.0.2.1"
+START_NS, STOP_NS = 1_800_000_000_250_000_000, 1_800_000_003_750_000_000
+
+
+def _ip(src: str, dst: str) -> bytes:
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    kinds = (1, 2) if a.version == 4 else (3, 4)
+    return nla(kinds[0], a.packed) + nla(kinds[1], b.packed)
+
+
+def _tuple(kind: int, src: str, dst: str, proto: bytes) -> bytes:
+    return nla(kind, nla(1, _ip(src, dst), nested=True) + nla(2, proto, nested=True), nested=True)
+
+
+def _ports(protocol: int, sport: int, dport: int) -> bytes:
+    return nla(1, bytes([protocol])) + nla(2, struct.pack("!H", sport)) + nla(3, struct.pack("!H", dport))
+
+
+def _icmp(kind: int, code: int, ident: int) -> bytes:
+    return nla(1, bytes([1])) + nla(4, struct.pack("!H", ident)) + nla(5, bytes([kind])) + nla(6, bytes([code]))
+
+
+def _counters(attr: int, packets: int, size: int) -> bytes:
+    return nla(attr, nla(1, struct.pack("!Q", packets)) + nla(2, struct.pack("!Q", size)), nested=True)
+
+
+def message(orig: bytes, reply: bytes, *extra: bytes, mark: int = 0x200000, ct_id: int = 77,
+            msg_type: int = 0x100) -> bytes:
+    body = NFGENMSG.pack(socket.AF_INET, 0, 0) + orig + reply + nla(12, struct.pack("!I", ct_id)) \
+        + nla(8, struct.pack("!I", mark)) + b"".join(extra)
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, 0, 0, 0) + body
+
+
+def tcp_destroy(state: int) -> bytes:
+    return message(_tuple(1, CLIENT, ASKED, _ports(6, 40000, 45678)), _tuple(2, OURS, CLIENT, _ports(6, 45678, 40000)),
+                   _counters(9, 6, 336), _counters(10, 4, 232),
+                   nla(20, nla(1, struct.pack("!Q", START_NS)) + nla(2, struct.pack("!Q", STOP_NS)), nested=True),
+                   nla(4, nla(1, nla(1, bytes([state])), nested=True), nested=True), msg_type=0x102)
+
+
+def parse(data: bytes) -> CtEvent:
+    (msg_type, _flags, payload), = ctevents.messages(data)
+    return ctevents.parse_event(ctevents.event_kind(msg_type), payload)
+
+
+def test_a_destroy_event_parses_with_counters_stamps_and_tcp_state():
+    ev = parse(tcp_destroy(7))
+    assert (ev.kind, ev.id, ev.protocol, ev.version, ev.mark) == ("destroy", 77, 6, 4, 0x200000)
+    assert (ev.src_port, ev.dst, ev.dst_port) == (40000, ipaddress.ip_address(ASKED).packed, 45678)
+    assert (ev.reply_src, ev.reply_src_port) == (ipaddress.ip_address(OURS).packed, 45678)
+    assert ev.sent == Counters(6, 336) and ev.received == Counters(4, 232)
+    assert (ev.start_ns, ev.stop_ns, ev.tcp_state) == (START_NS, STOP_NS, 7)
+
+
+def test_an_icmp_event_has_type_code_and_id_instead_of_ports():
+    ev = parse(message(_tuple(1, CLIENT, ASKED, _icmp(8, 0, 4242)), _tuple(2, OURS, CLIENT, _icmp(0, 0, 4242))))
+    assert ev.kind == "new" and ev.protocol == 1 and ev.icmp == (8, 0, 4242) and ev.sent is None
+    rec = convrecords.start_record(ev, 1_800_000_000.0, ("kernel", None), "eth1")
+    assert rec["client"] == CLIENT and rec["original_destination"] == ASKED
+    assert rec["icmp"] == {"type": 8, "code": 0, "id": 4242} and "listener_port" not in rec
+
+
+def test_other_subsystems_messages_are_not_events():
+    assert ctevents.event_kind(0x100) == "new" and ctevents.event_kind(0x102) == "destroy"
+    assert ctevents.event_kind(0x101) is None and ctevents.event_kind(0x200) is None
+
+
+@pytest.mark.parametrize("cut", [4, 20, 40])
+def test_a_truncated_message_is_a_format_error(cut):
+    data = tcp_destroy(7)
+    with pytest.raises(NetlinkFormatError):
+        (t, _f, payload), = ctevents.messages(NLMSGHDR.pack(NLMSGHDR.size + cut, 0x100, 0, 0, 0) + data[16:16 + cut])
+        ctevents.parse_event("new", payload)
+
+
+@pytest.mark.parametrize("state, kind, ended", [(7, "destroy", "closed"), (8, "destroy", "reset"),
+                                                (3, "destroy", "timeout"), (3, "live", "open"),
+                                                (7, "live", "closed")])
+def test_how_a_tcp_conversation_ended(state, kind, ended):
+    ev = parse(tcp_destroy(state))
+    assert convrecords.ended(CtEvent(**{**ev.__dict__, "kind": kind})) == ended
+
+
+def test_the_end_record_carries_the_start_records_name_and_listener():
+    ev = parse(tcp_destroy(7))
+    start = convrecords.start_record(ev, START_NS / 1e9, ("tcp-echo", 1337), "eth1", name="c2.example",
+                                     process={"pid": 5, "host_pid": 5, "command": "nc", "uid": 0})
+    assert start == {"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "start", "id": 77, "protocol": "tcp",
+                     "client": f"{CLIENT}:40000", "original_destination": f"{ASKED}:45678", "name": "c2.example",
+                     "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
+                     "process": {"pid": 5, "host_pid": 5, "command": "nc", "uid": 0}}
+    end = convrecords.end_record(ev, now=1_800_000_100.0, start=start)
+    assert end == {"v": 1, "time": "2027-01-15T08:00:03.750Z", "event": "end", "id": 77, "protocol": "tcp",
+                   "client": f"{CLIENT}:40000", "original_destination": f"{ASKED}:45678", "name": "c2.example",
+                   "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1", "duration": 3.5,
+                   "sent": {"packets": 6, "bytes": 336}, "received": {"packets": 4, "bytes": 232}, "ended": "closed"}
+
+
+def test_without_conntrack_stamps_the_duration_runs_from_the_start_record():
+    ev = CtEvent(**{**parse(tcp_destroy(3)).__dict__, "start_ns": 0, "stop_ns": 0, "sent": None, "received": None})
+    end = convrecords.end_record(ev, now=110.5, started=100.0)
+    assert end["duration"] == 10.5 and end["sent"] is None and end["time"].startswith("1970-01-01T00:01:50.500")
+    assert convrecords.end_record(ev, now=110.5)["duration"] is None
+
+
+def test_the_listener_bound_ours_a_host_service_or_the_default():
+    ev = parse(tcp_destroy(7))
+    ours, defaults = {(6, 45678): "ext"}, {6: ("tcp-echo", 1337)}
+    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: True) == ("ext", 45678)
+    assert convrecords.listener_for(ev, {}, defaults, lambda p, a, port: True) == ("host", 45678)
+    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: False) == ("tcp-echo", 1337)
+    assert convrecords.listener_for(ev, ours, {}, lambda p, a, port: False) == ("", None)
+
+
+def test_ipv6_endpoints_are_bracketed():
+    assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, 53) == "[2001:db8::53]:53"
+    assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, None) == "2001:db8::53"
+
+
+def test_the_dump_request_asks_the_kernel_to_filter_by_our_mark():
+    req = ctevents.build_dump_request(socket.AF_INET6, 0x200000, seq=3)
+    length, msg_type, flags, seq, _pid = NLMSGHDR.unpack_from(req)
+    assert (length, msg_type, flags & 0x301, seq) == (len(req), 0x101, 0x301, 3)
+    attrs = ctevents.parse_attrs(req[NLMSGHDR.size + NFGENMSG.size:])
+    assert bytes(attrs[8]) == bytes(attrs[21]) == struct.pack("!I", 0x200000)
