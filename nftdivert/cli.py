@@ -346,6 +346,33 @@ def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | Non
     raise SystemExit(status)
 
 
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def ca(config_path: str | None) -> None:
+    """The CA that TLS answers chain to: its path, then its PEM (made first if there is none).
+
+    It lives in [tls] state_dir (default /var/lib/nftdivert: ca.pem, and
+    ca.key, which only root reads). Every TLS client gets a certificate for
+    the name it asked for, signed by this CA. A client that trusts it
+    connects without a warning. `nftdivert sandbox` makes CMD trust it on its own.
+
+    \b
+    Install it in a victim VM:
+      sudo nftdivert ca | tail -n +2 > ca.crt    (copy ca.crt into the VM)
+      Windows:        certutil -addstore -f Root ca.crt   (as Administrator)
+      Debian/Ubuntu:  cp ca.crt /usr/local/share/ca-certificates/ && update-ca-certificates
+      Fedora/RHEL:    cp ca.crt /etc/pki/ca-trust/source/anchors/ && update-ca-trust
+      macOS:          security add-trusted-cert -d -r trustRoot -k /Library/Keychains/System.keychain ca.crt
+      Firefox and Java keep stores of their own: import it there too
+      (Firefox: Settings, Certificates, Authorities; Java: keytool -importcert -cacerts).
+    """
+    from nftdivert.services import certs
+
+    authority = certs.ensure_ca(_config(config_path, kernel=False).tls.state_dir)
+    click.echo(str(authority.cert_path))
+    click.echo(authority.pem.decode(), nl=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every exit status is decided here and in errors.report."""
     try:

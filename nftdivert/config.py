@@ -318,6 +318,9 @@ class HttpConfig:
     content_type: str = "text/html"
     body: str = ("<!DOCTYPE html>\n<html><head><title>Welcome</title></head>"
                  "<body><h1>Welcome</h1></body></html>\n")
+    rules: tuple["HttpRule", ...] = ()  # the first whose host and path match answers
+    bodies_dir: str = "/var/lib/nftdivert/bodies"  # request bodies, named by sha256; "" saves none
+    max_body: int = 64 * 1024 * 1024  # at most this much of a body is saved (all of it is hashed)
 
     def validate(self, key: str) -> None:
         for name in ("server", "content_type"):
@@ -329,6 +332,89 @@ class HttpConfig:
         _check_type(f"{key}.body", self.body, str, "a string")
         if len(self.body.encode()) > 65536:
             raise ConfigError(f"{key}.body", self.body[:40] + "...", "at most 64 KiB")
+        _check_path(f"{key}.bodies_dir", self.bodies_dir)
+        _check_type(f"{key}.max_body", self.max_body, int, "a number of bytes")
+        if not 0 <= self.max_body <= 1 << 30:
+            raise ConfigError(f"{key}.max_body", self.max_body, "0-1073741824 bytes (0: save nothing)")
+        for i, rule in enumerate(self.rules):
+            rule.validate(f"{key}.rules[{i}]")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+MAX_RULE_FILE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """An HTTP answer for requests whose Host and path match these patterns (fnmatch, `*`)."""
+
+    host: str = "*"
+    path: str = "*"
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    file: str = ""  # a file's contents instead of `body`
+
+    def validate(self, key: str) -> None:
+        for name in ("host", "path"):
+            value = getattr(self, name)
+            _check_type(f"{key}.{name}", value, str, "a pattern string")
+            if not value or len(value) > 1024 or not value.isprintable():
+                raise ConfigError(f"{key}.{name}", value, "a pattern of 1-1024 printable characters")
+        _check_type(f"{key}.status", self.status, int, "an HTTP status code")
+        if not 200 <= self.status <= 599:
+            raise ConfigError(f"{key}.status", self.status, "a final status is 200-599")
+        for name, value in self.headers:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{key}.headers", name, "a header name is 1-64 token characters")
+            if not isinstance(value, str) or len(value) > 1024 or not _HEADER_VALUE.fullmatch(value):
+                raise ConfigError(f"{key}.headers.{name}", value,
+                                  "a header value is a string of 1-1024 visible ASCII characters (no line breaks)")
+            if name.lower() in ("content-length", "transfer-encoding", "connection"):
+                raise ConfigError(f"{key}.headers", name, "set by the server from the body; leave it out")
+        _check_type(f"{key}.body", self.body, str, "a string")
+        _check_path(f"{key}.file", self.file)
+        if self.body and self.file:
+            raise ConfigError(f"{key}.file", self.file, "give a body or a file, not both")
+        if self.file:
+            try:
+                st = os.stat(self.file)
+            except OSError as exc:
+                raise ConfigError(f"{key}.file", self.file, exc.strerror or str(exc)) from None
+            if not stat.S_ISREG(st.st_mode) or not os.access(self.file, os.R_OK):
+                raise ConfigError(f"{key}.file", self.file, "not a readable regular file")
+            if st.st_size > MAX_RULE_FILE:
+                raise ConfigError(f"{key}.file", self.file, "larger than 64 MiB")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The CA the TLS answer's certificates chain to, and where session keys go."""
+
+    state_dir: str = "/var/lib/nftdivert"  # the CA (ca.pem, ca.key): made on first use, 0700
+    keylog: str = ""  # an NSS key log (SSLKEYLOGFILE format) for Wireshark; "" none
+    max_certs: int = 1024  # leaf certificates kept in memory
+
+    def validate(self, key: str) -> None:
+        _check_path(f"{key}.state_dir", self.state_dir)
+        if not self.state_dir:
+            raise ConfigError(f"{key}.state_dir", self.state_dir, "the CA needs a directory")
+        _check_path(f"{key}.keylog", self.keylog)
+        _check_type(f"{key}.max_certs", self.max_certs, int, "a number of certificates")
+        if not 1 <= self.max_certs <= 65536:
+            raise ConfigError(f"{key}.max_certs", self.max_certs, "1-65536")
+
+
+@dataclass(frozen=True)
+class RecognizeConfig:
+    """How long the default TCP listener waits for a client's first bytes."""
+
+    wait: float = 1.0  # seconds; a client silent that long gets the echo
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.wait", self.wait, (int, float), "a number of seconds")
+        if not 0 < self.wait <= 60:
+            raise ConfigError(f"{key}.wait", self.wait, "more than 0 and at most 60 seconds")
 
 
 DEFAULT_LISTENERS = (
@@ -360,6 +446,8 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -376,6 +464,8 @@ class Config:
         self.worker.validate("worker")
         self.dns.validate("dns")
         self.http.validate("http")
+        self.tls.validate("tls")
+        self.recognize.validate("recognize")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -426,7 +516,7 @@ def _check_interface(key: str, name: object) -> None:
 # ---- loading ---------------------------------------------------------------
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
-             "http": HttpConfig}
+             "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig}
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -460,7 +550,21 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
         for k in ("users", "groups", "cgroups"):
             if k in values:
                 values[k] = tuple(_as_list(f"{key}.{k}", values[k]))
+    if cls is HttpConfig and "rules" in values:
+        values["rules"] = tuple(_http_rule(f"{key}.rules[{i}]", v)
+                                for i, v in enumerate(_as_list(f"{key}.rules", values["rules"])))
     return cls(**values)
+
+
+def _http_rule(key: str, data: object) -> HttpRule:
+    _check_type(key, data, dict, "a table with host, path, status, headers, body or file")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, HttpRule)
+    values = dict(data)
+    if "headers" in values:
+        _check_type(f"{key}.headers", values["headers"], dict, 'a table like {"Content-Type" = "text/plain"}')
+        values["headers"] = tuple(values["headers"].items())
+    return HttpRule(**values)
 
 
 def _network(key: str, value: object) -> Network:

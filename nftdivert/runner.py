@@ -162,6 +162,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         stack.callback(log.close)
         listeners.on_question = log.dns_question
         listeners.on_recycled = log.dns_recycled
+        listeners.on_event = log.event
 
         ports = _BoundPorts(nft, config.table)
         observer = seen.start(config, stack, log, listeners.name_for)

@@ -17,6 +17,7 @@ PACKAGES = {
     "dig": "bind9-dnsutils",
     "env": "coreutils",
     "grep": "grep",
+    "head": "coreutils",
     "id": "coreutils",
     "ip": "iproute2",
     "ip6tables-nft": "iptables",
@@ -30,6 +31,7 @@ PACKAGES = {
     "mount": "mount",
     "nc": "netcat-openbsd",
     "nft": "nftables",
+    "openssl": "openssl",
     "pgrep": "procps",
     "ping": "iputils-ping",
     "python3": "python3",
@@ -42,6 +44,7 @@ PACKAGES = {
     "true": "coreutils",
     "tshark": "tshark",
     "unshare": "util-linux",
+    "wget": "wget",
 }
 
 # Root's programs sit in sbin, which a non-root PATH may leave out.

@@ -271,6 +271,14 @@ def _cmd_argv(lab: Lab, command: list[str]) -> list[str]:
     return ["ip", "netns", "exec", lab.client, *argv]
 
 
+def _trust(lab: Lab, config: Config) -> dict[str, str]:
+    """CMD trusts the CA of the TLS answers: its /etc/ssl bundle and the variables naming one."""
+    from nftdivert.lab import trust
+    from nftdivert.services import certs  # cryptography: loaded only here
+
+    return trust.install(netns.ETC_NETNS / lab.client, certs.ensure_ca(config.tls.state_dir).pem)
+
+
 def _show(running: list[tuple[int, str]]) -> None:
     for pid, cmdline in running:
         _say(f"  pid {pid}: {cmdline[:120]}")
@@ -337,6 +345,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
             _say(f"removed what killed sandboxes left behind: {', '.join(removed)}")
         lock = _lock(base)
         lab = create(base, config.ipv6)
+        trusted = _trust(lab, config)
         pid, ready_fd = _start_diverter(lab, config, pcap, summary)
         try:
             _wait_ready(pid, ready_fd)
@@ -346,7 +355,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
             _say("sandbox shell; every address and name answers locally. exit to leave.")
         try:
             # CMD's environment is ours, with nothing added that names nftdivert: CMD may read it.
-            tree = Tree(_cmd_argv(lab, command), dict(os.environ))
+            tree = Tree(_cmd_argv(lab, command), {**os.environ, **trusted})
         except OSError as exc:
             raise NftDivertError(f"cannot give CMD a PID namespace of its own: {exc}") from None
         return _watch(tree, timeout)

@@ -51,6 +51,8 @@ def text_line(rec: dict) -> str:
     if event == "dns_recycled":
         return (f"{at}  dns    pool full: {rec['address']} now stands for {rec['new_name']}"
                 f" (was {rec['old_name']})")
+    if event in ("tls", "http"):
+        return _service_line(rec)
     if event == "end":
         return f"{at}  end    {_conversation(rec)}  {rec['ended']}: {_flow(rec)}"
     port = f" (:{rec['listener_port']})" if "listener_port" in rec else ""
@@ -58,6 +60,20 @@ def text_line(rec: dict) -> str:
     proc = rec.get("process")
     who = f" by pid {proc['pid']} {proc['command'][:40]}" if proc else ""
     return f"{at}  start  {_conversation(rec)} => {rec['listener'] or '-'}{port}{where}{who}"
+
+
+def _service_line(rec: dict) -> str:
+    head = f"{rec['time'][11:23]}  {rec['event']:<6} {rec.get('client', ''):>22}"
+    if rec.get("error") and rec["event"] == "http":
+        return f"{head} bad request: {rec['error']}"
+    if rec["event"] == "tls":
+        offered = ",".join(rec.get("alpn_offered", []))
+        result = "ok" if rec.get("result") == "ok" else f"failed: {rec.get('error', '')}"
+        return (f"{head} sni={rec.get('sni', '-')} alpn={offered or '-'} "
+                f"version={rec.get('version') or rec.get('client_version', '-')} {result}")
+    saved = f" saved {rec['body_saved']}" if rec.get("body_saved") else ""
+    return (f"{head} {rec['method']} {rec['url']} -> {rec['status']}, body {rec['body_size']} bytes"
+            f" sha256 {rec['body_sha256'][:16]}...{saved}")
 
 
 # Records waiting to be written. A flood of new conversations (a port scan)
@@ -93,6 +109,10 @@ class ConversationLog:
 
     def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
         self.put(recycled_record(when, address, old_name, new_name))
+
+    def event(self, rec: dict) -> None:
+        """A record a listener made (a TLS handshake, an HTTP request): written as it is, stamped now."""
+        self.put({"v": SCHEMA, "time": iso(time.time()), **rec})
 
     def _run(self) -> None:
         while not self._abandon and (rec := self._queue.get()) is not None:

@@ -5,7 +5,8 @@ worker's hot path: `make bench` measured a third fewer diverted connections
 per second that way. The child reports back over one pipe: ready or the
 error that stopped it, each DNS question it answered, each address the DNS
 pool gave to a name (the conversation log names conversations by them), and
-its counters once a second. It dies with its parent (lifeline.py), so a
+its counters once a second, and what the recognised protocols log (TLS
+handshakes, HTTP requests). It dies with its parent (lifeline.py), so a
 `kill -9` of the worker does not leave the listener ports taken for the
 next run.
 """
@@ -46,6 +47,7 @@ class ListenerProcess:
             lst.name: ListenerStats() for lst in config.listeners if lst.kind != "external"}
         self.on_question: Question | None = None
         self.on_recycled: Recycled | None = None
+        self.on_event: Callable[[dict], None] | None = None  # a TLS handshake or HTTP request, as a log record
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: threading.Thread | None = None
         self._conn = None
@@ -119,6 +121,9 @@ class ListenerProcess:
                 _, when, address, name, old = message
                 if old is not None and self.on_recycled is not None:
                     self.on_recycled(when, address, old, name)
+            elif message[0] == "event":
+                if self.on_event is not None:
+                    self.on_event(message[1])
             elif message[0] == "stats":
                 for name, (conversations, received) in message[1].items():
                     self._stats[name] = ListenerStats(conversations, received)
@@ -159,7 +164,8 @@ def _serve(config: Config, conn, parent: int) -> None:
         resolver = Resolver.from_config(
             config.dns, on_question=lambda *q: send(("dns", *q)),
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
-    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http)
+    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
+                          recognize=config.recognize, on_event=lambda rec: send(("event", rec)))
     try:
         listeners.start()
     except OSError as exc:

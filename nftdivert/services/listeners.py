@@ -1,6 +1,6 @@
-"""Built-in listeners: accept anything, count what arrives, echo it back
-(an HTTP request gets a plain 200 answer, so web clients finish; it looks
-like any web server's, see [http], so a sample has nothing to recognise).
+"""Built-in listeners: accept anything, count what arrives, and answer it.
+A TCP listener of kind echo recognises the protocol first (default_tcp):
+TLS and HTTP get real answers, anything else its own bytes back. UDP is echoed.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
 no thread each; `nftdivert run` puts them in a process of their own
@@ -10,15 +10,15 @@ no thread each; `nftdivert run` puts them in a process of their own
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import re
+import functools
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener
+from nftdivert.config import HttpConfig, Listener, RecognizeConfig, TlsConfig
+from nftdivert.services.default_tcp import DefaultTcp, Emit, endpoint as _endpoint
 
 if TYPE_CHECKING:
     from nftdivert.services.dns import Resolver
@@ -49,12 +49,6 @@ def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::" if ipv6 else "0.0.0.0", port))
     return sock
-
-
-def _endpoint(addr) -> str:
-    host, port = addr[0], addr[1]
-    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # Linux's IP_PKTINFO (linux/in.h); Python's socket module does not name it.
@@ -124,41 +118,15 @@ def _echo(data: bytes, _addr) -> bytes:
     return data
 
 
-# A web client given its own request back gives up ("HTTP/0.9 not allowed"),
-# so a request line gets a small 200 answer instead of the echo.
-_HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
-
-
-async def _answer_http(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       stats: ListenerStats, http: HttpConfig) -> None:
-    # Read the rest of the header first: closing on unread data would send RST.
-    while b"\r\n\r\n" not in head and b"\n\n" not in head and len(head) < 65536:
-        more = await asyncio.wait_for(reader.read(65536), timeout=5)
-        if not more:
-            break
-        stats.bytes_received += len(more)
-        head += more
-    writer.write(http_response(http, head.startswith(b"HEAD ")))
-    await writer.drain()
-
-
-def http_response(http: HttpConfig, head_only: bool = False) -> bytes:
-    """The 200 answer, headers in the order a common web server sends them."""
-    body = http.body.encode()
-    server = f"Server: {http.server}\r\n" if http.server else ""
-    return (f"HTTP/1.1 200 OK\r\n{server}Date: {email.utils.formatdate(usegmt=True)}\r\n"
-            f"Content-Type: {http.content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + (b"" if head_only else body)
-
-
 class Listeners:
     """Start with start(), stop with stop(); ports are bound when start() returns."""
 
     def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
-                 http: HttpConfig = HttpConfig()) -> None:
+                 http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
+                 recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
-        self._http = http
+        self._answers = (http, tls, recognize, on_event)  # what the echo kind's recognised protocols need
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -186,8 +154,11 @@ class Listeners:
             raise ValueError("a dns listener needs a resolver")
         if lst.protocol == "tcp":
             sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
-            handler = self._dns_stream if lst.kind == "dns" else self._echo_stream
-            server = await asyncio.start_server(lambda r, w: handler(r, w, stats), sock=sock, backlog=1024)
+            if lst.kind == "dns":
+                handler = functools.partial(self._dns_stream, stats=stats)
+            else:
+                handler = functools.partial(self._tcp_stream, stats=stats, answers=DefaultTcp(lst.name, *self._answers))
+            server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
@@ -213,24 +184,17 @@ class Listeners:
         finally:
             writer.close()
 
-    async def _echo_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           stats: ListenerStats) -> None:
+    @staticmethod
+    async def _tcp_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats,
+                          answers: DefaultTcp) -> None:
         stats.conversations += 1
+
+        def count(n: int) -> None:
+            stats.bytes_received += n
+
         try:
-            first = await reader.read(65536)
-            if _HTTP_REQUEST.match(first):
-                stats.bytes_received += len(first)
-                await _answer_http(first, reader, writer, stats, self._http)
-                return
-            data = first
-            while data:
-                stats.bytes_received += len(data)
-                writer.write(data)
-                await writer.drain()
-                data = await reader.read(65536)
-            if writer.can_write_eof():
-                writer.write_eof()  # half-close: the client's EOF, echoed
-        except (ConnectionError, OSError):
+            await answers.serve(reader, writer, count)
+        except (ConnectionError, OSError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()

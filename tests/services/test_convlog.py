@@ -8,6 +8,7 @@ import threading
 import time
 
 from nftdivert.services.convlog import ConversationLog, question_record, recycled_record, text_line
+from nftdivert.services.convrecords import SCHEMA
 
 START = {"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "start", "id": 7, "protocol": "tcp",
          "client": "192.0.2.2:40000", "original_destination": "198.51.100.7:45678", "name": "c2.example",
@@ -99,3 +100,22 @@ def test_close_gives_up_on_a_stuck_queue():
     assert time.monotonic() - t0 < 5
     out.gate.set()
     assert log.dropped >= 2
+
+
+def test_tls_and_http_records_get_one_readable_line_each():
+    base = {"time": "2026-01-01T00:00:00.000Z", "client": "192.0.2.5:40000", "listener": "tcp-echo"}
+    failed = dict(base, event="tls", sni="c2.example", alpn_offered=["h2", "http/1.1"], client_version="TLSv1.2",
+                  result="failed", error="TLSV1_ALERT_UNKNOWN_CA", version=None)
+    assert text_line(failed).endswith("sni=c2.example alpn=h2,http/1.1 version=TLSv1.2 failed: TLSV1_ALERT_UNKNOWN_CA")
+    req = dict(base, event="http", method="POST", url="https://c2.example/up", status=200, headers=[],
+               body_size=5, body_sha256="ab" * 32, body_saved="/b/" + "ab" * 32)
+    assert text_line(req).endswith(f"POST https://c2.example/up -> 200, body 5 bytes sha256 abababababababab... "
+                                   f"saved /b/{'ab' * 32}")
+    assert text_line(dict(base, event="http", error="bad")).endswith("bad request: bad")
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True)
+    log.event({k: v for k, v in req.items() if k != "time"})  # the listener's record: stamped on arrival
+    log.close()
+    written = json.loads(out.getvalue())
+    assert list(written)[:3] == ["v", "time", "client"] and written["time"].endswith("Z") and written["status"] == 200
+    assert written["v"] == SCHEMA

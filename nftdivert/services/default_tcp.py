@@ -1,0 +1,105 @@
+"""The default TCP answer: recognise the protocol from the first bytes, then serve it.
+
+A ClientHello gets TLS (and the protocol inside is recognised again), an
+HTTP request gets the HTTP answer, anything else the echo. A client that
+stays silent for `[recognize] wait` seconds gets the echo too, until the
+server-first protocols (recognize.server_first) are built. Each TLS
+handshake and HTTP request is handed to `emit` as a log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from nftdivert.config import HttpConfig, RecognizeConfig, TlsConfig
+from nftdivert.errors import NftDivertError
+from nftdivert.services import recognize
+from nftdivert.services.tls import Plain, handshake
+
+Emit = Callable[[dict], None]
+
+
+def endpoint(addr) -> str:
+    host, port = addr[0], addr[1]
+    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def first_bytes(read, wait: float) -> bytes:
+    """At most PEEK_BYTES, waiting at most `wait` seconds for them; b"" if the client is silent."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    data = b""
+    while not data or recognize.wants_more(data):
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        try:
+            more = await asyncio.wait_for(read(recognize.PEEK_BYTES - len(data)), left)
+        except asyncio.TimeoutError:
+            break
+        if not more:
+            break
+        data += more
+    return data
+
+
+async def echo(stream, first: bytes) -> None:
+    data = first
+    while data:
+        stream.write(data)
+        await stream.drain()
+        data = await stream.read(65536)
+    stream.write_eof()  # half-close: the client's EOF, echoed
+
+
+class DefaultTcp:
+    def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
+                 emit: Emit | None) -> None:
+        self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
+        self._emit = emit or (lambda _rec: None)
+        self._contexts = None  # the CA is made on the first TLS handshake, not before
+
+    def _certs(self):
+        if self._contexts is None:
+            from nftdivert.services import certs  # cryptography: only once TLS is spoken
+
+            tls = self._tls
+            self._contexts = certs.Contexts(certs.ensure_ca(tls.state_dir), tls.max_certs, tls.keylog)
+        return self._contexts
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
+        base = {"client": endpoint(writer.get_extra_info("peername")), "listener": self._name}
+        local = writer.get_extra_info("sockname")[0].removeprefix("::ffff:")
+        first = await first_bytes(reader.read, self._wait)
+        count(len(first))
+        # Silent: the port the client asked for will choose (the listener does not know it yet).
+        kind = recognize.classify(first) if first else recognize.server_first(None) or "other"
+        plain = Plain(reader, writer, first if kind == "http" else b"", count)
+        if kind == "tls":
+            record = dict(base, event="tls")
+            try:
+                contexts = self._certs()
+            except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
+                self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
+                return
+            stream = await handshake(plain, first, contexts, local, record)
+            self._emit(record)
+            if stream is None:
+                return
+            inner = await first_bytes(stream.read, self._wait)
+            stream.prepend(inner)
+            if recognize.classify(inner) == "http":
+                await self._serve_http(stream, base, "https")
+            else:
+                await echo(stream, await stream.read())
+        elif kind == "http":
+            await self._serve_http(plain, base, "http")
+        else:
+            await echo(plain, first or await plain.read())
+
+    async def _serve_http(self, stream, base: dict, scheme: str) -> None:
+        from nftdivert.services import http  # h11: only once HTTP is spoken
+
+        await http.serve(stream, self._http, self._emit, base, scheme)

@@ -1,0 +1,190 @@
+"""The HTTP answer (plain, and inside TLS), parsed by h11.
+
+Each request is read whole before the answer: a body by Content-Length or
+chunked, with a 100 Continue for a client that waits for one. Its method,
+URL, headers, body size and sha256 are logged, and the body is saved under
+`[http] bodies_dir`, named by its sha256 (at most `max_body` bytes of it).
+The answer: the first `[[http.rules]]` whose host and path match, else a
+small valid file for the extension asked for, else the `[http]` page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import fnmatch
+import hashlib
+import os
+import posixpath
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Callable
+
+import h11
+from http import HTTPStatus
+
+from nftdivert.config import HttpConfig, HttpRule
+from nftdivert.services import payloads
+
+READ_TIMEOUT = 30.0  # a client that stops sending mid-request is let go after this
+
+
+def match_rule(rules: tuple[HttpRule, ...], host: str, path: str) -> HttpRule | None:
+    host = host.lower()
+    for rule in rules:
+        if fnmatch.fnmatchcase(host, rule.host.lower()) and fnmatch.fnmatchcase(path, rule.path):
+            return rule
+    return None
+
+
+def answer(http: HttpConfig, host: str, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body for a request to `host` and `target` (path and query)."""
+    path = urllib.parse.urlsplit(target).path or "/"
+    rule = match_rule(http.rules, host, path)
+    if rule is not None:
+        body = Path(rule.file).read_bytes() if rule.file else rule.body.encode()
+        headers = list(rule.headers)
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", http.content_type))
+        return rule.status, headers, body
+    ext = posixpath.splitext(path)[1].lstrip(".")
+    typed = payloads.by_extension(ext) if ext else None
+    if typed is not None:
+        return 200, [("Content-Type", typed[0])], typed[1]
+    return 200, [("Content-Type", http.content_type)], http.body.encode()
+
+
+class _Body:
+    """A request body as it arrives: hashed whole, saved up to the cap."""
+
+    def __init__(self, directory: str, cap: int) -> None:
+        self.size, self.saved, self._cap = 0, 0, cap if directory else 0
+        self._hash = hashlib.sha256()
+        self._dir = directory
+        self._fd: int | None = None
+        self._tmp = ""
+        self.error = ""
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        self._hash.update(data)
+        keep = data[:max(0, self._cap - self.saved)]
+        if not keep:
+            return
+        try:
+            if self._fd is None:
+                os.makedirs(self._dir, mode=0o700, exist_ok=True)
+                self._fd, self._tmp = tempfile.mkstemp(dir=self._dir, prefix=".part-")
+            os.write(self._fd, keep)
+            self.saved += len(keep)
+        except OSError as exc:  # a full disk stops the saving, not the answer
+            self.error = f"{self._dir}: {exc.strerror or exc}"
+            self.abandon()
+            self._cap = 0
+
+    def finish(self) -> dict:
+        info: dict = {"body_size": self.size, "body_sha256": self._hash.hexdigest()}
+        if self.error:
+            info["body_save_error"] = self.error
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            whole = self.saved == self.size
+            path = os.path.join(self._dir, info["body_sha256"] + ("" if whole else ".part"))
+            os.replace(self._tmp, path)
+            info["body_saved"] = path
+            if not whole:
+                info["body_saved_bytes"] = self.saved
+        return info
+
+    def abandon(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            os.unlink(self._tmp)
+
+
+async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: dict, scheme: str) -> None:
+    """Answer one request on `stream` (then close, as the answer says); log it."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
+
+    async def next_event():
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await asyncio.wait_for(stream.read(65536), READ_TIMEOUT))
+
+    async def send(*events) -> None:
+        for event in events:
+            stream.write(conn.send(event) or b"")
+        await stream.drain()
+
+    body = None
+    try:
+        request = await next_event()
+        if not isinstance(request, h11.Request):
+            return  # closed before a whole request head
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
+        host = next((v for k, v in headers if k.lower() == "host"), "")
+        target = request.target.decode("latin-1")
+        body = _Body(http.bodies_dir, http.max_body)
+        if conn.they_are_waiting_for_100_continue:
+            await send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[]))
+        while not isinstance(event := await next_event(), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                body.add(bytes(event.data))
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("the client closed the connection mid-body")
+        status, extra, content = answer(http, _hostname(host), target)
+        emit(dict(base, event="http", method=request.method.decode("latin-1"), url=_url(scheme, host, target),
+                  status=status, headers=headers, **body.finish()))
+        body = None
+        server = [("Server", http.server)] if http.server else []
+        # One request per connection: every client copes with a close, and none waits on a keep-alive.
+        events = [h11.Response(status_code=status, reason=_reason(status), headers=server + [
+            ("Date", email.utils.formatdate(usegmt=True)), *extra, ("Content-Length", str(len(content))),
+            ("Connection", "close")])]
+        if request.method != b"HEAD" and content:
+            events.append(h11.Data(data=content))
+        await send(*events, h11.EndOfMessage())
+    except h11.RemoteProtocolError as exc:
+        if body is not None:
+            body.abandon()  # before the answer: nothing half-written outlives the request
+        emit(dict(base, event="http", error=str(exc)[:200]))
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                await send(h11.Response(status_code=400, reason=b"Bad Request", headers=[("Content-Length", "0"), ("Connection", "close")]),
+                           h11.EndOfMessage())
+            except (h11.LocalProtocolError, ConnectionError, OSError):
+                pass
+    except asyncio.TimeoutError:
+        if body is not None:
+            body.abandon()
+        emit(dict(base, event="http", error=f"no whole request within {READ_TIMEOUT:g} s"))
+    finally:
+        if body is not None:
+            body.abandon()
+    stream.write_eof()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _hostname(host: str) -> str:
+    """The Host header without its port; a malformed one as it came."""
+    try:
+        return urllib.parse.urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return host
+
+
+def _url(scheme: str, host: str, target: str) -> str:
+    if target.startswith(("http://", "https://")):
+        return target  # a proxy-style absolute URL
+    return f"{scheme}://{host}{target}" if host else target

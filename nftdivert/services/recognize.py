@@ -1,0 +1,95 @@
+"""What protocol a client speaks, from its first bytes (pure functions).
+
+The default TCP listener reads at most the first bytes of a conversation,
+waiting a short while for them, and picks the answer from them: TLS, HTTP,
+or the echo. A client that says nothing first expects the server to speak
+(SMTP, FTP, POP3, IMAP, SSH): `server_first` is where that choice, by the
+port the client asked for, will go.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+PEEK_BYTES = 4096  # enough for any request line and a ClientHello's first record
+
+_HTTP_METHOD = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|TRACE|CONNECT|PROPFIND|[A-Z]{3,10}) \S")
+_HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
+_TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
+
+
+def classify(first: bytes) -> str:
+    """'tls', 'http' or 'other' for the first bytes a client sent."""
+    # A TLS record: handshake (22), a 3.x version, then a ClientHello (1).
+    if len(first) >= 6 and first[0] == 0x16 and first[1] == 3 and first[2] <= 4 and first[5] == 1:
+        return "tls"
+    if _HTTP_REQUEST.match(first):
+        return "http"
+    return "other"
+
+
+def wants_more(first: bytes) -> bool:
+    """True while the bytes so far could still become a TLS record header or a request line."""
+    if len(first) >= PEEK_BYTES:
+        return False
+    if first[:1] == b"\x16":
+        return len(first) < 6
+    line = first.split(b"\n", 1)
+    return len(line) == 1 and bool(_HTTP_METHOD.match(first) or re.fullmatch(rb"[A-Z]{1,10}", first))
+
+
+def server_first(original_port: int | None) -> str | None:
+    """The protocol that speaks first on this port; None: the echo (SMTP, FTP... are not built yet)."""
+    return None
+
+
+def client_hello(record: bytes) -> dict:
+    """SNI, offered ALPN and versions from a ClientHello's first record; {} if it is cut short.
+
+    Parsed by hand because a failed handshake must still be logged, and
+    Python's ssl shows none of what the client offered.
+    """
+    try:
+        return _client_hello(record)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError):
+        return {}
+
+
+def _client_hello(rec: bytes) -> dict:
+    length = struct.unpack_from("!H", rec, 3)[0]
+    body = rec[5:5 + length]
+    if body[0] != 1:
+        return {}
+    pos = 4
+    legacy = struct.unpack_from("!H", body, pos)[0]
+    pos += 2 + 32
+    pos += 1 + body[pos]  # session id
+    pos += 2 + struct.unpack_from("!H", body, pos)[0]  # cipher suites
+    pos += 1 + body[pos]  # compression methods
+    info: dict = {"client_version": _TLS_VERSIONS.get(legacy, hex(legacy))}
+    if pos + 2 > len(body):
+        return info
+    end = min(len(body), pos + 2 + struct.unpack_from("!H", body, pos)[0])
+    pos += 2
+    while pos + 4 <= end:
+        kind, size = struct.unpack_from("!HH", body, pos)
+        data = body[pos + 4:pos + 4 + size]
+        pos += 4 + size
+        if kind == 0:  # server_name: a list of (type, name); host_name is type 0
+            p = 2
+            while p + 3 <= len(data):
+                name_len = struct.unpack_from("!H", data, p + 1)[0]
+                if data[p] == 0:
+                    info["sni"] = data[p + 3:p + 3 + name_len].decode("ascii", "replace")
+                p += 3 + name_len
+        elif kind == 16:  # ALPN: length-prefixed protocol names
+            p, offered = 2, []
+            while p < len(data):
+                offered.append(data[p + 1:p + 1 + data[p]].decode("ascii", "replace"))
+                p += 1 + data[p]
+            info["alpn_offered"] = offered
+        elif kind == 43:  # supported_versions
+            info["versions_offered"] = [_TLS_VERSIONS.get(v, hex(v))
+                                        for v in struct.unpack_from(f"!{data[0] // 2}H", data, 1)]
+    return info

