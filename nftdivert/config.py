@@ -219,7 +219,6 @@ class WorkerConfig:
     # and a group another program already reads is refused, so captures never mix.
     pcap_group: int = 1337
     pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
-    pcap: str = ""
     # The ruleset sets this conntrack mark bit on every conversation it
     # answers; the conversation log reads only entries that carry it.
     ct_mark: int = 0x00200000

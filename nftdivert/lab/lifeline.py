@@ -24,7 +24,7 @@ def die_with_parent(parent: int | None = None, lifeline: int | None = None,
     `lifeline`: the read end of a pipe whose write end only the parent holds,
     for a child in a new PID namespace (there, getppid() is 0): the pipe
     reads as closed once the parent is gone.
-    `signum`: what the kernel sends; SIGTERM lets a writer like tcpdump finish its file.
+    `signum`: what the kernel sends; SIGTERM lets a writer (the capture's reader) finish its file.
     """
     if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum) != 0:
         os._exit(1)  # without it, a SIGKILLed parent would leave us behind
