@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""nftdivert benchmark: diverted vs. kernel-only, side by side, in one run.
+"""nftdivert benchmark: diverted vs. kernel-only, observed vs. quiet, side by side, in one run.
 
 Builds two network namespaces, a client and a diverter (topology.py), and
 measures, alternating the two sides round by round (ABBA), with the SAME
 echo listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
 
-  nftdivert    `nftdivert run` (queue backend auto), conversation log as JSON
-  kernel-only  one nat rule `redirect to :1337`, no queue, no worker
-               (both: sides.py)
+  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w)
+  nftdivert-quiet  the same with neither (what observing costs is the difference)
+  kernel-only      one nat rule `redirect to :1337`, no queue, no worker
+                   (all three: sides.py; each round in turn, reversed every other round)
 
   conn/s  a few client processes: connect to a random 198.51.100.x:port,
           send 16 bytes, read the 16-byte echo, compare, close; repeat
@@ -47,6 +48,7 @@ from sides import KernelSide, NftdivertSide
 from nftdivert.errors import NftDivertError
 
 MAIN_PID = os.getpid()
+OBSERVE = {"both": ("log", "pcap"), "log": ("log",), "pcap": ("pcap",)}
 
 
 def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
@@ -75,16 +77,18 @@ def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
         bulk["bytes_per_queued_packet"] = 2 * bulk["bytes"] / max(1, bulk["queued_packets"])
     say(f"round {rnd + 1}: {side.name}: {bulk['mb_per_s']:.1f} MB/s echoed")
     info = side.stop()
-    if isinstance(side, NftdivertSide):
+    if isinstance(side, NftdivertSide) and "log_targets" in info:
         missing = [t for t in conns["sample"] if t not in info["log_targets"]]
         if info["log_tcp_conversations"] == 0:
             raise BenchError("nftdivert logged no diverted TCP conversation")
         if missing:
             say(f"note: {len(missing)} sampled targets not (yet) in the conversation log, e.g. {missing[0]}")
         conns["log_tcp_conversations"] = info["log_tcp_conversations"]
+    if isinstance(side, NftdivertSide):
         conns["worker_final"] = info["final"]
     conns.pop("sample")
-    results["rounds"].append({"round": rnd + 1, "side": side.name, "conn": conns, "bulk": bulk})
+    results["rounds"].append({"round": rnd + 1, "side": side.name, "conn": conns, "bulk": bulk,
+                              **({"capture": info["capture"]} if "capture" in info else {})})
 
 
 def cleanup(topo: topology.Topology) -> None:
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                          "must tell apart by their original destination)")
     ap.add_argument("--micro-iterations", type=int, default=30000, help="packets per micro timing (default 30000)")
     ap.add_argument("--micro-reps", type=int, default=5, help="repetitions per micro timing, best kept (default 5)")
+    ap.add_argument("--observe", choices=sorted(OBSERVE), default="both",
+                    help="what the observed nftdivert side turns on: the conversation log, the pcap (-w), or both "
+                         "(default); the quiet side has neither")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                  "settings": {"seconds": args.seconds, "rounds": args.rounds, "workers": args.workers,
                               "address_per_worker": args.address_per_worker,
                               "micro_iterations": args.micro_iterations, "micro_reps": args.micro_reps,
+                              "observe": args.observe,
                               "seed": seed},
                  "rounds": [], "ok": False}
     status = 1
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         topology.remove_stale()
         topo.up()
         for rnd in range(args.rounds):
-            sides = [NftdivertSide(topo, tmp, rnd), KernelSide(topo)]
+            sides = [NftdivertSide(topo, tmp, rnd, OBSERVE[args.observe]), NftdivertSide(topo, tmp, rnd, ()),
+                     KernelSide(topo)]
             for side in (sides if rnd % 2 == 0 else sides[::-1]):
                 run_side(side, args, rng, res, rnd)
         res["ok"] = True

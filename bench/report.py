@@ -32,17 +32,33 @@ def mean(xs):
     return statistics.fmean(xs) if xs else None
 
 
-def summarize(res: dict) -> dict:
+METRICS = (("conn_per_s", ("conn", "conn_per_s"), "{:,.0f}"),
+           ("conn_latency_p50_ms", ("conn", "lat_p50_ms"), "{:.2f}"),
+           ("conn_latency_p99_ms", ("conn", "lat_p99_ms"), "{:.2f}"),
+           ("bulk_echo_mb_per_s", ("bulk", "mb_per_s"), "{:,.1f}"))
+# What observing may cost: diverted connections/s with log and pcap on, at least this share of both off.
+OBSERVATION_GOAL = 0.90
+
+
+def _compare(res: dict, a_side: str, b_side: str) -> dict:
     rows = {}
-    for key, path, fmt in (("conn_per_s", ("conn", "conn_per_s"), "{:,.0f}"),
-                           ("conn_latency_p50_ms", ("conn", "lat_p50_ms"), "{:.2f}"),
-                           ("conn_latency_p99_ms", ("conn", "lat_p99_ms"), "{:.2f}"),
-                           ("bulk_echo_mb_per_s", ("bulk", "mb_per_s"), "{:,.1f}")):
-        vals = {side: [r[path[0]][path[1]] for r in res["rounds"] if r["side"] == side]
-                for side in ("nftdivert", "kernel")}
-        a, b = mean(vals["nftdivert"]), mean(vals["kernel"])
-        rows[key] = {"nftdivert": a, "kernel": b, "ratio": a / b if a and b else None,
-                     "per_round": vals, "fmt": fmt}
+    for key, path, fmt in METRICS:
+        vals = {side: [r[path[0]][path[1]] for r in res["rounds"] if r["side"] == side] for side in (a_side, b_side)}
+        a, b = mean(vals[a_side]), mean(vals[b_side])
+        rows[key] = {a_side: a, b_side: b, "ratio": a / b if a and b else None, "per_round": vals, "fmt": fmt}
+    return rows
+
+
+def summarize(res: dict) -> dict:
+    """nftdivert (observed) vs. the kernel alone, and `observation`: observed vs. quiet."""
+    rows = _compare(res, "nftdivert", "kernel")
+    rows["observation"] = _compare(res, "nftdivert", "nftdivert-quiet")
+    captures = [r["capture"] for r in res["rounds"] if "capture" in r]
+    cap = {k: sum(c[k] for c in captures) for k in ("packets", "overruns", "bytes", "cpu_seconds")}
+    cap["cpu_us_per_packet"] = 1e6 * cap["cpu_seconds"] / cap["packets"] if cap["packets"] else None
+    rows["observation"]["capture"] = cap
+    ratio = rows["observation"]["conn_per_s"]["ratio"]
+    rows["observation"]["within_goal"] = ratio is not None and ratio >= OBSERVATION_GOAL
     return rows
 
 
@@ -59,6 +75,8 @@ def print_report(res: dict, rows: dict, args) -> None:
     print(f"{'metric':<{w}} {'nftdivert':>12} {'kernel-only':>12} {'ratio':>7}")
     print("-" * (w + 34))
     for key, row in rows.items():
+        if key == "observation":
+            continue
         f = row["fmt"]
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
         print(f"{labels[key]:<{w}} {f.format(row['nftdivert']):>12} {f.format(row['kernel']):>12} {ratio:>7}")
@@ -71,6 +89,7 @@ def print_report(res: dict, rows: dict, args) -> None:
         print(f"{'queued packets per connection':<{w}} {ppc:>12.1f} {'-':>12} {'-':>7}")
     if qb is not None:
         print(f"{'queued packets/s, bulk phase':<{w}} {qb:>12,.0f} {'-':>12} {'-':>7}")
+    _print_observation(rows["observation"], labels, w, res["settings"]["observe"])
     print(f"\n{'worker cost in-process (us/packet; 1e6/us = packets/s)':<{w}} {'us/pkt':>12} {'pkt/s':>12}")
     print("-" * (w + 34))
     for kind, r in res["micro"].items():
@@ -78,9 +97,32 @@ def print_report(res: dict, rows: dict, args) -> None:
     print(f"\nresults: {args.json}; run time {res['duration_s']:.1f}s")
 
 
+def _print_observation(obs: dict, labels: dict, w: int, observe: str) -> None:
+    what = {"both": "conversation log and pcap", "log": "conversation log", "pcap": "pcap"}[observe]
+    print(f"\nobservation: {what} on (nftdivert) vs. off (nftdivert-quiet)")
+    print(f"{'metric':<{w}} {'observed':>12} {'quiet':>12} {'ratio':>7}")
+    print("-" * (w + 34))
+    for key, _, _ in METRICS:
+        row = obs[key]
+        f = row["fmt"]
+        ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
+        print(f"{labels[key]:<{w}} {f.format(row['nftdivert']):>12} {f.format(row['nftdivert-quiet']):>12} {ratio:>7}")
+    cap = obs["capture"]
+    if cap["packets"]:
+        print(f"{'captured packets (socket overruns: packets lost)':<{w}} {cap['packets']:>12,} {'-':>12} "
+              f"{cap['overruns']:>7,}")
+    if cap["cpu_us_per_packet"] is not None:
+        print(f"{'capture reader CPU (us/packet)':<{w}} {cap['cpu_us_per_packet']:>12.2f} {'-':>12} {'-':>7}")
+    verdict = "within" if obs["within_goal"] else "NOT within"
+    print(f"connections/s observed: {verdict} {100 - 100 * OBSERVATION_GOAL:.0f}% of quiet")
+
+
 def write_json(res: dict, rows: dict, path: str) -> bool:
     """All numbers to `path`: machine, settings, every round, the summary with ratios."""
-    res["results"] = {k: {kk: vv for kk, vv in v.items() if kk != "fmt"} for k, v in rows.items()}
+    def plain(v):
+        return {kk: plain(vv) for kk, vv in v.items() if kk != "fmt"} if isinstance(v, dict) else v
+
+    res["results"] = plain(rows)
     try:
         Path(path).write_text(json.dumps(res, indent=2) + "\n")
     except OSError as exc:

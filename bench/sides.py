@@ -1,7 +1,8 @@
-"""The two sides measured, each in the diverter namespace, each on TCP 1337.
+"""The sides measured, each in the diverter namespace, each on TCP 1337.
 
-  nftdivert    `nftdivert run` (queue backend auto), conversation log as JSON
-  kernel-only  one nat rule `redirect to :1337`, no queue, no worker
+  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w); --observe
+  nftdivert-quiet  the same with neither: what observing costs is the difference
+  kernel-only      one nat rule `redirect to :1337`, no queue, no worker
 
 Both answer with the same echo listener code (nftdivert.services.listeners.Listeners).
 A side has start(), counters() (the worker's packet counters, or None) and
@@ -55,13 +56,16 @@ def nftdivert_argv() -> list[str]:
 
 
 class NftdivertSide:
-    name = "nftdivert"
+    """`nftdivert run`, observed (`observe`: the conversation log, the pcap, or both on) or quiet (neither)."""
 
-    def __init__(self, topo: Topology, tmp: Path, rnd: int) -> None:
-        self.topo, self.tmp, self.rnd = topo, tmp, rnd
+    def __init__(self, topo: Topology, tmp: Path, rnd: int, observe: tuple[str, ...] = ("log", "pcap")) -> None:
+        self.topo, self.tmp, self.rnd, self.observe = topo, tmp, rnd, observe
+        self.observed = bool(observe)
+        self.name = "nftdivert" if observe else "nftdivert-quiet"
         self.cfg = tmp / "nftdivert.toml"
-        self.log = tmp / f"conversations-{rnd}.jsonl"
-        self.err = tmp / f"nftdivert-{rnd}.stderr"
+        self.log = tmp / f"conversations-{self.name}-{rnd}.jsonl"
+        self.pcap = tmp / f"capture-{rnd}.pcap"
+        self.err = tmp / f"{self.name}-{rnd}.stderr"
         self.proc: subprocess.Popen | None = None
         self.backend = self.reason = ""
         ino = os.stat(netns.NETNS_DIR / topo.divert.name).st_ino  # as runner names it, from inside
@@ -74,7 +78,9 @@ class NftdivertSide:
         # second here, and the bench measures the data path, not the share.
         self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
                             'new_tcp_per_source = 0\nnew_udp_per_source = 0\n')
-        argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), "--log", str(self.log), "--log-format", "json"]
+        observe = (["--log", str(self.log), "--log-format", "json"] if "log" in self.observe else ["--log", ""]) \
+            + (["-w", str(self.pcap)] if "pcap" in self.observe else [])
+        argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), *observe]
         with open(self.err, "wb") as err:
             self.proc = self.topo.divert.popen(*argv, stdout=subprocess.DEVNULL, stderr=err,
                                                stdin=subprocess.DEVNULL)
@@ -124,6 +130,22 @@ class NftdivertSide:
         # It must leave nothing behind in the diverter.
         if "nftdivert" in self.topo.divert.run("nft", "list", "tables", check=False).stdout:
             raise BenchError("nftdivert's table is still loaded after it stopped")
+        info: dict = {"final": final}
+        if "pcap" in self.observe:
+            info["capture"] = self._capture(text)
+        if "log" in self.observe:
+            info.update(self._log())
+        return info
+
+    def _capture(self, text: str) -> dict:
+        m = re.search(r"capture \S+: (\d+) packets, (\d+) overruns \(packets lost\); its reader used ([\d.]+) s CPU",
+                      text)
+        if not m:
+            raise BenchError(f"nftdivert said nothing about its capture:\n{text.strip()}")
+        return {"packets": int(m.group(1)), "overruns": int(m.group(2)), "cpu_seconds": float(m.group(3)),
+                "bytes": self.pcap.stat().st_size}
+
+    def _log(self) -> dict:
         log_tcp = 0
         targets = set()
         if self.log.exists():
@@ -135,7 +157,7 @@ class NftdivertSide:
                 if rec.get("protocol") == "tcp" and rec.get("event") == "start":
                     log_tcp += 1
                     targets.add(rec.get("original_destination"))
-        return {"final": final, "log_tcp_conversations": log_tcp, "log_targets": targets}
+        return {"log_tcp_conversations": log_tcp, "log_targets": targets}
 
 
 class KernelSide:

@@ -240,7 +240,11 @@ def _diverter_options(func):
     for option in reversed((
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP),
         click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
-                     help="Write the diverted packets, as they arrived and as rewritten, to this pcap file."),
+                     help="Capture what the clients send and get, as they see it (original addresses, "
+                          "each packet once; DNS, ICMP and bound ports too), to this pcap file (raw IP)."),
+        click.option("--write-rewritten", "pcap_rewritten", type=click.Path(dir_okay=False),
+                     help="Debugging the worker: write each diverted packet as the queue worker got it "
+                          "(after NAT) and as it rewrote it, to this pcap file."),
         click.option("--log", "log_target", help='Conversation log: a file, "-" for stdout (default), "" for none.'),
         click.option("--log-format", type=click.Choice(["auto", "json", "text"]),
                      help="JSON Lines or one readable line per conversation (auto: text on a terminal)."),
@@ -251,18 +255,20 @@ def _diverter_options(func):
     return func
 
 
-def _diverter_config(config_path: str | None, log_target: str | None, log_format: str | None) -> config_mod.Config:
+def _diverter_config(config_path: str | None, log_target: str | None, log_format: str | None,
+                     pcap_rewritten: str | None = None) -> config_mod.Config:
     from dataclasses import replace
 
     cfg = _config(config_path)
-    overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format)) if v is not None}
+    overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format),
+                                   ("pcap_rewritten", pcap_rewritten)) if v is not None}
     return replace(cfg, worker=replace(cfg.worker, **overrides)) if overrides else cfg
 
 
 @cli.command()
 @_diverter_options
-def run(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
-        summary: str | None) -> None:
+def run(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
+        log_format: str | None, summary: str | None) -> None:
     """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
 
     Every conversation to an unbound port on any address reaches the default
@@ -282,7 +288,7 @@ def run(config_path: str | None, pcap: str | None, log_target: str | None, log_f
     """
     from nftdivert import runner
 
-    cfg = _diverter_config(config_path, log_target, log_format)
+    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
     _root_nft("run")
     final = runner.run(cfg, pcap_path=pcap, summary_path=summary)
     if final:
@@ -309,8 +315,8 @@ def _timeout(value: str | None) -> float | None:
 @click.option("--timeout", "timeout", metavar="SECONDS",
               help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, log_format: str | None,
-            summary: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
+def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
+            log_format: str | None, summary: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
@@ -335,7 +341,7 @@ def sandbox(config_path: str | None, pcap: str | None, log_target: str | None, l
     from nftdivert.lab import sandbox as sandbox_mod
 
     seconds = _timeout(timeout)
-    cfg = _diverter_config(config_path, log_target, log_format)
+    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
     status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds, summary=summary)
     raise SystemExit(status)
 

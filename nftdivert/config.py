@@ -214,7 +214,11 @@ class WorkerConfig:
     close_grace: float = 10.0
     log: str = "-"  # "-" is stdout, "" turns the conversation log off
     log_format: str = "auto"  # auto: text on a terminal, JSON Lines elsewhere
-    pcap: str = ""
+    pcap: str = ""  # what the clients sent and got, as they saw it (nflog, before NAT)
+    # The nflog group that capture reads; nflog groups are per network namespace,
+    # and a group another program already reads is refused, so captures never mix.
+    pcap_group: int = 1337
+    pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
     # The ruleset sets this conntrack mark bit on every conversation it
     # answers; the conversation log reads only entries that carry it.
     ct_mark: int = 0x00200000
@@ -228,6 +232,12 @@ class WorkerConfig:
         _check_path(f"{key}.log", self.log)
         _check_choice(f"{key}.log_format", self.log_format, LOG_FORMATS)
         _check_path(f"{key}.pcap", self.pcap)
+        _check_type(f"{key}.pcap_group", self.pcap_group, int, "an integer nflog group")
+        if not 0 <= self.pcap_group <= 65535:
+            raise ConfigError(f"{key}.pcap_group", self.pcap_group, "nflog groups are 0-65535")
+        _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
+        if self.pcap and self.pcap == self.pcap_rewritten:
+            raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
         if not 0 < self.ct_mark <= 0xFFFFFFFF:
             raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
@@ -103,11 +103,12 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     for naming their processes.
     """
     nft = Nft()
-    pcap_path = pcap_path or config.worker.pcap or None
+    if pcap_path:  # -w: into the config, whose ruleset then carries the capture chains
+        config = replace(config, worker=replace(config.worker, pcap=pcap_path))
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(config, nft, pcap_path, on_ready, Observation(summary_path, clients_netns))
+        return _run(config, nft, on_ready, Observation(summary_path, clients_netns))
     except _Stopped:
         _say("stopped before the worker started")
         return {}
@@ -124,21 +125,23 @@ def _stop_early(*_args) -> None:
     raise _Stopped
 
 
-def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[], object] | None,
-         seen: Observation) -> dict:
+def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: Observation) -> dict:
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
         stack.callback(claim.release)
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
         seen.open_summary(stack)
+        capture = _start_capture(config, stack)  # before any thread of ours: the reader is a fork
+        pcap_path = config.worker.pcap_rewritten or None
         pcap = None
         if pcap_path:
             from nftdivert.services.pcap import PcapWriter
             try:
                 pcap = PcapWriter(pcap_path)
             except OSError as exc:
-                raise ConfigError("worker.pcap (-w)", pcap_path, exc.strerror or str(exc)) from None
+                raise ConfigError("worker.pcap_rewritten (--write-rewritten)", pcap_path,
+                                  exc.strerror or str(exc)) from None
             stack.push(partial(_close_capture, pcap, pcap_path))
 
         # Started before any thread of ours exists: the listener process is a fork.
@@ -150,8 +153,10 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         stack.callback(listeners.stop)
         for lst in config.listeners:
             _say(f"listener {lst.name}: {lst.protocol} port {lst.port} ({_KIND_NAMES[lst.kind]})")
+        if capture is not None:
+            _say(f"capturing what the clients send and get to {capture.path} (nflog group {capture.group})")
         if pcap is not None:
-            _say(f"capturing diverted packets to {pcap_path}")
+            _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
         log = ConversationLog(stream, as_json)
         stack.callback(log.close)
@@ -179,6 +184,9 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
             _write_stats(statsfile, _snapshot(worker, listeners, log, observer, _admission(config.table, nft)))
+            stopped = capture.failed() if capture is not None else None
+            if stopped:  # stop rather than divert uncaptured
+                raise NftDivertError(stopped)
             if pcap is not None:
                 try:
                     pcap.flush()
@@ -207,6 +215,35 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         _say("stopping: removing the ruleset, unbinding the queues")
         final = _snapshot(worker, listeners, log, observer, _admission(config.table, nft))  # the table is still loaded
     return final
+
+
+def _start_capture(config: Config, stack: ExitStack):
+    """The capture (-w): the reader of the table's nflog group, stopped after the ruleset is gone."""
+    path = config.worker.pcap
+    if not path:
+        return None
+    from nftdivert.services import capture as capture_mod
+    try:
+        fd = capture_mod.open_file(path)
+    except OSError as exc:
+        raise ConfigError("worker.pcap (-w)", path, exc.strerror or str(exc)) from None
+    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path)
+    cap.start()
+    stack.push(partial(_stop_capture, cap))
+    return cap
+
+
+def _stop_capture(cap, exc_type, *_exc) -> bool:
+    """Stop the capture and say what it holds; a write failure is the run's error unless it already has one."""
+    counts = cap.stop()
+    if "packets" in counts:
+        _say(f"capture {cap.path}: {counts['packets']} packets, {counts['overruns']} overruns (packets lost); "
+             f"its reader used {counts['cpu_seconds']:.2f} s CPU")
+    if counts.get("error"):
+        if exc_type is None:
+            raise NftDivertError(counts["error"])
+        _say(f"the capture {cap.path} is incomplete: {counts['error']}")
+    return False
 
 
 def _capture_failed(path: str, exc: OSError) -> NftDivertError:

@@ -14,6 +14,7 @@ PACKAGES = {
     "cat": "coreutils",
     "conntrack": "conntrack",
     "curl": "curl",
+    "dig": "bind9-dnsutils",
     "env": "coreutils",
     "grep": "grep",
     "head": "coreutils",

@@ -178,6 +178,10 @@ BAD = [
     case("seconds-beyond-a-week", "[worker]\nclose_grace = 604801\n", "worker.close_grace", "at most a week"),
     case("seconds-as-string", '[worker]\nclose_grace = "10s"\n', "worker.close_grace", "not str"),
     case("log-format", '[worker]\nlog_format = "xml"\n', "worker.log_format", "one of auto, json, text"),
+    case("pcap-group-range", '[worker]\npcap_group = 65536\n', "worker.pcap_group", "nflog groups are 0-65535"),
+    case("pcap-group-type", '[worker]\npcap_group = "1"\n', "worker.pcap_group", "an integer nflog group"),
+    case("pcap-twice", '[worker]\npcap = "a.pcap"\npcap_rewritten = "a.pcap"\n', "worker.pcap_rewritten",
+         "must differ from worker.pcap"),
     case("log-newline", '[worker]\nlog = "a\\nb"\n', "worker.log", "newline"),
     case("after-stop-choice", 'containment_after_stop = "maybe"\n', "containment_after_stop", "one of keep, remove"),
     # --- not TOML at all ---------------------------------------------------------------------------
@@ -312,6 +316,8 @@ close_grace = 3
 log = ""
 log_format = "json"
 pcap = "/var/log/nftdivert/capture.pcap"
+pcap_group = 0
+pcap_rewritten = "/var/log/nftdivert/rewritten.pcap"
 """
 
 
@@ -339,7 +345,8 @@ def test_good_config_loads(tmp_path):
     assert la.cgroups == ("system.slice/sshd.service", "/user.slice/", "init.scope")
     assert cfg.queue == QueueConfig(backend="xt", incoming=65535, outgoing=0, fail="open", mark=0x10)
     assert cfg.worker == WorkerConfig(max_conversations=16, tcp_idle=0.5, udp_idle=604800, close_grace=3,
-                                      log="", log_format="json", pcap="/var/log/nftdivert/capture.pcap")
+                                      log="", log_format="json", pcap="/var/log/nftdivert/capture.pcap",
+                                      pcap_group=0, pcap_rewritten="/var/log/nftdivert/rewritten.pcap")
 
 
 def test_default_tcp_listener_empty_means_none():

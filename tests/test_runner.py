@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -44,9 +45,9 @@ def start(host, tmp_path, *args):
     return proc
 
 
-def test_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tmp_path):
+def test_the_rewritten_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tmp_path):
     pcap = tmp_path / "divert.pcap"
-    proc = start(host, tmp_path, "-w", str(pcap))
+    proc = start(host, tmp_path, "--write-rewritten", str(pcap))
     reply = lab.run_client(host, "tcp", "198.51.100.60", "45678", "captured")
     assert reply["ok"] and reply["reply"] == "captured", reply
     proc.send_signal(signal.SIGTERM)
@@ -60,6 +61,83 @@ def test_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tm
     restored = [line for line in lines if ".45678 > " in line and "Flags [S.]" in line]
     assert arrived and rewritten and restored, "\n".join(lines)
     assert len(lines) % 2 == 0  # every rewritten packet is there twice
+
+
+def _tshark(pcap, *fields: str) -> list[tuple[str, ...]]:
+    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", *(a for f in fields for a in ("-e", f))],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return [tuple(line.split("\t")) for line in out.splitlines()]
+
+
+def test_the_pcap_holds_what_local_programs_sent_and_got_once_with_original_destinations(host, tmp_path):
+    pcap = tmp_path / "local.pcap"
+    proc = start(host, tmp_path, "-w", str(pcap))
+    assert lab.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
+    assert lab.run_client(host, "udp", "198.51.100.61", "5353", "udp")["reply"] == "udp"
+    host.run("ping", "-c1", "-W5", "198.51.100.62", timeout=20)
+    host.run("ping", "-6", "-c1", "-W5", "2001:db8:ffff::62", timeout=20)
+    host.run("ping", "-c1", "-W5", "127.0.0.1", timeout=20)  # the host's own: not a diverted conversation
+    bulk = lab.run_client(host, "bulk", "198.51.100.63", "45679", "2", timeout=60)  # large segments too
+    assert bulk["ok"], bulk
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = _tshark(pcap, "ip.src", "ipv6.src", "ip.dst", "ipv6.dst", "tcp.srcport", "tcp.dstport",
+                   "udp.srcport", "udp.dstport", "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "icmp.type", "icmpv6.type",
+                   "ip.id", "tcp.window_size_value", "tcp.len")
+    assert len(set(rows)) == len(rows), "a packet is in the pcap twice:\n" + "\n".join(map(str, rows))
+    far = Counter()
+    host_addresses = ("192.0.2.10", "2001:db8:1::10")  # the source the route gave the programs
+    for addrs in rows:
+        src, dst = addrs[0] or addrs[1], addrs[2] or addrs[3]
+        sport, dport = addrs[4] or addrs[6], addrs[5] or addrs[7]
+        assert (src in host_addresses) != (dst in host_addresses), addrs
+        far[(dst, dport) if src in host_addresses else (src, sport)] += 1
+    # Each conversation asked and answered, from where the program thought it went; nothing else.
+    assert set(far) == {("198.51.100.60", "45678"), ("198.51.100.61", "5353"), ("198.51.100.62", ""),
+                        ("2001:db8:ffff::62", ""), ("198.51.100.63", "45679")}, far
+    # Every byte of the bulk transfer, both ways, whole: no packet lost or cut short
+    # (a retransmission under load covers bytes already there, so count what is covered).
+    covered = 0
+    for sport in ("45679", None):
+        spans = sorted((int(seq), int(seq) + int(n)) for n, src, dst, seq in
+                       _tshark(pcap, "tcp.len", "tcp.srcport", "tcp.dstport", "tcp.seq_raw")
+                       if "45679" in (src, dst) and (src == "45679") == (sport is not None) and int(n))
+        end = 0
+        for first, last in spans:
+            covered += max(0, last - max(first, end))
+            end = max(end, last)
+    assert covered == 2 * 2 * 1024 * 1024
+    assert far[("198.51.100.60", "45678")] >= 8 and far[("198.51.100.61", "5353")] == 2, far
+    assert f"capture {pcap}: {len(rows)} packets, 0 overruns" in err, err
+
+
+def test_a_capture_group_another_program_reads_is_refused_and_nothing_is_applied(host, tmp_path):
+    other = host.popen("tcpdump", "-i", "nflog:1337", "-w", "/dev/null", text=True)  # another program
+    try:
+        lab.wait_for(lambda: "listening on" in (other.stderr.readline() or "x listening on"), 20, "the other tcpdump")
+        assert other.poll() is None
+        proc = lab.nftdivert(host, "run", "--log", "", "-w", str(tmp_path / "x.pcap"), check=False)
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    assert proc.returncode == 1, proc.stderr
+    assert "nflog group 1337 is read by another program in this network namespace: set worker.pcap_group" \
+        in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert host.run("nft", "list", "ruleset").stdout == ""
+    assert lab.queue_bindings(host) == []
+
+
+def test_sigkill_of_run_stops_its_capture_and_the_pcap_is_readable(host, tmp_path):
+    pcap = tmp_path / "killed.pcap"
+    proc = start(host, tmp_path, "-w", str(pcap))
+    assert lab.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
+    children = procs.descendants(proc.pid)  # the capture's reader and the listeners
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not (left := procs.wait_gone(children, 5.0)), f"outlived `nftdivert run`: {left}"
+    assert ("192.0.2.10", "198.51.100.60", "45678") in _tshark(pcap, "ip.src", "ip.dst", "tcp.dstport")
 
 
 def test_an_unwritable_pcap_path_is_bad_input_and_nothing_is_applied(host, tmp_path):
@@ -108,7 +186,7 @@ def test_a_start_that_fails_after_the_commit_leaves_no_diverting_table(tmp_path,
 
 def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
     # /dev/full opens, then every flush fails (ENOSPC): before, a traceback from the worker's tick.
-    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "-w", "/dev/full",
+    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "--write-rewritten", "/dev/full",
                                       "--log", ""), env=lab._env(), text=True)
     try:
         _, err = proc.communicate(timeout=60)
@@ -119,6 +197,18 @@ def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_
     assert "nftdivert: cannot write the capture /dev/full: No space left on device" in err, err
     assert "Traceback" not in err
     assert host.run("nft", "list", "ruleset").stdout == ""  # local mode: no containment to keep
+
+
+def test_a_pcap_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
+    # The run must not go on capturing into nothing. The reader writes in blocks of
+    # a few KiB, at least once a second: 200 pings fill more than one.
+    proc = start(host, tmp_path, "-w", "/dev/full")
+    host.run("ping", "-q", "-c100", "-i0.005", "-W5", "198.51.100.60", timeout=30)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "nftdivert: cannot write the capture /dev/full: No space left on device" in err, err
+    assert "Traceback" not in err
+    assert host.run("nft", "list", "ruleset").stdout == ""
 
 
 def test_the_final_counters_show_hook_errors_and_the_log(host, tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 from nftdivert.lab import netns
 from nftdivert.config import Config, Listener
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.lab.lifeline import fork_child
 from nftdivert.lab.pidns import Tree
 from nftdivert.runner import STATS_DIR
 
@@ -201,12 +201,9 @@ def _remove_stats(lab: Lab) -> None:
 def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | None) -> tuple[int, int]:
     """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
     ready_r, ready_w = os.pipe()
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 1
+
+    def child() -> int:
         try:
-            die_with_parent(parent)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # not the parent's handlers; runner sets its own
             os.close(ready_r)
@@ -218,11 +215,12 @@ def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | N
                                summary_path=summary, clients_netns=str(netns.NETNS_DIR / lab.client))
             if final:
                 print(f"nftdivert: {runner.summary(final)}", file=sys.stderr, flush=True)
-            code = 0
+            return 0
         except BaseException as exc:  # noqa: BLE001 - report, then leave the child
             print(f"nftdivert: diverter failed: {exc}", file=sys.stderr, flush=True)
-        finally:
-            os._exit(code)
+            return 1
+
+    pid = fork_child(child)
     os.close(ready_w)
     return pid, ready_r
 

@@ -47,6 +47,8 @@ class Ruleset:
     # A clean stop leaves the containment chain loaded (containment_after_stop = "keep").
     contain_after_stop: bool = False
     mss: int = DIVERTED_MSS
+    # The capture (worker.pcap): nflog group of the capture chains, None when nothing is captured.
+    capture_group: int | None = None
     # Admission: protocol -> new conversations per second per client address (0: no limit).
     admit: tuple[tuple[str, int], ...] = ()
 
@@ -133,5 +135,6 @@ def build(config: Config, backend: str) -> Ruleset:
             sorted({(len(p.strip("/").split("/")), p.strip("/")) for p in la.cgroups})
         ),
         contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
+        capture_group=config.worker.pcap_group if config.worker.pcap else None,
         admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
     )

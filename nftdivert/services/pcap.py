@@ -1,9 +1,9 @@
-"""Capture diverted packets to a classic libpcap file.
+"""Packets to a classic libpcap file: the capture (-w) and the worker's view (--write-rewritten).
 
 Classic pcap rather than pcapng: every tool reads it, and the format is two
 fixed headers. LINKTYPE_RAW means each record is a bare IP packet whose
 version nibble says IPv4 or IPv6, so both families share one file, which is
-exactly what the queue hands us (no link-layer header).
+exactly what the queue and nflog hand us (no link-layer header).
 """
 from __future__ import annotations
 
@@ -30,14 +30,19 @@ def file_header() -> bytes:
 
 def record(packet: bytes, timestamp: float) -> bytes:
     """One record: the header plus the packet, cut to SNAPLEN (orig_len keeps the real size)."""
+    return b"".join(record_parts(packet, timestamp))
+
+
+def record_parts(packet: bytes | memoryview, timestamp: float) -> tuple[bytes, bytes | memoryview]:
+    """A record as (header, data), so a batch of them can be joined with one copy."""
     if not 0 <= timestamp < 2**32:
         raise ValueError(f"timestamp out of range for pcap: {timestamp!r}")
     seconds = int(timestamp)
     micros = round((timestamp - seconds) * 1_000_000)
     if micros >= 1_000_000:  # rounding carried into the next second
         seconds, micros = seconds + 1, micros - 1_000_000
-    data = bytes(packet[:SNAPLEN])
-    return RECORD_HEADER.pack(seconds, micros, len(data), len(packet)) + data
+    data = packet[:SNAPLEN]
+    return RECORD_HEADER.pack(seconds, micros, len(data), len(packet)), data
 
 
 class PcapWriter:
@@ -49,10 +54,12 @@ class PcapWriter:
     visible to readers, close() at the end.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, fd: int | None = None) -> None:
+        """Opens `path`, or writes to `fd`, a file already opened (and then owned by the writer)."""
+        self.path = os.fspath(path) if path is not None else f"fd {fd}"
         self._lock = threading.Lock()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+        if fd is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
         try:
             self._file: BinaryIO | None = os.fdopen(fd, "wb")
         except BaseException:
@@ -75,6 +82,15 @@ class PcapWriter:
                 raise ValueError("PcapWriter is closed")
             self._file.write(data)
             self.packets += 1
+
+    def write_many(self, packets: list[tuple[bytes | memoryview, float]]) -> None:
+        """Append a batch of (packet, timestamp) with one write: what a capture reader gets at once."""
+        data = b"".join(part for packet, stamp in packets for part in record_parts(packet, stamp))
+        with self._lock:
+            if self._file is None:
+                raise ValueError("PcapWriter is closed")
+            self._file.write(data)
+            self.packets += len(packets)
 
     def flush(self) -> None:
         with self._lock:

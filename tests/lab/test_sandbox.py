@@ -106,6 +106,31 @@ def test_origin_scenario_is_answered_and_logged_and_status_is_cmds(config):
         assert f"queue backend {lab.BACKEND}" in proc.stderr, proc.stderr
 
 
+@pytest.mark.any_backend
+def test_the_pcap_holds_what_cmd_sent_and_got_on_its_veth_once(config, tmp_path):
+    pcap = tmp_path / "sandbox.pcap"
+    proc = sandbox(config, "curl -sS -4 --max-time 10 -o /dev/null http://anything.example:8080/ && "
+                           "ping -c1 -W5 198.51.100.7 >/dev/null && ping -6 -c1 -W5 2001:db8::7 >/dev/null",
+                   "-w", str(pcap), "--log", "")
+    assert proc.returncode == 0, proc.stderr
+    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "ip.src", "-e", "ipv6.src",
+                          "-e", "ip.dst", "-e", "ipv6.dst", "-e", "_ws.col.Protocol",
+                          "-e", "tcp.seq_raw", "-e", "tcp.ack_raw", "-e", "tcp.flags", "-e", "dns.id",
+                          "-e", "icmp.seq", "-e", "icmpv6.echo.sequence_number"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = [tuple(line.split("\t")) for line in out.splitlines()]
+    assert rows and len(set(rows)) == len(rows), "a packet is in the pcap twice:\n" + out
+    cmd = (sandbox_mod.CLIENT_V4, sandbox_mod.CLIENT_V6)
+    assert all((r[0] or r[1] in cmd) != (r[2] or r[3] in cmd) for r in rows), out  # CMD on one side, always
+    sent = {(r[2] or r[3], r[4]) for r in rows if (r[0] or r[1]) in cmd}
+    got = {(r[0] or r[1], r[4]) for r in rows if (r[2] or r[3]) in cmd}
+    # The resolver is the diverter's own address: answered here, so in the capture too.
+    for far in ((sandbox_mod.DIVERTER_V4, "DNS"), ("198.51.100.7", "ICMP"), ("2001:db8::7", "ICMPv6")):
+        assert far in sent and far in got, f"{far} missing:\n{out}"
+    web = {a for a, p in sent if p == "HTTP"}
+    assert len(web) == 1 and next(iter(web)).startswith("198.18."), out  # the name's pool address, as asked
+
+
 def test_names_resolve_and_the_log_ties_the_name_to_the_conversation(config):
     proc = sandbox(config, "curl -sS -4 --max-time 10 http://anything.example:8080/probe")
     assert proc.returncode == 0, proc.stderr

@@ -35,7 +35,7 @@ from nftdivert.config import Config, QueueConfig, from_mapping, load
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
-GOLDEN = ["default", "default_xt", "gateway_ipv6", "local", "interfaces", "ipv4_only", "ipv6_only", "both",
+GOLDEN = ["default", "default_xt", "gateway_ipv6", "local", "interfaces", "ipv4_only", "ipv6_only", "both", "capture",
           "bignets"]
 
 BIGNETS = 10_000

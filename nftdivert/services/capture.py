@@ -1,0 +1,172 @@
+"""The capture (-w): what the clients sent and got, as they saw it.
+
+The table's capture chains (templates/ruleset.nft.j2) hand each packet of the
+clients' conversations to one nflog group, once, with the addresses and
+ports the client used: incoming before conntrack and NAT, replies after
+their un-NAT. The kernel copies the packet into a batch for the group's
+socket and lets it go on, so the capture never holds a packet.
+
+A process of its own reads the group (nflog.py) and writes the pcap
+(pcap.py: raw IP, so IPv4 and IPv6 share it): in the worker's process it
+would compete for the interpreter lock on the worker's hot path. It is a
+fork, started before any thread exists; it dies with the run (a SIGTERM,
+so it still writes out what it holds), ignores a terminal's Ctrl-C (the
+run stops it once the ruleset is gone) and reports its counts over a pipe
+when it ends, or the error that ended it: a capture that cannot be written
+stops the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import time
+
+from nftdivert.errors import NftDivertError
+from nftdivert.lab.lifeline import fork_child
+from nftdivert.services import nflog
+from nftdivert.services.pcap import FILE_MODE, PcapWriter
+
+STOP_TIMEOUT = 10.0
+FLUSH_EVERY = 1.0  # seconds: how stale the file may be for a reader while the run goes on
+
+
+def open_file(path: str) -> int:
+    """The capture file, created or truncated, not inheritable by programs; raises OSError."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+
+
+class NflogCapture:
+    """Reads nflog `group` in a child process and writes the pcap to an open file descriptor."""
+
+    def __init__(self, fd: int, group: int, path: str) -> None:
+        self.fd, self.group, self.path = fd, group, path
+        self.pid: int | None = None
+        self._report: int | None = None
+
+    def start(self) -> None:
+        """Bind the group here (a group another program reads is refused at once), then fork the reader."""
+        try:
+            sock = nflog.open_group(self.group)
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno == errno.EPERM:  # the group has a reader already
+                raise NftDivertError(f"nflog group {self.group} is read by another program in this network "
+                                     "namespace: set worker.pcap_group to another") from None
+            raise NftDivertError(f"cannot read nflog group {self.group} for the capture: "
+                                 f"{exc.strerror or exc}") from None
+        report_r, report_w = os.pipe()
+
+        def child() -> int:
+            os.close(report_r)
+            return _read_and_write(sock, self.fd, report_w)
+
+        pid = fork_child(child, signum=signal.SIGTERM)
+        sock.close()
+        os.close(self.fd)
+        os.close(report_w)
+        self.pid, self._report = pid, report_r
+
+    def failed(self) -> str | None:
+        """Why the capture ended while the run goes on, or None."""
+        if self.pid is None or os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            return None
+        self.pid = None
+        counts = self._read_report()
+        return counts.get("error") or f"the capture {self.path} ended unexpectedly"
+
+    def stop(self) -> dict:
+        """Stop the reader once it has read what the kernel handed over; its counts, and `error` or None."""
+        if self.pid is None:
+            return {}
+        pid, self.pid = self.pid, None
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        return self._read_report()
+
+    def _read_report(self) -> dict:
+        if self._report is None:
+            return {}
+        with os.fdopen(self._report, "rb") as pipe:
+            self._report = None
+            text = pipe.read()
+        try:
+            counts = json.loads(text)
+        except ValueError:
+            counts = {"error": f"the capture {self.path} ended without a word"}
+        if counts.get("error"):
+            counts["error"] = f"cannot write the capture {self.path}: {counts['error']}"
+        return counts
+
+
+def _read_and_write(sock, fd: int, report_w: int) -> int:
+    """The child: nflog batches into the pcap until SIGTERM, then the last of them; 0, or 1 on an error."""
+    stopping = False
+
+    def stop(*_args) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+    counts = {"packets": 0, "overruns": 0}
+    buf = bytearray(nflog.MESSAGE_MAX)
+    floor = 0.0
+    try:
+        writer = PcapWriter(fd=fd)
+        sock.setblocking(False)
+        flush_at = time.monotonic() + FLUSH_EVERY
+        while True:
+            last = stopping
+            if last:  # the ruleset is gone; the kernel sends what it still holds within its flush timeout
+                time.sleep(3 * nflog.FLUSH_TIMEOUT / 100)
+            else:
+                select.select([sock], [], [], 0.2)
+            floor = _drain(sock, buf, writer, counts, floor)
+            if last:
+                break
+            if time.monotonic() >= flush_at:
+                writer.flush()
+                flush_at = time.monotonic() + FLUSH_EVERY
+        writer.close()
+        code = 0
+    except OSError as exc:
+        counts["error"] = exc.strerror or str(exc)
+        code = 1
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    counts["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    os.write(report_w, json.dumps(counts).encode())
+    return code
+
+
+def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float) -> float:
+    """Everything the socket holds into the file; returns the time of the last packet written."""
+    while True:
+        try:
+            size = sock.recv_into(buf, 0, socket.MSG_TRUNC)  # the whole length, even if the buffer was short
+        except BlockingIOError:
+            return floor
+        except OSError as exc:
+            if nflog.is_overrun(exc):
+                counts["overruns"] += 1
+                continue
+            raise
+        if size > len(buf):  # never from the kernel's own sizes; counted as lost if it happens
+            counts["overruns"] += 1
+            size = len(buf)
+        packets = nflog.timed(nflog.batch(buf, size), time.time(), floor)
+        if packets:
+            writer.write_many(packets)  # before the next receive reuses the buffer
+            floor = packets[-1][1]
+            counts["packets"] += len(packets)
