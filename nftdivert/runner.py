@@ -24,15 +24,15 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
-from nftdivert.services import bound
+from nftdivert.observers import bound
 from nftdivert.ruleset import engine, owner
 from nftdivert.config import Config
-from nftdivert.services.convlog import ConversationLog
+from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
-from nftdivert.services.observation import Observation
+from nftdivert.observers.observation import Observation
 from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
@@ -82,7 +82,7 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
 def _conntrack_lookup(stack: ExitStack):
     """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
     try:
-        from nftdivert.services.conntrack import Conntrack
+        from nftdivert.observers.conntrack import Conntrack
         ct = stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
@@ -136,7 +136,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         pcap_path = config.worker.pcap_rewritten or None
         pcap = None
         if pcap_path:
-            from nftdivert.services.pcap import PcapWriter
+            from nftdivert.observers.pcap import PcapWriter
             try:
                 pcap = PcapWriter(pcap_path)
             except OSError as exc:
@@ -222,7 +222,7 @@ def _start_capture(config: Config, stack: ExitStack):
     path = config.worker.pcap
     if not path:
         return None
-    from nftdivert.services import capture as capture_mod
+    from nftdivert.observers import capture as capture_mod
     try:
         fd = capture_mod.open_file(path)
     except OSError as exc:

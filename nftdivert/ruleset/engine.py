@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from nftdivert.ruleset import backends, model, owner, render, scratch
-from nftdivert.services import bound
+from nftdivert.observers import bound
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import Config
 from nftdivert.errors import KernelError, NftDivertError, clip

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nftdivert.services.conntrack import Entry
+from nftdivert.observers.conntrack import Entry
 from nftdivert.worker.conversations import Conversation, ConversationTable, RouteKey
 from nftdivert.worker.decide import Divert
 from nftdivert.worker.packet import ACK, SYN, TCP, UDP, Segment, Unfit, parse, parse_head

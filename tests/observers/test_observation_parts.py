@@ -6,7 +6,7 @@ import ipaddress
 import socket
 import struct
 
-from nftdivert.services import ctsettings, links, procowner
+from nftdivert.observers import ctsettings, links, procowner
 
 SUBNETS = [(ipaddress.ip_network("192.0.2.0/24"), "eth1", ipaddress.ip_address("192.0.2.1").packed),
            (ipaddress.ip_network("192.0.2.128/25"), "eth2", ipaddress.ip_address("192.0.2.129").packed),

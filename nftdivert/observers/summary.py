@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from nftdivert.services.convrecords import split_endpoint
+from nftdivert.observers.convrecords import split_endpoint
 
 
 @dataclass

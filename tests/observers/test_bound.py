@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from nftdivert.services import bound
-from nftdivert.services.bound import ANY, TCP, UDP, Listening
+from nftdivert.observers import bound
+from nftdivert.observers.bound import ANY, TCP, UDP, Listening
 
 V4 = socket.AF_INET
 V6 = socket.AF_INET6
@@ -37,7 +37,7 @@ def test_sock_diag_reports_address_family_and_v6only(host):
     code = (
         "import socket, sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
-        "from nftdivert.services import bound\n"
+        "from nftdivert.observers import bound\n"
         "t = socket.socket(socket.AF_INET6); t.bind(('::', 7001)); t.listen()\n"
         "o = socket.socket(socket.AF_INET6); o.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"
         "o.bind(('::', 7002)); o.listen()\n"

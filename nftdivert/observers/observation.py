@@ -8,9 +8,9 @@ from typing import TextIO
 
 from nftdivert.config import Config
 from nftdivert.errors import ConfigError, NftDivertError
-from nftdivert.services import ctsettings
-from nftdivert.services.observer_process import ObserverProcess
-from nftdivert.services.convlog import ConversationLog
+from nftdivert.observers import ctsettings
+from nftdivert.observers.observer_process import ObserverProcess
+from nftdivert.observers.convlog import ConversationLog
 
 
 def _say(message: str) -> None:

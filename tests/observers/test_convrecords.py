@@ -12,9 +12,9 @@ import struct
 
 import pytest
 
-from nftdivert.services import convrecords, ctevents
-from nftdivert.services.conntrack import NFGENMSG, NLMSGHDR, NetlinkFormatError, nla
-from nftdivert.services.ctevents import CtEvent, Counters
+from nftdivert.observers import convrecords, ctevents
+from nftdivert.observers.conntrack import NFGENMSG, NLMSGHDR, NetlinkFormatError, nla
+from nftdivert.observers.ctevents import CtEvent, Counters
 
 CLIENT, ASKED, OURS = "192.0.2.2", "198.51.100.7", "192.0.2.1"
 START_NS, STOP_NS = 1_800_000_000_250_000_000, 1_800_000_003_750_000_000

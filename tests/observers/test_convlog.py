@@ -7,8 +7,8 @@ import json
 import threading
 import time
 
-from nftdivert.services.convlog import ConversationLog, question_record, recycled_record, text_line
-from nftdivert.services.convrecords import SCHEMA
+from nftdivert.observers.convlog import ConversationLog, question_record, recycled_record, text_line
+from nftdivert.observers.convrecords import SCHEMA
 
 START = {"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "start", "id": 7, "protocol": "tcp",
          "client": "192.0.2.2:40000", "original_destination": "198.51.100.7:45678", "name": "c2.example",

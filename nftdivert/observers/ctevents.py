@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-from nftdivert.services.conntrack import (
+from nftdivert.observers.conntrack import (
     CTA_ID, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, NETLINK_NETFILTER,
     NFGENMSG, NFNETLINK_V0, NFNL_SUBSYS_CTNETLINK, NLMSG_ALIGNTO, NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN,
     NLMSGHDR, NLM_F_REQUEST, CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_IP_V6_DST, CTA_IP_V6_SRC, CTA_PROTO_DST_PORT,

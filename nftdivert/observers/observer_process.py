@@ -20,8 +20,8 @@ from typing import Callable
 
 from nftdivert.config import Config
 from nftdivert.lab.lifeline import die_with_parent
-from nftdivert.services import bound, convrecords
-from nftdivert.services.summary import Summary
+from nftdivert.observers import bound, convrecords
+from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
 BOUND_FRESH = 0.5  # seconds
@@ -106,7 +106,7 @@ class ObserverProcess:
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:
     """The child: observe until SIGTERM, then end what is still tracked."""
-    from nftdivert.services import observer
+    from nftdivert.observers import observer
 
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle

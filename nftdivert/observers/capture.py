@@ -29,8 +29,8 @@ import time
 
 from nftdivert.errors import NftDivertError
 from nftdivert.lab.lifeline import fork_child
-from nftdivert.services import nflog
-from nftdivert.services.pcap import FILE_MODE, PcapWriter
+from nftdivert.observers import nflog
+from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
 STOP_TIMEOUT = 10.0
 FLUSH_EVERY = 1.0  # seconds: how stale the file may be for a reader while the run goes on

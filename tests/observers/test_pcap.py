@@ -11,9 +11,9 @@ import threading
 import pytest
 
 from builders import packet
-from nftdivert.services import pcap
+from nftdivert.observers import pcap
 from nftdivert.worker.packet import TCP, UDP
-from nftdivert.services.pcap import PcapWriter
+from nftdivert.observers.pcap import PcapWriter
 
 
 def ip(text: str) -> bytes:

@@ -11,7 +11,7 @@ import ipaddress
 import socket
 import struct
 
-from nftdivert.services.bound import _IFA_ADDRESS, _IFA_LOCAL, _RTM_GETADDR, _attributes, _netlink_dump
+from nftdivert.observers.bound import _IFA_ADDRESS, _IFA_LOCAL, _RTM_GETADDR, _attributes, _netlink_dump
 
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 

@@ -22,8 +22,8 @@ import pytest
 
 import netns
 import unprivileged
-from nftdivert.services import conntrack as ct_mod
-from nftdivert.services.conntrack import Conntrack, ConntrackError
+from nftdivert.observers import conntrack as ct_mod
+from nftdivert.observers.conntrack import Conntrack, ConntrackError
 
 kernel = pytest.mark.kernel
 
@@ -103,7 +103,7 @@ print(s.getsockname()[1])
 # Diverter side: the lookup as the logging thread would do it.
 LOOKUP = r"""
 import ipaddress, json, sys
-from nftdivert.services.conntrack import Conntrack
+from nftdivert.observers.conntrack import Conntrack
 queries = json.loads(sys.argv[1])
 packed = lambda a: ipaddress.ip_address(a).packed
 results = []
@@ -222,7 +222,7 @@ def test_entry_finds_a_conversation_whose_client_port_the_kernel_remapped(lab):
     assert ports[0] == 5000 and len(set(ports)) == 3, ports  # the kernel remapped two of them
     snippet = (
         "import ipaddress, json, sys\n"
-        "from nftdivert.services.conntrack import Conntrack\n"
+        "from nftdivert.observers.conntrack import Conntrack\n"
         "p = lambda a: ipaddress.ip_address(a).packed\n"
         "with Conntrack() as ct:\n"
         "    out = [ct.entry(4, 6, p('192.0.2.2'), port, p('192.0.2.1'), %d) for port in json.loads(sys.argv[1])]\n"
@@ -259,7 +259,7 @@ def test_without_cap_net_admin_raises(make_netns):
     ns = make_netns("unpriv")
     snippet = (
         "import errno\n"
-        "from nftdivert.services.conntrack import Conntrack, ConntrackError\n"
+        "from nftdivert.observers.conntrack import Conntrack, ConntrackError\n"
         "try:\n"
         "    Conntrack().original_destination(4, 6, bytes(4), 1, bytes(4), 2)\n"
         "except ConntrackError as e:\n"

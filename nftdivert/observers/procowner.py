@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import Iterator
 
-from nftdivert.services.ctevents import TCP, UDP
+from nftdivert.observers.ctevents import TCP, UDP
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20

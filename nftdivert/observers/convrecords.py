@@ -11,7 +11,7 @@ import ipaddress
 import time
 from typing import Callable
 
-from nftdivert.services.ctevents import ICMP, ICMPV6, TCP, TCP_CLOSE, TCP_TIME_WAIT, UDP, CtEvent
+from nftdivert.observers.ctevents import ICMP, ICMPV6, TCP, TCP_CLOSE, TCP_TIME_WAIT, UDP, CtEvent
 
 SCHEMA = 1
 PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nftdivert.services.summary import Summary
+from nftdivert.observers.summary import Summary
 
 
 def _start(i: int, dest: str, protocol: str = "tcp", name: str | None = None) -> dict:

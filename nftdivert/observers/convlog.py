@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TextIO
 
-from nftdivert.services.convrecords import SCHEMA, iso
+from nftdivert.observers.convrecords import SCHEMA, iso
 
 
 def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:

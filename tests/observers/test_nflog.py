@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from nftdivert.services import nflog
+from nftdivert.observers import nflog
 
 
 def message(payload: bytes, stamp: tuple[int, int] | None = None, kind: int = nflog.NFULNL_MSG_PACKET) -> bytes:

@@ -35,8 +35,8 @@ table inet theirs {
 
 SCRIPT = r"""
 import json, socket, subprocess, threading, time
-from nftdivert.services import ctsettings
-from nftdivert.services.observer import Observer
+from nftdivert.observers import ctsettings
+from nftdivert.observers.observer import Observer
 
 records = []
 obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("echo", 4444))
@@ -95,7 +95,7 @@ def test_only_our_conversations_one_start_and_one_end_each(host):
 
 def test_the_sysctls_come_back(host):
     host.run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0")
-    script = "from nftdivert.services import ctsettings\nwith ctsettings.accounting(): print(open(" \
+    script = "from nftdivert.observers import ctsettings\nwith ctsettings.accounting(): print(open(" \
              "'/proc/sys/net/netfilter/nf_conntrack_acct').read().strip())"
     proc = host.run(sys.executable, "-c", script, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.stdout.strip() == "1"

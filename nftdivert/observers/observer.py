@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Callable
 
-from nftdivert.services import convrecords, ctevents, links
-from nftdivert.services.ctevents import CtEvent, EventSocket
+from nftdivert.observers import convrecords, ctevents, links
+from nftdivert.observers.ctevents import CtEvent, EventSocket
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
 
@@ -122,7 +122,7 @@ _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
 def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None) -> Observer:
     """The observer `run` starts: listeners from the config; processes named in
     local mode (this namespace) and in the sandbox (the clients' namespace)."""
-    from nftdivert.services.procowner import ProcessOwners
+    from nftdivert.observers.procowner import ProcessOwners
 
     ours = {(_PROTOCOLS[lst.protocol], lst.port): lst.name for lst in config.listeners}
     defaults = {_PROTOCOLS[p]: (lst.name, lst.port) for p in ("tcp", "udp") if (lst := config.default_listener(p))}

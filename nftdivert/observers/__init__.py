@@ -1,0 +1,1 @@
+"""At the edges, watching: conntrack events and lookups, bound sockets, the capture, the conversation log."""
