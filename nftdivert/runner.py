@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
-from nftdivert.services import bound
+from nftdivert.services import bound, origin
 from nftdivert.ruleset import engine, owner
 from nftdivert.config import Config
 from nftdivert.services.convlog import ConversationLog
@@ -162,6 +162,8 @@ def _run(config: Config, nft: Nft, pcap_path: str | None, on_ready: Callable[[],
         ports = _BoundPorts(nft, config.table)
         observer = seen.start(config, stack, log, listeners.name_for)
         fixup = build_fixup(config, ports.is_bound, is_local=ports.is_local, resolve=_conntrack_lookup(stack))
+        # The listener's origin questions: the table, and conntrack on a socket of their own.
+        listeners.answer_origins(partial(origin.original, fixup.table, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
         warned = False
 

@@ -18,6 +18,8 @@ from nftdivert.services import recognize
 from nftdivert.services.tls import Plain, handshake
 
 Emit = Callable[[dict], None]
+# (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
+Origin = Callable[[tuple, tuple], "tuple[str, int] | None"]
 
 
 def endpoint(addr) -> str:
@@ -56,9 +58,10 @@ async def echo(stream, first: bytes) -> None:
 
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
-                 emit: Emit | None) -> None:
+                 emit: Emit | None, origin: Origin | None = None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
+        self._origin = origin
         self._contexts = None  # the CA is made on the first TLS handshake, not before
 
     def _certs(self):
@@ -70,12 +73,18 @@ class DefaultTcp:
         return self._contexts
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
-        base = {"client": endpoint(writer.get_extra_info("peername")), "listener": self._name}
-        local = writer.get_extra_info("sockname")[0].removeprefix("::ffff:")
+        peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        base = {"client": endpoint(peer), "listener": self._name}
+        # Asked alongside the first bytes, so the wait for them hides the round trip.
+        asked = asyncio.ensure_future(self._original(peer, sock))
         first = await first_bytes(reader.read, self._wait)
         count(len(first))
-        # Silent: the port the client asked for will choose (the listener does not know it yet).
-        kind = recognize.classify(first) if first else recognize.server_first(None) or "other"
+        original = await asked
+        if original is not None:
+            base["original_destination"] = endpoint(original)
+        # Silent: the port the client asked for chooses.
+        kind = (recognize.classify(first) if first
+                else recognize.server_first(original[1] if original else None) or "other")
         plain = Plain(reader, writer, first if kind == "http" else b"", count)
         if kind == "tls":
             record = dict(base, event="tls")
@@ -84,7 +93,9 @@ class DefaultTcp:
             except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
                 self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
                 return
-            stream = await handshake(plain, first, contexts, local, record)
+            # No SNI: the leaf names the address the client asked for.
+            ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+            stream = await handshake(plain, first, contexts, ip, record)
             self._emit(record)
             if stream is None:
                 return
@@ -98,6 +109,12 @@ class DefaultTcp:
             await self._serve_http(plain, base, "http")
         else:
             await echo(plain, first or await plain.read())
+
+    async def _original(self, peer, sock) -> tuple[str, int] | None:
+        if self._origin is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
 
     async def _serve_http(self, stream, base: dict, scheme: str) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken

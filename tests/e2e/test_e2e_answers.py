@@ -47,6 +47,23 @@ while chunk := s.recv(4096):
     got += chunk
 open("echo.bin", "wb").write(got)
 '
+python3 -c '
+import socket, ssl, time
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+with socket.create_connection(("203.0.113.9", 8443), timeout=10) as raw:
+    with ctx.wrap_socket(raw) as tls:  # no server_hostname: no SNI
+        open("nosni.der", "wb").write(tls.getpeercert(binary_form=True))
+        open("nosni.port", "w").write(str(tls.getsockname()[1]))
+s = socket.create_connection(("198.51.100.8", 4445), timeout=10)
+time.sleep(1.5)  # silent past [recognize] wait
+s.sendall(b"late words")
+s.shutdown(socket.SHUT_WR)
+got = b""
+while chunk := s.recv(4096):
+    got += chunk
+open("silent.bin", "wb").write(got)
+'
 """
 
 
@@ -95,7 +112,8 @@ def test_https_with_the_ca_trusted_gets_the_body_and_the_request_is_logged(run):
     assert req["method"] == "GET" and req["status"] == 200 and req["client"] == hello["client"]
     assert ["Host", "c2.example"] in req["headers"]
     # The conversation log names the same client, with the destination it asked for.
-    conv = [r for r in records if r.get("client") == req["client"] and "original_destination" in r]
+    assert req["original_destination"] == hello["original_destination"]
+    conv = [r for r in records if r.get("client") == req["client"] and "protocol" in r]
     assert conv and conv[0]["original_destination"].endswith(":443") and conv[0]["name"] == "c2.example"
 
 
@@ -183,3 +201,18 @@ def test_the_capture_and_the_key_log_decrypt_to_the_https_request(run):
                           "-e", "http.host", "-e", "http.request.uri"],
                          capture_output=True, text=True, timeout=120)
     assert "c2.example\t/next/stage.txt" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_client_hello_without_sni_gets_a_leaf_for_the_address_it_asked_for(run):
+    work, records = run
+    leaf = x509.load_der_x509_certificate((work / "nosni.der").read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["203.0.113.9"]
+    port = (work / "nosni.port").read_text()
+    hello = [r for r in records if r.get("event") == "tls" and r["client"].endswith(f":{port}")]
+    assert hello and "sni" not in hello[0] and hello[0]["original_destination"] == "203.0.113.9:8443", records
+
+
+def test_a_silent_client_on_a_port_without_a_server_first_protocol_gets_the_echo(run):
+    work, _ = run
+    assert (work / "silent.bin").read_bytes() == b"late words"
