@@ -406,6 +406,29 @@ class RecognizeConfig:
             raise ConfigError(f"{key}.wait", self.wait, "more than 0 and at most 60 seconds")
 
 
+_BANNER = re.compile(r"SSH-2\.0-[!-~][ -~]{0,200}")  # RFC 4253 4.2: printable ASCII
+
+
+@dataclass(frozen=True)
+class ServerFirstConfig:
+    """What the protocols that speak first (SMTP, FTP, POP3, IMAP, SSH) say, and where they keep what they get."""
+
+    hostname: str = "mail.example.com"  # in the SMTP, FTP, POP3 and IMAP greetings
+    mail_dir: str = "/var/lib/nftdivert/mail"  # each mail accepted, named by its sha256; "" keeps none
+    uploads_dir: str = "/var/lib/nftdivert/uploads"  # FTP uploads; "" keeps none
+    ssh_banner: str = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.hostname", self.hostname, str, "a host name")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self.hostname):
+            raise ConfigError(f"{key}.hostname", self.hostname, "letters, digits, dots and hyphens, 1-253")
+        for name in ("mail_dir", "uploads_dir"):
+            _check_path(f"{key}.{name}", getattr(self, name))
+        _check_type(f"{key}.ssh_banner", self.ssh_banner, str, "an SSH identification string")
+        if not _BANNER.fullmatch(self.ssh_banner):
+            raise ConfigError(f"{key}.ssh_banner", self.ssh_banner, "SSH-2.0- then 1-200 printable ASCII characters")
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -437,6 +460,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
+    server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -455,6 +479,7 @@ class Config:
         self.http.validate("http")
         self.tls.validate("tls")
         self.recognize.validate("recognize")
+        self.server_first.validate("server_first")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -505,7 +530,8 @@ def _check_interface(key: str, name: object) -> None:
 # ---- loading ---------------------------------------------------------------
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
-             "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig}
+             "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
+             "server_first": ServerFirstConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

@@ -2,8 +2,8 @@
 
 A ClientHello gets TLS (and the protocol inside is recognised again), an
 HTTP request gets the HTTP answer, anything else the echo. A client that
-stays silent for `[recognize] wait` seconds gets the echo too, until the
-server-first protocols (recognize.server_first) are built. Each TLS
+stays silent for `[recognize] wait` seconds gets the protocol that speaks
+first on the port it asked for (recognize.server_first), else the echo. Each TLS
 handshake and HTTP request is handed to `emit` as a log record.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from nftdivert.config import HttpConfig, RecognizeConfig, TlsConfig
+from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.errors import NftDivertError
 from nftdivert.services import recognize
 from nftdivert.services.tls import Plain, handshake
@@ -58,10 +58,12 @@ async def echo(stream, first: bytes) -> None:
 
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
-                 emit: Emit | None, origin: Origin | None = None) -> None:
+                 emit: Emit | None, origin: Origin | None = None,
+                 first: ServerFirstConfig = ServerFirstConfig()) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
+        self._first = first
         self._contexts = None  # the CA is made on the first TLS handshake, not before
 
     def _certs(self):
@@ -101,12 +103,17 @@ class DefaultTcp:
                 return
             inner = await first_bytes(stream.read, self._wait)
             stream.prepend(inner)
+            inside = recognize.server_first(original[1] if original else None) if not inner else None
             if recognize.classify(inner) == "http":
                 await self._serve_http(stream, base, "https")
+            elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
+                await self._serve_first(inside, stream, base, peer)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":
             await self._serve_http(plain, base, "http")
+        elif kind != "other":
+            await self._serve_first(kind, plain, base, peer)
         else:
             await echo(plain, first or await plain.read())
 
@@ -115,6 +122,21 @@ class DefaultTcp:
             return None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
+
+    async def _serve_first(self, kind: str, stream, base: dict, peer) -> None:
+        """A protocol that speaks first; each imports its library only once spoken."""
+        first, emit = self._first, self._emit
+        if kind == "smtp":
+            from nftdivert.services import smtp
+
+            await smtp.serve(stream, first, emit, base, peer)
+        elif kind in ("pop3", "imap"):
+            from nftdivert.services import mailbox
+
+            serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
+            await serve(stream, first.hostname, emit, base)
+        else:  # not built: the echo, as for any other silent client
+            await echo(stream, await stream.read())
 
     async def _serve_http(self, stream, base: dict, scheme: str) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken

