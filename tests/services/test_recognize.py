@@ -63,8 +63,10 @@ def test_wants_more_only_while_the_answer_could_change(first, more):
     assert recognize.wants_more(first) is more
 
 
-def test_silent_clients_get_the_echo_until_server_first_protocols_exist():
-    assert recognize.server_first(25) is None and recognize.server_first(None) is None
+def test_silent_clients_get_the_protocol_that_speaks_first_on_the_port_they_asked_for():
+    assert [recognize.server_first(p) for p in (25, 465, 587, 2525, 21, 22, 110, 143)] == \
+        ["smtp"] * 4 + ["ftp", "ssh", "pop3", "imap"]
+    assert recognize.server_first(4444) is None and recognize.server_first(None) is None
 
 
 @settings(deadline=None)
