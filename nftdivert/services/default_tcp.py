@@ -1,7 +1,8 @@
 """The default TCP answer: recognise the protocol from the first bytes, then serve it.
 
 A ClientHello gets TLS (and the protocol inside is recognised again), an
-HTTP request gets the HTTP answer, anything else the echo. A client that
+HTTP request gets the HTTP answer, an SSH banner the SSH answer, anything
+else the echo. A client that
 stays silent for `[recognize] wait` seconds gets the protocol that speaks
 first on the port it asked for (recognize.server_first), else the echo. Each TLS
 handshake and HTTP request is handed to `emit` as a log record.
@@ -87,7 +88,7 @@ class DefaultTcp:
         # Silent: the port the client asked for chooses.
         kind = (recognize.classify(first) if first
                 else recognize.server_first(original[1] if original else None) or "other")
-        plain = Plain(reader, writer, first if kind == "http" else b"", count)
+        plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
         if kind == "tls":
             record = dict(base, event="tls")
             try:
@@ -107,13 +108,13 @@ class DefaultTcp:
             if recognize.classify(inner) == "http":
                 await self._serve_http(stream, base, "https")
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
-                await self._serve_first(inside, stream, base, peer)
+                await self._serve_first(inside, stream, base, peer, sock)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":
             await self._serve_http(plain, base, "http")
         elif kind != "other":
-            await self._serve_first(kind, plain, base, peer)
+            await self._serve_first(kind, plain, base, peer, sock)
         else:
             await echo(plain, first or await plain.read())
 
@@ -123,7 +124,7 @@ class DefaultTcp:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
 
-    async def _serve_first(self, kind: str, stream, base: dict, peer) -> None:
+    async def _serve_first(self, kind: str, stream, base: dict, peer, sock) -> None:
         """A protocol that speaks first; each imports its library only once spoken."""
         first, emit = self._first, self._emit
         if kind == "smtp":
@@ -135,6 +136,10 @@ class DefaultTcp:
 
             serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
             await serve(stream, first.hostname, emit, base)
+        elif kind == "ssh":
+            from nftdivert.services import ssh
+
+            await ssh.serve(stream, first, emit, base, peer, sock)
         else:  # not built: the echo, as for any other silent client
             await echo(stream, await stream.read())
 

