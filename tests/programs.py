@@ -14,6 +14,7 @@ PACKAGES = {
     "cat": "coreutils",
     "conntrack": "conntrack",
     "curl": "curl",
+    "date": "coreutils",
     "env": "coreutils",
     "grep": "grep",
     "head": "coreutils",

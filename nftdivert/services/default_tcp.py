@@ -80,6 +80,8 @@ class DefaultTcp:
         base = {"client": endpoint(peer), "listener": self._name}
         # Asked alongside the first bytes, so the wait for them hides the round trip.
         asked = asyncio.ensure_future(self._original(peer, sock))
+        if await self._ftp_data(asked, reader, writer, count, peer):
+            return
         first = await first_bytes(reader.read, self._wait)
         count(len(first))
         original = await asked
@@ -108,15 +110,27 @@ class DefaultTcp:
             if recognize.classify(inner) == "http":
                 await self._serve_http(stream, base, "https")
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
-                await self._serve_first(inside, stream, base, peer, sock)
+                await self._serve_first(inside, stream, base, peer, sock, original)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":
             await self._serve_http(plain, base, "http")
         elif kind != "other":
-            await self._serve_first(kind, plain, base, peer, sock)
+            await self._serve_first(kind, plain, base, peer, sock, original)
         else:
             await echo(plain, first or await plain.read())
+
+    async def _ftp_data(self, asked, reader, writer, count, peer) -> bool:
+        """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""
+        from nftdivert.services import ftp
+
+        if not ftp.expecting():
+            return False
+        original = await asked
+        done = original and ftp.claim(peer[0].removeprefix("::ffff:"), original[1], Plain(reader, writer, b"", count))
+        if done:
+            await done
+        return bool(done)
 
     async def _original(self, peer, sock) -> tuple[str, int] | None:
         if self._origin is None:
@@ -124,7 +138,7 @@ class DefaultTcp:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
 
-    async def _serve_first(self, kind: str, stream, base: dict, peer, sock) -> None:
+    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
         """A protocol that speaks first; each imports its library only once spoken."""
         first, emit = self._first, self._emit
         if kind == "smtp":
@@ -136,12 +150,15 @@ class DefaultTcp:
 
             serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
             await serve(stream, first.hostname, emit, base)
+        elif kind == "ftp":
+            from nftdivert.services import ftp
+
+            asked = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+            await ftp.serve(stream, first, emit, base, peer, asked)
         elif kind == "ssh":
             from nftdivert.services import ssh
 
             await ssh.serve(stream, first, emit, base, peer, sock)
-        else:  # not built: the echo, as for any other silent client
-            await echo(stream, await stream.read())
 
     async def _serve_http(self, stream, base: dict, scheme: str) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken

@@ -36,7 +36,7 @@ class Lines:
         return line.rstrip(b"\r").decode("utf-8", "replace")
 
 
-async def _say(stream, *lines: str) -> None:
+async def say(stream, *lines: str) -> None:
     stream.write("".join(line + "\r\n" for line in lines).encode())
     await stream.drain()
 
@@ -81,7 +81,7 @@ def pop3_answer(command: str, state: dict) -> tuple[list[str], dict | None, bool
 
 async def serve_pop3(stream, hostname: str, emit, base: dict) -> None:
     lines, state = Lines(stream), {}
-    await _say(stream, f"+OK {hostname} POP3 server ready")
+    await say(stream, f"+OK {hostname} POP3 server ready")
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
@@ -89,7 +89,7 @@ async def serve_pop3(stream, hostname: str, emit, base: dict) -> None:
         reply, login, close = pop3_answer(command, state)
         if login is not None:
             emit(dict(base, event="pop3", **login))
-        await _say(stream, *reply)
+        await say(stream, *reply)
         if close:
             return
 
@@ -140,7 +140,7 @@ def imap_answer(command: str) -> tuple[list[str], dict | None, bool]:
 
 async def serve_imap(stream, hostname: str, emit, base: dict) -> None:
     lines = Lines(stream)
-    await _say(stream, f"* OK [{CAPABILITY}] {hostname} IMAP4rev1 ready")
+    await say(stream, f"* OK [{CAPABILITY}] {hostname} IMAP4rev1 ready")
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
@@ -152,12 +152,12 @@ async def serve_imap(stream, hostname: str, emit, base: dict) -> None:
             if login is None:
                 return
             emit(dict(base, event="imap", **login))
-            await _say(stream, f"{tag} OK AUTHENTICATE completed")
+            await say(stream, f"{tag} OK AUTHENTICATE completed")
             continue
         reply, login, close = imap_answer(command)
         if login is not None:
             emit(dict(base, event="imap", **login))
-        await _say(stream, *reply)
+        await say(stream, *reply)
         if close:
             return
 
@@ -168,14 +168,14 @@ async def _imap_authenticate(stream, lines: Lines, arg: str) -> dict | None:
     if mechanism == "LOGIN":  # two challenges: the user, then the password, each base64
         got = []
         for prompt in ("VXNlcm5hbWU6", "UGFzc3dvcmQ6"):
-            await _say(stream, f"+ {prompt}")
+            await say(stream, f"+ {prompt}")
             line = await lines.next()
             if line is None:
                 return None
             got.append(_b64(line))
         return {"mechanism": "LOGIN", "user": got[0], "password": got[1]}
     if not initial:
-        await _say(stream, "+ ")
+        await say(stream, "+ ")
         initial = await lines.next()
         if initial is None:
             return None

