@@ -79,17 +79,22 @@ def _service_line(rec: dict) -> str:
             f" sha256 {rec['body_sha256'][:16]}...{saved}")
 
 
+def _kept(rec: dict) -> str:
+    return f"{rec['size']} bytes sha256 {rec['sha256'][:16]}...{' saved ' + rec['saved'] if rec.get('saved') else ''}"
+
+
 def _login(rec: dict) -> str:
     return f"login {rec.get('user', '')!r} password {rec.get('password', rec.get('apop_digest', ''))!r}"
 
 
 # The text line after the client, per server-first event.
 _SERVER_FIRST = {
-    "smtp": lambda r: (f"mail from {r['mail_from']} to {','.join(r['rcpt_to'])}, {r['size']} bytes"
-                       f" sha256 {r['sha256'][:16]}...{' saved ' + r['saved'] if r.get('saved') else ''}"),
+    "smtp": lambda r: f"mail from {r['mail_from']} to {','.join(r['rcpt_to'])}, {_kept(r)}",
     "smtp_auth": _login,
     "pop3": _login,
     "imap": _login,
+    "ftp": _login,
+    "ftp_upload": lambda r: f"upload {r['name']!r}, {_kept(r)}",
     "ssh": lambda r: (f"{r['client_version']}, {len(r['logins'])} logins"
                       + "".join(f" {x['user']!r}/{x['password']!r}" for x in r["logins"])),
 }

@@ -129,6 +129,9 @@ def test_server_first_records_have_text_lines():
     assert text_line(mail).endswith(
         "smtp          192.0.2.2:40000 mail from a@b.example to c@d.example,e@f.example, 12 bytes"
         f" sha256 {'ab' * 8}... saved /m/x.eml")
-    assert text_line(dict(base, event="pop3", user="u", password="p w")).endswith("login 'u' password 'p w'")
+    for event in ("pop3", "imap", "ftp", "smtp_auth"):
+        assert text_line(dict(base, event=event, user="u", password="p w")).endswith("login 'u' password 'p w'")
+    upload = dict(base, event="ftp_upload", user="u", name="a.zip", size=3, sha256="cd" * 32)
+    assert text_line(upload).endswith(f"upload 'a.zip', 3 bytes sha256 {'cd' * 8}...")
     ssh = dict(base, event="ssh", client_version="SSH-2.0-x", logins=[{"user": "root", "password": "toor"}])
     assert text_line(ssh).endswith("SSH-2.0-x, 1 logins 'root'/'toor'")
