@@ -21,7 +21,9 @@ from nftdivert.errors import ConfigError
 MODES = ("gateway", "local", "both")
 BACKENDS = ("auto", "nft", "xt")
 PROTOCOLS = ("tcp", "udp")
-LISTENER_KINDS = ("echo", "dns", "external")
+# One protocol on a fixed port, without recognition (TCP only).
+PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
+LISTENER_KINDS = ("echo", "dns", "external", *PROTOCOL_KINDS)
 LOG_FORMATS = ("auto", "json", "text")
 AFTER_STOP = ("keep", "remove")
 
@@ -124,7 +126,8 @@ class Listener:
     protocol: str
     port: int
     # echo: a built-in echo service; dns: the built-in DNS responder (see
-    # [dns]); external: another program listens, nftdivert only diverts to it.
+    # [dns]); external: another program listens, nftdivert only diverts to it;
+    # http, https, smtp, ftp, pop3, imap, ssh: that protocol's answer, TCP only.
     kind: str = "echo"
 
     def validate(self, key: str) -> None:
@@ -135,6 +138,8 @@ class Listener:
         _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)
         _check_port(f"{key}.port", self.port)
         _check_choice(f"{key}.kind", self.kind, LISTENER_KINDS)
+        if self.kind in PROTOCOL_KINDS and self.protocol != "tcp":
+            raise ConfigError(f"{key}.kind", self.kind, f"{self.kind} is spoken over tcp; set protocol = \"tcp\"")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Callable, TextIO
 
 from nftdivert.services import bound, origin
 from nftdivert.ruleset import engine, owner
-from nftdivert.config import Config
+from nftdivert.config import PROTOCOL_KINDS, Config
 from nftdivert.services.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
@@ -36,7 +36,8 @@ from nftdivert.services.observation import Observation
 from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
-_KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
+_KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program",
+               **{kind: f"built-in {kind.upper()}" for kind in PROTOCOL_KINDS}}
 
 
 def stats_path(table: str) -> Path:

@@ -60,11 +60,12 @@ async def echo(stream, first: bytes) -> None:
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
-                 first: ServerFirstConfig = ServerFirstConfig()) -> None:
+                 first: ServerFirstConfig = ServerFirstConfig(), fixed: str | None = None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
         self._first = first
+        self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
 
     def _certs(self):
@@ -82,14 +83,18 @@ class DefaultTcp:
         asked = asyncio.ensure_future(self._original(peer, sock))
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
-        first = await first_bytes(reader.read, self._wait)
+        fixed = self._fixed
+        server_first = fixed not in (None, "http", "https")
+        first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
         original = await asked
         if original is not None:
             base["original_destination"] = endpoint(original)
-        # Silent: the port the client asked for chooses.
-        kind = (recognize.classify(first) if first
-                else recognize.server_first(original[1] if original else None) or "other")
+        if fixed is not None:
+            kind = {"https": "tls"}.get(fixed, fixed)
+        else:  # silent: the port the client asked for chooses
+            kind = (recognize.classify(first) if first
+                    else recognize.server_first(original[1] if original else None) or "other")
         plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
         if kind == "tls":
             record = dict(base, event="tls")
@@ -107,7 +112,7 @@ class DefaultTcp:
             inner = await first_bytes(stream.read, self._wait)
             stream.prepend(inner)
             inside = recognize.server_first(original[1] if original else None) if not inner else None
-            if recognize.classify(inner) == "http":
+            if fixed == "https" or recognize.classify(inner) == "http":
                 await self._serve_http(stream, base, "https")
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
                 await self._serve_first(inside, stream, base, peer, sock, original)

@@ -1,6 +1,8 @@
 """Built-in listeners: accept anything, count what arrives, and answer it.
 A TCP listener of kind echo recognises the protocol first (default_tcp):
-TLS and HTTP get real answers, anything else its own bytes back. UDP is echoed.
+TLS, HTTP, SSH and the server-first protocols get real answers, anything
+else its own bytes back; one of a protocol's kind (http, smtp...) speaks
+only that. UDP is echoed.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
 no thread each; `nftdivert run` puts them in a process of their own
@@ -158,7 +160,8 @@ class Listeners:
             if lst.kind == "dns":
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
-                handler = functools.partial(self._tcp_stream, stats=stats, answers=DefaultTcp(lst.name, *self._answers))
+                answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind)
+                handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:

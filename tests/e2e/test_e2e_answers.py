@@ -25,6 +25,28 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
 BIG = 5 * 1024 * 1024  # what the script sends
 
+# The default pair, and two listeners of a protocol's kind on fixed (bound) ports.
+LISTENERS = """
+[[listeners]]
+name = "tcp-echo"
+protocol = "tcp"
+port = 1337
+[[listeners]]
+name = "udp-echo"
+protocol = "udp"
+port = 1337
+[[listeners]]
+name = "mail"
+protocol = "tcp"
+port = 2526
+kind = "smtp"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+port = 9443
+kind = "https"
+"""
+
 # $D is the work directory; every client's result lands there.
 SCRIPT = r"""
 cd "$D"
@@ -101,6 +123,12 @@ f.quit()
 ' 2> ftp.err; echo $? > ftp.rc
 timeout 5 ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@c2.example true \
     </dev/null 2>ssh.err; echo $? > ssh.rc
+python3 -c '
+import smtplib
+with smtplib.SMTP("203.0.113.20", 2526, timeout=15) as s:
+    s.sendmail("fixed@b.example", ["c@d.example"], b"Subject: fixed port\r\n\r\nhi\r\n")
+' ; echo $? > fixed_smtp.rc
+curl -sS --max-time 20 -o fixed_https.txt https://fixed.example:9443/x.txt; echo $? > fixed_https.rc
 date +%s.%N > finished
 """
 MAIL = b"From: bot@victim.example\r\nTo: drop@evil.example\r\nSubject: loot\r\n\r\npasswords\r\n"
@@ -116,7 +144,7 @@ def run(tmp_path_factory):
     config = work / "sandbox.toml"
     config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
                       f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n'
-                      f'uploads_dir = "{work / "uploads"}"\n')
+                      f'uploads_dir = "{work / "uploads"}"\n' + LISTENERS)
     (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)
@@ -327,3 +355,14 @@ def test_every_client_of_the_sample_like_script_finished_within_30_s(run):
     work, _ = run
     took = float((work / "finished").read_text()) - float((work / "started").read_text())
     assert took < 30, f"the clients took {took:.1f} s"
+
+
+def test_listeners_of_a_protocols_kind_speak_it_on_their_bound_port(run):
+    work, records = run
+    assert rc(work, "fixed_smtp") == 0
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "fixed@b.example"]
+    # A bound port: the worker never rewrote it, conntrack still knows the address asked for.
+    assert mail and mail[0]["listener"] == "mail" and mail[0]["original_destination"] == "203.0.113.20:2526"
+    assert rc(work, "fixed_https") == 0 and (work / "fixed_https.txt").read_bytes() == b"ok\n"
+    req = http_record(records, "https://fixed.example:9443/x.txt")
+    assert req["listener"] == "web" and req["original_destination"].endswith(":9443")
