@@ -83,7 +83,8 @@ class Session:
                   "CDUP": "250 Directory successfully changed.", "MKD": f'257 "{arg}" created',
                   "DELE": "250 Delete operation successful.", "RMD": "250 Remove directory operation successful.",
                   "SIZE": "550 Could not get file size.", "MDTM": "550 Could not get file modification time.",
-                  "PORT": "502 Active mode is not offered; use PASV.", "EPRT": "502 Active mode is not offered; use EPSV."}
+                  "PORT": "502 Active mode is not offered; use PASV.",
+                  "EPRT": "502 Active mode is not offered; use EPSV."}
         if verb == "USER":
             self.user = arg
             await say(self.stream, "331 Please specify the password.")

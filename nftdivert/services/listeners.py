@@ -129,7 +129,8 @@ class Listeners:
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
-        self._answers = (http, tls, recognize, on_event, origin, server_first)  # what the echo kind's recognised protocols need
+        # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
+        self._answers = (http, tls, recognize, on_event, origin, server_first)
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)

@@ -61,31 +61,24 @@ curl -sS --max-time 60 -o /dev/null --data-binary @big.bin https://upload.exampl
 printf 'chunk-body' | curl -sS --max-time 20 -o /dev/null -H 'Transfer-Encoding: chunked' --data-binary @- \
     http://chunked.example/c; echo $? > chunked.rc
 python3 -c '
-import socket
-s = socket.create_connection(("198.51.100.7", 4444), timeout=10)
-s.sendall(bytes(range(256)))
-s.shutdown(socket.SHUT_WR)
-got = b""
-while chunk := s.recv(4096):
-    got += chunk
-open("echo.bin", "wb").write(got)
-'
-python3 -c '
 import socket, ssl, time
+def echoed(address, data, name, silent=0.0):
+    s = socket.create_connection(address, timeout=10)
+    time.sleep(silent)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    open(name, "wb").write(got)
+echoed(("198.51.100.7", 4444), bytes(range(256)), "echo.bin")
+echoed(("198.51.100.8", 4445), b"late words", "silent.bin", silent=1.5)  # silent past [recognize] wait
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
 with socket.create_connection(("203.0.113.9", 8443), timeout=10) as raw:
     with ctx.wrap_socket(raw) as tls:  # no server_hostname: no SNI
         open("nosni.der", "wb").write(tls.getpeercert(binary_form=True))
         open("nosni.port", "w").write(str(tls.getsockname()[1]))
-s = socket.create_connection(("198.51.100.8", 4445), timeout=10)
-time.sleep(1.5)  # silent past [recognize] wait
-s.sendall(b"late words")
-s.shutdown(socket.SHUT_WR)
-got = b""
-while chunk := s.recv(4096):
-    got += chunk
-open("silent.bin", "wb").write(got)
 '
 python3 -c '
 import smtplib
