@@ -24,6 +24,7 @@ from typing import Callable
 
 from nftdivert.config import Config
 from nftdivert.services import origin
+from nftdivert.services.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.services.listeners import Listeners, ListenerStats
@@ -135,10 +136,19 @@ class ListenerProcess:
                     self.on_recycled(when, address, old, name)
             elif message[0] == "event":
                 if self.on_event is not None:
-                    self.on_event(message[1])
+                    self.on_event(self._named(message[1]))
             elif message[0] == "stats":
                 for name, (conversations, received) in message[1].items():
                     self._stats[name] = ListenerStats(conversations, received)
+
+    def _named(self, rec: dict) -> dict:
+        """The record with the DNS name its original destination stood for (this thread applies the names)."""
+        asked = rec.get("original_destination")
+        if asked is not None and "name" not in rec:
+            name = self._names.name_at(ipaddress.ip_address(split_endpoint(asked)[0]))
+            if name is not None:
+                rec["name"] = name
+        return rec
 
     def stop(self) -> None:
         if self._process is not None and self._process.is_alive():

@@ -293,6 +293,7 @@ def test_smtplib_logs_in_and_its_mail_is_stored_and_logged(run):
     mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "bot@victim.example"]
     assert mail and mail[0]["rcpt_to"] == ["drop@evil.example"] and ["Subject", "loot"] in mail[0]["headers"]
     assert mail[0]["original_destination"].endswith(":25") and mail[0]["v"] >= 1
+    assert mail[0]["name"] == "mx.example"  # the DNS name the address stood for, joined
     stored = (work / "mail" / (mail[0]["sha256"] + ".eml")).read_bytes()
     assert mail[0]["saved"] == str(work / "mail" / (mail[0]["sha256"] + ".eml"))
     assert stored.replace(b"\r\n", b"\n") == MAIL.replace(b"\r\n", b"\n")
