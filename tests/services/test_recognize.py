@@ -41,7 +41,7 @@ def test_a_client_hello_without_sni_has_none():
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
     (b"POST /up HTTP/1.0\r\n", "http"),
     (b"GET /\r\n", "other"),  # HTTP/0.9 asks for nothing a web server answers today
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "other"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh"),  # SSH clients speak first
     (b"\x16\x03\x01\x00", "other"),  # too short to be sure
     (b"\x00\x01\x02", "other"),
     (b"EHLO x\r\n", "other"),
