@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
-	tshark conntrack bind9-dnsutils openssl wget
+	tshark conntrack bind9-dnsutils openssl wget openssh-client
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean

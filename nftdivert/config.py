@@ -21,7 +21,9 @@ from nftdivert.errors import ConfigError
 MODES = ("gateway", "local", "both")
 BACKENDS = ("auto", "nft", "xt")
 PROTOCOLS = ("tcp", "udp")
-LISTENER_KINDS = ("echo", "dns", "external")
+# One protocol on a fixed port, without recognition (TCP only).
+PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
+LISTENER_KINDS = ("echo", "dns", "external", *PROTOCOL_KINDS)
 LOG_FORMATS = ("auto", "json", "text")
 AFTER_STOP = ("keep", "remove")
 
@@ -124,7 +126,8 @@ class Listener:
     protocol: str
     port: int
     # echo: a built-in echo service; dns: the built-in DNS responder (see
-    # [dns]); external: another program listens, nftdivert only diverts to it.
+    # [dns]); external: another program listens, nftdivert only diverts to it;
+    # http, https, smtp, ftp, pop3, imap, ssh: that protocol's answer, TCP only.
     kind: str = "echo"
 
     def validate(self, key: str) -> None:
@@ -135,6 +138,8 @@ class Listener:
         _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)
         _check_port(f"{key}.port", self.port)
         _check_choice(f"{key}.kind", self.kind, LISTENER_KINDS)
+        if self.kind in PROTOCOL_KINDS and self.protocol != "tcp":
+            raise ConfigError(f"{key}.kind", self.kind, f"{self.kind} is spoken over tcp; set protocol = \"tcp\"")
 
 
 @dataclass(frozen=True)
@@ -416,6 +421,29 @@ class RecognizeConfig:
             raise ConfigError(f"{key}.wait", self.wait, "more than 0 and at most 60 seconds")
 
 
+_BANNER = re.compile(r"SSH-2\.0-[!-~][ -~]{0,200}")  # RFC 4253 4.2: printable ASCII
+
+
+@dataclass(frozen=True)
+class ServerFirstConfig:
+    """What the protocols that speak first (SMTP, FTP, POP3, IMAP, SSH) say, and where they keep what they get."""
+
+    hostname: str = "mail.example.com"  # in the SMTP, FTP, POP3 and IMAP greetings
+    mail_dir: str = "/var/lib/nftdivert/mail"  # each mail accepted, named by its sha256; "" keeps none
+    uploads_dir: str = "/var/lib/nftdivert/uploads"  # FTP uploads; "" keeps none
+    ssh_banner: str = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.hostname", self.hostname, str, "a host name")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self.hostname):
+            raise ConfigError(f"{key}.hostname", self.hostname, "letters, digits, dots and hyphens, 1-253")
+        for name in ("mail_dir", "uploads_dir"):
+            _check_path(f"{key}.{name}", getattr(self, name))
+        _check_type(f"{key}.ssh_banner", self.ssh_banner, str, "an SSH identification string")
+        if not _BANNER.fullmatch(self.ssh_banner):
+            raise ConfigError(f"{key}.ssh_banner", self.ssh_banner, "SSH-2.0- then 1-200 printable ASCII characters")
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -447,6 +475,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
+    server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -465,6 +494,7 @@ class Config:
         self.http.validate("http")
         self.tls.validate("tls")
         self.recognize.validate("recognize")
+        self.server_first.validate("server_first")
         self._validate_listeners()
 
     def _validate_listeners(self) -> None:
@@ -515,7 +545,8 @@ def _check_interface(key: str, name: object) -> None:
 # ---- loading ---------------------------------------------------------------
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
-             "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig}
+             "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
+             "server_first": ServerFirstConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from nftdivert.observers import bound
+from nftdivert.services import origin
 from nftdivert.ruleset import engine, owner
-from nftdivert.config import Config
+from nftdivert.config import PROTOCOL_KINDS, Config
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
@@ -36,7 +37,8 @@ from nftdivert.observers.observation import Observation
 from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
-_KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program"}
+_KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program",
+               **{kind: f"built-in {kind.upper()}" for kind in PROTOCOL_KINDS}}
 
 
 def stats_path(table: str) -> Path:
@@ -167,6 +169,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         ports = _BoundPorts(nft, config.table)
         observer = seen.start(config, stack, log, listeners.name_for)
         fixup = build_fixup(config, ports.is_bound, is_local=ports.is_local, resolve=_conntrack_lookup(stack))
+        # The listener's origin questions: the table, and conntrack on a socket of their own.
+        listeners.answer_origins(partial(origin.original, fixup.table, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
         warned = False
 

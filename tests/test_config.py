@@ -111,6 +111,10 @@ BAD = [
     # --- listeners --------------------------------------------------------------------------
     case("listener-duplicate-port", TCP_LISTENER + '[[listeners]]\nname = "u"\nprotocol = "tcp"\nport = 80\n',
          "listeners[1].port", "another tcp listener"),
+    case("listener-udp-smtp", '[[listeners]]\nname = "m"\nprotocol = "udp"\nport = 25\nkind = "smtp"\n',
+         "listeners[0].kind", "spoken over tcp"),
+    case("listener-unknown-kind", '[[listeners]]\nname = "m"\nprotocol = "tcp"\nport = 25\nkind = "smtps"\n',
+         "listeners[0].kind", "one of"),
     case("listener-duplicate-name", TCP_LISTENER + '[[listeners]]\nname = "t"\nprotocol = "udp"\nport = 81\n',
          "listeners[1].name", "another listener"),
     case("listener-bad-name", '[[listeners]]\nname = "a b"\nprotocol = "tcp"\nport = 80\n',

@@ -53,6 +53,9 @@ def text_line(rec: dict) -> str:
                 f" (was {rec['old_name']})")
     if event in ("tls", "http"):
         return _service_line(rec)
+    if event in _SERVER_FIRST:
+        head = f"{at}  {event:<6} {rec.get('client', ''):>22}"
+        return f"{head} {_SERVER_FIRST[event](rec)}"
     if event == "end":
         return f"{at}  end    {_conversation(rec)}  {rec['ended']}: {_flow(rec)}"
     port = f" (:{rec['listener_port']})" if "listener_port" in rec else ""
@@ -74,6 +77,27 @@ def _service_line(rec: dict) -> str:
     saved = f" saved {rec['body_saved']}" if rec.get("body_saved") else ""
     return (f"{head} {rec['method']} {rec['url']} -> {rec['status']}, body {rec['body_size']} bytes"
             f" sha256 {rec['body_sha256'][:16]}...{saved}")
+
+
+def _kept(rec: dict) -> str:
+    return f"{rec['size']} bytes sha256 {rec['sha256'][:16]}...{' saved ' + rec['saved'] if rec.get('saved') else ''}"
+
+
+def _login(rec: dict) -> str:
+    return f"login {rec.get('user', '')!r} password {rec.get('password', rec.get('apop_digest', ''))!r}"
+
+
+# The text line after the client, per server-first event.
+_SERVER_FIRST = {
+    "smtp": lambda r: f"mail from {r['mail_from']} to {','.join(r['rcpt_to'])}, {_kept(r)}",
+    "smtp_auth": _login,
+    "pop3": _login,
+    "imap": _login,
+    "ftp": _login,
+    "ftp_upload": lambda r: f"upload {r['name']!r}, {_kept(r)}",
+    "ssh": lambda r: (f"{r['client_version']}, {len(r['logins'])} logins"
+                      + "".join(f" {x['user']!r}/{x['password']!r}" for x in r["logins"])),
+}
 
 
 # Records waiting to be written. A flood of new conversations (a port scan)

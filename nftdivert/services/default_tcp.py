@@ -1,9 +1,10 @@
 """The default TCP answer: recognise the protocol from the first bytes, then serve it.
 
 A ClientHello gets TLS (and the protocol inside is recognised again), an
-HTTP request gets the HTTP answer, anything else the echo. A client that
-stays silent for `[recognize] wait` seconds gets the echo too, until the
-server-first protocols (recognize.server_first) are built. Each TLS
+HTTP request gets the HTTP answer, an SSH banner the SSH answer, anything
+else the echo. A client that
+stays silent for `[recognize] wait` seconds gets the protocol that speaks
+first on the port it asked for (recognize.server_first), else the echo. Each TLS
 handshake and HTTP request is handed to `emit` as a log record.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from nftdivert.config import HttpConfig, RecognizeConfig, TlsConfig
+from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.errors import NftDivertError
 from nftdivert.services import recognize
 from nftdivert.services.tls import Plain, handshake
 
 Emit = Callable[[dict], None]
+# (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
+Origin = Callable[[tuple, tuple], "tuple[str, int] | None"]
 
 
 def endpoint(addr) -> str:
@@ -56,9 +59,13 @@ async def echo(stream, first: bytes) -> None:
 
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
-                 emit: Emit | None) -> None:
+                 emit: Emit | None, origin: Origin | None = None,
+                 first: ServerFirstConfig = ServerFirstConfig(), fixed: str | None = None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
+        self._origin = origin
+        self._first = first
+        self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
 
     def _certs(self):
@@ -70,13 +77,25 @@ class DefaultTcp:
         return self._contexts
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
-        base = {"client": endpoint(writer.get_extra_info("peername")), "listener": self._name}
-        local = writer.get_extra_info("sockname")[0].removeprefix("::ffff:")
-        first = await first_bytes(reader.read, self._wait)
+        peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        base = {"client": endpoint(peer), "listener": self._name}
+        # Asked alongside the first bytes, so the wait for them hides the round trip.
+        asked = asyncio.ensure_future(self._original(peer, sock))
+        if await self._ftp_data(asked, reader, writer, count, peer):
+            return
+        fixed = self._fixed
+        server_first = fixed not in (None, "http", "https")
+        first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
-        # Silent: the port the client asked for will choose (the listener does not know it yet).
-        kind = recognize.classify(first) if first else recognize.server_first(None) or "other"
-        plain = Plain(reader, writer, first if kind == "http" else b"", count)
+        original = await asked
+        if original is not None:
+            base["original_destination"] = endpoint(original)
+        if fixed is not None:
+            kind = {"https": "tls"}.get(fixed, fixed)
+        else:  # silent: the port the client asked for chooses
+            kind = (recognize.classify(first) if first
+                    else recognize.server_first(original[1] if original else None) or "other")
+        plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
         if kind == "tls":
             record = dict(base, event="tls")
             try:
@@ -84,20 +103,67 @@ class DefaultTcp:
             except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
                 self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
                 return
-            stream = await handshake(plain, first, contexts, local, record)
+            # No SNI: the leaf names the address the client asked for.
+            ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+            stream = await handshake(plain, first, contexts, ip, record)
             self._emit(record)
             if stream is None:
                 return
             inner = await first_bytes(stream.read, self._wait)
             stream.prepend(inner)
-            if recognize.classify(inner) == "http":
+            inside = recognize.server_first(original[1] if original else None) if not inner else None
+            if fixed == "https" or recognize.classify(inner) == "http":
                 await self._serve_http(stream, base, "https")
+            elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
+                await self._serve_first(inside, stream, base, peer, sock, original)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":
             await self._serve_http(plain, base, "http")
+        elif kind != "other":
+            await self._serve_first(kind, plain, base, peer, sock, original)
         else:
             await echo(plain, first or await plain.read())
+
+    async def _ftp_data(self, asked, reader, writer, count, peer) -> bool:
+        """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""
+        from nftdivert.services import ftp
+
+        if not ftp.expecting():
+            return False
+        original = await asked
+        done = original and ftp.claim(peer[0].removeprefix("::ffff:"), original[1], Plain(reader, writer, b"", count))
+        if done:
+            await done
+        return bool(done)
+
+    async def _original(self, peer, sock) -> tuple[str, int] | None:
+        if self._origin is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
+
+    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
+        """A protocol that speaks first; each imports its library only once spoken."""
+        first, emit = self._first, self._emit
+        if kind == "smtp":
+            from nftdivert.services import smtp
+
+            await smtp.serve(stream, first, emit, base, peer)
+        elif kind in ("pop3", "imap"):
+            from nftdivert.services import mailbox
+
+            serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
+            await serve(stream, first.hostname, emit, base)
+        elif kind == "ftp":
+            from nftdivert.services import ftp
+
+            asked = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+            await ftp.serve(stream, first, emit, base, peer, asked)
+        elif kind == "ssh":
+            from nftdivert.services import ssh
+
+            await ssh.serve(stream, first, emit, base, peer, sock)
 
     async def _serve_http(self, stream, base: dict, scheme: str) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken

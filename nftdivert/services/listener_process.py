@@ -6,9 +6,10 @@ per second that way. The child reports back over one pipe: ready or the
 error that stopped it, each DNS question it answered, each address the DNS
 pool gave to a name (the conversation log names conversations by them), and
 its counters once a second, and what the recognised protocols log (TLS
-handshakes, HTTP requests). It dies with its parent (lifeline.py), so a
-`kill -9` of the worker does not leave the listener ports taken for the
-next run.
+handshakes, HTTP requests, mails, logins). A second pipe carries the
+listener's questions about a conversation's original destination
+(origin.py). It dies with its parent (lifeline.py), so a `kill -9` of the
+worker does not leave the listener ports taken for the next run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from typing import Callable
 
 from nftdivert.config import Config
+from nftdivert.services import origin
+from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.services.listeners import Listeners, ListenerStats
@@ -51,6 +54,12 @@ class ListenerProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._reader: threading.Thread | None = None
         self._conn = None
+        self._origins: origin.Server | None = None
+
+    def answer_origins(self, lookup) -> None:
+        """From now on the listener's origin questions are answered by `lookup(client, local)`."""
+        if self._origins is not None:
+            self._origins.lookup = lookup
 
     @property
     def stats(self) -> dict[str, ListenerStats]:
@@ -80,10 +89,14 @@ class ListenerProcess:
             return  # only external listeners: nothing to run
         ctx = multiprocessing.get_context("fork")
         parent_end, child_end = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid()),
+        origin_parent, origin_child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child),
                                     name="nftdivert-listeners", daemon=True)
         self._process.start()
         child_end.close()
+        origin_child.close()
+        self._origins = origin.Server(origin_parent)
+        self._origins.start()
         self._conn = parent_end
         if not parent_end.poll(timeout):
             self.stop()
@@ -123,10 +136,19 @@ class ListenerProcess:
                     self.on_recycled(when, address, old, name)
             elif message[0] == "event":
                 if self.on_event is not None:
-                    self.on_event(message[1])
+                    self.on_event(self._named(message[1]))
             elif message[0] == "stats":
                 for name, (conversations, received) in message[1].items():
                     self._stats[name] = ListenerStats(conversations, received)
+
+    def _named(self, rec: dict) -> dict:
+        """The record with the DNS name its original destination stood for (this thread applies the names)."""
+        asked = rec.get("original_destination")
+        if asked is not None and "name" not in rec:
+            name = self._names.name_at(ipaddress.ip_address(split_endpoint(asked)[0]))
+            if name is not None:
+                rec["name"] = name
+        return rec
 
     def stop(self) -> None:
         if self._process is not None and self._process.is_alive():
@@ -137,12 +159,15 @@ class ListenerProcess:
                 self._process.join()
         if self._reader is not None:
             self._reader.join(timeout=5)
+        if self._origins is not None:
+            self._origins.join(timeout=5)  # ends at the child's EOF
+            self._origins.close()
         if self._conn is not None:
             self._conn.close()
-        self._process = self._reader = self._conn = None
+        self._process = self._reader = self._conn = self._origins = None
 
 
-def _serve(config: Config, conn, parent: int) -> None:
+def _serve(config: Config, conn, parent: int, origins) -> None:
     """The child: bind, say ready (or why not), serve, report, until SIGTERM."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -165,7 +190,8 @@ def _serve(config: Config, conn, parent: int) -> None:
             config.dns, on_question=lambda *q: send(("dns", *q)),
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
     listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
-                          recognize=config.recognize, on_event=lambda rec: send(("event", rec)))
+                          recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
+                          origin=origin.Client(origins).ask, server_first=config.server_first)
     try:
         listeners.start()
     except OSError as exc:

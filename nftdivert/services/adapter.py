@@ -1,0 +1,81 @@
+"""An asyncio Protocol served over one of the listener's streams (tls.Plain or tls.Tls).
+
+aiosmtpd and asyncssh are Protocols that expect a transport of their own.
+The default listener has already read (and maybe decrypted) the
+conversation, so this transport writes into that stream and the bytes the
+stream reads are fed to the protocol, until either side closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class StreamTransport(asyncio.Transport):
+    def __init__(self, stream, extra: dict) -> None:
+        super().__init__(extra)
+        self._stream = stream
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def write(self, data) -> None:
+        if not self.closed.done():
+            self._stream.write(bytes(data))
+
+    def writelines(self, list_of_data) -> None:
+        self.write(b"".join(list_of_data))
+
+    def is_closing(self) -> bool:
+        return self.closed.done()
+
+    def close(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    abort = close
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:  # the pump reads one chunk at a time anyway
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return not self.closed.done()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+
+async def serve(protocol: asyncio.Protocol, stream, extra: dict) -> None:
+    """Run `protocol` over `stream` until it closes the transport or the client goes."""
+    transport = StreamTransport(stream, extra)
+    protocol.connection_made(transport)
+    error = None
+    try:
+        while not transport.is_closing():
+            read = asyncio.ensure_future(stream.read(65536))
+            await asyncio.wait((read, transport.closed), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                read.cancel()
+                break
+            data = read.result()
+            if not data:
+                protocol.eof_received()
+                break
+            protocol.data_received(data)
+            await stream.drain()
+    except (ConnectionError, OSError) as exc:
+        error = exc
+    finally:
+        transport.close()
+        try:
+            await stream.drain()  # what the protocol said last
+        except (ConnectionError, OSError):
+            pass
+        protocol.connection_lost(error)

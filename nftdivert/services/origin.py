@@ -1,0 +1,136 @@
+"""Which address and port a client originally asked for, as the listener process asks it.
+
+The listener sees only its own tuple: the redirect changed the address and
+the queue worker the port. The worker's conversation table knows the route
+(listener-side tuple -> original port), conntrack the original address. So
+the listener process asks its parent over a pipe of its own, one short
+request at a time, and takes no answer within ORIGIN_TIMEOUT as unknown.
+
+The parent answers in a thread of its own, never in the worker's: it reads
+the table without reordering it (one dict lookup, atomic under the GIL) and
+asks conntrack on a socket of its own, so the packet path never waits on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import threading
+import time
+from typing import Callable, Protocol
+
+from nftdivert.worker.packet import TCP
+
+ORIGIN_TIMEOUT = 0.5  # seconds a listener waits for its parent's answer
+
+Endpoint = tuple[str, int]  # (address as text, port)
+Entry = Callable[[int, int, bytes, int, bytes, int], object]  # conntrack.Conntrack.entry
+
+
+class Table(Protocol):
+    def peek(self, binding: tuple): ...
+
+
+def _packed(host: str) -> bytes:
+    return ipaddress.ip_address(host.removeprefix("::ffff:")).packed  # IPv4 on the dual-stack socket
+
+
+def original(table: Table | None, entry: Entry | None, client: Endpoint, local: Endpoint) -> Endpoint | None:
+    """The destination `client` asked for, that reached the listener at `local`.
+
+    Diverted: the table holds the conversation under the listener's tuple;
+    its original port is the route's, its address conntrack's (or the local
+    one when conntrack does not say). Not in the table: a bound port the
+    worker never rewrote; conntrack's reply tuple is the listener's own
+    (the redirect changed only the address), and without an entry the local
+    address and port are what the client asked for.
+    """
+    try:
+        client_b, local_b = _packed(client[0]), _packed(local[0])
+    except ValueError:
+        return None
+    version = 4 if len(client_b) == 4 else 6
+    conv = table.peek((TCP, client_b, client[1], local_b)) if table is not None else None
+    if conv is not None:
+        if conv.original is not None:
+            return _text(conv.original)
+        port = conv.route[4]
+        found = _ask(entry, version, client_b, conv.reply_port, local_b, port)
+        return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, port))
+    found = _ask(entry, version, client_b, client[1], local_b, local[1])
+    return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, local[1]))
+
+
+def _ask(entry: Entry | None, *args):
+    if entry is None:
+        return None
+    try:
+        return entry(args[0], TCP, *args[1:])
+    except OSError:  # ConntrackError included: answer from what the table knows
+        return None
+
+
+def _text(addr: tuple[bytes, int]) -> Endpoint:
+    return str(ipaddress.ip_address(addr[0])), addr[1]
+
+
+class Server:
+    """The parent's side: answers (id, client, local) with (id, original or None)."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.lookup: Callable[[Endpoint, Endpoint], Endpoint | None] | None = None  # set once the worker exists
+        self._thread = threading.Thread(target=self._serve, name="nftdivert-origins", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                ident, client, local = self._conn.recv()
+            except (EOFError, OSError, ValueError, TypeError):
+                return
+            lookup = self.lookup
+            try:
+                answer = lookup(tuple(client), tuple(local)) if lookup is not None else None
+            except Exception:  # noqa: BLE001 - a failed lookup is an unknown origin, not a dead thread
+                answer = None
+            try:
+                self._conn.send((ident, answer))
+            except (OSError, ValueError):
+                return
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class Client:
+    """The listener's side; ask() blocks at most `timeout`: call it off the event loop."""
+
+    def __init__(self, conn, timeout: float = ORIGIN_TIMEOUT) -> None:
+        self._conn, self._timeout = conn, timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def ask(self, client: Endpoint, local: Endpoint) -> Endpoint | None:
+        deadline = time.monotonic() + self._timeout
+        if not self._lock.acquire(timeout=self._timeout):
+            return None
+        try:
+            ident = next(self._ids)
+            self._conn.send((ident, client[:2], local[:2]))
+            while (left := deadline - time.monotonic()) > 0 and self._conn.poll(left):
+                got, answer = self._conn.recv()
+                if got == ident:
+                    return tuple(answer) if answer is not None else None
+                # a late answer to a request that timed out: dropped
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            self._lock.release()
+        return None
