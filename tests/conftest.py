@@ -87,25 +87,28 @@ def host(make_netns):
 @pytest.fixture(scope="session")
 def _gateway_lab(tmp_path_factory):
     """One end-to-end lab (client, diverter, internet) for the whole run:
-    building and removing one costs seconds, and under emulation (the VM
-    tier) half a minute. Modules get it through `gw`."""
+    building one, and starting a diverter in it, costs seconds here and half
+    a minute under emulation (the VM tier). A diverter a module leaves running
+    serves the next one if the config is the same; a test that needs another
+    config stops it cleanly first (GatewayLab.ensure). At the end: nftdivert
+    stopped cleanly (`remove` leaves nothing), and the internet host's
+    capture worked and saw nothing from the client."""
     import lab
 
     g = lab.GatewayLab(netns_mod, tmp_path_factory.mktemp("gateway-lab"))
     try:
         yield g
+        g.stop()
+        g.assert_capture_works()
+        g.assert_no_leaks()
     finally:
         g.close()
 
 
 @pytest.fixture(scope="module")
 def gw(_gateway_lab):
-    """The gateway lab, as each end-to-end module leaves it: at the module's
-    end nftdivert stopped cleanly (`remove` leaves nothing), and the internet
-    host's capture worked and saw nothing from the client."""
+    """The gateway lab; at each module's end the internet host saw nothing from the client."""
     yield _gateway_lab
-    _gateway_lab.stop()
-    _gateway_lab.assert_capture_works()
     _gateway_lab.assert_no_leaks()
 
 

@@ -529,9 +529,9 @@ class GatewayLab:
         assert all(p["src"] == ("198.51.100.7", 45678) for p in synacks), \
             "a SYN/ACK came from somewhere else:\n" + "\n".join(packets)
         client_port = synacks[0]["dst"][1]
-        rec = div.wait_log(lambda r: r["client"] == f"{CLIENT4}:{client_port}",
-                           what=f"the log line of client port {client_port}")
-        assert rec["original_destination"] == "198.51.100.7:45678", rec
+        rec = div.wait_log(lambda r: r["client"] == f"{CLIENT4}:{client_port}" and r["event"] == "start",
+                           what=f"the start record of client port {client_port}")
+        assert rec["v"] == 1 and rec["original_destination"] == "198.51.100.7:45678", rec
         assert rec["protocol"] == "tcp" and rec["listener"] == "tcp-echo", rec
         assert rec["listener_port"] == LISTENER_PORT and rec["interface"] == DIV_CLIENT_IF, rec
 

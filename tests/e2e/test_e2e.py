@@ -98,9 +98,16 @@ def test_udp_round_trip_answered_from_the_address_asked_for(gw, div):
     r = gw.udp("198.51.100.23", 5353, "udp-hello-5353")
     assert r["ok"], r
     assert r["reply"] == "udp-hello-5353" and r["source"] == ["198.51.100.23", 5353], r
-    rec = div.wait_log(lambda x: x["client"] == f"{lab.CLIENT4}:{r['local'][1]}")
+    client = f"{lab.CLIENT4}:{r['local'][1]}"
+    rec = div.wait_log(lambda x: x["client"] == client and x["event"] == "start")
     assert rec["protocol"] == "udp" and rec["original_destination"] == "198.51.100.23:5353", rec
     assert rec["listener"] == "udp-echo" and rec["interface"] == lab.DIV_CLIENT_IF, rec
+    # conntrack forgets it now (not in 30 s): its DESTROY event is the end record, with conntrack's counters.
+    gw.diverter_ns.run("conntrack", "-D", "-p", "udp", "--orig-dst", "198.51.100.23", "--orig-port-dst", "5353")
+    end = div.wait_log(lambda x: x["client"] == client and x["event"] == "end", what="the end record")
+    payload = 20 + 8 + len("udp-hello-5353")  # IP bytes, as conntrack counts them
+    assert (end["id"], end["sent"], end["received"]) == (rec["id"], {"packets": 1, "bytes": payload},
+                                                          {"packets": 1, "bytes": payload}), end
 
 
 def test_ipv6_tcp_round_trip(gw, div):

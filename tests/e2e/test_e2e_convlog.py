@@ -100,9 +100,6 @@ def _udp_bytes(payload: str) -> int:
     return 20 + 8 + len(payload)  # IPv4 header, UDP header, payload: conntrack counts IP bytes
 
 
-# In the VM tier too: the module's one diverter run, with the native queue
-# carrying the rewritten conversations whose records this checks.
-@pytest.mark.vm
 def test_tcp_and_udp_to_the_default_listeners(observed):
     tcp, udp = observed["tcp"], observed["udp"]
     assert tcp["ok"] and udp["ok"], (tcp, udp)
