@@ -10,11 +10,12 @@ PY := $(VENV)/bin/python
 # System packages: libnftables and its Python bindings come from the
 # distribution (they must match each other); NetfilterQueue builds against
 # libnetfilter-queue; the rest are the programs the tests and the demo run
-# (tests/programs.py maps each program to its package; a test checks this list).
+# (tests/programs.py maps each program to its package; a test checks this list),
+# and python3-requests, a client library the answers test runs in the sandbox.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
-	tshark conntrack bind9-dnsutils openssl wget openssh-client
+	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean

@@ -54,6 +54,17 @@ date +%s.%N > started
 curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
+python3 -c '
+import requests
+for name, url, verify in (("requests_https", "https://py.example/stage.json", True),
+                          ("requests_http", "http://py.example/plain.txt", True),
+                          ("requests_untrusted", "https://py-untrusted.example/", "other-ca.pem")):
+    try:
+        r = requests.get(url, timeout=20, verify=verify)
+        open(name, "w").write(str(r.status_code) + " " + r.headers.get("Content-Type", ""))
+    except requests.exceptions.SSLError as exc:
+        open(name, "w").write("ssl error")
+' 2> requests.err; echo $? > requests.rc
 openssl s_client -connect c2.example:443 -servername x.example -showcerts </dev/null >s_client.txt 2>s_client.err
 wget -q -T 20 -O stage2.exe http://dl.example/files/stage2.exe; echo $? > wget.rc
 head -c 5242880 /dev/urandom > big.bin
@@ -178,6 +189,18 @@ def test_https_with_the_ca_trusted_gets_the_body_and_the_request_is_logged(run):
     assert req["original_destination"] == hello["original_destination"]
     conv = [r for r in records if r.get("client") == req["client"] and "protocol" in r]
     assert conv and conv[0]["original_destination"].endswith(":443") and conv[0]["name"] == "c2.example"
+
+
+def test_python_requests_trusts_the_ca_through_the_sandbox_and_is_logged(run):
+    work, records = run
+    assert rc(work, "requests") == 0, (work / "requests.err").read_text()
+    assert (work / "requests_https").read_text() == "200 application/json"
+    assert (work / "requests_http").read_text().startswith("200 text/plain")
+    assert http_record(records, "https://py.example/stage.json")["method"] == "GET"
+    assert http_record(records, "http://py.example/plain.txt")["status"] == 200
+    # Another CA than ours: the handshake fails, and the SNI is logged all the same.
+    assert (work / "requests_untrusted").read_text() == "ssl error"
+    assert tls_record(records, "py-untrusted.example")["result"] == "failed"
 
 
 def test_plain_http_gets_the_file_type_asked_for(run):
