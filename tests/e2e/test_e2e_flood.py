@@ -26,6 +26,14 @@ from nftdivert.config import QueueConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_diverter_after(gw):
+    """A flooded diverter serves no other module: the lab is shared (conftest),
+    and what a flood leaves behind is not what the next module tests."""
+    yield
+    gw.stop()
+
 FLOOD_LIMIT = 50.0  # seconds: a flood still running then is stopped, and the test fails
 RESEND = 0.05  # the normal client resends its datagram this often until answered
 PROBE_TIMEOUT = 8.0
