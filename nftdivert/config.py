@@ -26,6 +26,9 @@ PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
 LISTENER_KINDS = ("echo", "dns", "external", *PROTOCOL_KINDS)
 LOG_FORMATS = ("auto", "json", "text")
 AFTER_STOP = ("keep", "remove")
+# queue: the worker rewrites every packet of a diverted conversation (the
+# -300 story); kernel: the dstnat rule rewrites the port itself.
+DIVERT_PATHS = ("queue", "kernel")
 
 # A config or ruleset larger than this is refused unread: no real one comes
 # near it, and reading without a bound lets `-c /dev/zero` eat all memory.
@@ -454,6 +457,11 @@ DEFAULT_LISTENERS = (
 class Config:
     mode: str = "gateway"
     table: str = "nftdivert"
+    # How an unbound port reaches its default listener: "queue" (the worker
+    # rewrites each packet's port, before conntrack on the way back) or
+    # "kernel" (the dstnat rule redirects to the listener's port; conntrack
+    # un-NATs the replies; no packet reaches userspace).
+    divert_path: str = "queue"
     ipv4: bool = True
     ipv6: bool = True
     # Empty: every interface. Gateway mode answers only for traffic arriving here.
@@ -479,6 +487,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
+        _check_choice("divert_path", self.divert_path, DIVERT_PATHS)
         check_table_name("table", self.table)
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
@@ -496,6 +505,9 @@ class Config:
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
         self._validate_listeners()
+        if self.divert_path == "kernel" and self.worker.pcap_rewritten:
+            raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
+                              'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')
 
     def _validate_listeners(self) -> None:
         names: set[str] = set()

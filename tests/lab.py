@@ -44,6 +44,10 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LAB_PY = str(Path(__file__).resolve())
 BACKEND = os.environ.get("NFTDIVERT_TEST_BACKEND", "auto")
+# Which divert path the end-to-end suites run on: `make test` runs them on both.
+DIVERT_PATH = os.environ.get("NFTDIVERT_TEST_PATH", "queue")
+DIVERT_PATH_LINE = f'divert_path = "{DIVERT_PATH}"\n'
+KERNEL_PATH = DIVERT_PATH == "kernel"
 TABLE = "nftdivert"
 QUEUES = (0, 1)
 LISTENER_PORT = 1337
@@ -158,6 +162,7 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
+        f'divert_path = "{DIVERT_PATH}"',
         *([f'containment_after_stop = "{after_stop}"'] if after_stop != "keep" else []),
         "",
         "[queue]",
@@ -196,6 +201,8 @@ def active_backend(ns, table: str = TABLE) -> str | None:
     objects = nft_json(ns, "list", "table", "inet", table)
     if not objects:
         return None
+    if any(o.get("chain", {}).get("name") == "redirect_from_clients" for o in objects):
+        return "none"  # the kernel path queues nothing
     native = any("queue" in expr for o in objects if "rule" in o for expr in o["rule"]["expr"])
     return "nft" if native else "xt"
 
@@ -293,7 +300,7 @@ class Diverter:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nftdivert run exited {self.proc.returncode} while starting\n"
                                      f"stderr:\n{self.stderr()}")
-            if "applied; queue backend" not in self.stderr():
+            if not re.search(r"table inet \S+ applied; (queue backend|divert path)", self.stderr()):
                 return False
             handle = table_handle(self.ns)
             return (handle is not None and handle != stale
@@ -334,8 +341,10 @@ class Diverter:
             assert_clean(self.ns)
         err = self.stderr()
         assert "Traceback" not in err, err
-        # The final counters: every packet got its verdict without an error.
-        assert re.search(r"malformed \d+, dropped \d+, errors 0;", err), f"the worker counted errors:\n{err}"
+        if KERNEL_PATH:  # no worker: the final counters are the kernel's and the log's
+            assert re.search(r"kernel path: new conversations .*, failed 0\)", err), err
+        else:  # the final counters: every packet got its verdict without an error
+            assert re.search(r"malformed \d+, dropped \d+, errors 0;", err), f"the worker counted errors:\n{err}"
 
     def kill(self) -> None:
         """kill -9: no cleanup at all (the table and xt rules stay)."""
@@ -593,6 +602,12 @@ def serve_udp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     wait_for(lambda: port_bound(ns, "udp", port) or proc.poll() is not None, 20, f"own UDP server on {port}")
     assert proc.poll() is None, f"own UDP server on {port} failed: {proc.stderr.read()}"
     return proc
+
+
+def set_elements(ns, name: str, table: str = TABLE) -> list:
+    """The elements of one of the table's sets, as `nft -j` gives them ([] without the set)."""
+    sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", table, name) if "set" in o]
+    return sets[0].get("elem", []) if sets else []
 
 
 def bound_elements(ns, proto: str, version: int) -> set[tuple[str, int]]:
