@@ -156,6 +156,10 @@ class QueueConfig:
     # xt backend only: the nft table marks packets for the iptables-nft queue
     # rules with this bit, because those rules cannot see the table's sets.
     mark: int = 0x00D10000
+    # The ruleset sets this conntrack mark bit on each conversation it queues,
+    # so the rest of it reaches the worker (and its listener) even when a
+    # service binds its port later.
+    ct_mark: int = 0x00400000
     # Admission: new conversations per second from one client address (per
     # family) that may enter the incoming queue; the rest are dropped before
     # it, counted, and retransmitted by the client. A flood from one client
@@ -182,6 +186,9 @@ class QueueConfig:
         _check_type(f"{key}.mark", self.mark, int, "an integer bit mask")
         if not 0 < self.mark <= 0xFFFFFFFF:
             raise ConfigError(f"{key}.mark", self.mark, "must be a non-zero 32-bit mask")
+        _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
+        if not 0 < self.ct_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
 
 
 @dataclass(frozen=True)
@@ -505,6 +512,9 @@ class Config:
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
         self._validate_listeners()
+        if self.queue.ct_mark & self.worker.ct_mark:
+            raise ConfigError("queue.ct_mark", self.queue.ct_mark,
+                              f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
         if self.divert_path == "kernel" and self.worker.pcap_rewritten:
             raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
                               'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')

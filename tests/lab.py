@@ -680,6 +680,34 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
     return res
 
 
+def cmd_hold(host: str, port: int, timeout: float) -> None:
+    """One TCP conversation kept open: each line on stdin is sent, and what
+    comes back is printed as one JSON line, until stdin ends."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        print(json.dumps({"ok": True, "local": _endpoint(sock.getsockname())}), flush=True)
+        for line in sys.stdin:
+            data = line.strip().encode()
+            sock.sendall(data)
+            got = b""
+            while len(got) < len(data) and (chunk := sock.recv(65536)):
+                got += chunk
+            print(json.dumps({"sent": line.strip(), "reply": got.decode(errors="replace")}), flush=True)
+
+
+def cmd_until_reply(host: str, port: int, want: str, timeout: float) -> dict:
+    """New TCP conversations to host:port, one every 20 ms, until one is
+    answered with `want`: how long that took, and what came before."""
+    start, seen = time.monotonic(), []
+    while time.monotonic() - start < timeout:
+        r = cmd_tcp(host, port, "probe", 0.5)
+        if r.get("reply") == want:
+            return {"ok": True, "seconds": time.monotonic() - start, "attempts": len(seen) + 1,
+                    "before": sorted({x.get("reply", x.get("error", "")) for x in seen})}
+        seen.append(r)
+        time.sleep(0.02)
+    return {"ok": False, "seconds": time.monotonic() - start, "attempts": len(seen), "last": seen[-1:]}
+
+
 def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0, a=None) -> dict:
     """One datagram and its answer; with `resend`, the datagram again every
     `resend` seconds until answered, as resolvers and other UDP clients do."""
@@ -1004,6 +1032,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sport", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5)
     p.add_argument("--one-by-one", action="store_true")
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--timeout", type=float, default=5)
+    p = sub.add_parser("until-reply")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("want")
+    p.add_argument("--timeout", type=float, default=10)
     p = sub.add_parser("synflood")
     p.add_argument("src")
     p.add_argument("net")
@@ -1029,6 +1066,11 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
     elif a.cmd == "fan-out":
         out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
+    elif a.cmd == "hold":
+        cmd_hold(a.host, a.port, a.timeout)
+        return
+    elif a.cmd == "until-reply":
+        out = cmd_until_reply(a.host, a.port, a.want, a.timeout)
     elif a.cmd == "synflood":
         out = cmd_synflood(a.src, a.net, a.count, a.seconds)
     elif a.cmd == "udpscan":

@@ -40,6 +40,7 @@ class Ruleset:
     bypass: bool
     mark: int
     ct_mark: int  # on every conversation the redirect answers: what the conversation log reads
+    queued_ct_mark: int  # queue path: on every conversation queued, so all of it stays queued
     default_tcp_port: int | None
     default_udp_port: int | None
     leave_alone_tcp_ports: tuple[str, ...]
@@ -88,6 +89,10 @@ class Ruleset:
     @property
     def ct_mark_hex(self) -> str:
         return f"0x{self.ct_mark:x}"
+
+    @property
+    def queued_ct_mark_hex(self) -> str:
+        return f"0x{self.queued_ct_mark:x}"
 
     @property
     def unmark_hex(self) -> str:
@@ -147,6 +152,7 @@ def build(config: Config, backend: str) -> Ruleset:
         bypass=config.queue.fail == "open",
         mark=config.queue.mark,
         ct_mark=config.worker.ct_mark,
+        queued_ct_mark=config.queue.ct_mark,
         default_tcp_port=tcp.port if tcp else None,
         default_udp_port=udp.port if udp else None,
         leave_alone_tcp_ports=_ports(la.tcp_ports),
