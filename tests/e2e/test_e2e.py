@@ -237,3 +237,10 @@ def test_status_shows_table_backend_and_worker_counters(gw, div):
         assert "new-conversation hook errors 0" in out, out
     assert "log lines " in out and "(dropped 0, failed 0)" in out, out
     print(f"\nstatus: {out.splitlines()[-1].strip()}")
+
+
+@pytest.mark.any_backend  # the sets `run` fills (bound ports, the kernel path's serving set) are not drift
+def test_diff_finds_no_drift_while_it_runs(gw, div):
+    gw.tcp("198.51.100.25", 4343, "some-traffic")
+    proc = lab.nftdivert(gw.diverter_ns, "diff", "-c", str(div.config_path), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
