@@ -590,7 +590,7 @@ def serve_tcp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     "0.0.0.0" IPv4 only, or one address); ready when this returns."""
     argv, env = _client("serve-tcp", str(port), reply, "--bind", bind)
     proc = ns.popen(*argv, text=True, env=env)
-    wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 20, f"own server on {port}")
+    wait_for(lambda: port_bound(ns, "tcp", port) or proc.poll() is not None, 60, f"own server on {port}")
     assert proc.poll() is None, f"own server on {port} failed: {proc.stderr.read()}"
     return proc
 
@@ -599,7 +599,7 @@ def serve_udp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     """Like serve_tcp, for UDP: answers each datagram with `reply`."""
     argv, env = _client("serve-udp", str(port), reply, "--bind", bind)
     proc = ns.popen(*argv, text=True, env=env)
-    wait_for(lambda: port_bound(ns, "udp", port) or proc.poll() is not None, 20, f"own UDP server on {port}")
+    wait_for(lambda: port_bound(ns, "udp", port) or proc.poll() is not None, 60, f"own UDP server on {port}")
     assert proc.poll() is None, f"own UDP server on {port} failed: {proc.stderr.read()}"
     return proc
 
