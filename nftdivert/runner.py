@@ -223,7 +223,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
 
         def snapshot() -> dict:
             if fixup is None:
-                return _kernel_snapshot(engine.diverted(config.table, nft), listeners, log, observer)
+                return _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
             return _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
 
         def tick(now: float) -> None:
@@ -332,8 +332,12 @@ def _leave_table(config: Config, nft: Nft) -> None:
 
 
 def _admission(table: str, nft: Nft) -> dict[str, int]:
+    return _counted(engine.admission_drops, table, nft)
+
+
+def _counted(read: Callable[[str, Nft], dict[str, int]], table: str, nft: Nft) -> dict[str, int]:
     try:
-        return engine.admission_drops(table, nft)
+        return read(table, nft)
     except (KernelError, OSError):
         return {}  # counters are a courtesy; diverting goes on
 
