@@ -285,7 +285,8 @@ def _diverter_config(config_path: str | None, log_target: str | None, log_format
 @_diverter_options
 def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap_rewritten: str | None,
         log_target: str | None, log_format: str | None, summary: str | None) -> None:
-    """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
+    """Divert: apply the ruleset, run the queue worker (or, on the kernel path, only
+    the bound-port sets) and the listeners until stopped.
 
     Every conversation to an unbound port on any address reaches the default
     listener of its protocol; each new one is logged with its original
@@ -301,6 +302,7 @@ def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap
       nftdivert run                         gateway mode, built-in echo listeners
       nftdivert run -c lab.toml -w lab.pcap
       nftdivert run --log conversations.jsonl
+      nftdivert run --divert-path kernel    no packet through userspace: for throughput
     """
     from nftdivert import runner
 
