@@ -15,7 +15,7 @@ from typing import Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.errors import NftDivertError
-from nftdivert.services import recognize
+from nftdivert.services import origin as origin_mod, recognize
 from nftdivert.services.tls import Plain, handshake
 
 Emit = Callable[[dict], None]
@@ -60,10 +60,13 @@ async def echo(stream, first: bytes) -> None:
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
-                 first: ServerFirstConfig = ServerFirstConfig(), fixed: str | None = None) -> None:
+                 first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
+                 fixed: str | None = None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
+        # The kernel path: the socket's own conntrack entry names the original destination.
+        self._origin_in_kernel = origin_in_kernel
         self._first = first
         self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
@@ -80,7 +83,7 @@ class DefaultTcp:
         peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
         base = {"client": endpoint(peer), "listener": self._name}
         # Asked alongside the first bytes, so the wait for them hides the round trip.
-        asked = asyncio.ensure_future(self._original(peer, sock))
+        asked = asyncio.ensure_future(self._original(peer, sock, writer))
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
         fixed = self._fixed
@@ -137,7 +140,9 @@ class DefaultTcp:
             await done
         return bool(done)
 
-    async def _original(self, peer, sock) -> tuple[str, int] | None:
+    async def _original(self, peer, sock, writer) -> tuple[str, int] | None:
+        if self._origin_in_kernel:  # a getsockopt: microseconds, no round trip
+            return origin_mod.of_socket(writer.get_extra_info("socket"))
         if self._origin is None:
             return None
         loop = asyncio.get_running_loop()

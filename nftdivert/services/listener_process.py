@@ -191,7 +191,8 @@ def _serve(config: Config, conn, parent: int, origins) -> None:
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
     listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
-                          origin=origin.Client(origins).ask, server_first=config.server_first)
+                          origin=origin.Client(origins).ask, server_first=config.server_first,
+                          origin_in_kernel=config.divert_path == "kernel")
     try:
         listeners.start()
     except OSError as exc:

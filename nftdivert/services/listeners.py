@@ -126,11 +126,12 @@ class Listeners:
     def __init__(self, listeners: tuple[Listener, ...], ipv6: bool = True, resolver: Resolver | None = None,
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
-                 origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig()) -> None:
+                 origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
+                 origin_in_kernel: bool = False) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
-        self._answers = (http, tls, recognize, on_event, origin, server_first)
+        self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel)
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import socket
 import threading
 import time
 from typing import Callable, Protocol
@@ -22,6 +23,9 @@ from typing import Callable, Protocol
 from nftdivert.worker.packet import TCP
 
 ORIGIN_TIMEOUT = 0.5  # seconds a listener waits for its parent's answer
+# getsockopt names (linux/netfilter_ipv4.h, netfilter_ipv6/ip6_tables.h): the
+# original destination of an accepted connection, from its conntrack entry.
+SO_ORIGINAL_DST = 80  # at IPPROTO_IP; IP6T_SO_ORIGINAL_DST is the same number at IPPROTO_IPV6
 
 Endpoint = tuple[str, int]  # (address as text, port)
 Entry = Callable[[int, int, bytes, int, bytes, int], object]  # conntrack.Conntrack.entry
@@ -59,6 +63,25 @@ def original(table: Table | None, entry: Entry | None, client: Endpoint, local: 
         return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, port))
     found = _ask(entry, version, client_b, client[1], local_b, local[1])
     return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, local[1]))
+
+
+def of_socket(sock) -> Endpoint | None:
+    """The kernel path's answer, from the accepted socket itself: no round trip.
+
+    Conntrack finds the entry by the socket's own tuple, which on the kernel
+    path is the entry's reply tuple (the redirect gave the listener's port).
+    On the queue path the worker rewrote the port after conntrack, so only
+    the parent's table knows the route: ask it instead.
+    """
+    try:
+        peer = sock.getpeername()[0]
+        if sock.family == socket.AF_INET6 and not peer.startswith("::ffff:"):
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)  # sockaddr_in6
+            return str(ipaddress.IPv6Address(raw[8:24])), int.from_bytes(raw[2:4], "big")
+        raw = sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, 16)  # sockaddr_in (v4-mapped clients too)
+        return str(ipaddress.IPv4Address(raw[4:8])), int.from_bytes(raw[2:4], "big")
+    except (OSError, ValueError):  # no entry (conntrack not loaded, or gone already)
+        return None
 
 
 def _ask(entry: Entry | None, *args):

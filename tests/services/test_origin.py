@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from nftdivert.services import origin
 from nftdivert.observers.conntrack import ConntrackError, Entry
 from nftdivert.worker.conversations import ConversationTable, RouteKey
 from nftdivert.worker.packet import TCP
 
+REPO = Path(__file__).resolve().parents[2]
 CLIENT, LOCAL, ASKED = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), bytes([203, 0, 113, 9])
 
 
@@ -84,3 +91,43 @@ def test_the_pipe_answers_and_a_silent_parent_is_unknown_within_the_timeout():
     child.close()
     server.join(2)
     server.close()
+
+
+# ---- the kernel path: the accepted socket's own conntrack entry ---------------------------
+
+_REDIRECTED = """
+import json, socket, sys
+from nftdivert.services import origin
+srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.bind(("::", 7001))
+srv.listen(8)
+out = {}
+for family, host in ((socket.AF_INET, "198.51.100.9"), (socket.AF_INET6, "2001:db8::9")):
+    cli = socket.socket(family, socket.SOCK_STREAM)
+    cli.connect((host, 4444))
+    conn, _ = srv.accept()
+    out[host] = origin.of_socket(conn)
+    cli.close()
+    conn.close()
+plain = socket.create_connection(("127.0.0.1", 7001))
+conn, _ = srv.accept()
+out["direct"] = origin.of_socket(conn)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.kernel
+def test_of_socket_names_what_the_client_asked_for_through_the_redirect(host):
+    """`redirect to :7001` (the kernel path's rule), IPv4 through a dual-stack
+    socket and IPv6: conntrack names the address and port asked for, by the
+    socket's own tuple. Not redirected: the listener's own address and port."""
+    host.sh("ip link add d0 type veth peer name d1 && ip link set d1 up && ip link set d0 up && "
+            "ip addr add 10.9.0.1/24 dev d0 && "
+            "ip -6 addr add 2001:db8:9::1/64 dev d0 nodad && ip route add default dev d0 && "
+            "ip -6 route add default dev d0")
+    host.run("nft", "-f", "-", input="table inet t {\n chain o {\n type nat hook output priority -100;\n"
+                                    " tcp dport 4444 redirect to :7001\n }\n}\n")
+    got = json.loads(host.run(sys.executable, "-c", _REDIRECTED, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout)
+    assert got == {"198.51.100.9": ["198.51.100.9", 4444], "2001:db8::9": ["2001:db8::9", 4444],
+                   "direct": ["127.0.0.1", 7001]}, got
