@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                          "both on, compared with the same path quiet (default: no observed row)")
     ap.add_argument("--observe-path", choices=PATHS, default="queue",
                     help="the path of the observed row (default queue)")
+    ap.add_argument("--queue-before", type=float, default=report.QUEUE_PATH_BEFORE,
+                    help="the queue path's connections/s ratio to the kernel before issue 13's queue work, "
+                         "for the goal of 1.5x it (default %(default)s, measured with this benchmark)")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                               "bulk_streams": args.bulk_streams, "paths": list(args.paths),
                               "address_per_worker": args.address_per_worker,
                               "micro_iterations": args.micro_iterations, "micro_reps": args.micro_reps,
+                              "queue_path_before": args.queue_before,
                               "observe": args.observe, "observe_path": args.observe_path if args.observe else None,
                               "seed": seed},
                  "rounds": [], "ok": False}
