@@ -117,8 +117,8 @@ class NftdivertSide:
         return cpu.Processes.of_run(self.proc.pid, LISTEN_PORT)
 
     def counters(self, after_wall: float | None = None) -> dict | None:
-        """The worker's counters from its stats file (written once a second)."""
-        deadline = time.monotonic() + 3
+        """The worker's counters from its stats file (written once a second); None if it has none."""
+        deadline = time.monotonic() + (3 if after_wall else 1)
         while True:
             try:
                 snap = json.loads(self.stats_file.read_text())
@@ -141,9 +141,9 @@ class NftdivertSide:
         text = self.err.read_text(errors="replace")
         if rc != 0:
             raise BenchError(f"nftdivert run exited {rc}:\n{text.strip()}")
-        m = re.search(r"packets seen (\d+), rewritten (\d+), passed (\d+), malformed (\d+), errors (\d+)", text)
-        names = ("seen", "rewritten", "passed", "malformed", "errors")
-        final = dict(zip(names, map(int, m.groups()), strict=True)) if m else {}
+        # "packets seen N, rewritten N, ...; conversations ...": the packet counters, by name.
+        m = re.search(r"packets seen [^;\n]*", text)
+        final = {k: int(v) for k, v in re.findall(r"([a-z]+) (\d+)", m.group(0))} if m else {}
         if final.get("errors"):
             raise BenchError(f"nftdivert counted {final['errors']} packet errors: {m.group(0)}")
         # It must leave nothing behind in the diverter.
