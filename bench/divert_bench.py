@@ -93,7 +93,7 @@ def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
     cpu_before = procs.sample()
     bulk = load.measure_bulk(side.topo, args, rng)
     bulk["cpu_seconds"] = cpu.delta(cpu_before, procs.sample())
-    bulk["cpu_s_per_gb"] = {k: 1e9 * v / bulk["bytes"] for k, v in bulk["cpu_seconds"].items()}
+    bulk["cpu_s_per_gb"] = {k: 1e9 * v / max(1, bulk["bytes"]) for k, v in bulk["cpu_seconds"].items()}
     after = side.counters(after_wall=time.time()) if before else None
     if before and after:
         bulk["queued_packets"] = after["seen"] - before["seen"]
