@@ -101,7 +101,8 @@ def _goals(sides: dict, before: float | None) -> dict:
     if kp:
         for key in ("conn_per_s", "bulk_echo_mb_per_s"):
             r = kp["ratio"][key]
-            goals[f"kernel_path_{key}"] = {"ratio": r, "goal": KERNEL_PATH_GOAL, "met": r is not None and r >= KERNEL_PATH_GOAL}
+            goals[f"kernel_path_{key}"] = {"ratio": r, "goal": KERNEL_PATH_GOAL,
+                                           "met": r is not None and r >= KERNEL_PATH_GOAL}
     qp = sides.get("queue path")
     if qp:
         r = qp["ratio"]["conn_per_s"]
@@ -133,17 +134,21 @@ def print_report(res: dict, rows: dict, args) -> None:
     print(f"\nnftdivert benchmark: {m['cores']} cores ({m['cpu_model'] or '?'}), Linux {m['kernel']} {m['arch']}, "
           f"Python {m['python']}; load average at start {m['load_average_at_start']:.2f}")
     print(f"queue backend: {res.get('backend', '?')} ({res.get('backend_reason', '')})")
-    print(f"{st['rounds']} round{'s' if st['rounds'] != 1 else ''} (ABBA order), {st['seconds']:g}s per phase, mean of rounds; "
+    rounds = f"{st['rounds']} round{'s' if st['rounds'] != 1 else ''}"
+    print(f"{rounds} (ABBA order), {st['seconds']:g}s per phase, mean of rounds; "
           f"{st['workers']} clients connecting at once, {st['bulk_streams']} bulk streams at once\n")
     sides = rows["sides"]
     w = 22
-    print(f"{'row':<{w}} {'conn/s':>9} {'x kernel':>8} {'p50 ms':>7} {'p99 ms':>7} {'bulk MB/s':>10} {'x kernel':>8}")
-    print("-" * (w + 55))
+    print(f"{'':<{w + 56}} {'CPU s per 1,000 conn':>20}")
+    print(f"{'row':<{w}} {'conn/s':>9} {'x kernel':>8} {'p50 ms':>7} {'p99 ms':>7} {'bulk MB/s':>10} {'x kernel':>8} "
+          f"{'worker':>9} {'listener':>10}")
+    print("-" * (w + 76))
     for name, row in sides.items():
-        r = row["ratio"]
+        r, cpu = row["ratio"], row["cpu_s_per_1k_conn"]
         print(f"{name:<{w}} {_fmt('{:,.0f}', row['conn_per_s']):>9} {_fmt('{:.3f}', r['conn_per_s']):>8} "
               f"{_fmt('{:.2f}', row['conn_latency_p50_ms']):>7} {_fmt('{:.2f}', row['conn_latency_p99_ms']):>7} "
-              f"{_fmt('{:,.1f}', row['bulk_echo_mb_per_s']):>10} {_fmt('{:.3f}', r['bulk_echo_mb_per_s']):>8}")
+              f"{_fmt('{:,.1f}', row['bulk_echo_mb_per_s']):>10} {_fmt('{:.3f}', r['bulk_echo_mb_per_s']):>8} "
+              f"{_fmt('{:.3f}', cpu.get('worker')):>9} {_fmt('{:.3f}', cpu.get('listener')):>10}")
     print(f"\nCPU seconds per 1,000 connections (connections phase) and per GB echoed (bulk phase)")
     print(f"{'row':<{w}} " + " ".join(f"{g + ' /1k':>12}" for g in CPU_GROUPS) + "  "
           + " ".join(f"{g + ' /GB':>12}" for g in CPU_GROUPS))
@@ -152,8 +157,8 @@ def print_report(res: dict, rows: dict, args) -> None:
         conn, bulk = row["cpu_s_per_1k_conn"], row["cpu_s_per_gb"]
         print(f"{name:<{w}} " + " ".join(f"{_fmt('{:.3f}', conn.get(g)):>12}" for g in CPU_GROUPS) + "  "
               + " ".join(f"{_fmt('{:.2f}', bulk.get(g)):>12}" for g in CPU_GROUPS))
-    print("worker: `nftdivert run`'s own process (the queue worker and its threads); listener: its listener process, "
-          "or the kernel row's echo server; others: its other children (observer, capture reader)")
+    print("worker: `nftdivert run`'s own process (the queue worker and its threads); listener: its listener "
+          "process,\nor the kernel row's echo server; others: its other children (observer, capture reader)")
     _print_goals(rows["goals"])
     _print_queued(res)
     if "observation" in rows:
