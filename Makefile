@@ -44,8 +44,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml | .cache/apt.stamp
 	$(PY) -c 'import nftables, netfilterqueue'
 	@touch $@
 
+# Everything on the queue path, then the end-to-end suites again on the kernel
+# path (tests/conftest.py: what only one path does is marked and skipped on the other).
+KERNEL_PATH_TESTS ?= tests/e2e tests/lab/test_sandbox.py
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+	NFTDIVERT_TEST_PATH=kernel $(PY) -m pytest $(PYTEST_ARGS) $(KERNEL_PATH_TESTS)
 
 # What needs a stock distribution kernel (its native nft queue statement,
 # which this machine's kernel may lack): the tests marked `vm` (tests/conftest.py

@@ -35,6 +35,19 @@ TABLE_CONFIG_OPTION = click.option("-c", "--config", "config_path", type=click.P
                                    help="Take the table name from this config.")
 
 
+DIVERT_PATH_OPTION = click.option(
+    "--divert-path", type=click.Choice(config_mod.DIVERT_PATHS),
+    help="Override the config's divert_path. queue: the worker rewrites each packet's port (before conntrack, "
+         "at raw priority, on the way back); kernel: the dstnat rule redirects to the listener's port itself, "
+         "and no packet reaches userspace (faster; see the README).")
+
+
+def _with_divert_path(cfg: config_mod.Config, divert_path: str | None) -> config_mod.Config:
+    from dataclasses import replace
+
+    return replace(cfg, divert_path=divert_path) if divert_path else cfg
+
+
 def _table_name(table: str, config_path: str | None) -> str:
     return _config(config_path).table if config_path else table
 
@@ -71,9 +84,10 @@ def cli() -> None:
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--backend", type=click.Choice(["nft", "xt"]),
               help="Render for this queue backend. Default: the config's; `auto` renders the native nft form.")
+@DIVERT_PATH_OPTION
 @click.option("--after-stop", is_flag=True,
               help="Render what a clean stop of `nftdivert run` leaves loaded: the containment chain alone.")
-def render(config_path: str | None, backend: str | None, after_stop: bool) -> None:
+def render(config_path: str | None, backend: str | None, divert_path: str | None, after_stop: bool) -> None:
     """Print the full ruleset on stdout, byte-for-byte deterministic.
 
     Nothing is asked of the kernel, so the output depends only on the config:
@@ -84,7 +98,7 @@ def render(config_path: str | None, backend: str | None, after_stop: bool) -> No
     """
     from nftdivert.ruleset import model, render as render_mod
 
-    cfg = _config(config_path, kernel=False)
+    cfg = _with_divert_path(_config(config_path, kernel=False), divert_path)
     if not after_stop:
         click.echo(render_mod.render_for(cfg, backend), nl=False)
         return
@@ -208,7 +222,8 @@ def status(table: str, config_path: str | None) -> None:
         click.echo(f"table inet {table}: contained, no worker (forwarded traffic is dropped; "
                    "nothing is diverted; `nftdivert remove` takes it away)")
     else:
-        click.echo(f"table inet {table}: loaded, queue backend {st.backend}")
+        click.echo(f"table inet {table}: loaded, " + ("kernel path (nothing queued)" if st.kernel_path
+                                                       else f"queue backend {st.backend}"))
     click.echo(f"  {'chain':<18} {'hook':<11} {'priority':>8} {'packets':>12}")
     for ch in st.chains:
         click.echo(f"  {ch.name:<18} {ch.hook:<11} {ch.priority:>8} {ch.packets:>12}")
@@ -239,6 +254,7 @@ def _diverter_options(func):
     """The options `run` and `sandbox` share: config, capture, conversation log."""
     for option in reversed((
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+        DIVERT_PATH_OPTION,
         click.option("-w", "--write", "pcap", type=click.Path(dir_okay=False),
                      help="Capture what the clients send and get, as they see it (original addresses, "
                           "each packet once; DNS, ICMP and bound ports too), to this pcap file (raw IP)."),
@@ -256,10 +272,10 @@ def _diverter_options(func):
 
 
 def _diverter_config(config_path: str | None, log_target: str | None, log_format: str | None,
-                     pcap_rewritten: str | None = None) -> config_mod.Config:
+                     pcap_rewritten: str | None = None, divert_path: str | None = None) -> config_mod.Config:
     from dataclasses import replace
 
-    cfg = _config(config_path)
+    cfg = _with_divert_path(_config(config_path), divert_path)
     overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format),
                                    ("pcap_rewritten", pcap_rewritten)) if v is not None}
     return replace(cfg, worker=replace(cfg.worker, **overrides)) if overrides else cfg
@@ -267,8 +283,8 @@ def _diverter_config(config_path: str | None, log_target: str | None, log_format
 
 @cli.command()
 @_diverter_options
-def run(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
-        log_format: str | None, summary: str | None) -> None:
+def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap_rewritten: str | None,
+        log_target: str | None, log_format: str | None, summary: str | None) -> None:
     """Divert: apply the ruleset, run the queue worker and the listeners until stopped.
 
     Every conversation to an unbound port on any address reaches the default
@@ -288,7 +304,7 @@ def run(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, l
     """
     from nftdivert import runner
 
-    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
+    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
     _root_nft("run")
     final = runner.run(cfg, pcap_path=pcap, summary_path=summary)
     if final:
@@ -315,8 +331,9 @@ def _timeout(value: str | None) -> float | None:
 @click.option("--timeout", "timeout", metavar="SECONDS",
               help="End the sandbox this long after CMD started, whatever still runs (exit status 124).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | None, log_target: str | None,
-            log_format: str | None, summary: str | None, timeout: str | None, command: tuple[str, ...]) -> None:
+def sandbox(config_path: str | None, divert_path: str | None, pcap: str | None, pcap_rewritten: str | None,
+            log_target: str | None, log_format: str | None, summary: str | None, timeout: str | None,
+            command: tuple[str, ...]) -> None:
     """Run CMD with all of its traffic answered locally; nothing leaks out.
 
     CMD runs as you (the user behind sudo) in a network namespace of its
@@ -341,7 +358,7 @@ def sandbox(config_path: str | None, pcap: str | None, pcap_rewritten: str | Non
     from nftdivert.lab import sandbox as sandbox_mod
 
     seconds = _timeout(timeout)
-    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten)
+    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
     status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds, summary=summary)
     raise SystemExit(status)
 

@@ -26,6 +26,9 @@ PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
 LISTENER_KINDS = ("echo", "dns", "external", *PROTOCOL_KINDS)
 LOG_FORMATS = ("auto", "json", "text")
 AFTER_STOP = ("keep", "remove")
+# queue: the worker rewrites every packet of a diverted conversation (the
+# -300 story); kernel: the dstnat rule rewrites the port itself.
+DIVERT_PATHS = ("queue", "kernel")
 
 # A config or ruleset larger than this is refused unread: no real one comes
 # near it, and reading without a bound lets `-c /dev/zero` eat all memory.
@@ -153,6 +156,10 @@ class QueueConfig:
     # xt backend only: the nft table marks packets for the iptables-nft queue
     # rules with this bit, because those rules cannot see the table's sets.
     mark: int = 0x00D10000
+    # The ruleset sets this conntrack mark bit on each conversation it queues,
+    # so the rest of it reaches the worker (and its listener) even when a
+    # service binds its port later.
+    ct_mark: int = 0x00400000
     # Admission: new conversations per second from one client address (per
     # family) that may enter the incoming queue; the rest are dropped before
     # it, counted, and retransmitted by the client. A flood from one client
@@ -179,6 +186,9 @@ class QueueConfig:
         _check_type(f"{key}.mark", self.mark, int, "an integer bit mask")
         if not 0 < self.mark <= 0xFFFFFFFF:
             raise ConfigError(f"{key}.mark", self.mark, "must be a non-zero 32-bit mask")
+        _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
+        if not 0 < self.ct_mark <= 0xFFFFFFFF:
+            raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
 
 
 @dataclass(frozen=True)
@@ -454,6 +464,11 @@ DEFAULT_LISTENERS = (
 class Config:
     mode: str = "gateway"
     table: str = "nftdivert"
+    # How an unbound port reaches its default listener: "queue" (the worker
+    # rewrites each packet's port, before conntrack on the way back) or
+    # "kernel" (the dstnat rule redirects to the listener's port; conntrack
+    # un-NATs the replies; no packet reaches userspace).
+    divert_path: str = "queue"
     ipv4: bool = True
     ipv6: bool = True
     # Empty: every interface. Gateway mode answers only for traffic arriving here.
@@ -479,6 +494,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
+        _check_choice("divert_path", self.divert_path, DIVERT_PATHS)
         check_table_name("table", self.table)
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
@@ -496,6 +512,12 @@ class Config:
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
         self._validate_listeners()
+        if self.queue.ct_mark & self.worker.ct_mark:
+            raise ConfigError("queue.ct_mark", self.queue.ct_mark,
+                              f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
+        if self.divert_path == "kernel" and self.worker.pcap_rewritten:
+            raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
+                              'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')
 
     def _validate_listeners(self) -> None:
         names: set[str] = set()

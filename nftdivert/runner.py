@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Callable, TextIO
 
 from nftdivert.observers import bound
 from nftdivert.services import origin
-from nftdivert.ruleset import engine, owner
+from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import PROTOCOL_KINDS, Config
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
@@ -37,6 +38,10 @@ from nftdivert.observers.observation import Observation
 from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
+# How often the sets of bound ports follow the host's sockets: a service that
+# binds after the start gets its own new conversations within this.
+BOUND_REFRESH = 0.25  # seconds
+SERVING_RENEW = 1.0  # seconds; the kernel path's fail-closed set (model.SERVING_TIMEOUT)
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program",
                **{kind: f"built-in {kind.upper()}" for kind in PROTOCOL_KINDS}}
 
@@ -48,25 +53,56 @@ def stats_path(table: str) -> Path:
 
 class _BoundPorts:
     """The host's bound ports, as the worker and the kernel sets both see
-    them, and its own unicast addresses."""
+    them, and its own unicast addresses (with the one `redirect` gives each
+    interface, which the kernel path's sets are keyed by)."""
 
-    def __init__(self, nft: Nft, table: str) -> None:
-        self.nft, self.table = nft, table
+    def __init__(self, nft: Nft, rs: model.Ruleset) -> None:
+        self.nft, self.rs = nft, rs
         self.ports = bound.read()
-        self.addresses = bound.local_addresses()
+        self.addresses = bound.addresses()
 
     def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
         return self.ports.is_bound(protocol, address, port)
 
     def is_local(self, address: bytes) -> bool:
-        return address in self.addresses
+        return address in self.addresses.local
 
-    def refresh(self) -> None:
-        self.addresses = bound.local_addresses()
-        now = bound.read()
-        if now != self.ports:
+    def refresh(self, serving: bool = False) -> None:
+        """Mirror what changed into the table's sets; `serving`: renew the fail-closed set too."""
+        addresses, now = bound.addresses(), bound.read()
+        changed = now != self.ports or (self.rs.kernel_path and addresses.redirect_to != self.addresses.redirect_to)
+        self.addresses = addresses
+        text = ""
+        if changed:
             self.ports = now
-            self.nft.run(bound.set_commands(self.table, now), source="bound ports")
+            text = engine.runtime_set_commands(self.rs, now, addresses)
+        if serving and self.rs.kernel_path and self.rs.fail_closed:
+            text += bound.serving_commands(self.rs.table)
+        if text:
+            self.nft.run(text, source="bound ports")
+
+
+class _KernelPath:
+    """The kernel path's main loop: no packet to pump, only the tick, until stop()."""
+
+    def __init__(self, tick: Callable[[float], None], tick_seconds: float) -> None:
+        self.tick, self.tick_seconds = tick, tick_seconds
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_w, False)
+
+    def stop(self) -> None:
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:  # full (a stop is pending anyway) or already closed
+            pass
+
+    def run(self) -> None:
+        while not select.select([self._stop_r], [], [], self.tick_seconds)[0]:
+            self.tick(time.monotonic())
+
+    def close(self) -> None:
+        for fd in (self._stop_r, self._stop_w):
+            os.close(fd)
 
 
 def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
@@ -166,28 +202,42 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         listeners.on_recycled = log.dns_recycled
         listeners.on_event = log.event
 
-        ports = _BoundPorts(nft, config.table)
+        rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
+        ports = _BoundPorts(nft, rs)
         observer = seen.start(config, stack, log, listeners.name_for)
-        fixup = build_fixup(config, ports.is_bound, is_local=ports.is_local, resolve=_conntrack_lookup(stack))
-        # The listener's origin questions: the table, and conntrack on a socket of their own.
-        listeners.answer_origins(partial(origin.original, fixup.table, _conntrack_lookup(stack)))
+        fixup = None if rs.kernel_path else build_fixup(config, ports.is_bound, is_local=ports.is_local,
+                                                         resolve=_conntrack_lookup(stack))
+        # The listener's origin questions: the worker's table (queue path), and
+        # conntrack on a socket of their own (on the kernel path it knows everything).
+        listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
         warned = False
+        due = {"stats": 0.0, "serving": 0.0}
 
         def warn_once() -> None:
             nonlocal warned
-            if fixup.counters.dropped and not warned:
+            if fixup is not None and fixup.counters.dropped and not warned:
                 warned = True
                 _say(f"warning: dropped a packet larger than the queue copies ({QUEUE_COPY_LIMIT} bytes): it cannot "
                      "be rewritten; such packets are counted as 'dropped' and not reported again")
 
-        def tick(_now: float) -> None:
+        def snapshot() -> dict:
+            if fixup is None:
+                return _kernel_snapshot(engine.diverted(config.table, nft), listeners, log, observer)
+            return _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
+
+        def tick(now: float) -> None:
+            renew = now >= due["serving"]
             try:
-                ports.refresh()
+                ports.refresh(serving=renew)
+                if renew:
+                    due["serving"] = now + SERVING_RENEW
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
-            _write_stats(statsfile, _snapshot(worker, listeners, log, observer, _admission(config.table, nft)))
+            if now >= due["stats"]:
+                due["stats"] = now + 0.9  # about once a second, whatever the tick
+                _write_stats(statsfile, snapshot())
             stopped = capture.failed() if capture is not None else None
             if stopped:  # stop rather than divert uncaptured
                 raise NftDivertError(stopped)
@@ -197,27 +247,34 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
                 except OSError as exc:  # disk full, EIO: stop rather than divert uncaptured
                     raise _capture_failed(pcap_path, exc) from None
 
-        worker = Worker(config, fixup, pcap=pcap, tick=tick)
-        worker.bind()
-        stack.callback(worker.close)
+        if fixup is None:
+            pump = _KernelPath(tick, BOUND_REFRESH)
+        else:
+            pump = Worker(config, fixup, pcap=pcap, tick=tick, tick_seconds=2 * BOUND_REFRESH)
+            pump.bind()
+        stack.callback(pump.close)
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
-        applied = engine.apply(config, nft, claim)
-        _say(f"table inet {applied.table} applied; queue backend {applied.backend} ({applied.reason})")
+        applied = engine.apply(config, nft, claim, serving=True)
+        due["serving"] = time.monotonic() + SERVING_RENEW
+        if rs.kernel_path:
+            _say(f"table inet {applied.table} applied; divert path kernel ({applied.reason})")
+        else:
+            _say(f"table inet {applied.table} applied; queue backend {applied.backend} ({applied.reason})")
         _say(f"mode {config.mode}; diverting unbound ports; Ctrl-C or SIGTERM stops, "
              + ("and containment stays until `nftdivert remove`" if applied.ruleset.contain_after_stop
                 else "and removes everything"))
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: worker.stop())
-        _write_stats(statsfile, _snapshot(worker, listeners, log, observer, _admission(config.table, nft)))
+            signal.signal(sig, lambda *_: pump.stop())
+        _write_stats(statsfile, snapshot())
         if on_ready is not None:
             on_ready()
-        worker.run()
+        pump.run()
         warn_once()
-        _say("stopping: removing the ruleset, unbinding the queues")
-        final = _snapshot(worker, listeners, log, observer, _admission(config.table, nft))  # the table is still loaded
+        _say("stopping: removing the ruleset" + ("" if rs.kernel_path else ", unbinding the queues"))
+        final = snapshot()  # the table is still loaded
     return final
 
 
@@ -301,6 +358,18 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
     }
 
 
+def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: ConversationLog, observer) -> dict:
+    return {
+        "pid": os.getpid(),
+        "updated": time.time(),
+        "path": "kernel",
+        "diverted": diverted,
+        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
+                "events_lost": observer.lost},
+        "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+    }
+
+
 def _write_stats(path: Path, snapshot: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +392,11 @@ def read_stats(table: str) -> dict | None:
 
 
 def summary(snap: dict) -> str:
+    if snap.get("path") == "kernel":
+        lg, d = snap["log"], snap.get("diverted", {})
+        return (f"kernel path: new conversations redirected to the default listeners: tcp {d.get('tcp', 0)}, "
+                f"udp {d.get('udp', 0)}; log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
+                f"conntrack event overruns {lg.get('events_lost', 0)}")
     p, c, lg = snap["packets"], snap["conversations"], snap["log"]
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
             f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "

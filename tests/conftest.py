@@ -13,6 +13,10 @@ is marked `load` or `slow` (under emulation a load test only stresses qemu) or
 worker's logic, ownership, containment, DNS; the host covers it). Other tests
 join by a `vm` mark of their own (the kernel's read-back of native rulesets).
 So a new end-to-end test runs in the VM unless it says why not.
+
+Divert path: the end-to-end suites run on the queue path, and `make test`
+runs them again on the kernel path (NFTDIVERT_TEST_PATH=kernel). A test of
+what only one path does is marked `queue_path` or `kernel_path`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import unprivileged  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 MARKERS = {
+    "queue_path": "proves what only the queue path does (the worker, its queues): skipped on the kernel path",
+    "kernel_path": "proves what only the kernel path does: skipped on the queue path",
     "vm": "needs a stock kernel's native nft queue: runs in the VM tier (make test-kernel)",
     "any_backend": "end to end, but the same code on both queue backends: the host tier covers it, not the VM",
     "load": "an end-to-end load test: stays on the host, out of the VM tier",
@@ -50,9 +56,15 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(config, items):
+    import lab
+
     for item in items:
         if item.path.name.startswith("test_e2e") and not {"load", "slow", "any_backend"} & set(item.keywords):
             item.add_marker(pytest.mark.vm)
+        other = "queue_path" if lab.KERNEL_PATH else "kernel_path"
+        if item.get_closest_marker(other):  # a marker, not a keyword: a parameter id may be "kernel_path"
+            item.add_marker(pytest.mark.skip(reason=f"{other.replace('_', ' ')} only; "
+                                                    f"this run is on the {lab.DIVERT_PATH} path"))
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root: network namespaces and nftables")

@@ -44,6 +44,10 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 LAB_PY = str(Path(__file__).resolve())
 BACKEND = os.environ.get("NFTDIVERT_TEST_BACKEND", "auto")
+# Which divert path the end-to-end suites run on: `make test` runs them on both.
+DIVERT_PATH = os.environ.get("NFTDIVERT_TEST_PATH", "queue")
+DIVERT_PATH_LINE = f'divert_path = "{DIVERT_PATH}"\n'
+KERNEL_PATH = DIVERT_PATH == "kernel"
 TABLE = "nftdivert"
 QUEUES = (0, 1)
 LISTENER_PORT = 1337
@@ -158,6 +162,7 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
+        f'divert_path = "{DIVERT_PATH}"',
         *([f'containment_after_stop = "{after_stop}"'] if after_stop != "keep" else []),
         "",
         "[queue]",
@@ -196,6 +201,8 @@ def active_backend(ns, table: str = TABLE) -> str | None:
     objects = nft_json(ns, "list", "table", "inet", table)
     if not objects:
         return None
+    if any(o.get("chain", {}).get("name") == "redirect_from_clients" for o in objects):
+        return "none"  # the kernel path queues nothing
     native = any("queue" in expr for o in objects if "rule" in o for expr in o["rule"]["expr"])
     return "nft" if native else "xt"
 
@@ -293,7 +300,7 @@ class Diverter:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nftdivert run exited {self.proc.returncode} while starting\n"
                                      f"stderr:\n{self.stderr()}")
-            if "applied; queue backend" not in self.stderr():
+            if not re.search(r"table inet \S+ applied; (queue backend|divert path)", self.stderr()):
                 return False
             handle = table_handle(self.ns)
             return (handle is not None and handle != stale
@@ -334,8 +341,10 @@ class Diverter:
             assert_clean(self.ns)
         err = self.stderr()
         assert "Traceback" not in err, err
-        # The final counters: every packet got its verdict without an error.
-        assert re.search(r"malformed \d+, dropped \d+, errors 0;", err), f"the worker counted errors:\n{err}"
+        if KERNEL_PATH:  # no worker: the final counters are the kernel's and the log's
+            assert re.search(r"kernel path: new conversations .*, failed 0\)", err), err
+        else:  # the final counters: every packet got its verdict without an error
+            assert re.search(r"malformed \d+, dropped \d+, errors 0;", err), f"the worker counted errors:\n{err}"
 
     def kill(self) -> None:
         """kill -9: no cleanup at all (the table and xt rules stay)."""
@@ -595,6 +604,12 @@ def serve_udp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     return proc
 
 
+def set_elements(ns, name: str, table: str = TABLE) -> list:
+    """The elements of one of the table's sets, as `nft -j` gives them ([] without the set)."""
+    sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", table, name) if "set" in o]
+    return sets[0].get("elem", []) if sets else []
+
+
 def bound_elements(ns, proto: str, version: int) -> set[tuple[str, int]]:
     """The kernel's bound_<proto>_v<version> set as (address or prefix, port) pairs."""
     sets = [o["set"] for o in nft_json(ns, "list", "set", "inet", TABLE, f"bound_{proto}_v{version}") if "set" in o]
@@ -663,6 +678,34 @@ def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
         sock.close()
     res["seconds"] = time.monotonic() - start
     return res
+
+
+def cmd_hold(host: str, port: int, timeout: float) -> None:
+    """One TCP conversation kept open: each line on stdin is sent, and what
+    comes back is printed as one JSON line, until stdin ends."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        print(json.dumps({"ok": True, "local": _endpoint(sock.getsockname())}), flush=True)
+        for line in sys.stdin:
+            data = line.strip().encode()
+            sock.sendall(data)
+            got = b""
+            while len(got) < len(data) and (chunk := sock.recv(65536)):
+                got += chunk
+            print(json.dumps({"sent": line.strip(), "reply": got.decode(errors="replace")}), flush=True)
+
+
+def cmd_until_reply(host: str, port: int, want: str, timeout: float) -> dict:
+    """New TCP conversations to host:port, one every 20 ms, until one is
+    answered with `want`: how long that took, and what came before."""
+    start, seen = time.monotonic(), []
+    while time.monotonic() - start < timeout:
+        r = cmd_tcp(host, port, "probe", 0.5)
+        if r.get("reply") == want:
+            return {"ok": True, "seconds": time.monotonic() - start, "attempts": len(seen) + 1,
+                    "before": sorted({x.get("reply", x.get("error", "")) for x in seen})}
+        seen.append(r)
+        time.sleep(0.02)
+    return {"ok": False, "seconds": time.monotonic() - start, "attempts": len(seen), "last": seen[-1:]}
 
 
 def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 0, a=None) -> dict:
@@ -989,6 +1032,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sport", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5)
     p.add_argument("--one-by-one", action="store_true")
+    p = sub.add_parser("hold")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--timeout", type=float, default=5)
+    p = sub.add_parser("until-reply")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("want")
+    p.add_argument("--timeout", type=float, default=10)
     p = sub.add_parser("synflood")
     p.add_argument("src")
     p.add_argument("net")
@@ -1014,6 +1066,11 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
     elif a.cmd == "fan-out":
         out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
+    elif a.cmd == "hold":
+        cmd_hold(a.host, a.port, a.timeout)
+        return
+    elif a.cmd == "until-reply":
+        out = cmd_until_reply(a.host, a.port, a.want, a.timeout)
     elif a.cmd == "synflood":
         out = cmd_synflood(a.src, a.net, a.count, a.seconds)
     elif a.cmd == "udpscan":

@@ -38,8 +38,11 @@ _MSG_SIZE = 72
 _ATTR = struct.Struct("=HH")
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 _RTM_GETADDR = 22
-_IFADDRMSG = struct.Struct("=B7x")  # ifaddrmsg: family, then prefix length, flags, scope, index
-_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_IFADDRMSG = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefix length, flags, scope, index
+_IFA_ADDRESS, _IFA_LOCAL, _IFA_FLAGS = 1, 2, 8
+_IFA_F_SECONDARY, _IFA_F_OPTIMISTIC, _IFA_F_TENTATIVE = 0x01, 0x04, 0x40
+_RT_SCOPE_UNIVERSE = 0
+LOOPBACK = {4: bytes([127, 0, 0, 1]), 6: bytes(15) + b"\1"}  # where `redirect` sends local traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +132,44 @@ def sockets() -> list[Listening]:
                 for s in _dump(sock, family, protocol, states) if s.port]
 
 
-def local_addresses() -> frozenset[bytes]:
-    """This namespace's own unicast addresses, both families. A conversation to
-    any other address of ours (a broadcast, multicast or anycast one) is
-    answered from one of these, chosen by the kernel."""
-    found = set()
+@dataclass(frozen=True)
+class Addresses:
+    """This namespace's own unicast addresses, both families, and the one
+    `redirect` gives a conversation arriving on each interface."""
+
+    local: frozenset[bytes]
+    redirect_to: frozenset[tuple[int, int, bytes]]  # (IP version, interface index, address)
+
+
+def addresses() -> Addresses:
+    """A conversation to any other address of ours (a broadcast, multicast or
+    anycast one) is answered from one of `local`, chosen by the kernel.
+
+    `redirect` on the prerouting hook takes the incoming interface's primary
+    IPv4 address, or its first usable global IPv6 address, in the order the
+    kernel keeps (and dumps) them."""
+    found, redirect_to = set(), {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC)):
+        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            family, _plen, flags, scope, index = _IFADDRMSG.unpack_from(body)
             attrs = _attributes(body, _IFADDRMSG.size)
             # IPv4 names its own address IFA_LOCAL (IFA_ADDRESS may be a peer's); IPv6 only IFA_ADDRESS.
             address = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-            if address:
-                found.add(address)
-    return frozenset(found)
+            if not address:
+                continue
+            found.add(address)
+            if _IFA_FLAGS in attrs:
+                flags = struct.unpack_from("=I", attrs[_IFA_FLAGS])[0]
+            version = 4 if family == socket.AF_INET else 6
+            usable = (not flags & _IFA_F_SECONDARY if version == 4 else
+                      scope == _RT_SCOPE_UNIVERSE and not (flags & _IFA_F_TENTATIVE and not flags & _IFA_F_OPTIMISTIC))
+            if usable:
+                redirect_to.setdefault((version, index), address)
+    return Addresses(frozenset(found), frozenset((v, i, a) for (v, i), a in redirect_to.items()))
+
+
+def local_addresses() -> frozenset[bytes]:
+    return addresses().local
 
 
 def read() -> BoundPorts:
@@ -156,6 +184,49 @@ def _element(version: int, address: bytes, port: int) -> str:
     if address == ANY:
         return f"{'0.0.0.0/0' if version == 4 else '::/0'} . {port}"
     return f"{ipaddress.ip_address(address)} . {port}"
+
+
+_FAMILY = {4: "ipv4", 6: "ipv6"}
+_PROTO = {TCP: "tcp", UDP: "udp"}
+
+
+def on_interface(ports: BoundPorts, redirect_to: Iterable[tuple[int, int, bytes]]) -> list[str]:
+    """Kernel path, gateway: `nf_proto . iface_index . inet_proto . inet_service`
+    elements for ports bound on the address `redirect` gives each interface.
+    Wildcard sockets are left out: the ruleset's `socket` expression finds them."""
+    return [f"{_FAMILY[version]} . {index} . {_PROTO[protocol]} . {port}"
+            for version, index, address in sorted(redirect_to)
+            for protocol in (TCP, UDP)
+            for port in sorted(p for a, p in ports.entries.get((protocol, version), ()) if a == address)]
+
+
+def on_loopback(ports: BoundPorts) -> list[str]:
+    """Kernel path, local mode: `nf_proto . inet_proto . inet_service` elements
+    for ports bound on 127.0.0.1 / ::1 (where `redirect` sends local traffic) or everywhere."""
+    return [f"{_FAMILY[version]} . {_PROTO[protocol]} . {port}"
+            for version in (4, 6) for protocol in (TCP, UDP)
+            for port in sorted({p for a, p in ports.entries.get((protocol, version), ())
+                                if a in (ANY, LOOPBACK[version])})]
+
+
+def _fill(name: str, elements: list[str]) -> list[str]:
+    return [f"flush set {name}"] + ([f"add element {name} {{ {', '.join(elements)} }}"] if elements else [])
+
+
+def kernel_path_commands(table: str, ports: BoundPorts, redirect_to: Iterable[tuple[int, int, bytes]], *,
+                         gateway: bool, local: bool) -> str:
+    """nft commands that make the kernel path's sets say `ports` (those the ruleset has)."""
+    lines = []
+    if gateway:
+        lines += _fill(f"inet {table} bound_on_interface", on_interface(ports, redirect_to))
+    if local:
+        lines += _fill(f"inet {table} bound_on_loopback", on_loopback(ports))
+    return "".join(line + "\n" for line in lines)
+
+
+def serving_commands(table: str) -> str:
+    """Renew the kernel path's fail-closed elements (their timeout starts again)."""
+    return "".join(line + "\n" for line in _fill(f"inet {table} serving", ["ipv4", "ipv6"]))
 
 
 def set_commands(table: str, ports: BoundPorts) -> str:

@@ -27,7 +27,7 @@ class Applied:
 
 
 def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
-    return backends.select(config.queue.backend, nft)
+    return backends.select(config.queue.backend, nft, config.divert_path)
 
 
 def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> None:
@@ -56,13 +56,14 @@ def check(config: Config, nft: Nft | None) -> tuple[str, str]:
     return name, reason
 
 
-def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied:
+def apply(config: Config, nft: Nft, claim: owner.Claim | None = None, serving: bool = False) -> Applied:
     """Replace nftdivert's table in one transaction, then the backend's extras.
 
     The rendered text starts with `table; delete table; table {...}`, so the
     kernel swaps old for new atomically; if it refuses, the old table stays.
     `claim`: the run that owns the table. Without one, a table a live run
-    owns is only loaded again with that run's own ruleset.
+    owns is only loaded again with that run's own ruleset. `serving`: a run
+    serves the default listeners from now on (the kernel path's fail-closed set).
     """
     backend, reason = backend_for(config, nft)
     rs = model.build(config, backend.name)
@@ -73,7 +74,7 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied
         claim.record(text)
     previous = nft.list_table(rs.table, stateless=False)
     previous_xt = _xt_rules_if_readable(rs.table, nft)
-    nft.run(text + bound.set_commands(rs.table, bound.read()))
+    nft.run(text + runtime_set_commands(rs, bound.read(), bound.addresses(), serving))
     try:
         backend.install(rs)
         # A table of ours from another backend leaves its rules behind otherwise.
@@ -83,6 +84,18 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None) -> Applied
     except (NftDivertError, OSError) as exc:
         raise _take_back(rs.table, previous, previous_xt, nft, exc) from None
     return Applied(rs.table, backend.name, reason, rs)
+
+
+def runtime_set_commands(rs: model.Ruleset, ports: bound.BoundPorts, addresses: bound.Addresses,
+                         serving: bool = False) -> str:
+    """What fills the sets `run` keeps fresh: the bound ports and, on the kernel path,
+    where they are bound as its rules ask, and the fail-closed set."""
+    text = bound.set_commands(rs.table, ports)
+    if rs.kernel_path:
+        text += bound.kernel_path_commands(rs.table, ports, addresses.redirect_to, gateway=rs.gateway, local=rs.local)
+        if serving and rs.fail_closed:
+            text += bound.serving_commands(rs.table)
+    return text
 
 
 def _xt_rules_if_readable(table: str, nft: Nft) -> list[str] | None:
@@ -151,7 +164,7 @@ def after_stop(config: Config, nft: Nft) -> bool:
 
 # The bound-port and admission sets change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\tset (?:bound|admit)_(?:tcp|udp)_v[46] \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\tset (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:
@@ -214,7 +227,12 @@ class Status:
     def contained(self) -> bool:
         """Only the containment chain: what a clean stop leaves (no worker, nothing diverted)."""
         names = {c.name for c in self.chains}
-        return "contain" in names and "divert_incoming" not in names
+        return "contain" in names and not names & {"answer_for_all", "answer_for_self"}
+
+    @property
+    def kernel_path(self) -> bool:
+        """The dstnat rules redirect to the default listeners themselves; nothing is queued."""
+        return bool({c.name for c in self.chains} & {"redirect_from_clients", "redirect_from_self"})
 
 
 def status(table: str, nft: Nft) -> Status:
@@ -238,15 +256,19 @@ def status(table: str, nft: Nft) -> Status:
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
-        xt_rules=xt, sets=sets, admission=_admission(objects))
+        xt_rules=xt, sets=sets, admission=_named_counters(objects))
 
 
-def _admission(objects: list[dict]) -> dict[str, int]:
-    prefix = "admission_"
+def _named_counters(objects: list[dict], prefix: str = "admission_") -> dict[str, int]:
     return {o["counter"]["name"][len(prefix):]: o["counter"]["packets"]
             for o in objects if "counter" in o and o["counter"]["name"].startswith(prefix)}
 
 
 def admission_drops(table: str, nft: Nft) -> dict[str, int]:
     """protocol -> new conversations dropped by admission control so far ({} without the table)."""
-    return _admission(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}))
+    return _named_counters(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}))
+
+
+def diverted(table: str, nft: Nft) -> dict[str, int]:
+    """Kernel path: protocol -> new conversations its rules redirected to the default listener."""
+    return _named_counters(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}), "diverted_")

@@ -18,12 +18,17 @@ QUEUE_COPY_LIMIT = 4016
 DIVERTED_MSS = QUEUE_COPY_LIMIT - 40 - 60
 
 BACKENDS = ("nft", "xt")
+# The kernel path queues nothing, so it has no queue backend.
+NO_BACKEND = "none"
+# Fail closed on the kernel path: `run` renews the `serving` set's elements
+# every second; this long after the last renewal they are gone.
+SERVING_TIMEOUT = 4
 
 
 @dataclass(frozen=True)
 class Ruleset:
     table: str
-    backend: str  # "nft": native queue statement; "xt": mark here, queue in iptables-nft
+    backend: str  # "nft": native queue statement; "xt": mark here, queue in iptables-nft; "none": kernel path
     ipv4: bool
     ipv6: bool
     gateway: bool
@@ -35,6 +40,7 @@ class Ruleset:
     bypass: bool
     mark: int
     ct_mark: int  # on every conversation the redirect answers: what the conversation log reads
+    queued_ct_mark: int  # queue path: on every conversation queued, so all of it stays queued
     default_tcp_port: int | None
     default_udp_port: int | None
     leave_alone_tcp_ports: tuple[str, ...]
@@ -51,14 +57,30 @@ class Ruleset:
     capture_group: int | None = None
     # Admission: protocol -> new conversations per second per client address (0: no limit).
     admit: tuple[tuple[str, int], ...] = ()
+    # The kernel path: the dstnat rules redirect unbound ports to the default
+    # listeners themselves; nothing is queued (see the template).
+    kernel_path: bool = False
+    serving_timeout: int = SERVING_TIMEOUT
 
     @property
     def admission(self) -> tuple[tuple[str, int, int], ...]:
         """(protocol, rate, burst) of each limited protocol. The burst, half a
         second's worth, lets a scanner's batch through without filling the queue.
         A protocol without a default listener is never queued, so never limited."""
+        if self.kernel_path:
+            return ()  # admission protects the queue; the kernel path has none
         queued = {"tcp": self.default_tcp_port is not None, "udp": self.default_udp_port is not None}
         return tuple((proto, rate, max(rate // 2, 1)) for proto, rate in self.admit if rate and queued[proto])
+
+    @property
+    def default_ports(self) -> tuple[tuple[str, int], ...]:
+        """(protocol, port) of each default listener."""
+        return tuple((proto, port) for proto, port in (("tcp", self.default_tcp_port), ("udp", self.default_udp_port))
+                     if port is not None)
+
+    @property
+    def fail_closed(self) -> bool:
+        return not self.bypass
 
     @property
     def mark_hex(self) -> str:
@@ -67,6 +89,10 @@ class Ruleset:
     @property
     def ct_mark_hex(self) -> str:
         return f"0x{self.ct_mark:x}"
+
+    @property
+    def queued_ct_mark_hex(self) -> str:
+        return f"0x{self.queued_ct_mark:x}"
 
     @property
     def unmark_hex(self) -> str:
@@ -101,9 +127,12 @@ def _ids(values: tuple[str | int, ...]) -> tuple[str, ...]:
 
 
 def build(config: Config, backend: str) -> Ruleset:
-    """The ruleset for `config` with a concrete queue backend ("nft" or "xt")."""
-    if backend not in BACKENDS:
+    """The ruleset for `config` with a concrete queue backend ("nft" or "xt");
+    the kernel path has none, whatever `backend` says."""
+    if backend not in (*BACKENDS, NO_BACKEND):
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if config.divert_path == "kernel":
+        backend = NO_BACKEND
     la = config.leave_alone
     tcp = config.default_listener("tcp")
     udp = config.default_listener("udp")
@@ -123,6 +152,7 @@ def build(config: Config, backend: str) -> Ruleset:
         bypass=config.queue.fail == "open",
         mark=config.queue.mark,
         ct_mark=config.worker.ct_mark,
+        queued_ct_mark=config.queue.ct_mark,
         default_tcp_port=tcp.port if tcp else None,
         default_udp_port=udp.port if udp else None,
         leave_alone_tcp_ports=_ports(la.tcp_ports),
@@ -137,4 +167,5 @@ def build(config: Config, backend: str) -> Ruleset:
         contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
         capture_group=config.worker.pcap_group if config.worker.pcap else None,
         admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
+        kernel_path=config.divert_path == "kernel",
     )

@@ -146,7 +146,7 @@ def run(tmp_path_factory):
     os.chmod(work, 0o755)
     state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
     config = work / "sandbox.toml"
-    config.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
+    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
                       f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n'
                       f'uploads_dir = "{work / "uploads"}"\n' + LISTENERS)
     (work / "other-ca.pem").write_bytes(certs.ensure_ca(work / "other").pem)  # a CA curl trusts instead

@@ -35,7 +35,7 @@ def config() -> str:
                  ("dns", "udp", 53, "dns"), ("dns-tcp", "tcp", 53, "dns"),
                  ("ext-tcp", "tcp", EXT_PORT, "external"), ("ext-udp", "udp", EXT_PORT, "external")]
     return "\n".join([
-        'mode = "gateway"', 'containment_after_stop = "remove"', "",
+        'mode = "gateway"', 'containment_after_stop = "remove"', lab.DIVERT_PATH_LINE,
         "[queue]", f'backend = "{lab.BACKEND}"', "",
         *(f'[[listeners]]\nname = "{n}"\nprotocol = "{p}"\nport = {port}\nkind = "{k}"\n'
           for n, p, port, k in listeners)])

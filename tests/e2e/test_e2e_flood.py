@@ -24,7 +24,7 @@ import pytest
 import lab
 from nftdivert.config import QueueConfig
 
-pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.queue_path]  # the worker and its queues under a flood
 
 
 @pytest.fixture(scope="module", autouse=True)

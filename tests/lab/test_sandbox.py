@@ -36,7 +36,7 @@ def _env(**extra):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sandbox") / "sandbox.toml"
-    path.write_text(f'[queue]\nbackend = "{lab.BACKEND}"\n')
+    path.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n')
     return str(path)
 
 

@@ -36,7 +36,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 GOLDEN = ["default", "default_xt", "gateway_ipv6", "local", "interfaces", "ipv4_only", "ipv6_only", "both", "capture",
-          "bignets"]
+          "bignets", "kernel_path", "kernel_path_both"]
 
 BIGNETS = 10_000
 
@@ -174,6 +174,19 @@ def test_default_golden_content():
     assert "answer_for_self" not in text and "NFQUEUE" not in text
 
 
+def test_kernel_path_golden_content():
+    """The kernel path decides in the dstnat rule and queues nothing, on either backend."""
+    text = golden_paths("kernel_path")[1].read_text()
+    rules = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "queue" not in rules and "NFQUEUE" not in text
+    assert "priority mangle" not in text and "priority raw" not in text  # no -150 or -300 chain
+    assert "socket wildcard 1 redirect\n" in text
+    assert 'tcp dport != 1337 counter name "diverted_tcp" redirect to :1337\n' in text
+    assert "tcp dport != 1337 meta nfproto != @serving drop\n" in text  # fail closed
+    both = golden_paths("kernel_path_both")[1].read_text()
+    assert "@serving" not in both and "chain redirect_from_self {" in both  # fail open; local mode
+
+
 def test_xt_golden_content():
     text = golden_paths("default_xt")[1].read_text()
     assert "queue num" not in text
@@ -225,6 +238,9 @@ def test_feature_goldens_content():
     # bound port or a port left alone is never limited), in every mode.
     for name in GOLDEN:
         text = golden_paths(name)[1].read_text()
+        if name.startswith("kernel_path"):  # nothing queued, nothing admitted
+            assert "admit_" not in text, name
+            continue
         unbound = text[text.index("chain divert_unbound {"):]
         unbound = unbound[:unbound.index("\n\t}")]
         assert unbound.index("update @admit_tcp_v") > unbound.rindex(" return\n"), name

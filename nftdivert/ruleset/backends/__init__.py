@@ -11,6 +11,7 @@ from nftdivert.errors import ConfigError, KernelError
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.ruleset.backends.nft import NativeQueue
+from nftdivert.ruleset.backends.none import NoQueue
 from nftdivert.ruleset.backends.xt import XtQueue
 
 # In order of preference, like sshuttle's methods: the first this kernel supports wins.
@@ -18,8 +19,10 @@ PREFERENCE: tuple[type[QueueBackend], ...] = (NativeQueue, XtQueue)
 BACKENDS: dict[str, type[QueueBackend]] = {cls.name: cls for cls in PREFERENCE}
 
 
-def select(requested: str, nft: Nft) -> tuple[QueueBackend, str]:
-    """The backend to use and why: (backend, reason)."""
+def select(requested: str, nft: Nft, divert_path: str = "queue") -> tuple[QueueBackend, str]:
+    """The backend to use and why: (backend, reason). The kernel path queues nothing."""
+    if divert_path == "kernel":
+        return NoQueue(nft), NoQueue.auto_reason
     if requested in BACKENDS:
         return BACKENDS[requested](nft), "set in the config"
     if requested != "auto":
