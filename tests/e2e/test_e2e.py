@@ -161,6 +161,7 @@ def test_bound_port_reaches_its_own_listener_untouched_and_is_logged(gw, div):
 # kernel path, 0.5 s on the queue path; on the kernel path the socket
 # expression finds a socket bound to every address at once), while a
 # conversation the default listener already answers stays with it.
+@pytest.mark.any_backend  # the bound sets, not the queue: in the VM, the kernel path runs it
 @pytest.mark.parametrize("bind", ["::", lab.DIV_CLIENT4], ids=["every-address", "the-gateway-address"])
 def test_a_service_that_binds_while_running_gets_its_new_conversations_within_a_second(gw, div, bind):
     port = gw.fresh_port()
@@ -236,3 +237,10 @@ def test_status_shows_table_backend_and_worker_counters(gw, div):
         assert "new-conversation hook errors 0" in out, out
     assert "log lines " in out and "(dropped 0, failed 0)" in out, out
     print(f"\nstatus: {out.splitlines()[-1].strip()}")
+
+
+@pytest.mark.any_backend  # the sets `run` fills (bound ports, the kernel path's serving set) are not drift
+def test_diff_finds_no_drift_while_it_runs(gw, div):
+    gw.tcp("198.51.100.25", 4343, "some-traffic")
+    proc = lab.nftdivert(gw.diverter_ns, "diff", "-c", str(div.config_path), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
