@@ -2,7 +2,7 @@
 #   make test         the test suite (installs what it needs first)
 #   make demo         the origin scenario in a throwaway lab
 #   make test-kernel  the end-to-end suite on a stock distribution kernel (VM, native nft queue)
-#   make bench        diverted vs. kernel-only throughput, side by side
+#   make bench        nftdivert's two divert paths vs. the kernel alone, side by side
 
 PYTHON_SYSTEM ?= /usr/bin/python3
 VENV ?= .venv
@@ -93,7 +93,8 @@ demo: venv
 	$(VENV)/bin/nftdivert sandbox --log-format text -- sh -c \
 		'echo "hello, 198.51.100.7" | nc -v -q1 -w5 198.51.100.7 45678 && curl -sS --max-time 10 http://anything.example:8080/'
 
-# Diverted vs. kernel-only, side by side in one run; numbers also in bench-results.json.
+# The kernel, the kernel path and the queue path, side by side in one run, several clients at
+# once; numbers also in bench-results.json.
 BENCH_ARGS ?=
 bench: venv
 	$(PY) bench/divert_bench.py $(BENCH_ARGS)

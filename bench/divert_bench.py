@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""nftdivert benchmark: diverted vs. kernel-only, observed vs. quiet, side by side, in one run.
+"""nftdivert benchmark: its two divert paths vs. the kernel alone, side by side, in one run.
 
 Builds two network namespaces, a client and a diverter (topology.py), and
-measures, alternating the two sides round by round (ABBA), with the SAME
-echo listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
+measures, alternating the sides round by round (ABBA), with the SAME echo
+listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
 
-  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w)
-  nftdivert-quiet  the same with neither (what observing costs is the difference)
-  kernel-only      one nat rule `redirect to :1337`, no queue, no worker
-                   (all three: sides.py; each round in turn, reversed every other round)
+  kernel       one nat rule `redirect to :1337`, no nftdivert: the reference
+  kernel path  `nftdivert run`, divert_path = "kernel", quiet (no log, no pcap)
+  queue path   `nftdivert run`, divert_path = "queue", quiet
+  observed     with --observe: a path with the log, the pcap or both on
+               (all: sides.py)
 
-  conn/s  a few client processes: connect to a random 198.51.100.x:port,
-          send 16 bytes, read the 16-byte echo, compare, close; repeat
-  MB/s    one connection: a sender thread streams for --seconds, the
-          receiver reads the echo concurrently and compares every byte;
-          MB/s = bytes echoed back / (connect .. echo EOF), MB = 1e6 bytes
-          (both: load.py)
+  conn/s  --workers client processes at once, each: connect to a random
+          198.51.100.x:port, send 16 bytes, read the 16-byte echo, compare,
+          close; repeat
+  MB/s    --bulk-streams connections at once: a sender thread streams for
+          --seconds, the receiver reads the echo concurrently and compares
+          every byte; MB/s = bytes echoed back / (first connect .. last echo
+          EOF), MB = 1e6 bytes (both: load.py)
+  CPU     utime+stime of nftdivert's own process (the queue worker), of its
+          listener process and of its other children, or of the kernel
+          side's echo server, around the conn/s phase (cpu.py)
   µs/pkt  FixUp.incoming / FixUp.outgoing in-process, no kernel, no queue
           (micro.py)
 
@@ -38,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cpu
 import load
 import report
 import topology
@@ -49,28 +55,46 @@ from nftdivert.errors import NftDivertError
 
 MAIN_PID = os.getpid()
 OBSERVE = {"both": ("log", "pcap"), "log": ("log",), "pcap": ("pcap",)}
+PATHS = ("kernel", "queue")
+BULK_STREAMS = 4
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    paths = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(PATHS)}")
+    return paths
 
 
 def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
     say(f"round {rnd + 1}: {side.name}: starting")
     side.topo.flush_conntrack()
     side.start()
-    if isinstance(side, NftdivertSide):
+    if isinstance(side, NftdivertSide) and side.backend:
         results["backend"], results["backend_reason"] = side.backend, side.reason
+    procs = side.processes()
     before = side.counters()
-    say(f"round {rnd + 1}: {side.name}: connections for {args.seconds:g}s ({args.workers} workers)")
+    say(f"round {rnd + 1}: {side.name}: connections for {args.seconds:g}s ({args.workers} clients at once)")
+    cpu_before = procs.sample()
     conns = load.measure_conns(side.topo, args, rng)
-    after = side.counters(after_wall=time.time())
+    conns["cpu_seconds"] = cpu.delta(cpu_before, procs.sample())
+    conns["cpu_s_per_1k_conn"] = {k: 1000 * v / conns["connections"] for k, v in conns["cpu_seconds"].items()}
+    after = side.counters(after_wall=time.time()) if before else None
     if before and after:  # traffic ran for --seconds (its warm-up included)
         conns["queued_packets"] = after["seen"] - before["seen"]
         conns["queued_pkt_per_s"] = conns["queued_packets"] / args.seconds
         conns["queued_packets_per_conn"] = conns["queued_packets"] / max(1, conns["connections"])
-    say(f"round {rnd + 1}: {side.name}: {conns['conn_per_s']:.0f} conn/s, p50 {conns['lat_p50_ms']:.2f} ms")
+    say(f"round {rnd + 1}: {side.name}: {conns['conn_per_s']:.0f} conn/s, p50 {conns['lat_p50_ms']:.2f} ms; "
+        f"CPU s per 1000 connections: " + ", ".join(f"{k} {v:.3f}" for k, v in conns["cpu_s_per_1k_conn"].items()))
     side.topo.flush_conntrack()
-    say(f"round {rnd + 1}: {side.name}: bulk echo for {args.seconds:g}s")
+    say(f"round {rnd + 1}: {side.name}: bulk echo for {args.seconds:g}s ({args.bulk_streams} streams at once)")
     before = after
+    cpu_before = procs.sample()
     bulk = load.measure_bulk(side.topo, args, rng)
-    after = side.counters(after_wall=time.time())
+    bulk["cpu_seconds"] = cpu.delta(cpu_before, procs.sample())
+    bulk["cpu_s_per_gb"] = {k: 1e9 * v / max(1, bulk["bytes"]) for k, v in bulk["cpu_seconds"].items()}
+    after = side.counters(after_wall=time.time()) if before else None
     if before and after:
         bulk["queued_packets"] = after["seen"] - before["seen"]
         bulk["queued_pkt_per_s"] = bulk["queued_packets"] / bulk["seconds"]
@@ -91,6 +115,15 @@ def run_side(side, args, rng: random.Random, results: dict, rnd: int) -> None:
                               **({"capture": info["capture"]} if "capture" in info else {})})
 
 
+def sides_of_round(topo: topology.Topology, tmp: Path, args, rnd: int) -> list:
+    """The sides in this round's order: every other round reversed (ABBA)."""
+    sides = [NftdivertSide(topo, tmp, rnd, path) for path in args.paths]
+    if args.observe:
+        sides.append(NftdivertSide(topo, tmp, rnd, args.observe_path, OBSERVE[args.observe]))
+    sides.append(KernelSide(topo))
+    return sides if rnd % 2 == 0 else sides[::-1]
+
+
 def cleanup(topo: topology.Topology) -> None:
     if os.getpid() != MAIN_PID:  # a forked worker's exit: not its to clean
         return
@@ -103,25 +136,39 @@ def _interrupt(signum, _frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="nftdivert vs. kernel-only redirect, side by side (needs root).")
+    ap = argparse.ArgumentParser(description="nftdivert's divert paths vs. the kernel alone, side by side "
+                                             "(needs root).")
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement phase (default 5)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, sides alternating ABBA (default 2)")
-    ap.add_argument("--workers", type=int, default=4, help="parallel connection workers (default 4)")
+    ap.add_argument("--workers", type=int, default=4,
+                    help="client processes connecting at once in the connections phase (default 4)")
+    ap.add_argument("--bulk-streams", type=int, default=BULK_STREAMS,
+                    help=f"bulk connections at once, one client process each (default {BULK_STREAMS})")
+    ap.add_argument("--paths", type=_paths, default=PATHS,
+                    help="the nftdivert divert paths measured, comma-separated (default kernel,queue)")
     ap.add_argument("--address-per-worker", action="store_true",
                     help="give each worker its own client address (default: all share one, as a real client "
                          "does; concurrent connections then often share a client port, which nftdivert "
                          "must tell apart by their original destination)")
     ap.add_argument("--micro-iterations", type=int, default=30000, help="packets per micro timing (default 30000)")
     ap.add_argument("--micro-reps", type=int, default=5, help="repetitions per micro timing, best kept (default 5)")
-    ap.add_argument("--observe", choices=sorted(OBSERVE), default="both",
-                    help="what the observed nftdivert side turns on: the conversation log, the pcap (-w), or both "
-                         "(default); the quiet side has neither")
+    ap.add_argument("--observe", choices=sorted(OBSERVE), default=None,
+                    help="add an observed row: --observe-path with the conversation log, the pcap (-w), or "
+                         "both on, compared with the same path quiet (default: no observed row)")
+    ap.add_argument("--observe-path", choices=PATHS, default="queue",
+                    help="the path of the observed row (default queue)")
+    ap.add_argument("--queue-before", type=float, default=report.QUEUE_PATH_BEFORE,
+                    help="the queue path's connections/s ratio to the kernel before issue 13's queue work, "
+                         "for the goal of 1.5x it (default %(default)s, measured with this benchmark)")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
     args = ap.parse_args(argv)
-    if args.seconds <= 0 or args.rounds < 1 or not 1 <= args.workers <= 200 or args.micro_iterations < 1000:
-        ap.error("--seconds > 0, --rounds >= 1, --workers 1-200, --micro-iterations >= 1000")
+    if args.seconds <= 0 or args.rounds < 1 or not 1 <= args.workers <= 200 or args.micro_iterations < 1000 \
+            or not 1 <= args.bulk_streams <= 32:
+        ap.error("--seconds > 0, --rounds >= 1, --workers 1-200, --bulk-streams 1-32, --micro-iterations >= 1000")
+    if args.observe and args.observe_path not in args.paths:
+        ap.error(f"--observe-path {args.observe_path}: compared with that path quiet, so --paths must include it")
     if os.geteuid() != 0:
         print("divert_bench: must run as root (it creates network namespaces and nftables tables)", file=sys.stderr)
         return 2
@@ -138,22 +185,23 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s, _interrupt)
     res: dict = {"machine": report.machine(),
                  "settings": {"seconds": args.seconds, "rounds": args.rounds, "workers": args.workers,
+                              "bulk_streams": args.bulk_streams, "paths": list(args.paths),
                               "address_per_worker": args.address_per_worker,
                               "micro_iterations": args.micro_iterations, "micro_reps": args.micro_reps,
-                              "observe": args.observe,
+                              "queue_path_before": args.queue_before,
+                              "observe": args.observe, "observe_path": args.observe_path if args.observe else None,
                               "seed": seed},
                  "rounds": [], "ok": False}
     status = 1
     tmp = Path(tempfile.mkdtemp(prefix=f"ndb-{MAIN_PID}-"))
     try:
-        say(f"machine: {res['machine']['cores']} cores, Linux {res['machine']['kernel']}; seed {seed}")
+        m = res["machine"]
+        say(f"machine: {m['cores']} cores ({m['cpu_model']}), Linux {m['kernel']}; seed {seed}")
         res["micro"] = micro(args.micro_iterations, args.micro_reps)
         topology.remove_stale()
         topo.up()
         for rnd in range(args.rounds):
-            sides = [NftdivertSide(topo, tmp, rnd, OBSERVE[args.observe]), NftdivertSide(topo, tmp, rnd, ()),
-                     KernelSide(topo)]
-            for side in (sides if rnd % 2 == 0 else sides[::-1]):
+            for side in sides_of_round(topo, tmp, args, rnd):
                 run_side(side, args, rng, res, rnd)
         res["ok"] = True
         status = 0

@@ -5,8 +5,9 @@ the other workers) and hands back one JSON dict through a pipe.
 
   conn  connect to a random 198.51.100.x:port, send 16 bytes, read the
         16-byte echo, compare, close; repeat
-  bulk  one connection: a sender thread streams for --seconds, the receiver
-        reads the echo concurrently and compares every byte
+  bulk  --bulk-streams connections at once, one per process: a sender thread
+        streams for --seconds, the receiver reads the echo concurrently and
+        compares every byte
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def conn_worker(seed: int, source: str, start: float, warm_until: float, deadlin
             "first_error": first_error, "lat_us": lat_us, "sample": sample}
 
 
-def bulk_worker(seed: int, seconds: float) -> dict:
+def bulk_worker(seed: int, start: float, seconds: float) -> dict:
     rng = random.Random(seed)
     period = 1 << 20
     pattern = rng.randbytes(period)
@@ -178,6 +179,8 @@ def bulk_worker(seed: int, seconds: float) -> dict:
     addr, port = _target(rng)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(20)
+    while time.monotonic() < start:  # the streams start together
+        time.sleep(0.001)
     t_start = time.monotonic()
     s.connect((addr, port))
     sent = [0]
@@ -217,7 +220,7 @@ def bulk_worker(seed: int, seconds: float) -> dict:
     t_end = time.monotonic()
     th.join(10)
     s.close()
-    return {"target": f"{addr}:{port}", "sent": sent[0], "received": received, "seconds": t_end - t_start,
+    return {"target": f"{addr}:{port}", "sent": sent[0], "received": received, "t_start": t_start, "t_end": t_end,
             "mismatch_at": mismatch_at, "send_error": send_error[0] if send_error else ""}
 
 
@@ -251,14 +254,20 @@ def measure_conns(topo: Topology, args, rng: random.Random) -> dict:
 
 
 def measure_bulk(topo: Topology, args, rng: random.Random) -> dict:
-    [res] = collect([fork_in(topo.client, bulk_worker, rng.getrandbits(64), args.seconds)],
-                    timeout=args.seconds + 60)
-    if "error" in res:
-        raise BenchError(f"bulk: {res['error']}")
-    if res["send_error"]:
-        raise BenchError(f"bulk: sending to {res['target']}: {res['send_error']}")
-    if res["received"] != res["sent"] or res["mismatch_at"] >= 0:
-        raise BenchError(f"bulk echo mismatch via {res['target']}: sent {res['sent']} bytes, got back "
-                         f"{res['received']}, first differing chunk at {res['mismatch_at']}")
-    return {"mb_per_s": res["received"] / res["seconds"] / 1e6, "bytes": res["received"],
-            "seconds": res["seconds"]}
+    """MB/s of all streams together: bytes echoed back / (first connect .. last echo EOF)."""
+    start = time.monotonic() + 0.2
+    kids = [fork_in(topo.client, bulk_worker, rng.getrandbits(64), start, args.seconds)
+            for _ in range(args.bulk_streams)]
+    results = collect(kids, timeout=args.seconds + 60)
+    for res in results:
+        if "error" in res:
+            raise BenchError(f"bulk: {res['error']}")
+        if res["send_error"]:
+            raise BenchError(f"bulk: sending to {res['target']}: {res['send_error']}")
+        if res["received"] != res["sent"] or res["mismatch_at"] >= 0:
+            raise BenchError(f"bulk echo mismatch via {res['target']}: sent {res['sent']} bytes, got back "
+                             f"{res['received']}, first differing chunk at {res['mismatch_at']}")
+    received = sum(r["received"] for r in results)
+    seconds = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+    return {"mb_per_s": received / seconds / 1e6, "bytes": received, "seconds": seconds, "streams": len(results),
+            "stream_mb_per_s": [r["received"] / (r["t_end"] - r["t_start"]) / 1e6 for r in results]}

@@ -1,12 +1,15 @@
-"""The sides measured, each in the diverter namespace, each on TCP 1337.
+"""The sides measured, each in the diverter namespace, each answering on TCP 1337.
 
-  nftdivert        `nftdivert run` (queue backend auto), conversation log as JSON and pcap (-w); --observe
-  nftdivert-quiet  the same with neither: what observing costs is the difference
-  kernel-only      one nat rule `redirect to :1337`, no queue, no worker
+  kernel      one nat rule `redirect to :1337`, no nftdivert: the reference
+  kernel path `nftdivert run` with divert_path = "kernel": no packet reaches userspace
+  queue path  `nftdivert run` with divert_path = "queue": every diverted packet through NFQUEUE
+  observed    one of the paths with the conversation log, the pcap or both on (--observe)
 
-Both answer with the same echo listener code (nftdivert.services.listeners.Listeners).
-A side has start(), counters() (the worker's packet counters, or None) and
-stop(), which checks that it left nothing behind.
+The paths run quiet (--log "", no -w) unless observed. All answer with the
+same echo listener code (nftdivert.services.listeners.Listeners). A side has
+start(), processes() (what its CPU time is sampled from), counters() (the
+worker's packet counters, or None) and stop(), which checks that it left
+nothing behind.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
+import cpu
 from common import REPO, BenchError
-from topology import Topology
+from topology import LISTEN_PORT, Topology
 
+from nftdivert.config import Config
 from nftdivert.lab import netns
 
 REF_TABLE = """\
@@ -34,7 +40,7 @@ table inet ref {
 }
 """
 
-# The kernel-only side's listener: the very Listeners nftdivert runs, alone.
+# The kernel side's listener: the very Listeners nftdivert runs, alone.
 ECHO_SERVER = """\
 import json, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -55,28 +61,37 @@ def nftdivert_argv() -> list[str]:
     return [str(cli)] if cli.exists() else [sys.executable, "-m", "nftdivert"]
 
 
-class NftdivertSide:
-    """`nftdivert run`, observed (`observe`: the conversation log, the pcap, or both on) or quiet (neither)."""
+# Before divert_path existed, the queue path was the only one, and the key is refused.
+HAS_DIVERT_PATH = "divert_path" in {f.name for f in fields(Config)}
 
-    def __init__(self, topo: Topology, tmp: Path, rnd: int, observe: tuple[str, ...] = ("log", "pcap")) -> None:
-        self.topo, self.tmp, self.rnd, self.observe = topo, tmp, rnd, observe
+
+class NftdivertSide:
+    """`nftdivert run` on one divert path, quiet (neither log nor pcap) or observed (`observe`: either or both)."""
+
+    def __init__(self, topo: Topology, tmp: Path, rnd: int, path: str, observe: tuple[str, ...] = ()) -> None:
+        self.topo, self.tmp, self.rnd, self.path, self.observe = topo, tmp, rnd, path, observe
         self.observed = bool(observe)
-        self.name = "nftdivert" if observe else "nftdivert-quiet"
-        self.cfg = tmp / "nftdivert.toml"
-        self.log = tmp / f"conversations-{self.name}-{rnd}.jsonl"
-        self.pcap = tmp / f"capture-{rnd}.pcap"
-        self.err = tmp / f"{self.name}-{rnd}.stderr"
+        self.name = f"{path} path" + (" observed" if observe else "")
+        slug = self.name.replace(" ", "-")
+        self.cfg = tmp / f"{slug}.toml"
+        self.log = tmp / f"conversations-{slug}-{rnd}.jsonl"
+        self.pcap = tmp / f"capture-{slug}-{rnd}.pcap"
+        self.err = tmp / f"{slug}-{rnd}.stderr"
         self.proc: subprocess.Popen | None = None
         self.backend = self.reason = ""
         ino = os.stat(netns.NETNS_DIR / topo.divert.name).st_ino  # as runner names it, from inside
         self.stats_file = Path("/run/nftdivert") / f"nftdivert-{ino}.json"
 
     def start(self) -> None:
+        if not HAS_DIVERT_PATH and self.path != "queue":
+            raise BenchError(f"this nftdivert has no divert_path setting: no {self.name} to measure "
+                             "(--paths queue measures the queue path alone)")
         # The default config, queue backend left to auto; a stop takes containment too,
-        # so the kernel-only side and the check below find nothing of ours. No
+        # so the kernel side and the check in stop() find nothing of ours. No
         # admission limit: one client address opens thousands of connections a
         # second here, and the bench measures the data path, not the share.
-        self.cfg.write_text('containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
+        path = f'divert_path = "{self.path}"\n' if HAS_DIVERT_PATH else ""
+        self.cfg.write_text(f'{path}containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
                             'new_tcp_per_source = 0\nnew_udp_per_source = 0\n')
         observe = (["--log", str(self.log), "--log-format", "json"] if "log" in self.observe else ["--log", ""]) \
             + (["-w", str(self.pcap)] if "pcap" in self.observe else [])
@@ -87,9 +102,9 @@ class NftdivertSide:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = self.err.read_text(errors="replace")
-            m = re.search(r"queue backend (\S+) \((.*)\)", text)
-            if m and "diverting unbound ports" in text:
-                self.backend, self.reason = m.group(1), m.group(2)
+            if "diverting unbound ports" in text:
+                m = re.search(r"queue backend (\S+) \((.*)\)", text)
+                self.backend, self.reason = (m.group(1), m.group(2)) if m else ("", "")
                 time.sleep(0.2)
                 return
             if self.proc.poll() is not None:
@@ -97,9 +112,13 @@ class NftdivertSide:
             time.sleep(0.05)
         raise BenchError(f"nftdivert run not ready after 30s:\n{self.err.read_text(errors='replace').strip()}")
 
+    def processes(self) -> cpu.Processes:
+        assert self.proc is not None  # `ip netns exec` execs: its pid is nftdivert's
+        return cpu.Processes.of_run(self.proc.pid, LISTEN_PORT)
+
     def counters(self, after_wall: float | None = None) -> dict | None:
-        """The worker's counters from its stats file (written once a second)."""
-        deadline = time.monotonic() + 3
+        """The worker's counters from its stats file (written once a second); None if it has none."""
+        deadline = time.monotonic() + (3 if after_wall else 1)
         while True:
             try:
                 snap = json.loads(self.stats_file.read_text())
@@ -122,9 +141,9 @@ class NftdivertSide:
         text = self.err.read_text(errors="replace")
         if rc != 0:
             raise BenchError(f"nftdivert run exited {rc}:\n{text.strip()}")
-        m = re.search(r"packets seen (\d+), rewritten (\d+), passed (\d+), malformed (\d+), errors (\d+)", text)
-        names = ("seen", "rewritten", "passed", "malformed", "errors")
-        final = dict(zip(names, map(int, m.groups()), strict=True)) if m else {}
+        # "packets seen N, rewritten N, ...; conversations ...": the packet counters, by name.
+        m = re.search(r"packets seen [^;\n]*", text)
+        final = {k: int(v) for k, v in re.findall(r"([a-z]+) (\d+)", m.group(0))} if m else {}
         if final.get("errors"):
             raise BenchError(f"nftdivert counted {final['errors']} packet errors: {m.group(0)}")
         # It must leave nothing behind in the diverter.
@@ -177,6 +196,10 @@ class KernelSide:
         if line.strip() != b"ready":
             self.proc.kill()
             raise BenchError(f"echo server did not start: {self.proc.stderr.read().decode(errors='replace')}")
+
+    def processes(self) -> cpu.Processes:
+        assert self.proc is not None
+        return cpu.Processes({"listener": [self.proc.pid]})  # the echo server is the listener here
 
     def counters(self, after_wall: float | None = None) -> None:
         return None
