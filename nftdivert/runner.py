@@ -235,6 +235,9 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
             warn_once()
+            if not observer.alive:  # fail closed: no conversation is answered that nobody logs
+                raise NftDivertError("the conversation observer stopped: stopping, rather than answer "
+                                     "conversations that would not be logged")
             if now >= due["stats"]:
                 due["stats"] = now + 0.9  # about once a second, whatever the tick
                 _write_stats(statsfile, snapshot())

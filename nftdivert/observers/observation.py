@@ -17,6 +17,13 @@ def _say(message: str) -> None:
     print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
+class Unobserved:
+    """The observer's counters when nothing observes."""
+
+    failed = lost = 0
+    alive = True
+
+
 class Observation:
     """The conversation observer's part of a run: conntrack accounting on, the
     observer feeding the log, and the table of what was contacted at the end."""
@@ -34,7 +41,15 @@ class Observation:
                 raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
 
     def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for):
-        """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log."""
+        """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log.
+
+        With the log off and no summary file asked for, nothing watches
+        conntrack: what it would cost is not spent for a record nobody keeps.
+        """
+        if config.worker.log == "" and not self.summary_path:
+            _say('conversation log off (--log ""): nothing watches conntrack, and no table of what '
+                 "was contacted is printed at the end")
+            return Unobserved()
         try:
             self.observer = ObserverProcess(config, log.put, name_for, self.clients_netns)
         except OSError as exc:

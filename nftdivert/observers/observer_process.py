@@ -67,6 +67,10 @@ class ObserverProcess:
                 self.lost, self._failed_child, self.unended = rest
 
     @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    @property
     def failed(self) -> int:
         return self._failed_child + self._failed_here
 

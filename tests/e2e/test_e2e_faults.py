@@ -9,6 +9,10 @@ containment after a stop are the same code on both: any_backend."""
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
 import lab
@@ -85,6 +89,33 @@ def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
     gw.assert_no_leaks()
     gw.stop()
     assert lab.table_handle(gw.diverter_ns) is None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _nice(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19, counted after the command name
+
+
+@pytest.mark.any_backend  # the observer is the same process on both backends
+def test_a_dead_observer_stops_the_run_and_nothing_more_is_answered(gw):
+    div = gw.ensure()
+    assert gw.tcp("198.51.100.7", 45678, "logged")["ok"]
+    observers = [c for c in _children(div.proc.pid) if _nice(c) == 19]  # it alone runs at nice 19
+    assert len(observers) == 1, _children(div.proc.pid)
+    os.kill(observers[0], signal.SIGKILL)
+    assert div.proc.wait(timeout=30) == 1, div.stderr()
+    assert "the conversation observer stopped: stopping" in div.stderr(), div.stderr()
+    after = gw.tcp("198.51.100.7", 45678, "not-logged", timeout=2)
+    assert not after["ok"], after
+    gw.assert_no_leaks()
+    gw.stop()
 
 
 @pytest.mark.any_backend
