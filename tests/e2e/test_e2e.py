@@ -156,6 +156,16 @@ def test_bound_port_reaches_its_own_listener_untouched_and_is_logged(gw, div):
         server.wait(timeout=5)
 
 
+@pytest.mark.any_backend  # the queue backend queues these like any other; the kernel path NATs the port only
+def test_the_gateways_own_address_on_an_unbound_port_is_answered_from_it(gw, div):
+    port = gw.fresh_port()
+    for host in (lab.DIV_CLIENT4, lab.DIV_CLIENT6):
+        t = gw.tcp(host, port, f"own-address-{host}")
+        assert t["ok"] and t["reply"] == f"own-address-{host}" and t["peer"] == [host, port], t
+        u = gw.udp(host, port, f"own-address-{host}")
+        assert u["ok"] and u["reply"] == f"own-address-{host}" and u["source"] == [host, port], u
+
+
 # A service that binds while the diverter runs: its own new conversations
 # within a second (the sets follow the host's sockets every 0.25 s on the
 # kernel path, 0.5 s on the queue path; on the kernel path the socket
