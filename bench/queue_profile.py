@@ -1,30 +1,43 @@
 #!/usr/bin/env python3
-"""Where the queue path's time goes, per queued packet, against the kernel alone.
+"""Where the queue path's time goes, per queued packet and per connection, beside the kernel alone.
 
 In the benchmark's two namespaces (topology.py), with the benchmark's
-connection load (load.py), it runs the kernel-only side and `nftdivert run`
-(quiet: no log, no pcap) in turns, and reports:
+connection load (load.py), it runs `nftdivert run` quiet (no log, no pcap)
+and the kernel-only redirect (sides.py) in turns, and reports per round:
 
-  conn/s and their ratio            the same figure as `make bench`, same run
-  CPU per connection                the whole machine (/proc/stat: user,
-                                    system, softirq), and the worker process
-  per queued packet, in the worker  timed inside the worker thread:
+  conn/s and their ratio       the figure `make bench` compares, same run
+  CPU per connection           the machine (/proc/stat), the clients, each
+                               process in the diverter's namespace, each
+                               thread of the worker's process; and the
+                               ratio of the bench's own CPU per connection
+                               (steadier than conn/s on a shared machine)
+  worker thread CPU per packet without timers on the path (the default);
+                               with --split, timed in parts on the thread's
+                               CPU clock (the timers, about a dozen clock
+                               reads per packet, add their own cost):
       recv        the netlink receive (one message, one packet)
       dispatch    NetfilterQueue parsing the message, making the Packet,
                   calling back (the drain's time minus recv and callback)
       get_payload the copy out of the message
-      fixup       FixUp.incoming / outgoing (Python: parse, table, rewrite)
+      fixup       FixUp.incoming / outgoing (parse, table, rewrite)
       set_payload handing the new bytes back
       verdict     the verdict's netlink send; the kernel goes on with the
                   packet inside this call (the rest of its hooks, the
-                  socket it reaches, and the reply that may queue)
-      other       the thread's CPU not in any of these (select, the loop)
+                  socket it reaches, the reply that may queue)
+      callback    the callbacks' own Python around these
+      other       the thread's CPU outside them (epoll, the loop, the tick)
 
-The worker is timed by patching its methods in the `nftdivert run` child
-(this file with --probe), so the figures include the timers' own cost
-(about 0.1 us each, eight per packet).
+The worker is measured by patching its methods in the `nftdivert run` child
+(this file with --probe). QUEUE_PROFILE_NO_ORIGIN=1 makes the listener ask
+nothing about a conversation's original destination (an experiment: the
+log then lacks it); QUEUE_PROFILE_CPROFILE=FILE profiles the worker thread.
 
-Run as root:  .venv/bin/python bench/queue_profile.py [--seconds 5] [--rounds 2] [--workers 4]
+`--in-process` needs no root: the worker's callbacks and FixUp behind them
+on the packets of whole connections, with a stand-in for NetfilterQueue's
+packet, in us per packet, Python calls and bytecodes per packet (the last
+two do not move with the machine's load).
+
+Run as root:  .venv/bin/python bench/queue_profile.py [--seconds 5] [--rounds 2] [--split] [--json FILE]
 """
 
 from __future__ import annotations
@@ -39,9 +52,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-PARTS = ("recv", "dispatch", "get_payload", "fixup", "set_payload", "verdict", "other")
-
 
 # ---- the child: `nftdivert run` with a timed worker ---------------------------
 
@@ -85,13 +95,6 @@ def probe(out: str, split: bool, argv: list[str]) -> None:
     atexit.register(dump)
     if split:
         _timed(q, fx, ns, tot, cnt)
-    if os.environ.get("QUEUE_PROFILE_NICE"):  # experiment: the worker thread's priority
-        orig_run = q.Worker.run
-
-        def run(self):
-            os.setpriority(os.PRIO_PROCESS, 0, int(os.environ["QUEUE_PROFILE_NICE"]))  # this thread only
-            return orig_run(self)
-        q.Worker.run = run
     if os.environ.get("QUEUE_PROFILE_NO_ORIGIN"):  # experiment: the listener asks nothing
         from nftdivert.services import origin
         origin.Client.ask = lambda self, client, local: None
@@ -165,11 +168,15 @@ def _timed(q, fx, ns, tot: dict, cnt: dict) -> None:
             tot["verdict"] += ns() - t
 
     def callback(orig):
-        def timed(self, pkt):
-            t = ns()
-            orig(self, Timed(pkt))
-            tot["callback"] += ns() - t
-        return timed
+        def make(self, incoming):
+            inner = orig(self, incoming)
+
+            def timed(pkt):
+                t = ns()
+                inner(Timed(pkt))
+                tot["callback"] += ns() - t
+            return timed
+        return make
 
     def fixup(orig):
         def timed(self, *a, **kw):
@@ -181,7 +188,7 @@ def _timed(q, fx, ns, tot: dict, cnt: dict) -> None:
         return timed
 
     q._BoundedSocket.recv, q._BoundedSocket.drain = recv, drain
-    q.Worker._incoming, q.Worker._outgoing = callback(q.Worker._incoming), callback(q.Worker._outgoing)
+    q.Worker._callback = callback(q.Worker._callback)
     fx.FixUp.incoming, fx.FixUp.outgoing = fixup(fx.FixUp.incoming), fixup(fx.FixUp.outgoing)
 
 
@@ -250,7 +257,8 @@ def in_process(conns: int, reps: int) -> dict:
     for rep in range(reps + 1):
         worker = Worker(cfg, build_fixup(cfg, lambda proto, addr, port: port == listen))
         worker._now = time.monotonic()
-        packets = [(worker._incoming if inc else worker._outgoing, Packet(data)) for inc, data in seq]
+        callbacks = {True: worker._callback(True), False: worker._callback(False)}
+        packets = [(callbacks[inc], Packet(data)) for inc, data in seq]
         if rep == reps:  # the last round counts, untimed
             sys.settrace(trace)
         t0 = time.perf_counter()
@@ -278,23 +286,20 @@ def _cpu_jiffies() -> dict[str, int]:
     return {"user": user + nice, "system": system + irq, "softirq": softirq, "idle": idle + iowait}
 
 
-def _proc_cpu(pid: int) -> float:
-    """A process's user + system CPU seconds (all its threads)."""
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _proc_cpu(pid: int, stat: str = "") -> float:
+    """A process's user + system CPU seconds (all its threads), or one thread's from its `stat`."""
+    f = Path(stat or f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _threads_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of a process, by thread name (and id)."""
+    """CPU seconds per thread of a process, by thread id."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            f = (task / "stat").read_text()
+            out[task.name] = _proc_cpu(int(task.name), f"/proc/{pid}/task/{task.name}/stat")
         except OSError:
             continue
-        name = f[f.index("(") + 1:f.rindex(")")]
-        rest = f.rsplit(")", 1)[1].split()
-        out[f"{name}/{task.name}"] = (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
     return out
 
 
@@ -304,7 +309,7 @@ def _ns_cpu(ns) -> dict[str, float]:
     for pid in ns.pids():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            out[f"{pid} {' '.join(c.decode()[-24:] for c in cmd[:4])}"] = _proc_cpu(pid)
+            out[f"{pid} {' '.join(Path(c.decode()).name for c in cmd[1:4])}"] = _proc_cpu(pid)
         except OSError:
             continue
     return out
@@ -348,12 +353,10 @@ def phase(side, topo, args, rng, probe_out: Path | None) -> dict:
                                        - c0.children_system) * 1e6 / n}
     if probe_out:
         res["worker_cpu_us_per_conn"] = (p1 - p0) * 1e6 / n
-        res["worker_threads_cpu_us_per_conn"] = {k: (t1[k] - t0.get(k, 0.0)) * 1e6 / n for k in t1
-                                                 if t1[k] > t0.get(k, 0.0)}
+        names = after.get("threads", {})  # thread id -> Python's name for it
+        res["worker_threads_cpu_us_per_conn"] = {names.get(k, k): (t1[k] - t0.get(k, 0.0)) * 1e6 / n
+                                                 for k in t1 if t1[k] > t0.get(k, 0.0)}
         res["worker"] = _split(before, after)
-        names = {str(k): v for k, v in after.get("threads", {}).items()}
-        res["worker_threads_cpu_us_per_conn"] = {
-            f"{names.get(k.split('/')[1], '?')}/{k.split('/')[1]}": v for k, v in res["worker_threads_cpu_us_per_conn"].items()}
     return res
 
 
@@ -435,8 +438,12 @@ def main() -> int:
 
 def _print_round(rnd: int, got: dict) -> None:
     q, k = got["queue"], got["kernel"]
+    ours = {name: r["clients_cpu_us_per_conn"] + sum(r["processes_cpu_us_per_conn"].values())
+            for name, r in (("kernel", k), ("queue", q))}
+    got["cpu_ratio"] = ours["kernel"] / ours["queue"]
     print(f"round {rnd + 1}: conn/s queue {q['conn_per_s']:.0f}, kernel {k['conn_per_s']:.0f}, "
-          f"ratio {got['ratio']:.3f}")
+          f"ratio {got['ratio']:.3f}; CPU us/conn of the bench's own processes: queue {ours['queue']:.0f}, "
+          f"kernel {ours['kernel']:.0f}, ratio {got['cpu_ratio']:.3f}")
     for name, r in (("kernel", k), ("queue", q)):
         m = r["machine_cpu_us_per_conn"]
         busy = m["user"] + m["system"] + m["softirq"]

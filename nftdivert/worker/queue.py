@@ -130,46 +130,30 @@ class Worker:
 
     # -- queue callbacks (the hot path) --------------------------------------
 
-    def _incoming(self, pkt) -> None:
-        drop = False
-        try:
-            data = pkt.get_payload()
-            new = self.fixup.incoming(data, self._now, indev=pkt.indev)
-            if new is not None:
-                if new is DROP:
-                    drop = True
-                else:
-                    pkt.set_payload(new)
-                    if self.pcap is not None:
-                        self._capture(data, new)
-        except Exception:  # noqa: BLE001 - the verdict below must still happen
-            self.stats.verdict_errors += 1
-        finally:
-            if drop:
-                pkt.drop()
-            else:
-                pkt.accept()
+    def _callback(self, incoming: bool) -> Callable:
+        """The callback of one queue: FixUp's verdict on each packet, given to the kernel."""
+        fix = self.fixup.incoming if incoming else self.fixup.outgoing
 
-    def _outgoing(self, pkt) -> None:
-        # _incoming's twin, written out: one call less for every packet.
-        drop = False
-        try:
-            data = pkt.get_payload()
-            new = self.fixup.outgoing(data, self._now)
-            if new is not None:
-                if new is DROP:
-                    drop = True
+        def callback(pkt) -> None:
+            drop = False
+            try:
+                data = pkt.get_payload()
+                new = fix(data, self._now, indev=pkt.indev) if incoming else fix(data, self._now)
+                if new is not None:
+                    if new is DROP:
+                        drop = True
+                    else:
+                        pkt.set_payload(new)
+                        if self.pcap is not None:
+                            self._capture(data, new)
+            except Exception:  # noqa: BLE001 - the verdict below must still happen
+                self.stats.verdict_errors += 1
+            finally:
+                if drop:
+                    pkt.drop()
                 else:
-                    pkt.set_payload(new)
-                    if self.pcap is not None:
-                        self._capture(data, new)
-        except Exception:  # noqa: BLE001 - the verdict below must still happen
-            self.stats.verdict_errors += 1
-        finally:
-            if drop:
-                pkt.drop()
-            else:
-                pkt.accept()
+                    pkt.accept()
+        return callback
 
     def _capture(self, data: bytes, new: bytes) -> None:
         wall = time.time()
@@ -182,8 +166,8 @@ class Worker:
         """Attach to both queues (before the ruleset sends anything there)."""
         from netfilterqueue import NetfilterQueue
 
-        for key, num, callback in (("incoming", self.config.queue.incoming, self._incoming),
-                                   ("outgoing", self.config.queue.outgoing, self._outgoing)):
+        for key, num, callback in (("incoming", self.config.queue.incoming, self._callback(True)),
+                                   ("outgoing", self.config.queue.outgoing, self._callback(False))):
             nfq = NetfilterQueue()
             with warnings.catch_warnings():
                 # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
