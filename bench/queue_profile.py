@@ -28,9 +28,11 @@ and the kernel-only redirect (sides.py) in turns, and reports per round:
       other       the thread's CPU outside them (epoll, the loop, the tick)
 
 The worker is measured by patching its methods in the `nftdivert run` child
-(this file with --probe). QUEUE_PROFILE_NO_ORIGIN=1 makes the listener ask
-nothing about a conversation's original destination (an experiment: the
-log then lacks it); QUEUE_PROFILE_CPROFILE=FILE profiles the worker thread.
+(this file with --probe). Experiments: QUEUE_PROFILE_NO_ORIGIN=1 makes the
+listener ask nothing about a conversation's original destination, and
+QUEUE_PROFILE_NO_CONNTRACK=1 answers it from the worker's table alone (the
+port right, the address the local one); QUEUE_PROFILE_CPROFILE=FILE
+profiles the worker thread.
 
 `--in-process` needs no root: the worker's callbacks and FixUp behind them
 on the packets of whole connections, with a stand-in for NetfilterQueue's
@@ -95,9 +97,12 @@ def probe(out: str, split: bool, argv: list[str]) -> None:
     atexit.register(dump)
     if split:
         _timed(q, fx, ns, tot, cnt)
+    from nftdivert.services import origin
     if os.environ.get("QUEUE_PROFILE_NO_ORIGIN"):  # experiment: the listener asks nothing
-        from nftdivert.services import origin
         origin.Client.ask = lambda self, client, local: None
+    if os.environ.get("QUEUE_PROFILE_NO_CONNTRACK"):  # experiment: answered from the table alone
+        table_only = origin.original
+        origin.original = lambda table, _entry, client, local: table_only(table, None, client, local)
     if os.environ.get("QUEUE_PROFILE_CPROFILE"):  # a function-level profile of the worker thread
         import cProfile
         orig_run = q.Worker.run
@@ -309,7 +314,8 @@ def _ns_cpu(ns) -> dict[str, float]:
     for pid in ns.pids():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            out[f"{pid} {' '.join(Path(c.decode()).name for c in cmd[1:4])}"] = _proc_cpu(pid)
+            out[f"{pid} {' '.join(Path(c.decode()).name.splitlines()[0][:30] for c in cmd[1:4] if c)}"] = \
+                _proc_cpu(pid)
         except OSError:
             continue
     return out
@@ -376,6 +382,15 @@ def _split(before: dict, after: dict) -> dict:
     return res
 
 
+def _queue_side(sides, topo, tmp: Path, rnd: int):
+    """`nftdivert run` on the queue path, quiet; sides.py names the path once it has two."""
+    import inspect
+
+    if "path" in inspect.signature(sides.NftdivertSide).parameters:
+        return sides.NftdivertSide(topo, tmp, rnd, "queue")
+    return sides.NftdivertSide(topo, tmp, rnd, ())
+
+
 def main() -> int:
     if len(sys.argv) > 3 and sys.argv[1] == "--probe":
         probe(sys.argv[3], sys.argv[2] == "split", sys.argv[4:])
@@ -423,7 +438,7 @@ def main() -> int:
     topo.up()
     rounds = []
     for rnd in range(args.rounds):
-        order = [("queue", sides.NftdivertSide(topo, tmp, rnd, ())), ("kernel", sides.KernelSide(topo))]
+        order = [("queue", _queue_side(sides, topo, tmp, rnd)), ("kernel", sides.KernelSide(topo))]
         got = {}
         for name, side in (order if rnd % 2 == 0 else order[::-1]):
             say(f"round {rnd + 1}: {name}")
