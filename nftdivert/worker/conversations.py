@@ -150,7 +150,11 @@ class ConversationTable:
         if len(route.members) != 1:
             return None
         (binding,) = route.members
-        return self.get(binding, now)
+        conv = self._entries.get(binding)  # get(), written out: every incoming packet comes here
+        if conv is not None:
+            conv.last_seen = now
+            self._entries.move_to_end(binding)
+        return conv
 
     def open(self, key: RouteKey, listener_port: int, now: float, *, indev: int = 0) -> Conversation:
         """A new route for `key` and the conversation that opened it, bound at
@@ -238,16 +242,15 @@ class ConversationTable:
             self.remove(next(iter(self._entries)))
             self._evicted_cap += 1
 
-    def from_listener_side(self, binding: tuple, now: float) -> Conversation | None:
-        """The conversation a reply belongs to (the reply's reversed addresses and ports)."""
-        return self.get(binding, now)
-
     def get(self, binding: tuple, now: float) -> Conversation | None:
         conv = self._entries.get(binding)
         if conv is not None:
             conv.last_seen = now
             self._entries.move_to_end(binding)
         return conv
+
+    # The conversation a reply belongs to (the reply's reversed addresses and ports).
+    from_listener_side = get
 
     def peek(self, binding: tuple) -> Conversation | None:
         """The conversation at `binding`, left where it is: for readers in other

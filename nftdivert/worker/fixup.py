@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from nftdivert.observers.conntrack import Entry
 from nftdivert.worker.conversations import Conversation, ConversationTable, RouteKey
 from nftdivert.worker.decide import Divert
-from nftdivert.worker.packet import ACK, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
+from nftdivert.worker.packet import ACK, FIN, RST, SYN, UDP, Segment, Unfit, parse, parse_head
 from nftdivert.worker.rewrite import with_ports
 
 Decide = Callable[[int, bytes, int], Divert | None]
@@ -86,22 +86,68 @@ class FixUp:
         self._elsewhere: dict[tuple, tuple] = {}
         self._unplaced: OrderedDict[tuple, float] = OrderedDict()
 
+    # incoming() and outgoing() are what every queued packet costs: the common
+    # case (a packet of a conversation already in the table) is kept to a few
+    # calls, with the rarer work in helpers.
+
     def incoming(self, data: bytes, now: float, *, indev: int = 0) -> bytes | None:
         """`indev` is only recorded on a new conversation, for its log line."""
-        self.counters.seen += 1
+        counters = self.counters
+        counters.seen += 1
         try:
-            return self._incoming(data, now, indev)
+            seg = parse(data)
+            if type(seg) is not Segment:
+                # Everything queued here is diverted. A truncated copy cannot be
+                # rewritten, and passed on it would reach the unbound port and
+                # draw a port-unreachable that ends the whole conversation;
+                # dropped, it is lost like a datagram over a smaller MTU.
+                return self._unfit(seg, seg.reason == "truncated")
+            # After NAT the destination port is still the one the client asked for.
+            key = (seg.protocol, seg.src, seg.sport, seg.dst, seg.dport)
+            table = self.table
+            route = table.route(key)
+            if route is not None:
+                conv = table.touch_route(key, route, now)
+                flags = seg.tcp_flags  # 0 for UDP
+                if conv is None or conv.closing_since is None or flags & (SYN | ACK) != SYN:
+                    if conv is not None and flags & (FIN | RST):
+                        # Only a route's one conversation can be told from a FIN
+                        # here; shared routes close from the listener's side.
+                        table.mark_closing(conv.binding, now)
+                    counters.rewritten += 1
+                    return with_ports(data, seg, route.alias_port, route.listener_port)
+                # else a new SYN on the route's closing conversation: start afresh.
+            return self._open(data, seg, key, now, indev)
         except Exception as exc:  # noqa: BLE001 - see module docstring
-            self.counters.errors += 1
+            counters.errors += 1
             self.last_error = exc
             return None
 
     def outgoing(self, data: bytes, now: float) -> bytes | None:
-        self.counters.seen += 1
+        counters = self.counters
+        counters.seen += 1
         try:
-            return self._outgoing(data, now)
+            seg = parse(data)
+            if type(seg) is not Segment:
+                return self._unfit(seg, seg.reason == "truncated" and self._diverted(data))
+            # A reply: the client is its destination, as the listener knows it.
+            # (A plain tuple: it hashes and compares like the Binding it finds.)
+            binding = (seg.protocol, seg.dst, seg.dport, seg.src)
+            conv = self.table.from_listener_side(binding, now)
+            if conv is None or conv.listener_port != seg.sport or conv.closing_since is not None:
+                conv = self._reply_elsewhere(seg, binding, conv, now)
+                if conv is None:
+                    counters.passed += 1
+                    return None
+            if not conv.announced:
+                self._announce(conv)
+            if seg.tcp_flags & (FIN | RST):  # 0 for UDP
+                # The listener may close (or reset) first.
+                self.table.mark_closing(conv.binding, now)
+            counters.rewritten += 1
+            return with_ports(data, seg, conv.route[4], conv.reply_port)
         except Exception as exc:  # noqa: BLE001
-            self.counters.errors += 1
+            counters.errors += 1
             self.last_error = exc
             return None
 
@@ -114,38 +160,18 @@ class FixUp:
         counters.malformed += 1
         return None
 
-    def _incoming(self, data: bytes, now: float, indev: int) -> bytes | None:
-        seg = parse(data)
-        if type(seg) is not Segment:
-            # Everything queued here is diverted. A truncated copy cannot be
-            # rewritten, and passed on it would reach the unbound port and
-            # draw a port-unreachable that ends the whole conversation;
-            # dropped, it is lost like a datagram over a smaller MTU.
-            return self._unfit(seg, seg.reason == "truncated")
-        table = self.table
-        # After NAT the destination port is still the one the client asked for.
-        key = (seg.protocol, seg.src, seg.sport, seg.dst, seg.dport)
-        route = table.route(key)
-        if route is not None:
-            conv = table.touch_route(key, route, now)
-            if not (seg.is_syn and conv is not None and conv.closing_since is not None):
-                if conv is not None and seg.protocol == TCP and seg.is_fin_or_rst:
-                    # Only a route's one conversation can be told from a FIN
-                    # here; shared routes close from the listener's side.
-                    table.mark_closing(conv.binding, now)
-                self.counters.rewritten += 1
-                return with_ports(data, seg, route.alias_port, route.listener_port)
+    def _open(self, data: bytes, seg: Segment, key: tuple, now: float, indev: int) -> bytes | None:
+        """An incoming packet no route takes: a new conversation, if it starts one and is diverted."""
         if not seg.starts_conversation:
             # Mid-stream packet of a conversation we never diverted.
             self.counters.passed += 1
             return None
-
         divert = self.decide(seg.protocol, seg.dst, seg.dport)
         if divert is None:
             self.counters.passed += 1
             return None
         # New, or a new SYN on the route's closing conversation: start afresh.
-        conv = table.open(RouteKey(*key), divert.listener_port, now, indev=indev)
+        conv = self.table.open(RouteKey(*key), divert.listener_port, now, indev=indev)
         if conv.binding.client_port != seg.sport:
             self.counters.port_clashes += 1
         if self.is_local is not None and not self.is_local(seg.dst):
@@ -158,34 +184,21 @@ class FixUp:
         self.counters.rewritten += 1
         return with_ports(data, seg, conv.binding.client_port, divert.listener_port)
 
-    def _outgoing(self, data: bytes, now: float) -> bytes | None:
-        seg = parse(data)
-        if type(seg) is not Segment:
-            return self._unfit(seg, seg.reason == "truncated" and self._diverted(data))
-        # A reply: the client is its destination, as the listener knows it.
-        # (A plain tuple: it hashes and compares like the Binding it finds.)
-        binding = (seg.protocol, seg.dst, seg.dport, seg.src)
-        conv = self.table.from_listener_side(binding, now)
+    def _reply_elsewhere(self, seg: Segment, binding: tuple, conv: Conversation | None,
+                         now: float) -> Conversation | None:
+        """The conversation of a reply that the table does not hold at `binding`
+        as an open conversation of this listener (`conv`: what it holds there)."""
         if conv is None and self._elsewhere:
             conv = self._from_elsewhere(binding[:3], now)
         if conv is None:
-            conv = self._learn(seg, binding, seg.dport, now)
-        elif conv.listener_port != seg.sport:
-            conv = None
-        elif conv.closing_since is not None and seg.tcp_flags & (SYN | ACK) == SYN | ACK:
+            return self._learn(seg, binding, seg.dport, now)
+        if conv.listener_port != seg.sport:
+            return None
+        if conv.closing_since is not None and seg.tcp_flags & (SYN | ACK) == SYN | ACK:
             # The listener accepts a new connection on a closing binding: the
             # client reopened it; conntrack says which conversation it is.
-            conv = self._learn(seg, binding, conv.reply_port, now, hint=conv.route[4]) or conv
-        if conv is None:
-            self.counters.passed += 1
-            return None
-        if not conv.announced:
-            self._announce(conv)
-        if seg.protocol == TCP and seg.is_fin_or_rst:
-            # The listener may close (or reset) first.
-            self.table.mark_closing(conv.binding, now)
-        self.counters.rewritten += 1
-        return with_ports(data, seg, conv.route[4], conv.reply_port)
+            return self._learn(seg, binding, conv.reply_port, now, hint=conv.route[4]) or conv
+        return conv
 
     def _learn(self, seg: Segment, binding: tuple, reply_port: int, now: float,
                hint: int | None = None) -> Conversation | None:

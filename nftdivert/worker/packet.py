@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 TCP = 6
 UDP = 17
@@ -39,8 +39,10 @@ class Unfit:
     reason: UnfitReason
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
+    """Immutable like a frozen dataclass, but made in a third of the time:
+    one is made for every queued packet."""
+
     version: int  # 4 or 6
     protocol: int  # TCP or UDP
     src: bytes  # 4 or 16 bytes, network order
@@ -69,6 +71,9 @@ class Segment:
         """Only a TCP opener or any UDP datagram may create a mapping."""
         return self.protocol == UDP or self.is_syn
 
+
+# Segment(...) without its Python-level __new__: one call less per packet.
+_segment = tuple.__new__
 
 # One instance per reason: the reject path allocates nothing.
 SHORT_HEADER = Unfit("short-header")
@@ -101,19 +106,16 @@ _IPV6_EXTENSIONS = frozenset({51, 135, 139, 140, 253, 254})
 _IPV6_WALK_LIMIT = 40 + 512
 
 
-def parse(data: bytes) -> Segment | Unfit:
-    """Return a Segment only for a complete, plain TCP/UDP packet. Never raises."""
-    return _parse(data, True)
-
-
 def parse_head(data: bytes) -> Segment | Unfit:
     """The headers of a copy that parse() called TRUNCATED (the queue copies
     only the first 4016 bytes): enough to tell whose packet it is, never
     enough to rewrite it, since its checksum covers bytes we do not have."""
-    return _parse(data, False)
+    return parse(data, False)
 
 
-def _parse(data: bytes, whole: bool) -> Segment | Unfit:
+def parse(data: bytes, whole: bool = True) -> Segment | Unfit:
+    """Return a Segment only for a complete, plain TCP/UDP packet (`whole`;
+    see parse_head() for the other case). Never raises."""
     size = len(data)
     if size < 1:
         return SHORT_HEADER
@@ -164,12 +166,12 @@ def _parse(data: bytes, whole: bool) -> Segment | Unfit:
         header = (offset >> 4) * 4
         if header < 20 or header > l4_size:
             return SHORT_HEADER
-        return Segment(version, TCP, src, dst, sport, dport, l4, flags, checksum)
+        return _segment(Segment, (version, TCP, src, dst, sport, dport, l4, flags, checksum))
     if protocol == UDP:
         if l4_size < 8:
             return SHORT_HEADER
         sport, dport, length, checksum = _UDP.unpack_from(data, l4)
         if length != l4_size and (whole or length < l4_size):
             return LENGTH_MISMATCH
-        return Segment(version, UDP, src, dst, sport, dport, l4, 0, checksum)
+        return _segment(Segment, (version, UDP, src, dst, sport, dport, l4, 0, checksum))
     return UNKNOWN_PROTOCOL

@@ -1,19 +1,23 @@
 """The queue worker: NetfilterQueue in, FixUp in the middle, verdicts out.
 
-One thread serves both queues with select(), so FixUp and the conversation
+One thread serves both queues with epoll, so FixUp and the conversation
 table need no lock. NetfilterQueue's own run(block=False) reads until the
 socket is empty, which under a flood is never: one queue would starve the
 other and the tick. So each turn takes at most DRAIN_BOUND packets from each
 ready queue, and the tick (expiry, stats, bound ports) is checked between
 turns. Every packet gets a verdict, whatever happens inside: `accept` (or
 the one `drop` FixUp asks for) in a `finally`.
+
+The callbacks are the hot path: every packet of every diverted conversation
+passes them twice over netlink. The clock is read once per turn, not per
+packet: a turn lasts milliseconds, conversations time out in seconds.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import selectors
+import select
 import socket
 import time
 import warnings
@@ -33,7 +37,7 @@ PROTOCOLS = {"tcp": TCP, "udp": UDP}
 QUEUE_LENGTH = 1024
 # Packets taken from one queue before the other queue and the tick get their
 # turn: a flooded queue delays the other by a few milliseconds of work at
-# most, and one select() serves 64 packets.
+# most, and one epoll wait serves 64 packets.
 DRAIN_BOUND = 64
 KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
 
@@ -52,10 +56,14 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
     `is_local(address)`: is it one of this host's unicast addresses (see FixUp).
     `resolve`: a conntrack lookup by reply tuple (see FixUp)."""
     listeners = {PROTOCOLS[p]: lst.port for p in PROTOCOLS if (lst := config.default_listener(p))}
-    ranges = {TCP: config.leave_alone.tcp_ports, UDP: config.leave_alone.udp_ports}
+    # One byte per port: a lookup per new conversation, however many ranges.
+    alone = {TCP: bytearray(65536), UDP: bytearray(65536)}
+    for protocol, ranges in ((TCP, config.leave_alone.tcp_ports), (UDP, config.leave_alone.udp_ports)):
+        for r in ranges:
+            alone[protocol][r.first:r.last + 1] = b"\1" * (r.last - r.first + 1)
 
     def left_alone(protocol: int, port: int) -> bool:
-        return any(port in r for r in ranges[protocol])
+        return alone[protocol][port] == 1
 
     table = ConversationTable(config.worker.max_conversations, config.worker.tcp_idle,
                               config.worker.udp_idle, config.worker.close_grace)
@@ -116,39 +124,41 @@ class Worker:
         self.tick_seconds = tick_seconds
         self.stats = WorkerStats()
         self._queues: list = []
+        self._now = time.monotonic()  # the clock as the current turn began
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_w, False)
 
     # -- queue callbacks (the hot path) --------------------------------------
 
-    def _incoming(self, pkt) -> None:
-        self._verdict(pkt, True)
+    def _callback(self, incoming: bool) -> Callable:
+        """The callback of one queue: FixUp's verdict on each packet, given to the kernel."""
+        fix = self.fixup.incoming if incoming else self.fixup.outgoing
 
-    def _outgoing(self, pkt) -> None:
-        self._verdict(pkt, False)
+        def callback(pkt) -> None:
+            drop = False
+            try:
+                data = pkt.get_payload()
+                new = fix(data, self._now, indev=pkt.indev) if incoming else fix(data, self._now)
+                if new is not None:
+                    if new is DROP:
+                        drop = True
+                    else:
+                        pkt.set_payload(new)
+                        if self.pcap is not None:
+                            self._capture(data, new)
+            except Exception:  # noqa: BLE001 - the verdict below must still happen
+                self.stats.verdict_errors += 1
+            finally:
+                if drop:
+                    pkt.drop()
+                else:
+                    pkt.accept()
+        return callback
 
-    def _verdict(self, pkt, incoming: bool) -> None:
-        drop = False
-        try:
-            data = pkt.get_payload()
-            now = time.monotonic()
-            new = (self.fixup.incoming(data, now, indev=pkt.indev) if incoming
-                   else self.fixup.outgoing(data, now))
-            if new is DROP:
-                drop = True
-            elif new is not None:
-                pkt.set_payload(new)
-                if self.pcap is not None:
-                    wall = time.time()
-                    self.pcap.write(data, wall)  # as it arrived
-                    self.pcap.write(new, wall)  # as rewritten
-        except Exception:  # noqa: BLE001 - the verdict below must still happen
-            self.stats.verdict_errors += 1
-        finally:
-            if drop:
-                pkt.drop()
-            else:
-                pkt.accept()
+    def _capture(self, data: bytes, new: bytes) -> None:
+        wall = time.time()
+        self.pcap.write(data, wall)  # as it arrived
+        self.pcap.write(new, wall)  # as rewritten
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -156,8 +166,8 @@ class Worker:
         """Attach to both queues (before the ruleset sends anything there)."""
         from netfilterqueue import NetfilterQueue
 
-        for key, num, callback in (("incoming", self.config.queue.incoming, self._incoming),
-                                   ("outgoing", self.config.queue.outgoing, self._outgoing)):
+        for key, num, callback in (("incoming", self.config.queue.incoming, self._callback(True)),
+                                   ("outgoing", self.config.queue.outgoing, self._callback(False))):
             nfq = NetfilterQueue()
             with warnings.catch_warnings():
                 # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
@@ -201,27 +211,31 @@ class Worker:
             pass
 
     def run(self) -> None:
-        sel = selectors.DefaultSelector()
+        poll = select.epoll()
+        queues = {}
         for nfq, reader in self._queues:
-            sel.register(nfq.get_fd(), selectors.EVENT_READ, (nfq, reader))
-        sel.register(self._stop_r, selectors.EVENT_READ, None)
-        next_tick = time.monotonic() + self.tick_seconds
+            queues[nfq.get_fd()] = (nfq, reader)
+            poll.register(nfq.get_fd(), select.EPOLLIN)
+        poll.register(self._stop_r, select.EPOLLIN)
+        stop = self._stop_r
+        now = time.monotonic()
+        next_tick = now + self.tick_seconds
         busy = False
         try:
             while True:
                 # While a queue had more than one turn's worth, poll rather than wait.
-                timeout = 0.0 if busy else max(0.0, next_tick - time.monotonic())
+                ready = poll.poll(0.0 if busy else max(0.0, next_tick - now))
+                now = self._now = time.monotonic()  # the packets' time, for this turn
                 busy = False
-                for key, _ in sel.select(timeout):
-                    if key.data is None:
+                for fd, _ in ready:
+                    if fd == stop:
                         return
-                    nfq, reader = key.data
+                    nfq, reader = queues[fd]
                     busy |= reader.drain(nfq, DRAIN_BOUND)  # one turn, then the next queue
-                now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + self.tick_seconds
                     self.fixup.table.expire(now)
                     if self.tick is not None:
                         self.tick(now)
         finally:
-            sel.close()
+            poll.close()
