@@ -89,6 +89,10 @@ class _KernelPath:
         self.tick, self.tick_seconds = tick, tick_seconds
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_w, False)
+        self._readers: dict[int, Callable[[], bool]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], bool]) -> None:
+        self._readers[fd] = callback
 
     def stop(self) -> None:
         try:
@@ -97,8 +101,18 @@ class _KernelPath:
             pass
 
     def run(self) -> None:
-        while not select.select([self._stop_r], [], [], self.tick_seconds)[0]:
-            self.tick(time.monotonic())
+        next_tick = time.monotonic() + self.tick_seconds
+        while True:
+            ready = select.select([self._stop_r, *self._readers], [], [],
+                                  max(0.0, next_tick - time.monotonic()))[0]
+            if self._stop_r in ready:
+                return
+            for fd in ready:
+                if not self._readers[fd]():
+                    del self._readers[fd]
+            if (now := time.monotonic()) >= next_tick:
+                next_tick = now + self.tick_seconds
+                self.tick(now)
 
     def close(self) -> None:
         for fd in (self._stop_r, self._stop_w):
@@ -256,6 +270,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
             pump = Worker(config, fixup, pcap=pcap, tick=tick, tick_seconds=2 * BOUND_REFRESH)
             pump.bind()
         stack.callback(pump.close)
+        if listeners.origins is not None:  # the listener's questions, between turns of packets
+            pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure

@@ -11,7 +11,7 @@ handshake and HTTP request is handed to `emit` as a log record.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.errors import NftDivertError
@@ -20,7 +20,7 @@ from nftdivert.services.tls import Plain, handshake
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
-Origin = Callable[[tuple, tuple], "tuple[str, int] | None"]
+Origin = Callable[[tuple, tuple], Awaitable["tuple[str, int] | None"]]
 
 
 def endpoint(addr) -> str:
@@ -145,8 +145,7 @@ class DefaultTcp:
             return origin_mod.of_socket(writer.get_extra_info("socket"))
         if self._origin is None:
             return None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._origin, peer[:2], sock[:2])
+        return await self._origin(peer[:2], sock[:2])
 
     async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
         """A protocol that speaks first; each imports its library only once spoken."""

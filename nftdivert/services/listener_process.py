@@ -56,6 +56,11 @@ class ListenerProcess:
         self._conn = None
         self._origins: origin.Server | None = None
 
+    @property
+    def origins(self) -> "origin.Server | None":
+        """The questions' pipe: the worker's loop answers them (answer_pending) when it is readable."""
+        return self._origins
+
     def answer_origins(self, lookup) -> None:
         """From now on the listener's origin questions are answered by `lookup(client, local)`."""
         if self._origins is not None:
@@ -95,8 +100,7 @@ class ListenerProcess:
         self._process.start()
         child_end.close()
         origin_child.close()
-        self._origins = origin.Server(origin_parent)
-        self._origins.start()
+        self._origins = origin.Server(origin_parent)  # served by the worker's loop (origins)
         self._conn = parent_end
         if not parent_end.poll(timeout):
             self.stop()
@@ -160,7 +164,6 @@ class ListenerProcess:
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self._origins is not None:
-            self._origins.join(timeout=5)  # ends at the child's EOF
             self._origins.close()
         if self._conn is not None:
             self._conn.close()

@@ -6,18 +6,18 @@ the queue worker the port. The worker's conversation table knows the route
 the listener process asks its parent over a pipe of its own, one short
 request at a time, and takes no answer within ORIGIN_TIMEOUT as unknown.
 
-The parent answers in a thread of its own, never in the worker's: it reads
-the table without reordering it (one dict lookup, atomic under the GIL) and
-asks conntrack on a socket of its own, so the packet path never waits on it.
+The parent answers in the worker's loop, between turns of packets: it reads
+the table without reordering it and asks conntrack on a socket of its own.
+The kernel path asks nobody: the accepted socket's own conntrack entry
+names the original destination (of_socket).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import itertools
 import socket
-import threading
-import time
 from typing import Callable, Protocol
 
 from nftdivert.worker.packet import TCP
@@ -98,62 +98,70 @@ def _text(addr: tuple[bytes, int]) -> Endpoint:
 
 
 class Server:
-    """The parent's side: answers (id, client, local) with (id, original or None)."""
+    """The parent's side: answers (id, client, local) with (id, original or None).
+
+    Served by the worker's own loop (answer_pending when the pipe is
+    readable), not by a thread: a thread in the worker's interpreter took the
+    interpreter lock from the packets at every question, and measured about
+    half the queue path's connections/s.
+    """
 
     def __init__(self, conn) -> None:
         self._conn = conn
         self.lookup: Callable[[Endpoint, Endpoint], Endpoint | None] | None = None  # set once the worker exists
-        self._thread = threading.Thread(target=self._serve, name="nftdivert-origins", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def fileno(self) -> int:
+        return self._conn.fileno()
 
-    def _serve(self) -> None:
-        while True:
-            try:
+    def answer_pending(self) -> bool:
+        """Answer every question waiting; False once the listener process is gone."""
+        try:
+            while self._conn.poll(0):
                 ident, client, local = self._conn.recv()
-            except (EOFError, OSError, ValueError, TypeError):
-                return
-            lookup = self.lookup
-            try:
-                answer = lookup(tuple(client), tuple(local)) if lookup is not None else None
-            except Exception:  # noqa: BLE001 - a failed lookup is an unknown origin, not a dead thread
-                answer = None
-            try:
+                lookup = self.lookup
+                try:
+                    answer = lookup(tuple(client), tuple(local)) if lookup is not None else None
+                except Exception:  # noqa: BLE001 - a failed lookup is an unknown origin, not a dead loop
+                    answer = None
                 self._conn.send((ident, answer))
-            except (OSError, ValueError):
-                return
-
-    def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        except (EOFError, OSError, ValueError, TypeError):
+            return False
+        return True
 
     def close(self) -> None:
         self._conn.close()
 
 
 class Client:
-    """The listener's side; ask() blocks at most `timeout`: call it off the event loop."""
+    """The listener's side, on its event loop: ask() waits at most `timeout`, and no thread."""
 
     def __init__(self, conn, timeout: float = ORIGIN_TIMEOUT) -> None:
         self._conn, self._timeout = conn, timeout
-        self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def ask(self, client: Endpoint, local: Endpoint) -> Endpoint | None:
-        deadline = time.monotonic() + self._timeout
-        if not self._lock.acquire(timeout=self._timeout):
-            return None
+    async def ask(self, client: Endpoint, local: Endpoint) -> Endpoint | None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._conn.fileno(), self._answers)
+        ident = next(self._ids)
+        waiting = self._waiting[ident] = self._loop.create_future()
         try:
-            ident = next(self._ids)
             self._conn.send((ident, client[:2], local[:2]))
-            while (left := deadline - time.monotonic()) > 0 and self._conn.poll(left):
-                got, answer = self._conn.recv()
-                if got == ident:
-                    return tuple(answer) if answer is not None else None
-                # a late answer to a request that timed out: dropped
-        except (EOFError, OSError, ValueError):
-            pass
+            return await asyncio.wait_for(waiting, self._timeout)
+        except (asyncio.TimeoutError, EOFError, OSError, ValueError):
+            return None
         finally:
-            self._lock.release()
-        return None
+            self._waiting.pop(ident, None)
+
+    def _answers(self) -> None:
+        try:
+            while self._conn.poll(0):
+                ident, answer = self._conn.recv()
+                waiting = self._waiting.get(ident)  # gone: a late answer to a question that timed out
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(tuple(answer) if answer is not None else None)
+        except (EOFError, OSError, ValueError):
+            assert self._loop is not None
+            self._loop.remove_reader(self._conn.fileno())  # the parent is gone: every question times out

@@ -126,6 +126,7 @@ class Worker:
         self._queues: list = []
         self._now = time.monotonic()  # the clock as the current turn began
         self._stop_r, self._stop_w = os.pipe()
+        self._readers: dict[int, Callable[[], bool]] = {}
         os.set_blocking(self._stop_w, False)
 
     # -- queue callbacks (the hot path) --------------------------------------
@@ -203,6 +204,10 @@ class Worker:
             except OSError:
                 pass
 
+    def add_reader(self, fd: int, callback: Callable[[], bool]) -> None:
+        """Also serve `fd` between turns: callback() when readable; False drops it."""
+        self._readers[fd] = callback
+
     def stop(self) -> None:
         """Ask run() to return; safe from a signal handler or another thread."""
         try:
@@ -217,6 +222,8 @@ class Worker:
             queues[nfq.get_fd()] = (nfq, reader)
             poll.register(nfq.get_fd(), select.EPOLLIN)
         poll.register(self._stop_r, select.EPOLLIN)
+        for fd in self._readers:
+            poll.register(fd, select.EPOLLIN)
         stop = self._stop_r
         now = time.monotonic()
         next_tick = now + self.tick_seconds
@@ -230,6 +237,11 @@ class Worker:
                 for fd, _ in ready:
                     if fd == stop:
                         return
+                    if fd in self._readers:
+                        if not self._readers[fd]():  # that edge is gone: stop listening to it
+                            poll.unregister(fd)
+                            del self._readers[fd]
+                        continue
                     nfq, reader = queues[fd]
                     busy |= reader.drain(nfq, DRAIN_BOUND)  # one turn, then the next queue
                 if now >= next_tick:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,25 +73,39 @@ def test_peek_does_not_reorder_the_table():
 
 
 def test_the_pipe_answers_and_a_silent_parent_is_unknown_within_the_timeout():
+    """The parent answers in a loop of its own (here a thread standing in for
+    the worker's), whenever the pipe is readable; the listener awaits it."""
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
     server = origin.Server(parent)
     server.lookup = lambda client, local: ("203.0.113.9", local[1] + 1)
-    server.start()
-    client = origin.Client(child, timeout=2.0)
-    assert client.ask(("10.0.0.2", 40000, 0, 0), ("10.0.0.1", 24)) == ("203.0.113.9", 25)
+    served = []
 
-    slow = []
-    server.lookup = lambda client, local: slow.append(1) or time.sleep(0.6) or ("203.0.113.9", 1)
-    client._timeout = 0.2
-    assert client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24)) is None
-    # The late answer is dropped; the next question gets its own.
-    server.lookup = lambda client, local: ("203.0.113.9", 2)
-    client._timeout = 2.0
-    assert client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24)) == ("203.0.113.9", 2)
-    assert slow
+    def serve() -> None:  # the worker's loop: answer_pending whenever the pipe is readable
+        while parent.poll(5) and server.answer_pending():
+            served.append(1)
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+
+    async def questions():
+        client = origin.Client(child, timeout=2.0)
+        first = await client.ask(("10.0.0.2", 40000, 0, 0), ("10.0.0.1", 24))
+        slow = []
+        server.lookup = lambda client, local: slow.append(1) or time.sleep(0.6) or ("203.0.113.9", 1)
+        client._timeout = 0.2
+        late = await client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24))
+        # The late answer is dropped; the next question gets its own.
+        server.lookup = lambda client, local: ("203.0.113.9", 2)
+        client._timeout = 2.0
+        third = await client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24))
+        return first, late, third, slow
+
+    first, late, third, slow = asyncio.run(questions())
+    assert first == ("203.0.113.9", 25) and late is None and third == ("203.0.113.9", 2) and slow
     child.close()
-    server.join(2)
+    loop.join(6)
+    assert not loop.is_alive() and not server.answer_pending()  # the listener's end is gone
     server.close()
 
 
