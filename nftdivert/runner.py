@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -35,6 +34,7 @@ from nftdivert.ruleset.kernel import Nft
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
+from nftdivert.worker.pump import Ticker
 from nftdivert.worker.queue import Worker, build_fixup
 
 STATS_DIR = owner.STATE_DIR
@@ -80,43 +80,6 @@ class _BoundPorts:
             text += bound.serving_commands(self.rs.table)
         if text:
             self.nft.run(text, source="bound ports")
-
-
-class _KernelPath:
-    """The kernel path's main loop: no packet to pump, only the tick, until stop()."""
-
-    def __init__(self, tick: Callable[[float], None], tick_seconds: float) -> None:
-        self.tick, self.tick_seconds = tick, tick_seconds
-        self._stop_r, self._stop_w = os.pipe()
-        os.set_blocking(self._stop_w, False)
-        self._readers: dict[int, Callable[[], bool]] = {}
-
-    def add_reader(self, fd: int, callback: Callable[[], bool]) -> None:
-        self._readers[fd] = callback
-
-    def stop(self) -> None:
-        try:
-            os.write(self._stop_w, b"x")
-        except OSError:  # full (a stop is pending anyway) or already closed
-            pass
-
-    def run(self) -> None:
-        next_tick = time.monotonic() + self.tick_seconds
-        while True:
-            ready = select.select([self._stop_r, *self._readers], [], [],
-                                  max(0.0, next_tick - time.monotonic()))[0]
-            if self._stop_r in ready:
-                return
-            for fd in ready:
-                if not self._readers[fd]():
-                    del self._readers[fd]
-            if (now := time.monotonic()) >= next_tick:
-                next_tick = now + self.tick_seconds
-                self.tick(now)
-
-    def close(self) -> None:
-        for fd in (self._stop_r, self._stop_w):
-            os.close(fd)
 
 
 def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
@@ -265,7 +228,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
                     raise _capture_failed(pcap_path, exc) from None
 
         if fixup is None:
-            pump = _KernelPath(tick, BOUND_REFRESH)
+            pump = Ticker(tick, BOUND_REFRESH)
         else:
             pump = Worker(config, fixup, pcap=pcap, tick=tick, tick_seconds=2 * BOUND_REFRESH)
             pump.bind()

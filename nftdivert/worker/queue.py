@@ -16,7 +16,6 @@ packet: a turn lasts milliseconds, conversations time out in seconds.
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import time
@@ -32,6 +31,7 @@ from nftdivert.errors import NftDivertError
 from nftdivert.worker.conversations import ConversationTable
 from nftdivert.worker.fixup import DROP, FixUp, Resolve
 from nftdivert.worker.packet import TCP, UDP
+from nftdivert.worker.pump import Pump
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
 QUEUE_LENGTH = 1024
@@ -112,22 +112,18 @@ def kernel_queue_drops(numbers: dict[str, int], path: Path = KERNEL_QUEUES) -> d
     return {key: {"queue": num, **by_number[num]} for key, num in numbers.items() if num in by_number}
 
 
-class Worker:
+class Worker(Pump):
     """Binds the two queues and pumps packets until stop() or a signal."""
 
     def __init__(self, config: Config, fixup: FixUp, *, pcap=None, tick: Callable[[float], None] | None = None,
                  tick_seconds: float = 1.0) -> None:
+        super().__init__(tick, tick_seconds)
         self.config = config
         self.fixup = fixup
         self.pcap = pcap
-        self.tick = tick
-        self.tick_seconds = tick_seconds
         self.stats = WorkerStats()
         self._queues: list = []
         self._now = time.monotonic()  # the clock as the current turn began
-        self._stop_r, self._stop_w = os.pipe()
-        self._readers: dict[int, Callable[[], bool]] = {}
-        os.set_blocking(self._stop_w, False)
 
     # -- queue callbacks (the hot path) --------------------------------------
 
@@ -198,22 +194,7 @@ class Worker:
     def close(self) -> None:
         """Unbind and release the stop pipe; the worker cannot run again."""
         self.unbind()
-        for fd in (self._stop_r, self._stop_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def add_reader(self, fd: int, callback: Callable[[], bool]) -> None:
-        """Also serve `fd` between turns: callback() when readable; False drops it."""
-        self._readers[fd] = callback
-
-    def stop(self) -> None:
-        """Ask run() to return; safe from a signal handler or another thread."""
-        try:
-            os.write(self._stop_w, b"x")
-        except OSError:  # full (a stop is pending anyway) or already closed
-            pass
+        super().close()
 
     def run(self) -> None:
         poll = select.epoll()
@@ -238,9 +219,8 @@ class Worker:
                     if fd == stop:
                         return
                     if fd in self._readers:
-                        if not self._readers[fd]():  # that edge is gone: stop listening to it
+                        if not self._serve_reader(fd):  # that edge is gone: stop listening to it
                             poll.unregister(fd)
-                            del self._readers[fd]
                         continue
                     nfq, reader = queues[fd]
                     busy |= reader.drain(nfq, DRAIN_BOUND)  # one turn, then the next queue
