@@ -82,15 +82,18 @@ class DefaultTcp:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
         peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
         base = {"client": endpoint(peer), "listener": self._name}
-        # Asked alongside the first bytes, so the wait for them hides the round trip.
-        asked = asyncio.ensure_future(self._original(peer, sock, writer))
+        # Queue path: asked alongside the first bytes, so the wait for them hides
+        # the round trip. Kernel path: a getsockopt, when something needs it.
+        asked = None if self._origin_in_kernel else asyncio.ensure_future(self._original(peer, sock))
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
         fixed = self._fixed
         server_first = fixed not in (None, "http", "https")
         first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
-        original = await asked
+        echoed = fixed is None and first and recognize.classify(first) == "other"
+        # An unknown protocol is echoed: on the kernel path nothing asks where it went.
+        original = None if echoed and asked is None else await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
         if fixed is not None:
@@ -134,15 +137,19 @@ class DefaultTcp:
 
         if not ftp.expecting():
             return False
-        original = await asked
+        original = await self._origin_of(asked, writer)
         done = original and ftp.claim(peer[0].removeprefix("::ffff:"), original[1], Plain(reader, writer, b"", count))
         if done:
             await done
         return bool(done)
 
-    async def _original(self, peer, sock, writer) -> tuple[str, int] | None:
-        if self._origin_in_kernel:  # a getsockopt: microseconds, no round trip
+    @staticmethod
+    async def _origin_of(asked, writer) -> tuple[str, int] | None:
+        if asked is None:  # the kernel path: the socket's own conntrack entry names it
             return origin_mod.of_socket(writer.get_extra_info("socket"))
+        return await asked
+
+    async def _original(self, peer, sock) -> tuple[str, int] | None:
         if self._origin is None:
             return None
         return await self._origin(peer[:2], sock[:2])
