@@ -84,7 +84,8 @@ class DefaultTcp:
         base = {"client": endpoint(peer), "listener": self._name}
         # Queue path: asked alongside the first bytes, so the wait for them hides
         # the round trip. Kernel path: a getsockopt, when something needs it.
-        asked = None if self._origin_in_kernel else asyncio.ensure_future(self._original(peer, sock))
+        asked = (asyncio.ensure_future(self._original(peer, sock))
+                 if self._origin is not None and not self._origin_in_kernel else None)
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
         fixed = self._fixed
@@ -92,7 +93,7 @@ class DefaultTcp:
         first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
         echoed = fixed is None and first and recognize.classify(first) == "other"
-        # An unknown protocol is echoed: on the kernel path nothing asks where it went.
+        # An unknown protocol is echoed: unless already asked, nothing asks where it went.
         original = None if echoed and asked is None else await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
@@ -143,15 +144,14 @@ class DefaultTcp:
             await done
         return bool(done)
 
-    @staticmethod
-    async def _origin_of(asked, writer) -> tuple[str, int] | None:
-        if asked is None:  # the kernel path: the socket's own conntrack entry names it
+    async def _origin_of(self, asked, writer) -> tuple[str, int] | None:
+        if asked is not None:
+            return await asked
+        if self._origin_in_kernel:  # the kernel path: the socket's own conntrack entry names it
             return origin_mod.of_socket(writer.get_extra_info("socket"))
-        return await asked
+        return None  # nobody to ask
 
     async def _original(self, peer, sock) -> tuple[str, int] | None:
-        if self._origin is None:
-            return None
         return await self._origin(peer[:2], sock[:2])
 
     async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
