@@ -132,6 +132,34 @@ def sockets() -> list[Listening]:
                 for s in _dump(sock, family, protocol, states) if s.port]
 
 
+@dataclass(frozen=True, slots=True)
+class InterfaceAddress:
+    """One address of this namespace, as RTM_GETADDR reports it."""
+
+    family: int  # socket.AF_INET or AF_INET6
+    prefix: int
+    flags: int  # IFA_FLAGS when present (it holds the bits beyond the first 8)
+    scope: int
+    index: int  # the interface's
+    address: bytes
+
+
+def interface_addresses() -> list[InterfaceAddress]:
+    """This namespace's addresses, in the order the kernel keeps them per interface."""
+    found = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            family, prefix, flags, scope, index = _IFADDRMSG.unpack_from(body)
+            attrs = _attributes(body, _IFADDRMSG.size)
+            # IPv4 names its own address IFA_LOCAL (IFA_ADDRESS may be a peer's); IPv6 only IFA_ADDRESS.
+            address = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+            if address:
+                if _IFA_FLAGS in attrs:
+                    flags = struct.unpack_from("=I", attrs[_IFA_FLAGS])[0]
+                found.append(InterfaceAddress(family, prefix, flags, scope, index, address))
+    return found
+
+
 @dataclass(frozen=True)
 class Addresses:
     """This namespace's own unicast addresses, both families, and the one
@@ -148,28 +176,20 @@ def addresses() -> Addresses:
     `redirect` on the prerouting hook takes the incoming interface's primary
     IPv4 address, or its first usable global IPv6 address, in the order the
     kernel keeps (and dumps) them."""
-    found, redirect_to = set(), {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            family, _plen, flags, scope, index = _IFADDRMSG.unpack_from(body)
-            attrs = _attributes(body, _IFADDRMSG.size)
-            # IPv4 names its own address IFA_LOCAL (IFA_ADDRESS may be a peer's); IPv6 only IFA_ADDRESS.
-            address = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-            if not address:
-                continue
-            found.add(address)
-            if _IFA_FLAGS in attrs:
-                flags = struct.unpack_from("=I", attrs[_IFA_FLAGS])[0]
-            version = 4 if family == socket.AF_INET else 6
-            usable = (not flags & _IFA_F_SECONDARY if version == 4 else
-                      scope == _RT_SCOPE_UNIVERSE and not (flags & _IFA_F_TENTATIVE and not flags & _IFA_F_OPTIMISTIC))
-            if usable:
-                redirect_to.setdefault((version, index), address)
-    return Addresses(frozenset(found), frozenset((v, i, a) for (v, i), a in redirect_to.items()))
+    return addresses_of(interface_addresses())
 
 
-def local_addresses() -> frozenset[bytes]:
-    return addresses().local
+def addresses_of(known: list[InterfaceAddress]) -> Addresses:
+    """Pure: addresses() from a dump."""
+    redirect_to: dict[tuple[int, int], bytes] = {}
+    for a in known:
+        version = 4 if a.family == socket.AF_INET else 6
+        usable = (not a.flags & _IFA_F_SECONDARY if version == 4 else a.scope == _RT_SCOPE_UNIVERSE
+                  and not (a.flags & _IFA_F_TENTATIVE and not a.flags & _IFA_F_OPTIMISTIC))
+        if usable:
+            redirect_to.setdefault((version, a.index), a.address)
+    return Addresses(frozenset(a.address for a in known),
+                     frozenset((v, i, a) for (v, i), a in redirect_to.items()))
 
 
 def read() -> BoundPorts:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 
-from nftdivert.observers.bound import _IFA_ADDRESS, _IFA_LOCAL, _RTM_GETADDR, _attributes, _netlink_dump
-
-_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+from nftdivert.observers.bound import interface_addresses
 
 Subnet = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, bytes]  # (prefix, interface, own address)
 
@@ -21,18 +18,12 @@ Subnet = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, bytes]  # (pr
 def subnets() -> list[Subnet]:
     """This namespace's addresses with their prefixes and interface names."""
     found = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        for body in _netlink_dump(sock, _RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            _family, prefix, _flags, _scope, index = _IFADDRMSG.unpack_from(body)
-            attrs = _attributes(body, _IFADDRMSG.size)
-            own = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-            if not own:
-                continue
-            try:
-                name = socket.if_indextoname(index)
-            except OSError:
-                name = str(index)
-            found.append((ipaddress.ip_network((own, prefix), strict=False), name, own))
+    for a in interface_addresses():
+        try:
+            name = socket.if_indextoname(a.index)
+        except OSError:
+            name = str(a.index)
+        found.append((ipaddress.ip_network((a.address, a.prefix), strict=False), name, a.address))
     return found
 
 

@@ -256,19 +256,23 @@ def status(table: str, nft: Nft) -> Status:
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
-        xt_rules=xt, sets=sets, admission=_named_counters(objects))
+        xt_rules=xt, sets=sets, admission=_named_counters(objects, "admission_"))
 
 
-def _named_counters(objects: list[dict], prefix: str = "admission_") -> dict[str, int]:
+def _named_counters(objects: list[dict], prefix: str) -> dict[str, int]:
     return {o["counter"]["name"][len(prefix):]: o["counter"]["packets"]
             for o in objects if "counter" in o and o["counter"]["name"].startswith(prefix)}
 
 
+def _counters(table: str, nft: Nft, prefix: str) -> dict[str, int]:
+    return _named_counters(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}), prefix)
+
+
 def admission_drops(table: str, nft: Nft) -> dict[str, int]:
     """protocol -> new conversations dropped by admission control so far ({} without the table)."""
-    return _named_counters(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}))
+    return _counters(table, nft, "admission_")
 
 
 def diverted(table: str, nft: Nft) -> dict[str, int]:
     """Kernel path: protocol -> new conversations its rules redirected to the default listener."""
-    return _named_counters(nft.json_cmd({"list": {"counters": {"family": "inet", "table": table}}}), "diverted_")
+    return _counters(table, nft, "diverted_")

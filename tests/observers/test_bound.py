@@ -71,3 +71,18 @@ def test_set_commands_replace_the_sets_in_one_go():
         "add element inet lab bound_udp_v6 { ::1 . 53 }",
     ]
 
+
+
+def test_the_redirect_address_is_the_primary_ipv4_and_the_first_usable_global_ipv6():
+    v4 = lambda last, flags=0: bound.InterfaceAddress(socket.AF_INET, 24, flags, 0, 3, bytes([192, 0, 2, last]))  # noqa: E731
+    v6 = lambda last, scope=0, flags=0: bound.InterfaceAddress(  # noqa: E731
+        socket.AF_INET6, 64, flags, scope, 3, bytes.fromhex("20010db8000100000000000000000000")[:15] + bytes([last]))
+    found = bound.addresses_of([
+        v4(9, flags=0x01),  # secondary: never the redirect's
+        v4(1), v4(2, flags=0x01),
+        v6(7, flags=0x40),  # tentative (DAD not done)
+        v6(8, scope=253),  # link scope
+        v6(9), v6(10),
+    ])
+    assert found.redirect_to == {(4, 3, bytes([192, 0, 2, 1])), (6, 3, v6(9).address)}
+    assert len(found.local) == 7
