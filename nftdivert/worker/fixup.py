@@ -141,9 +141,11 @@ class FixUp:
                     return None
             if not conv.announced:
                 self._announce(conv)
-            if seg.tcp_flags & (FIN | RST):  # 0 for UDP
-                # The listener may close (or reset) first.
-                self.table.mark_closing(conv.binding, now)
+            flags = seg.tcp_flags  # 0 for UDP
+            if flags & (FIN | RST):
+                # The listener may close (or reset) first; closing first, its
+                # socket stays in TIME_WAIT, on this binding.
+                self.table.mark_closing(conv.binding, now, listener_fin=bool(flags & FIN))
             counters.rewritten += 1
             return with_ports(data, seg, conv.route[4], conv.reply_port)
         except Exception as exc:  # noqa: BLE001

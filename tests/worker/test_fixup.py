@@ -199,6 +199,35 @@ def test_port_reuse_while_the_old_conversation_closes_gets_an_alias():
     assert f.table.expire(5.0) == 1  # only the closed one goes
 
 
+def test_a_client_port_whose_listener_closed_first_gets_an_alias_after_the_grace():
+    """HTTP: the server closes first, so its socket waits in TIME_WAIT long
+    after the grace. A new conversation from that client port to another
+    destination must not reach it (a stale ACK instead of a SYN/ACK)."""
+    f = make()
+    f.incoming(client(41000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.1)
+    f.outgoing(server(1337, 41000, FIN | ACK), 0.2)  # the listener closes first
+    f.incoming(client(41000, 80, FIN | ACK), 0.3)
+    f.outgoing(server(1337, 41000, ACK), 0.3)
+    assert f.table.expire(12.0) == 1 and len(f.table) == 0
+    out = f.incoming(client(41000, 6000, SYN), 12.0)
+    alias = ports(out)[0]
+    assert alias != 41000 and ports(out)[1] == 1337 and checksum_valid(out)
+    assert ports(f.outgoing(server(1337, alias, SYN | ACK), 12.1)) == (6000, 41000)  # restored
+    assert f.counters.port_clashes == 1
+
+
+def test_a_client_port_whose_client_closed_first_is_used_again_as_is():
+    f = make()
+    f.incoming(client(41000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.1)
+    f.incoming(client(41000, 80, FIN | ACK), 0.2)  # the client closes first: no TIME_WAIT at the listener
+    f.outgoing(server(1337, 41000, FIN | ACK), 0.3)
+    assert f.table.expire(12.0) == 1
+    assert ports(f.incoming(client(41000, 6000, SYN), 12.0)) == (41000, 1337)
+    assert f.counters.port_clashes == 0
+
+
 @pytest.mark.parametrize("protocol", [TCP, UDP])
 @pytest.mark.parametrize("version", [4, 6])
 def test_one_client_port_towards_two_destinations_at_once(protocol, version):
