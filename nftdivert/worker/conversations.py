@@ -138,6 +138,7 @@ class ConversationTable:
         # Bindings gone whose listener socket may linger -> until when; about
         # in order of that deadline; at most max_entries (the oldest go first).
         self._lingering: OrderedDict[Binding, float] = OrderedDict()
+        self._expired_until = float("-inf")  # the last expire()'s now
         self._evicted_idle = 0
         self._evicted_closed = 0
         self._evicted_cap = 0
@@ -305,6 +306,8 @@ class ConversationTable:
             peer.full = False  # its client port at the listener is free again
 
     def _linger(self, binding: Binding, until: float) -> None:
+        if until <= self._expired_until:
+            return  # idle for longer than TIME_WAIT already
         lingering = self._lingering
         lingering[binding] = until
         lingering.move_to_end(binding)
@@ -323,6 +326,7 @@ class ConversationTable:
     def expire(self, now: float) -> int:
         """Evict closed-and-graced and idle conversations; return how many."""
         evicted = 0
+        self._expired_until = now
         closing = self._closing
         deadline = now - self.close_grace
         while closing:

@@ -241,8 +241,20 @@ def test_lingering_bindings_are_bounded_and_udp_has_none():
         opened(t, 1000 + port, float(port), protocol=UDP, original=53)
         t.mark_closing(binding(1000 + port), float(port), listener_fin=True)
         t.expire(float(port) + 3.0)
-    assert t.stats.lingering == 10  # the most recent ones
-    assert t.free_alias(key(1099, original=81)) != 1099 and t.free_alias(key(1089, original=81)) == 1089
+    assert t.stats.lingering == 10  # the most recent ones, all TCP
+    assert all(t.free_alias(key(p, original=81)) != p for p in range(1090, 1100))
+    assert t.free_alias(key(1089, original=81)) == 1089
+
+
+def test_a_conversation_idle_for_longer_than_time_wait_does_not_linger():
+    t = table()
+    opened(t, 41000, 0.0)
+    opened(t, 41001, 50.0)
+    t.mark_closing(binding(41001), 50.0, listener_fin=True)
+    t.expire(52.5)  # 41001 lingers until 110
+    t.expire(60.0)  # tcp_idle: 41000 goes, silent for 60 s already
+    assert binding(41000) not in t and t.stats.lingering == 1
+    assert t.free_alias(key(41000, original=81)) == 41000
 
 
 def test_alias_is_the_next_free_port_after_the_clients_own():
