@@ -61,6 +61,9 @@ def nftdivert_argv() -> list[str]:
     return [str(cli)] if cli.exists() else [sys.executable, "-m", "nftdivert"]
 
 
+CONVERSATION_COUNTERS = {"client_port_clashes": r"client port clashes (\d+)", "kernel_remaps": r"kernel remaps (\d+)",
+                         "evicted_cap": r"cap (\d+)\)"}
+
 # Before divert_path existed, the queue path was the only one, and the key is refused.
 HAS_DIVERT_PATH = "divert_path" in {f.name for f in fields(Config)}
 
@@ -150,6 +153,9 @@ class NftdivertSide:
         if "nftdivert" in self.topo.divert.run("nft", "list", "tables", check=False).stdout:
             raise BenchError("nftdivert's table is still loaded after it stopped")
         info: dict = {"final": final}
+        # How often one client port served two conversations (the worker's alias, the kernel's remap).
+        info["final"].update({k: int(m[1]) for k, pattern in CONVERSATION_COUNTERS.items()
+                              if (m := re.search(pattern, text))})
         if "pcap" in self.observe:
             info["capture"] = self._capture(text)
         if "log" in self.observe:

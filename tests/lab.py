@@ -19,6 +19,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
     python lab.py many --json TARGETS                    concurrent TCP exchanges
     python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
+    python lab.py from-ports --json TARGETS [--half-close]  TCP exchanges, each from its own fixed port
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
     python lab.py serve-tcp PORT REPLY                   a tiny server of its own
 """
@@ -158,7 +159,8 @@ def build_local_host(netns_mod):
 # ---- the config ------------------------------------------------------------------
 
 def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), udp_ports=(),
-                hosts=(), users=(), after_stop: str = "keep", new_tcp_per_source: int | None = None) -> str:
+                hosts=(), users=(), after_stop: str = "keep", new_tcp_per_source: int | None = None,
+                close_grace: float | None = None) -> str:
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
@@ -176,6 +178,7 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
         f"hosts = {json.dumps(list(hosts))}",
         f"users = {json.dumps(list(users))}",
         "",
+        *(["[worker]", f"close_grace = {close_grace}", ""] if close_grace is not None else []),
     ])
 
 
@@ -912,6 +915,45 @@ def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one
     return {"local": sport, "results": res}
 
 
+def _total_retrans(sock: socket.socket) -> int:
+    """The segments this connection sent again (SYNs included): struct
+    tcp_info's tcpi_total_retrans, at byte 100."""
+    import struct
+
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
+
+
+def cmd_from_ports(targets: list[list], half_close: bool, timeout: float) -> dict:
+    """One TCP exchange per [sport, host, port, payload], one after another,
+    each from its own fixed client port (SO_REUSEADDR, as a client reusing its
+    ports does). Without --half-close the server is left to close first (an
+    HTTP request); with it, the client half-closes after sending (the echo).
+    Each reports how many segments it had to send again: 0 if its SYN was
+    answered at once."""
+    res = []
+    for sport, host, port, payload in targets:
+        r: dict = {"sport": sport, "target": [host, port], "ok": False}
+        sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(timeout)
+        try:
+            sock.bind(("::" if _family(host) == socket.AF_INET6 else "0.0.0.0", sport))
+            sock.connect((host, port))
+            sock.sendall(payload.encode())
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            r.update(ok=True, reply=data.decode(errors="replace")[:80], retransmits=_total_retrans(sock))
+        except OSError as exc:
+            r["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            sock.close()
+        res.append(r)
+    return {"results": res}
+
+
 def _sum16(data: bytes) -> int:
     return sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
 
@@ -1032,6 +1074,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sport", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5)
     p.add_argument("--one-by-one", action="store_true")
+    p = sub.add_parser("from-ports")
+    p.add_argument("--json", required=True, help="[[sport, host, port, payload], ...]")
+    p.add_argument("--half-close", action="store_true")
+    p.add_argument("--timeout", type=float, default=5)
     p = sub.add_parser("hold")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -1066,6 +1112,8 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
     elif a.cmd == "fan-out":
         out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
+    elif a.cmd == "from-ports":
+        out = cmd_from_ports(json.loads(a.json), a.half_close, a.timeout)
     elif a.cmd == "hold":
         cmd_hold(a.host, a.port, a.timeout)
         return

@@ -13,6 +13,11 @@ So the table keeps two things:
 - a Conversation per tuple as the listener sees it (Binding), which is unique
   and which its replies carry: which ports to put back. A route lives while
   any conversation bound to it lives.
+- the Bindings of TCP conversations gone from the table whose listener
+  socket may still be there (lingering): the listener closed first, so its
+  socket waits in TIME_WAIT. A new conversation from the same client port
+  to another destination would land on that socket, which answers its SYN
+  with a stale ACK of the old conversation; it gets an alias instead.
 
 Time is always passed in (monotonic seconds) so behaviour is reproducible.
 """
@@ -27,6 +32,8 @@ from nftdivert.worker.packet import TCP
 
 # Alias client ports come from here (the kernel's own NAT range for ports >= 1024).
 ALIAS_FIRST, ALIAS_LAST = 1024, 65535
+# How long a TCP socket that closed first stays in TIME_WAIT (Linux: TCP_TIMEWAIT_LEN, fixed).
+TIME_WAIT = 60.0
 
 
 class RouteKey(NamedTuple):
@@ -59,7 +66,7 @@ class _Peer:
     ports: OrderedDict = field(default_factory=OrderedDict)
     cursor: int = 0  # the next alias port to try; 0: not used yet
     # Every alias port is taken: a new route fails at once, not after a scan
-    # of all of them, until one of this peer's conversations goes.
+    # of all of them, until one of them is free again.
     full: bool = False
 
 
@@ -92,6 +99,9 @@ class Conversation:
     # the client asked for. None: the log asks conntrack itself.
     original: tuple[bytes, int] | None = None
     announced: bool = False  # its log line has been handed over
+    # Its listener's socket may outlive it: the listener sent the first FIN
+    # (TIME_WAIT follows), or it is forgotten before it closed.
+    lingers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,7 @@ class TableStats:
     evicted_idle: int
     evicted_closed: int
     evicted_cap: int
+    lingering: int = 0  # bindings kept from new conversations: a listener socket may linger there
 
 
 class ConversationTable:
@@ -124,6 +135,10 @@ class ConversationTable:
         self._peers: dict[tuple, _Peer] = {}
         # Closing entries in the order they started closing, i.e. of deadline.
         self._closing: OrderedDict[Binding, float] = OrderedDict()
+        # Bindings gone whose listener socket may linger -> until when; about
+        # in order of that deadline; at most max_entries (the oldest go first).
+        self._lingering: OrderedDict[Binding, float] = OrderedDict()
+        self._expired_until = float("-inf")  # the last expire()'s now
         self._evicted_idle = 0
         self._evicted_closed = 0
         self._evicted_cap = 0
@@ -185,11 +200,12 @@ class ConversationTable:
         """The client port the listener should see for a new route `key`: the
         client's own if free there, else the next free one after the last alias
         given to this client (a cursor, so each new route costs O(1) amortized
-        instead of a scan over every alias already taken)."""
+        instead of a scan over every alias already taken). Free: no conversation
+        holds it, and no listener socket may linger on it."""
         protocol, client, port, local = key[0], key[1], key[2], key[3]
-        taken = self._entries
+        taken, lingering = self._entries, self._lingering
         self.alias_probes += 1
-        if (protocol, client, port, local) not in taken:
+        if (protocol, client, port, local) not in taken and (protocol, client, port, local) not in lingering:
             return port
         peer = self._peers.get((protocol, client, local))
         if peer is not None and peer.full:
@@ -198,7 +214,8 @@ class ConversationTable:
         for _ in range(ALIAS_LAST - ALIAS_FIRST + 1):
             candidate = candidate + 1 if ALIAS_FIRST <= candidate < ALIAS_LAST else ALIAS_FIRST
             self.alias_probes += 1
-            if (protocol, client, candidate, local) not in taken:
+            binding = (protocol, client, candidate, local)
+            if binding not in taken and binding not in lingering:
                 if peer is not None:
                     peer.cursor = candidate
                 return candidate
@@ -263,9 +280,10 @@ class ConversationTable:
         conv = self._entries.pop(binding, None)
         if conv is None:
             return None
-        freed = self._peers.get((binding[0], binding[1], binding[3]))
-        if freed is not None:
-            freed.full = False  # its client port at the listener is free again
+        if binding[0] == TCP and (conv.lingers or conv.closing_since is None):
+            self._linger(conv.binding, conv.last_seen + TIME_WAIT)
+        else:
+            self._freed(binding)
         key = conv.route
         route = self._routes.get(key)
         if route is not None:
@@ -282,16 +300,33 @@ class ConversationTable:
                         self._peers.pop((key[0], key[1], key[3]), None)
         return conv
 
-    def mark_closing(self, binding: tuple, now: float) -> None:
-        """Start the grace period on the first FIN/RST; later ones don't extend it."""
+    def _freed(self, binding: tuple) -> None:
+        peer = self._peers.get((binding[0], binding[1], binding[3]))
+        if peer is not None:
+            peer.full = False  # its client port at the listener is free again
+
+    def _linger(self, binding: Binding, until: float) -> None:
+        if until <= self._expired_until:
+            return  # idle for longer than TIME_WAIT already
+        lingering = self._lingering
+        lingering[binding] = until
+        lingering.move_to_end(binding)
+        if len(lingering) > self.max_entries:
+            self._freed(lingering.popitem(last=False)[0])
+
+    def mark_closing(self, binding: tuple, now: float, *, listener_fin: bool = False) -> None:
+        """Start the grace period on the first FIN/RST; later ones don't extend it.
+        `listener_fin`: the listener sent it, a FIN: its socket goes to TIME_WAIT."""
         conv = self._entries.get(binding)
         if conv is not None and conv.closing_since is None:
             conv.closing_since = now
+            conv.lingers = listener_fin
             self._closing[binding] = now
 
     def expire(self, now: float) -> int:
         """Evict closed-and-graced and idle conversations; return how many."""
         evicted = 0
+        self._expired_until = now
         closing = self._closing
         deadline = now - self.close_grace
         while closing:
@@ -315,6 +350,14 @@ class ConversationTable:
         for binding in stale:
             self.remove(binding)
         self._evicted_idle += len(stale)
+
+        lingering = self._lingering
+        while lingering:
+            binding, until = next(iter(lingering.items()))
+            if until > now:
+                break
+            del lingering[binding]
+            self._freed(binding)
         return evicted + len(stale)
 
     @property
@@ -322,6 +365,7 @@ class ConversationTable:
         return TableStats(
             size=len(self._entries),
             routes=len(self._routes),
+            lingering=len(self._lingering),
             evicted_idle=self._evicted_idle,
             evicted_closed=self._evicted_closed,
             evicted_cap=self._evicted_cap,

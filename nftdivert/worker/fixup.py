@@ -141,9 +141,11 @@ class FixUp:
                     return None
             if not conv.announced:
                 self._announce(conv)
-            if seg.tcp_flags & (FIN | RST):  # 0 for UDP
-                # The listener may close (or reset) first.
-                self.table.mark_closing(conv.binding, now)
+            flags = seg.tcp_flags  # 0 for UDP
+            if flags & (FIN | RST):
+                # The listener may close (or reset) first; closing first, its
+                # socket stays in TIME_WAIT, on this binding.
+                self.table.mark_closing(conv.binding, now, listener_fin=bool(flags & FIN))
             counters.rewritten += 1
             return with_ports(data, seg, conv.route[4], conv.reply_port)
         except Exception as exc:  # noqa: BLE001
@@ -191,20 +193,23 @@ class FixUp:
         if conv is None and self._elsewhere:
             conv = self._from_elsewhere(binding[:3], now)
         if conv is None:
-            return self._learn(seg, binding, seg.dport, now)
+            return self._learn(seg, binding, (seg.dport,), now)
         if conv.listener_port != seg.sport:
             return None
         if conv.closing_since is not None and seg.tcp_flags & (SYN | ACK) == SYN | ACK:
             # The listener accepts a new connection on a closing binding: the
-            # client reopened it; conntrack says which conversation it is.
-            return self._learn(seg, binding, conv.reply_port, now, hint=conv.route[4]) or conv
+            # client reopened it (conntrack's reply tuple names its own port),
+            # or the kernel gave a new conversation's client this port (it
+            # names this one); conntrack says which conversation it is.
+            ports = (conv.reply_port,) if conv.reply_port == seg.dport else (conv.reply_port, seg.dport)
+            return self._learn(seg, binding, ports, now, hint=conv.route[4]) or conv
         return conv
 
-    def _learn(self, seg: Segment, binding: tuple, reply_port: int, now: float,
+    def _learn(self, seg: Segment, binding: tuple, reply_ports: tuple[int, ...], now: float,
                hint: int | None = None) -> Conversation | None:
         """The conversation behind a reply: ask conntrack for the entry whose
-        reply tuple is local:P -> client:reply_port, for the client's recent
-        original ports P, and bind the one found to its route."""
+        reply tuple is local:P -> client:R, for the client's recent original
+        ports P and each of `reply_ports` R, and bind the one found to its route."""
         if self.resolve is None:
             return None
         unplaced = self._unplaced
@@ -217,28 +222,38 @@ class FixUp:
             ports = [hint, *(p for p in ports if p != hint)]
         if not ports:
             return None  # no route of this client: nothing to ask about
+        # The listener accepting a connection: its entry has had no reply yet
+        # (conntrack sees this one after us). One that has is an older
+        # conversation's, in TIME_WAIT, from the client port the kernel has
+        # just given the new one; bound to it, the SYN/ACK and every retry
+        # would go to the old one.
+        accepting = seg.tcp_flags & (SYN | ACK) == SYN | ACK
         for port in ports:
-            entry = self.resolve(seg.version, seg.protocol, seg.dst, reply_port, seg.src, port)
-            if entry is None:
-                continue
-            route_key = (seg.protocol, seg.dst, entry.src_port, seg.src, port)
-            route = table.route(route_key)
-            if route is None or route.listener_port != seg.sport:
-                break  # a conversation of the kernel's, not one the worker diverted
-            conv = table.learn(binding, route_key, reply_port, now, original=(entry.dst, entry.dst_port))
-            unplaced.pop(binding, None)
-            if entry.seen_reply:
-                # Conntrack has seen this conversation answered before: one the
-                # table forgot (evicted, or closed but still talking), not new.
-                conv.announced = True
-            elif reply_port != entry.src_port:
-                self.counters.kernel_remaps += 1
-            return conv
+            for reply_port in reply_ports:
+                entry = self.resolve(seg.version, seg.protocol, seg.dst, reply_port, seg.src, port)
+                if entry is None or accepting and entry.seen_reply:
+                    continue
+                route_key = (seg.protocol, seg.dst, entry.src_port, seg.src, port)
+                route = table.route(route_key)
+                if route is None or route.listener_port != seg.sport:
+                    return self._unplaced_now(binding, now)  # a conversation of the kernel's, not diverted
+                conv = table.learn(binding, route_key, reply_port, now, original=(entry.dst, entry.dst_port))
+                unplaced.pop(binding, None)
+                if entry.seen_reply:
+                    # Conntrack has seen this conversation answered before: one the
+                    # table forgot (evicted, or closed but still talking), not new.
+                    conv.announced = True
+                elif reply_port != entry.src_port:
+                    self.counters.kernel_remaps += 1
+                return conv
+        return self._unplaced_now(binding, now)
+
+    def _unplaced_now(self, binding: tuple, now: float) -> None:
+        unplaced = self._unplaced
         unplaced[binding] = now
         unplaced.move_to_end(binding)
         if len(unplaced) > UNPLACED_MAX:
             unplaced.popitem(last=False)
-        return None
 
     def _diverted(self, data: bytes) -> bool:
         """Is this truncated reply one of a diverted conversation? Then it must

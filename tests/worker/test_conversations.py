@@ -102,7 +102,8 @@ def test_cap_evicts_the_least_recently_used():
     opened(t, 4, 5.0)
     assert [p for p in (1, 2, 3, 4) if binding(p) in t] == [1, 3, 4]
     assert t.route(key(2)) is None
-    assert t.stats == TableStats(size=3, routes=3, evicted_idle=0, evicted_closed=0, evicted_cap=1)
+    # 2 was evicted before it closed: its listener socket may still be there.
+    assert t.stats == TableStats(size=3, routes=3, evicted_idle=0, evicted_closed=0, evicted_cap=1, lingering=1)
 
 
 def test_cap_eviction_forgets_closing_state():
@@ -199,9 +200,61 @@ def test_listener_side_index_follows_adds_removals_and_evictions():
     assert t.from_listener_side(binding(ALIAS_FIRST), 1.0) is b
     opened(t, 7, 2.0)  # the cap evicts the least recently seen: a
     assert t.from_listener_side(binding(1), 2.0) is None
+    assert t.free_alias(key(1)) == ALIAS_FIRST + 1  # a's socket, still open, may be there
+    t.expire(61.0)  # TIME_WAIT after a's last packet (1.0)
     assert t.free_alias(key(1)) == 1
     t.remove(binding(ALIAS_FIRST))
     assert t.from_listener_side(binding(ALIAS_FIRST), 2.0) is None
+
+
+def test_a_client_port_whose_listener_closed_first_gets_an_alias_for_time_wait():
+    """The listener's socket waits in TIME_WAIT after it closes first, beyond
+    the table's memory of the conversation: a SYN from that client port to
+    another destination would meet it (and a stale ACK)."""
+    t = table()
+    opened(t, 41000, original=80)
+    t.get(binding(41000), 1.0)
+    t.mark_closing(binding(41000), 1.0, listener_fin=True)
+    assert t.expire(3.0) == 1 and binding(41000) not in t and t.stats.lingering == 1
+    c = t.open(key(41000, original=6000), 1337, 12.0)
+    assert c.binding.client_port != 41000 and c.reply_port == 41000
+    t.remove(c.binding)
+    assert t.expire(60.9) == 0 and t.stats.lingering >= 1
+    t.expire(61.0)  # 60 s after the old conversation's last packet
+    assert t.open(key(41000, original=6001), 1337, 61.0).binding.client_port == 41000
+
+
+@pytest.mark.parametrize("closed_by", ["client FIN", "a reset"])
+def test_a_client_port_whose_listener_did_not_close_first_is_free_at_once(closed_by):
+    t = table()
+    opened(t, 41000, original=80)
+    t.mark_closing(binding(41000), 1.0)  # the client's FIN, or an RST either way
+    t.expire(3.0)
+    assert t.stats.lingering == 0
+    assert t.open(key(41000, original=6000), 1337, 4.0).binding.client_port == 41000
+
+
+def test_lingering_bindings_are_bounded_and_udp_has_none():
+    t = table(max_entries=10)
+    for port in range(100):
+        opened(t, 1000 + port, float(port), original=80)
+        opened(t, 1000 + port, float(port), protocol=UDP, original=53)
+        t.mark_closing(binding(1000 + port), float(port), listener_fin=True)
+        t.expire(float(port) + 3.0)
+    assert t.stats.lingering == 10  # the most recent ones, all TCP
+    assert all(t.free_alias(key(p, original=81)) != p for p in range(1090, 1100))
+    assert t.free_alias(key(1089, original=81)) == 1089
+
+
+def test_a_conversation_idle_for_longer_than_time_wait_does_not_linger():
+    t = table()
+    opened(t, 41000, 0.0)
+    opened(t, 41001, 50.0)
+    t.mark_closing(binding(41001), 50.0, listener_fin=True)
+    t.expire(52.5)  # 41001 lingers until 110
+    t.expire(60.0)  # tcp_idle: 41000 goes, silent for 60 s already
+    assert binding(41000) not in t and t.stats.lingering == 1
+    assert t.free_alias(key(41000, original=81)) == 41000
 
 
 def test_alias_is_the_next_free_port_after_the_clients_own():

@@ -199,6 +199,35 @@ def test_port_reuse_while_the_old_conversation_closes_gets_an_alias():
     assert f.table.expire(5.0) == 1  # only the closed one goes
 
 
+def test_a_client_port_whose_listener_closed_first_gets_an_alias_after_the_grace():
+    """HTTP: the server closes first, so its socket waits in TIME_WAIT long
+    after the grace. A new conversation from that client port to another
+    destination must not reach it (a stale ACK instead of a SYN/ACK)."""
+    f = make()
+    f.incoming(client(41000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.1)
+    f.outgoing(server(1337, 41000, FIN | ACK), 0.2)  # the listener closes first
+    f.incoming(client(41000, 80, FIN | ACK), 0.3)
+    f.outgoing(server(1337, 41000, ACK), 0.3)
+    assert f.table.expire(12.0) == 1 and len(f.table) == 0
+    out = f.incoming(client(41000, 6000, SYN), 12.0)
+    alias = ports(out)[0]
+    assert alias != 41000 and ports(out)[1] == 1337 and checksum_valid(out)
+    assert ports(f.outgoing(server(1337, alias, SYN | ACK), 12.1)) == (6000, 41000)  # restored
+    assert f.counters.port_clashes == 1
+
+
+def test_a_client_port_whose_client_closed_first_is_used_again_as_is():
+    f = make()
+    f.incoming(client(41000, 80, SYN), 0.0)
+    f.outgoing(server(1337, 41000, SYN | ACK), 0.1)
+    f.incoming(client(41000, 80, FIN | ACK), 0.2)  # the client closes first: no TIME_WAIT at the listener
+    f.outgoing(server(1337, 41000, FIN | ACK), 0.3)
+    assert f.table.expire(12.0) == 1
+    assert ports(f.incoming(client(41000, 6000, SYN), 12.0)) == (41000, 1337)
+    assert f.counters.port_clashes == 0
+
+
 @pytest.mark.parametrize("protocol", [TCP, UDP])
 @pytest.mark.parametrize("version", [4, 6])
 def test_one_client_port_towards_two_destinations_at_once(protocol, version):
@@ -430,3 +459,42 @@ def test_the_listener_accepting_on_a_closing_binding_is_a_new_conversation():
     assert [c.original for c in seen] == [None, (ADDR_B, 4444), (ADDR_A, 4444)]
     assert f.table.get(Binding(TCP, V4_CLIENT, 5000, V4_LOCAL), 2.2).closing_since is None
     assert f.counters.kernel_remaps == 1
+
+
+def _closed_by_client(f, sport, dport, now):
+    f.incoming(client(sport, dport, SYN), now)
+    f.outgoing(server(1337, sport, SYN | ACK), now)
+    f.incoming(client(sport, dport, FIN | ACK), now)
+
+
+def test_a_remap_onto_a_closing_conversations_port_is_not_taken_for_that_conversation():
+    """The kernel remaps a new conversation (its reply tuple is held by an
+    older one, in TIME_WAIT) to a client port the table holds as closing.
+    Conntrack's entry of that closing conversation has had its reply; the new
+    one's has not: the SYN/ACK is the new one's (the bench's timed-out connect)."""
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct)
+    _closed_by_client(f, 5001, 4445, 0.0)
+    ct.add(TCP, 5001, 5001, ADDR_A, 4445, seen_reply=True)
+    _closed_by_client(f, 5000, 4444, 0.1)
+    ct.add(TCP, 5000, 5000, ADDR_A, 4444, seen_reply=True)
+    assert ports(f.incoming(client(5000, 4444, SYN), 1.0)) == (5000, 1337)  # to ADDR_B: the same tuple here
+    ct.add(TCP, 5000, 5001, ADDR_B, 4444)  # NAT at input 100 gave it 5001
+    for now in (1.1, 2.1, 4.1):  # the SYN/ACK, and its retransmissions
+        assert ports(f.outgoing(server(1337, 5001, SYN | ACK), now)) == (4444, 5001)
+    assert seen[-1].original == (ADDR_B, 4444) and f.counters.kernel_remaps == 1
+
+
+def test_a_remap_onto_a_closing_conversations_alias_is_found_by_the_alias():
+    ct, seen = Conntrack(), []
+    f = make(on_new=seen.append, resolve=ct)
+    f.incoming(client(5002, 80, SYN), 0.0)
+    assert ports(f.incoming(client(5002, 81, SYN), 0.0)) == (5003, 1337)  # an alias
+    f.outgoing(server(1337, 5003, SYN | ACK), 0.0)
+    f.incoming(client(5002, 81, FIN | ACK), 0.1)
+    ct.add(TCP, 5002, 5002, ADDR_A, 81, seen_reply=True)
+    _closed_by_client(f, 5000, 4444, 0.2)
+    f.incoming(client(5000, 4444, SYN), 1.0)
+    ct.add(TCP, 5000, 5003, ADDR_B, 4444)  # the kernel gave it 5003: the alias
+    assert ports(f.outgoing(server(1337, 5003, SYN | ACK), 1.1)) == (4444, 5003)
+    assert seen[-1].original == (ADDR_B, 4444)

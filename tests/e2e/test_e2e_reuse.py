@@ -1,0 +1,125 @@
+"""End to end: a client port used again gets a conversation of its own.
+
+An HTTP server closes first, so the listener's socket waits in TIME_WAIT
+(60 s) long after the worker has forgotten the conversation (close_grace).
+When the client then uses the same port towards another destination, the
+queue path must not send the new SYN to that socket: it would answer with a
+stale ACK of the old conversation, the client would reset and retry, and
+the log would show a conversation twice. The kernel path gets a fresh tuple
+from conntrack (the old entry's reply tuple is still taken). Backend:
+NFTDIVERT_TEST_BACKEND, as in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import defaultdict
+
+import pytest
+
+import lab
+
+pytestmark = pytest.mark.kernel
+
+GRACE = 0.3  # worker.close_grace: the worker forgets a closed conversation quickly
+
+
+def _time_wait_peers(ns) -> set[int]:
+    """Client ports of the listener's sockets in TIME_WAIT."""
+    out = ns.run("ss", "-Htan", "state", "time-wait", f"sport = :{lab.LISTENER_PORT}", check=False).stdout
+    return {int(m[1]) for line in out.splitlines() if (m := re.search(r":(\d+)\s*$", line))}
+
+
+def _evicted_closed(ns) -> int:
+    m = re.search(r"closed (\d+), cap", lab.nftdivert(ns, "status").stdout)
+    return int(m[1]) if m else -1
+
+
+@pytest.mark.any_backend  # the worker's table, the same on both backends
+def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at_once(gw):
+    if not lab.KERNEL_PATH and not lab.stats_writable():
+        pytest.skip("/run is not writable here: the worker's counters say when it forgot a conversation")
+    gw.stop()
+    div = gw.ensure(close_grace=GRACE)
+    tag = uuid.uuid4().hex[:6]
+    sports = [gw.fresh_port() for _ in range(10)]
+    request = f"GET /{tag} HTTP/1.1\r\nHost: reuse.example\r\n\r\n"
+    first = [[p, "198.51.100.10", 80, request] for p in sports]
+    r = gw.client_run("from-ports", "--json", json.dumps(first), timeout=60)
+    assert all(x["ok"] and x["reply"].startswith("HTTP/1.1 200") for x in r["results"]), r["results"]
+
+    # The listener closed first: its sockets wait in TIME_WAIT on these client ports.
+    lab.wait_for(lambda: set(sports) <= _time_wait_peers(gw.diverter_ns), 10, "the listener's sockets in TIME_WAIT",
+                 detail=lambda: f"TIME_WAIT towards {sorted(_time_wait_peers(gw.diverter_ns))}")
+    if not lab.KERNEL_PATH:  # and the worker has forgotten those conversations
+        lab.wait_for(lambda: _evicted_closed(gw.diverter_ns) >= len(sports), 15,
+                     "the worker to forget the HTTP conversations",
+                     detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
+
+    second = [[p, "198.18.23.20", 6000 + k, f"echo-{k}-{tag}"] for k, p in enumerate(sports)]
+    r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
+    bad = [x for x, (_, _, _, payload) in zip(r["results"], second)
+           if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
+    assert not bad, f"{len(bad)} of 10 not answered at the first SYN (a stale ACK, then a retry): {bad}"
+    # Untouched by the new conversations (a SYN that met one would have replaced or reset it).
+    assert set(sports) <= _time_wait_peers(gw.diverter_ns), "the new conversations met the old sockets"
+
+    gw.stop()  # every conversation still tracked gets its end now
+    records = defaultdict(list)
+    for x in div.log():
+        if x.get("event") in ("start", "end") and x["client"] in {f"{lab.CLIENT4}:{p}" for p in sports}:
+            records[x["original_destination"]].append(x)
+    want = {"198.51.100.10:80": 10, **{f"198.18.23.20:{6000 + k}": 1 for k in range(10)}}
+    assert {d: len(v) // 2 for d, v in records.items()} == want, dict(records)
+    ids = set()
+    for dest, recs in records.items():
+        by_client = defaultdict(list)
+        for x in recs:
+            by_client[x["client"]].append(x)
+        for client, mine in by_client.items():
+            assert sorted(x["event"] for x in mine) == ["end", "start"], (dest, client, mine)
+            assert mine[0]["id"] == mine[1]["id"], mine
+            assert not any(x.get("ended") == "reset" for x in mine), mine
+            ids.add(mine[0]["id"])
+    assert len(ids) == 20, f"{len(ids)} distinct ids for 20 conversations"
+
+
+def _kernel_remaps(ns) -> int:
+    m = re.search(r"kernel remaps (\d+)", lab.nftdivert(ns, "status").stdout)
+    return int(m[1]) if m else -1
+
+
+@pytest.mark.any_backend  # the worker's table and its conntrack questions, the same on both backends
+def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_port_is_answered(gw):
+    """Towards an address on the port an earlier conversation of the same
+    client port asked for, the kernel remaps the client port (the earlier
+    entry, in TIME_WAIT, holds the reply tuple), to a port of its choice.
+    Below 512, or from 600 to 1023, it chooses in that range: here every
+    port but one there has just closed a conversation towards another port,
+    so the queue path's listener answers on a binding the worker still holds
+    as closing. Conntrack's entry of that closed conversation must not be
+    taken for the new one (it had its reply: the new one has not): the SYN/ACK
+    went to it, every retry too, and the client timed out."""
+    if not lab.KERNEL_PATH and not lab.stats_writable():
+        pytest.skip("/run is not writable here: the worker's counters show the kernel's remap")
+    gw.stop()
+    div = gw.ensure(close_grace=60.0)  # the closed conversations stay in the worker's table meanwhile
+    tag = uuid.uuid4().hex[:6]
+    sport, free = 700, 1023  # the kernel path needs one port of the range free for its remap
+    first = [[sport, "198.51.100.31", 7777, f"old-{tag}"]]
+    first += [[p, "198.51.100.32", 7778, f"fill-{p}-{tag}"] for p in range(600, 1024) if p not in (sport, free)]
+    r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(first), timeout=300)
+    assert all(x["ok"] for x in r["results"]), [x for x in r["results"] if not x["ok"]][:5]
+
+    second = [[sport, "198.51.100.33", 7777, f"new-{tag}"]]
+    r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
+    (x,) = r["results"]
+    assert x["ok"] and x["reply"] == f"new-{tag}" and x["retransmits"] == 0, x
+    if not lab.KERNEL_PATH:
+        lab.wait_for(lambda: _kernel_remaps(gw.diverter_ns) >= 1, 5,  # the counters are published once a second
+                     "the kernel's remap counted (else the test proved nothing)")
+    lines = gw.log_barrier(div)
+    mine = [y["original_destination"] for y in lines if y["client"] == f"{lab.CLIENT4}:{sport}"]
+    assert sorted(mine) == ["198.51.100.31:7777", "198.51.100.33:7777"], mine
