@@ -55,14 +55,15 @@ def test_the_wait_is_bounded_in_time_and_in_records():
     assert order.flush() == held[1:] and order.waiting == 0
 
 
-def test_records_released_by_their_client_are_not_written_twice():
+def test_the_listeners_records_keep_their_order():
     order = StartsFirst(hold_seconds=1.0)
-    a, b = _tls("192.0.2.2:1"), _tls("192.0.2.2:2", at="08:00:00.400")
-    order.add(a, 0.0)
-    order.add(b, 0.5)
-    start_b = _start("192.0.2.2:2", at="08:00:00.050")
-    assert order.add(start_b, 0.6) == [start_b, b]
-    assert order.due(1.0) == [a] and order.flush() == []
+    question = {"time": "2027-01-15T08:00:00.300Z", "event": "dns", "client": "192.0.2.2:5353"}
+    recycled = {"time": "2027-01-15T08:00:00.310Z", "event": "dns_recycled", "address": "198.18.0.9"}
+    tls = _tls(at="08:00:00.400")
+    assert order.add(question, 0.0) == [] and order.add(recycled, 0.0) == [] and order.add(tls, 0.1) == []
+    start = _start(at="08:00:00.050")  # the TLS conversation's: it began before the question
+    assert order.add(start, 0.2) == [start]  # its record waits behind the question
+    assert order.due(1.0) == [question, recycled, tls] and order.flush() == []
 
 
 def test_records_without_client_and_odd_ones_pass():
@@ -78,5 +79,6 @@ def test_the_clients_it_remembers_are_bounded():
     for p in range(3):
         order.add(_start(f"192.0.2.2:{p}", i=p), 0.0)
     assert order.add(_tls("192.0.2.2:0"), 0.0) == []  # forgotten: it waits (at most a while)
+    order.flush()
     rec = _tls("192.0.2.2:2")
     assert order.add(rec, 0.0) == [rec]
