@@ -14,12 +14,13 @@ import threading
 import time
 from typing import TextIO
 
-from nftdivert.observers.convrecords import SCHEMA, iso
+from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint
+from nftdivert.observers.logorder import StartsFirst
 
 
 def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:
-    return {"v": SCHEMA, "time": iso(time.time()), "event": "dns", "client": client, "name": name, "type": qtype,
-            "answer": answer, "rcode": rcode}
+    return {"v": SCHEMA, "time": iso(time.time()), "event": "dns", "client": client,
+            "client_address": split_endpoint(client)[0], "name": name, "type": qtype, "answer": answer, "rcode": rcode}
 
 
 def recycled_record(when: float, address: str, old_name: str, new_name: str) -> dict:
@@ -104,25 +105,31 @@ _SERVER_FIRST = {
 # may outrun a slow log target; beyond this many, records are dropped and
 # counted instead of growing memory without bound.
 QUEUE_LIMIT = 4096
+_NOTHING = object()
 
 
 class ConversationLog:
-    """A thread that writes records; close() drains it.
+    """A thread that writes records; drain() and close() write what waits.
 
     Counters: `written` records, `dropped` (the queue was full), `failed` (a
     record that could not be written; the thread goes on with the next).
+    A listener's record may wait, briefly, for its conversation's start
+    (logorder.py); with no target (`--log ""`) nothing is queued or counted.
     """
 
     def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT) -> None:
         self._stream = stream
         self._json = as_json
-        self._queue: queue.Queue[dict | None] = queue.Queue(limit)
+        self._queue: queue.Queue[dict | threading.Event | None] = queue.Queue(limit)
+        self._order = StartsFirst()
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self._abandon = False
         self.written = self.dropped = self.failed = 0
         self._thread.start()
 
     def put(self, rec: dict) -> None:
+        if self._stream is None:
+            return
         try:
             self._queue.put_nowait(rec)
         except queue.Full:
@@ -139,8 +146,30 @@ class ConversationLog:
         self.put({"v": SCHEMA, "time": iso(time.time()), **rec})
 
     def _run(self) -> None:
-        while not self._abandon and (rec := self._queue.get()) is not None:
-            self._write(rec)
+        order = self._order
+        while not self._abandon:
+            try:
+                item = self._queue.get(timeout=order.wait(time.monotonic()))
+            except queue.Empty:
+                item = _NOTHING  # a record waited long enough for its start
+            if item is None:
+                break
+            if isinstance(item, threading.Event):  # drain(): the observer has stopped, no start comes
+                for rec in order.flush():
+                    self._write(rec)
+                item.set()
+                continue
+            now = time.monotonic()
+            ready = order.due(now)
+            if item is not _NOTHING:
+                ready += order.add(item, now)
+            for rec in ready:
+                self._write(rec)
+        if self._abandon:
+            self.dropped += order.waiting
+        else:
+            for rec in order.flush():
+                self._write(rec)
 
     def _write(self, rec: dict) -> None:
         if self._stream is not None:
@@ -151,6 +180,16 @@ class ConversationLog:
                 self.failed += 1  # a closed terminal must not take the diverter down
                 return
         self.written += 1
+
+    def drain(self, timeout: float = 10) -> None:
+        """Write what is queued and what waits for a start (none comes once the observer has
+        stopped); returns once written, or after `timeout` seconds."""
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return
+        done.wait(timeout)
 
     def close(self, timeout: float = 10) -> None:
         """Write what is queued, for at most `timeout` seconds; the rest is dropped."""

@@ -48,6 +48,11 @@ def split_endpoint(text: str) -> tuple[str, int | None]:
     return text, None
 
 
+def has_start(end: dict) -> bool:
+    """Whether the observer had this end record's start: it then carries the start's `listener`."""
+    return "listener" in end
+
+
 def named(rec: dict, name: str) -> dict:
     """The record with `name`, in its place: after the destination (and icmp)."""
     out = {}
@@ -86,6 +91,7 @@ def _identity(ev: CtEvent) -> dict:
     rec = {
         "protocol": PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol)),
         "client": endpoint(ev.src, _port(ev, ev.src_port)),
+        "client_address": address(ev.src),  # the client without its port: what a per-client filter wants
         "original_destination": endpoint(ev.dst, _port(ev, ev.dst_port)),
     }
     if ev.icmp is not None:

@@ -32,6 +32,7 @@ class Observation:
         self.summary_path, self.clients_netns = summary_path, clients_netns
         self.summary_file: TextIO | None = None
         self.observer = None
+        self.log: ConversationLog | None = None
 
     def open_summary(self, stack: ExitStack) -> None:
         if self.summary_path:  # opened first: a bad path is bad input, found before anything starts
@@ -52,6 +53,7 @@ class Observation:
             return Unobserved()
         try:
             self.observer = ObserverProcess(config, log.put, name_for, self.clients_netns)
+            self.log = log
         except OSError as exc:
             raise NftDivertError(str(exc)) from None
         stack.callback(self.report)  # once the observer has closed: every conversation has its end
@@ -62,6 +64,8 @@ class Observation:
     def report(self) -> None:
         if self.observer is None:
             return
+        if self.log is not None:  # the end records first: the table comes last
+            self.log.drain()
         print(self.observer.summary.table(), file=sys.stderr, end="", flush=True)
         if self.summary_file is not None:
             try:

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from nftdivert.config import Config
@@ -26,6 +27,9 @@ from nftdivert.observers.summary import Summary
 _STATS_SECONDS = 1.0
 BOUND_FRESH = 0.5  # seconds
 NICE = 19
+# Names of open conversations, until their end records: a bound, for a flood
+# that never ends (its DESTROY events lost); the oldest end without its name.
+NAMES_KEPT = 65536
 
 
 class ObserverProcess:
@@ -38,7 +42,7 @@ class ObserverProcess:
         self.summary = Summary()
         self.lost = self.unended = self._failed_child = 0
         self._failed_here = 0  # records the parent could not finish
-        self._names: dict[int, str] = {}  # conversation id -> name, until its end record
+        self._names: OrderedDict[int, str] = OrderedDict()  # conversation id -> name, until its end record
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_serve, args=(config, child_end, os.getpid(), clients_netns),
@@ -79,6 +83,8 @@ class ObserverProcess:
             name = self._name(rec, when)
             if name:
                 self._names[rec["id"]] = name
+                if len(self._names) > NAMES_KEPT:
+                    self._names.popitem(last=False)
         else:
             name = self._names.pop(rec["id"], None)
         if name:

@@ -81,7 +81,7 @@ class DefaultTcp:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
         peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-        base = {"client": endpoint(peer), "listener": self._name}
+        base = {"client": endpoint(peer), "client_address": peer[0].removeprefix("::ffff:"), "listener": self._name}
         # Queue path: asked alongside the first bytes, so the wait for them hides
         # the round trip. Kernel path: a getsockopt, when something needs it.
         asked = (asyncio.ensure_future(self._original(peer, sock))

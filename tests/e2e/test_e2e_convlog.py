@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 import lab
 import netns
 from conftest import REPO, nftdivert_argv
+from nftdivert.observers import summary as summary_mod
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
@@ -28,9 +31,10 @@ RESOLVER4, RESOLVER6 = "192.0.2.53", "2001:db8::53"
 DIG = ("dig", "+tries=1", "+time=5", "+short")
 UDP_PAYLOAD, TCP_PAYLOAD = "conv-udp", "conv-tcp-payload"
 EXT_UDP_REPLY = "ext-udp-reply"
+CURL = ("curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{local_port}")
 
 
-def config() -> str:
+def config(extra: str = "") -> str:
     listeners = [("tcp-echo", "tcp", 1337, "echo"), ("udp-echo", "udp", 1337, "echo"),
                  ("dns", "udp", 53, "dns"), ("dns-tcp", "tcp", 53, "dns"),
                  ("ext-tcp", "tcp", EXT_PORT, "external"), ("ext-udp", "udp", EXT_PORT, "external")]
@@ -38,7 +42,7 @@ def config() -> str:
         'mode = "gateway"', 'containment_after_stop = "remove"', lab.DIVERT_PATH_LINE,
         "[queue]", f'backend = "{lab.BACKEND}"', "",
         *(f'[[listeners]]\nname = "{n}"\nprotocol = "{p}"\nport = {port}\nkind = "{k}"\n'
-          for n, p, port, k in listeners)])
+          for n, p, port, k in listeners), extra])
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,7 @@ def observed(gw):
             "ping6": client.run("ping", "-6", "-c1", "-W5", "2001:db8:ffff::35", check=False, timeout=15),
         }
         got["named"] = gw.tcp(got["dig4"], 4444, "to-a-name")
+        got["http"] = client.run(*CURL, "http://198.51.100.36/", timeout=30).stdout
         # conntrack forgets a conversation by hand: its DESTROY event ends it while the diverter runs.
         ns.run("conntrack", "-D", "-p", "udp", "--orig-dst", "198.51.100.34", check=False)
         got["destroyed_early"] = div.wait_log(
@@ -156,13 +161,123 @@ def test_icmp_echo(observed, key, protocol, address, size):
 
 
 def test_the_summary_at_exit(observed):
-    rows = {(r["address"], r["port"], r["protocol"]): r for r in observed["summary"]["contacted"]}
+    groups = {g["client_address"]: g for g in observed["summary"]["groups"]}
+    assert set(groups) == {lab.CLIENT4, lab.CLIENT6}, groups.keys()  # its IPv4 and its IPv6 address
+    rows = {(r["address"], r["port"], r["protocol"]): r for r in groups[lab.CLIENT4]["contacted"]}
     tcp = rows["198.51.100.31", 45678, "tcp"]
     assert tcp["conversations"] == 1 and tcp["bytes_sent"] > len(TCP_PAYLOAD) and tcp["name"] is None, tcp
     named = rows[observed["dig4"], 4444, "tcp"]
     assert named["name"] == "c2.example", named
     assert rows["198.51.100.35", None, "icmp"]["bytes_received"] == 84
-    assert "contacted:" in observed["stderr"] and "c2.example" in observed["stderr"], observed["stderr"]
+    six = {(r["address"], r["protocol"]) for r in groups[lab.CLIENT6]["contacted"]}
+    assert six == {("2001:db8:ffff::35", "icmpv6"), (RESOLVER6, "udp")}, six
+    starts = [r for r in observed["records"] if r["event"] == "start"]
+    assert observed["summary"]["total"]["conversations"] == len(starts) == sum(g["conversations"]
+                                                                                for g in groups.values())
+    err = observed["stderr"]
+    table = err[err.index("contacted:"):].splitlines()
+    assert table[1].split()[:2] == ["client", "name"], table
+    assert any(line.split()[:2] == [lab.CLIENT4, "c2.example"] for line in table), table
+    assert any(line.split()[0] == lab.CLIENT6 for line in table[2:]), table
+    assert next(line for line in table if line.split()[0] == "total").split()[1] == str(len(starts)), table
+
+
+def test_every_record_with_a_client_names_its_address_without_the_port(observed):
+    assert observed["http"].isdigit(), observed["http"]
+    records = [r for r in observed["records"] if "client" in r]
+    assert {"start", "end", "dns", "http"} <= {r["event"] for r in records}, records
+    for r in records:
+        bare = r["client"] if r.get("protocol", "").startswith("icmp") else r["client"].rsplit(":", 1)[0]
+        assert r["client_address"] == bare.strip("[]") and r["client_address"] in (lab.CLIENT4, lab.CLIENT6), r
+
+
+# ---- the text log -------------------------------------------------------------------
+
+SECOND_CLIENT = "192.0.2.3"  # a second address of the client's: a second client in the summary
+SCANNED = 300  # UDP conversations still open at the stop: their end records come from the dump then
+
+
+def _lines_of(lines: list[str], client: str) -> list[tuple[int, str]]:
+    """(index, event) of the log lines about one client address and port."""
+    return [(i, line.split()[1]) for i, line in enumerate(lines)
+            if len(line.split()) > 3 and client in line.split()[2:4]]
+
+
+def _observer_of(run_pid: int) -> int:
+    """The run's observer process: its child at nice 19."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == run_pid and int(fields[16]) == 19:
+            return int(stat.parent.name)
+    raise AssertionError(f"no observer process under {run_pid}")
+
+
+def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw, tmp_path):
+    gw.stop()
+    ns, client = gw.diverter_ns, gw.client
+    cfg, out, summary = tmp_path / "text.toml", tmp_path / "out.txt", tmp_path / "summary.json"
+    cfg.write_text(config(f'[tls]\nstate_dir = "{tmp_path / "tls"}"\n'))
+    client.run("ip", "addr", "add", f"{SECOND_CLIENT}/24", "dev", "eth0")
+    with open(out, "w") as both:  # the log (stdout) and the table (stderr) in the order they were written
+        proc = ns.popen(*lab.nftdivert_argv("run", "-c", str(cfg), "--log", "-", "--log-format", "text",
+                                            "--summary", str(summary)),
+                        stdout=both, stderr=subprocess.STDOUT, env=lab._env())
+    ports = {}
+    try:
+        lab.wait_for(lambda: proc.poll() is not None or "applied;" in out.read_text(), 60, "the run to start")
+        assert proc.poll() is None, out.read_text()
+        observer = _observer_of(proc.pid)
+        # Its lag comes from SIGSTOP below, and only from there: at nice 0 it catches up at once
+        # after SIGCONT, well within the time a listener's record waits for its start.
+        for task in Path(f"/proc/{observer}/task").iterdir():  # nice is per thread
+            os.setpriority(os.PRIO_PROCESS, int(task.name), 0)
+        for key, source, url in (("http", (), "http://198.51.100.41/"), ("https", ("-k",), "https://198.51.100.42/"),
+                                 ("second", ("--interface", SECOND_CLIENT), "http://198.51.100.43/")):
+            # The observer lags (it runs at nice 19: under load it gets the CPU last): its
+            # start record comes after the listener's records.
+            os.kill(observer, signal.SIGSTOP)
+            try:
+                ports[key] = client.run(*CURL, *source, url, timeout=30).stdout
+            finally:
+                os.kill(observer, signal.SIGCONT)
+            address = SECOND_CLIENT if key == "second" else lab.CLIENT4
+            lab.wait_for(lambda: f" {address}:{ports[key]} -> " in out.read_text(), 30, f"the start of {key}")
+        lab.run_client(client, "udpscan", "198.51.100.44", str(SCANNED), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.run("ip", "addr", "del", f"{SECOND_CLIENT}/24", "dev", "eth0", check=False)
+    text = out.read_text()
+    assert rc == 0 and "Traceback" not in text, text
+    lab.assert_clean(ns)
+    lines = text.splitlines()
+    table = lines.index("contacted:")
+    want = {"http": ["start", "http", "end"], "https": ["start", "tls", "http", "end"],
+            "second": ["start", "http", "end"]}
+    for key, address in (("http", lab.CLIENT4), ("https", lab.CLIENT4), ("second", SECOND_CLIENT)):
+        assert ports[key].isdigit(), ports
+        mine = _lines_of(lines, f"{address}:{ports[key]}")
+        assert [event for _i, event in mine] == want[key], "\n".join(lines[i] for i, _e in mine) or text
+    ends = [i for i, line in enumerate(lines) if line[14:].startswith("end ")]
+    starts = [line for line in lines if line[14:].startswith("start ")]
+    assert len(ends) == len(starts) == SCANNED + 3 and max(ends) < table, text[-3000:]
+    rows = [line.split() for line in lines[table + 2:] if line.startswith("  ")]
+    mine = [r for r in rows if r[0] == lab.CLIENT4]
+    assert [r[2] for r in mine[:2]] == ["198.51.100.42", "198.51.100.41"], rows  # the most bytes first
+    more = SCANNED + 2 - summary_mod.ROWS_SHOWN
+    assert len(mine) == summary_mod.ROWS_SHOWN + 1 and mine[-1][1:5] == [f"({more}", "more", "destinations)",
+                                                                        str(more)], mine[-1]
+    assert [r[2] for r in rows if r[0] == SECOND_CLIENT] == ["198.51.100.43"], rows
+    assert rows[-1][:2] == ["total", str(SCANNED + 3)], rows
+    groups = {g["client_address"]: g for g in json.loads(summary.read_text())["groups"]}
+    assert groups[lab.CLIENT4]["conversations"] == SCANNED + 2, groups[lab.CLIENT4]
+    assert groups[SECOND_CLIENT]["conversations"] == 1, groups
 
 
 # ---- which process: local mode and the sandbox ---------------------------------------

@@ -113,6 +113,7 @@ def test_the_pcap_holds_what_cmd_sent_and_got_on_its_veth_once(config, tmp_path)
                            "ping -c1 -W5 198.51.100.7 >/dev/null && ping -6 -c1 -W5 2001:db8::7 >/dev/null",
                    "-w", str(pcap), "--log", "")
     assert proc.returncode == 0, proc.stderr
+    assert re.search(r"log lines 0\b", proc.stderr), proc.stderr  # no log: its DNS questions were not counted
     out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "ip.src", "-e", "ipv6.src",
                           "-e", "ip.dst", "-e", "ipv6.dst", "-e", "_ws.col.Protocol",
                           "-e", "tcp.seq_raw", "-e", "tcp.ack_raw", "-e", "tcp.flags", "-e", "dns.id",

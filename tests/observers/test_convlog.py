@@ -135,3 +135,40 @@ def test_server_first_records_have_text_lines():
     assert text_line(upload).endswith(f"upload 'a.zip', 3 bytes sha256 {'cd' * 8}...")
     ssh = dict(base, event="ssh", client_version="SSH-2.0-x", logins=[{"user": "root", "password": "toor"}])
     assert text_line(ssh).endswith("SSH-2.0-x, 1 logins 'root'/'toor'")
+
+
+def test_a_listener_record_is_written_after_its_conversations_start():
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=False)
+    # The listener's process is quicker than the observer's: its record arrives first.
+    log.event({"event": "tls", "client": START["client"], "client_address": "192.0.2.2", "listener": "tcp-echo",
+               "original_destination": START["original_destination"], "sni": "c2.example", "result": "ok",
+               "version": "TLSv1.3"})
+    log.put({**START, "time": "2020-01-01T00:00:00.000Z"})  # conntrack's stamp: before the handshake
+    log.close()
+    events = [line.split()[1] for line in out.getvalue().splitlines()]
+    assert events == ["start", "tls"], out.getvalue()
+
+
+def test_drain_writes_what_waits_for_a_start_that_will_not_come():
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True)
+    log.dns_question("192.0.2.2:5353", "x.example", "A", "198.18.0.1")  # to our own address: no start
+    log.drain(timeout=10)
+    (rec,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert rec["client"] == "192.0.2.2:5353" and rec["client_address"] == "192.0.2.2"
+    assert log.written == 1
+    log.close()
+
+
+def test_with_no_target_nothing_is_counted_as_written():
+    log = ConversationLog(None, as_json=True)
+    log.put(START)
+    log.dns_question("192.0.2.2:5353", "x.example", "A", "198.18.0.1")
+    log.drain(timeout=10)
+    log.close()
+    assert (log.written, log.dropped, log.failed) == (0, 0, 0)
+
+
+def test_a_question_names_its_client_address_without_the_port():
+    assert question_record("[2001:db8:1::2]:5353", "x.example", "AAAA", "")["client_address"] == "2001:db8:1::2"

@@ -74,7 +74,7 @@ def test_an_icmp_event_has_type_code_and_id_instead_of_ports():
     ev = parse(message(_tuple(1, CLIENT, ASKED, _icmp(8, 0, 4242)), _tuple(2, OURS, CLIENT, _icmp(0, 0, 4242))))
     assert ev.kind == "new" and ev.protocol == 1 and ev.icmp == (8, 0, 4242) and ev.sent is None
     rec = convrecords.start_record(ev, 1_800_000_000.0, ("kernel", None), "eth1")
-    assert rec["client"] == CLIENT and rec["original_destination"] == ASKED
+    assert rec["client"] == rec["client_address"] == CLIENT and rec["original_destination"] == ASKED
     assert rec["icmp"] == {"type": 8, "code": 0, "id": 4242} and "listener_port" not in rec
 
 
@@ -104,13 +104,14 @@ def test_the_end_record_carries_the_start_records_name_and_listener():
     start = convrecords.start_record(ev, START_NS / 1e9, ("tcp-echo", 1337), "eth1", name="c2.example",
                                      process={"pid": 5, "host_pid": 5, "command": "nc", "uid": 0})
     assert start == {"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "start", "id": 77, "protocol": "tcp",
-                     "client": f"{CLIENT}:40000", "original_destination": f"{ASKED}:45678", "name": "c2.example",
-                     "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
+                     "client": f"{CLIENT}:40000", "client_address": CLIENT, "original_destination": f"{ASKED}:45678",
+                     "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
                      "process": {"pid": 5, "host_pid": 5, "command": "nc", "uid": 0}}
     end = convrecords.end_record(ev, now=1_800_000_100.0, start=start)
     assert end == {"v": 1, "time": "2027-01-15T08:00:03.750Z", "event": "end", "id": 77, "protocol": "tcp",
-                   "client": f"{CLIENT}:40000", "original_destination": f"{ASKED}:45678", "name": "c2.example",
-                   "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1", "duration": 3.5,
+                   "client": f"{CLIENT}:40000", "client_address": CLIENT, "original_destination": f"{ASKED}:45678",
+                   "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
+                   "duration": 3.5,
                    "sent": {"packets": 6, "bytes": 336}, "received": {"packets": 4, "bytes": 232}, "ended": "closed"}
 
 
