@@ -409,5 +409,6 @@ def _admission_summary(admission: dict[str, int]) -> str:
 
 def _kernel_summary(kernel: dict) -> str:
     parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
-             f"(socket full), waiting {q['waiting']}" for name, q in sorted(kernel.items())]
+             f"(socket full) + {q.get('unreadable', 0)} (unreadable), waiting {q['waiting']}"
+             for name, q in sorted(kernel.items())]
     return "; kernel: " + ", ".join(parts) if parts else ""

@@ -1054,6 +1054,25 @@ def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
     return {"sent": count, "answers": answers, "seconds": time.monotonic() - start}
 
 
+def cmd_udpblast(host: str, count: int, size: int, first: int, ports: int, seconds: float) -> dict:
+    """`count` datagrams of `size` bytes from one socket to ports first,
+    first + 1, ... (`ports` of them, then again), paced to take at least
+    `seconds`; nobody waits for an answer."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    start, sent, data = time.monotonic(), 0, b"B" * size
+    for i in range(count):
+        try:
+            sock.sendto(data, (host, first + i % ports))
+            sent += 1
+        except OSError:
+            pass
+        if i % 20 == 19:  # a burst of fragments at most the size of a device's backlog
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.monotonic() - start}
+
+
 def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
     srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1128,6 +1147,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("net")
     p.add_argument("count", type=int)
     p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("udpblast")
+    p.add_argument("host")
+    for name in ("count", "size", "first", "ports"):
+        p.add_argument(name, type=int)
+    p.add_argument("--seconds", type=float, default=0)
     p = sub.add_parser("spoof")
     p.add_argument("--json", required=True, help="[[src, dst, icmp|tcp|udp, port, payload], ...]")
     p.add_argument("--device")
@@ -1162,6 +1186,8 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_until_reply(a.host, a.port, a.want, a.timeout)
     elif a.cmd == "synflood":
         out = cmd_synflood(a.src, a.net, a.count, a.seconds)
+    elif a.cmd == "udpblast":
+        out = cmd_udpblast(a.host, a.count, a.size, a.first, a.ports, a.seconds)
     elif a.cmd == "spoof":
         out = cmd_spoof(json.loads(a.json), a.device)
     elif a.cmd == "recv-udp":
