@@ -213,18 +213,20 @@ def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
 def test_dhcp_and_duplicate_address_detection_sources_still_pass(gw, div):
     """Before it has an address, a host speaks from 0.0.0.0 (DHCP, to the
     link's broadcast) and :: (duplicate address detection, MLD: to link
-    multicast). The reverse-path check lets them through, uncounted."""
+    multicast); link-local sources are every host's. The reverse-path check
+    lets them through, uncounted."""
     before = _spoofed_counter(gw.diverter_ns)
     port = gw.fresh_port()
-    receiver = lab.receive_udp(gw.diverter_ns, port, 2)
+    receiver = lab.receive_udp(gw.diverter_ns, port, 3)
     try:
         for address in ("0.0.0.0/0", "::/0"):  # its port is bound: the datagrams are not diverted
             lab.wait_bound_set(gw.diverter_ns, "udp", port, address=address)
-        packets = [["0.0.0.0", "255.255.255.255", "udp", port, "DISCOVER"], ["::", "ff02::1", "udp", port, "DAD"]]
-        assert gw.client_run("spoof", "--device", "eth0", "--json", json.dumps(packets))["sent"] == 2
+        packets = [["0.0.0.0", "255.255.255.255", "udp", port, "DISCOVER"], ["::", "ff02::1", "udp", port, "DAD"],
+                   ["fe80::99", "ff02::1", "udp", port, "LINK-LOCAL"]]
+        assert gw.client_run("spoof", "--device", "eth0", "--json", json.dumps(packets))["sent"] == 3
         out, _ = receiver.communicate(timeout=30)
     finally:
         receiver.kill()
         receiver.wait(timeout=5)
-    assert sorted(json.loads(out)["sources"]) == ["0.0.0.0", "::"], out
+    assert sorted(json.loads(out)["sources"]) == ["0.0.0.0", "::", "fe80::99"], out
     assert _spoofed_counter(gw.diverter_ns) == before
