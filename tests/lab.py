@@ -965,7 +965,7 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def _spoofed_packet(src: str, dst: str, proto: str, port: int, payload: bytes) -> bytes:
+def _spoofed_packet(src: str, dst: str, proto: str, port: int, payload: bytes, ttl: int = 64) -> bytes:
     """One IPv4 or IPv6 packet from `src` (any address) to `dst`: an ICMP echo
     request, a TCP SYN or a UDP datagram carrying `payload`."""
     import ipaddress
@@ -988,20 +988,20 @@ def _spoofed_packet(src: str, dst: str, proto: str, port: int, payload: bytes) -
     at = {"icmp": 2, "tcp": 16, "udp": 6}[proto]
     body = body[:at] + struct.pack("!H", csum) + body[at + 2:]
     if v6:
-        return struct.pack("!IHBB", 6 << 28, len(body), number, 64) + s.packed + d.packed + body
-    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(body), 0, 0, 64, number, 0) + s.packed + d.packed
+        return struct.pack("!IHBB", 6 << 28, len(body), number, ttl) + s.packed + d.packed + body
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(body), 0, 0, ttl, number, 0) + s.packed + d.packed
     return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + body
 
 
 def cmd_spoof(packets: list, device: str | None) -> dict:
-    """Each [src, dst, proto, port, payload] sent once from a raw socket that
+    """Each [src, dst, proto, port, payload(, ttl)] sent once from a raw socket that
     writes the IP header itself, so with a source this host does not own.
     With `device`, to the link's broadcast or multicast (ff02::1) address out
     of that interface, as the link layer: only there may the source be
     0.0.0.0 or :: (IP_HDRINCL would fill it in)."""
     sent = 0
-    for src, dst, proto, port, payload in packets:
-        packet = _spoofed_packet(src, dst, proto, port, payload.encode())
+    for src, dst, proto, port, payload, *ttl in packets:
+        packet = _spoofed_packet(src, dst, proto, port, payload.encode(), *ttl)
         if device:
             v6 = _family(dst) == socket.AF_INET6
             ethertype, mac = (0x86DD, "333300000001") if v6 else (0x0800, "ffffffffffff")
@@ -1153,7 +1153,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(name, type=int)
     p.add_argument("--seconds", type=float, default=0)
     p = sub.add_parser("spoof")
-    p.add_argument("--json", required=True, help="[[src, dst, icmp|tcp|udp, port, payload], ...]")
+    p.add_argument("--json", required=True, help="[[src, dst, icmp|tcp|udp, port, payload(, ttl)], ...]")
     p.add_argument("--device")
     p = sub.add_parser("recv-udp")
     p.add_argument("port", type=int)

@@ -210,6 +210,30 @@ def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
     assert final and int(final[1]) == before + 6, div.stderr()
 
 
+def test_a_spoofed_packet_that_expires_here_gets_no_icmp_error(gw):
+    """Routed onward (a left-alone host), a packet with one hop left makes the
+    kernel send "time exceeded", quoting the packet, before any forward hook:
+    containment cannot stop it, the reverse-path check does."""
+    div = gw.ensure(hosts=["198.51.100.200/32", "2001:db8:ffff::200/128"])
+    before = _spoofed_counter(gw.diverter_ns)
+    packets = [[SPOOFED4, "198.51.100.200", "udp", 9, "EXFIL-ttl", 1],
+               [SPOOFED6, "2001:db8:ffff::200", "udp", 9, "EXFIL-ttl", 1]]
+    assert gw.client_run("spoof", "--json", json.dumps(packets))["sent"] == 2
+    # The same from the client's own addresses gets its error: the barrier.
+    for src, dst in ((lab.CLIENT4, "198.51.100.200"), (lab.CLIENT6, "2001:db8:ffff::200")):
+        cap = lab.Capture(gw.client, "eth0", gw.workdir / f"ttl-{gw.fresh_port()}.pcap", "icmp or icmp6").start()
+        try:
+            gw.client_run("spoof", "--json", json.dumps([[src, dst, "udp", 9, "own", 1]]))
+            lab.wait_for(lambda: [p for p in cap.read() if "exceeded" in p], 10, f"time exceeded for {src}")
+        finally:
+            cap.stop()
+    _capture_barrier(gw)
+    leaked = gw.internet_capture.read(SPOOF_FILTER)
+    assert leaked == [], "errors about spoofed packets left the diverter:\n" + "\n".join(leaked)
+    assert _spoofed_counter(gw.diverter_ns) == before + 2
+    assert div.alive()
+
+
 def test_dhcp_and_duplicate_address_detection_sources_still_pass(gw, div):
     """Before it has an address, a host speaks from 0.0.0.0 (DHCP, to the
     link's broadcast) and :: (duplicate address detection, MLD: to link
