@@ -42,15 +42,16 @@ QUEUE_LENGTH = 1024
 DRAIN_BOUND = 64
 KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
 # NetfilterQueue has the kernel copy at most 4016 bytes of a packet (its own
-# limit; the ruleset's QUEUE_COPY_LIMIT) and receives into 4096, assuming at most 80 bytes of metadata. The kernel may
-# attach more: netlink and nfgenmsg headers 20, packet header 12, four
-# interface indexes 32, mark, priority, skb info, classid and cap_len 8 each,
-# hardware address 16, timestamp 20 (on every packet while any socket on the
-# host asks for SO_TIMESTAMP, as `ping` does), the payload's header 4 and
-# padding 3: 147 bytes (uid/gid, conntrack and security context come only when
-# asked for; NetfilterQueue never asks). Cut off at 4096, a message was never
-# parsed and its packet waited forever. The worker reads whole messages,
-# 4016 + 147 bytes at most, into twice what that needs.
+# limit, and the ruleset's QUEUE_COPY_LIMIT) and receives into 4096 bytes,
+# assuming at most 80 of metadata. The kernel may attach more: netlink and
+# nfgenmsg headers 20, packet header 12, four interface indexes 32; mark,
+# priority, skb info, classid and cap_len 8 each; hardware address 16;
+# timestamp 20 (on every packet while any socket on the host asks for
+# SO_TIMESTAMP, as `ping` does); the payload's header 4 and padding 3: 147
+# bytes (uid/gid, conntrack and security context come only when asked for,
+# and NetfilterQueue never asks). A message cut off at 4096 was never parsed
+# and its packet waited forever, so the worker reads whole messages, of
+# 4016 + 147 = 4163 bytes at most, into 8192.
 RECEIVE_BUFFER = 8192
 # nfnetlink_queue's message types (subsystem 3) and attributes.
 _MSG_PACKET, _MSG_VERDICT = 3 << 8, 3 << 8 | 1
@@ -253,13 +254,11 @@ class Worker(Pump):
             self._queues.append((nfq, reader))
 
     def kernel_drops(self) -> dict[str, dict[str, int]]:
-        """Per queue ("incoming", "outgoing"): what the kernel dropped or holds."""
+        """Per queue ("incoming", "outgoing"): what the kernel dropped or holds, and
+        what the worker dropped unread."""
         drops = kernel_queue_drops({"incoming": self.config.queue.incoming, "outgoing": self.config.queue.outgoing})
-        for _nfq, reader in self._queues:  # and what the worker dropped itself, unread
-            for counts in drops.values():
-                if counts["queue"] == reader.queue:
-                    counts["unreadable"] = reader.unreadable
-        return drops
+        unread = {reader.queue: reader.unreadable for _nfq, reader in self._queues}  # the worker's own drops
+        return {key: {**counts, "unreadable": unread.get(counts["queue"], 0)} for key, counts in drops.items()}
 
     def unbind(self) -> None:
         for nfq, reader in self._queues:
