@@ -231,6 +231,8 @@ def status(table: str, config_path: str | None) -> None:
     if st.admission:
         click.echo("  admission: dropped " + ", ".join(f"{p} {n}" for p, n in sorted(st.admission.items()))
                    + " new conversations over their client's share (queue.new_*_per_source)")
+    if st.spoofed is not None:
+        click.echo(f"  spoofed: dropped {st.spoofed} packets from sources their interface does not route to")
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
     from nftdivert import runner

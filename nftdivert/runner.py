@@ -200,8 +200,10 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
 
         def snapshot() -> dict:
             if fixup is None:
-                return _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
-            return _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
+                snap = _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
+            else:
+                snap = _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
+            return {**snap, **_counted(engine.spoofed, config.table, nft)}
 
         def tick(now: float) -> None:
             renew = now >= due["serving"]
@@ -378,6 +380,10 @@ def read_stats(table: str) -> dict | None:
 
 
 def summary(snap: dict) -> str:
+    return _path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
+
+
+def _path_summary(snap: dict) -> str:
     if snap.get("path") == "kernel":
         lg, d = snap["log"], snap.get("diverted", {})
         return (f"kernel path: new conversations redirected to the default listeners: tcp {d.get('tcp', 0)}, "
@@ -403,5 +409,6 @@ def _admission_summary(admission: dict[str, int]) -> str:
 
 def _kernel_summary(kernel: dict) -> str:
     parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
-             f"(socket full), waiting {q['waiting']}" for name, q in sorted(kernel.items())]
+             f"(socket full) + {q.get('unreadable', 0)} (unreadable), waiting {q['waiting']}"
+             for name, q in sorted(kernel.items())]
     return "; kernel: " + ", ".join(parts) if parts else ""

@@ -598,6 +598,16 @@ def serve_tcp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     return proc
 
 
+def receive_udp(ns, port: int, count: int, timeout: float = 10) -> subprocess.Popen:
+    """A receiver of `count` datagrams on `port` (ready when this returns); its
+    stdout ends with their sources as JSON."""
+    argv, env = _client("recv-udp", str(port), str(count), "--timeout", str(timeout))
+    proc = ns.popen(*argv, text=True, env=env)
+    wait_for(lambda: port_bound(ns, "udp", port) or proc.poll() is not None, 60, f"receiver on {port}")
+    assert proc.poll() is None, f"receiver on {port} failed"
+    return proc
+
+
 def serve_udp(ns, port: int, reply: str, bind: str = "::") -> subprocess.Popen:
     """Like serve_tcp, for UDP: answers each datagram with `reply`."""
     argv, env = _client("serve-udp", str(port), reply, "--bind", bind)
@@ -990,6 +1000,78 @@ def cmd_synflood(src: str, net: str, count: int, seconds: float) -> dict:
     return {"sent": sent, "seconds": time.monotonic() - start}
 
 
+def _checksum(data: bytes) -> int:
+    total = _sum16(data + b"\0" * (len(data) % 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _spoofed_packet(src: str, dst: str, proto: str, port: int, payload: bytes, ttl: int = 64) -> bytes:
+    """One IPv4 or IPv6 packet from `src` (any address) to `dst`: an ICMP echo
+    request, a TCP SYN or a UDP datagram carrying `payload`."""
+    import ipaddress
+    import struct
+
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    v6 = s.version == 6
+    number = {"icmp": 58 if v6 else 1, "tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[proto]
+    if proto == "icmp":
+        body = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0x4E44, 1) + payload
+    elif proto == "tcp":
+        body = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 0x50, 0x02, 65535, 0, 0) + payload
+    else:
+        body = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+    if v6:
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(body), number)
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!xBH", number, len(body))
+    csum = _checksum((b"" if proto == "icmp" and not v6 else pseudo) + body)
+    at = {"icmp": 2, "tcp": 16, "udp": 6}[proto]
+    body = body[:at] + struct.pack("!H", csum) + body[at + 2:]
+    if v6:
+        return struct.pack("!IHBB", 6 << 28, len(body), number, ttl) + s.packed + d.packed + body
+    header = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(body), 0, 0, ttl, number, 0) + s.packed + d.packed
+    return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + body
+
+
+def cmd_spoof(packets: list, device: str | None) -> dict:
+    """Each [src, dst, proto, port, payload(, ttl)] sent once from a raw socket that
+    writes the IP header itself, so with a source this host does not own.
+    With `device`, to the link's broadcast or multicast (ff02::1) address out
+    of that interface, as the link layer: only there may the source be
+    0.0.0.0 or :: (IP_HDRINCL would fill it in)."""
+    sent = 0
+    for src, dst, proto, port, payload, *ttl in packets:
+        packet = _spoofed_packet(src, dst, proto, port, payload.encode(), *ttl)
+        if device:
+            v6 = _family(dst) == socket.AF_INET6
+            ethertype, mac = (0x86DD, "333300000001") if v6 else (0x0800, "ffffffffffff")
+            with socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype)) as sock:
+                sock.sendto(packet, (device, ethertype, 0, 0, bytes.fromhex(mac)))
+        else:
+            with socket.socket(_family(dst), socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:  # header included
+                sock.sendto(packet, (dst, 0))
+        sent += 1
+    return {"sent": sent}
+
+
+def cmd_recv_udp(port: int, count: int, timeout: float) -> dict:
+    """The sources of the first `count` datagrams to `port` (any address, both families)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    sock.settimeout(timeout)
+    sources = []
+    try:
+        while len(sources) < count:
+            _data, peer = sock.recvfrom(65536)
+            sources.append(peer[0].removeprefix("::ffff:"))
+    except OSError:
+        pass
+    return {"sources": sources}
+
+
 def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
     """One UDP socket sends `count` datagrams to ports 1, 2, ... of `host`
     (a port scan), paced to take at least `seconds`; counts the answers."""
@@ -1012,6 +1094,25 @@ def cmd_udpscan(host: str, count: int, seconds: float) -> dict:
             if ahead > 0:
                 time.sleep(ahead)
     return {"sent": count, "answers": answers, "seconds": time.monotonic() - start}
+
+
+def cmd_udpblast(host: str, count: int, size: int, first: int, ports: int, seconds: float) -> dict:
+    """`count` datagrams of `size` bytes from one socket to ports first,
+    first + 1, ... (`ports` of them, then again), paced to take at least
+    `seconds`; nobody waits for an answer."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    start, sent, data = time.monotonic(), 0, b"B" * size
+    for i in range(count):
+        try:
+            sock.sendto(data, (host, first + i % ports))
+            sent += 1
+        except OSError:
+            pass
+        if i % 20 == 19:  # a burst of fragments at most the size of a device's backlog
+            ahead = (i + 1) * seconds / count - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.monotonic() - start}
 
 
 def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
@@ -1092,6 +1193,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("net")
     p.add_argument("count", type=int)
     p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("udpblast")
+    p.add_argument("host")
+    for name in ("count", "size", "first", "ports"):
+        p.add_argument(name, type=int)
+    p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("spoof")
+    p.add_argument("--json", required=True, help="[[src, dst, icmp|tcp|udp, port, payload(, ttl)], ...]")
+    p.add_argument("--device")
+    p = sub.add_parser("recv-udp")
+    p.add_argument("port", type=int)
+    p.add_argument("count", type=int)
+    p.add_argument("--timeout", type=float, default=10)
     p = sub.add_parser("udpscan")
     p.add_argument("host")
     p.add_argument("count", type=int)
@@ -1121,6 +1234,12 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_until_reply(a.host, a.port, a.want, a.timeout)
     elif a.cmd == "synflood":
         out = cmd_synflood(a.src, a.net, a.count, a.seconds)
+    elif a.cmd == "udpblast":
+        out = cmd_udpblast(a.host, a.count, a.size, a.first, a.ports, a.seconds)
+    elif a.cmd == "spoof":
+        out = cmd_spoof(json.loads(a.json), a.device)
+    elif a.cmd == "recv-udp":
+        out = cmd_recv_udp(a.port, a.count, a.timeout)
     elif a.cmd == "udpscan":
         out = cmd_udpscan(a.host, a.count, a.seconds)
     else:

@@ -162,6 +162,9 @@ def after_stop(config: Config, nft: Nft) -> bool:
     return True
 
 
+# The named counter of the gateway's reverse-path check (drop_spoofed in the template).
+SPOOFED = "spoofed"
+
 # The bound-port and admission sets change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
     r"(\tset (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
@@ -222,6 +225,8 @@ class Status:
     sets: dict[str, int] = field(default_factory=dict)
     # protocol -> new conversations admission control dropped before the queue
     admission: dict[str, int] = field(default_factory=dict)
+    # packets from sources their interface does not route to (None: no such counter)
+    spoofed: int | None = None
 
     @property
     def contained(self) -> bool:
@@ -256,7 +261,8 @@ def status(table: str, nft: Nft) -> Status:
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
-        xt_rules=xt, sets=sets, admission=_named_counters(objects, "admission_"))
+        xt_rules=xt, sets=sets, admission=_named_counters(objects, "admission_"),
+        spoofed=_named_counters(objects, SPOOFED).get(""))
 
 
 def _named_counters(objects: list[dict], prefix: str) -> dict[str, int]:
@@ -271,6 +277,11 @@ def _counters(table: str, nft: Nft, prefix: str) -> dict[str, int]:
 def admission_drops(table: str, nft: Nft) -> dict[str, int]:
     """protocol -> new conversations dropped by admission control so far ({} without the table)."""
     return _counters(table, nft, "admission_")
+
+
+def spoofed(table: str, nft: Nft) -> dict[str, int]:
+    """{"spoofed": packets dropped for a source their interface does not route to}; {} without it."""
+    return {SPOOFED: n for n in _counters(table, nft, SPOOFED).values()}
 
 
 def diverted(table: str, nft: Nft) -> dict[str, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import struct
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +41,22 @@ QUEUE_LENGTH = 1024
 # most, and one epoll wait serves 64 packets.
 DRAIN_BOUND = 64
 KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
+# NetfilterQueue has the kernel copy at most 4016 bytes of a packet (its own
+# limit, and the ruleset's QUEUE_COPY_LIMIT) and receives into 4096 bytes,
+# assuming at most 80 of metadata. The kernel may attach more: netlink and
+# nfgenmsg headers 20, packet header 12, four interface indexes 32; mark,
+# priority, skb info, classid and cap_len 8 each; hardware address 16;
+# timestamp 20 (on every packet while any socket on the host asks for
+# SO_TIMESTAMP, as `ping` does); the payload's header 4 and padding 3: 147
+# bytes (uid/gid, conntrack and security context come only when asked for,
+# and NetfilterQueue never asks). A message cut off at 4096 was never parsed
+# and its packet waited forever, so the worker reads whole messages, of
+# 4016 + 147 = 4163 bytes at most, into 8192.
+RECEIVE_BUFFER = 8192
+# nfnetlink_queue's message types (subsystem 3) and attributes.
+_MSG_PACKET, _MSG_VERDICT = 3 << 8, 3 << 8 | 1
+_ATTR_PACKET_HDR, _ATTR_VERDICT_HDR = 1, 2
+_PACKET_ATTRS = 20  # nlmsghdr (16) and nfgenmsg (4): the attributes follow
 
 
 @dataclass
@@ -71,27 +88,82 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
     return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve)
 
 
+def packet_id(message: bytes) -> int | None:
+    """The packet id of an nfnetlink_queue packet message (None: another message,
+    or too short to tell)."""
+    if len(message) < _PACKET_ATTRS or struct.unpack_from("=H", message, 4)[0] != _MSG_PACKET:
+        return None
+    at = _PACKET_ATTRS
+    while at + 8 <= len(message):
+        length, kind = struct.unpack_from("=HH", message, at)
+        if kind & 0x3FFF == _ATTR_PACKET_HDR:
+            return struct.unpack_from("!I", message, at + 4)[0]
+        if length < 4:
+            return None
+        at += (length + 3) & ~3
+    return None
+
+
+def drop_verdict(queue: int, packet: int) -> bytes:
+    """The netlink message that drops packet `packet` of queue `queue`."""
+    return (struct.pack("=IHHII", 32, _MSG_VERDICT, 1, 0, 0)  # length, type, NLM_F_REQUEST, seq, port
+            + struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)  # nfgenmsg: the queue number
+            + struct.pack("=HH", 12, _ATTR_VERDICT_HDR) + struct.pack("!II", 0, packet))  # NF_DROP, the id
+
+
 class _BoundedSocket:
     """What NetfilterQueue.run_socket reads from: the queue's netlink socket,
     but at most `left` messages (one packet each), then EAGAIN, which ends
-    run_socket's loop as an empty socket would."""
+    run_socket's loop as an empty socket would.
 
-    __slots__ = ("sock", "left")
+    It reads each message whole (RECEIVE_BUFFER, not the size run_socket
+    asks for). A message NetfilterQueue still does not deliver to the
+    callback (cut off, or one it cannot parse) would hold its packet, and a
+    slot of the queue, forever: its packet is dropped here and counted
+    (`unreadable`)."""
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("sock", "queue", "left", "buffer", "unseen", "unreadable")
+
+    def __init__(self, fd: int, queue: int) -> None:
         self.sock = socket.fromfd(fd, socket.AF_NETLINK, socket.SOCK_RAW)  # a dup: ours to close
+        self.queue = queue
         self.left = 0
+        self.buffer = memoryview(bytearray(RECEIVE_BUFFER))
+        self.unseen: bytes | None = None  # the last message, until the callback has its packet
+        self.unreadable = 0
 
-    def recv(self, size: int) -> bytes:
+    def recv(self, _size: int) -> bytes:
+        self.settle()
         if self.left <= 0:
             raise BlockingIOError(errno.EAGAIN, "drain bound reached")
         self.left -= 1
-        return self.sock.recv(size, socket.MSG_DONTWAIT)
+        # MSG_TRUNC: the message's own length, even beyond the buffer.
+        length = self.sock.recv_into(self.buffer, 0, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        message = self.buffer[:min(length, RECEIVE_BUFFER)].tobytes()
+        self.unseen = message
+        return message if length <= RECEIVE_BUFFER else b""  # a cut-off message: for settle() alone
+
+    def seen(self) -> None:
+        """The callback has the packet of the last message (and gives its verdict)."""
+        self.unseen = None
+
+    def settle(self) -> None:
+        """Drop the packet of a message the callback never saw."""
+        message, self.unseen = self.unseen, None
+        if message is not None and (packet := packet_id(message)) is not None:
+            self.unreadable += 1
+            try:
+                self.sock.send(drop_verdict(self.queue, packet))
+            except OSError:
+                pass  # the queue is gone: its packets with it
 
     def drain(self, nfq, bound: int) -> bool:
         """Handle up to `bound` packets; True if the bound was reached (more may wait)."""
         self.left = bound
-        nfq.run_socket(self)
+        try:
+            nfq.run_socket(self)
+        finally:
+            self.settle()
         return self.left <= 0
 
 
@@ -127,11 +199,13 @@ class Worker(Pump):
 
     # -- queue callbacks (the hot path) --------------------------------------
 
-    def _callback(self, incoming: bool) -> Callable:
+    def _callback(self, incoming: bool, reader: _BoundedSocket) -> Callable:
         """The callback of one queue: FixUp's verdict on each packet, given to the kernel."""
         fix = self.fixup.incoming if incoming else self.fixup.outgoing
+        seen = reader.seen
 
         def callback(pkt) -> None:
+            seen()
             drop = False
             try:
                 data = pkt.get_payload()
@@ -163,24 +237,28 @@ class Worker(Pump):
         """Attach to both queues (before the ruleset sends anything there)."""
         from netfilterqueue import NetfilterQueue
 
-        for key, num, callback in (("incoming", self.config.queue.incoming, self._callback(True)),
-                                   ("outgoing", self.config.queue.outgoing, self._callback(False))):
+        for key, num in (("incoming", self.config.queue.incoming), ("outgoing", self.config.queue.outgoing)):
             nfq = NetfilterQueue()
+            reader = _BoundedSocket(nfq.get_fd(), num)
             with warnings.catch_warnings():
                 # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
                 warnings.simplefilter("ignore", RuntimeWarning)
                 try:
-                    nfq.bind(num, callback, max_len=QUEUE_LENGTH)
+                    nfq.bind(num, self._callback(key == "incoming", reader), max_len=QUEUE_LENGTH)
                 except OSError as exc:
+                    reader.sock.close()
                     self.unbind()
                     raise NftDivertError(
                         f"cannot bind queue.{key} = {num} ({exc}): another program (another "
                         "nftdivert run?) holds it; stop that, or choose other numbers in [queue]") from None
-            self._queues.append((nfq, _BoundedSocket(nfq.get_fd())))
+            self._queues.append((nfq, reader))
 
     def kernel_drops(self) -> dict[str, dict[str, int]]:
-        """Per queue ("incoming", "outgoing"): what the kernel dropped or holds."""
-        return kernel_queue_drops({"incoming": self.config.queue.incoming, "outgoing": self.config.queue.outgoing})
+        """Per queue ("incoming", "outgoing"): what the kernel dropped or holds, and
+        what the worker dropped unread."""
+        drops = kernel_queue_drops({"incoming": self.config.queue.incoming, "outgoing": self.config.queue.outgoing})
+        unread = {reader.queue: reader.unreadable for _nfq, reader in self._queues}  # the worker's own drops
+        return {key: {**counts, "unreadable": unread.get(counts["queue"], 0)} for key, counts in drops.items()}
 
     def unbind(self) -> None:
         for nfq, reader in self._queues:

@@ -9,6 +9,7 @@ Lab and client programs: tests/lab.py.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -163,3 +164,93 @@ def test_a_clients_syns_beyond_its_share_are_dropped_before_the_queue_and_counte
     gw.stop()
     final = re.search(r"admission dropped tcp (\d+), udp 0 new conversations", div.stderr())
     assert final and int(final[1]) >= int(said[1]), div.stderr()
+
+
+# ---- spoofed sources: no answer leaves by another interface ------------------------------
+
+# Sources the client does not own: answers to them would be routed out to the
+# internet side (ARP for the first, the default route for the second).
+SPOOFED4, SPOOFED6 = "203.0.113.99", "2001:db8:ffff::99"
+SPOOF_FILTER = f"host {SPOOFED4} or host {SPOOFED6}"
+
+
+def _spoofed_counter(ns) -> int:
+    said = re.search(r"spoofed: dropped (\d+) packets", lab.nftdivert(ns, "status").stdout)
+    return int(said[1]) if said else -1
+
+
+def _capture_barrier(gw) -> None:
+    """Once the diverter's own ping of this size is in the internet capture,
+    everything sent before it is too."""
+    size = 1000 + gw.fresh_port() % 400
+    gw.diverter_ns.run("ping", "-c1", "-W5", "-s", str(size), lab.INET4, timeout=10)
+    lab.wait_for(lambda: gw.internet_capture.read(f"icmp and greater {size}"), 10, "the capture barrier")
+
+
+def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
+    before = _spoofed_counter(gw.diverter_ns)
+    port = gw.fresh_port()
+    packets = [[src, dst, proto, port, f"EXFIL-{proto}-{src}"]
+               for src, dst in ((SPOOFED4, "198.51.100.5"), (SPOOFED6, "2001:db8::5"))
+               for proto in ("icmp", "tcp", "udp")]
+    assert gw.client_run("spoof", "--json", json.dumps(packets))["sent"] == 6
+    # The same from the client's own addresses is answered: the barrier for the
+    # answers (the queue and the listener keep their order), then the capture's.
+    for src, dst in ((lab.CLIENT4, "198.51.100.5"), (lab.CLIENT6, "2001:db8::5")):
+        t = gw.tcp(dst, port, f"own-{src}")
+        assert t["ok"] and t["reply"] == f"own-{src}", t
+        u = gw.udp(dst, port, f"own-{src}")
+        assert u["ok"] and u["reply"] == f"own-{src}", u
+    _capture_barrier(gw)
+    leaked = gw.internet_capture.read(SPOOF_FILTER)
+    assert leaked == [], "answers to spoofed sources left the diverter:\n" + "\n".join(leaked)
+    assert _spoofed_counter(gw.diverter_ns) == before + 6, lab.nftdivert(gw.diverter_ns, "status").stdout
+    gw.stop()  # the run's final counters say it too
+    final = re.search(r"spoofed sources: dropped (\d+) packets", div.stderr())
+    assert final and int(final[1]) == before + 6, div.stderr()
+
+
+def test_a_spoofed_packet_that_expires_here_gets_no_icmp_error(gw):
+    """Routed onward (a left-alone host), a packet with one hop left makes the
+    kernel send "time exceeded", quoting the packet, before any forward hook:
+    containment cannot stop it, the reverse-path check does."""
+    div = gw.ensure(hosts=["198.51.100.200/32", "2001:db8:ffff::200/128"])
+    before = _spoofed_counter(gw.diverter_ns)
+    packets = [[SPOOFED4, "198.51.100.200", "udp", 9, "EXFIL-ttl", 1],
+               [SPOOFED6, "2001:db8:ffff::200", "udp", 9, "EXFIL-ttl", 1]]
+    assert gw.client_run("spoof", "--json", json.dumps(packets))["sent"] == 2
+    # The same from the client's own addresses gets its error: the barrier.
+    for src, dst in ((lab.CLIENT4, "198.51.100.200"), (lab.CLIENT6, "2001:db8:ffff::200")):
+        cap = lab.Capture(gw.client, "eth0", gw.workdir / f"ttl-{gw.fresh_port()}.pcap", "icmp or icmp6").start()
+        try:
+            gw.client_run("spoof", "--json", json.dumps([[src, dst, "udp", 9, "own", 1]]))
+            lab.wait_for(lambda: [p for p in cap.read() if "exceeded" in p], 10, f"time exceeded for {src}")
+        finally:
+            cap.stop()
+    _capture_barrier(gw)
+    leaked = gw.internet_capture.read(SPOOF_FILTER)
+    assert leaked == [], "errors about spoofed packets left the diverter:\n" + "\n".join(leaked)
+    assert _spoofed_counter(gw.diverter_ns) == before + 2
+    assert div.alive()
+
+
+def test_dhcp_and_duplicate_address_detection_sources_still_pass(gw, div):
+    """Before it has an address, a host speaks from 0.0.0.0 (DHCP, to the
+    link's broadcast) and :: (duplicate address detection, MLD: to link
+    multicast); link-local sources are every host's. The reverse-path check
+    lets them through, uncounted."""
+    before = _spoofed_counter(gw.diverter_ns)
+    port = gw.fresh_port()
+    receiver = lab.receive_udp(gw.diverter_ns, port, 3)
+    try:
+        for address in ("0.0.0.0/0", "::/0"):  # its port is bound: the datagrams are not diverted
+            lab.wait_bound_set(gw.diverter_ns, "udp", port, address=address)
+        packets = [["0.0.0.0", "255.255.255.255", "udp", port, "DISCOVER"], ["::", "ff02::1", "udp", port, "DAD"],
+                   ["fe80::99", "ff02::1", "udp", port, "LINK-LOCAL"]]
+        assert gw.client_run("spoof", "--device", "eth0", "--json", json.dumps(packets))["sent"] == 3
+        out, _ = receiver.communicate(timeout=30)
+    finally:
+        receiver.kill()
+        receiver.wait(timeout=5)
+    assert sorted(json.loads(out)["sources"]) == ["0.0.0.0", "::", "fe80::99"], out
+    assert _spoofed_counter(gw.diverter_ns) == before

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 
 import pytest
@@ -160,6 +161,50 @@ def test_an_8000_byte_udp_datagram_is_dropped_counted_and_reported_once(gw):
     assert re.search(r"dropped 3, errors 0;", err), err
 
 
+SO_TIMESTAMP = 29  # <asm-generic/socket.h>; Python names only SO_TIMESTAMP in some builds
+
+
+def _waiting(ns) -> dict[int, int]:
+    """Queue number -> packets the kernel holds there without a verdict (/proc, now)."""
+    return {int(line.split()[0]): int(line.split()[2]) for line in lab.queue_bindings(ns)}
+
+
+@pytest.mark.any_backend
+@pytest.mark.queue_path
+def test_large_datagrams_with_timestamps_on_are_dropped_and_never_stall_the_queue(gw):
+    """While any socket asks for SO_TIMESTAMP (a `ping` does), every queued
+    packet carries a timestamp: the message of a datagram beyond the copy
+    range outgrew NetfilterQueue's 4096-byte buffer, was cut off without a
+    verdict, and after 1,024 of them the incoming queue was full for good."""
+    if not lab.stats_writable():
+        pytest.skip("/run is not writable here: the worker cannot publish its counters")
+    gw.stop()
+    div = gw.ensure()  # fresh counters
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stamped:
+        stamped.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)  # the kernel's timestamps on, for everyone
+        blast = gw.client_run("udpblast", "198.51.100.77", "1030", "5000", "7000", "1000", "--seconds", "2",
+                              timeout=120)
+        assert blast["sent"] == 1030, blast
+        # New conversations of every kind are answered: the queue, in order, got past the blast.
+        for host in ("198.51.100.78", "2001:db8:ffff::78"):
+            port = gw.fresh_port()
+            t = gw.tcp(host, port, f"tcp-after-{host}")
+            assert t["ok"] and t["reply"] == f"tcp-after-{host}", t
+            u = gw.udp(host, port, f"udp-after-{host}")
+            assert u["ok"] and u["reply"] == f"udp-after-{host}", u
+    assert _waiting(gw.diverter_ns) == {q: 0 for q in lab.QUEUES}
+    # Each datagram that reached the queue is dropped and counted (a fragment lost
+    # on the way loses its datagram before the queue; admission may drop some).
+    status = lab.nftdivert(gw.diverter_ns, "status").stdout
+    print(f"\n{status}")
+    lab.wait_for(lambda: _dropped(gw.diverter_ns) >= 1000, 10, "1000 dropped",
+                 detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
+    gw.stop()  # exit 0, nothing left, errors 0
+    assert re.search(r"kernel: incoming queue 0 dropped 0 \(queue full\) \+ 0 \(socket full\) \+ 0 \(unreadable\), "
+                     r"waiting 0",
+                     div.stderr()), div.stderr()
+
+
 # ---- local mode -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -182,3 +227,23 @@ def test_local_mode_one_client_port_towards_10_addresses(local, proto):
     lines = lab.log_barrier(host, div, 40100 + (proto == "udp"))
     mine = [x for x in lines if x["client"].endswith(f":{sport}") and x["protocol"] == proto]
     assert sorted(x["original_destination"] for x in mine) == sorted(_dest(h, p) for h, p, _ in targets), lines
+
+
+@pytest.mark.any_backend
+@pytest.mark.queue_path
+def test_local_mode_datagrams_up_to_loopbacks_mtu_with_timestamps_on_never_stall_the_queue(local):
+    """Over loopback (MTU 65536) a datagram is queued whole, up to 64 KiB: its
+    message is cut to the copy range, and still read whole."""
+    host, div = local
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stamped:
+        stamped.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+        for dest in ("198.18.4.1", "2001:db8:4::1"):
+            blast = lab.run_client(host, "udpblast", dest, "1100", "60000", "7000", "1000", "--seconds", "2",
+                                   timeout=120)
+            assert blast["sent"] == 1100, blast
+        for dest in ("198.18.4.2", "2001:db8:4::2"):
+            t = lab.run_client(host, "tcp", dest, "4321", f"tcp-after-{dest}")
+            assert t["ok"] and t["reply"] == f"tcp-after-{dest}", t
+            u = lab.run_client(host, "udp", dest, "4321", f"udp-after-{dest}")
+            assert u["ok"] and u["reply"] == f"udp-after-{dest}", u
+    assert _waiting(host) == {q: 0 for q in lab.QUEUES}

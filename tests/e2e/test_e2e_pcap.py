@@ -8,6 +8,7 @@ conversation nftdivert answers, and none of the traffic it leaves alone.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections import Counter
@@ -22,6 +23,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend,
 
 BOUND_PORT = 8080  # a service of the diverter host's own
 LEFT_ALONE_PORT = 9
+SPOOFED = "203.0.113.99"  # a source the client does not own
 LISTENERS = """
 [[listeners]]
 name = "tcp-echo"
@@ -90,6 +92,9 @@ def test_the_pcap_holds_what_the_client_sent_and_got_each_packet_once(gw, tmp_pa
         dig = gw.client.run("dig", "+tcp", "+tries=1", "+time=5", "+short", "@2001:db8:ffff::53", "b.example",
                             "AAAA", timeout=20)
         assert dig.stdout.startswith("2001:db8:53:"), dig.stdout
+        # From a source the client does not own: in the pcap as evidence, never answered.
+        spoofed = [[SPOOFED, "198.51.100.12", "udp", 7, "EXFIL"]]
+        assert gw.client_run("spoof", "--json", json.dumps(spoofed))["sent"] == 1
         left = gw.tcp("198.51.100.11", LEFT_ALONE_PORT, "left alone", timeout=1)
         assert not left["ok"], left
         assert div.stop() == 0, div.stderr()
@@ -114,6 +119,7 @@ def test_the_pcap_holds_what_the_client_sent_and_got_each_packet_once(gw, tmp_pa
                 ("198.51.100.9", ""), ("2001:db8:ffff::9", ""), ("198.51.100.53", "53"),
                 ("2001:db8:ffff::53", "53")):
         assert far[end] >= 2, f"{end} missing from the pcap: {far}"  # asked and answered
+    assert far[(SPOOFED, "40000")] == 1, far  # the spoofed datagram, and no answer
     # The original destinations only: never the diverter's own address or the listener's port.
     assert not {a for a, _ in far} & {lab.DIV_CLIENT4, lab.DIV_CLIENT6}, far
     assert not any(p == str(lab.LISTENER_PORT) for _, p in far), far

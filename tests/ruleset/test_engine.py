@@ -153,6 +153,7 @@ def test_apply_gateway_hooks_and_priorities(cli, backend):
     offset = 0 if backend == "nft" else -1  # xt: mark just before iptables-nft queues
     want = {
         "answer_for_all": ("nat", "prerouting", -100, "accept"),
+        "drop_spoofed": ("filter", "prerouting", -299, "accept"),  # just after the capture (raw)
         "divert_incoming": ("filter", "input", -150 + offset, "accept"),
         "restore_replies": ("filter", "output", -300 + offset, "accept"),
         "contain": ("filter", "forward", 0, "drop"),
@@ -188,7 +189,7 @@ def test_apply_local_mode_hooks(cli):
     ch = cli.chains()
     c = ch["answer_for_self"]
     assert (c["type"], c["hook"], c["prio"], c["policy"]) == ("nat", "output", -100, "accept")
-    assert "answer_for_all" not in ch and "contain" not in ch
+    assert "answer_for_all" not in ch and "contain" not in ch and "drop_spoofed" not in ch
     assert (ch["divert_incoming"]["hook"], ch["divert_incoming"]["prio"]) == ("input", -151)
     assert (ch["restore_replies"]["hook"], ch["restore_replies"]["prio"]) == ("output", -301)
 
@@ -545,6 +546,8 @@ def test_status(cli):
     assert out.count("xt: ipv") == 4
     assert "leave_alone_hosts_v4=0" in out
     assert "admission: dropped tcp 0, udp 0 new conversations" in out
+    assert rows["drop_spoofed"] == ("prerouting", -299)
+    assert "spoofed: dropped 0 packets from sources their interface does not route to" in out
 
     cli.ok("remove")
     proc = cli("status")

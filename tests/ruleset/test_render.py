@@ -179,12 +179,30 @@ def test_kernel_path_golden_content():
     text = golden_paths("kernel_path")[1].read_text()
     rules = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "queue" not in rules and "NFQUEUE" not in text
-    assert "priority mangle" not in text and "priority raw" not in text  # no -150 or -300 chain
+    assert "hook input priority mangle" not in text and "hook output priority raw" not in text  # no -150 or -300
     assert "socket wildcard 1 redirect\n" in text
     assert 'tcp dport != 1337 counter name "diverted_tcp" redirect to :1337\n' in text
     assert "tcp dport != 1337 meta nfproto != @serving drop\n" in text  # fail closed
     both = golden_paths("kernel_path_both")[1].read_text()
     assert "@serving" not in both and "chain redirect_from_self {" in both  # fail open; local mode
+
+
+SPOOF_CHECK = ("\tchain drop_spoofed {\n\t\ttype filter hook prerouting priority raw + 1; policy accept;\n",
+               '\t\tfib saddr . iif oif missing counter name "spoofed" drop\n')
+
+
+def test_gateway_clients_pass_a_reverse_path_check_on_both_paths():
+    """Before conntrack and NAT, just after the capture: a source the incoming
+    interface does not route to gets nothing. Local mode has no such check:
+    its clients are this host's own programs."""
+    for name in ("default", "kernel_path", "capture", "interfaces"):
+        text = golden_paths(name)[1].read_text()
+        assert all(part in text for part in SPOOF_CHECK), name
+        assert "\tcounter spoofed {\n" in text, name
+    interfaces = golden_paths("interfaces")[1].read_text()
+    check = interfaces[interfaces.index("chain drop_spoofed {"):]
+    assert check.index("iifname != {") < check.index("fib saddr"), "only the client side is checked"
+    assert "drop_spoofed" not in golden_paths("local")[1].read_text()
 
 
 def test_xt_golden_content():

@@ -31,4 +31,4 @@ def test_the_summary_ends_with_them():
             "log": dict.fromkeys(("written", "dropped", "failed"), 0),
             "kernel": {"incoming": {"queue": 0, "waiting": 2, "queue_full": 26768, "socket_full": 3}}}
     assert runner.summary(snap).endswith(
-        "; kernel: incoming queue 0 dropped 26768 (queue full) + 3 (socket full), waiting 2")
+        "; kernel: incoming queue 0 dropped 26768 (queue full) + 3 (socket full) + 0 (unreadable), waiting 2")
