@@ -422,7 +422,7 @@ class BridgeLab:
                                            f"addr add {DIV_CLIENT4}/24 dev {BRIDGE}",
                                            f"addr add {DIV_CLIENT6}/64 dev {BRIDGE} nodad", f"link set {BRIDGE} up"])
             for i in range(n):
-                self._add_client(netns_mod, i)
+                self.add_client(netns_mod, i)
         except BaseException:
             self.close()
             raise
@@ -431,16 +431,34 @@ class BridgeLab:
     def _batch(ns, commands: list[str]) -> None:
         ns.run("ip", "-batch", "-", input="".join(c + "\n" for c in commands))
 
-    def _add_client(self, netns_mod, i: int) -> None:
+    def add_client(self, netns_mod, i: int, port_address: str | None = None):
+        """Client i on port pI (`port_address`: that port's MAC, which the bridge
+        takes as its own when it is the lowest of its ports)."""
         client = netns_mod.create(f"bridge-c{i}")
         self.clients.append(client)
         quiet(client)
         subprocess.run(["ip", "link", "add", "eth0", "netns", client.name, "type", "veth", "peer", "name", f"p{i}",
                         "netns", self.diverter_ns.name], check=True, capture_output=True)
-        self._batch(self.diverter_ns, [f"link set p{i} master {BRIDGE}", f"link set p{i} up"])
+        self._batch(self.diverter_ns, [*([f"link set p{i} address {port_address}"] if port_address else []),
+                                       f"link set p{i} master {BRIDGE}", f"link set p{i} up"])
         self._batch(client, [f"addr add {bridge_client(i)}/24 dev eth0",
                              f"addr add {bridge_client(i, 6)}/64 dev eth0 nodad", "link set eth0 up",
                              f"route add default via {DIV_CLIENT4}", f"route add default via {DIV_CLIENT6}"])
+        return client
+
+    def remove_client(self, client) -> None:
+        """Its namespace goes, and with it its veth pair: the bridge loses the port."""
+        self.clients.remove(client)
+        client.delete()
+
+    def bridge_address(self) -> str:
+        return json.loads(self.diverter_ns.run("ip", "-j", "link", "show", BRIDGE).stdout)[0]["address"]
+
+    def client_ports(self) -> dict[str, str]:
+        """The bridge table's map: port name -> the address its frames to other clients get."""
+        maps = [o["map"] for o in nft_json(self.diverter_ns, "list", "map", "bridge", TABLE, "client_ports")
+                if "map" in o]
+        return dict(maps[0].get("elem", [])) if maps else {}
 
     def bridge_netfilter(self, on: bool) -> None:
         """Whether the bridge passes its frames to the IP hooks (br_netfilter), in the diverter's namespace."""

@@ -50,11 +50,11 @@ def bridge_lab(tmp_path_factory):
 
 
 @contextmanager
-def diverting(bl: lab.BridgeLab, bridge_nf: int, name: str):
-    """`nftdivert run` on the bridge's gateway with that setting; stopped
+def diverting(bl: lab.BridgeLab, bridge_nf: int, name: str, args: tuple[str, ...] = ()):
+    """`nftdivert run ARGS` on the bridge's gateway with that setting; stopped
     cleanly at the end (containment stays), then removed."""
     bl.bridge_netfilter(bool(bridge_nf))
-    div = lab.Diverter(bl.diverter_ns, bl.workdir, lab.config_text(), name=f"{name}-{bridge_nf}").start()
+    div = lab.Diverter(bl.diverter_ns, bl.workdir, lab.config_text(), name=f"{name}-{bridge_nf}", args=args).start()
     try:
         assert f"bridge {lab.BRIDGE} ({CLIENTS} ports)" in div.stderr(), div.stderr()
         yield div
@@ -72,9 +72,10 @@ def test_one_client_to_another_is_diverted_and_logged(bridge_lab, bridge_nf):
     servers = [lab.serve_tcp(b, port, "B's own service"), lab.serve_udp(b, port + 1, "B's own service")]
     sources = " or ".join(f"src host {lab.bridge_client(0, v)}" for v in (4, 6))
     cap = lab.Capture(b, "eth0", bridge_lab.workdir / f"b-{bridge_nf}.pcap", f"({sources}) and {NOT_RESOLUTION}")
+    pcap = bridge_lab.workdir / f"lateral-{bridge_nf}.pcap"
     try:
         cap.start()
-        with diverting(bridge_lab, bridge_nf, "lateral") as div:
+        with diverting(bridge_lab, bridge_nf, "lateral", ("-w", str(pcap))) as div:
             for version in (4, 6):
                 a_addr, b_addr = lab.bridge_client(0, version), lab.bridge_client(1, version)
                 tcp = lab.run_client(a, "tcp", b_addr, str(port), f"tcp-{tag}")
@@ -98,6 +99,13 @@ def test_one_client_to_another_is_diverted_and_logged(bridge_lab, bridge_nf):
             server.wait()
     seen = cap.read()
     assert seen == [], f"client B received {len(seen)} packet(s) from client A:\n" + "\n".join(seen[:20])
+    # The diverter's capture holds them, both ways, as the clients saw them.
+    captured = lab.Capture(b, "eth0", pcap)
+    for version in (4, 6):
+        a_addr, b_addr = lab.bridge_client(0, version), lab.bridge_client(1, version)
+        for what in (f"tcp port {port}", f"udp port {port + 1}", "icmp" if version == 4 else "icmp6"):
+            for src, dst in ((a_addr, b_addr), (b_addr, a_addr)):
+                assert captured.read(f"src host {src} and dst host {dst} and {what}"), (src, dst, what)
 
 
 def _talk_steps(i: int, tag: str) -> list[list]:
@@ -153,3 +161,46 @@ def test_twenty_clients_of_one_bridge_at_once(bridge_lab, bridge_nf):
         start = by_id[end["id"]]
         assert (end["client"], end["original_destination"], end["listener"]) == \
                (start["client"], start["original_destination"], start["listener"]), (start, end)
+
+
+def _assert_lateral_tcp_diverted(div, a, a_index: int, b_addr: str, port: int, payload: str) -> None:
+    r = lab.run_client(a, "tcp", b_addr, str(port), payload)
+    assert r["ok"] and r["reply"] == payload, r
+    client = _dest(lab.bridge_client(a_index), r["local"][1])
+    rec = div.wait_log(lambda x: x["event"] == "start" and x["client"] == client, what=f"the start of {client}")
+    assert rec["original_destination"] == _dest(b_addr, port) and rec["listener"] == "tcp-echo", rec
+
+
+def test_a_client_that_joins_while_it_runs(bridge_lab):
+    """run follows the bridge: a new port gets into the map, and when the
+    bridge takes the new port's lower MAC as its own, every port follows."""
+    with diverting(bridge_lab, 0, "join") as div:
+        before = bridge_lab.bridge_address()
+        joined = bridge_lab.add_client(netns, CLIENTS, port_address="02:00:00:00:00:01")
+        try:
+            assert bridge_lab.bridge_address() == "02:00:00:00:00:01" != before
+            want = {f"p{i}": "02:00:00:00:00:01" for i in range(CLIENTS + 1)}
+            lab.wait_for(lambda: bridge_lab.client_ports() == want, 10, "the map to follow the bridge",
+                         detail=lambda: str(bridge_lab.client_ports()))
+            _assert_lateral_tcp_diverted(div, joined, CLIENTS, lab.bridge_client(0), 7100, "from-newcomer")
+            _assert_lateral_tcp_diverted(div, bridge_lab.clients[0], 0, lab.bridge_client(CLIENTS), 7101, "to-it")
+        finally:
+            bridge_lab.remove_client(joined)
+        lab.wait_for(lambda: len(bridge_lab.client_ports()) == CLIENTS, 10, "the map to forget the port")
+
+
+def test_after_kill_9_nothing_crosses_and_the_next_run_takes_over(bridge_lab):
+    bridge_lab.bridge_netfilter(False)
+    a, b = bridge_lab.clients[2], bridge_lab.clients[3]
+    b_addr = lab.bridge_client(3)
+    server = lab.serve_tcp(b, 7200, "B's own service")
+    try:
+        killed = lab.Diverter(bridge_lab.diverter_ns, bridge_lab.workdir, lab.config_text(), name="killed").start()
+        killed.kill()
+        r = lab.run_client(a, "tcp", b_addr, "7200", "after-kill", timeout=30)
+        assert r.get("reply") != "B's own service", r  # the stale bridge table still sends it up: nobody answers
+        with diverting(bridge_lab, 0, "next") as div:  # over the stale tables
+            _assert_lateral_tcp_diverted(div, a, 2, b_addr, 7200, "taken-over")
+    finally:
+        server.kill()
+        server.wait()
