@@ -148,7 +148,7 @@ def _say_bridges(cfg: config_mod.Config) -> None:
     for line in bridges.describe(found, cfg.table):
         click.echo(line)
     if not found:
-        click.echo(f"bridges: none on the client side now (`run` follows any that appears)")
+        click.echo("bridges: none on the client side now (`run` follows any that appears)")
 
 
 @cli.command()
