@@ -184,9 +184,11 @@ def after_stop(config: Config, nft: Nft) -> bool:
     return True
 
 
-# The bound-port and admission sets change at run time by design: never drift.
+# The bound-port and admission sets, and the bridge table's map of ports,
+# change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\t(?:set (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving)|map client_ports) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\t(?:set (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving)"
+    r"|map client_ports) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:

@@ -7,9 +7,10 @@ namespace). With 0, client A's TCP, UDP and ping reached client B's own
 services and nothing was logged; with 1, IPv6 between them died in
 neighbour discovery (containment dropped it). Now, with either setting,
 they are answered by the diverter, logged with B's address as the
-destination, and B sees none of them. And a lab of 20 clients on one
-bridge, all talking at once: every record names its client, its
-destination and its listener, and every start has exactly one end.
+destination and captured, and B sees none of them, nor A's broadcasts.
+And a lab of 20 clients on one bridge, all talking at once: every record
+names its client, its destination and its listener, and every start has
+exactly one end.
 
 The bridge table is the same on both queue backends (any_backend).
 """
@@ -92,6 +93,9 @@ def test_one_client_to_another_is_diverted_and_logged(bridge_lab, bridge_nf):
                                        and r["client"] == client, what=f"the start record of {proto} from {client}")
                     assert rec["original_destination"] == dest and rec["listener"] == listener, rec
                     assert rec["interface"] == lab.BRIDGE, rec
+            # A broadcast: the diverter gets its copy (the queue path answers it), B none.
+            lab.run_client(a, "udp", "192.0.2.255", str(port + 2), f"broadcast-{tag}", "--broadcast",
+                           "--timeout", "0.5")
     finally:
         cap.stop()
         for server in servers:
