@@ -208,3 +208,36 @@ def test_after_kill_9_nothing_crosses_and_the_next_run_takes_over(bridge_lab):
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_port_nobody_has_seen_yet_is_dropped_not_bridged(bridge_lab):
+    """`apply` alone fills the map once; nothing follows the bridge. A client
+    that joins after it gets nothing across to another client (every bridge
+    is on the client side): its ping is dropped by the bridge table, counted,
+    and never reaches its neighbour. (The ping to a known port's neighbour
+    would be answered: ICMP echo needs no worker.)"""
+    bridge_lab.bridge_netfilter(False)
+    config = bridge_lab.workdir / "apply.toml"
+    config.write_text(lab.config_text())
+    lab.nftdivert(bridge_lab.diverter_ns, "apply", "-c", str(config))
+    neighbour = bridge_lab.clients[4]
+    cap = lab.Capture(neighbour, "eth0", bridge_lab.workdir / "unseen.pcap", f"icmp and {NOT_RESOLUTION}")
+    joined = None
+    try:
+        cap.start()
+        assert bridge_lab.clients[5].run("ping", "-c1", "-W5", lab.bridge_client(4), timeout=15, check=False) \
+            .returncode == 0, "a known port's ping is answered (by the diverter's kernel)"
+        joined = bridge_lab.add_client(netns, CLIENTS + 1)
+        ping = joined.run("ping", "-c1", "-W1", lab.bridge_client(4), timeout=15, check=False)
+        assert ping.returncode != 0, ping.stdout
+        rules = [o["rule"] for o in lab.nft_json(bridge_lab.diverter_ns, "list", "chain", "bridge", lab.TABLE,
+                                                 "lateral") if "rule" in o]
+        assert rules[-1]["expr"][0]["counter"]["packets"] >= 1 and "drop" in rules[-1]["expr"][-1], rules[-1]
+    finally:
+        cap.stop()
+        if joined is not None:
+            bridge_lab.remove_client(joined)
+        lab.nftdivert(bridge_lab.diverter_ns, "remove")
+    seen = cap.read(f"src host {lab.bridge_client(CLIENTS + 1)}")
+    assert seen == [], "\n".join(seen)
+    assert cap.read(f"src host {lab.bridge_client(5)}") == []
