@@ -123,15 +123,32 @@ def check(config_path: str | None, ruleset: str | None) -> None:
         raise ConfigError("RULESET", ruleset, "give a config or a ruleset file, not both")
     if ruleset:
         text = config_mod.read_input(ruleset, "RULESET")
-        engine.check_text(text, Nft() if is_root() else None, source=ruleset)
+        notes = engine.check_text(text, Nft() if is_root() else None, source=ruleset)
         click.echo(f"{ruleset}: accepted by the kernel (dry run, nothing changed)")
+        for note in notes:
+            click.echo(note)
         return
     cfg = _config(config_path)
     nft = Nft() if is_root() else None
-    backend, reason = engine.check(cfg, nft)
+    backend, reason, notes = engine.check(cfg, nft)
     where = "dry run" if nft else "dry run in a user namespace"
     click.echo(f"queue backend: {backend} ({reason})")
     click.echo(f"{config_path or 'default config'}: accepted by the kernel ({where}, nothing changed)")
+    for note in notes:
+        click.echo(note)
+    if cfg.mode != "local":
+        _say_bridges(cfg)
+
+
+def _say_bridges(cfg: config_mod.Config) -> None:
+    """Gateway mode: what the bridge table does with this namespace's client-side bridges."""
+    from nftdivert.observers import bridges
+
+    found = bridges.read(cfg.interfaces)
+    for line in bridges.describe(found, cfg.table):
+        click.echo(line)
+    if not found:
+        click.echo("bridges: none on the client side now (`run` follows any that appears)")
 
 
 @cli.command()

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
-from nftdivert.observers import bound
+from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import PROTOCOL_KINDS, Config
@@ -80,6 +80,30 @@ class _BoundPorts:
             text += bound.serving_commands(self.rs.table)
         if text:
             self.nft.run(text, source="bound ports")
+
+
+class _ClientBridges:
+    """Gateway mode: the client-side bridges' ports in the bridge table's map,
+    following ports and bridges that come and go (a new one's frames between
+    clients are dropped, or bridged with `interfaces` set, until then)."""
+
+    def __init__(self, nft: Nft, rs: model.Ruleset) -> None:
+        self.nft, self.rs = nft, rs
+        self.now = bridges.read(rs.interfaces) if rs.gateway else []
+
+    def refresh(self) -> list[str]:
+        """Mirror what changed into the map; what to say about bridges that came or went."""
+        if not self.rs.gateway:
+            return []
+        now, before = bridges.read(self.rs.interfaces), self.now
+        if now == before:
+            return []
+        self.nft.run(engine.bridge_commands(self.rs, now), source="bridge ports")
+        self.now = now
+        had = {b.name for b in before}
+        gone = sorted(had - {b.name for b in now})
+        return (bridges.describe([b for b in now if b.name not in had], self.rs.table)
+                + [f"bridge {name} is gone" for name in gone])
 
 
 def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
@@ -181,6 +205,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
 
         rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
         ports = _BoundPorts(nft, rs)
+        client_bridges = _ClientBridges(nft, rs)
         observer = seen.start(config, stack, log, listeners.name_for)
         fixup = None if rs.kernel_path else build_fixup(config, ports.is_bound, is_local=ports.is_local,
                                                          resolve=_conntrack_lookup(stack))
@@ -213,6 +238,11 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
                     due["serving"] = now + SERVING_RENEW
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bound-port sets: {exc}")
+            try:
+                for line in client_bridges.refresh():
+                    _say(line)
+            except (KernelError, OSError) as exc:
+                _say(f"could not update the bridge ports: {exc}")
             warn_once()
             if not observer.alive:  # fail closed: no conversation is answered that nobody logs
                 raise NftDivertError("the conversation observer stopped: stopping, rather than answer "
@@ -246,6 +276,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
             _say(f"table inet {applied.table} applied; divert path kernel ({applied.reason})")
         else:
             _say(f"table inet {applied.table} applied; queue backend {applied.backend} ({applied.reason})")
+        for line in bridges.describe(client_bridges.now, config.table):
+            _say(line)
         _say(f"mode {config.mode}; diverting unbound ports; Ctrl-C or SIGTERM stops, "
              + ("and containment stays until `nftdivert remove`" if applied.ruleset.contain_after_stop
                 else "and removes everything"))
@@ -311,8 +343,9 @@ def _leave_table(config: Config, nft: Nft) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     if engine.after_stop(config, nft):
-        _say(f"containment stays: table inet {config.table} drops what clients would route onward; "
-             "nothing is diverted; `nftdivert remove` takes it away")
+        _say(f"containment stays: table inet {config.table} drops what clients would route onward, and with "
+             f"table bridge {config.table} what clients of a bridge send each other; nothing is diverted; "
+             "`nftdivert remove` takes it away")
 
 
 def _admission(table: str, nft: Nft) -> dict[str, int]:

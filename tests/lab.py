@@ -18,6 +18,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
     python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
     python lab.py many --json TARGETS                    concurrent TCP exchanges
+    python lab.py talk --json STEPS                      TCP and UDP exchanges, one after another
     python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
     python lab.py from-ports --json TARGETS [--half-close]  TCP exchanges, each from its own fixed port
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
@@ -250,13 +251,17 @@ def assert_clean(ns) -> None:
 
 def assert_contained(ns, table: str = TABLE) -> None:
     """What a clean stop leaves by default: the table with its containment chain
-    alone (a forward hook that drops), and otherwise nothing: no xt rule, no queue bound."""
+    alone (a forward hook that drops), the bridge table that keeps clients of a
+    bridge apart, and otherwise nothing: no xt rule, no queue bound."""
     objects = nft_json(ns, "list", "ruleset")
-    tables = [(o["table"]["family"], o["table"]["name"]) for o in objects if "table" in o]
-    assert tables == [("inet", table)], f"after a clean stop, {ns.name} holds {tables}"
-    chains = [o["chain"] for o in objects if "chain" in o]
+    tables = sorted((o["table"]["family"], o["table"]["name"]) for o in objects if "table" in o)
+    assert tables == [("bridge", table), ("inet", table)], f"after a clean stop, {ns.name} holds {tables}"
+    chains = [o["chain"] for o in objects if "chain" in o and o["chain"]["family"] == "inet"]
     assert [(c["name"], c.get("hook")) for c in chains] == [("contain", "forward")], chains
-    rules = [o["rule"] for o in objects if "rule" in o]
+    bridged = [(o["chain"]["name"], o["chain"].get("hook")) for o in objects
+               if "chain" in o and o["chain"]["family"] == "bridge"]
+    assert bridged == [("lateral", "prerouting"), ("lateral_copies", "forward")], bridged
+    rules = [o["rule"] for o in objects if "rule" in o and o["rule"]["family"] == "inet"]
     assert chains[0]["policy"] == "drop" or any("drop" in e for r in rules for e in r["expr"]), rules
     assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
@@ -389,6 +394,84 @@ def local_lab(netns_mod, workdir: Path, **config):
         if div is not None:
             div.kill()
         host.delete()
+
+
+# ---- a bridge of many clients ---------------------------------------------------------
+
+BRIDGE = "clients0"  # the diverter's client-side bridge, addressed DIV_CLIENT4 and DIV_CLIENT6
+
+
+def bridge_client(i: int, version: int = 4) -> str:
+    """The address of client i on the bridge."""
+    return f"192.0.2.{10 + i}" if version == 4 else f"2001:db8:1::{10 + i:x}"
+
+
+class BridgeLab:
+    """A diverter whose clients share one bridge: `n` client namespaces, each
+    on a port of it (pI), addressed bridge_client(i), routed through the
+    diverter. Nothing else: its containment keeps every packet in here.
+    Clients of one bridge reach each other without the diverter's IP stack
+    unless the bridge table sends them up; the bridge's netfilter setting
+    (bridge_netfilter) is per namespace."""
+
+    def __init__(self, netns_mod, workdir: Path, n: int) -> None:
+        self.workdir = workdir
+        self.diverter_ns = netns_mod.create("bridge-div")
+        self.clients: list = []
+        try:
+            quiet(self.diverter_ns)
+            self.diverter_ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+            self._batch(self.diverter_ns, [f"link add {BRIDGE} type bridge",
+                                           f"addr add {DIV_CLIENT4}/24 dev {BRIDGE}",
+                                           f"addr add {DIV_CLIENT6}/64 dev {BRIDGE} nodad", f"link set {BRIDGE} up"])
+            for i in range(n):
+                self.add_client(netns_mod, i)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _batch(ns, commands: list[str]) -> None:
+        ns.run("ip", "-batch", "-", input="".join(c + "\n" for c in commands))
+
+    def add_client(self, netns_mod, i: int, port_address: str | None = None):
+        """Client i on port pI (`port_address`: that port's MAC, which the bridge
+        takes as its own when it is the lowest of its ports)."""
+        client = netns_mod.create(f"bridge-c{i}")
+        self.clients.append(client)
+        quiet(client)
+        subprocess.run(["ip", "link", "add", "eth0", "netns", client.name, "type", "veth", "peer", "name", f"p{i}",
+                        "netns", self.diverter_ns.name], check=True, capture_output=True)
+        self._batch(self.diverter_ns, [*([f"link set p{i} address {port_address}"] if port_address else []),
+                                       f"link set p{i} master {BRIDGE}", f"link set p{i} up"])
+        self._batch(client, [f"addr add {bridge_client(i)}/24 dev eth0",
+                             f"addr add {bridge_client(i, 6)}/64 dev eth0 nodad", "link set eth0 up",
+                             f"route add default via {DIV_CLIENT4}", f"route add default via {DIV_CLIENT6}"])
+        return client
+
+    def remove_client(self, client) -> None:
+        """Its namespace goes, and with it its veth pair: the bridge loses the port."""
+        self.clients.remove(client)
+        client.delete()
+
+    def bridge_address(self) -> str:
+        return json.loads(self.diverter_ns.run("ip", "-j", "link", "show", BRIDGE).stdout)[0]["address"]
+
+    def client_ports(self) -> dict[str, str]:
+        """The bridge table's map: port name -> the address its frames to other clients get."""
+        maps = [o["map"] for o in nft_json(self.diverter_ns, "list", "map", "bridge", TABLE, "client_ports")
+                if "map" in o]
+        return dict(maps[0].get("elem", [])) if maps else {}
+
+    def bridge_netfilter(self, on: bool) -> None:
+        """Whether the bridge passes its frames to the IP hooks (br_netfilter), in the diverter's namespace."""
+        v = int(on)
+        self.diverter_ns.run("sysctl", "-qw", f"net.bridge.bridge-nf-call-iptables={v}",
+                             f"net.bridge.bridge-nf-call-ip6tables={v}")
+
+    def close(self) -> None:
+        for ns in [*reversed(self.clients), self.diverter_ns]:
+            ns.delete()
 
 
 # ---- captures -------------------------------------------------------------------
@@ -750,6 +833,12 @@ def cmd_udp(host: str, port: int, payload: str, timeout: float, resend: float = 
         sock.close()
     res["seconds"] = time.monotonic() - start
     return res
+
+
+def cmd_talk(steps: list[list], timeout: float) -> list[dict]:
+    """Exchanges one after another: [["tcp" | "udp", host, port, payload], ...]."""
+    return [{"step": step, **(cmd_tcp if step[0] == "tcp" else cmd_udp)(step[1], step[2], step[3], timeout)}
+            for step in steps]
 
 
 def _enough_files(n: int) -> None:
@@ -1164,6 +1253,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("many")
     p.add_argument("--json", required=True, help="[[host, port, payload], ...]")
     p.add_argument("--timeout", type=float, default=20)
+    p = sub.add_parser("talk")
+    p.add_argument("--json", required=True, help='[["tcp" | "udp", host, port, payload], ...]')
+    p.add_argument("--timeout", type=float, default=5)
     p = sub.add_parser("bulk")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -1221,6 +1313,8 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_udp(a.host, a.port, a.payload, a.timeout, a.resend, a)
     elif a.cmd == "many":
         out = cmd_many(json.loads(a.json), a.timeout)
+    elif a.cmd == "talk":
+        out = cmd_talk(json.loads(a.json), a.timeout)
     elif a.cmd == "bulk":
         out = cmd_bulk(a.host, a.port, a.megabytes, a.timeout)
     elif a.cmd == "fan-out":

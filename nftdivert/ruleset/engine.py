@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass, field
 
 from nftdivert.ruleset import backends, model, owner, render, scratch
-from nftdivert.observers import bound
+from nftdivert.observers import bound, bridges
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import Config
 from nftdivert.errors import KernelError, NftDivertError, clip
-from nftdivert.ruleset.kernel import Nft, refuse_file_reads, table_ref
+from nftdivert.ruleset.kernel import FAMILIES, Nft, refuse_file_reads, table_ref
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,32 @@ def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
     return backends.select(config.queue.backend, nft, config.divert_path)
 
 
-def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> None:
-    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection.
+# The kernel lets only root of the first user namespace rewrite link-layer
+# headers: in a user namespace of our own, the bridge table's rewrite is
+# checked as a lookup of the same map.
+_LL_REWRITE = re.compile(r"\bether daddr set (iif) map (@\w+) ")
+LL_NOTE = ("unprivileged, the bridge table's link-layer rewrite (ether daddr set) was checked without "
+           "its write: the kernel lets only root load one")
+
+
+def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> list[str]:
+    """Dry-run `text` against the running kernel; nothing changes. Raises on rejection;
+    returns notes on what could not be checked as it is.
 
     Text that would make libnftables read other files is refused first (bad input).
     """
     refuse_file_reads(text, source)
     if nft is not None:
         nft.run(text, dry_run=True, source=source)
-    else:  # not root: a user + network namespace of our own
-        scratch.run("check", text, table)
+        return []
+    # not root: a user + network namespace of our own
+    unprivileged, rewrites = _LL_REWRITE.subn(r"\1 \2 ", text)
+    scratch.run("check", unprivileged, table)
+    return [LL_NOTE] if rewrites else []
 
 
-def check(config: Config, nft: Nft | None) -> tuple[str, str]:
-    """Dry-run the config's ruleset for the backend this kernel gets; (backend, reason)."""
+def check(config: Config, nft: Nft | None) -> tuple[str, str, list[str]]:
+    """Dry-run the config's ruleset for the backend this kernel gets; (backend, reason, notes)."""
     if nft is not None:
         backend, reason = backend_for(config, nft)
         name = backend.name
@@ -52,8 +64,7 @@ def check(config: Config, nft: Nft | None) -> tuple[str, str]:
         reason = "auto: probed in a user namespace"
     else:
         name, reason = config.queue.backend, "set in the config"
-    check_text(render.render_for(config, name), nft, config.table)
-    return name, reason
+    return name, reason, check_text(render.render_for(config, name), nft, config.table)
 
 
 def apply(config: Config, nft: Nft, claim: owner.Claim | None = None, serving: bool = False) -> Applied:
@@ -72,9 +83,12 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None, serving: b
         owner.check_apply(rs.table, text)
     else:
         claim.record(text)
-    previous = nft.list_table(rs.table, stateless=False)
+    previous = {family: nft.list_table(rs.table, stateless=False, family=family) for family in FAMILIES}
     previous_xt = _xt_rules_if_readable(rs.table, nft)
-    nft.run(text + runtime_set_commands(rs, bound.read(), bound.addresses(), serving))
+    # Gateway mode's bridge table, left by an earlier apply in another mode, goes in the same transaction.
+    stale = f"delete table {table_ref(rs.table, 'bridge')}\n" if not rs.gateway and previous["bridge"] else ""
+    nft.run(text + stale + runtime_set_commands(rs, bound.read(), bound.addresses(), serving)
+            + bridge_commands(rs, bridges.read(config.interfaces)))
     try:
         backend.install(rs)
         # A table of ours from another backend leaves its rules behind otherwise.
@@ -98,6 +112,11 @@ def runtime_set_commands(rs: model.Ruleset, ports: bound.BoundPorts, addresses: 
     return text
 
 
+def bridge_commands(rs: model.Ruleset, client_bridges: list[bridges.Bridge]) -> str:
+    """Gateway mode: what fills the bridge table's map with the client-side bridges' ports."""
+    return bridges.map_commands(rs.table, client_bridges) if rs.gateway else ""
+
+
 def _xt_rules_if_readable(table: str, nft: Nft) -> list[str] | None:
     """Our xt rules now; None without iptables (then an apply cannot add any either)."""
     try:
@@ -106,20 +125,21 @@ def _xt_rules_if_readable(table: str, nft: Nft) -> list[str] | None:
         return None
 
 
-def _take_back(table: str, previous: str | None, previous_xt: list[str] | None, nft: Nft,
+def _take_back(table: str, previous: dict[str, str | None], previous_xt: list[str] | None, nft: Nft,
                exc: Exception) -> KernelError:
-    """Undo an apply that failed after its commit: the table as it was (or none), our xt rules as they were.
+    """Undo an apply that failed after its commit: the tables as they were (or none), our xt rules as they were.
 
     Otherwise the new table would stay, marking packets that no rule queues.
     """
     try:
-        if previous is None:
-            if nft.has_table(table):
-                nft.delete_table(table)
-            done = "removed"
-        else:
-            nft.run(f"table {table_ref(table)}\ndelete table {table_ref(table)}\n{previous}", source="previous table")
-            done = "the previous table is restored"
+        for family, text in previous.items():
+            if text is None:
+                if nft.has_table(table, family):
+                    nft.delete_table(table, family)
+            else:
+                ref = table_ref(table, family)
+                nft.run(f"table {ref}\ndelete table {ref}\n{text}", source="previous table")
+        done = "removed" if previous["inet"] is None else "the previous table is restored"
         if previous_xt is not None:
             backends.XtQueue(nft).restore(table, previous_xt)
     except (NftDivertError, OSError) as undo:
@@ -130,11 +150,12 @@ def _take_back(table: str, previous: str | None, previous_xt: list[str] | None, 
 
 
 def remove(table: str, nft: Nft) -> list[str]:
-    """Take away the table and any xt rules of ours; idempotent. Says what went."""
+    """Take away the tables and any xt rules of ours; idempotent. Says what went."""
     gone = []
-    if nft.has_table(table):
-        nft.delete_table(table)
-        gone.append(f"table inet {table}")
+    for family in FAMILIES:
+        if nft.has_table(table, family):
+            nft.delete_table(table, family)
+            gone.append(f"table {family} {table}")
     return gone + _remove_queue_rules(table, nft)
 
 
@@ -153,11 +174,12 @@ def after_stop(config: Config, nft: Nft) -> bool:
     The containment-only table replaces the full one in one transaction, so
     forwarded traffic is never let through in between. True: containment stays.
     """
-    text = render.render_after_stop(model.build(config, "nft"))
+    rs = model.build(config, "nft")
+    text = render.render_after_stop(rs)
     if text is None:
         remove(config.table, nft)
         return False
-    nft.run(text, source="after stop")
+    nft.run(text + bridge_commands(rs, bridges.read(config.interfaces)), source="after stop")
     _remove_queue_rules(config.table, nft)
     return True
 
@@ -165,9 +187,11 @@ def after_stop(config: Config, nft: Nft) -> bool:
 # The named counter of the gateway's reverse-path check (drop_spoofed in the template).
 SPOOFED = "spoofed"
 
-# The bound-port and admission sets change at run time by design: never drift.
+# The bound-port and admission sets, and the bridge table's map of ports,
+# change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
-    r"(\tset (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"(\t(?:set (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving)"
+    r"|map client_ports) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:
@@ -194,13 +218,13 @@ def diff(config: Config, nft: Nft, *, after_stop: bool = False) -> Drift:
     rs = model.build(config, backend.name)
     text = render.render_after_stop(rs) if after_stop else render.render(rs)
     want = _comparable(scratch.run("normalize", text, rs.table)) if text else ""
-    live_text = nft.list_table(rs.table)
+    live_text = nft.list_tables(rs.table)
     have = _comparable(live_text or "")
     expected_xt = [] if after_stop else backend.expected(rs)
     want_lines = want.splitlines(keepends=True) + [f"# xt: {r}\n" for r in expected_xt]
     have_lines = have.splitlines(keepends=True) + [f"# xt: {r}\n" for r in _installed_xt(rs.table, nft)]
     return Drift(backend.name, "".join(difflib.unified_diff(have_lines, want_lines, "live", "rendered")),
-                 missing_table=live_text is None)
+                 missing_table=live_text is None or not live_text.startswith("table inet "))
 
 
 def _installed_xt(table: str, nft: Nft) -> list[str]:
@@ -244,6 +268,7 @@ def status(table: str, nft: Nft) -> Status:
     objects = nft.table_objects(table)
     if not objects:
         return Status(table, loaded=False, xt_rules=tuple(_installed_xt(table, nft)))
+    objects += nft.table_objects(table, "bridge")  # gateway mode's: its chains' names are its own
     chains: dict[str, dict] = {o["chain"]["name"]: o["chain"] for o in objects if "chain" in o}
     packets: dict[str, int] = dict.fromkeys(chains, 0)
     queued_natively = False
@@ -255,7 +280,7 @@ def status(table: str, nft: Nft) -> Status:
             if isinstance(expr.get("counter"), dict):  # a named one is {"counter": "name"}: counted below
                 packets[rule["chain"]] += expr["counter"]["packets"]
             queued_natively |= "queue" in expr
-    sets = {o["set"]["name"]: len(o["set"].get("elem", [])) for o in objects if "set" in o}
+    sets = {s["name"]: len(s.get("elem", [])) for o in objects if (s := o.get("set") or o.get("map"))}
     xt = tuple(_installed_xt(table, nft))
     return Status(
         table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),

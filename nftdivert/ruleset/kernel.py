@@ -50,11 +50,11 @@ class Nft:
             raise _kernel_error(err.replace(f.name, source))
         return out
 
-    def list_table(self, table: str, *, stateless: bool = True) -> str | None:
+    def list_table(self, table: str, *, stateless: bool = True, family: str = "inet") -> str | None:
         """The table as nft prints it (its normal form), or None when it is not loaded."""
         self._ctx.set_stateless_output(stateless)
         try:
-            rc, out, err = self._ctx.cmd(f"list table {table_ref(table)}")
+            rc, out, err = self._ctx.cmd(f"list table {table_ref(table, family)}")
         finally:
             self._ctx.set_stateless_output(False)
         if rc != 0:
@@ -62,6 +62,12 @@ class Nft:
                 return None
             raise _kernel_error(err)
         return out
+
+    def list_tables(self, table: str, *, stateless: bool = True) -> str | None:
+        """nftdivert's tables of that name (inet, then bridge) as nft prints them; None when neither is loaded."""
+        found = [text for family in FAMILIES
+                 if (text := self.list_table(table, stateless=stateless, family=family)) is not None]
+        return "".join(found) if found else None
 
     def json(self, command: str) -> list[dict[str, Any]]:
         """The `nftables` array of a fixed list command's JSON output ([] when absent).
@@ -127,14 +133,19 @@ def refuse_file_reads(text: str, source: str) -> None:
                           "an `include` makes nft read another file; nftdivert checks only the text it is given")
 
 
-def table_ref(table: str) -> str:
+FAMILIES = ("inet", "bridge")  # nftdivert's tables: the ruleset's, and gateway mode's bridge table
+
+
+def table_ref(table: str, family: str = "inet") -> str:
     """`inet NAME` for nft command text: the one place a table name enters nft syntax.
 
     nft cannot quote a table name, so a name is only ever let through whole,
     after the config's rule for table names (letters, digits, '_').
     """
     _check_table_syntax("table", table)
-    return f"inet {table}"
+    if family not in FAMILIES:
+        raise ValueError(f"not a family of nftdivert's tables: {family!r}")
+    return f"{family} {table}"
 
 
 def _kernel_error(err: str) -> KernelError:

@@ -52,7 +52,7 @@ def _main(argv: list[str]) -> int:
             print(select("auto", nft)[0].name)
         elif action == "normalize":
             nft.run(text)
-            sys.stdout.write(nft.list_table(table) or "")
+            sys.stdout.write(nft.list_tables(table) or "")
         else:
             raise SystemExit(f"unknown action {action}")
     except NftDivertError as exc:

@@ -202,6 +202,7 @@ def test_apply_both_modes_and_interfaces(cli, tmp_path):
     # With interfaces, containment drops only what arrives on them.
     assert ch["contain"]["policy"] == "accept"
     rules = [o["rule"] for o in cli.nft_json("list", "chain", "inet", "nftdivert", "contain") if "rule" in o]
+    rules = rules[1:]  # after neighbour discovery, which a bridge's clients need
     match = rules[0]["expr"][0]["match"]
     assert match["left"] == {"meta": {"key": "iifname"}}
     # The names reach the kernel verbatim (not JSON-escaped "a\\u003cb").
@@ -615,3 +616,51 @@ def test_xt_fail_open_and_reapply_keeps_exactly_two_rules_per_family(cli):
     # An IPv4-only config takes the IPv6 rules away.
     cli.ok("apply", "-c", cli.config('ipv6 = false\n' + XT, "v4.toml"))
     assert len(cli.xt_tagged("ipv4")) == 2 and cli.xt_tagged("ipv6") == []
+
+
+# ---- the bridge table ----------------------------------------------------------------------
+
+def _bridge(cli: Cli, name: str, ports: int) -> str:
+    """A bridge with `ports` veth ports (their peers unattached); its address."""
+    cli.host.run("ip", "link", "add", name, "type", "bridge")
+    for i in range(ports):
+        cli.host.run("ip", "link", "add", f"{name}p{i}", "type", "veth", "peer", "name", f"{name}x{i}")
+        cli.host.run("ip", "link", "set", f"{name}p{i}", "master", name)
+    return json.loads(cli.host.run("ip", "-j", "link", "show", name).stdout)[0]["address"]
+
+
+def _client_ports(cli: Cli) -> dict[str, str]:
+    maps = [o["map"] for o in cli.nft_json("list", "map", "bridge", "nftdivert", "client_ports") if "map" in o]
+    return dict(maps[0].get("elem", []))
+
+
+def test_bridge_table_lifecycle(cli):
+    """Gateway mode: apply fills the map with the client-side bridges' ports
+    (all bridges, or those `interfaces` names); check says so; status and diff
+    see the table; another mode and remove take it away."""
+    lan = _bridge(cli, "lan0", 2)
+    _bridge(cli, "wan0", 1)
+    out = cli.ok("check", "-c", cli.config(XT)).stdout
+    assert "bridge lan0 (2 ports): what its clients send each other goes to this host" in out, out
+    assert "bridge wan0 (1 port)" in out, out
+
+    cfg = cli.config('interfaces = ["lan*"]\n' + XT, "lan.toml")
+    assert "bridge wan0" not in cli.ok("check", "-c", cfg).stdout
+    cli.ok("apply", "-c", cfg)
+    assert _client_ports(cli) == {"lan0p0": lan, "lan0p1": lan}
+    chains = cli.chains("bridge nftdivert")
+    assert {(n, c["hook"], c["prio"]) for n, c in chains.items()} == \
+           {("lateral", "prerouting", -300), ("lateral_copies", "forward", -200)}
+    status = cli.ok("status").stdout
+    assert re.search(r"^\s+lateral\s+prerouting\s+-300\s+0$", status, re.M) and "client_ports=2" in status, status
+    proc = cli("diff", "-c", cfg)
+    assert proc.returncode == 0, proc.stdout  # the map's elements change at run time: no drift
+    cli.nft("add", "rule", "bridge", "nftdivert", "lateral", "counter")
+    proc = cli("diff", "-c", cfg)
+    assert proc.returncode == 1 and "-\t\tcounter" in proc.stdout, proc.stdout
+
+    cli.ok("apply", "-c", cli.config(LOCAL_XT, "local.toml"))  # local mode has no bridge table
+    assert "bridge" not in cli.nft("list", "tables")
+    cli.ok("apply", "-c", cfg)
+    assert "removed table inet nftdivert, table bridge nftdivert" in cli.ok("remove").stdout
+    assert cli.nft("list", "ruleset") == ""

@@ -290,9 +290,12 @@ def test_after_stop_is_the_containment_chain_alone_and_only_where_it_contains():
     text = after_stop()
     assert text.startswith("# nftdivert after a clean stop")
     assert "table inet nftdivert\ndelete table inet nftdivert\n" in text  # an atomic swap
-    assert text.count("chain ") == 1 and "type filter hook forward priority filter; policy drop;" in text
-    # The same chain as in the full ruleset, byte for byte.
-    assert text[text.index("\t# Containment"):text.rindex("}")] in render.render(model.build(Config(), "xt"))
+    inet, bridge = text.split("table bridge nftdivert\n", 1)
+    assert inet.count("chain ") == 1 and "type filter hook forward priority filter; policy drop;" in inet
+    # The same chain, and the same bridge table, as in the full ruleset, byte for byte.
+    full = render.render(model.build(Config(), "xt"))
+    assert inet[inet.index("\t# Containment"):inet.rindex("}")] in full
+    assert "table bridge nftdivert\n" + bridge in full
     assert 'iifname { "eth1" } counter drop' in after_stop(interfaces=("eth1",))
     for nothing in (dict(containment_after_stop="remove"), dict(mode="local"), dict(forward_containment=False)):
         assert after_stop(**nothing) is None, nothing
