@@ -36,9 +36,11 @@ class ObserverProcess:
         self._config, self._emit, self._name_for = config, emit, name_for
         self._pools = [ipaddress.ip_network(config.dns.answer_v4), ipaddress.ip_network(config.dns.answer_v6)]
         self.summary = Summary()
-        self.lost = self.unended = self._failed_child = 0
+        self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
         self._names: dict[int, str] = {}  # conversation id -> name, until its end record
+        self._open: set[int] = set()  # started, no end record yet
+        self._closed = False
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_serve, args=(config, child_end, os.getpid(), clients_netns),
@@ -64,22 +66,39 @@ class ObserverProcess:
                 except Exception:  # noqa: BLE001 - one odd record must not end the log
                     self._failed_here += 1
             elif kind == "stats":
-                self.lost, self._failed_child, self.unended = rest
+                self._counts = rest[0]
 
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
 
     @property
+    def lost(self) -> int:
+        """Conntrack events the kernel dropped for the observer."""
+        return self._counts.get("events_lost", 0)
+
+    @property
     def failed(self) -> int:
-        return self._failed_child + self._failed_here
+        return self._counts.get("failed", 0) + self._failed_here
+
+    def ends(self) -> dict:
+        """How the log's ends came about where conntrack did not say plainly; `unended` once closed."""
+        c = self._counts
+        ends = {"earlier": c.get("earlier", 0), "recovered": c.get("recovered", 0),
+                "synthesized": {"event_lost": c.get("event_lost", 0), "dump_failed": c.get("dump_failed", 0)},
+                "unreadable": c.get("unreadable", 0)}
+        if self._closed:  # a start the log got without its end (the observer died, a record failed)
+            ends["unended"] = len(self._open)
+        return ends
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] == "start":
+            self._open.add(rec["id"])
             name = self._name(rec, when)
             if name:
                 self._names[rec["id"]] = name
         else:
+            self._open.discard(rec["id"])
             name = self._names.pop(rec["id"], None)
         if name:
             rec = convrecords.named(rec, name)
@@ -106,6 +125,7 @@ class ObserverProcess:
         if reader is not None:
             reader.join(timeout=timeout)
         self._conn.close()
+        self._closed = True
 
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:
@@ -138,10 +158,10 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
     send(("ready",))
     try:
         while not stop.wait(_STATS_SECONDS):
-            send(("stats", obs.lost, obs.failed, obs.unended))
+            send(("stats", obs.counts()))
     finally:
         obs.close()
-        send(("stats", obs.lost, obs.failed, obs.unended))
+        send(("stats", obs.counts()))
         conn.close()
 
 
