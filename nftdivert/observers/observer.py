@@ -45,16 +45,18 @@ class EndCounts:
 
 
 class Observer:
-    """`emit(record, when)` gets each record and its time as a number.
+    """`emit(record, when)` gets each record and its time as a number;
+    `flush()` is called whenever the events waiting have all been read.
 
     context: `listener_for(event) -> (name, port)`, and `owners`
     (procowner.ProcessOwners) in local and sandbox mode. The DNS name is
     added by whoever knows the names (observer_process.py).
     """
 
-    def __init__(self, mark: int, emit: Callable[[dict, float], None], listener_for, owners=None) -> None:
+    def __init__(self, mark: int, emit: Callable[[dict, float], None], listener_for, owners=None,
+                 flush: Callable[[], None] = lambda: None) -> None:
         self.mark = mark
-        self._emit = emit
+        self._emit, self._flush = emit, flush
         self._listener_for = listener_for
         self._owners = owners
         self.failed = 0  # events that raised while turned into records
@@ -90,6 +92,7 @@ class Observer:
             for kind, payload in batch:
                 if starts or kind == "destroy":
                     self._handle(kind, payload)
+        self._flush()
 
     def _handle(self, kind: str, payload) -> None:
         try:
@@ -149,6 +152,7 @@ class Observer:
         now = time.time()
         for start, _started in self._open.values():
             self._emit(convrecords.synthesized_end(start, now), now)
+        self._flush()
         self._open.clear()
         self._events.close()
         if self._owners is not None:
@@ -183,7 +187,8 @@ class Observer:
 _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
 
 
-def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None) -> Observer:
+def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None,
+               flush: Callable[[], None] = lambda: None) -> Observer:
     """The observer `run` starts: listeners from the config; processes named in
     local mode (this namespace) and in the sandbox (the clients' namespace)."""
     from nftdivert.observers.procowner import ProcessOwners
@@ -195,7 +200,7 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
         owners = ProcessOwners(clients_netns)
     try:
         return Observer(config.worker.ct_mark, emit,
-                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners)
+                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners, flush)
     except BaseException:
         if owners is not None:
             owners.close()

@@ -24,6 +24,9 @@ from nftdivert.observers import bound, convrecords
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
+# Records per message to the parent at most: one pickle and one write for
+# many, and the first of a burst still goes out as soon as its batch is read.
+RECORD_BATCH = 256
 BOUND_FRESH = 0.5  # seconds
 NICE = 19
 
@@ -60,11 +63,12 @@ class ObserverProcess:
                 kind, *rest = self._conn.recv()
             except (EOFError, OSError):
                 return
-            if kind == "record":
-                try:
-                    self._record(*rest)
-                except Exception:  # noqa: BLE001 - one odd record must not end the log
-                    self._failed_here += 1
+            if kind == "records":
+                for when, rec in rest[0]:
+                    try:
+                        self._record(when, rec)
+                    except Exception:  # noqa: BLE001 - one odd record must not end the log
+                        self._failed_here += 1
             elif kind == "stats":
                 self._counts = rest[0]
 
@@ -141,17 +145,30 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ports = _Bound()
     lock = threading.Lock()
+    pending: list[tuple[float, dict]] = []  # records not yet sent: a flood's go in batches
 
-    def send(message) -> None:
+    def send(message=None) -> None:
+        """Send what is pending, then `message`; in order, whichever thread asks."""
         with lock:
             try:
-                conn.send(message)
+                if pending:
+                    conn.send(("records", pending[:]))
+                    pending.clear()
+                if message is not None:
+                    conn.send(message)
             except (OSError, ValueError):
+                pending.clear()
                 stop.set()  # the parent is gone
 
+    def emit(rec: dict, when: float) -> None:
+        with lock:
+            pending.append((when, rec))
+            full = len(pending) >= RECORD_BATCH
+        if full:
+            send()
+
     try:
-        obs = observer.for_config(config, lambda rec, when: send(("record", when, rec)), ports.is_bound,
-                                  clients_netns=clients_netns)
+        obs = observer.for_config(config, emit, ports.is_bound, clients_netns=clients_netns, flush=send)
     except OSError as exc:
         send(("error", f"cannot watch conntrack for the conversation log: {exc}"))
         return
