@@ -56,8 +56,12 @@ TCP_TIME_WAIT, TCP_CLOSE = 7, 8
 
 # Events come in bursts (a port scan opens thousands of entries a second):
 # a large receive buffer rides them out; what still overflows is counted.
+# An event takes 1,280 bytes of it. Measured on the kernel path, a 100,000-SYN
+# flood (65,000 conversations, 130,000 events in 7 s) lost 100,000 events
+# with 8 MiB, 16,000 with 32 and none with 64; the kernel doubles the value,
+# and the memory is taken only while events wait.
 RECV_BUFFER = 1 << 16
-SOCKET_BUFFER = 8 << 20
+SOCKET_BUFFER = 64 << 20
 SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55  # asm-generic/socket.h: u32 counters, SK_MEMINFO_* (linux/sock_diag.h)
 SK_MEMINFO_DROPS, SK_MEMINFO_VARS = 8, 9

@@ -64,7 +64,7 @@ class Observer:
         # Conntrack stamps an entry's start in wall-clock ns: one stamped before
         # this is not this run's conversation.
         self._since_ns = time.time_ns()
-        self._open: dict[int, tuple[dict, float]] = {}  # conntrack id -> (start record, start time)
+        self._open: dict[tuple, tuple[dict, float]] = {}  # conversation (_key) -> (start record, start time)
         self._subnets: list = []
         self._subnets_at = 0.0
         self._events = EventSocket()
@@ -122,19 +122,19 @@ class Observer:
             process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         when = convrecords.start_time(ev, received)
         rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), process=process)
-        self._open[ev.id] = (rec, when)
+        self._open[_key(ev)] = (rec, when)
         self._emit(rec, when)
         return rec, when
 
     def _end(self, ev: CtEvent) -> None:
-        start = self._open.pop(ev.id, None)
+        start = self._open.pop(_key(ev), None)
         if start is None:
             if not self._began_here(ev):
                 self.ends.earlier += 1  # an earlier run's: not this log's to end
                 return
             self.ends.recovered += 1  # its NEW event was lost: the start, late
             start = self._start(ev, time.time(), late=True)
-            del self._open[ev.id]
+            del self._open[_key(ev)]
         now = time.time()
         self._emit(convrecords.end_record(ev, now, *start), now)
 
@@ -173,15 +173,21 @@ class Observer:
         for _ in range(DUMP_ROUNDS):
             dump = ctevents.dump_marked(self.mark)
             self.ends.unreadable = max(self.ends.unreadable, dump.unreadable)
-            live = {ev.id: ev for ev in dump.live}
+            live = {_key(ev): ev for ev in dump.live}
             waiting = set(self._open)
             self._drain(starts=False)
             ended |= waiting - self._open.keys()
-            if not waiting - self._open.keys() or all(cid in live for cid in self._open):
+            if not waiting - self._open.keys() or all(key in live for key in self._open):
                 break
-        for ev in live.values():
-            if ev.id in self._open or (ev.id not in ended and self._began_here(ev)):
+        for key, ev in live.items():
+            if key in self._open or (key not in ended and self._began_here(ev)):
                 self._end(ev)
+
+
+def _key(ev: CtEvent) -> tuple:
+    """A conversation: conntrack's id is a 32-bit hash, and a flood of 100,000
+    entries holds a pair that share one; with the original tuple, none do."""
+    return ev.id, ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port
 
 
 _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}

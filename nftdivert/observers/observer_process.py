@@ -41,8 +41,8 @@ class ObserverProcess:
         self.summary = Summary()
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
-        self._names: dict[int, str] = {}  # conversation id -> name, until its end record
-        self._open: set[int] = set()  # started, no end record yet
+        self._names: dict[tuple, str] = {}  # conversation -> name, until its end record
+        self._open: set[tuple] = set()  # (id, client, destination) started, no end record yet
         self._closed = False
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
@@ -97,13 +97,13 @@ class ObserverProcess:
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] == "start":
-            self._open.add(rec["id"])
+            self._open.add(_conversation(rec))
             name = self._name(rec, when)
             if name:
-                self._names[rec["id"]] = name
+                self._names[_conversation(rec)] = name
         else:
-            self._open.discard(rec["id"])
-            name = self._names.pop(rec["id"], None)
+            self._open.discard(_conversation(rec))
+            name = self._names.pop(_conversation(rec), None)
         if name:
             rec = convrecords.named(rec, name)
         self.summary.add(rec)
@@ -130,6 +130,10 @@ class ObserverProcess:
             reader.join(timeout=timeout)
         self._conn.close()
         self._closed = True
+
+
+def _conversation(rec: dict) -> tuple:
+    return rec["id"], rec["client"], rec["original_destination"]
 
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:

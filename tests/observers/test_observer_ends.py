@@ -198,3 +198,34 @@ def test_lost_events_are_counted_one_by_one(host):
     out = json.loads(proc.stdout)
     assert out["lost"] > 0 and out["read"] + out["lost"] == 300, out
     assert out["overflows"] >= 1, out
+
+
+SHARED_ID = r"""
+import json, sys
+from nftdivert.observers import ctevents
+from nftdivert.observers.observer import Observer
+from test_convrecords import CLIENT, OURS, _ports, _tuple, message
+
+def event(sport, msg_type):
+    data = message(_tuple(1, CLIENT, "198.51.100.5", _ports(6, sport, 80)), _tuple(2, OURS, CLIENT, _ports(6, 80, sport)),
+                   ct_id=4242, msg_type=msg_type)
+    (t, _f, payload), = ctevents.messages(data)
+    return ctevents.event_kind(t), payload
+
+records = []
+obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("tcp-echo", 1337))
+for sport, msg_type in ((40001, 0x100), (40002, 0x100), (40001, 0x102), (40002, 0x102)):
+    obs._handle(*event(sport, msg_type))
+obs.close()
+print(json.dumps(records))
+"""
+
+
+@pytest.mark.kernel
+def test_two_conversations_that_share_a_conntrack_id_each_get_their_end(host):
+    """Conntrack's id is a 32-bit hash: a flood of 100,000 entries had a pair sharing one."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "observers")]))
+    recs = json.loads(host.run(sys.executable, "-c", SHARED_ID, env=env, timeout=60).stdout)
+    assert [(r["event"], r["client"], r["ended"] if r["event"] == "end" else None) for r in recs] == [
+        ("start", f"{CLIENT}:40001", None), ("start", f"{CLIENT}:40002", None),
+        ("end", f"{CLIENT}:40001", "timeout"), ("end", f"{CLIENT}:40002", "timeout")], recs
