@@ -96,9 +96,9 @@ class Observer:
 
     def _handle(self, kind: str, payload) -> None:
         try:
-            ev = ctevents.parse_event(kind, payload)
-            if not ev.mark & self.mark:
-                return
+            ev = ctevents.parse_event(kind, payload, self.mark)
+            if ev is None:
+                return  # not ours
             if kind == "new":
                 self._start(ev, time.time())
             else:

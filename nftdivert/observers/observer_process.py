@@ -181,6 +181,10 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
         while not stop.wait(_STATS_SECONDS):
             send(("stats", obs.counts()))
     finally:
+        try:  # the ruleset is gone: nobody to yield to while the backlog and the stop's dumps are read
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
         obs.close()
         send(("stats", obs.counts()))
         conn.close()

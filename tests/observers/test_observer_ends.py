@@ -46,6 +46,13 @@ def test_a_portless_protocol_parses_with_null_ports_and_is_logged_by_address():
     assert "listener_port" not in rec and rec["listener"] == "", rec
 
 
+def test_an_entry_without_our_mark_is_not_read_beyond_its_mark():
+    (_t, _f, ours), = ctevents.messages(generic_event())
+    (_t, _f, theirs), = ctevents.messages(message(b"", b"", mark=0x1))  # no tuples: it would not parse
+    assert ctevents.parse_event("new", ours, 0x200000).id == 78
+    assert ctevents.parse_event("new", theirs, 0x200000) is None
+
+
 def test_tcp_without_its_ports_is_still_malformed():
     with pytest.raises(NetlinkFormatError):
         parse(message(_tuple(1, CLIENT, ASKED, _bare(6)), _tuple(2, OURS, CLIENT, _bare(6))))
