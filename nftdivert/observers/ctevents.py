@@ -260,15 +260,16 @@ class EventSocket:
 
     def read(self) -> list[tuple[str, memoryview]]:
         """One datagram's events as (kind, payload); [] if none is waiting."""
-        try:
-            size = self.sock.recv_into(self._buffer, flags=socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return []
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                self.overflows += 1
+        while True:
+            try:
+                size = self.sock.recv_into(self._buffer, flags=socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
                 return []
-            raise
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overflows += 1  # said once; what was queued before is still there
         # A copy: the next read reuses the buffer.
         data = bytes(self._buffer[:size])
         return [(kind, payload) for msg_type, _flags, payload in messages(data)

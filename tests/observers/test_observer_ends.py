@@ -187,10 +187,8 @@ events = EventSocket(buffer=0)  # the kernel's smallest: a few events
 sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for port in range(20000, 20000 + SENT):
     sender.sendto(b"x", ("127.0.0.1", port))  # one new conntrack entry each
-read = empty = 0
-while empty < 2:  # one empty read may be the kernel's ENOBUFS, the queue still full behind it
-    batch = events.read()
-    empty = 0 if batch else empty + 1
+read = 0
+while batch := events.read():
     read += len(batch)
 print(json.dumps({"read": read, "lost": events.lost, "overflows": events.overflows}))
 """
@@ -236,3 +234,33 @@ def test_two_conversations_that_share_a_conntrack_id_each_get_their_end(host):
     assert [(r["event"], r["client"], r["ended"] if r["event"] == "end" else None) for r in recs] == [
         ("start", f"{CLIENT}:40001", None), ("start", f"{CLIENT}:40002", None),
         ("end", f"{CLIENT}:40001", "timeout"), ("end", f"{CLIENT}:40002", "timeout")], recs
+
+
+LOST_DESTROYS = r"""
+import subprocess, socket, threading
+from nftdivert.observers import observer
+
+go = threading.Event()
+run = observer.Observer._run
+observer.Observer._run = lambda self: (go.wait(), run(self))  # it reads nothing until told
+obs = observer.Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("", None))
+obs._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's smallest: a few events
+with ctsettings.accounting():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for port in range(5000, 5040):
+        u.sendto(b"x", ("198.51.100.6", port))
+    subprocess.run(["conntrack", "-D", "--orig-dst", "198.51.100.6"], check=True, capture_output=True)
+    go.set()
+    obs.close()
+print(json.dumps({"records": records, "counts": obs.counts()}))
+"""
+
+
+@pytest.mark.kernel
+def test_a_conversation_whose_destroy_was_lost_gets_an_unknown_end(host):
+    out = _observe(host, LOST_DESTROYS)
+    recs, counts = out["records"], out["counts"]
+    starts = [r for r in recs if r["event"] == "start"]
+    assert starts and all(ev == ["start", "end"] for ev in _pairs(recs).values()), recs
+    assert {r["ended"] for r in recs if r["event"] == "end"} == {"unknown"}, recs
+    assert counts["event_lost"] == len(starts) and counts["events_lost"] == 80 - len(starts), counts
