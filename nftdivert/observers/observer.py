@@ -29,8 +29,11 @@ from nftdivert.observers.ctevents import CtEvent, EventSocket
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
 # A dump reaps a few expired entries per batch it sends; another one reaps
-# more. Enough rounds for thousands; each stops early once nothing is reaped.
+# more. Enough rounds for thousands, each only if the last reaped one of
+# ours, and none begun after DUMP_SECONDS (a dump of 65,000 entries takes
+# seconds, and the run waits for the stop).
 DUMP_ROUNDS = 8
+DUMP_SECONDS = 4.0
 
 
 @dataclass
@@ -168,8 +171,9 @@ class Observer:
         its real end from the DESTROY event read after each dump. NEW events
         read then are left alone: the dump's own entries start late instead.
         """
-        live: dict[int, CtEvent] = {}
-        ended: set[int] = set()  # here: a live entry may yet expire before the drain
+        live: dict[tuple, CtEvent] = {}
+        ended: set[tuple] = set()  # here: a live entry may yet expire before the drain
+        until = time.monotonic() + DUMP_SECONDS
         for _ in range(DUMP_ROUNDS):
             dump = ctevents.dump_marked(self.mark)
             self.ends.unreadable = max(self.ends.unreadable, dump.unreadable)
@@ -177,7 +181,8 @@ class Observer:
             waiting = set(self._open)
             self._drain(starts=False)
             ended |= waiting - self._open.keys()
-            if not waiting - self._open.keys() or all(key in live for key in self._open):
+            if not waiting - self._open.keys() or all(key in live for key in self._open) \
+                    or time.monotonic() > until:
                 break
         for key, ev in live.items():
             if key in self._open or (key not in ended and self._began_here(ev)):

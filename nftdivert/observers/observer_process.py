@@ -117,8 +117,13 @@ class ObserverProcess:
             return None  # only the DNS listener's pool addresses have names
         return self._name_for(address, when)
 
-    def close(self, timeout: float = 10) -> None:
-        """SIGTERM: the child ends what is still tracked; read its records to the end."""
+    def close(self, timeout: float = 20) -> None:
+        """SIGTERM: the child ends what is still tracked; read its records to the end.
+
+        `timeout` leaves room for a flood's backlog (64 MiB of events, read at
+        nice 0 once stopping) and the dumps at stop; a child still busy then is
+        killed, and the starts it had not ended are counted as unended.
+        """
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(timeout=timeout)
