@@ -68,6 +68,7 @@ class Observer:
         # this is not this run's conversation.
         self._since_ns = time.time_ns()
         self._open: dict[tuple, tuple[dict, float]] = {}  # conversation (_key) -> (start record, start time)
+        self._ended_at_close: set[tuple] | None = None  # ended while close() dumps
         self._subnets: list = []
         self._subnets_at = 0.0
         self._events = EventSocket()
@@ -88,10 +89,12 @@ class Observer:
         while not self._stopping:
             readable, _, _ = select.select([self._events, self._wake_r], [], [])
             if self._events in readable:
-                self._drain()
+                self._drain(thread=True)
 
-    def _drain(self, starts: bool = True) -> None:
-        while batch := self._events.read():
+    def _drain(self, starts: bool = True, thread: bool = False) -> None:
+        # The thread leaves a backlog to close() once stopping: one reader,
+        # so a conversation's NEW is always handled before its DESTROY.
+        while not (thread and self._stopping) and (batch := self._events.read()):
             for kind, payload in batch:
                 if starts or kind == "destroy":
                     self._handle(kind, payload)
@@ -130,6 +133,8 @@ class Observer:
         return rec, when
 
     def _end(self, ev: CtEvent) -> None:
+        if self._ended_at_close is not None:
+            self._ended_at_close.add(_key(ev))
         start = self._open.pop(_key(ev), None)
         if start is None:
             if not self._began_here(ev):
@@ -172,17 +177,15 @@ class Observer:
         read then are left alone: the dump's own entries start late instead.
         """
         live: dict[tuple, CtEvent] = {}
-        ended: set[tuple] = set()  # here: a live entry may yet expire before the drain
+        ended = self._ended_at_close = set()  # a live entry may yet expire before the drain
         until = time.monotonic() + DUMP_SECONDS
         for _ in range(DUMP_ROUNDS):
             dump = ctevents.dump_marked(self.mark)
             self.ends.unreadable = max(self.ends.unreadable, dump.unreadable)
             live = {_key(ev): ev for ev in dump.live}
-            waiting = set(self._open)
+            waiting = len(self._open)
             self._drain(starts=False)
-            ended |= waiting - self._open.keys()
-            if not waiting - self._open.keys() or all(key in live for key in self._open) \
-                    or time.monotonic() > until:
+            if len(self._open) == waiting or all(key in live for key in self._open) or time.monotonic() > until:
                 break
         for key, ev in live.items():
             if key in self._open or (key not in ended and self._began_here(ev)):
