@@ -403,11 +403,13 @@ def _observer_summary(lg: dict) -> str:
     ends = lg.get("ends")
     if not ends:
         return text
-    made = ends["synthesized"]
-    unended = f", unended {ends['unended']}" if "unended" in ends else ""
-    return (text + f"; ends synthesized {sum(made.values())} (end event lost {made['event_lost']}, "
-            f"dump at stop failed {made['dump_failed']}){unended}, ends of earlier runs skipped {ends['earlier']}, "
-            f"starts recovered from ends {ends['recovered']}, unreadable entries skipped {ends['unreadable']}")
+    if "unended" in ends:  # stopped: the ends made at the stop, and what has none
+        made = ends["synthesized"]
+        text += (f"; ends synthesized {sum(made.values())} (end event lost {made['event_lost']}, "
+                 f"dump at stop failed {made['dump_failed']}), unended {ends['unended']}, "
+                 f"unreadable entries skipped {ends['unreadable']}")
+    return (text + f"; ends of earlier runs skipped {ends['earlier']}, "
+            f"starts recovered from ends {ends['recovered']}")
 
 
 def _admission_summary(admission: dict[str, int]) -> str:
