@@ -291,6 +291,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         warn_once()
         _say("stopping: removing the ruleset" + ("" if rs.kernel_path else ", unbinding the queues"))
         final = snapshot()  # the table is still loaded
+    # Now the observer has ended what was left and the log is written out.
+    final["log"] = _log_counts(log, observer)
     return final
 
 
@@ -368,8 +370,7 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
                     "malformed": c.malformed, "dropped": c.dropped,
                     "errors": c.errors + worker.stats.verdict_errors, "hook_errors": c.hook_errors},
-        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
-                "events_lost": observer.lost},
+        "log": _log_counts(log, observer),
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
                           "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
@@ -379,14 +380,18 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
     }
 
 
+def _log_counts(log: ConversationLog, observer) -> dict:
+    return {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
+            "events_lost": observer.lost, "ends": observer.ends()}
+
+
 def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: ConversationLog, observer) -> dict:
     return {
         "pid": os.getpid(),
         "updated": time.time(),
         "path": "kernel",
         "diverted": diverted,
-        "log": {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
-                "events_lost": observer.lost},
+        "log": _log_counts(log, observer),
         "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
     }
 
@@ -421,7 +426,7 @@ def _path_summary(snap: dict) -> str:
         lg, d = snap["log"], snap.get("diverted", {})
         return (f"kernel path: new conversations redirected to the default listeners: tcp {d.get('tcp', 0)}, "
                 f"udp {d.get('udp', 0)}; log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
-                f"conntrack event overruns {lg.get('events_lost', 0)}")
+                + _observer_summary(lg))
     p, c, lg = snap["packets"], snap["conversations"], snap["log"]
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
             f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
@@ -429,8 +434,21 @@ def _path_summary(snap: dict) -> str:
             f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
             f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
             f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
-            f"conntrack event overruns {lg.get('events_lost', 0)}"
-            + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))
+            + _observer_summary(lg) + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))
+
+
+def _observer_summary(lg: dict) -> str:
+    text = f"conntrack events lost {lg.get('events_lost', 0)}"
+    ends = lg.get("ends")
+    if not ends:
+        return text
+    if "unended" in ends:  # stopped: the ends made at the stop, and what has none
+        made = ends["synthesized"]
+        text += (f"; ends synthesized {sum(made.values())} (end event lost {made['event_lost']}, "
+                 f"dump at stop failed {made['dump_failed']}), unended {ends['unended']}, "
+                 f"unreadable entries skipped {ends['unreadable']}")
+    return (text + f"; ends of earlier runs skipped {ends['earlier']}, "
+            f"starts recovered from ends {ends['recovered']}")
 
 
 def _admission_summary(admission: dict[str, int]) -> str:

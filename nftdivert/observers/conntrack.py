@@ -128,6 +128,9 @@ def nla(attr_type: int, payload: bytes, nested: bool = False) -> bytes:
     return header + payload + b"\0" * (_align(length) - length)
 
 
+_unpack_nlattr, _NLATTR_SIZE = NLATTR.unpack_from, NLATTR.size
+
+
 def parse_attrs(data: bytes | memoryview) -> dict[int, memoryview]:
     """Attributes of one level, by type with the flag bits masked off.
 
@@ -136,13 +139,16 @@ def parse_attrs(data: bytes | memoryview) -> dict[int, memoryview]:
     """
     view = memoryview(data)
     attrs: dict[int, memoryview] = {}
-    offset = 0
-    while offset + NLATTR.size <= len(view):
-        length, attr_type = NLATTR.unpack_from(view, offset)
-        if length < NLATTR.size or offset + length > len(view):
-            raise NetlinkFormatError(f"attribute length {length} at offset {offset} of {len(view)}")
-        attrs.setdefault(attr_type & NLA_TYPE_MASK, view[offset + NLATTR.size : offset + length])
-        offset += _align(length)
+    offset, end = 0, len(view)
+    # The conversation log parses seven levels per event: the loop is kept lean.
+    while offset + _NLATTR_SIZE <= end:
+        length, attr_type = _unpack_nlattr(view, offset)
+        if length < _NLATTR_SIZE or offset + length > end:
+            raise NetlinkFormatError(f"attribute length {length} at offset {offset} of {end}")
+        key = attr_type & NLA_TYPE_MASK
+        if key not in attrs:
+            attrs[key] = view[offset + _NLATTR_SIZE : offset + length]
+        offset += (length + NLA_ALIGNTO - 1) & -NLA_ALIGNTO
     # Fewer than a header's worth of bytes left over is only padding.
     return attrs
 

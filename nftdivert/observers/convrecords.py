@@ -152,3 +152,15 @@ def end_record(ev: CtEvent, now: float, start: dict | None = None, started: floa
     rec.update({"duration": None if duration is None else round(duration, 3),
                 "sent": _counters(ev.sent), "received": _counters(ev.received), "ended": ended(ev)})
     return rec
+
+
+def synthesized_end(start: dict, now: float) -> dict:
+    """The end of a conversation conntrack forgot without a DESTROY event the observer read.
+
+    Only its start is known: how and when it ended and its counters are not
+    (`ended` is "unknown"; duration, sent and received are null).
+    """
+    rec = {key: value for key, value in start.items() if key != "process"}
+    rec.update({"time": iso(now), "event": "end", "duration": None, "sent": None, "received": None,
+                "ended": "unknown"})
+    return rec

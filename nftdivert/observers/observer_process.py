@@ -25,6 +25,9 @@ from nftdivert.observers import bound, convrecords
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
+# Records per message to the parent at most: one pickle and one write for
+# many, and the first of a burst still goes out as soon as its batch is read.
+RECORD_BATCH = 256
 BOUND_FRESH = 0.5  # seconds
 NICE = 19
 # Names of open conversations, until their end records: a bound, for a flood
@@ -40,9 +43,11 @@ class ObserverProcess:
         self._config, self._emit, self._name_for = config, emit, name_for
         self._pools = [ipaddress.ip_network(config.dns.answer_v4), ipaddress.ip_network(config.dns.answer_v6)]
         self.summary = Summary()
-        self.lost = self.unended = self._failed_child = 0
+        self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
-        self._names: OrderedDict[int, str] = OrderedDict()  # conversation id -> name, until its end record
+        self._names: OrderedDict[tuple, str] = OrderedDict()  # conversation -> name, until its end record
+        self._open: set[tuple] = set()  # (id, client, destination) started, no end record yet
+        self._closed = False
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_serve, args=(config, child_end, os.getpid(), clients_netns),
@@ -62,31 +67,49 @@ class ObserverProcess:
                 kind, *rest = self._conn.recv()
             except (EOFError, OSError):
                 return
-            if kind == "record":
-                try:
-                    self._record(*rest)
-                except Exception:  # noqa: BLE001 - one odd record must not end the log
-                    self._failed_here += 1
+            if kind == "records":
+                for when, rec in rest[0]:
+                    try:
+                        self._record(when, rec)
+                    except Exception:  # noqa: BLE001 - one odd record must not end the log
+                        self._failed_here += 1
             elif kind == "stats":
-                self.lost, self._failed_child, self.unended = rest
+                self._counts = rest[0]
 
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
 
     @property
+    def lost(self) -> int:
+        """Conntrack events the kernel dropped for the observer."""
+        return self._counts.get("events_lost", 0)
+
+    @property
     def failed(self) -> int:
-        return self._failed_child + self._failed_here
+        return self._counts.get("failed", 0) + self._failed_here
+
+    def ends(self) -> dict:
+        """How the log's ends came about where conntrack did not say plainly; `unended` once closed."""
+        c = self._counts
+        ends = {"earlier": c.get("earlier", 0), "recovered": c.get("recovered", 0),
+                "synthesized": {"event_lost": c.get("event_lost", 0), "dump_failed": c.get("dump_failed", 0)},
+                "unreadable": c.get("unreadable", 0)}
+        if self._closed:  # a start the log got without its end (the observer died, a record failed)
+            ends["unended"] = len(self._open)
+        return ends
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] == "start":
+            self._open.add(_conversation(rec))
             name = self._name(rec, when)
             if name:
-                self._names[rec["id"]] = name
+                self._names[_conversation(rec)] = name
                 if len(self._names) > NAMES_KEPT:
                     self._names.popitem(last=False)
         else:
-            name = self._names.pop(rec["id"], None)
+            self._open.discard(_conversation(rec))
+            name = self._names.pop(_conversation(rec), None)
         if name:
             rec = convrecords.named(rec, name)
         self.summary.add(rec)
@@ -100,8 +123,13 @@ class ObserverProcess:
             return None  # only the DNS listener's pool addresses have names
         return self._name_for(address, when)
 
-    def close(self, timeout: float = 10) -> None:
-        """SIGTERM: the child ends what is still tracked; read its records to the end."""
+    def close(self, timeout: float = 20) -> None:
+        """SIGTERM: the child ends what is still tracked; read its records to the end.
+
+        `timeout` leaves room for a flood's backlog (64 MiB of events, read at
+        nice 0 once stopping) and the dumps at stop; a child still busy then is
+        killed, and the starts it had not ended are counted as unended.
+        """
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(timeout=timeout)
@@ -112,6 +140,11 @@ class ObserverProcess:
         if reader is not None:
             reader.join(timeout=timeout)
         self._conn.close()
+        self._closed = True
+
+
+def _conversation(rec: dict) -> tuple:
+    return rec["id"], rec["client"], rec["original_destination"]
 
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:
@@ -127,27 +160,44 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ports = _Bound()
     lock = threading.Lock()
+    pending: list[tuple[float, dict]] = []  # records not yet sent: a flood's go in batches
 
-    def send(message) -> None:
+    def send(message=None) -> None:
+        """Send what is pending, then `message`; in order, whichever thread asks."""
         with lock:
             try:
-                conn.send(message)
+                if pending:
+                    conn.send(("records", pending[:]))
+                    pending.clear()
+                if message is not None:
+                    conn.send(message)
             except (OSError, ValueError):
+                pending.clear()
                 stop.set()  # the parent is gone
 
+    def emit(rec: dict, when: float) -> None:
+        with lock:
+            pending.append((when, rec))
+            full = len(pending) >= RECORD_BATCH
+        if full:
+            send()
+
     try:
-        obs = observer.for_config(config, lambda rec, when: send(("record", when, rec)), ports.is_bound,
-                                  clients_netns=clients_netns)
+        obs = observer.for_config(config, emit, ports.is_bound, clients_netns=clients_netns, flush=send)
     except OSError as exc:
         send(("error", f"cannot watch conntrack for the conversation log: {exc}"))
         return
     send(("ready",))
     try:
         while not stop.wait(_STATS_SECONDS):
-            send(("stats", obs.lost, obs.failed, obs.unended))
+            send(("stats", obs.counts()))
     finally:
+        try:  # the ruleset is gone: nobody to yield to while the backlog and the stop's dumps are read
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
         obs.close()
-        send(("stats", obs.lost, obs.failed, obs.unended))
+        send(("stats", obs.counts()))
         conn.close()
 
 
