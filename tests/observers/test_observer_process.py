@@ -21,7 +21,7 @@ def test_the_names_of_open_conversations_are_bounded(monkeypatch):
     written: list[dict] = []
     parent._emit, parent._name_for = written.append, lambda address, when: f"n{address.packed[-1]}.example"
     parent._pools = [ipaddress.ip_network("198.18.0.0/15")]
-    parent.summary, parent._names = Summary(), OrderedDict()
+    parent.summary, parent._names, parent._open = Summary(), OrderedDict(), set()
     for i in range(1, 11):  # a flood whose ends never come
         parent._record(0.0, _rec("start", i))
     assert len(parent._names) == 4
