@@ -25,7 +25,7 @@ SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while i
 class Observer:
     """`emit(record, when)` gets each record and its time as a number.
 
-    context: `listener_for(event) -> (name, port)`, and `owners`
+    context: `listener_for(event, start time) -> (name, port)`, and `owners`
     (procowner.ProcessOwners) in local and sandbox mode. The DNS name is
     added by whoever knows the names (observer_process.py).
     """
@@ -85,7 +85,8 @@ class Observer:
         if self._owners is not None:  # first: the process may be about to close its socket
             process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         when = convrecords.start_time(ev, received)
-        rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), process=process)
+        rec = convrecords.start_record(ev, when, self._listener_for(ev, when), self._interface(ev.src),
+                                       process=process)
         self._open[ev.id] = (rec, when)
         self._emit(rec, when)
 
@@ -130,8 +131,11 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
-        return Observer(config.worker.ct_mark, emit,
-                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners)
+        def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
+            sent = convrecords.diverted(ev, config.queue.ct_mark, config.divert_path == "kernel")
+            return convrecords.listener_for(ev, ours, defaults, lambda *key: is_bound(*key, since=when), sent)
+
+        return Observer(config.worker.ct_mark, emit, listener_for, owners)
     except BaseException:
         if owners is not None:
             owners.close()

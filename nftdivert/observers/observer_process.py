@@ -146,12 +146,27 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
 
 
 class _Bound:
-    """The host's bound ports as sock_diag says, at most BOUND_FRESH seconds old when asked."""
+    """The host's bound ports as sock_diag says, at most BOUND_FRESH seconds old when asked.
+
+    A port a service bound a moment before the conversation began may be
+    missing from a view that old: where the view says "not bound" and is
+    older than the conversation (`since`, wall clock), sock_diag is asked
+    again. That costs a dump only for what goes unanswered or to a default
+    listener, at most one per batch of events read together.
+    """
 
     def __init__(self) -> None:
-        self._ports, self._at = bound.read(), time.monotonic()
+        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()
 
-    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
+    def is_bound(self, protocol: int, address: bytes, port: int, since: float = 0.0) -> bool:
         if time.monotonic() - self._at > BOUND_FRESH:
-            self._ports, self._at = bound.read(), time.monotonic()
+            self._read()
+        if self._ports.is_bound(protocol, address, port):
+            return True
+        if self._wall >= since:
+            return False
+        self._read()
         return self._ports.is_bound(protocol, address, port)
+
+    def _read(self) -> None:
+        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()

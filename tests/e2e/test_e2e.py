@@ -156,6 +156,32 @@ def test_bound_port_reaches_its_own_listener_untouched_and_is_logged(gw, div):
         server.wait(timeout=5)
 
 
+# A service binds and a client asks for its port a moment later: whoever
+# answered, the record names it. The ruleset's bound sets and the log's own
+# view of the host's sockets are refreshed apart, so the log must take the
+# answer from the kernel (the reply tuple, the queued mark), not its own view.
+# Delays from 0 to 0.55 s: before and after either refresh.
+@pytest.mark.any_backend  # the labels come from conntrack, the same on both backends
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_service_bound_a_moment_ago_is_named_only_when_it_answered(gw, div, proto):
+    ports = [gw.fresh_port() for _ in range(48)]
+    delays = [(i % 12) * 0.05 for i in range(len(ports))]
+    out = gw.client_run("bind-race", proto, gw.diverter_ns.name, "198.51.100.9",
+                        "--json", json.dumps({"ports": ports, "delays": delays}), timeout=120)
+    assert out["ok"], [r for r in out["rounds"] if not r["ok"]]
+    starts = {r["original_destination"]: r for r in gw.log_barrier(div)}
+    echo = f"{proto}-echo"
+    wrong = []
+    for r in out["rounds"]:
+        rec = starts.get(f"198.51.100.9:{r['port']}")
+        answered = ("host", r["port"]) if r["reply"] == f"own-{r['port']}" else (echo, lab.LISTENER_PORT)
+        if rec is None or (rec["listener"], rec.get("listener_port")) != answered:
+            wrong.append((r, rec))
+    own = sum(r["reply"].startswith("own-") for r in out["rounds"])
+    print(f"\n{proto}: {own} of {len(ports)} answered by the new service")
+    assert not wrong, f"{len(wrong)} of {len(ports)} records name another listener: {wrong[:5]}"
+
+
 @pytest.mark.any_backend  # the queue backend queues these like any other; the kernel path NATs the port only
 def test_the_gateways_own_address_on_an_unbound_port_is_answered_from_it(gw, div):
     port = gw.fresh_port()
