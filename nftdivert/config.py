@@ -698,10 +698,13 @@ def read_input(path: str | Path, key: str) -> str:
         raise ConfigError(key, str(path), f"not UTF-8 text (byte {exc.start})") from None
 
 
-def load(path: str | Path | None) -> Config:
-    """Read a TOML config file; None means the embedded safe default."""
+def load(path: str | Path | None, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Read a TOML config file; None means the embedded safe default.
+
+    `defaults`: section -> key -> value, a command's own defaults where the
+    file says nothing (the sandbox's admission)."""
     if path is None:
-        return Config()
+        return from_mapping(defaults) if defaults else Config()
     text = read_input(path, "--config")
     try:
         data = tomllib.loads(text)
@@ -709,4 +712,8 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
     except RecursionError:  # tomllib recurses once per nested array or inline table
         raise ConfigError("--config", str(path), "not valid TOML: nested too deeply") from None
+    for section, values in (defaults or {}).items():
+        given = data.get(section, {})
+        if isinstance(given, dict):  # anything else is refused as it stands
+            data[section] = {**values, **given}
     return from_mapping(data)
