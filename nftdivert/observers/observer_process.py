@@ -21,6 +21,7 @@ from typing import Callable
 from nftdivert.config import Config
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.observers import bound, convrecords
+from nftdivert.observers.admission import AdmissionLog
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
@@ -75,6 +76,10 @@ class ObserverProcess:
         return self._failed_child + self._failed_here
 
     def _record(self, when: float, rec: dict) -> None:
+        if rec["event"] not in ("start", "end"):  # admission: no conversation, no name
+            self.summary.add(rec)
+            self._emit(rec)
+            return
         if rec["event"] == "start":
             name = self._name(rec, when)
             if name:
@@ -129,20 +134,50 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
             except (OSError, ValueError):
                 stop.set()  # the parent is gone
 
+    def record(rec: dict, when: float) -> None:
+        send(("record", when, rec))
+
     try:
-        obs = observer.for_config(config, lambda rec, when: send(("record", when, rec)), ports.is_bound,
-                                  clients_netns=clients_netns)
+        obs = observer.for_config(config, record, ports.is_bound, clients_netns=clients_netns)
     except OSError as exc:
         send(("error", f"cannot watch conntrack for the conversation log: {exc}"))
         return
+    try:
+        drops = _admission_log(config, record)
+    except OSError as exc:
+        obs.close()
+        send(("error", f"cannot read nflog group {config.queue.admission_group} for what admission control "
+                       f"drops (queue.admission_group): {exc.strerror or exc}"))
+        return
+
+    def stats() -> tuple:
+        lost, failed = obs.lost + drops.lost, obs.failed + drops.failed
+        return ("stats", lost, failed, obs.unended)
+
     send(("ready",))
     try:
         while not stop.wait(_STATS_SECONDS):
-            send(("stats", obs.lost, obs.failed, obs.unended))
+            send(stats())
     finally:
         obs.close()
-        send(("stats", obs.lost, obs.failed, obs.unended))
+        drops.close()
+        send(stats())
         conn.close()
+
+
+class _NoAdmission:
+    lost = failed = 0
+
+    def close(self) -> None:
+        pass
+
+
+def _admission_log(config: Config, record):
+    """The reader of what admission control drops, where the ruleset has it (the queue path, limits on)."""
+    limits = config.queue.new_tcp_per_source or config.queue.new_udp_per_source
+    if config.divert_path == "kernel" or not limits:
+        return _NoAdmission()
+    return AdmissionLog(config.queue.admission_group, record)
 
 
 class _Bound:
