@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from nftdivert.observers import convrecords, ctevents, links
+from nftdivert.observers.conntrack import Conntrack
 from nftdivert.observers.ctevents import CtEvent, EventSocket
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
@@ -131,8 +132,12 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
+        lookups = Conntrack() if config.divert_path == "queue" and config.mode in ("local", "both") else None
+
         def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
             sent = convrecords.diverted(ev, config.queue.ct_mark, config.divert_path == "kernel")
+            if sent is None and lookups is not None:
+                sent = _queued_now(lookups, ev, config.queue.ct_mark)
             return convrecords.listener_for(ev, ours, defaults, lambda *key: is_bound(*key, since=when), sent)
 
         return Observer(config.worker.ct_mark, emit, listener_for, owners)
@@ -140,3 +145,23 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
         if owners is not None:
             owners.close()
         raise
+
+
+def _queued_now(lookups: Conntrack, ev: CtEvent, queued_mark: int) -> bool | None:
+    """Local mode, queue path: what divert_unbound decided, as the entry says by now.
+
+    Its NEW event came before divert_unbound saw the packet. But the kernel
+    brings a packet back in through lo in the sender's own softirq, so by
+    the time the event is read the decision is almost always made: the mark
+    is there if it was queued, and an entry that has seen a reply without it
+    was not. Otherwise (not yet, or gone) None: the caller asks sock_diag.
+    """
+    try:
+        entry = lookups.entry(ev.version, ev.protocol, ev.src, ev.src_port, ev.reply_src, ev.reply_src_port)
+    except OSError:
+        return None
+    if entry is None:
+        return None
+    if entry.mark & queued_mark:
+        return True
+    return False if entry.seen_reply else None
