@@ -146,6 +146,9 @@ BAD = [
     case("admission-as-float", "[queue]\nnew_udp_per_source = 1.5\n", "queue.new_udp_per_source", "not float"),
     case("admission-as-string", '[queue]\nnew_tcp_per_source = "1000/second"\n', "queue.new_tcp_per_source",
          "not str"),
+    case("admission-group-too-high", "[queue]\nadmission_group = 65536\n", "queue.admission_group", "0-65535"),
+    case("admission-group-is-the-captures", "[queue]\nadmission_group = 7\n[worker]\npcap_group = 7\n",
+         "queue.admission_group", "must differ from worker.pcap_group"),
     # --- mode, table --------------------------------------------------------------------------
     case("bad-mode", 'mode = "router"\n', "mode", "one of gateway, local, both"),
     case("mode-uppercase", 'mode = "Gateway"\n', "mode", "one of gateway"),

@@ -6,6 +6,8 @@ from builders import V4_CLIENT, V4_LOCAL, V6_CLIENT, V6_LOCAL, packet
 
 from nftdivert.observers import admission
 from nftdivert.observers.admission import Tally
+from nftdivert.observers.convlog import text_line
+from nftdivert.observers.summary import Summary
 from nftdivert.worker.packet import TCP, UDP
 
 
@@ -49,3 +51,17 @@ def test_clients_beyond_the_bound_are_counted_not_recorded(monkeypatch):
     for client in ("192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.4"):
         t.add(5.0, "tcp", client, "198.51.100.30:1")
     assert len(t.rest()) == 2 and t.unrecorded == 2
+
+
+def test_the_record_reads_as_one_line_and_the_summary_counts_drops_per_client():
+    t = Tally()
+    for port in range(1, 4):
+        t.add(5.0, "tcp", "192.0.2.2", f"198.51.100.30:{port}")
+    ((rec, _),) = t.rest()
+    assert text_line(rec) == ("00:00:05.000  admission dropped 3 new tcp from 192.0.2.2 to 3 destinations: "
+                              "198.51.100.30:1 198.51.100.30:2 198.51.100.30:3")
+    summary = Summary()
+    summary.add(rec)
+    summary.add({**rec, "dropped": 2})
+    assert summary.table().endswith("dropped by admission control (new conversations):\n  192.0.2.2  tcp  5\n")
+    assert '"admission_dropped"' in summary.as_json() and '"dropped": 5' in summary.as_json()
