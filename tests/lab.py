@@ -985,23 +985,24 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def _race_round(proto: str, server_netns: str, host: str, port: int, delay: float) -> dict:
-    """Bind a service on `port` in the server's namespace, and `delay` seconds
-    later send to host:port from here: who answered, the service (own-PORT) or
-    nftdivert's default listener (the echo)?"""
+def _race_round(proto: str, server_netns: str, host: str, port: int, delay: float, bind: str) -> dict:
+    """Bind a service on bind:port in the server's namespace ("::": every address),
+    and `delay` seconds later send to host:port from here: who answered, the
+    service (own-PORT) or nftdivert's default listener (the echo)?"""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
     here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         _setns(f"/run/netns/{server_netns}")
-        srv = socket.socket(socket.AF_INET6, kind)
+        srv = socket.socket(_family(bind), kind)
     finally:
         _setns(f"/proc/self/fd/{here}")
         os.close(here)
     cli = socket.socket(_family(host), kind)
     try:
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        srv.bind(("::", port))
+        if bind == "::":
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        srv.bind((bind, port))
         if proto == "tcp":
             srv.listen(8)
         time.sleep(delay)
@@ -1046,9 +1047,10 @@ def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
-def cmd_bind_race(proto: str, server_netns: str, host: str, ports: list[int], delays: list[float]) -> dict:
-    """Rounds of _race_round, one per port, each with its own delay."""
-    rounds = [_race_round(proto, server_netns, host, port, delay) for port, delay in zip(ports, delays)]
+def cmd_bind_race(proto: str, server_netns: str, host: str, ports: list[int], delays: list[float],
+                  binds: list[str]) -> dict:
+    """Rounds of _race_round, one per port, each with its own delay and address."""
+    rounds = [_race_round(proto, server_netns, host, *r) for r in zip(ports, delays, binds)]
     return {"ok": all(r["ok"] for r in rounds), "rounds": rounds}
 
 
