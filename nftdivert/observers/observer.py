@@ -132,6 +132,7 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
+        # Local mode on the queue path: one lookup per new conversation (its socket lives as long as the process).
         lookups = Conntrack() if config.divert_path == "queue" and config.mode in ("local", "both") else None
 
         def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
