@@ -21,7 +21,7 @@ from typing import Callable
 from nftdivert.config import Config
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.observers import bound, convrecords
-from nftdivert.observers.admission import AdmissionLog
+from nftdivert.observers.admission import AdmissionLog, Tally
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
@@ -151,7 +151,8 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
         return
 
     def stats() -> tuple:
-        lost, failed = obs.lost + drops.lost, obs.failed + drops.failed
+        # What admission's reader could not record counts with the events the kernel could not deliver.
+        lost, failed = obs.lost + drops.lost + drops.tally.unrecorded, obs.failed + drops.failed
         return ("stats", lost, failed, obs.unended)
 
     send(("ready",))
@@ -167,6 +168,7 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
 
 class _NoAdmission:
     lost = failed = 0
+    tally = Tally()
 
     def close(self) -> None:
         pass
