@@ -17,9 +17,9 @@ CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded 
                "built-in echo listeners on TCP and UDP 1337, fail-closed, containment on.")
 
 
-def _config(path: str | None, *, kernel: bool = True) -> config_mod.Config:
+def _config(path: str | None, *, kernel: bool = True, defaults=None) -> config_mod.Config:
     """The config, its table name checked; kernel=False: without libnftables (render)."""
-    cfg = config_mod.load(path)
+    cfg = config_mod.load(path, defaults)
     (check_table_name if kernel else keywords.check_table_name)(cfg.table)
     return cfg
 
@@ -291,10 +291,11 @@ def _diverter_options(func):
 
 
 def _diverter_config(config_path: str | None, log_target: str | None, log_format: str | None,
-                     pcap_rewritten: str | None = None, divert_path: str | None = None) -> config_mod.Config:
+                     pcap_rewritten: str | None = None, divert_path: str | None = None,
+                     defaults=None) -> config_mod.Config:
     from dataclasses import replace
 
-    cfg = _with_divert_path(_config(config_path), divert_path)
+    cfg = _with_divert_path(_config(config_path, defaults=defaults), divert_path)
     overrides = {k: v for k, v in (("log", log_target), ("log_format", log_format),
                                    ("pcap_rewritten", pcap_rewritten)) if v is not None}
     return replace(cfg, worker=replace(cfg.worker, **overrides)) if overrides else cfg
@@ -379,7 +380,8 @@ def sandbox(config_path: str | None, divert_path: str | None, pcap: str | None, 
     from nftdivert.lab import sandbox as sandbox_mod
 
     seconds = _timeout(timeout)
-    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
+    cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path,
+                           defaults=sandbox_mod.CONFIG_DEFAULTS)
     status = sandbox_mod.run(cfg, list(command), pcap=pcap, timeout=seconds, summary=summary)
     raise SystemExit(status)
 

@@ -166,6 +166,9 @@ class QueueConfig:
     # then cannot fill the queue and starve every other conversation. 0: no limit.
     new_tcp_per_source: int = 500
     new_udp_per_source: int = 2000
+    # The nflog group the drop rule hands each dropped conversation's first
+    # packet to, so the conversation log records the attempt.
+    admission_group: int = 1338
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.backend", self.backend, BACKENDS)
@@ -182,6 +185,9 @@ class QueueConfig:
         if self.incoming == self.outgoing:
             raise ConfigError(f"{key}.outgoing", self.outgoing,
                               "must differ from queue.incoming: each direction needs its own queue")
+        _check_type(f"{key}.admission_group", self.admission_group, int, "an integer nflog group")
+        if not 0 <= self.admission_group <= 65535:
+            raise ConfigError(f"{key}.admission_group", self.admission_group, "nflog groups are 0-65535")
         _check_choice(f"{key}.fail", self.fail, ("closed", "open"))
         _check_type(f"{key}.mark", self.mark, int, "an integer bit mask")
         if not 0 < self.mark <= 0xFFFFFFFF:
@@ -515,6 +521,9 @@ class Config:
         if self.queue.ct_mark & self.worker.ct_mark:
             raise ConfigError("queue.ct_mark", self.queue.ct_mark,
                               f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
+        if self.queue.admission_group == self.worker.pcap_group:
+            raise ConfigError("queue.admission_group", self.queue.admission_group,
+                              "must differ from worker.pcap_group: one reader per nflog group")
         if self.divert_path == "kernel" and self.worker.pcap_rewritten:
             raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
                               'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')
@@ -698,10 +707,13 @@ def read_input(path: str | Path, key: str) -> str:
         raise ConfigError(key, str(path), f"not UTF-8 text (byte {exc.start})") from None
 
 
-def load(path: str | Path | None) -> Config:
-    """Read a TOML config file; None means the embedded safe default."""
+def load(path: str | Path | None, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Read a TOML config file; None means the embedded safe default.
+
+    `defaults`: section -> key -> value, a command's own defaults where the
+    file says nothing (the sandbox's admission)."""
     if path is None:
-        return Config()
+        return from_mapping(defaults) if defaults else Config()
     text = read_input(path, "--config")
     try:
         data = tomllib.loads(text)
@@ -709,4 +721,8 @@ def load(path: str | Path | None) -> Config:
         raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
     except RecursionError:  # tomllib recurses once per nested array or inline table
         raise ConfigError("--config", str(path), "not valid TOML: nested too deeply") from None
+    for section, values in (defaults or {}).items():
+        given = data.get(section, {})
+        if isinstance(given, dict):  # anything else is refused as it stands
+            data[section] = {**values, **given}
     return from_mapping(data)

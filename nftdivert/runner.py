@@ -51,6 +51,11 @@ def stats_path(table: str) -> Path:
     return STATS_DIR / f"{table}-{owner.netns_id()}.json"
 
 
+def _as_the_sets_said(_protocol: int, _address: bytes, _port: int) -> bool:
+    """The worker's is_bound: a queued conversation's port was unbound when the ruleset queued it."""
+    return False
+
+
 class _BoundPorts:
     """The host's bound ports, as the worker and the kernel sets both see
     them, and its own unicast addresses (with the one `redirect` gives each
@@ -60,9 +65,6 @@ class _BoundPorts:
         self.nft, self.rs = nft, rs
         self.ports = bound.read()
         self.addresses = bound.addresses()
-
-    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
-        return self.ports.is_bound(protocol, address, port)
 
     def is_local(self, address: bytes) -> bool:
         return address in self.addresses.local
@@ -207,7 +209,10 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
         observer = seen.start(config, stack, log, listeners.name_for)
-        fixup = None if rs.kernel_path else build_fixup(config, ports.is_bound, is_local=ports.is_local,
+        # What the ruleset queues, its bound sets found unbound, and it marked
+        # the conversation queued (the log names the listener by that mark): the
+        # worker must not overrule it with a view of the sockets refreshed since.
+        fixup = None if rs.kernel_path else build_fixup(config, _as_the_sets_said, is_local=ports.is_local,
                                                          resolve=_conntrack_lookup(stack))
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything).

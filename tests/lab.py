@@ -23,6 +23,7 @@ Run as a script (inside a namespace) this file is also the client side:
     python lab.py from-ports --json TARGETS [--half-close]  TCP exchanges, each from its own fixed port
     python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
     python lab.py serve-tcp PORT REPLY                   a tiny server of its own
+    python lab.py bind-race tcp|udp NETNS HOST --json J  bind in NETNS, then at once ask HOST from here
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import select
 import shlex
 import signal
 import socket
@@ -1204,6 +1206,86 @@ def cmd_udpblast(host: str, count: int, size: int, first: int, ports: int, secon
     return {"sent": sent, "seconds": time.monotonic() - start}
 
 
+def _setns(path: str) -> None:
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+def _race_round(proto: str, server_netns: str, host: str, port: int, delay: float, bind: str) -> dict:
+    """Bind a service on bind:port in the server's namespace ("::": every address),
+    and `delay` seconds later send to host:port from here: who answered, the
+    service (own-PORT) or nftdivert's default listener (the echo)?"""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(f"/run/netns/{server_netns}")
+        srv = socket.socket(_family(bind), kind)
+    finally:
+        _setns(f"/proc/self/fd/{here}")
+        os.close(here)
+    cli = socket.socket(_family(host), kind)
+    try:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind == "::":
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        srv.bind((bind, port))
+        if proto == "tcp":
+            srv.listen(8)
+        time.sleep(delay)
+        payload = f"race-{port}".encode()
+        if proto == "tcp":
+            cli.settimeout(5)
+            cli.connect((host, port))
+            cli.sendall(payload)
+            cli.shutdown(socket.SHUT_WR)
+        else:
+            cli.sendto(payload, (host, port))
+        local = cli.getsockname()[1]
+        deadline = time.monotonic() + 5
+        while True:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([srv, cli], [], [], max(0, left))
+            if not readable:
+                return {"ok": False, "port": port, "local": local, "error": "no answer"}
+            if cli in readable:
+                reply = cli.recv(65536) if proto == "udp" else _read_all(cli)
+                return {"ok": True, "port": port, "local": local, "reply": reply.decode()}
+            if proto == "tcp":
+                conn, _ = srv.accept()
+                with conn:
+                    _read_all(conn)
+                    conn.sendall(f"own-{port}".encode())
+            else:
+                _data, peer = srv.recvfrom(65536)
+                srv.sendto(f"own-{port}".encode(), peer)
+    except OSError as exc:
+        return {"ok": False, "port": port, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        cli.close()
+        srv.close()
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def cmd_bind_race(proto: str, server_netns: str, host: str, ports: list[int], delays: list[float],
+                  binds: list[str]) -> dict:
+    """Rounds of _race_round, one per port, each with its own delay and address."""
+    rounds = [_race_round(proto, server_netns, host, *r) for r in zip(ports, delays, binds)]
+    return {"ok": all(r["ok"] for r in rounds), "rounds": rounds}
+
+
 def cmd_serve_tcp(port: int, reply: str, bind: str) -> None:
     srv = socket.socket(_family(bind), socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -1301,6 +1383,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("host")
     p.add_argument("count", type=int)
     p.add_argument("--seconds", type=float, default=0)
+    p = sub.add_parser("bind-race")
+    p.add_argument("proto", choices=("tcp", "udp"))
+    p.add_argument("server_netns")
+    p.add_argument("host")
+    p.add_argument("--json", required=True, help='{"ports": [...], "delays": [...]}')
     for name in ("serve-tcp", "serve-udp"):
         p = sub.add_parser(name)
         p.add_argument("port", type=int)
@@ -1334,6 +1421,8 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_spoof(json.loads(a.json), a.device)
     elif a.cmd == "recv-udp":
         out = cmd_recv_udp(a.port, a.count, a.timeout)
+    elif a.cmd == "bind-race":
+        out = cmd_bind_race(a.proto, a.server_netns, a.host, **json.loads(a.json))
     elif a.cmd == "udpscan":
         out = cmd_udpscan(a.host, a.count, a.seconds)
     else:

@@ -37,6 +37,7 @@ PACKAGES = {
     "ping": "iputils-ping",
     "python3": "python3",
     "setpriv": "util-linux",
+    "nmap": "nmap",
     "sh": "dash",
     "sleep": "coreutils",
     "ss": "iproute2",

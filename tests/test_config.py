@@ -146,6 +146,9 @@ BAD = [
     case("admission-as-float", "[queue]\nnew_udp_per_source = 1.5\n", "queue.new_udp_per_source", "not float"),
     case("admission-as-string", '[queue]\nnew_tcp_per_source = "1000/second"\n', "queue.new_tcp_per_source",
          "not str"),
+    case("admission-group-too-high", "[queue]\nadmission_group = 65536\n", "queue.admission_group", "0-65535"),
+    case("admission-group-is-the-captures", "[queue]\nadmission_group = 7\n[worker]\npcap_group = 7\n",
+         "queue.admission_group", "must differ from worker.pcap_group"),
     # --- mode, table --------------------------------------------------------------------------
     case("bad-mode", 'mode = "router"\n', "mode", "one of gateway, local, both"),
     case("mode-uppercase", 'mode = "Gateway"\n', "mode", "one of gateway"),
@@ -261,6 +264,20 @@ def test_no_file_and_empty_file_are_the_safe_default(tmp_path):
     assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source) == (500, 2000)
     assert cfg.default_listener("tcp") == Listener("tcp-echo", "tcp", 1337)
     assert cfg.default_listener("udp") == Listener("udp-echo", "udp", 1337)
+
+
+def test_a_commands_own_defaults_apply_where_the_file_says_nothing(tmp_path):
+    defaults = {"queue": {"new_tcp_per_source": 0, "new_udp_per_source": 0}}
+    assert (load(None, defaults).queue.new_tcp_per_source, load(None, defaults).queue.new_udp_per_source) == (0, 0)
+    some = tmp_path / "some.toml"
+    some.write_text('[queue]\nnew_tcp_per_source = 100\nfail = "open"\n')
+    cfg = load(some, defaults)
+    assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source, cfg.queue.fail) == (100, 0, "open")
+    assert load(some).queue.new_udp_per_source == 2000  # `run`: its own default
+    bad = tmp_path / "bad.toml"
+    bad.write_text("queue = 3\n")
+    with pytest.raises(ConfigError, match="queue"):
+        load(bad, defaults)
 
 
 def test_config_is_frozen():

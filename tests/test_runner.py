@@ -207,7 +207,7 @@ def test_a_pcap_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_pat
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "nftdivert: cannot write the capture /dev/full: No space left on device" in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     assert host.run("nft", "list", "ruleset").stdout == ""
 
 

@@ -62,6 +62,13 @@ class Lab:
         return cls(client=f"{base}-client", diverter=f"{base}-divert")
 
 
+# Where the sandbox's own defaults differ from `run`'s (a config file's
+# values win). Admission protects the other clients from one client's flood;
+# a sandbox has one client, so per-source limits would protect nobody, and
+# only cost a fast scan the conversations they drop.
+CONFIG_DEFAULTS = {"queue": {"new_tcp_per_source": 0, "new_udp_per_source": 0}}
+
+
 def sandbox_config(config: Config) -> Config:
     """The config with what a sandbox needs: gateway on its link, a DNS listener.
 

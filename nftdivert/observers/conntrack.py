@@ -71,6 +71,7 @@ IPCTNL_MSG_CT_GET = 1
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
 CTA_STATUS = 3
+CTA_MARK = 8
 CTA_ID = 12
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -104,6 +105,7 @@ class Entry(NamedTuple):
     dst_port: int
     id: int  # CTA_ID, 0 when the kernel sent none
     seen_reply: bool  # a reply has already passed conntrack (IPS_SEEN_REPLY)
+    mark: int = 0  # the entry's ct mark
 
 
 class ConntrackError(OSError):
@@ -234,7 +236,8 @@ def parse_entry(payload: bytes | memoryview) -> Entry:
     proto = _nested(orig, CTA_TUPLE_PROTO, "CTA_TUPLE_PROTO")
     src, src_port = _endpoint(ip, proto, "source")
     dst, dst_port = _endpoint(ip, proto, "destination")
-    return Entry(src, src_port, dst, dst_port, _u32(top, CTA_ID), bool(_u32(top, CTA_STATUS) & IPS_SEEN_REPLY))
+    return Entry(src, src_port, dst, dst_port, _u32(top, CTA_ID), bool(_u32(top, CTA_STATUS) & IPS_SEEN_REPLY),
+                 _u32(top, CTA_MARK))
 
 
 def _error_reason(flags: int, data: memoryview) -> str:

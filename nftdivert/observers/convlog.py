@@ -59,6 +59,11 @@ def text_line(rec: dict) -> str:
         return f"{head} {_SERVER_FIRST[event](rec)}"
     if event == "end":
         return f"{at}  end    {_conversation(rec)}  {rec['ended']}: {_flow(rec)}"
+    if event == "admission":
+        shown = " ".join(rec["original_destinations"])
+        more = rec["destinations"] - len(rec["original_destinations"])
+        return (f"{at}  admission dropped {rec['dropped']} new {rec['protocol']} from {rec['client_address']}"
+                f" to {rec['destinations']} destinations: {shown}{f' (+{more} more)' if more else ''}")
     port = f" (:{rec['listener_port']})" if "listener_port" in rec else ""
     where = f" via {rec['interface']}" if rec.get("interface") else ""
     proc = rec.get("process")

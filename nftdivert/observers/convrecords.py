@@ -68,23 +68,44 @@ def _port(ev: CtEvent, port: int) -> int | None:
     return None if ev.icmp is not None else port
 
 
+def diverted(ev: CtEvent, queued_mark: int, kernel_path: bool) -> bool | None:
+    """Whether the kernel sent this conversation to the default listener, as its NEW event tells.
+
+    The kernel path's `redirect to :PORT` shows in the reply tuple: its
+    source port is the listener's, where a bound port keeps the one asked
+    for. The queue path sets `queued_mark` on what it queues to the worker
+    (in divert_unbound, at input, before conntrack confirms the entry and
+    sends NEW), and the worker rewrites it to the default listener. In local
+    mode the entry is confirmed on the way out, before the packet comes back
+    in through lo to divert_unbound: its NEW event cannot tell (None).
+    """
+    if kernel_path:
+        return ev.reply_src_port != ev.dst_port
+    if ev.mark & queued_mark:
+        return True
+    return None if ipaddress.ip_address(ev.reply_src).is_loopback else False
+
+
 def listener_for(ev: CtEvent, listeners: dict[tuple[int, int], str], defaults: dict[int, tuple[str, int]],
-                 is_bound: Callable[[int, bytes, int], bool]) -> tuple[str, int | None]:
+                 is_bound: Callable[[int, bytes, int], bool], sent: bool | None) -> tuple[str, int | None]:
     """(listener, its port) that answered: ours on that port, a host service, or the default one.
 
     `listeners`: (protocol, port) -> name of nftdivert's own; `defaults`:
-    protocol -> (name, port) of the default listener. After the redirect the
-    port is the one the client asked for; a bound one reaches its socket,
-    any other goes to the default listener (the worker rewrites the port).
+    protocol -> (name, port) of the default listener; `sent`: diverted(),
+    the kernel's own answer. Where the kernel kept the port although a default
+    listener exists, something is bound there. Only where the kernel cannot
+    tell (no default listener: bound, or refused; local mode on the queue
+    path) is the host's view of its sockets asked: `is_bound`, which must be
+    no older than the conversation.
     """
     if ev.icmp is not None:
         return KERNEL, None
-    port = ev.reply_src_port
-    if is_bound(ev.protocol, ev.reply_src, port):
+    port, default = ev.reply_src_port, defaults.get(ev.protocol)
+    if sent and default is not None:
+        return default
+    if (sent is False and default is not None) or is_bound(ev.protocol, ev.reply_src, port):
         return listeners.get((ev.protocol, port), HOST), port
-    if ev.protocol in defaults:
-        return defaults[ev.protocol]
-    return "", None  # no default listener: the kernel refuses it
+    return default or ("", None)  # no default listener: the kernel refuses it
 
 
 def _identity(ev: CtEvent) -> dict:

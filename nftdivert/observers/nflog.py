@@ -56,8 +56,9 @@ class Packet(NamedTuple):
     time: float | None  # seconds since the epoch, when the kernel received it; None for packets it sent
 
 
-def open_group(group: int) -> socket.socket:
-    """A socket bound to nflog `group` in this network namespace, batching as above.
+def open_group(group: int, copy_range: int = COPY_RANGE) -> socket.socket:
+    """A socket bound to nflog `group` in this network namespace, batching as above,
+    with the first `copy_range` bytes of each packet.
 
     Raises OSError: EPERM when another socket already reads the group."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
@@ -71,7 +72,7 @@ def open_group(group: int) -> socket.socket:
         sock.bind((0, 0))
         _configure(sock, group, [_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND, 0, 0, 0]))])
         _configure(sock, group, [
-            _attr(NFULA_CFG_MODE, struct.pack(">IBx", COPY_RANGE, NFULNL_COPY_PACKET)),
+            _attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_range, NFULNL_COPY_PACKET)),
             _attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NETLINK_BUFFER)),
             _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
             _attr(NFULA_CFG_QTHRESH, struct.pack(">I", QUEUE_THRESHOLD)),

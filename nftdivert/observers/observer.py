@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from nftdivert.observers import convrecords, ctevents, links
+from nftdivert.observers.conntrack import Conntrack
 from nftdivert.observers.ctevents import CtEvent, EventSocket
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
@@ -51,7 +52,7 @@ class Observer:
     """`emit(record, when)` gets each record and its time as a number;
     `flush()` is called whenever the events waiting have all been read.
 
-    context: `listener_for(event) -> (name, port)`, and `owners`
+    context: `listener_for(event, start time) -> (name, port)`, and `owners`
     (procowner.ProcessOwners) in local and sandbox mode. The DNS name is
     added by whoever knows the names (observer_process.py).
     """
@@ -127,7 +128,8 @@ class Observer:
         if self._owners is not None and not late:  # first: the process may be about to close its socket
             process = self._owners.find(ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port)
         when = convrecords.start_time(ev, received)
-        rec = convrecords.start_record(ev, when, self._listener_for(ev), self._interface(ev.src), process=process)
+        rec = convrecords.start_record(ev, when, self._listener_for(ev, when), self._interface(ev.src),
+                                       process=process)
         self._open[_key(ev)] = (rec, when)
         self._emit(rec, when)
         return rec, when
@@ -213,9 +215,39 @@ def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_ne
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
-        return Observer(config.worker.ct_mark, emit,
-                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners, flush)
+        # Local mode on the queue path: one lookup per new conversation (its socket lives as long as the process).
+        lookups = Conntrack() if config.divert_path == "queue" and config.mode in ("local", "both") else None
+
+        def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
+            sent = convrecords.diverted(ev, config.queue.ct_mark, config.divert_path == "kernel")
+            if sent is None and lookups is not None:
+                sent = _queued_now(lookups, ev, config.queue.ct_mark)
+            return convrecords.listener_for(ev, ours, defaults, lambda *key: is_bound(*key, since=when), sent)
+
+        return Observer(config.worker.ct_mark, emit, listener_for, owners, flush)
     except BaseException:
         if owners is not None:
             owners.close()
         raise
+
+
+def _queued_now(lookups: Conntrack, ev: CtEvent, queued_mark: int) -> bool | None:
+    """Local mode, queue path: what divert_unbound decided, as the entry says by now.
+
+    Its NEW event came before divert_unbound saw the packet. But the kernel
+    brings a packet back in through lo in the sender's own softirq, so by
+    the time the event is read the decision is almost always made: the mark
+    is there if it was queued, and an entry that has seen a reply without it
+    was not. Otherwise (not yet, or gone) None: the caller asks sock_diag.
+    """
+    if ev.protocol not in (ctevents.TCP, ctevents.UDP):
+        return None  # only these are queued (ICMP echo is the kernel's own answer)
+    try:
+        entry = lookups.entry(ev.version, ev.protocol, ev.src, ev.src_port, ev.reply_src, ev.reply_src_port)
+    except OSError:
+        return None
+    if entry is None:
+        return None
+    if entry.mark & queued_mark:
+        return True
+    return False if entry.seen_reply else None

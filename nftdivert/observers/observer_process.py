@@ -22,6 +22,7 @@ from typing import Callable
 from nftdivert.config import Config
 from nftdivert.lab.lifeline import die_with_parent
 from nftdivert.observers import bound, convrecords
+from nftdivert.observers.admission import AdmissionLog, Tally
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
@@ -100,6 +101,10 @@ class ObserverProcess:
         return ends
 
     def _record(self, when: float, rec: dict) -> None:
+        if rec["event"] not in ("start", "end"):  # admission: no conversation, no name
+            self.summary.add(rec)
+            self._emit(rec)
+            return
         if rec["event"] == "start":
             self._open.add(_conversation(rec))
             name = self._name(rec, when)
@@ -182,32 +187,79 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
         if full:
             send()
 
+    record = emit  # the admission reader's records go in the same batches
+
     try:
         obs = observer.for_config(config, emit, ports.is_bound, clients_netns=clients_netns, flush=send)
     except OSError as exc:
         send(("error", f"cannot watch conntrack for the conversation log: {exc}"))
         return
+    try:
+        drops = _admission_log(config, record)
+    except OSError as exc:
+        obs.close()
+        send(("error", f"cannot read nflog group {config.queue.admission_group} for what admission control "
+                       f"drops (queue.admission_group): {exc.strerror or exc}"))
+        return
+
+    def stats() -> tuple:
+        # What admission's reader could not record counts with the events the kernel could not deliver.
+        return ("stats", {**obs.counts(), "events_lost": obs.lost + drops.lost + drops.tally.unrecorded,
+                          "failed": obs.failed + drops.failed})
+
     send(("ready",))
     try:
         while not stop.wait(_STATS_SECONDS):
-            send(("stats", obs.counts()))
+            send(stats())
     finally:
         try:  # the ruleset is gone: nobody to yield to while the backlog and the stop's dumps are read
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         except OSError:
             pass
         obs.close()
-        send(("stats", obs.counts()))
+        drops.close()
+        send(stats())
         conn.close()
 
 
+class _NoAdmission:
+    lost = failed = 0
+    tally = Tally()
+
+    def close(self) -> None:
+        pass
+
+
+def _admission_log(config: Config, record):
+    """The reader of what admission control drops, where the ruleset has it (the queue path, limits on)."""
+    limits = config.queue.new_tcp_per_source or config.queue.new_udp_per_source
+    if config.divert_path == "kernel" or not limits:
+        return _NoAdmission()
+    return AdmissionLog(config.queue.admission_group, record)
+
+
 class _Bound:
-    """The host's bound ports as sock_diag says, at most BOUND_FRESH seconds old when asked."""
+    """The host's bound ports as sock_diag says, at most BOUND_FRESH seconds old when asked.
+
+    A port a service bound a moment before the conversation began may be
+    missing from a view that old: where the view says "not bound" and is
+    older than the conversation (`since`, wall clock), sock_diag is asked
+    again. That costs a dump only for what goes unanswered or to a default
+    listener, at most one per batch of events read together.
+    """
 
     def __init__(self) -> None:
-        self._ports, self._at = bound.read(), time.monotonic()
+        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()
 
-    def is_bound(self, protocol: int, address: bytes, port: int) -> bool:
+    def is_bound(self, protocol: int, address: bytes, port: int, since: float = 0.0) -> bool:
         if time.monotonic() - self._at > BOUND_FRESH:
-            self._ports, self._at = bound.read(), time.monotonic()
+            self._read()
+        if self._ports.is_bound(protocol, address, port):
+            return True
+        if self._wall >= since:
+            return False
+        self._read()
         return self._ports.is_bound(protocol, address, port)
+
+    def _read(self) -> None:
+        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()

@@ -7,7 +7,9 @@ flood to random addresses makes a destination per datagram): at most
 ROWS_KEPT rows and GROUPS_KEPT clients are kept. Beyond that the rows with
 the fewest conversations are folded into their client's `more` counts, and
 the quietest clients into one group of other clients, so every total stays
-exact. The table shows the busiest rows of the first clients only.
+exact. The table shows the busiest rows of the first clients only. The
+new conversations admission control dropped are counted per client and
+protocol beside them (the log's `admission` records say where they went).
 """
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ class Group:
     rows: dict[tuple, Counts] = field(default_factory=dict)  # (name, address, port, protocol) -> counts
     more: Counts = field(default_factory=Counts)
     more_rows: int = 0  # destinations folded into `more` (one folded twice counts twice)
+    dropped: dict[str, int] = field(default_factory=dict)  # protocol -> new conversations admission dropped
+
+    def add_dropped(self, dropped: dict[str, int]) -> None:
+        for proto, n in dropped.items():
+            self.dropped[proto] = self.dropped.get(proto, 0) + n
 
     def fold(self, dest: tuple) -> None:
         self.more.add(self.rows.pop(dest))
@@ -95,8 +102,13 @@ class Summary:
         return tuple(_client_address(rec) if k == "client_address" else rec.get(k) for k in self.group_by)
 
     def add(self, rec: dict) -> None:
-        """Count one log record (other events than start and end are ignored)."""
+        """Count one log record (other events than start, end and admission are ignored)."""
         event = rec.get("event")
+        if event == "admission":
+            key = self._key(rec)
+            group = self.groups.get(key) or self._new_group(key)
+            group.add_dropped({rec["protocol"]: rec["dropped"]})
+            return
         if event not in ("start", "end"):
             return
         addr, port = split_endpoint(rec["original_destination"])
@@ -149,6 +161,7 @@ class Summary:
             others.total.add(group.total)
             others.more.add(group.more)
             others.more_rows += group.more_rows
+            others.add_dropped(group.dropped)
             for counts in group.rows.values():
                 others.more.add(counts)
                 others.more_rows += 1
@@ -160,6 +173,13 @@ class Summary:
             total.add(group.total)
         return total
 
+    def dropped(self) -> dict[str, int]:
+        """New conversations admission control dropped, per protocol, all clients together."""
+        total = Group(OTHERS)
+        for group in self.groups.values():
+            total.add_dropped(group.dropped)
+        return total.dropped
+
     def sorted_groups(self) -> list[Group]:
         return sorted(self.groups.values(), key=lambda g: _order(g.key))
 
@@ -170,9 +190,13 @@ class Summary:
             groups.append({**named, **g.total.as_dict(), "contacted": [
                 {"name": name or None, "address": addr, "port": port, "protocol": proto, **c.as_dict()}
                 for (name, addr, port, proto), c in g.sorted_rows()],
-                "more": {"destinations": g.more_rows, **g.more.as_dict()}})
+                "more": {"destinations": g.more_rows, **g.more.as_dict()},
+                **({"admission_dropped": dict(sorted(g.dropped.items()))} if g.dropped else {})})
+        dropped = self.dropped()
         return json.dumps({"v": 2, "group_by": list(self.group_by), "groups": groups,
-                           "total": self.total().as_dict()}, indent=1) + "\n"
+                           "total": {**self.total().as_dict(),
+                                     **({"admission_dropped": dict(sorted(dropped.items()))} if dropped else {})}},
+                          indent=1) + "\n"
 
     def table(self) -> str:
         if not self.groups:
@@ -205,7 +229,16 @@ class Summary:
         widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
         out = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                for row in (head, *lines)]
-        return "contacted:\n" + "\n".join("  " + line.rstrip() for line in out) + "\n"
+        return "contacted:\n" + "\n".join("  " + line.rstrip() for line in out) + "\n" + self._dropped_table()
+
+    def _dropped_table(self) -> str:
+        """New conversations admission control dropped, per client and protocol."""
+        lines = [f"  {'other clients' if g.key is OTHERS else ' '.join(str(k) for k in g.key)}  {proto}  {n}\n"
+                 for g in self.sorted_groups() for proto, n in sorted(g.dropped.items())]
+        if not lines:
+            return ""
+        return "dropped by admission control (new conversations):\n" + "".join(lines[:GROUPS_SHOWN * 2]) + (
+            f"  ({len(lines) - GROUPS_SHOWN * 2} more)\n" if len(lines) > GROUPS_SHOWN * 2 else "")
 
 
 def _cells(c: Counts) -> tuple[str, str, str]:

@@ -57,6 +57,7 @@ class Ruleset:
     capture_group: int | None = None
     # Admission: protocol -> new conversations per second per client address (0: no limit).
     admit: tuple[tuple[str, int], ...] = ()
+    admission_group: int = 1338  # nflog group of the dropped conversations' first packets
     # The kernel path: the dstnat rules redirect unbound ports to the default
     # listeners themselves; nothing is queued (see the template).
     kernel_path: bool = False
@@ -105,9 +106,9 @@ class Ruleset:
         return ", ".join(f'"{name}"' for name in self.interfaces)
 
     @property
-    def admission_keys(self) -> tuple[tuple[str, str, str], ...]:
-        """(set suffix, element type, source address expression) per enabled family."""
-        keys = (("v4", "ipv4_addr", "ip saddr"), ("v6", "ipv6_addr", "ip6 saddr"))
+    def admission_keys(self) -> tuple[tuple[str, str, str, str], ...]:
+        """(set suffix, element type, source address expression, header keyword) per enabled family."""
+        keys = (("v4", "ipv4_addr", "ip saddr", "ip"), ("v6", "ipv6_addr", "ip6 saddr", "ip6"))
         return tuple(k for k, on in zip(keys, (self.ipv4, self.ipv6)) if on)
 
     @property
@@ -167,5 +168,6 @@ def build(config: Config, backend: str) -> Ruleset:
         contain_after_stop=gateway and config.forward_containment and config.containment_after_stop == "keep",
         capture_group=config.worker.pcap_group if config.worker.pcap else None,
         admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
+        admission_group=config.queue.admission_group,
         kernel_path=config.divert_path == "kernel",
     )

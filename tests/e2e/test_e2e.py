@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import lab
+import netns
 
 pytestmark = pytest.mark.kernel
 
@@ -154,6 +155,48 @@ def test_bound_port_reaches_its_own_listener_untouched_and_is_logged(gw, div):
     finally:
         server.kill()
         server.wait(timeout=5)
+
+
+# A service binds and a client asks for its port a moment later: whoever
+# answered, the record names it. The ruleset's bound sets and the log's own
+# view of the host's sockets are refreshed apart, so the log must take the
+# answer from the kernel (the reply tuple, the queued mark), not its own view.
+# Delays from 0 to 0.55 s: before and after either refresh.
+@pytest.mark.any_backend  # the labels come from conntrack, the same on both backends
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_service_bound_a_moment_ago_is_named_only_when_it_answered(gw, div, proto):
+    ports = [gw.fresh_port() for _ in range(48)]
+    _assert_named_as_answered(gw.client, gw.diverter_ns, div, proto, ports, gw.fresh_port(), lab.DIV_CLIENT4)
+
+
+# The same in local mode, where the queue path's NEW event comes before the
+# packet is queued (the entry is confirmed on its way out, to lo).
+@pytest.mark.any_backend
+def test_in_local_mode_too_a_service_bound_a_moment_ago_is_named_only_when_it_answered(tmp_path):
+    with lab.local_lab(netns, tmp_path) as (host, div):
+        _assert_named_as_answered(host, host, div, "tcp", list(range(20000, 20048)), 30000, "127.0.0.1")
+
+
+def _assert_named_as_answered(client, server, div, proto: str, ports: list[int], barrier: int, own: str) -> None:
+    """Bind a service on each port in `server`, on every address or on `own` (the
+    address the redirect gives: only the ruleset's sets know it, on the kernel
+    path too), and ask for it from `client` a moment later (0 to 0.55 s: before
+    and after either refresh): the record names whoever answered."""
+    delays = [(i % 12) * 0.05 for i in range(len(ports))]
+    binds = [own if i % 24 >= 12 else "::" for i in range(len(ports))]
+    out = lab.run_client(client, "bind-race", proto, server.name, "198.51.100.9", "--json",
+                         json.dumps({"ports": ports, "delays": delays, "binds": binds}), timeout=120)
+    assert out["ok"], [r for r in out["rounds"] if not r["ok"]]
+    starts = {r["original_destination"]: r for r in lab.log_barrier(client, div, barrier)}
+    wrong = []
+    for r in out["rounds"]:
+        rec = starts.get(f"198.51.100.9:{r['port']}")
+        answered = ("host", r["port"]) if r["reply"] == f"own-{r['port']}" else (f"{proto}-echo", lab.LISTENER_PORT)
+        if rec is None or (rec["listener"], rec.get("listener_port")) != answered:
+            wrong.append((r, rec))
+    own = sum(r["reply"].startswith("own-") for r in out["rounds"])
+    print(f"\n{proto}: {own} of {len(ports)} answered by the new service")
+    assert not wrong, f"{len(wrong)} of {len(ports)} records name another listener: {wrong[:5]}"
 
 
 @pytest.mark.any_backend  # the queue backend queues these like any other; the kernel path NATs the port only

@@ -254,3 +254,34 @@ def test_dhcp_and_duplicate_address_detection_sources_still_pass(gw, div):
         receiver.wait(timeout=5)
     assert sorted(json.loads(out)["sources"]) == ["0.0.0.0", "::", "fe80::99"], out
     assert _spoofed_counter(gw.diverter_ns) == before
+
+
+# A scanner that never retransmits, far over its share: every port it tried
+# is in the log, answered (a start record) or dropped (an admission record
+# naming the destination it asked for), and the records count every drop.
+@pytest.mark.load
+@pytest.mark.queue_path  # admission protects the queue; the kernel path has none
+@pytest.mark.parametrize("host", ["198.51.100.30", "2001:db8:ffff::30"])
+def test_a_scan_over_the_share_logs_every_attempt_and_which_were_dropped(gw, host):
+    div = gw.ensure(new_tcp_per_source=SHARE)
+    scan = gw.client.run("nmap", "-n", "-sT", "-Pn", "-p", "1-1000", "--max-retries", "0", "-oG", "-",
+                         *(["-6"] if ":" in host else []), host, timeout=300)
+    asked = f"[{host}]:" if ":" in host else f"{host}:"
+    client = lab.CLIENT6 if ":" in host else lab.CLIENT4
+    opened = {int(p) for p in re.findall(r"(\d+)/open/tcp", scan.stdout)}
+    gw.stop()  # the last second's admission record is written at the stop
+    counted = re.search(r"admission dropped tcp (\d+), udp 0 new conversations", div.stderr())
+    recs = div.log()
+    answered = {int(r["original_destination"].rsplit(":", 1)[1]) for r in recs
+                if r.get("event") == "start" and r["original_destination"].startswith(asked)}
+    drops = [r for r in recs if r.get("event") == "admission"]
+    dropped = {int(d.rsplit(":", 1)[1]) for r in drops for d in r["original_destinations"]}
+    print(f"\nnmap: {len(opened)} open; the log: {len(answered)} answered, {len(dropped)} dropped "
+          f"in {len(drops)} records")
+    assert all(r["client_address"] == client and r["protocol"] == "tcp" for r in drops), drops
+    assert all(d.startswith(asked) for r in drops for d in r["original_destinations"]), drops
+    assert all(r["destinations"] == len(r["original_destinations"]) for r in drops), "some were left unnamed"
+    assert answered | dropped == set(range(1, 1001)), sorted(set(range(1, 1001)) - answered - dropped)[:20]
+    assert set(range(1, 1001)) - opened <= dropped  # what the scan saw as filtered was dropped, and says so
+    assert dropped and opened >= answered - dropped
+    assert counted and sum(r["dropped"] for r in drops) == int(counted[1]), div.stderr()

@@ -143,6 +143,27 @@ def test_names_resolve_and_the_log_ties_the_name_to_the_conversation(config):
     assert conv[0]["original_destination"].endswith(":8080")
 
 
+def nmap_open_ports(stdout: str) -> set[int]:
+    """The ports `nmap -oG -` says are open."""
+    found = re.findall(r"(\d+)/open/tcp", stdout)
+    return {int(p) for p in found}
+
+
+# A scanner that never retransmits: a sandbox has one client, so no
+# admission limit drops its SYNs; every port is answered and logged.
+@pytest.mark.load
+def test_a_fast_scan_finds_every_port_open_and_the_log_holds_every_destination(config):
+    proc = sandbox(config, "nmap -n -sT -Pn -p 1-1000 --max-retries 0 -oG - 203.0.113.30", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    opened = nmap_open_ports(proc.stdout)
+    asked = {r["original_destination"] for r in log_records(proc.stdout)
+             if r.get("event") == "start" and r["original_destination"].startswith("203.0.113.30:")}
+    print(f"\nnmap: {len(opened)} open; the log: {len(asked)} destinations")
+    assert len(opened) == 1000, proc.stdout[-2000:]
+    assert asked == {f"203.0.113.30:{p}" for p in range(1, 1001)}, sorted(asked)[:20]
+    assert "admission dropped" not in proc.stderr, proc.stderr
+
+
 def test_ipv6_inside_the_sandbox(config):
     proc = sandbox(config, "curl -sS -6 --max-time 10 http://v6only.example:9090/ && "
                            "echo six | nc -q1 -w5 2001:db8:ffff::7 45678")

@@ -122,13 +122,32 @@ def test_without_conntrack_stamps_the_duration_runs_from_the_start_record():
     assert convrecords.end_record(ev, now=110.5)["duration"] is None
 
 
-def test_the_listener_bound_ours_a_host_service_or_the_default():
-    ev = parse(tcp_destroy(7))
+def test_the_listener_is_the_one_the_kernel_chose_not_the_hosts_view():
+    ev = parse(tcp_destroy(7))  # asked for 45678; the reply tuple keeps 45678
     ours, defaults = {(6, 45678): "ext"}, {6: ("tcp-echo", 1337)}
-    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: True) == ("ext", 45678)
-    assert convrecords.listener_for(ev, {}, defaults, lambda p, a, port: True) == ("host", 45678)
-    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: False) == ("tcp-echo", 1337)
-    assert convrecords.listener_for(ev, ours, {}, lambda p, a, port: False) == ("", None)
+    unknown = lambda p, a, port: pytest.fail("the kernel's answer needs no view of the host's sockets")  # noqa: E731
+    # The port kept, with a default listener: something was bound there, whatever the view says.
+    assert convrecords.listener_for(ev, ours, defaults, unknown, False) == ("ext", 45678)
+    assert convrecords.listener_for(ev, {}, defaults, unknown, False) == ("host", 45678)
+    assert convrecords.listener_for(ev, ours, defaults, unknown, True) == ("tcp-echo", 1337)
+    # Only where the kernel cannot tell: the view of the host's sockets.
+    for sent in (False, None):
+        assert convrecords.listener_for(ev, ours, {}, lambda p, a, port: False, sent) == ("", None)
+        assert convrecords.listener_for(ev, ours, {}, lambda p, a, port: True, sent) == ("ext", 45678)
+    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: False, None) == ("tcp-echo", 1337)
+    assert convrecords.listener_for(ev, ours, defaults, lambda p, a, port: True, None) == ("ext", 45678)
+
+
+def test_diverted_reads_the_reply_port_on_the_kernel_path_and_the_queued_mark_on_the_queue_path():
+    ev = parse(tcp_destroy(7))
+    redirected = CtEvent(**{**ev.__dict__, "reply_src_port": 1337})
+    assert convrecords.diverted(redirected, 0x400000, kernel_path=True) is True
+    assert convrecords.diverted(ev, 0x400000, kernel_path=True) is False
+    queued = CtEvent(**{**ev.__dict__, "mark": ev.mark | 0x400000})
+    assert convrecords.diverted(queued, 0x400000, kernel_path=False) is True
+    assert convrecords.diverted(ev, 0x400000, kernel_path=False) is False
+    local = CtEvent(**{**ev.__dict__, "reply_src": ipaddress.ip_address("127.0.0.1").packed})
+    assert convrecords.diverted(local, 0x400000, kernel_path=False) is None  # NEW came before divert_unbound
 
 
 def test_ipv6_endpoints_are_bracketed():

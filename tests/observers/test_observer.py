@@ -39,7 +39,7 @@ from nftdivert.observers import ctsettings
 from nftdivert.observers.observer import Observer
 
 records = []
-obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("echo", 4444))
+obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("echo", 4444))
 with ctsettings.accounting():
     tcp = socket.create_server(("0.0.0.0", 4444))
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -39,7 +39,7 @@ def test_a_portless_protocol_parses_with_null_ports_and_is_logged_by_address():
     ev = parse(generic_event())
     assert (ev.protocol, ev.src_port, ev.dst_port, ev.reply_src_port, ev.icmp) == (GENERIC, None, None, None, None)
     listener = convrecords.listener_for(ev, {}, {6: ("tcp-echo", 1337), 17: ("udp-echo", 1337)},
-                                        lambda *_: False)
+                                        lambda *_: False, None)
     assert listener == ("", None)  # nothing listens: the kernel takes the packet and answers nothing
     rec = convrecords.start_record(ev, 1_800_000_000.0, listener, "eth1")
     assert (rec["protocol"], rec["client"], rec["original_destination"]) == ("253", CLIENT, ASKED), rec
@@ -133,7 +133,7 @@ def _pairs(records: list[dict]) -> dict[int, list[str]]:
 
 
 PORTLESS = r"""
-obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("", None))
+obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("", None))
 with ctsettings.accounting():
     held = socket.create_connection(("198.51.100.1", 4444))  # still open at close
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, 253)
@@ -161,7 +161,7 @@ EARLIER = r"""
 with ctsettings.accounting():
     old = socket.create_connection(("198.51.100.3", 4444))  # an earlier run's, closed: TIME_WAIT
     old.close()
-    obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("", None))
+    obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("", None))
     new = socket.create_connection(("198.51.100.4", 4444))
     wait(lambda: records, "the start of this run's conversation")
     subprocess.run(["conntrack", "-D", "-p", "tcp", "--orig-dst", "198.51.100.3"], check=True, capture_output=True)
@@ -218,7 +218,7 @@ def event(sport, msg_type):
     return ctevents.event_kind(t), payload
 
 records = []
-obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("tcp-echo", 1337))
+obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("tcp-echo", 1337))
 for sport, msg_type in ((40001, 0x100), (40002, 0x100), (40001, 0x102), (40002, 0x102)):
     obs._handle(*event(sport, msg_type))
 obs.close()
@@ -243,7 +243,7 @@ from nftdivert.observers import observer
 go = threading.Event()
 run = observer.Observer._run
 observer.Observer._run = lambda self: (go.wait(), run(self))  # it reads nothing until told
-obs = observer.Observer(0x200000, lambda rec, when: records.append(rec), lambda ev: ("", None))
+obs = observer.Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("", None))
 obs._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)  # the kernel's smallest: a few events
 with ctsettings.accounting():
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -250,7 +250,7 @@ def test_feature_goldens_content():
     assert 'iif "lo" ct status dnat jump divert_unbound' in both
     assert "--queue-num 7 --queue-bypass" in both and "--queue-num 8 --queue-bypass" in both
     assert ("ct state new meta l4proto tcp update @admit_tcp_v6 { ip6 saddr limit rate over 300/second "
-            'burst 150 packets } counter name "admission_tcp" drop') in both
+            'burst 150 packets } counter name "admission_tcp" ip6 daddr set ct original ip6 daddr log group 1338 drop') in both
     assert "admission_udp" not in both and "admit_udp" not in both  # 0: no limit
     # Admission comes after everything that returns, right before the queue (a
     # bound port or a port left alone is never limited), in every mode.
