@@ -30,12 +30,18 @@ def backend_for(config: Config, nft: Nft) -> tuple[QueueBackend, str]:
     return backends.select(config.queue.backend, nft, config.divert_path)
 
 
-# The kernel lets only root of the first user namespace rewrite link-layer
-# headers: in a user namespace of our own, the bridge table's rewrite is
-# checked as a lookup of the same map.
-_LL_REWRITE = re.compile(r"\bether daddr set (iif) map (@\w+) ")
-LL_NOTE = ("unprivileged, the bridge table's link-layer rewrite (ether daddr set) was checked without "
-           "its write: the kernel lets only root load one")
+# The kernel lets only root of the first user namespace rewrite headers: in
+# a user namespace of our own, such rules are checked without their write.
+# The bridge table's link-layer rewrite becomes a lookup of the same map; the
+# admission drop's write of the address asked for (before it is logged) goes.
+_UNPRIVILEGED_WRITES = (
+    (re.compile(r"\bether daddr set (iif) map (@\w+) "), r"\1 \2 ",
+     "unprivileged, the bridge table's link-layer rewrite (ether daddr set) was checked without "
+     "its write: the kernel lets only root load one"),
+    (re.compile(r"\b(ip6?) daddr set ct original \1 daddr "), "",
+     "unprivileged, the admission rules' rewrite of the address asked for (ip daddr set) was checked "
+     "without its write: the kernel lets only root load one"),
+)
 
 
 def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", source: str = "ruleset") -> list[str]:
@@ -49,9 +55,13 @@ def check_text(text: str, nft: Nft | None = None, table: str = "nftdivert", sour
         nft.run(text, dry_run=True, source=source)
         return []
     # not root: a user + network namespace of our own
-    unprivileged, rewrites = _LL_REWRITE.subn(r"\1 \2 ", text)
-    scratch.run("check", unprivileged, table)
-    return [LL_NOTE] if rewrites else []
+    notes = []
+    for pattern, replacement, note in _UNPRIVILEGED_WRITES:
+        text, writes = pattern.subn(replacement, text)
+        if writes:
+            notes.append(note)
+    scratch.run("check", text, table)
+    return notes
 
 
 def check(config: Config, nft: Nft | None) -> tuple[str, str, list[str]]:
