@@ -8,6 +8,7 @@ to foreign tables that must come through untouched.
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
@@ -125,6 +126,21 @@ def test_a_deeply_nested_config_is_one_line_not_a_recursion_error(tmp_path):
 def test_a_config_that_never_ends_is_refused_unread():
     # Before: read to the end, 24 GB and an OOM kill. Capped here, it would fail instead.
     assert_bad_input(run("render", "-c", "/dev/zero", timeout=30), "'/dev/zero': not a regular file or a pipe")
+
+
+def test_a_fifo_nobody_writes_is_refused_after_a_bounded_wait_and_a_pipe_is_read(tmp_path):
+    # Before: the open blocked until a writer came, that is forever.
+    from nftdivert.config import INPUT_WAIT
+
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    assert_bad_input(run("render", "-c", str(fifo), timeout=INPUT_WAIT + 30),
+                     f"a pipe that nothing was written to for {INPUT_WAIT:g} s")
+    # A pipe with a writer, as `-c <(cat file)` gives one: read to its end.
+    proc = subprocess.run(["bash", "-c", f'exec "$@" -c <(echo \'mode = "local"\')', "_",
+                           *nftdivert_argv("render")], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert proc.returncode == 0 and "mode: local" in proc.stdout, proc.stderr
 
 
 def test_a_config_over_the_cap_is_refused_from_a_file_and_from_a_pipe(tmp_path):
