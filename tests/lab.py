@@ -694,6 +694,18 @@ def cmd_hold(host: str, port: int, timeout: float) -> None:
             print(json.dumps({"sent": line.strip(), "reply": got.decode(errors="replace")}), flush=True)
 
 
+def cmd_loop(host: str, first_port: int, give_up: int, timeout: float) -> None:
+    """New TCP conversations, one after the other, to host:first_port, first_port + 1, ...: one
+    JSON line each as it ends (`local`, `port`, `ok`), until `give_up` in a row went unanswered."""
+    port, unanswered = first_port, 0
+    while unanswered < give_up:
+        res = cmd_tcp(host, port, f"loop {port}", timeout)
+        answered = res["ok"] and res.get("reply") == f"loop {port}"
+        unanswered = 0 if answered else unanswered + 1
+        print(json.dumps({"local": res.get("local"), "port": port, "ok": answered}), flush=True)
+        port += 1
+
+
 def cmd_until_reply(host: str, port: int, want: str, timeout: float) -> dict:
     """New TCP conversations to host:port, one every 20 ms, until one is
     answered with `want`: how long that took, and what came before."""
@@ -1036,6 +1048,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--timeout", type=float, default=5)
+    p = sub.add_parser("loop")
+    p.add_argument("host")
+    p.add_argument("first_port", type=int)
+    p.add_argument("--give-up", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1)
     p = sub.add_parser("until-reply")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -1068,6 +1085,9 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_fan_out(a.proto, json.loads(a.json), a.sport, a.timeout, a.one_by_one)
     elif a.cmd == "hold":
         cmd_hold(a.host, a.port, a.timeout)
+        return
+    elif a.cmd == "loop":
+        cmd_loop(a.host, a.first_port, a.give_up, a.timeout)
         return
     elif a.cmd == "until-reply":
         out = cmd_until_reply(a.host, a.port, a.want, a.timeout)

@@ -119,19 +119,23 @@ class Observer:
 _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
 
 
+def listener_lookup(config, is_bound) -> Callable[[CtEvent], tuple[str, int | None]]:
+    """The listener that answered an entry, by the config's listeners (convrecords.listener_for)."""
+    ours = {(_PROTOCOLS[lst.protocol], lst.port): lst.name for lst in config.listeners}
+    defaults = {_PROTOCOLS[p]: (lst.name, lst.port) for p in ("tcp", "udp") if (lst := config.default_listener(p))}
+    return lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound)
+
+
 def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None) -> Observer:
     """The observer `run` starts: listeners from the config; processes named in
     local mode (this namespace) and in the sandbox (the clients' namespace)."""
     from nftdivert.observers.procowner import ProcessOwners
 
-    ours = {(_PROTOCOLS[lst.protocol], lst.port): lst.name for lst in config.listeners}
-    defaults = {_PROTOCOLS[p]: (lst.name, lst.port) for p in ("tcp", "udp") if (lst := config.default_listener(p))}
     owners = None
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
-        return Observer(config.worker.ct_mark, emit,
-                        lambda ev: convrecords.listener_for(ev, ours, defaults, is_bound), owners)
+        return Observer(config.worker.ct_mark, emit, listener_lookup(config, is_bound), owners)
     except BaseException:
         if owners is not None:
             owners.close()

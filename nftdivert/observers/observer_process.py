@@ -38,7 +38,10 @@ class ObserverProcess:
         self.summary = Summary()
         self.lost = self.unended = self._failed_child = 0
         self._failed_here = 0  # records the parent could not finish
-        self._names: dict[int, str] = {}  # conversation id -> name, until its end record
+        # Conversation id -> (its start record as written, its time), until its end record:
+        # its name for the end, and what a child that dies leaves for close() to end.
+        self._open: dict[int, tuple[dict, float]] = {}
+        self._since = time.time()  # conversations that started before are another run's
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_serve, args=(config, child_end, os.getpid(), clients_netns),
@@ -67,8 +70,9 @@ class ObserverProcess:
                 self.lost, self._failed_child, self.unended = rest
 
     @property
-    def alive(self) -> bool:
-        return self._process.is_alive()
+    def process(self) -> multiprocessing.process.BaseProcess:
+        """The child; its sentinel tells its end at once."""
+        return self._process
 
     @property
     def failed(self) -> int:
@@ -77,12 +81,13 @@ class ObserverProcess:
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] == "start":
             name = self._name(rec, when)
-            if name:
-                self._names[rec["id"]] = name
         else:
-            name = self._names.pop(rec["id"], None)
+            start = self._open.pop(rec["id"], None)
+            name = start[0].get("name") if start else None
         if name:
             rec = convrecords.named(rec, name)
+        if rec["event"] == "start":
+            self._open[rec["id"]] = (rec, when)
         self.summary.add(rec)
         self._emit(rec)
 
@@ -105,7 +110,32 @@ class ObserverProcess:
         reader = getattr(self, "_reader", None)
         if reader is not None:
             reader.join(timeout=timeout)
+            if self._process.exitcode != 0:  # killed: it ended nothing, and left events unread
+                self._recover()
         self._conn.close()
+
+    def _recover(self) -> None:
+        """What a dead child left undone, from a dump of what conntrack still tracks: the
+        starts it never sent (of this run's conversations), and the ends of all it started."""
+        from nftdivert.observers import ctevents, links, observer
+
+        try:
+            live = ctevents.dump_marked(self._config.worker.ct_mark)
+        except OSError:
+            live = []
+        listener_for = observer.listener_lookup(self._config, bound.read().is_bound)
+        subnets, now = links.subnets(), time.time()
+        for ev in live:
+            if ev.id not in self._open:
+                if ev.start_ns / 1e9 < self._since:
+                    continue  # another run's (or without a stamp: nothing tells)
+                when = convrecords.start_time(ev, now)
+                self._record(when, convrecords.start_record(ev, when, listener_for(ev),
+                                                            links.interface_for(ev.src, subnets)))
+            start, started = self._open[ev.id]
+            self._record(now, convrecords.end_record(ev, now, start, started))
+        self.unended = len(self._open)
+        self._open.clear()
 
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:
