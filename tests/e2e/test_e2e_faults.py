@@ -111,7 +111,8 @@ def test_a_dead_observer_stops_the_run_and_nothing_more_is_answered(gw):
     assert len(observers) == 1, _children(div.proc.pid)
     os.kill(observers[0], signal.SIGKILL)
     assert div.proc.wait(timeout=30) == 1, div.stderr()
-    assert "the conversation observer stopped: stopping" in div.stderr(), div.stderr()
+    assert f"the conversation observer (pid {observers[0]}) was killed by SIGKILL: stopping" in div.stderr(), \
+        div.stderr()
     after = gw.tcp("198.51.100.7", 45678, "not-logged", timeout=2)
     assert not after["ok"], after
     gw.assert_no_leaks()
