@@ -9,6 +9,11 @@ goes in, so a failure or a signal in between leaves no diverting table; on
 the way out the ruleset goes first, so no packet is queued to a worker that
 is leaving. A clean stop leaves the containment chain alone in the table
 (containment_after_stop = "keep"), or nothing.
+
+A child that dies (the listeners, the observer, the capture's reader) or a
+log that fails stops the run by itself, at once: the loop watches their
+sentinels. It fails closed before anything else, since a conversation
+answered now would go unlogged (or be refused by nobody listening).
 """
 
 from __future__ import annotations
