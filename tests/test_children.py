@@ -128,7 +128,7 @@ class _TinyDisk:
 
     def __init__(self) -> None:
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            ["unshare", "-m", "sh", "-c",
              "mkdir -p /tmp/hk-tiny && mount -t tmpfs -o size=8k hk-tiny /tmp/hk-tiny && echo up && exec sleep 600"],
             stdout=subprocess.PIPE, text=True)
         assert self.holder.stdout.readline() == "up\n"

@@ -12,6 +12,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -136,10 +137,11 @@ def test_a_fifo_nobody_writes_is_refused_after_a_bounded_wait_and_a_pipe_is_read
     os.mkfifo(fifo)
     assert_bad_input(run("render", "-c", str(fifo), timeout=INPUT_WAIT + 30),
                      f"a pipe that nothing was written to for {INPUT_WAIT:g} s")
-    # A pipe with a writer, as `-c <(cat file)` gives one: read to its end.
-    proc = subprocess.run(["bash", "-c", f'exec "$@" -c <(echo \'mode = "local"\')', "_",
-                           *nftdivert_argv("render")], capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    # A FIFO with a writer (as `-c <(cat file)` is a pipe with one): read to its end.
+    writer = threading.Thread(target=fifo.write_text, args=('mode = "local"\n',))
+    writer.start()
+    proc = run("render", "-c", str(fifo))
+    writer.join(timeout=30)
     assert proc.returncode == 0 and "mode: local" in proc.stdout, proc.stderr
 
 
