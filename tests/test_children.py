@@ -124,15 +124,16 @@ def test_a_dead_capture_reader_stops_the_run_at_once(host, tmp_path):
 
 
 class _TinyDisk:
-    """A 8 KiB tmpfs in a mount namespace of its own, held by a sleeping process: gone with it."""
+    """An 8 KiB tmpfs on `where`, in a mount namespace of its own held by a sleeping
+    process: only what runs in there sees it, and it goes with the holder."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: Path) -> None:
+        where.mkdir()
         self.holder = subprocess.Popen(
-            ["unshare", "-m", "sh", "-c",
-             "mkdir -p /tmp/hk-tiny && mount -t tmpfs -o size=8k hk-tiny /tmp/hk-tiny && echo up && exec sleep 600"],
-            stdout=subprocess.PIPE, text=True)
+            ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=8k hk-tiny "$0" && echo up && exec sleep 600',
+             str(where)], stdout=subprocess.PIPE, text=True)
         assert self.holder.stdout.readline() == "up\n"
-        self.path = Path(f"/proc/{self.holder.pid}/root/tmp/hk-tiny")  # the holder's view of it
+        self.path = Path(f"/proc/{self.holder.pid}/root{where}")  # the holder's view of it
 
     def argv(self, *argv: str) -> list[str]:
         return ["nsenter", "-t", str(self.holder.pid), "-m", *argv]
@@ -145,11 +146,11 @@ class _TinyDisk:
 def test_a_log_that_fills_its_disk_stops_the_run_with_one_line_and_no_half_record(host, tmp_path):
     # Before: the run went on answering, only `status` counted the failures, the file
     # ended in half a line, and the stop failed with a bare "No space left on device".
-    disk = _TinyDisk()
+    disk = _TinyDisk(tmp_path / "tiny")
     try:
         cfg = tmp_path / "tiny.toml"
         cfg.write_text(lab.config_text(mode="local"))
-        log = "/tmp/hk-tiny/log.jsonl"
+        log = str(tmp_path / "tiny" / "log.jsonl")
         proc = subprocess.Popen(disk.argv(*host.argv(*nftdivert_argv("run", "-c", str(cfg), "--log", log))),
                                 env=lab._env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
