@@ -255,17 +255,18 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
         failure: list[str] = []
 
-        def stop_now(reason: str) -> None:
+        def stop_now(why: Callable[[], str]) -> None:
             """In the pump's thread: fail closed first (new conversations dropped, none answered
-            unlogged or refused by a dead listener), then stop; the first reason is the run's."""
+            unlogged or refused by a dead listener), then say why (it may wait: a child that has
+            closed its files may take a while to finish dying), then stop; the first why is the run's."""
             if not failure:
-                failure.append(reason)
                 if fixup is not None:
                     fixup.refusing = True
                 try:
                     ports.refuse()
                 except (KernelError, OSError) as exc:
                     _say(f"could not empty the serving set: {exc}")
+                failure.append(why())
             pump.stop()
 
         unlogged = "answer conversations that would not be logged"
@@ -273,8 +274,9 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                                           "refuse every new conversation"),
                                          (observer.process, "the conversation observer", unlogged)])
         if capture is not None:
-            pump.add_reader(capture.sentinel, lambda: stop_now(capture.failed() or "the capture stopped"))
-        pump.add_reader(log_failed, lambda: stop_now(f"{_log_error(config, log)}: stopping, rather than {unlogged}"))
+            pump.add_reader(capture.sentinel, lambda: stop_now(lambda: capture.failed() or "the capture stopped"))
+        pump.add_reader(log_failed,
+                        lambda: stop_now(lambda: f"{_log_error(config, log)}: stopping, rather than {unlogged}"))
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
@@ -302,14 +304,15 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     return final, (failure[0] if failure else None)
 
 
-def _watch_children(pump, stop_now: Callable[[str], None], children: list) -> None:
-    """A child that ends stops the run at once: its sentinel is read between the pump's turns."""
+def _watch_children(pump, stop_now: Callable[[Callable[[], str]], None], children: list) -> None:
+    """A child that ends stops the run at once: its sentinel (closed with its files, before it
+    has finished dying) is read between the pump's turns."""
     for process, what, rather in children:
         if process is None:
             continue
 
         def ended(process=process, what=what, rather=rather) -> bool:
-            stop_now(f"{what} {process_ended(process)}: stopping, rather than {rather}")
+            stop_now(lambda: f"{what} {process_ended(process)}: stopping, rather than {rather}")
             return False
         pump.add_reader(process.sentinel, ended)
 

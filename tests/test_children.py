@@ -80,10 +80,10 @@ def _logged(log: list[dict], answered: list[dict]) -> list[dict]:
 def _kill_during_a_client_loop(host, div: lab.Diverter, first_port: int, which: int) -> tuple[int, list[dict]]:
     """kill -9 one of the run's children (0: the listeners', 1: the observer) while a client
     loop runs: (its pid, every conversation the client saw answered)."""
+    pid = _children(host, div)[which]  # first: the kill follows the fifth answer at once
     loop = _client_loop(host, first_port)
     try:
         before = _answered_before(loop, 5)
-        pid = _children(host, div)[which]
         os.kill(pid, signal.SIGKILL)
         rest, _ = loop.communicate(timeout=60)
     finally:
