@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("aborted", err=True)
         sys.exit(EXIT_FAILURE)
-    except click.ClickException as exc:  # usage errors
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line, as every other bad input
+        ctx = getattr(exc, "ctx", None)
+        click.echo(errors.usage_line(exc.format_message(), ctx.command_path if ctx else None), err=True)
         sys.exit(EXIT_USAGE)
     except (NftDivertError, OSError, UnicodeError) as exc:
         message, status = errors.report(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import select
 import stat
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,7 @@ DIVERT_PATHS = ("queue", "kernel")
 # A config or ruleset larger than this is refused unread: no real one comes
 # near it, and reading without a bound lets `-c /dev/zero` eat all memory.
 MAX_INPUT_BYTES = 1024 * 1024
+INPUT_WAIT = 5.0  # seconds a config or ruleset pipe may stay silent
 # Far above what one worker handles (tens of thousands of packets a second).
 MAX_ADMISSION_RATE = 1_000_000
 
@@ -685,10 +687,12 @@ def read_input(path: str | Path, key: str) -> str:
     """A config or ruleset file's text: UTF-8, at most MAX_INPUT_BYTES, read with that bound.
 
     Regular files and pipes (`-c <(...)`) are read; devices, sockets and
-    directories are refused before a byte is read.
+    directories are refused before a byte is read. A pipe that stays silent
+    for INPUT_WAIT seconds (a FIFO nobody opened to write) is refused too:
+    opened without O_NONBLOCK, it would block the open forever.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
     with os.fdopen(fd, "rb") as f:
@@ -696,7 +700,10 @@ def read_input(path: str | Path, key: str) -> str:
         if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
             raise ConfigError(key, str(path), "not a regular file or a pipe")
         try:
-            data = f.read(MAX_INPUT_BYTES + 1)
+            data = _read_pipe(fd, MAX_INPUT_BYTES + 1) if stat.S_ISFIFO(mode) else f.read(MAX_INPUT_BYTES + 1)
+        except TimeoutError:
+            raise ConfigError(key, str(path), f"a pipe that nothing was written to for {INPUT_WAIT:g} s "
+                                              "(does anything write to it?)") from None
         except OSError as exc:
             raise ConfigError(key, str(path), exc.strerror or str(exc)) from None
     if len(data) > MAX_INPUT_BYTES:
@@ -705,6 +712,27 @@ def read_input(path: str | Path, key: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(key, str(path), f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_pipe(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes, until every writer has closed; TimeoutError after INPUT_WAIT s of silence.
+
+    Linux does not report a FIFO that never had a writer as closed: poll waits for one to come.
+    """
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    data = bytearray()
+    while len(data) < limit:
+        if not poll.poll(INPUT_WAIT * 1000):
+            raise TimeoutError
+        try:
+            chunk = os.read(fd, limit - len(data))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def load(path: str | Path | None, defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Config:

@@ -65,6 +65,12 @@ class DriftFound(NftDivertError):
     """Not an error to report: the exit status says it (drift, or nothing loaded)."""
 
 
+def usage_line(message: str, command: str | None) -> str:
+    """The one line for a command line the parser refused (an unknown option, a missing argument)."""
+    hint = f" (see `{clip(command)} --help`)" if command else ""
+    return f"nftdivert: bad usage: {clip(' '.join(message.split()).rstrip('.'))}{hint}"
+
+
 def report(exc: Exception) -> tuple[str, int]:
     """(the one line to print, the exit status) for an error that ends a command.
 

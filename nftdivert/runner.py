@@ -9,6 +9,11 @@ goes in, so a failure or a signal in between leaves no diverting table; on
 the way out the ruleset goes first, so no packet is queued to a worker that
 is leaving. A clean stop leaves the containment chain alone in the table
 (containment_after_stop = "keep"), or nothing.
+
+A child that dies (the listeners, the observer, the capture's reader) or a
+log that fails stops the run by itself, at once: the loop watches their
+sentinels. It fails closed before anything else, since a conversation
+answered now would go unlogged (or be refused by nobody listening).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from nftdivert.config import PROTOCOL_KINDS, Config
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
+from nftdivert.lab.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
@@ -65,6 +71,13 @@ class _BoundPorts:
         self.nft, self.rs = nft, rs
         self.ports = bound.read()
         self.addresses = bound.addresses()
+        self.refusing = False
+
+    def refuse(self) -> None:
+        """The kernel path's fail closed, now: the `serving` set emptied, and renewed no more."""
+        self.refusing = True
+        if self.rs.kernel_path and self.rs.fail_closed:
+            self.nft.run(f"flush set inet {self.rs.table} serving\n", source="fail closed")
 
     def is_local(self, address: bytes) -> bool:
         return address in self.addresses.local
@@ -78,7 +91,7 @@ class _BoundPorts:
         if changed:
             self.ports = now
             text = engine.runtime_set_commands(self.rs, now, addresses)
-        if serving and self.rs.kernel_path and self.rs.fail_closed:
+        if serving and self.rs.kernel_path and self.rs.fail_closed and not self.refusing:
             text += bound.serving_commands(self.rs.table)
         if text:
             self.nft.run(text, source="bound ports")
@@ -149,7 +162,11 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(config, nft, on_ready, Observation(summary_path, clients_netns))
+        final, failure = _run(config, nft, on_ready, Observation(summary_path, clients_netns))
+        if failure is not None:  # the counters, then the one line that says why
+            _say(summary(final))
+            raise NftDivertError(failure)
+        return final
     except _Stopped:
         _say("stopped before the worker started")
         return {}
@@ -166,7 +183,9 @@ def _stop_early(*_args) -> None:
     raise _Stopped
 
 
-def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: Observation) -> dict:
+def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
+         seen: Observation) -> tuple[dict, str | None]:
+    """(the final counters, why the run stopped by itself or None)."""
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
         stack.callback(claim.release)
@@ -199,8 +218,10 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         if pcap is not None:
             _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
+        log_failed, log_wake = _wake_pipe(stack)  # before the log: its thread may use it until log.close
         log = ConversationLog(stream, as_json)
         stack.callback(log.close)
+        log.on_error = log_wake
         listeners.on_question = log.dns_question
         listeners.on_recycled = log.dns_recycled
         listeners.on_event = log.event
@@ -249,9 +270,6 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
             except (KernelError, OSError) as exc:
                 _say(f"could not update the bridge ports: {exc}")
             warn_once()
-            if not observer.alive:  # fail closed: no conversation is answered that nobody logs
-                raise NftDivertError("the conversation observer stopped: stopping, rather than answer "
-                                     "conversations that would not be logged")
             if now >= due["stats"]:
                 due["stats"] = now + 0.9  # about once a second, whatever the tick
                 _write_stats(statsfile, snapshot())
@@ -272,6 +290,30 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         stack.callback(pump.close)
         if listeners.origins is not None:  # the listener's questions, between turns of packets
             pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
+        failure: list[str] = []
+
+        def stop_now(why: Callable[[], str]) -> None:
+            """In the pump's thread: fail closed first (new conversations dropped, none answered
+            unlogged or refused by a dead listener), then say why (it may wait: a child that has
+            closed its files may take a while to finish dying), then stop; the first why is the run's."""
+            if not failure:
+                if fixup is not None:
+                    fixup.refusing = True
+                try:
+                    ports.refuse()
+                except (KernelError, OSError) as exc:
+                    _say(f"could not empty the serving set: {exc}")
+                failure.append(why())
+            pump.stop()
+
+        unlogged = "answer conversations that would not be logged"
+        _watch_children(pump, stop_now, [(listeners.process, "the built-in listeners' process",
+                                          "refuse every new conversation"),
+                                         (observer.process, "the conversation observer", unlogged)])
+        if capture is not None:
+            pump.add_reader(capture.sentinel, lambda: stop_now(lambda: capture.failed() or "the capture stopped"))
+        pump.add_reader(log_failed,
+                        lambda: stop_now(lambda: f"{_log_error(config, log)}: stopping, rather than {unlogged}"))
         stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
@@ -298,7 +340,36 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         final = snapshot()  # the table is still loaded
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
-    return final
+    if not failure and log.error is not None:  # it failed on the way out: the end records
+        failure.append(_log_error(config, log))
+    return final, (failure[0] if failure else None)
+
+
+def _watch_children(pump, stop_now: Callable[[Callable[[], str]], None], children: list) -> None:
+    """A child that ends stops the run at once: its sentinel (closed with its files, before it
+    has finished dying) is read between the pump's turns."""
+    for process, what, rather in children:
+        if process is None:
+            continue
+
+        def ended(process=process, what=what, rather=rather) -> bool:
+            stop_now(lambda: f"{what} {process_ended(process)}: stopping, rather than {rather}")
+            return False
+        pump.add_reader(process.sentinel, ended)
+
+
+def _wake_pipe(stack: ExitStack) -> tuple[int, Callable[..., None]]:
+    """(a read end the pump watches, a call that makes it readable from any thread)."""
+    wake_r, wake_w = os.pipe()
+    stack.callback(os.close, wake_r)
+    stack.callback(os.close, wake_w)
+    return wake_r, lambda *_: os.write(wake_w, b"x")
+
+
+def _log_error(config: Config, log: ConversationLog) -> str:
+    target = config.worker.log
+    return f"cannot write the conversation log {'on stdout' if target == '-' else target}: " \
+           f"{log.error.strerror or log.error}"
 
 
 def _start_capture(config: Config, stack: ExitStack):

@@ -748,13 +748,15 @@ def _odd_headers(sock: socket.socket, a) -> None:
             sock.setsockopt(level, name, bytes.fromhex(hexa))
 
 
-def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None) -> dict:
+def cmd_tcp(host: str, port: int, payload: str, timeout: float, a=None, sport: int = 0) -> dict:
     """One exchange; with --urgent N, byte N of the payload goes as TCP urgent data."""
     res: dict = {"ok": False}
     start = time.monotonic()
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
+        if sport:
+            sock.bind(("::" if _family(host) == socket.AF_INET6 else "0.0.0.0", sport))
         if a is not None:
             _odd_headers(sock, a)
         sock.connect((host, port))
@@ -790,6 +792,20 @@ def cmd_hold(host: str, port: int, timeout: float) -> None:
             while len(got) < len(data) and (chunk := sock.recv(65536)):
                 got += chunk
             print(json.dumps({"sent": line.strip(), "reply": got.decode(errors="replace")}), flush=True)
+
+
+def cmd_loop(host: str, first_port: int, give_up: int, timeout: float) -> None:
+    """New TCP conversations, one after the other, to host:first_port, first_port + 1, ...: one
+    JSON line each as it ends (`local`, `port`, `ok`), until `give_up` in a row went unanswered.
+    Each from a port of its own (the destination's + 10000): a reused one would make the kernel
+    end the earlier conversation's conntrack entry early (its reply tuple, to the listener, is the same)."""
+    port, unanswered = first_port, 0
+    while unanswered < give_up:
+        res = cmd_tcp(host, port, f"loop {port}", timeout, sport=port + 10000)
+        answered = res["ok"] and res.get("reply") == f"loop {port}"
+        unanswered = 0 if answered else unanswered + 1
+        print(json.dumps({"local": res.get("local"), "port": port, "ok": answered}), flush=True)
+        port += 1
 
 
 def cmd_until_reply(host: str, port: int, want: str, timeout: float) -> dict:
@@ -1357,6 +1373,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--timeout", type=float, default=5)
+    p = sub.add_parser("loop")
+    p.add_argument("host")
+    p.add_argument("first_port", type=int)
+    p.add_argument("--give-up", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=1)
     p = sub.add_parser("until-reply")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -1410,6 +1431,9 @@ def main(argv: list[str] | None = None) -> None:
         out = cmd_from_ports(json.loads(a.json), a.half_close, a.timeout)
     elif a.cmd == "hold":
         cmd_hold(a.host, a.port, a.timeout)
+        return
+    elif a.cmd == "loop":
+        cmd_loop(a.host, a.first_port, a.give_up, a.timeout)
         return
     elif a.cmd == "until-reply":
         out = cmd_until_reply(a.host, a.port, a.want, a.timeout)

@@ -29,9 +29,17 @@ def test_top_level_help_and_version(cli_env):
     assert cli("--version", env=cli_env).stdout.startswith("nftdivert, version ")
 
 
-def test_unknown_command_and_option_exit_2(cli_env):
-    assert cli("frobnicate", env=cli_env).returncode == 2
-    assert cli("render", "--no-such-option", env=cli_env).returncode == 2
+@pytest.mark.parametrize("args, says", [
+    (("frobnicate",), "No such command 'frobnicate' (see `nftdivert --help`)"),
+    (("render", "--no-such-option"), "No such option '--no-such-option' (see `nftdivert render --help`)"),
+    (("remove", "-t"), "Option '-t' requires an argument"),
+    (("run", "--log-format", "xml"), "Invalid value for '--log-format': 'xml' is not one of"),
+])
+def test_a_command_line_the_parser_refuses_is_one_line_and_exit_2(args, says, cli_env):
+    proc = cli(*args, env=cli_env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("nftdivert: bad usage: ") and says in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stdout == "", proc.stderr
 
 
 @pytest.mark.parametrize("args", [("render",), ("remove", "-t")])

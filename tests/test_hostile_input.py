@@ -8,9 +8,11 @@ to foreign tables that must come through untouched.
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -125,6 +127,22 @@ def test_a_deeply_nested_config_is_one_line_not_a_recursion_error(tmp_path):
 def test_a_config_that_never_ends_is_refused_unread():
     # Before: read to the end, 24 GB and an OOM kill. Capped here, it would fail instead.
     assert_bad_input(run("render", "-c", "/dev/zero", timeout=30), "'/dev/zero': not a regular file or a pipe")
+
+
+def test_a_fifo_nobody_writes_is_refused_after_a_bounded_wait_and_a_pipe_is_read(tmp_path):
+    # Before: the open blocked until a writer came, that is forever.
+    from nftdivert.config import INPUT_WAIT
+
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    assert_bad_input(run("render", "-c", str(fifo), timeout=INPUT_WAIT + 30),
+                     f"a pipe that nothing was written to for {INPUT_WAIT:g} s")
+    # A FIFO with a writer (as `-c <(cat file)` is a pipe with one): read to its end.
+    writer = threading.Thread(target=fifo.write_text, args=('mode = "local"\n',))
+    writer.start()
+    proc = run("render", "-c", str(fifo))
+    writer.join(timeout=30)
+    assert proc.returncode == 0 and "mode: local" in proc.stdout, proc.stderr
 
 
 def test_a_config_over_the_cap_is_refused_from_a_file_and_from_a_pipe(tmp_path):

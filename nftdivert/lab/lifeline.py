@@ -47,3 +47,22 @@ def fork_child(body: Callable[[], int], signum: int = signal.SIGKILL) -> int:
         code = body()
     finally:
         os._exit(code)
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """What ended a child, from its exit code as multiprocessing and os.waitstatus_to_exitcode give it
+    (negative: the signal that killed it)."""
+    if exitcode is None:
+        return "ended"
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+def process_ended(process) -> str:
+    """How a multiprocessing child that has ended did: "(pid N) was killed by SIGKILL". Reaps it."""
+    process.join(1)
+    return f"(pid {process.pid}) {how_it_ended(process.exitcode)}"

@@ -28,7 +28,7 @@ import socket
 import time
 
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import fork_child
+from nftdivert.lab.lifeline import fork_child, how_it_ended
 from nftdivert.observers import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
@@ -47,6 +47,7 @@ class NflogCapture:
     def __init__(self, fd: int, group: int, path: str) -> None:
         self.fd, self.group, self.path = fd, group, path
         self.pid: int | None = None
+        self.sentinel: int | None = None
         self._report: int | None = None
 
     def start(self) -> None:
@@ -71,17 +72,27 @@ class NflogCapture:
         os.close(self.fd)
         os.close(report_w)
         self.pid, self._report = pid, report_r
+        self.sentinel = os.pidfd_open(pid)  # readable once the reader has ended: the run watches it
 
     def failed(self) -> str | None:
-        """Why the capture ended while the run goes on, or None."""
-        if self.pid is None or os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+        """Why the capture ended while the run goes on, or None. Reaps the reader."""
+        if self.pid is None:
             return None
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        ended = f"(pid {self.pid}) {how_it_ended(os.waitstatus_to_exitcode(status))}"
         self.pid = None
-        counts = self._read_report()
-        return counts.get("error") or f"the capture {self.path} ended unexpectedly"
+        return self._read_report().get("error") or f"the capture {self.path} stopped: its reader {ended}"
+
+    def _close_sentinel(self) -> None:
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
 
     def stop(self) -> dict:
         """Stop the reader once it has read what the kernel handed over; its counts, and `error` or None."""
+        self._close_sentinel()
         if self.pid is None:
             return {}
         pid, self.pid = self.pid, None
@@ -93,7 +104,7 @@ class NflogCapture:
                 os.waitpid(pid, 0)
                 break
             time.sleep(0.01)
-        return self._read_report()
+        return self._read_report() or {"error": f"the capture {self.path} ended without a word"}
 
     def _read_report(self) -> dict:
         if self._report is None:
@@ -103,8 +114,8 @@ class NflogCapture:
             text = pipe.read()
         try:
             counts = json.loads(text)
-        except ValueError:
-            counts = {"error": f"the capture {self.path} ended without a word"}
+        except ValueError:  # it died before it could say (kill -9)
+            return {}
         if counts.get("error"):
             counts["error"] = f"cannot write the capture {self.path}: {counts['error']}"
         return counts

@@ -27,7 +27,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from typing import NamedTuple
 
 # Not all exported by the socket module; values are from the Linux UAPI headers.

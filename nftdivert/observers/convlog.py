@@ -9,10 +9,12 @@ bounded queue, and beyond it they are dropped and counted.
 from __future__ import annotations
 
 import json
+import os
 import queue
+import stat
 import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint
 from nftdivert.observers.logorder import StartsFirst
@@ -106,6 +108,17 @@ _SERVER_FIRST = {
 }
 
 
+def _regular_file(stream: TextIO | None) -> tuple[int | None, int]:
+    """(its file descriptor, its size) if `stream` writes to a regular file; (None, 0) otherwise."""
+    try:
+        fd = stream.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd, os.lseek(fd, 0, os.SEEK_END)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None, 0
+
+
 # Records waiting to be written. A flood of new conversations (a port scan)
 # may outrun a slow log target; beyond this many, records are dropped and
 # counted instead of growing memory without bound.
@@ -117,7 +130,9 @@ class ConversationLog:
     """A thread that writes records; drain() and close() write what waits.
 
     Counters: `written` records, `dropped` (the queue was full), `failed` (a
-    record that could not be written; the thread goes on with the next).
+    record that could not be made, or could not be written once the target
+    failed). A target that fails (disk full, EIO) is cut back to its last
+    whole record and written no more: `on_error(exc)` hears of it, once.
     A listener's record may wait, briefly, for its conversation's start
     (logorder.py); with no target (`--log ""`) nothing is queued or counted.
     """
@@ -130,6 +145,9 @@ class ConversationLog:
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self._abandon = False
         self.written = self.dropped = self.failed = 0
+        self.on_error: Callable[[OSError], None] | None = None
+        self.error: OSError | None = None
+        self._file, self._whole = _regular_file(stream)  # where its last whole record ends
         self._thread.start()
 
     def put(self, rec: dict) -> None:
@@ -177,13 +195,24 @@ class ConversationLog:
                 self._write(rec)
 
     def _write(self, rec: dict) -> None:
+        if self.error is not None:
+            self.failed += 1
+            return
         if self._stream is not None:
             try:
-                self._stream.write((json.dumps(rec) if self._json else text_line(rec)) + "\n")
-                self._stream.flush()
-            except (OSError, ValueError, KeyError, TypeError):
-                self.failed += 1  # a closed terminal must not take the diverter down
+                line = (json.dumps(rec) if self._json else text_line(rec)) + "\n"
+            except (ValueError, KeyError, TypeError):
+                self.failed += 1  # one odd record: the next may be fine
                 return
+            try:
+                self._stream.write(line)  # one write and a flush: whole records, as far as the target takes them
+                self._stream.flush()
+            except (OSError, ValueError) as exc:
+                self.failed += 1
+                self._failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
+                return
+            if self._file is not None:
+                self._whole = os.lseek(self._file, 0, os.SEEK_CUR)
         self.written += 1
 
     def drain(self, timeout: float = 10) -> None:
@@ -195,6 +224,22 @@ class ConversationLog:
         except queue.Full:
             return
         done.wait(timeout)
+
+    def _failed(self, exc: OSError) -> None:
+        """The target failed: cut a file back to its last whole record, send what is still
+        buffered nowhere (it would fail again at close), and say so once."""
+        self.error = exc
+        try:
+            fd = self._stream.fileno()
+            if self._file is not None:
+                os.ftruncate(fd, self._whole)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError):
+            pass  # a stream without a file descriptor, or one already closed
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def close(self, timeout: float = 10) -> None:
         """Write what is queued, for at most `timeout` seconds; the rest is dropped."""

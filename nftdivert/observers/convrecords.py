@@ -108,7 +108,7 @@ def listener_for(ev: CtEvent, listeners: dict[tuple[int, int], str], defaults: d
     return default or ("", None)  # no default listener: the kernel refuses it
 
 
-def _identity(ev: CtEvent) -> dict:
+def identity(ev: CtEvent) -> dict:
     rec = {
         "protocol": PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol)),
         "client": endpoint(ev.src, _port(ev, ev.src_port)),
@@ -127,7 +127,7 @@ def start_time(ev: CtEvent, received: float) -> float:
 
 def start_record(ev: CtEvent, when: float, listener: tuple[str, int | None], interface: str,
                  name: str | None = None, process: dict | None = None) -> dict:
-    rec = {"v": SCHEMA, "time": iso(when), "event": "start", "id": ev.id, **_identity(ev)}
+    rec = {"v": SCHEMA, "time": iso(when), "event": "start", "id": ev.id, **identity(ev)}
     if name:
         rec["name"] = name  # the name the DNS listener gave this address, as of `when`
     rec["listener"], port = listener
@@ -165,7 +165,7 @@ def end_record(ev: CtEvent, now: float, start: dict | None = None, started: floa
         begin = ev.start_ns / 1e9 if ev.start_ns else started
         duration = max(0.0, now - begin) if begin else None
     rec = {"v": SCHEMA, "time": iso(ev.stop_ns / 1e9 if ev.stop_ns else now), "event": "end", "id": ev.id,
-           **_identity(ev)}
+           **identity(ev)}
     if start is not None:
         for key in ("name", "listener", "listener_port", "interface"):
             if key in start:

@@ -21,7 +21,7 @@ class Unobserved:
     """The observer's counters when nothing observes."""
 
     failed = lost = 0
-    alive = True
+    process = None
 
     @staticmethod
     def ends() -> dict:

@@ -203,28 +203,35 @@ def _key(ev: CtEvent) -> tuple:
 _PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
 
 
+def listener_lookup(config, is_bound) -> Callable[[CtEvent, float], tuple[str, int | None]]:
+    """The listener that answered an entry (convrecords.listener_for): the kernel's own
+    answer first (the queued mark, the reply tuple's port), the config's listeners by name.
+    `is_bound(protocol, address, port, since=start time)`."""
+    ours = {(_PROTOCOLS[lst.protocol], lst.port): lst.name for lst in config.listeners}
+    defaults = {_PROTOCOLS[p]: (lst.name, lst.port) for p in ("tcp", "udp") if (lst := config.default_listener(p))}
+    # Local mode on the queue path: one lookup per new conversation (its socket lives as long as the process).
+    lookups = Conntrack() if config.divert_path == "queue" and config.mode in ("local", "both") else None
+
+    def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
+        sent = convrecords.diverted(ev, config.queue.ct_mark, config.divert_path == "kernel")
+        if sent is None and lookups is not None:
+            sent = _queued_now(lookups, ev, config.queue.ct_mark)
+        return convrecords.listener_for(ev, ours, defaults, lambda *key: is_bound(*key, since=when), sent)
+
+    return listener_for
+
+
 def for_config(config, emit: Callable[[dict, float], None], is_bound, clients_netns: str | None = None,
                flush: Callable[[], None] = lambda: None) -> Observer:
     """The observer `run` starts: listeners from the config; processes named in
     local mode (this namespace) and in the sandbox (the clients' namespace)."""
     from nftdivert.observers.procowner import ProcessOwners
 
-    ours = {(_PROTOCOLS[lst.protocol], lst.port): lst.name for lst in config.listeners}
-    defaults = {_PROTOCOLS[p]: (lst.name, lst.port) for p in ("tcp", "udp") if (lst := config.default_listener(p))}
     owners = None
     if clients_netns is not None or config.mode in ("local", "both"):
         owners = ProcessOwners(clients_netns)
     try:
-        # Local mode on the queue path: one lookup per new conversation (its socket lives as long as the process).
-        lookups = Conntrack() if config.divert_path == "queue" and config.mode in ("local", "both") else None
-
-        def listener_for(ev: CtEvent, when: float) -> tuple[str, int | None]:
-            sent = convrecords.diverted(ev, config.queue.ct_mark, config.divert_path == "kernel")
-            if sent is None and lookups is not None:
-                sent = _queued_now(lookups, ev, config.queue.ct_mark)
-            return convrecords.listener_for(ev, ours, defaults, lambda *key: is_bound(*key, since=when), sent)
-
-        return Observer(config.worker.ct_mark, emit, listener_for, owners, flush)
+        return Observer(config.worker.ct_mark, emit, listener_lookup(config, is_bound), owners, flush)
     except BaseException:
         if owners is not None:
             owners.close()

@@ -33,7 +33,7 @@ BOUND_FRESH = 0.5  # seconds
 NICE = 19
 # Names of open conversations, until their end records: a bound, for a flood
 # that never ends (its DESTROY events lost); the oldest end without its name.
-NAMES_KEPT = 65536
+OPEN_KEPT = 65536  # open conversations remembered here (their names, what to end)
 
 
 class ObserverProcess:
@@ -46,8 +46,11 @@ class ObserverProcess:
         self.summary = Summary()
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
-        self._names: OrderedDict[tuple, str] = OrderedDict()  # conversation -> name, until its end record
-        self._open: set[tuple] = set()  # (id, client, destination) started, no end record yet
+        # A conversation (_conversation) -> (its start record as written, its time), until its
+        # end record: its name for the end, and what a child that dies leaves for close() to end.
+        # Bounded: past OPEN_KEPT the oldest is forgotten here (the child still ends it).
+        self._open: OrderedDict[tuple, tuple[dict, float]] = OrderedDict()
+        self._since = time.time()  # conversations that started before are another run's
         self._closed = False
         ctx = multiprocessing.get_context("fork")
         self._conn, child_end = ctx.Pipe(duplex=False)
@@ -78,8 +81,9 @@ class ObserverProcess:
                 self._counts = rest[0]
 
     @property
-    def alive(self) -> bool:
-        return self._process.is_alive()
+    def process(self) -> multiprocessing.process.BaseProcess:
+        """The child; its sentinel tells its end at once."""
+        return self._process
 
     @property
     def lost(self) -> int:
@@ -106,17 +110,16 @@ class ObserverProcess:
             self._emit(rec)
             return
         if rec["event"] == "start":
-            self._open.add(_conversation(rec))
             name = self._name(rec, when)
-            if name:
-                self._names[_conversation(rec)] = name
-                if len(self._names) > NAMES_KEPT:
-                    self._names.popitem(last=False)
         else:
-            self._open.discard(_conversation(rec))
-            name = self._names.pop(_conversation(rec), None)
+            start = self._open.pop(_conversation(rec), None)
+            name = start[0].get("name") if start else None
         if name:
             rec = convrecords.named(rec, name)
+        if rec["event"] == "start":
+            self._open[_conversation(rec)] = (rec, when)
+            if len(self._open) > OPEN_KEPT:
+                self._open.popitem(last=False)
         self.summary.add(rec)
         self._emit(rec)
 
@@ -144,12 +147,44 @@ class ObserverProcess:
         reader = getattr(self, "_reader", None)
         if reader is not None:
             reader.join(timeout=timeout)
+            if self._process.exitcode != 0:  # killed: it ended nothing, and left events unread
+                self._recover()
         self._conn.close()
         self._closed = True
+
+    def _recover(self) -> None:
+        """What a dead child left undone, from a dump of what conntrack still tracks: the
+        starts it never sent (of this run's conversations), and the ends of all it started.
+        What is left in _open then is unended (ends())."""
+        from nftdivert.observers import ctevents, links, observer
+
+        try:
+            live = ctevents.dump_marked(self._config.worker.ct_mark).live
+        except OSError:
+            live = []
+        ports = bound.read()
+        listener_for = observer.listener_lookup(self._config, lambda *key, since=0.0: ports.is_bound(*key))
+        subnets, now = links.subnets(), time.time()
+        for ev in live:
+            key = _event_conversation(ev)
+            if key not in self._open:
+                if ev.start_ns / 1e9 < self._since:
+                    continue  # another run's (or without a stamp: nothing tells)
+                when = convrecords.start_time(ev, now)
+                self._record(when, convrecords.start_record(ev, when, listener_for(ev, when),
+                                                            links.interface_for(ev.src, subnets)))
+            if key in self._open:  # else forgotten past OPEN_KEPT: unended
+                start, started = self._open[key]
+                self._record(now, convrecords.end_record(ev, now, start, started))
 
 
 def _conversation(rec: dict) -> tuple:
     return rec["id"], rec["client"], rec["original_destination"]
+
+
+def _event_conversation(ev) -> tuple:
+    """_conversation of the records an event makes."""
+    return _conversation({"id": ev.id, **convrecords.identity(ev)})
 
 
 def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:

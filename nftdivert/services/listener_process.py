@@ -67,6 +67,11 @@ class ListenerProcess:
             self._origins.lookup = lookup
 
     @property
+    def process(self) -> "multiprocessing.process.BaseProcess | None":
+        """The child while it runs (None: only external listeners); its sentinel tells its end at once."""
+        return self._process
+
+    @property
     def stats(self) -> dict[str, ListenerStats]:
         return self._stats
 

@@ -78,6 +78,7 @@ class FixUp:
         self.counters = counters if counters is not None else Counters()
         self.on_new = on_new
         self.resolve = resolve
+        self.refusing = False  # the run is stopping by itself: a new conversation is dropped, not answered
         self.last_error: Exception | None = None
         # Conversations to an address of ours that is not a unicast one (a
         # broadcast): the listener answers from a unicast address the kernel
@@ -172,6 +173,8 @@ class FixUp:
         if divert is None:
             self.counters.passed += 1
             return None
+        if self.refusing:
+            return DROP
         # New, or a new SYN on the route's closing conversation: start afresh.
         conv = self.table.open(RouteKey(*key), divert.listener_port, now, indev=indev)
         if conv.binding.client_port != seg.sport:

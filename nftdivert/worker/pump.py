@@ -1,5 +1,6 @@
 """What `run`'s main loop has on either divert path: the tick, a stop pipe,
-and other pipes to serve between turns (the listener's origin questions).
+and other file descriptors to serve between turns (the listener's origin
+questions, the children's sentinels, the log's failure).
 
 The queue path's loop is the Worker (queue.py), which also pumps packets;
 the kernel path's is the Ticker: no packet reaches it.

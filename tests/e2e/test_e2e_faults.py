@@ -10,6 +10,7 @@ containment after a stop are the same code on both: any_backend."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -103,17 +104,35 @@ def _nice(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19, counted after the command name
 
 
-@pytest.mark.any_backend  # the observer is the same process on both backends
-def test_a_dead_observer_stops_the_run_and_nothing_more_is_answered(gw):
+def _listeners(pid: int, ns) -> int:
+    """The child holding the listener's socket."""
+    ss = ns.run("ss", "-Hltnp", f"sport = :{lab.LISTENER_PORT}").stdout
+    held = {int(p) for p in re.findall(r"pid=(\d+)", ss)}
+    (listener,) = held & set(_children(pid))
+    return listener
+
+
+@pytest.mark.any_backend  # the children are the same processes on both backends
+@pytest.mark.parametrize("child, rather", [
+    ("the conversation observer", "answer conversations that would not be logged"),
+    ("the built-in listeners' process", "refuse every new conversation"),
+])
+def test_a_dead_child_stops_the_run_leaves_containment_and_nothing_more_is_answered(gw, child, rather):
     div = gw.ensure()
     assert gw.tcp("198.51.100.7", 45678, "logged")["ok"]
-    observers = [c for c in _children(div.proc.pid) if _nice(c) == 19]  # it alone runs at nice 19
-    assert len(observers) == 1, _children(div.proc.pid)
-    os.kill(observers[0], signal.SIGKILL)
+    if child == "the conversation observer":
+        (pid,) = [c for c in _children(div.proc.pid) if _nice(c) == 19]  # it alone runs at nice 19
+    else:
+        pid = _listeners(div.proc.pid, gw.diverter_ns)
+    os.kill(pid, signal.SIGKILL)
     assert div.proc.wait(timeout=30) == 1, div.stderr()
-    assert "the conversation observer stopped: stopping" in div.stderr(), div.stderr()
+    said = f"nftdivert: {child} (pid {pid}) was killed by SIGKILL: stopping, rather than {rather}\n"
+    assert div.stderr().endswith(said), div.stderr()
+    lab.assert_contained(gw.diverter_ns)  # what a clean stop leaves
     after = gw.tcp("198.51.100.7", 45678, "not-logged", timeout=2)
     assert not after["ok"], after
+    log = div.log()
+    assert {r["id"] for r in log if r["event"] == "start"} <= {r["id"] for r in log if r["event"] == "end"}, log
     gw.assert_no_leaks()
     gw.stop()
 

@@ -172,3 +172,31 @@ def test_with_no_target_nothing_is_counted_as_written():
 
 def test_a_question_names_its_client_address_without_the_port():
     assert question_record("[2001:db8:1::2]:5353", "x.example", "AAAA", "")["client_address"] == "2001:db8:1::2"
+
+
+class _Full(io.StringIO):
+    """A target that takes `room` characters, then fails as a full disk does."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+def test_a_target_that_fails_is_said_once_and_written_no_more():
+    # Before: each record failed on its own, counted only, and nobody heard of it.
+    out = _Full(room=len(json.dumps(START)) + 1)
+    log = ConversationLog(out, as_json=True)
+    heard = []
+    log.on_error = heard.append
+    for _ in range(3):
+        log.put(START)
+    log.close()
+    assert (log.written, log.failed) == (1, 2)
+    assert [e.strerror for e in heard] == ["No space left on device"] and log.error is heard[0]
+    assert out.getvalue() == json.dumps(START) + "\n"
+

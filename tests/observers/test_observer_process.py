@@ -16,15 +16,15 @@ def _rec(event: str, i: int) -> dict:
 
 
 def test_the_names_of_open_conversations_are_bounded(monkeypatch):
-    monkeypatch.setattr(observer_process, "NAMES_KEPT", 4)
+    monkeypatch.setattr(observer_process, "OPEN_KEPT", 4)
     parent = ObserverProcess.__new__(ObserverProcess)  # its record handling, without a child
     written: list[dict] = []
     parent._emit, parent._name_for = written.append, lambda address, when: f"n{address.packed[-1]}.example"
     parent._pools = [ipaddress.ip_network("198.18.0.0/15")]
-    parent.summary, parent._names, parent._open = Summary(), OrderedDict(), set()
+    parent.summary, parent._open = Summary(), OrderedDict()
     for i in range(1, 11):  # a flood whose ends never come
         parent._record(0.0, _rec("start", i))
-    assert len(parent._names) == 4
+    assert len(parent._open) == 4
     parent._record(0.0, _rec("end", 10))
     parent._record(0.0, _rec("end", 1))
     assert written[-2]["name"] == "n10.example" and "name" not in written[-1]  # the oldest was forgotten
