@@ -1,0 +1,71 @@
+"""Each file served by extension is one `file(1)` names as that type, and its format's reader opens."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import zipfile
+
+import pytest
+
+from nftdivert.services import payloads
+
+# extension -> what `file -b` must say (its start, or a part of it)
+EXPECTED = {
+    "pdf": "PDF document",
+    "jpg": "JPEG image data",
+    "jpeg": "JPEG image data",
+    "gif": "GIF image data",
+    "ico": "MS Windows icon resource",
+    "png": "PNG image data",
+    "ps1": "pwsh script",
+    "js": "JavaScript source",
+    "bat": "DOS batch file",
+    "sh": "POSIX shell script",
+    "doc": "Microsoft Word",
+    "xls": "Microsoft Excel",
+    "msi": "MSI Installer",
+    "docx": "Microsoft Word 2007+",
+    "xlsx": "Microsoft Excel 2007+",
+    "elf": "ELF 64-bit LSB executable, x86-64",
+    "apk": "Android package (APK)",
+    "jar": "Java archive data (JAR)",
+    "exe": "PE32 executable",
+    "dll": "PE32 executable (DLL)",
+    "zip": "Zip archive data",
+    # file(1) has no magic for VBScript: plain text is all it can say.
+    "vbs": "ASCII text",
+}
+
+
+def file_type(data: bytes, tmp_path, ext: str) -> str:
+    path = tmp_path / f"payload.{ext}"
+    path.write_bytes(data)
+    return subprocess.run(["file", "-b", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("ext", sorted(EXPECTED))
+def test_file_names_the_type_asked_for(ext, tmp_path):
+    served = payloads.by_extension(ext)
+    assert served is not None, ext
+    assert EXPECTED[ext] in file_type(served[1], tmp_path, ext)
+
+
+def test_extensions_are_case_insensitive():
+    assert payloads.by_extension("PDF") == payloads.by_extension("pdf")
+
+
+@pytest.mark.parametrize("ext, part", [("docx", "word/document.xml"), ("xlsx", "xl/workbook.xml"),
+                                       ("jar", "META-INF/MANIFEST.MF"), ("apk", "AndroidManifest.xml")])
+def test_packages_open_as_zips_with_their_main_part(ext, part):
+    with zipfile.ZipFile(io.BytesIO(payloads.by_extension(ext)[1])) as z:
+        assert z.testzip() is None
+        assert part in z.namelist()
+
+
+def test_the_pdf_cross_reference_points_at_its_objects():
+    pdf = payloads.by_extension("pdf")[1]
+    xref = int(pdf.rsplit(b"startxref\n", 1)[1].split(b"\n")[0])
+    assert pdf[xref:].startswith(b"xref\n")
+    offsets = [int(line[:10]) for line in pdf[xref:].split(b"\n")[3:6]]
+    assert [pdf[o:o + 7] for o in offsets] == [b"1 0 obj", b"2 0 obj", b"3 0 obj"]
