@@ -3,52 +3,20 @@
 from __future__ import annotations
 
 import io
-import subprocess
 import zipfile
 
 import pytest
 
+from filetypes import EXPECTED, file_type
 from nftdivert.services import payloads
-
-# extension -> what `file -b` must say (its start, or a part of it)
-EXPECTED = {
-    "pdf": "PDF document",
-    "jpg": "JPEG image data",
-    "jpeg": "JPEG image data",
-    "gif": "GIF image data",
-    "ico": "MS Windows icon resource",
-    "png": "PNG image data",
-    "ps1": "pwsh script",
-    "js": "JavaScript source",
-    "bat": "DOS batch file",
-    "sh": "POSIX shell script",
-    "doc": "Microsoft Word",
-    "xls": "Microsoft Excel",
-    "msi": "MSI Installer",
-    "docx": "Microsoft Word 2007+",
-    "xlsx": "Microsoft Excel 2007+",
-    "elf": "ELF 64-bit LSB executable, x86-64",
-    "apk": "Android package (APK)",
-    "jar": "Java archive data (JAR)",
-    "exe": "PE32 executable",
-    "dll": "PE32 executable (DLL)",
-    "zip": "Zip archive data",
-    # file(1) has no magic for VBScript: plain text is all it can say.
-    "vbs": "ASCII text",
-}
-
-
-def file_type(data: bytes, tmp_path, ext: str) -> str:
-    path = tmp_path / f"payload.{ext}"
-    path.write_bytes(data)
-    return subprocess.run(["file", "-b", str(path)], capture_output=True, text=True, check=True).stdout.strip()
-
 
 @pytest.mark.parametrize("ext", sorted(EXPECTED))
 def test_file_names_the_type_asked_for(ext, tmp_path):
     served = payloads.by_extension(ext)
     assert served is not None, ext
-    assert EXPECTED[ext] in file_type(served[1], tmp_path, ext)
+    path = tmp_path / f"payload.{ext}"
+    path.write_bytes(served[1])
+    assert EXPECTED[ext] in file_type(path)
 
 
 def test_extensions_are_case_insensitive():
