@@ -80,7 +80,7 @@ def _local_endpoint(ancillary: list[tuple[int, int, bytes]], port: int) -> tuple
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             return socket.inet_ntop(socket.AF_INET, data[8:12]), port
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
-            return socket.inet_ntop(socket.AF_INET6, data[:16]), port
+            return socket.inet_ntop(socket.AF_INET6, data[:16]).removeprefix("::ffff:"), port
     return None
 
 
