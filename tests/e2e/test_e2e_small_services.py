@@ -109,6 +109,9 @@ with socket.create_connection(("ircs.example", 6697), timeout=10) as raw:
 SCRIPT = r"""
 cd "$D"
 python3 clients.py 2> clients.err; echo $? > clients.rc
+ntpdate -q ntpdate.example > ntpdate.txt 2> ntpdate.err; echo $? > ntpdate.rc
+rdate -p rdate.example > rdate_tcp.txt 2> rdate_tcp.err; echo $? > rdate_tcp.rc
+rdate -p -u rdate-udp.example > rdate_udp.txt 2> rdate_udp.err; echo $? > rdate_udp.rc
 logger -n syslog.example -P 514 -d "sample says hello"; echo $? > logger.rc
 curl -sS --max-time 20 -o tftp.pdf tftp://tftp.example/boot/stage.pdf; echo $? > tftp_get.rc
 curl -sS --max-time 20 -o tftp.bin tftp://tftp.example/mips; echo $? > tftp_bin.rc
@@ -167,6 +170,25 @@ def test_ntp_gets_a_server_answer_with_the_configured_time(run):
     assert abs(ntp["offset"] - OFFSET) < 5
     rec = logged(records, "ntp", "ntp.example", 123)[0]
     assert rec["answered"] and rec["mode"] == 3 and abs(rec["client_time"] - time.time()) < 300
+
+
+def test_ntpdate_sees_a_synchronised_server_a_day_ahead(run):
+    work, records = run
+    out = (work / "ntpdate.txt").read_text()
+    assert rc(work, "ntpdate") == 0, out
+    # "2026-12-07 04:23:57.374126 (+0000) +86400.000480 +/- 0.000838 ntpdate.example 198.18.0.4 s1 no-leap"
+    offsets = [float(word) for word in out.split() if word.startswith("+8")]
+    assert offsets and all(abs(o - OFFSET) < 5 for o in offsets) and " s1 " in out, out
+    logged(records, "ntp", "ntpdate.example", 123)
+
+
+def test_rdate_over_tcp_and_udp_reads_tomorrow(run):
+    work, records = run
+    tomorrow = time.strftime("%b %e", time.gmtime(time.time() + OFFSET))
+    for name, host in (("rdate_tcp", "rdate.example"), ("rdate_udp", "rdate-udp.example")):
+        out = (work / f"{name}.txt").read_text()
+        assert rc(work, name) == 0 and tomorrow in out, out
+        logged(records, "time", host, 37)
 
 
 def test_time_over_udp_and_tcp_is_rfc_868_seconds(run):
