@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from nftdivert.config import SmallServicesConfig
-from nftdivert.services import clock
+from nftdivert.services import clock, recognize
 
 PORTS = {7: "echo", 9: "discard", 13: "daytime", 17: "qotd", 19: "chargen", 37: "time", 79: "finger",
          113: "ident", 6667: "irc", 6697: "irc"}
@@ -23,9 +23,11 @@ _quotes = 0
 
 def kind_for(first: bytes, original: tuple[str, int] | None) -> str | None:
     """The small service for these first bytes (b"": the client is silent) and original destination."""
-    if _IRC.match(first):
+    port = original[1] if original is not None else None
+    # USER and PASS also begin a POP3 or FTP client that did not wait for the greeting: its port decides.
+    if _IRC.match(first) and recognize.server_first(port) is None:
         return "irc"
-    by_port = PORTS.get(original[1]) if original is not None else None
+    by_port = PORTS.get(port)
     return by_port if by_port in KINDS else None
 
 

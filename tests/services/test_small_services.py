@@ -10,6 +10,7 @@ def test_irc_is_recognised_by_its_first_words_on_any_port():
         assert kind_for(first, ("198.51.100.1", 4444)) == "irc"
         assert kind_for(first, None) == "irc"
     assert kind_for(b"NICKEL\r\n", ("198.51.100.1", 4444)) is None
+    assert kind_for(b"USER bob\r\n", ("198.51.100.1", 110)) is None  # POP3's port: not IRC
 
 
 def test_the_port_chooses_for_anything_else():
