@@ -11,6 +11,7 @@ import os
 import shutil
 
 PACKAGES = {
+    "busybox": "busybox",
     "cat": "coreutils",
     "conntrack": "conntrack",
     "curl": "curl",
@@ -47,6 +48,7 @@ PACKAGES = {
     "ssh": "openssh-client",
     "sysctl": "procps",
     "tcpdump": "tcpdump",
+    "tftp": "tftp-hpa",
     "timeout": "coreutils",
     "true": "coreutils",
     "tshark": "tshark",

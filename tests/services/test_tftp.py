@@ -110,3 +110,17 @@ def test_what_is_out_of_place_gets_an_error():
     assert opcode(server.answer(KEY, data(1, b"x"), {})) == tftp.ERROR  # DATA to a read
     assert server.answer(KEY, struct.pack("!HH", tftp.ERROR, 0) + b"bye\0", {}) is None
     assert opcode(server.answer(KEY, ack(1), {})) == tftp.ERROR  # the client's error ended it
+
+
+def test_netascii_goes_on_the_wire_with_cr_lf_and_comes_back_as_it_was(tmp_path):
+    text = b"line\nbare\rend\n"
+    assert tftp.to_netascii(text) == b"line\r\nbare\r\0end\r\n"
+    assert tftp.from_netascii(tftp.to_netascii(text)) == text
+    server = tftp.Tftp(lambda _r: None)
+    served = read_all(server, server.answer(KEY, request(tftp.RRQ, "a.sh", "netascii"), {}))
+    assert tftp.from_netascii(served) == payloads.by_extension("sh")[1] and b"\r\n" in served
+    records = []
+    server = tftp.Tftp(records.append, str(tmp_path))
+    server.answer(KEY, request(tftp.WRQ, "up.txt", "NETASCII"), {})
+    server.answer(KEY, data(1, tftp.to_netascii(text)), {})
+    assert records[0]["size"] == len(text)
