@@ -159,6 +159,7 @@ class Listeners:
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
+        self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -199,8 +200,7 @@ class Listeners:
             if lst.kind == "dns":
                 answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731
             else:  # echo: the default answer by the port asked for
-                http, tls, recognize, on_event, origin, server_first, _kernel, small = self._answers
-                answer = DefaultUdp(lst.name, on_event, origin, small, server_first).answer
+                answer = DefaultUdp(lst.name, *self._udp_answers).answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:

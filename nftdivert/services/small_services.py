@@ -8,6 +8,7 @@ only once it is spoken.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from nftdivert.config import SmallServicesConfig
@@ -18,7 +19,7 @@ PORTS = {7: "echo", 9: "discard", 13: "daytime", 17: "qotd", 19: "chargen", 37: 
 KINDS = frozenset(PORTS.values()) - {"echo"}  # the echo is the listener's own answer
 # An IRC client's registration starts with one of these (RFC 2812 3.1; CAP from IRCv3).
 _IRC = re.compile(rb"(?:(?:NICK|USER|PASS|CAP) \S)", re.IGNORECASE)
-_quotes = 0
+_quotes = itertools.count()
 
 
 def kind_for(first: bytes, original: tuple[str, int] | None) -> str | None:
@@ -32,7 +33,6 @@ def kind_for(first: bytes, original: tuple[str, int] | None) -> str | None:
 
 
 async def serve(kind: str, stream, config: SmallServicesConfig, emit, base: dict, peer) -> None:
-    global _quotes
     from nftdivert.services import simple
 
     if kind == "irc":
@@ -47,6 +47,6 @@ async def serve(kind: str, stream, config: SmallServicesConfig, emit, base: dict
         await simple.serve_chargen(stream, emit, base)
     else:  # the ones that speak and close: time, daytime, qotd
         now = clock.now(config.clock_offset)
-        _quotes += 1
-        answer = {"time": clock.time_answer, "daytime": clock.daytime_answer}.get(kind, lambda _n: simple.quote(_quotes))
-        await simple.serve_spoken(stream, emit, base, kind, answer(now))
+        answer = (clock.time_answer(now) if kind == "time" else clock.daytime_answer(now) if kind == "daytime"
+                  else simple.quote(next(_quotes)))
+        await simple.serve_spoken(stream, emit, base, kind, answer)
