@@ -8,8 +8,9 @@ request at a time, and takes no answer within ORIGIN_TIMEOUT as unknown.
 
 The parent answers in the worker's loop, between turns of packets: it reads
 the table without reordering it and asks conntrack on a socket of its own.
-The kernel path asks nobody: the accepted socket's own conntrack entry
-names the original destination (of_socket).
+The kernel path asks nobody for TCP: the accepted socket's own conntrack
+entry names the original destination (of_socket). The UDP listener has no
+socket per conversation, so it asks on both paths, naming the protocol.
 """
 
 from __future__ import annotations
