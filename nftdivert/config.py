@@ -462,6 +462,22 @@ class ServerFirstConfig:
             raise ConfigError(f"{key}.ssh_banner", self.ssh_banner, "SSH-2.0- then 1-200 printable ASCII characters")
 
 
+@dataclass(frozen=True)
+class SmallServicesConfig:
+    """The small services the default listeners answer by port (NTP, Time, Daytime, IRC...)."""
+
+    clock_offset: float = 0.0  # seconds added to the time NTP, Time and Daytime tell
+    irc_server: str = "irc.example.net"  # the IRC server's name in its replies
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.clock_offset", self.clock_offset, (int, float), "a number of seconds")
+        if not abs(self.clock_offset) <= 86400 * 365 * 50:
+            raise ConfigError(f"{key}.clock_offset", self.clock_offset, "at most 50 years either way")
+        _check_type(f"{key}.irc_server", self.irc_server, str, "a host name")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,63}", self.irc_server):
+            raise ConfigError(f"{key}.irc_server", self.irc_server, "letters, digits, dots and hyphens, 1-63")
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -499,6 +515,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
     server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
+    small_services: SmallServicesConfig = field(default_factory=SmallServicesConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -519,6 +536,7 @@ class Config:
         self.tls.validate("tls")
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
+        self.small_services.validate("small_services")
         self._validate_listeners()
         if self.queue.ct_mark & self.worker.ct_mark:
             raise ConfigError("queue.ct_mark", self.queue.ct_mark,
@@ -579,7 +597,7 @@ def _check_interface(key: str, name: object) -> None:
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
              "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
-             "server_first": ServerFirstConfig}
+             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

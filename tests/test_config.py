@@ -196,6 +196,13 @@ BAD = [
          "must differ from worker.pcap"),
     case("log-newline", '[worker]\nlog = "a\\nb"\n', "worker.log", "newline"),
     case("after-stop-choice", 'containment_after_stop = "maybe"\n', "containment_after_stop", "one of keep, remove"),
+    case("clock-offset-text", '[small_services]\nclock_offset = "1h"\n', "small_services.clock_offset",
+         "a number of seconds"),
+    case("clock-offset-nan", '[small_services]\nclock_offset = nan\n', "small_services.clock_offset", "50 years"),
+    case("clock-offset-too-far", '[small_services]\nclock_offset = 1e12\n', "small_services.clock_offset",
+         "50 years"),
+    case("irc-server-space", '[small_services]\nirc_server = "irc example"\n', "small_services.irc_server",
+         "letters, digits"),
     # --- not TOML at all ---------------------------------------------------------------------------
     case("toml-syntax-error", 'mode = "gateway\n', "--config", "not valid TOML"),
     case("toml-duplicate-key", 'mode = "gateway"\nmode = "local"\n', "--config", "not valid TOML"),

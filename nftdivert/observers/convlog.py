@@ -108,6 +108,45 @@ _SERVER_FIRST = {
 }
 
 
+def _irc(rec: dict) -> str:
+    command, nick = rec["command"], rec.get("nick", "")
+    if command == "register":
+        password = f" password {rec['password']!r}" if "password" in rec else ""
+        return f"register nick {nick!r} user {rec.get('user', '')!r}{password}"
+    if command == "JOIN":
+        return f"{nick} joins {rec.get('channel', '')}" + (f" key {rec['key']!r}" if "key" in rec else "")
+    if command in ("PRIVMSG", "NOTICE"):
+        return f"{nick} {command} {rec.get('target', '')}: {rec.get('text', '')!r}"
+    return f"{nick} {command} {rec.get('message', '')!r}"
+
+
+def _tftp(rec: dict) -> str:
+    if rec["operation"] == "read":
+        return f"read {rec['file']!r}, {rec['size']} bytes served"
+    return f"write {rec['file']!r}, {_kept(rec)}"
+
+
+# The small services' records (services/default_udp.py, small_services.py), after the destination asked for.
+_SMALL = {
+    "ntp": lambda r: "answered" if r.get("answered") else "not a client request: no answer",
+    "discard": lambda r: f"discarded {r['size']} bytes sha256 {r['sha256'][:16]}...",
+    "finger": lambda r: f"query {r['query']!r}",
+    "ident": lambda r: f"query {r['query']!r}",
+    "syslog": lambda r: f"{r.get('severity', '-')}: {r['message'][:200]!r}",
+    "tftp": _tftp,
+    "irc": _irc,
+    **dict.fromkeys(("time", "daytime", "qotd", "chargen"), lambda _r: "answered"),
+}
+
+
+def _asked(line):
+    """The small service's line, after the destination asked for (the client's line names only the listener's side)."""
+    return lambda rec: f"-> {rec.get('original_destination', '?')} {line(rec)}"
+
+
+_SERVER_FIRST.update({event: _asked(line) for event, line in _SMALL.items()})
+
+
 def _regular_file(stream: TextIO | None) -> tuple[int | None, int]:
     """(its file descriptor, its size) if `stream` writes to a regular file; (None, 0) otherwise."""
     try:

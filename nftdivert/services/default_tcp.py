@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable
 
-from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
+from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.errors import NftDivertError
-from nftdivert.services import origin as origin_mod, recognize
+from nftdivert.services import origin as origin_mod, recognize, small_services
 from nftdivert.services.tls import Plain, handshake
 
 Emit = Callable[[dict], None]
@@ -61,13 +61,13 @@ class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
                  first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
-                 fixed: str | None = None) -> None:
+                 small: SmallServicesConfig = SmallServicesConfig(), fixed: str | None = None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
         # The kernel path: the socket's own conntrack entry names the original destination.
         self._origin_in_kernel = origin_in_kernel
-        self._first = first
+        self._first, self._small = first, small
         self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
 
@@ -92,9 +92,7 @@ class DefaultTcp:
         server_first = fixed not in (None, "http", "https")
         first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
-        echoed = fixed is None and first and recognize.classify(first) == "other"
-        # An unknown protocol is echoed: unless already asked, nothing asks where it went.
-        original = None if echoed and asked is None else await self._origin_of(asked, writer)
+        original = await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
         if fixed is not None:
@@ -102,6 +100,11 @@ class DefaultTcp:
         else:  # silent: the port the client asked for chooses
             kind = (recognize.classify(first) if first
                     else recognize.server_first(original[1] if original else None) or "other")
+        if kind == "other" and fixed is None:  # a small service by its port (IRC, finger, daytime...)
+            kind = small_services.kind_for(first, original) or "other"
+        if kind in small_services.KINDS:
+            await small_services.serve(kind, Plain(reader, writer, first, count), self._small, self._emit, base, peer)
+            return
         plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
         if kind == "tls":
             record = dict(base, event="tls")
@@ -123,6 +126,8 @@ class DefaultTcp:
                 await self._serve_http(stream, base, "https")
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
                 await self._serve_first(inside, stream, base, peer, sock, original)
+            elif (small := small_services.kind_for(inner, original)) is not None:  # IRC over TLS (6697)
+                await small_services.serve(small, stream, self._small, self._emit, base, peer)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":

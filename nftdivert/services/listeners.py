@@ -2,7 +2,8 @@
 A TCP listener of kind echo recognises the protocol first (default_tcp):
 TLS, HTTP, SSH and the server-first protocols get real answers, anything
 else its own bytes back; one of a protocol's kind (http, smtp...) speaks
-only that. UDP is echoed.
+only that. A UDP listener of kind echo answers by the port the client asked
+for (default_udp: NTP, TFTP, syslog...), else echoes.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
 no thread each; `nftdivert run` puts them in a process of their own
@@ -19,8 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, TlsConfig
+from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
+from nftdivert.services.default_udp import DefaultUdp
 
 if TYPE_CHECKING:
     from nftdivert.services.dns import Resolver
@@ -72,8 +74,19 @@ def _reply_source(family: int, ancillary: list[tuple[int, int, bytes]]) -> list[
     return []
 
 
+def _local_endpoint(ancillary: list[tuple[int, int, bytes]], port: int) -> tuple[str, int] | None:
+    """The address and port a datagram came to (its header's destination), as the origin question names it."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[8:12]), port
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return socket.inet_ntop(socket.AF_INET6, data[:16]).removeprefix("::ffff:"), port
+    return None
+
+
 class _Datagrams:
-    """A UDP listener: `answer` turns a datagram into the reply (or None).
+    """A UDP listener: `answer(data, client, local)` turns a datagram into the reply (or None), or
+    into an awaitable of it (then the reply is sent when it is ready).
 
     Each reply leaves from the address its datagram was sent to. A wildcard
     socket would otherwise answer from whatever source the route picks: in
@@ -84,6 +97,7 @@ class _Datagrams:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, stats: ListenerStats, answer) -> None:
         self.loop, self.sock, self.stats, self.answer = loop, sock, stats, answer
+        self._pending: set[asyncio.Task] = set()  # answers waiting for the original destination
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)  # IPv4, also on the dual-stack socket
         if sock.family == socket.AF_INET6:
@@ -100,23 +114,36 @@ class _Datagrams:
                 continue
             self.stats.conversations += 1
             self.stats.bytes_received += len(data)
-            reply = self.answer(data, addr)
-            if reply is None:
-                continue
-            try:
-                self.sock.sendmsg([reply], _reply_source(self.sock.family, ancillary), 0, addr)
+            reply = self.answer(data, addr, _local_endpoint(ancillary, self.sock.getsockname()[1]))
+            if asyncio.iscoroutine(reply):
+                task = self.loop.create_task(self._send_when_ready(reply, ancillary, addr))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+            elif reply is not None:
+                self._send(reply, ancillary, addr)
+
+    async def _send_when_ready(self, reply, ancillary, addr) -> None:
+        data = await reply
+        if data is not None and self.sock.fileno() >= 0:
+            self._send(data, ancillary, addr)
+
+    def _send(self, reply: bytes, ancillary, addr) -> None:
+        try:
+            self.sock.sendmsg([reply], _reply_source(self.sock.family, ancillary), 0, addr)
+        except OSError:
+            try:  # not an address we may send from: let the route choose
+                self.sock.sendto(reply, addr)
             except OSError:
-                try:  # not an address we may send from: let the route choose
-                    self.sock.sendto(reply, addr)
-                except OSError:
-                    pass
+                pass
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
+        for task in self._pending:
+            task.cancel()
         self.sock.close()
 
 
-def _echo(data: bytes, _addr) -> bytes:
+def _echo(data: bytes, _addr, _local) -> bytes:
     return data
 
 
@@ -127,11 +154,12 @@ class Listeners:
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
-                 origin_in_kernel: bool = False) -> None:
+                 origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
-        self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel)
+        self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
+        self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -169,7 +197,10 @@ class Listeners:
         else:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
             resolver = self._resolver
-            answer = (lambda data, addr: resolver.answer(data, _endpoint(addr))) if lst.kind == "dns" else _echo
+            if lst.kind == "dns":
+                answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731
+            else:  # echo: the default answer by the port asked for
+                answer = DefaultUdp(lst.name, *self._udp_answers).answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:

@@ -8,8 +8,9 @@ request at a time, and takes no answer within ORIGIN_TIMEOUT as unknown.
 
 The parent answers in the worker's loop, between turns of packets: it reads
 the table without reordering it and asks conntrack on a socket of its own.
-The kernel path asks nobody: the accepted socket's own conntrack entry
-names the original destination (of_socket).
+The kernel path asks nobody for TCP: the accepted socket's own conntrack
+entry names the original destination (of_socket). The UDP listener has no
+socket per conversation, so it asks on both paths, naming the protocol.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _packed(host: str) -> bytes:
     return ipaddress.ip_address(host.removeprefix("::ffff:")).packed  # IPv4 on the dual-stack socket
 
 
-def original(table: Table | None, entry: Entry | None, client: Endpoint, local: Endpoint) -> Endpoint | None:
+def original(table: Table | None, entry: Entry | None, client: Endpoint, local: Endpoint,
+             protocol: int = TCP) -> Endpoint | None:
     """The destination `client` asked for, that reached the listener at `local`.
 
     Diverted: the table holds the conversation under the listener's tuple;
@@ -54,14 +56,14 @@ def original(table: Table | None, entry: Entry | None, client: Endpoint, local: 
     except ValueError:
         return None
     version = 4 if len(client_b) == 4 else 6
-    conv = table.peek((TCP, client_b, client[1], local_b)) if table is not None else None
+    conv = table.peek((protocol, client_b, client[1], local_b)) if table is not None else None
     if conv is not None:
         if conv.original is not None:
             return _text(conv.original)
         port = conv.route[4]
-        found = _ask(entry, version, client_b, conv.reply_port, local_b, port)
+        found = _ask(entry, version, protocol, client_b, conv.reply_port, local_b, port)
         return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, port))
-    found = _ask(entry, version, client_b, client[1], local_b, local[1])
+    found = _ask(entry, version, protocol, client_b, client[1], local_b, local[1])
     return _text((found.dst, found.dst_port)) if found is not None else _text((local_b, local[1]))
 
 
@@ -88,7 +90,7 @@ def _ask(entry: Entry | None, *args):
     if entry is None:
         return None
     try:
-        return entry(args[0], TCP, *args[1:])
+        return entry(*args)
     except OSError:  # ConntrackError included: answer from what the table knows
         return None
 
@@ -98,7 +100,7 @@ def _text(addr: tuple[bytes, int]) -> Endpoint:
 
 
 class Server:
-    """The parent's side: answers (id, client, local) with (id, original or None).
+    """The parent's side: answers (id, client, local, protocol) with (id, original or None).
 
     Served by the worker's own loop (answer_pending when the pipe is
     readable), not by a thread: a thread in the worker's interpreter took the
@@ -117,10 +119,10 @@ class Server:
         """Answer every question waiting; False once the listener process is gone."""
         try:
             while self._conn.poll(0):
-                ident, client, local = self._conn.recv()
+                ident, client, local, protocol = self._conn.recv()
                 lookup = self.lookup
                 try:
-                    answer = lookup(tuple(client), tuple(local)) if lookup is not None else None
+                    answer = lookup(tuple(client), tuple(local), protocol) if lookup is not None else None
                 except Exception:  # noqa: BLE001 - a failed lookup is an unknown origin, not a dead loop
                     answer = None
                 self._conn.send((ident, answer))
@@ -141,14 +143,14 @@ class Client:
         self._waiting: dict[int, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def ask(self, client: Endpoint, local: Endpoint) -> Endpoint | None:
+    async def ask(self, client: Endpoint, local: Endpoint, protocol: int = TCP) -> Endpoint | None:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._conn.fileno(), self._answers)
         ident = next(self._ids)
         waiting = self._waiting[ident] = self._loop.create_future()
         try:
-            self._conn.send((ident, client[:2], local[:2]))
+            self._conn.send((ident, client[:2], local[:2], protocol))
             return await asyncio.wait_for(waiting, self._timeout)
         except (asyncio.TimeoutError, EOFError, OSError, ValueError):
             return None

@@ -1,4 +1,4 @@
-"""Small, valid files for the HTTP answer, by the extension the client asked for.
+"""Small, valid files for the HTTP and TFTP answers, by the extension the client asked for.
 
 A sample that downloads its next stage checks what it got: a PE that
 parses, a PNG that decodes, a zip that opens. These are the smallest such
@@ -12,6 +12,8 @@ import struct
 import zipfile
 import zlib
 from functools import lru_cache
+
+from nftdivert.services import documents
 
 
 def _png() -> bytes:
@@ -47,6 +49,17 @@ def _zip() -> bytes:
     return out.getvalue()
 
 
+# Scripts do nothing, in the shape `file(1)` (and a stager's check) recognises:
+# a shebang, `@echo off`, a "use strict" prologue.
+_SCRIPTS = {
+    "ps1": ("text/plain", b"#!/usr/bin/env pwsh\nexit 0\n"),
+    "js": ("application/javascript", b'"use strict";\nvar ok = true;\n'),
+    "vbs": ("text/vbscript", b'Option Explicit\r\nWScript.Quit 0\r\n'),
+    "bat": ("application/x-bat", b"@echo off\r\nexit /b 0\r\n"),
+    "sh": ("application/x-sh", b"#!/bin/sh\nexit 0\n"),
+}
+_OOXML = "application/vnd.openxmlformats-officedocument."
+
 _TYPES = {
     "txt": ("text/plain", lambda: b"ok\n"),
     "json": ("application/json", lambda: b"{}\n"),
@@ -54,6 +67,25 @@ _TYPES = {
     "exe": ("application/octet-stream", pe),
     "dll": ("application/octet-stream", lambda: pe(dll=True)),
     "zip": ("application/zip", _zip),
+    "pdf": ("application/pdf", documents.pdf),
+    "jpg": ("image/jpeg", documents.jpeg),
+    "jpeg": ("image/jpeg", documents.jpeg),
+    "gif": ("image/gif", documents.gif),
+    "ico": ("image/x-icon", lambda: documents.ico(_png())),
+    "elf": ("application/x-executable", documents.elf),
+    "doc": ("application/msword", lambda: documents.compound(documents.CLSID_WORD, "WordDocument",
+                                                             b"\xec\xa5\xc1\x00")),
+    "xls": ("application/vnd.ms-excel", lambda: documents.compound(documents.CLSID_EXCEL, "Workbook",
+                                                                   b"\x09\x08\x10\x00\x00\x06\x05\x00")),
+    "msi": ("application/x-msi", lambda: documents.compound(
+        documents.CLSID_MSI, "\x05SummaryInformation", documents.summary_information("Installer"))),
+    "docx": (_OOXML + "wordprocessingml.document", lambda: documents.ooxml("word")),
+    "xlsx": (_OOXML + "spreadsheetml.sheet", lambda: documents.ooxml("xl")),
+    "jar": ("application/java-archive", lambda: documents.package(
+        [("META-INF/MANIFEST.MF", b"Manifest-Version: 1.0\r\n\r\n")], jar=True)),
+    "apk": ("application/vnd.android.package-archive", lambda: documents.package(
+        [("AndroidManifest.xml", b"\x03\x00\x08\x00\x08\x00\x00\x00"), ("classes.dex", b"dex\n035\0")])),
+    **{ext: (kind, lambda body=body: body) for ext, (kind, body) in _SCRIPTS.items()},
 }
 
 

@@ -200,3 +200,23 @@ def test_a_target_that_fails_is_said_once_and_written_no_more():
     assert [e.strerror for e in heard] == ["No space left on device"] and log.error is heard[0]
     assert out.getvalue() == json.dumps(START) + "\n"
 
+
+
+def test_small_service_records_have_text_lines():
+    base = {"v": 1, "time": "2026-12-06T04:17:53.068Z", "client": "192.0.2.2:40000", "listener": "udp-echo",
+            "original_destination": "198.51.100.1:123"}
+    assert text_line(dict(base, event="ntp", answered=True)).endswith("192.0.2.2:40000 -> 198.51.100.1:123 answered")
+    assert text_line(dict(base, event="time")).endswith("-> 198.51.100.1:123 answered")
+    assert text_line(dict(base, event="syslog", severity="notice", message="hi")).endswith("notice: 'hi'")
+    assert text_line(dict(base, event="tftp", operation="read", file="a.pdf", size=3)).endswith(
+        "read 'a.pdf', 3 bytes served")
+    assert text_line(dict(base, event="tftp", operation="write", file="x", size=3, sha256="ab" * 32)).endswith(
+        f"write 'x', 3 bytes sha256 {'ab' * 8}...")
+    assert text_line(dict(base, event="irc", command="JOIN", nick="bot", channel="#c", key="k")).endswith(
+        "bot joins #c key 'k'")
+    assert text_line(dict(base, event="irc", command="PRIVMSG", nick="bot", target="#c", text="go")).endswith(
+        "bot PRIVMSG #c: 'go'")
+    assert text_line(dict(base, event="discard", size=2, sha256="cd" * 32)).endswith(f"discarded 2 bytes sha256 {'cd' * 8}...")
+    assert text_line(dict(base, event="finger", query="root")).endswith("query 'root'")
+    assert text_line(dict(base, event="irc", command="register", nick="b", user="u")).endswith(
+        "register nick 'b' user 'u'")

@@ -170,3 +170,24 @@ def test_the_urgent_byte_is_echoed_in_place(running):
         while chunk := s.recv(65536):
             got += chunk
     assert got == b"before!after"
+
+
+def test_udp_answers_by_the_original_port_asked_with_the_local_address_it_came_to():
+    port, asked = free_port(socket.SOCK_DGRAM), []
+
+    async def origin(client, local, protocol=6):
+        asked.append((local, protocol))
+        return ("198.51.100.9", 37)  # Time
+
+    lst = Listeners((Listener("u", "udp", port),), origin=origin)
+    lst.start()
+    try:
+        for host in ("127.0.0.1", "::1"):
+            family = socket.AF_INET if "." in host else socket.AF_INET6
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.sendto(b"", (host, port))
+                assert len(s.recvfrom(100)[0]) == 4
+    finally:
+        lst.stop()
+    assert asked == [(("127.0.0.1", port), 17), (("::1", port), 17)]

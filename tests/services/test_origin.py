@@ -16,7 +16,7 @@ import pytest
 from nftdivert.services import origin
 from nftdivert.observers.conntrack import ConntrackError, Entry
 from nftdivert.worker.conversations import ConversationTable, RouteKey
-from nftdivert.worker.packet import TCP
+from nftdivert.worker.packet import TCP, UDP
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT, LOCAL, ASKED = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), bytes([203, 0, 113, 9])
@@ -61,6 +61,16 @@ def test_a_bound_port_asks_conntrack_by_the_listeners_own_tuple():
     assert got == ("203.0.113.9", 80) and entry.calls == [(4, TCP, CLIENT, 40001, LOCAL, 80)]
 
 
+def test_a_udp_conversation_is_found_under_its_own_protocol():
+    table = ConversationTable(16, 60, 60, 5)
+    table.open(RouteKey(UDP, CLIENT, 40000, LOCAL, 123), 1337, 0.0)
+    entry = Asked(Entry(CLIENT, 40000, ASKED, 123, 1337, False))
+    assert origin.original(table, entry, ("10.0.0.2", 40000), ("10.0.0.1", 1337), UDP) == ("203.0.113.9", 123)
+    assert entry.calls == [(4, UDP, CLIENT, 40000, LOCAL, 123)]
+    # The TCP conversation of the same tuple is another one: not in the table.
+    assert origin.original(table, Asked(), ("10.0.0.2", 40000), ("10.0.0.1", 1337)) == ("10.0.0.1", 1337)
+
+
 def test_a_bound_port_unknown_to_conntrack_is_the_local_address():
     assert origin.original(None, Asked(), ("10.0.0.2", 40001), ("10.0.0.1", 80)) == ("10.0.0.1", 80)
 
@@ -78,7 +88,7 @@ def test_the_pipe_answers_and_a_silent_parent_is_unknown_within_the_timeout():
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
     server = origin.Server(parent)
-    server.lookup = lambda client, local: ("203.0.113.9", local[1] + 1)
+    server.lookup = lambda client, local, protocol: ("203.0.113.9", local[1] + 1)
     served = []
 
     def serve() -> None:  # the worker's loop: answer_pending whenever the pipe is readable
@@ -92,11 +102,11 @@ def test_the_pipe_answers_and_a_silent_parent_is_unknown_within_the_timeout():
         client = origin.Client(child, timeout=2.0)
         first = await client.ask(("10.0.0.2", 40000, 0, 0), ("10.0.0.1", 24))
         slow = []
-        server.lookup = lambda client, local: slow.append(1) or time.sleep(0.6) or ("203.0.113.9", 1)
+        server.lookup = lambda client, local, protocol: slow.append(1) or time.sleep(0.6) or ("203.0.113.9", 1)
         client._timeout = 0.2
         late = await client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24))
         # The late answer is dropped; the next question gets its own.
-        server.lookup = lambda client, local: ("203.0.113.9", 2)
+        server.lookup = lambda client, local, protocol: ("203.0.113.9", 2)
         client._timeout = 2.0
         third = await client.ask(("10.0.0.2", 40000), ("10.0.0.1", 24))
         return first, late, third, slow
