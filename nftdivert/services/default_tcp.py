@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
 from nftdivert.errors import NftDivertError
 from nftdivert.services import origin as origin_mod, recognize
-from nftdivert.services.tls import Plain, handshake
+from nftdivert.services.tls import HANDSHAKE_TIMEOUT, Plain, handshake
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -57,6 +57,52 @@ async def echo(stream, first: bytes) -> None:
     stream.write_eof()  # half-close: the client's EOF, echoed
 
 
+SILENT = 3600.0  # a client silent on a port that does not greet: what it says first still chooses
+
+
+def _port(original) -> int | None:
+    return original[1] if original is not None else None
+
+
+class Upgrade:
+    """TLS for one conversation: at once (a ClientHello first) or on STARTTLS.
+
+    Each handshake is logged like any other; the last TLS stream is closed
+    cleanly (close_notify, FIN) when the conversation ends.
+    """
+
+    def __init__(self, certs, emit: Emit, base: dict, ip: str) -> None:
+        self._certs, self._emit, self._base, self._ip = certs, emit, base, ip
+        self._streams: list = []
+
+    async def __call__(self, stream, first: bytes = b"", starttls: bool = False, base: dict | None = None):
+        """The TLS stream over `stream`, or None (the handshake failed, logged)."""
+        record = dict(base or self._base, event="tls")
+        if starttls:
+            record["starttls"] = True
+        try:
+            contexts = self._certs()
+        except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
+            self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
+            return None
+        if not first:
+            first = await first_bytes(stream.read, HANDSHAKE_TIMEOUT)
+        tls = await handshake(stream, first, contexts, self._ip, record)
+        self._emit(record)
+        if tls is not None and base is None:
+            self._streams.append(tls)
+        return tls
+
+    @property
+    def secure(self) -> bool:
+        """TLS spoken already: STARTTLS is not offered again."""
+        return bool(self._streams)
+
+    async def close(self) -> None:
+        if self._streams:
+            await self._streams[-1].close()
+
+
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
@@ -92,45 +138,57 @@ class DefaultTcp:
         server_first = fixed not in (None, "http", "https")
         first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
+        original, known = None, False
+        if fixed is None and not first:  # silent: greet on a server-first port, else wait on
+            original, known = await self._origin_of(asked, writer), True
+            if not recognize.greets(_port(original)):
+                first = await first_bytes(reader.read, SILENT)
+                count(len(first))
         echoed = fixed is None and first and recognize.classify(first) == "other"
         # An unknown protocol is echoed: unless already asked, nothing asks where it went.
-        original = None if echoed and asked is None else await self._origin_of(asked, writer)
+        if not known:
+            original = None if echoed and asked is None else await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
+        port = _port(original)
         if fixed is not None:
             kind = {"https": "tls"}.get(fixed, fixed)
+        elif first:
+            kind = recognize.classify(first, port)
         else:  # silent: the port the client asked for chooses
-            kind = (recognize.classify(first) if first
-                    else recognize.server_first(original[1] if original else None) or "other")
-        plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
-        if kind == "tls":
-            record = dict(base, event="tls")
-            try:
-                contexts = self._certs()
-            except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
-                self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
-                return
-            # No SNI: the leaf names the address the client asked for.
-            ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            stream = await handshake(plain, first, contexts, ip, record)
-            self._emit(record)
-            if stream is None:
-                return
-            inner = await first_bytes(stream.read, self._wait)
-            stream.prepend(inner)
-            inside = recognize.server_first(original[1] if original else None) if not inner else None
-            if fixed == "https" or recognize.classify(inner) == "http":
-                await self._serve_http(stream, base, "https")
-            elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
-                await self._serve_first(inside, stream, base, peer, sock, original)
+            kind = recognize.server_first(port) if recognize.greets(port) else "other"
+        plain = Plain(reader, writer, b"" if kind in ("tls", "other") else first, count)
+        # No SNI: a leaf for the address the client asked for.
+        ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+        upgrade = Upgrade(self._certs, self._emit, base, ip)
+        try:
+            if kind == "tls":
+                stream = await upgrade(plain, first)
+                if stream is not None:
+                    await self._inside(stream, base, peer, sock, original, upgrade)
+            elif kind == "http":
+                await self._serve_http(plain, base, "http")
+            elif kind != "other":
+                await self._serve_first(kind, plain, base, peer, sock, original, upgrade)
             else:
-                await echo(stream, await stream.read())
-        elif kind == "http":
-            await self._serve_http(plain, base, "http")
-        elif kind != "other":
-            await self._serve_first(kind, plain, base, peer, sock, original)
+                await echo(plain, first or await plain.read())
+        finally:
+            await upgrade.close()
+
+    async def _inside(self, stream, base: dict, peer, sock, original, upgrade: "Upgrade") -> None:
+        """The protocol inside TLS: recognised again; implicit TLS (465, 993...) by the port."""
+        port = _port(original)
+        inner = await first_bytes(stream.read, self._wait)
+        if not inner and self._fixed != "https" and recognize.server_first(port) is None:
+            inner = await first_bytes(stream.read, SILENT)
+        stream.prepend(inner)
+        kind = recognize.classify(inner, port) if inner else recognize.server_first(port) or "other"
+        if self._fixed == "https" or kind == "http":
+            await self._serve_http(stream, base, "https")
+        elif kind in recognize.SERVER_FIRST.values():
+            await self._serve_first(kind, stream, base, peer, sock, original, upgrade)
         else:
-            await echo(plain, first or await plain.read())
+            await echo(stream, await stream.read())
 
     async def _ftp_data(self, asked, reader, writer, count, peer) -> bool:
         """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""
@@ -154,23 +212,26 @@ class DefaultTcp:
     async def _original(self, peer, sock) -> tuple[str, int] | None:
         return await self._origin(peer[:2], sock[:2])
 
-    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
-        """A protocol that speaks first; each imports its library only once spoken."""
+    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original, upgrade) -> None:
+        """A protocol that speaks first; each imports its library only once spoken.
+
+        `upgrade`: the conversation's TLS, for STARTTLS (offered unless `upgrade.secure`).
+        """
         first, emit = self._first, self._emit
         if kind == "smtp":
             from nftdivert.services import smtp
 
-            await smtp.serve(stream, first, emit, base, peer)
+            await smtp.serve(stream, first, emit, base, peer, upgrade)
         elif kind in ("pop3", "imap"):
             from nftdivert.services import mailbox
 
             serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
-            await serve(stream, first.hostname, emit, base)
+            await serve(stream, first, emit, base, upgrade)
         elif kind == "ftp":
             from nftdivert.services import ftp
 
             asked = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            await ftp.serve(stream, first, emit, base, peer, asked)
+            await ftp.serve(stream, first, emit, base, peer, asked, upgrade)
         elif kind == "ssh":
             from nftdivert.services import ssh
 

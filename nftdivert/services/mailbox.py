@@ -1,9 +1,10 @@
-"""POP3 and IMAP: any login succeeds, is logged, and finds an empty mailbox.
+"""POP3 and IMAP: any login succeeds, is logged, and finds the mailbox of `inbox`.
 
-Small state machines by hand: a client that only logs in and looks needs
+Small state machines by hand: a client that logs in, looks and reads needs
 nothing more, and no maintained server library answers for any mailbox.
 Each login is one log record (event "pop3" or "imap") with the user and
-password offered.
+password offered. STLS and STARTTLS upgrade the conversation (`upgrade`,
+the listener's TLS, offered unless already spoken).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import asyncio
 import base64
 import binascii
 import re
+
+from nftdivert.services import inbox
+from nftdivert.services.inbox import Message
 
 IDLE_TIMEOUT = 60.0  # seconds a client may say nothing before it is closed
 MAX_LINE = 8192
@@ -37,7 +41,7 @@ class Lines:
 
 
 async def say(stream, *lines: str) -> None:
-    stream.write("".join(line + "\r\n" for line in lines).encode())
+    stream.write("".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape"))
     await stream.drain()
 
 
@@ -52,41 +56,76 @@ def plain_credentials(encoded: str) -> dict:
 
 # -- POP3 (RFC 1939) -----------------------------------------------------------
 
-def pop3_answer(command: str, state: dict) -> tuple[list[str], dict | None, bool]:
+def _dotted(text: str) -> list[str]:
+    """A multi-line POP3 answer's lines, dot-stuffed, with the final dot."""
+    return [("." + line if line.startswith(".") else line) for line in text.split("\r\n")[:-1]] + ["."]
+
+
+def _pick(box: tuple[Message, ...], arg: str) -> int | None:
+    number = arg.split(" ", 1)[0]
+    return int(number) if number.isdigit() and 1 <= int(number) <= len(box) else None
+
+
+def pop3_answer(command: str, state: dict, box: tuple[Message, ...] = ()) -> tuple[list[str], dict | None, bool]:
     """(reply lines, a login record or None, close?) for one POP3 command line."""
     verb, _, arg = command.partition(" ")
     verb = verb.upper()
+    total = sum(m.size for m in box)
+    drop = f"+OK maildrop has {len(box)} messages ({total} octets)"
     if verb == "USER":
         state["user"] = arg
         return ["+OK"], None, False
     if verb == "PASS":
-        return ["+OK maildrop has 0 messages (0 octets)"], {"user": state.get("user", ""), "password": arg}, False
+        return [drop], {"user": state.get("user", ""), "password": arg}, False
     if verb == "APOP":
         user, _, digest = arg.partition(" ")
-        return ["+OK maildrop has 0 messages (0 octets)"], {"user": user, "apop_digest": digest}, False
+        return [drop], {"user": user, "apop_digest": digest}, False
     if verb == "CAPA":
-        return ["+OK", "USER", "UIDL", "TOP", "."], None, False
+        return ["+OK", "USER", "UIDL", "TOP", *(["STLS"] if state.get("stls") else []), "."], None, False
     if verb == "STAT":
-        return ["+OK 0 0"], None, False
-    if verb in ("LIST", "UIDL"):
-        return (["-ERR no such message"] if arg else ["+OK 0 messages", "."]), None, False
+        return [f"+OK {len(box)} {total}"], None, False
     if verb in ("NOOP", "RSET"):
         return ["+OK"], None, False
     if verb == "QUIT":
         return ["+OK bye"], None, True
-    if verb in ("RETR", "TOP", "DELE"):
+    if verb in ("LIST", "UIDL") and not arg:
+        listed = [f"{n} {m.size if verb == 'LIST' else n}" for n, m in enumerate(box, 1)]
+        return [f"+OK {len(box)} messages", *listed, "."], None, False
+    number = _pick(box, arg)
+    if verb not in ("LIST", "UIDL", "RETR", "TOP", "DELE"):
+        return ["-ERR unknown command"], None, False
+    if number is None:
         return ["-ERR no such message"], None, False
-    return ["-ERR unknown command"], None, False
+    message = box[number - 1]
+    if verb == "LIST":
+        return [f"+OK {number} {message.size}"], None, False
+    if verb == "UIDL":
+        return [f"+OK {number} {number}"], None, False
+    if verb == "DELE":
+        return [f"+OK message {number} deleted"], None, False
+    if verb == "RETR":
+        return [f"+OK {message.size} octets", *_dotted(message.text)], None, False
+    lines = arg.split(" ")[1:2]
+    return ["+OK", *_dotted(inbox.top(message, int(lines[0]) if lines and lines[0].isdigit() else 0))], None, False
 
 
-async def serve_pop3(stream, hostname: str, emit, base: dict) -> None:
-    lines, state = Lines(stream), {}
-    await say(stream, f"+OK {hostname} POP3 server ready")
+async def serve_pop3(stream, config, emit, base: dict, upgrade=None) -> None:
+    lines, state = Lines(stream), {"stls": upgrade is not None and not upgrade.secure}
+    box = inbox.load(config.mailbox_dir, config.hostname)
+    await say(stream, f"+OK {config.hostname} POP3 server ready")
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
             return
-        reply, login, close = pop3_answer(command, state)
+        if command.upper() == "STLS" and state["stls"]:
+            state["stls"] = False
+            await say(stream, "+OK Begin TLS negotiation")
+            stream = await upgrade(stream, starttls=True)
+            if stream is None:
+                return
+            lines = Lines(stream)  # what was sent in the clear is forgotten (RFC 2595 4)
+            continue
+        reply, login, close = pop3_answer(command, state, box)
         if login is not None:
             emit(dict(base, event="pop3", **login))
         await say(stream, *reply)
@@ -98,6 +137,7 @@ async def serve_pop3(stream, hostname: str, emit, base: dict) -> None:
 
 _ATOM_OR_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 CAPABILITY = "CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN"
+FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 
 
 def imap_arguments(text: str) -> list[str]:
@@ -105,15 +145,67 @@ def imap_arguments(text: str) -> list[str]:
     return [re.sub(r"\\(.)", r"\1", q) if q or not a else a for q, a in _ATOM_OR_QUOTED.findall(text)]
 
 
-def imap_answer(command: str) -> tuple[list[str], dict | None, bool]:
+def sequence(text: str, count: int) -> list[int]:
+    """The message numbers of an IMAP sequence set ("1", "2:*", "1,3"), within 1..count."""
+    picked: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition(":")
+        try:
+            first = count if low == "*" else int(low)
+            last = first if not high else count if high == "*" else int(high)
+        except ValueError:
+            continue
+        first, last = sorted((first, last))
+        picked.update(range(max(first, 1), min(last, count) + 1))
+    return sorted(picked)
+
+
+_SECTION = re.compile(r"(BODY(?:\.PEEK)?\[([^\]]*)\](?:<[\d.]+>)?|RFC822(?:\.SIZE|\.HEADER|\.TEXT)?|UID|FLAGS|"
+                      r"INTERNALDATE|ENVELOPE|BODYSTRUCTURE|BODY)", re.I)
+
+
+def _literal(text: str) -> str:
+    return f"{{{len(text.encode('utf-8', 'surrogateescape'))}}}\r\n{text}"
+
+
+def fetch(number: int, message: Message, items: str, uid: bool) -> str:
+    """One untagged FETCH answer for message `number` (its UID too)."""
+    parts = [] if not uid else [f"UID {number}"]
+    for match in _SECTION.finditer(items):
+        item, section = match.group(1).upper(), (match.group(2) or "").upper()
+        if item == "UID":
+            if not uid:
+                parts.append(f"UID {number}")
+        elif item == "FLAGS":
+            parts.append("FLAGS (\\Seen)")
+        elif item == "RFC822.SIZE":
+            parts.append(f"RFC822.SIZE {message.size}")
+        elif item == "INTERNALDATE":
+            parts.append('INTERNALDATE "01-Jan-2024 00:00:00 +0000"')
+        elif item in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+            if item != "ENVELOPE":
+                parts.append(f'{item} ("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" {len(message.body)} '
+                             f'{message.body.count(chr(10))})')
+        elif item.startswith(("RFC822", "BODY")):
+            name = item.replace(".PEEK", "")
+            part = ("HEADER" if item == "RFC822.HEADER" or section.startswith("HEADER")
+                    else "TEXT" if item == "RFC822.TEXT" or section == "TEXT" else "")
+            text = message.header if part == "HEADER" else message.body if part == "TEXT" else message.text
+            parts.append(f"{name.split('<')[0]} {_literal(text)}")
+    return f"* {number} FETCH ({' '.join(parts)})"
+
+
+def imap_answer(command: str, box: tuple[Message, ...] = ()) -> tuple[list[str], dict | None, bool]:
     """(reply lines, a login record or None, close?) for one IMAP command line (not AUTHENTICATE)."""
     tag, _, rest = command.partition(" ")
     verb, _, arg = rest.partition(" ")
     verb = verb.upper()
-    if verb == "UID":
+    uid = verb == "UID"
+    if uid:
         verb, _, arg = arg.partition(" ")
         verb = verb.upper()
     ok = f"{tag} OK {verb} completed"
+    count = len(box)
     if verb == "CAPABILITY":
         return [f"* {CAPABILITY}", ok], None, False
     if verb == "LOGIN":
@@ -121,40 +213,60 @@ def imap_answer(command: str) -> tuple[list[str], dict | None, bool]:
         login = {"user": args[0] if args else "", "password": args[1] if len(args) > 1 else ""}
         return [ok], login, False
     if verb in ("SELECT", "EXAMINE"):
-        return ["* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)", "* 0 EXISTS", "* 0 RECENT",
-                "* OK [UIDVALIDITY 1] UIDs valid", "* OK [UIDNEXT 1] Predicted next UID",
+        return [f"* FLAGS {FLAGS}", f"* {count} EXISTS", "* 0 RECENT",
+                "* OK [UIDVALIDITY 1] UIDs valid", f"* OK [UIDNEXT {count + 1}] Predicted next UID",
                 f"{tag} OK [{'READ-ONLY' if verb == 'EXAMINE' else 'READ-WRITE'}] {verb} completed"], None, False
     if verb in ("LIST", "LSUB"):
         return [f'* {verb} (\\HasNoChildren) "/" INBOX', ok], None, False
     if verb == "STATUS":
-        return ["* STATUS INBOX (MESSAGES 0 RECENT 0 UIDNEXT 1 UIDVALIDITY 1 UNSEEN 0)", ok], None, False
+        return [f"* STATUS INBOX (MESSAGES {count} RECENT 0 UIDNEXT {count + 1} UIDVALIDITY 1 UNSEEN 0)", ok], None, False
     if verb == "SEARCH":
-        return ["* SEARCH", ok], None, False
-    if verb in ("FETCH", "STORE", "NOOP", "CHECK", "CLOSE", "EXPUNGE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE",
-                "DELETE", "RENAME", "COPY", "APPEND", "ID", "ENABLE", "NAMESPACE"):
+        return [" ".join(["* SEARCH", *map(str, range(1, count + 1))]), ok], None, False
+    if verb == "FETCH":
+        numbers, _, items = arg.partition(" ")
+        return [*(fetch(n, box[n - 1], items, uid) for n in sequence(numbers, count)), ok], None, False
+    if verb == "STORE":
+        numbers = arg.partition(" ")[0]
+        return [*(f"* {n} FETCH (FLAGS (\\Seen))" for n in sequence(numbers, count)), ok], None, False
+    if verb in ("NOOP", "CHECK", "CLOSE", "EXPUNGE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE",
+                "DELETE", "RENAME", "COPY", "APPEND", "ID", "ENABLE", "NAMESPACE", "UNSELECT"):
         return [ok], None, False
     if verb == "LOGOUT":
         return ["* BYE logging out", ok], None, True
     return [f"{tag} BAD unknown command"], None, False
 
 
-async def serve_imap(stream, hostname: str, emit, base: dict) -> None:
+async def serve_imap(stream, config, emit, base: dict, upgrade=None) -> None:
     lines = Lines(stream)
-    await say(stream, f"* OK [{CAPABILITY}] {hostname} IMAP4rev1 ready")
+    box = inbox.load(config.mailbox_dir, config.hostname)
+    starttls = upgrade is not None and not upgrade.secure
+    capability = CAPABILITY + (" STARTTLS" if starttls else "")
+    await say(stream, f"* OK [{capability}] {config.hostname} IMAP4rev1 ready")
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
             return
         tag, _, rest = command.partition(" ")
         verb, _, arg = rest.partition(" ")
-        if verb.upper() == "AUTHENTICATE":
+        verb = verb.upper()
+        if verb == "AUTHENTICATE":
             login = await _imap_authenticate(stream, lines, arg)
             if login is None:
                 return
             emit(dict(base, event="imap", **login))
             await say(stream, f"{tag} OK AUTHENTICATE completed")
             continue
-        reply, login, close = imap_answer(command)
+        if verb == "STARTTLS" and starttls:
+            await say(stream, f"{tag} OK Begin TLS negotiation now")
+            stream, starttls = await upgrade(stream, starttls=True), False
+            if stream is None:
+                return
+            lines, capability = Lines(stream), CAPABILITY  # the clear's leftovers are forgotten (RFC 3501 6.2.1)
+            continue
+        if verb == "CAPABILITY":
+            await say(stream, f"* {capability}", f"{tag} OK CAPABILITY completed")
+            continue
+        reply, login, close = imap_answer(command, box)
         if login is not None:
             emit(dict(base, event="imap", **login))
         await say(stream, *reply)

@@ -14,6 +14,7 @@ import ssl
 from nftdivert.services import certs, recognize
 
 HANDSHAKE_TIMEOUT = 15.0
+LINGER = 2.0  # seconds to read what the client still sends after our close_notify and FIN
 
 
 class Plain:
@@ -50,6 +51,7 @@ class Tls:
     def __init__(self, plain: Plain, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         self._plain, self._obj, self._in, self._out = plain, obj, incoming, outgoing
         self._first = b""  # what recognition read inside, put back (prepend)
+        self._closed = False  # close_notify sent
 
     async def read(self, n: int = 65536) -> bytes:
         if self._first:
@@ -65,13 +67,16 @@ class Tls:
                 self._in.write(data)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
+            except ssl.SSLError:  # garbage inside: the end of the conversation, not a traceback
+                return b""
 
     def prepend(self, first: bytes) -> None:
         self._first = first + self._first
 
     def write(self, data: bytes) -> None:
-        self._obj.write(data)
-        self._flush()
+        if not self._closed:
+            self._obj.write(data)
+            self._flush()
 
     def _flush(self) -> None:
         pending = self._out.read()
@@ -82,11 +87,31 @@ class Tls:
         await self._plain.drain()
 
     def write_eof(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._obj.unwrap()  # close_notify: the TLS form of the client's EOF
         except ssl.SSLError:
             pass
         self._flush()
+
+    async def close(self) -> None:
+        """close_notify, FIN, then read what the client still sends until its own FIN.
+
+        A socket closed with the client's close_notify unread, or arriving
+        after the close, answers with a reset: every HTTPS conversation
+        ended that way.
+        """
+        try:
+            self.write_eof()
+            await self._plain.drain()
+            self._plain.write_eof()
+            async with asyncio.timeout(LINGER):
+                while await self._plain.read():
+                    pass
+        except (ConnectionError, OSError, TimeoutError):
+            pass
 
 
 async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, ip: str,
