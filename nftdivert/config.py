@@ -439,7 +439,7 @@ _BANNER = re.compile(r"SSH-2\.0-[!-~][ -~]{0,200}")  # RFC 4253 4.2: printable A
 class ServerFirstConfig:
     """What the protocols that speak first (SMTP, FTP, POP3, IMAP, SSH) say, and where they keep what they get."""
 
-    hostname: str = "mail.example.com"  # in the SMTP, FTP, POP3 and IMAP greetings
+    hostname: str = "mail.example.com"  # in the SMTP, POP3 and IMAP greetings and the mailbox's message
     mail_dir: str = "/var/lib/nftdivert/mail"  # each mail accepted, named by its sha256; "" keeps none
     uploads_dir: str = "/var/lib/nftdivert/uploads"  # FTP uploads; "" keeps none
     mailbox_dir: str = ""  # the .eml files POP3 and IMAP serve, in name order; "": one neutral message

@@ -151,12 +151,7 @@ class DefaultTcp:
         if original is not None:
             base["original_destination"] = endpoint(original)
         port = _port(original)
-        if fixed is not None:
-            kind = {"https": "tls"}.get(fixed, fixed)
-        elif first:
-            kind = recognize.classify(first, port)
-        else:  # silent: the port the client asked for chooses
-            kind = recognize.server_first(port) if recognize.greets(port) else "other"
+        kind = {"https": "tls"}.get(fixed, fixed) if fixed is not None else recognize.choose(first, port)
         plain = Plain(reader, writer, b"" if kind in ("tls", "other") else first, count)
         # No SNI: a leaf for the address the client asked for.
         ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
@@ -182,7 +177,7 @@ class DefaultTcp:
         if not inner and self._fixed != "https" and recognize.server_first(port) is None:
             inner = await first_bytes(stream.read, SILENT)
         stream.prepend(inner)
-        kind = recognize.classify(inner, port) if inner else recognize.server_first(port) or "other"
+        kind = recognize.choose(inner, port, inside_tls=True)
         if self._fixed == "https" or kind == "http":
             await self._serve_http(stream, base, "https")
         elif kind in recognize.SERVER_FIRST.values():

@@ -118,7 +118,7 @@ class Session:
         self.lines = Lines(stream)
 
     async def run(self) -> None:
-        await say(self.stream, f"220 {self.config.hostname} FTP server ready.")
+        await say(self.stream, "220 (vsFTPd 3.0.3)")  # as scanners know it
         try:
             for _ in range(MAX_COMMANDS):
                 line = await self.lines.next()
@@ -216,7 +216,10 @@ class Session:
         try:
             await say(self.stream, "150 Ok to send data." if upload else "150 Opening BINARY mode data connection.")
             if self.protect and self.upgrade is not None:  # PROT P: the client's ClientHello comes after the 150
-                data_stream = await self.upgrade(data_stream, base=dict(self.base, ftp_data=True))
+                from nftdivert.services.default_tcp import endpoint  # the listener's, which serves this module
+
+                peer = data_stream.writer.get_extra_info("peername")
+                data_stream = await self.upgrade(data_stream, base=dict(self.base, ftp_data=True, client=endpoint(peer)))
                 if data_stream is None:
                     await say(self.stream, "522 TLS negotiation failed on the data connection.")
                     return

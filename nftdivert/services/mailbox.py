@@ -112,7 +112,7 @@ def pop3_answer(command: str, state: dict, box: tuple[Message, ...] = ()) -> tup
 async def serve_pop3(stream, config, emit, base: dict, upgrade=None) -> None:
     lines, state = Lines(stream), {"stls": upgrade is not None and not upgrade.secure}
     box = inbox.load(config.mailbox_dir, config.hostname)
-    await say(stream, f"+OK {config.hostname} POP3 server ready")
+    await say(stream, f"+OK Dovecot on {config.hostname} ready.")  # as scanners know it
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
@@ -241,7 +241,7 @@ async def serve_imap(stream, config, emit, base: dict, upgrade=None) -> None:
     box = inbox.load(config.mailbox_dir, config.hostname)
     starttls = upgrade is not None and not upgrade.secure
     capability = CAPABILITY + (" STARTTLS" if starttls else "")
-    await say(stream, f"* OK [{capability}] {config.hostname} IMAP4rev1 ready")
+    await say(stream, f"* OK Dovecot at {config.hostname} is ready.")  # as scanners know it
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:

@@ -66,6 +66,19 @@ SERVER_FIRST = {21: "ftp", 22: "ssh", 25: "smtp", 110: "pop3", 143: "imap", 465:
 IMPLICIT_TLS = frozenset((465, 990, 993, 995))
 
 
+def choose(first: bytes, original_port: int | None, inside_tls: bool = False) -> str:
+    """The answer for a client that said `first` (maybe nothing) to the port it asked for.
+
+    On a port whose protocol speaks first, bytes that are none of its
+    clients' first commands (a scanner's probe, an HTTP request) still get
+    that protocol, as a real server there would answer: only TLS, SSH and
+    another server-first protocol's own command change it.
+    """
+    own = server_first(original_port) if inside_tls or greets(original_port) else None
+    kind = classify(first, original_port) if first else "other"
+    return own if own is not None and kind in ("http", "other") else kind
+
+
 def greets(original_port: int | None) -> bool:
     """True on a port whose protocol speaks first in the clear: a silent client gets the greeting soon."""
     return original_port in SERVER_FIRST and original_port not in IMPLICIT_TLS

@@ -107,3 +107,19 @@ def test_a_cut_client_hello_never_raises():
         info = recognize.client_hello(hello[:cut])
         assert "cut.example".startswith(info.get("sni", ""))
     assert recognize.client_hello(hello)["sni"] == "cut.example"
+
+
+@pytest.mark.parametrize("first, port, inside, kind", [
+    (b"", 25, False, "smtp"),  # silent on a port that greets
+    (b"", 993, False, "other"),  # implicit TLS: the ClientHello comes first
+    (b"", 993, True, "imap"),
+    (b"\r\n\r\n", 21, False, "ftp"),  # a scanner's probe: the port's protocol, not the echo
+    (b"GET / HTTP/1.0\r\n\r\n", 110, False, "pop3"),
+    (b"GET / HTTP/1.0\r\n\r\n", 995, True, "pop3"),
+    (b"GET / HTTP/1.0\r\n\r\n", 8080, False, "http"),
+    (b"EHLO x\r\n", 143, False, "smtp"),  # another server-first protocol's own command
+    (b"\r\n\r\n", 4444, False, "other"),
+    (b"", None, False, "other"),
+])
+def test_choose(first, port, inside, kind):
+    assert recognize.choose(first, port, inside) == kind
