@@ -9,7 +9,8 @@ socket. NAT leaves them alone (they answer our connection, the diverter's
 rules only turn new ones), and the conntrack entry is the host's own.
 Only port 20's answers are affected, nothing new arrives there (diverted
 conversations have their destination rewritten before routing). The rule
-is added on the first active transfer and removed when the process ends.
+is added on the first active transfer and removed when the listeners stop
+(`unroute`).
 If the transparent connection fails, the data connection comes from the
 host's own address, which every client library we know accepts too.
 """
@@ -17,7 +18,6 @@ host's own address, which every client library we know accepts too.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import ipaddress
 import socket
 import subprocess
@@ -45,12 +45,11 @@ def _route(family: str) -> None:
         return
     _ip(family, "route", "replace", "local", "default", "dev", "lo", "table", TABLE)
     if _ip(family, "rule", "add", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE):
-        if not _routed:
-            atexit.register(_unroute)
         _routed.add(family)
 
 
-def _unroute() -> None:
+def unroute() -> None:
+    """Remove what `_route` added (nothing if no active transfer happened)."""
     for family in _routed:
         _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE)
         _ip(family, "route", "flush", "table", TABLE)

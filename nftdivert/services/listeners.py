@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, TlsConfig
+from nftdivert.services import active
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 
 if TYPE_CHECKING:
@@ -218,3 +219,4 @@ class Listeners:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            active.unroute()  # active FTP's routing rule, if a transfer added it
