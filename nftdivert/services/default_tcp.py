@@ -1,11 +1,12 @@
 """The default TCP answer: recognise the protocol from the first bytes, then serve it.
 
 A ClientHello gets TLS (and the protocol inside is recognised again), an
-HTTP request gets the HTTP answer, an SSH banner the SSH answer, anything
-else the echo. A client that
-stays silent for `[recognize] wait` seconds gets the protocol that speaks
-first on the port it asked for (recognize.server_first), else the echo. Each TLS
-handshake and HTTP request is handed to `emit` as a log record.
+HTTP request gets the HTTP answer, an SSH banner the SSH answer, a
+server-first protocol's command that protocol, anything else the echo
+(recognize.choose). A client that stays silent for `[recognize] wait`
+seconds on a port whose protocol speaks first gets its greeting; elsewhere
+the listener waits on for its first bytes. Each TLS handshake and HTTP
+request is handed to `emit` as a log record.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import asyncio
 from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
-from nftdivert.errors import NftDivertError
 from nftdivert.services import origin as origin_mod, recognize
-from nftdivert.services.tls import HANDSHAKE_TIMEOUT, Plain, handshake
+from nftdivert.services.tls import Plain, Upgrade
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -62,45 +62,6 @@ SILENT = 3600.0  # a client silent on a port that does not greet: what it says f
 
 def _port(original) -> int | None:
     return original[1] if original is not None else None
-
-
-class Upgrade:
-    """TLS for one conversation: at once (a ClientHello first) or on STARTTLS.
-
-    Each handshake is logged like any other; the last TLS stream is closed
-    cleanly (close_notify, FIN) when the conversation ends.
-    """
-
-    def __init__(self, certs, emit: Emit, base: dict, ip: str) -> None:
-        self._certs, self._emit, self._base, self._ip = certs, emit, base, ip
-        self._streams: list = []
-
-    async def __call__(self, stream, first: bytes = b"", starttls: bool = False, base: dict | None = None):
-        """The TLS stream over `stream`, or None (the handshake failed, logged)."""
-        record = dict(base or self._base, event="tls")
-        if starttls:
-            record["starttls"] = True
-        try:
-            contexts = self._certs()
-        except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
-            self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
-            return None
-        if not first:
-            first = await first_bytes(stream.read, HANDSHAKE_TIMEOUT)
-        tls = await handshake(stream, first, contexts, self._ip, record)
-        self._emit(record)
-        if tls is not None and base is None:
-            self._streams.append(tls)
-        return tls
-
-    @property
-    def secure(self) -> bool:
-        """TLS spoken already: STARTTLS is not offered again."""
-        return bool(self._streams)
-
-    async def close(self) -> None:
-        if self._streams:
-            await self._streams[-1].close()
 
 
 class DefaultTcp:

@@ -131,13 +131,12 @@ class Session:
             self._forget()
 
     async def command(self, verb: str, arg: str) -> bool:
-        size = len(file_for(arg))
         simple = {"SYST": "215 UNIX Type: L8", "PWD": '257 "/" is the current directory', "NOOP": "200 NOOP ok.",
                   "TYPE": "200 Switching mode.", "MODE": "200 Mode set.", "STRU": "200 Structure set.",
                   "OPTS": "200 Always in UTF8 mode.", "CWD": "250 Directory successfully changed.",
                   "CDUP": "250 Directory successfully changed.", "MKD": f'257 "{arg}" created',
                   "DELE": "250 Delete operation successful.", "RMD": "250 Remove directory operation successful.",
-                  "SIZE": f"213 {size}", "MDTM": "213 20240101000000", "PBSZ": "200 PBSZ=0",
+                  "MDTM": "213 20240101000000", "PBSZ": "200 PBSZ=0",
                   "REST": "350 Restart position accepted.", "ALLO": "202 No storage allocation necessary."}
         if verb == "USER":
             self.user = arg
@@ -174,6 +173,8 @@ class Session:
             await self.transfer(verb, arg)
         elif verb in ("LIST", "NLST", "MLSD", "RETR"):
             await self.transfer(verb, arg)
+        elif verb == "SIZE":
+            await say(self.stream, f"213 {len(file_for(arg))}")
         elif verb == "QUIT":
             await say(self.stream, "221 Goodbye.")
             return False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 MAX_MESSAGES = 100
 MAX_MESSAGE = 10 * 1024 * 1024  # bytes of one .eml served; longer files are skipped
+WELCOMED = 1704067200  # the welcome message's date: 2024-01-01, as every listing's
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _crlf(data: bytes) -> str:
 def neutral(hostname: str) -> Message:
     return Message(_crlf(
         f"Return-Path: <admin@{hostname}>\nFrom: Administrator <admin@{hostname}>\nTo: user@{hostname}\n"
-        f"Subject: Welcome\nDate: {email.utils.formatdate(0, usegmt=True)}\nMessage-ID: <1@{hostname}>\n"
+        f"Subject: Welcome\nDate: {email.utils.formatdate(WELCOMED, usegmt=True)}\nMessage-ID: <1@{hostname}>\n"
         "MIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\nWelcome to your new mailbox.\n".encode()))
 
 

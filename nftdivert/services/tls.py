@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from nftdivert.errors import NftDivertError
 from nftdivert.services import certs, recognize
 
 HANDSHAKE_TIMEOUT = 15.0
@@ -161,3 +162,47 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return (getattr(exc, "reason", None) or str(exc) or type(exc).__name__)[:200]
+
+
+class Upgrade:
+    """TLS for one conversation: at once (a ClientHello first) or on STARTTLS.
+
+    Each handshake is logged like any other; the last TLS stream is closed
+    cleanly (close_notify, FIN) when the conversation ends.
+    """
+
+    def __init__(self, certs, emit, base: dict, ip: str) -> None:
+        """`certs()`: the Contexts (made on first use); `ip`: the address a leaf names without SNI."""
+        self._certs, self._emit, self._base, self._ip = certs, emit, base, ip
+        self._streams: list = []
+
+    async def __call__(self, stream, first: bytes = b"", starttls: bool = False, base: dict | None = None):
+        """The TLS stream over `stream`, or None (the handshake failed, logged)."""
+        record = dict(base or self._base, event="tls")
+        if starttls:
+            record["starttls"] = True
+        try:
+            contexts = self._certs()
+        except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
+            self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
+            return None
+        if not first:  # after STARTTLS: a ClientHello comes whole in its first segment
+            try:
+                first = await asyncio.wait_for(stream.read(), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError as exc:
+                self._emit(dict(record, result="failed", error=_reason(exc)))
+                return None
+        tls = await handshake(stream, first, contexts, self._ip, record)
+        self._emit(record)
+        if tls is not None and base is None:
+            self._streams.append(tls)
+        return tls
+
+    @property
+    def secure(self) -> bool:
+        """TLS spoken already: STARTTLS is not offered again."""
+        return bool(self._streams)
+
+    async def close(self) -> None:
+        if self._streams:
+            await self._streams[-1].close()
