@@ -3,7 +3,7 @@
 Small state machines by hand: a client that logs in, looks and reads needs
 nothing more, and no maintained server library answers for any mailbox.
 Each login is one log record (event "pop3" or "imap") with the user and
-password offered. STLS and STARTTLS upgrade the conversation (`upgrade`,
+password offered; a message APPENDed is kept like a mail ("imap_append"). STLS and STARTTLS upgrade the conversation (`upgrade`,
 the listener's TLS, offered unless already spoken).
 """
 
@@ -16,10 +16,12 @@ import re
 
 from nftdivert.services import inbox
 from nftdivert.services.inbox import Message
+from nftdivert.services.mailstore import headers, keep
 
 IDLE_TIMEOUT = 60.0  # seconds a client may say nothing before it is closed
 MAX_LINE = 8192
 MAX_COMMANDS = 1000
+MAX_LITERAL = 64 * 1024 * 1024  # bytes of one IMAP literal (an APPENDed message); larger ends the conversation
 
 
 class Lines:
@@ -38,6 +40,16 @@ class Lines:
             self._buffer += data
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    async def exactly(self, size: int) -> bytes | None:
+        """The next `size` bytes (an IMAP literal); None if the client goes first."""
+        while len(self._buffer) < size:
+            data = await asyncio.wait_for(self._stream.read(65536), IDLE_TIMEOUT)
+            if not data:
+                return None
+            self._buffer += data
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
 
 
 async def say(stream, *lines: str) -> None:
@@ -136,7 +148,7 @@ async def serve_pop3(stream, config, emit, base: dict, upgrade=None) -> None:
 # -- IMAP (RFC 3501) -----------------------------------------------------------
 
 _ATOM_OR_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
-CAPABILITY = "CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN"
+CAPABILITY = "CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN AUTH=LOGIN"
 FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 
 
@@ -244,11 +256,19 @@ async def serve_imap(stream, config, emit, base: dict, upgrade=None) -> None:
     await say(stream, f"* OK Dovecot at {config.hostname} is ready.")  # as scanners know it
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
-        if command is None:
+        got = await _literals(stream, lines, command) if command is not None else None
+        if got is None:
             return
+        command, literals = got
         tag, _, rest = command.partition(" ")
         verb, _, arg = rest.partition(" ")
         verb = verb.upper()
+        if verb == "APPEND" and literals:  # a message uploaded: exfiltration over IMAP, kept like a mail
+            folder = (imap_arguments(arg) or [""])[0]
+            emit(dict(base, event="imap_append", mailbox=folder[:256], headers=headers(literals[-1]),
+                      **keep(config.mail_dir, literals[-1], ".eml")))
+            await say(stream, f"{tag} OK APPEND completed")
+            continue
         if verb == "AUTHENTICATE":
             login = await _imap_authenticate(stream, lines, arg)
             if login is None:
@@ -272,6 +292,28 @@ async def serve_imap(stream, config, emit, base: dict, upgrade=None) -> None:
         await say(stream, *reply)
         if close:
             return
+
+
+_LITERAL = re.compile(r"\{(\d{1,12})(\+?)\}$")
+
+
+async def _literals(stream, lines: Lines, command: str) -> tuple[str, list[bytes]] | None:
+    """The command with its literals ({n} then n bytes) read: each in the text as a quoted string, and raw."""
+    literals: list[bytes] = []
+    while (match := _LITERAL.search(command)) and len(literals) < 16:
+        size = int(match[1])
+        if size > MAX_LITERAL:
+            return None
+        if not match[2]:  # LITERAL+ sends at once; a synchronising literal waits for this
+            await say(stream, "+ Ready for literal data")
+        data = await lines.exactly(size)
+        rest = await lines.next() if data is not None else None
+        if rest is None:
+            return None
+        literals.append(data)
+        text = data[:1024].decode("utf-8", "replace").replace("\\", "\\\\").replace('"', '\\"')
+        command = command[:match.start()] + f'"{text}"' + rest
+    return command, literals
 
 
 async def _imap_authenticate(stream, lines: Lines, arg: str) -> dict | None:

@@ -8,23 +8,13 @@ own ("smtp_auth") with the login and password offered, and succeeds.
 from __future__ import annotations
 
 import ssl
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from nftdivert.config import ServerFirstConfig
 from nftdivert.services import adapter
-from nftdivert.services.mailstore import keep
+from nftdivert.services.mailstore import MAX_VALUE, headers, keep
 
-MAX_HEADERS = 100
-MAX_VALUE = 1024
-
-
-def headers(data: bytes) -> list[list[str]]:
-    """The message's header fields as [name, value] pairs, bounded."""
-    msg = BytesHeaderParser(policy=compat32).parsebytes(data)
-    return [[name, str(value)[:MAX_VALUE]] for name, value in list(msg.items())[:MAX_HEADERS]]
 
 
 def _text(value) -> str:

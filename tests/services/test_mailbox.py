@@ -106,3 +106,18 @@ def test_imap_select_of_an_empty_box_finds_nothing_and_logout_closes():
 def test_sasl_plain_gives_user_and_password_and_garbage_is_kept_short():
     assert mailbox.plain_credentials(base64.b64encode(b"\0bot\0pw").decode()) == {"user": "bot", "password": "pw"}
     assert mailbox.plain_credentials("!!" * 500) == {"data": "!!" * 128}
+
+
+def test_imap_append_of_a_message_in_a_literal_is_kept_and_logged(tmp_path):
+    stolen = b"From: bot@victim.example\r\nSubject: loot\r\n\r\n\"quoted\" {7}\r\npasswords\r\n"
+    with listening(tmp_path, "imap") as (port, records, _ctx):
+        m = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        m.login("bot", "pw")
+        assert m.append("Drafts", None, None, stolen)[0] == "OK"  # a synchronising literal: "+" first
+        m._simple_command("APPEND", "Sent", "{%d+}\r\n%s" % (len(b"x"), "x"))  # LITERAL+: no wait
+        assert m.noop()[0] == "OK"
+        m.logout()
+    first, second = events(records, "imap_append")
+    assert first["mailbox"] == "Drafts" and ["Subject", "loot"] in first["headers"]
+    assert (tmp_path / "mail" / (first["sha256"] + ".eml")).read_bytes() == stolen
+    assert second["mailbox"] == "Sent" and second["size"] == 1
