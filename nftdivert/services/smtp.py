@@ -53,8 +53,8 @@ class _Smtp(SMTP):
         if arg:
             await self.push("501 Syntax: STARTTLS")
             return
-        if self._tls_protocol is not None:
-            await self.push("503 Already in TLS")
+        if self._tls_protocol is not None or not self.tls_context:  # spoken already (or implicit TLS)
+            await self.push("454 4.7.0 TLS not available")
             return
         wanted = self.transport.tls_wanted = self.loop.create_future()
         await self.push("220 2.0.0 Ready to start TLS")

@@ -30,3 +30,12 @@ def test_a_failed_starttls_handshake_is_logged_and_the_conversation_ends(tmp_pat
             s.sock.sendall(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00")  # a ClientHello that is not one
             assert s.sock.recv(100)[:1] in (b"\x15", b"")  # an alert, or the close
     assert events(records, "tls")[0]["result"] == "failed"
+
+
+def test_inside_tls_starttls_is_neither_offered_nor_accepted(tmp_path):
+    with listening(tmp_path, "smtp") as (port, _records, ctx):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.starttls(context=ctx)
+            s.ehlo()
+            assert s.docmd("STARTTLS")[0] == 454
+            assert s.noop()[0] == 250  # the conversation goes on
