@@ -7,7 +7,7 @@ import imaplib
 import poplib
 
 from fixed import events, listening
-from nftdivert.services import inbox, mailbox
+from nftdivert.services import mailbox
 from nftdivert.services.inbox import Message
 
 BOX = (Message("Subject: one\r\n\r\n.dot line\r\nsecond\r\n"), Message("Subject: two\r\n\r\nx\r\n"))
@@ -49,17 +49,6 @@ def test_imap_fetch_gives_literals_of_the_message_its_header_and_size():
     uid = mailbox.imap_answer("a2 UID FETCH 2 (BODY[])", BOX)[0][0]
     assert uid == f"* 2 FETCH (UID 2 BODY[] {{{BOX[1].size}}}\r\n{BOX[1].text})"
     assert mailbox.imap_answer("a3 SEARCH UNSEEN", BOX)[0] == ["* SEARCH 1 2", "a3 OK SEARCH completed"]
-
-
-def test_the_mailbox_directory_serves_its_eml_files_in_name_order_and_bytes_unchanged(tmp_path):
-    (tmp_path / "b.eml").write_bytes(b"Subject: b\n\nbody \xe9\n")
-    (tmp_path / "a.eml").write_bytes(b"Subject: a\r\n\r\nA\r\n")
-    (tmp_path / "notes.txt").write_text("not mail")
-    box = inbox.load(str(tmp_path), "mail.example.com")
-    assert [m.text for m in box] == ["Subject: a\r\n\r\nA\r\n", "Subject: b\r\n\r\nbody \udce9\r\n"]
-    assert box[1].size == len(b"Subject: b\r\n\r\nbody \xe9\r\n")
-    (neutral,) = inbox.load(str(tmp_path / "missing"), "mail.example.com")
-    assert "Subject: Welcome" in neutral.header and neutral.body
 
 
 def test_pop3_stls_then_message_1_is_read_inside_tls(tmp_path):
