@@ -169,9 +169,7 @@ class Session:
             self._forget()
             self.target = port_argument(verb, arg)
             await say(self.stream, f"200 {verb} command successful." if self.target else f"501 Bad {verb} argument.")
-        elif verb in ("STOR", "APPE", "STOU"):
-            await self.transfer(verb, arg)
-        elif verb in ("LIST", "NLST", "MLSD", "RETR"):
+        elif verb in ("STOR", "APPE", "STOU", "LIST", "NLST", "MLSD", "RETR"):
             await self.transfer(verb, arg)
         elif verb == "SIZE":
             await say(self.stream, f"213 {len(file_for(arg))}")
