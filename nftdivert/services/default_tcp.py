@@ -178,11 +178,14 @@ class DefaultTcp:
             from nftdivert.services import smtp
 
             await smtp.serve(stream, first, emit, base, peer, upgrade)
-        elif kind in ("pop3", "imap"):
+        elif kind == "pop3":
             from nftdivert.services import mailbox
 
-            serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
-            await serve(stream, first, emit, base, upgrade)
+            await mailbox.serve_pop3(stream, first, emit, base, upgrade)
+        elif kind == "imap":
+            from nftdivert.services import imap
+
+            await imap.serve(stream, first, emit, base, upgrade)
         elif kind == "ftp":
             from nftdivert.services import ftp
 
