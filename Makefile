@@ -16,7 +16,7 @@ APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
-	nmap file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa
+	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render clean

@@ -431,7 +431,8 @@ class TlsConfig:
 class RecognizeConfig:
     """How long the default TCP listener waits for a client's first bytes."""
 
-    wait: float = 1.0  # seconds; a client silent that long gets the echo
+    # seconds; a client silent that long on a server-first port gets the greeting
+    wait: float = 0.2
 
     def validate(self, key: str) -> None:
         _check_type(f"{key}.wait", self.wait, (int, float), "a number of seconds")
@@ -446,16 +447,17 @@ _BANNER = re.compile(r"SSH-2\.0-[!-~][ -~]{0,200}")  # RFC 4253 4.2: printable A
 class ServerFirstConfig:
     """What the protocols that speak first (SMTP, FTP, POP3, IMAP, SSH) say, and where they keep what they get."""
 
-    hostname: str = "mail.example.com"  # in the SMTP, FTP, POP3 and IMAP greetings
+    hostname: str = "mail.example.com"  # in the SMTP, POP3 and IMAP greetings and the mailbox's message
     mail_dir: str = "/var/lib/nftdivert/mail"  # each mail accepted, named by its sha256; "" keeps none
     uploads_dir: str = "/var/lib/nftdivert/uploads"  # FTP uploads; "" keeps none
+    mailbox_dir: str = ""  # the .eml files POP3 and IMAP serve, in name order; "": one neutral message
     ssh_banner: str = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
 
     def validate(self, key: str) -> None:
         _check_type(f"{key}.hostname", self.hostname, str, "a host name")
         if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", self.hostname):
             raise ConfigError(f"{key}.hostname", self.hostname, "letters, digits, dots and hyphens, 1-253")
-        for name in ("mail_dir", "uploads_dir"):
+        for name in ("mail_dir", "uploads_dir", "mailbox_dir"):
             _check_path(f"{key}.{name}", getattr(self, name))
         _check_type(f"{key}.ssh_banner", self.ssh_banner, str, "an SSH identification string")
         if not _BANNER.fullmatch(self.ssh_banner):

@@ -47,6 +47,7 @@ PACKAGES = {
     "sleep": "coreutils",
     "ss": "iproute2",
     "ssh": "openssh-client",
+    "swaks": "swaks",
     "sysctl": "procps",
     "tcpdump": "tcpdump",
     "tftp": "tftp-hpa",

@@ -16,6 +16,8 @@ class StreamTransport(asyncio.Transport):
         super().__init__(extra)
         self._stream = stream
         self.closed = asyncio.get_running_loop().create_future()
+        # Set by the protocol before it answers STARTTLS: the client's next bytes start a handshake.
+        self.tls_wanted: asyncio.Future | None = None
 
     def write(self, data) -> None:
         if not self.closed.done():
@@ -52,8 +54,12 @@ class StreamTransport(asyncio.Transport):
         pass
 
 
-async def serve(protocol: asyncio.Protocol, stream, extra: dict) -> None:
-    """Run `protocol` over `stream` until it closes the transport or the client goes."""
+async def serve(protocol: asyncio.Protocol, stream, extra: dict, upgrade=None) -> None:
+    """Run `protocol` over `stream` until it closes the transport or the client goes.
+
+    `upgrade(stream, first)`: the TLS stream over `stream` (None if the
+    handshake failed), for a protocol that sets `transport.tls_wanted`.
+    """
     transport = StreamTransport(stream, extra)
     protocol.connection_made(transport)
     error = None
@@ -68,6 +74,16 @@ async def serve(protocol: asyncio.Protocol, stream, extra: dict) -> None:
             if not data:
                 protocol.eof_received()
                 break
+            wanted = transport.tls_wanted
+            if wanted is not None and not wanted.done() and upgrade is not None:
+                transport.tls_wanted = None
+                tls = await upgrade(stream, data, starttls=True)
+                if tls is None:
+                    wanted.set_result(False)
+                    break
+                stream = transport._stream = tls
+                wanted.set_result(True)
+                continue
             protocol.data_received(data)
             await stream.drain()
     except (ConnectionError, OSError) as exc:

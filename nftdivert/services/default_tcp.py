@@ -1,11 +1,12 @@
 """The default TCP answer: recognise the protocol from the first bytes, then serve it.
 
 A ClientHello gets TLS (and the protocol inside is recognised again), an
-HTTP request gets the HTTP answer, an SSH banner the SSH answer, anything
-else the echo. A client that
-stays silent for `[recognize] wait` seconds gets the protocol that speaks
-first on the port it asked for (recognize.server_first), else the echo. Each TLS
-handshake and HTTP request is handed to `emit` as a log record.
+HTTP request gets the HTTP answer, an SSH banner the SSH answer, a
+server-first protocol's command that protocol, anything else the echo
+(recognize.choose). A client that stays silent for `[recognize] wait`
+seconds on a port whose protocol speaks first gets its greeting; elsewhere
+the listener waits on for its first bytes. Each TLS handshake and HTTP
+request is handed to `emit` as a log record.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import asyncio
 from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
-from nftdivert.errors import NftDivertError
 from nftdivert.services import origin as origin_mod, recognize, small_services
-from nftdivert.services.tls import Plain, handshake
+from nftdivert.services.tls import Plain, Upgrade
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -57,6 +57,13 @@ async def echo(stream, first: bytes) -> None:
     stream.write_eof()  # half-close: the client's EOF, echoed
 
 
+SILENT = 3600.0  # a client silent on a port that does not greet: what it says first still chooses
+
+
+def _port(original) -> int | None:
+    return original[1] if original is not None else None
+
+
 class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
@@ -92,50 +99,59 @@ class DefaultTcp:
         server_first = fixed not in (None, "http", "https")
         first = b"" if server_first else await first_bytes(reader.read, self._wait)
         count(len(first))
-        original = await self._origin_of(asked, writer)
+        original, known = None, False
+        if fixed is None and not first:  # silent: greet on a server-first port, else wait on
+            original, known = await self._origin_of(asked, writer), True
+            if not (recognize.greets(_port(original)) or small_services.speaks_first(_port(original))):
+                first = await first_bytes(reader.read, SILENT)
+                count(len(first))
+        if not known:  # even an unknown protocol's port may name a small service (finger on 79)
+            original = await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
-        if fixed is not None:
-            kind = {"https": "tls"}.get(fixed, fixed)
-        else:  # silent: the port the client asked for chooses
-            kind = (recognize.classify(first) if first
-                    else recognize.server_first(original[1] if original else None) or "other")
-        if kind == "other" and fixed is None:  # a small service by its port (IRC, finger, daytime...)
-            kind = small_services.kind_for(first, original) or "other"
+        port = _port(original)
+        kind = {"https": "tls"}.get(fixed, fixed) if fixed is not None else recognize.choose(first, port)
+        if fixed is None and kind in ("other", "ftp", "pop3"):  # a small service by its port or words (IRC, finger...)
+            small = small_services.kind_for(first, original)
+            if small is not None and (kind == "other" or small == "irc" and small_services.is_irc(first)):
+                kind = small
         if kind in small_services.KINDS:
             await small_services.serve(kind, Plain(reader, writer, first, count), self._small, self._emit, base, peer)
             return
-        plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
-        if kind == "tls":
-            record = dict(base, event="tls")
-            try:
-                contexts = self._certs()
-            except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
-                self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
-                return
-            # No SNI: the leaf names the address the client asked for.
-            ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            stream = await handshake(plain, first, contexts, ip, record)
-            self._emit(record)
-            if stream is None:
-                return
-            inner = await first_bytes(stream.read, self._wait)
-            stream.prepend(inner)
-            inside = recognize.server_first(original[1] if original else None) if not inner else None
-            if fixed == "https" or recognize.classify(inner) == "http":
-                await self._serve_http(stream, base, "https")
-            elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
-                await self._serve_first(inside, stream, base, peer, sock, original)
-            elif (small := small_services.kind_for(inner, original)) is not None:  # IRC over TLS (6697)
-                await small_services.serve(small, stream, self._small, self._emit, base, peer)
+        plain = Plain(reader, writer, b"" if kind in ("tls", "other") else first, count)
+        # No SNI: a leaf for the address the client asked for.
+        ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
+        upgrade = Upgrade(self._certs, self._emit, base, ip)
+        try:
+            if kind == "tls":
+                stream = await upgrade(plain, first)
+                if stream is not None:
+                    await self._inside(stream, base, peer, sock, original, upgrade)
+            elif kind == "http":
+                await self._serve_http(plain, base, "http")
+            elif kind != "other":
+                await self._serve_first(kind, plain, base, peer, sock, original, upgrade)
             else:
-                await echo(stream, await stream.read())
-        elif kind == "http":
-            await self._serve_http(plain, base, "http")
-        elif kind != "other":
-            await self._serve_first(kind, plain, base, peer, sock, original)
+                await echo(plain, first or await plain.read())
+        finally:
+            await upgrade.close()
+
+    async def _inside(self, stream, base: dict, peer, sock, original, upgrade: "Upgrade") -> None:
+        """The protocol inside TLS: recognised again; implicit TLS (465, 993...) by the port."""
+        port = _port(original)
+        inner = await first_bytes(stream.read, self._wait)
+        if not inner and self._fixed != "https" and recognize.server_first(port) is None:
+            inner = await first_bytes(stream.read, SILENT)
+        stream.prepend(inner)
+        kind = recognize.choose(inner, port, inside_tls=True)
+        if self._fixed == "https" or kind == "http":
+            await self._serve_http(stream, base, "https")
+        elif kind in recognize.SERVER_FIRST.values():
+            await self._serve_first(kind, stream, base, peer, sock, original, upgrade)
+        elif (small := small_services.kind_for(inner, original)) is not None:  # IRC over TLS (6697)
+            await small_services.serve(small, stream, self._small, self._emit, base, peer)
         else:
-            await echo(plain, first or await plain.read())
+            await echo(stream, await stream.read())
 
     async def _ftp_data(self, asked, reader, writer, count, peer) -> bool:
         """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""
@@ -159,23 +175,29 @@ class DefaultTcp:
     async def _original(self, peer, sock) -> tuple[str, int] | None:
         return await self._origin(peer[:2], sock[:2])
 
-    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original) -> None:
-        """A protocol that speaks first; each imports its library only once spoken."""
+    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original, upgrade) -> None:
+        """A protocol that speaks first; each imports its library only once spoken.
+
+        `upgrade`: the conversation's TLS, for STARTTLS (offered unless `upgrade.secure`).
+        """
         first, emit = self._first, self._emit
         if kind == "smtp":
             from nftdivert.services import smtp
 
-            await smtp.serve(stream, first, emit, base, peer)
-        elif kind in ("pop3", "imap"):
+            await smtp.serve(stream, first, emit, base, peer, upgrade)
+        elif kind == "pop3":
             from nftdivert.services import mailbox
 
-            serve = mailbox.serve_pop3 if kind == "pop3" else mailbox.serve_imap
-            await serve(stream, first.hostname, emit, base)
+            await mailbox.serve_pop3(stream, first, emit, base, upgrade)
+        elif kind == "imap":
+            from nftdivert.services import imap
+
+            await imap.serve(stream, first, emit, base, upgrade)
         elif kind == "ftp":
             from nftdivert.services import ftp
 
             asked = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            await ftp.serve(stream, first, emit, base, peer, asked)
+            await ftp.serve(stream, first, emit, base, peer, asked, upgrade)
         elif kind == "ssh":
             from nftdivert.services import ssh
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
+from nftdivert.services import active
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
 
@@ -249,3 +250,4 @@ class Listeners:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+            active.unroute()  # active FTP's routing rule, if a transfer added it

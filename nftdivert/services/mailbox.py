@@ -1,9 +1,10 @@
-"""POP3 and IMAP: any login succeeds, is logged, and finds an empty mailbox.
+"""POP3 and IMAP: any login succeeds, is logged, and finds the mailbox of `inbox`.
 
-Small state machines by hand: a client that only logs in and looks needs
+Small state machines by hand: a client that logs in, looks and reads needs
 nothing more, and no maintained server library answers for any mailbox.
 Each login is one log record (event "pop3" or "imap") with the user and
-password offered.
+password offered; a message APPENDed is kept like a mail ("imap_append"). STLS and STARTTLS upgrade the conversation (`upgrade`,
+the listener's TLS, offered unless already spoken).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import re
+
+from nftdivert.services import inbox
+from nftdivert.services.inbox import Message
 
 IDLE_TIMEOUT = 60.0  # seconds a client may say nothing before it is closed
 MAX_LINE = 8192
@@ -35,9 +38,19 @@ class Lines:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line.rstrip(b"\r").decode("utf-8", "replace")
 
+    async def exactly(self, size: int) -> bytes | None:
+        """The next `size` bytes (an IMAP literal); None if the client goes first."""
+        while len(self._buffer) < size:
+            data = await asyncio.wait_for(self._stream.read(65536), IDLE_TIMEOUT)
+            if not data:
+                return None
+            self._buffer += data
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
 
 async def say(stream, *lines: str) -> None:
-    stream.write("".join(line + "\r\n" for line in lines).encode())
+    stream.write("".join(line + "\r\n" for line in lines).encode("utf-8", "surrogateescape"))
     await stream.drain()
 
 
@@ -50,140 +63,78 @@ def plain_credentials(encoded: str) -> dict:
     return {"user": parts[1], "password": parts[2]} if len(parts) == 3 else {"data": encoded[:256]}
 
 
-# -- POP3 (RFC 1939) -----------------------------------------------------------
+def _dotted(text: str) -> list[str]:
+    """A multi-line POP3 answer's lines, dot-stuffed, with the final dot."""
+    return [("." + line if line.startswith(".") else line) for line in text.split("\r\n")[:-1]] + ["."]
 
-def pop3_answer(command: str, state: dict) -> tuple[list[str], dict | None, bool]:
+
+def _pick(box: tuple[Message, ...], arg: str) -> int | None:
+    number = arg.split(" ", 1)[0]
+    return int(number) if number.isdigit() and 1 <= int(number) <= len(box) else None
+
+
+def pop3_answer(command: str, state: dict, box: tuple[Message, ...] = ()) -> tuple[list[str], dict | None, bool]:
     """(reply lines, a login record or None, close?) for one POP3 command line."""
     verb, _, arg = command.partition(" ")
     verb = verb.upper()
+    total = sum(m.size for m in box)
+    drop = f"+OK maildrop has {len(box)} messages ({total} octets)"
     if verb == "USER":
         state["user"] = arg
         return ["+OK"], None, False
     if verb == "PASS":
-        return ["+OK maildrop has 0 messages (0 octets)"], {"user": state.get("user", ""), "password": arg}, False
+        return [drop], {"user": state.get("user", ""), "password": arg}, False
     if verb == "APOP":
         user, _, digest = arg.partition(" ")
-        return ["+OK maildrop has 0 messages (0 octets)"], {"user": user, "apop_digest": digest}, False
+        return [drop], {"user": user, "apop_digest": digest}, False
     if verb == "CAPA":
-        return ["+OK", "USER", "UIDL", "TOP", "."], None, False
+        return ["+OK", "USER", "UIDL", "TOP", *(["STLS"] if state.get("stls") else []), "."], None, False
     if verb == "STAT":
-        return ["+OK 0 0"], None, False
-    if verb in ("LIST", "UIDL"):
-        return (["-ERR no such message"] if arg else ["+OK 0 messages", "."]), None, False
+        return [f"+OK {len(box)} {total}"], None, False
     if verb in ("NOOP", "RSET"):
         return ["+OK"], None, False
     if verb == "QUIT":
         return ["+OK bye"], None, True
-    if verb in ("RETR", "TOP", "DELE"):
+    if verb in ("LIST", "UIDL") and not arg:
+        listed = [f"{n} {m.size if verb == 'LIST' else n}" for n, m in enumerate(box, 1)]
+        return [f"+OK {len(box)} messages", *listed, "."], None, False
+    number = _pick(box, arg)
+    if verb not in ("LIST", "UIDL", "RETR", "TOP", "DELE"):
+        return ["-ERR unknown command"], None, False
+    if number is None:
         return ["-ERR no such message"], None, False
-    return ["-ERR unknown command"], None, False
+    message = box[number - 1]
+    if verb == "LIST":
+        return [f"+OK {number} {message.size}"], None, False
+    if verb == "UIDL":
+        return [f"+OK {number} {number}"], None, False
+    if verb == "DELE":
+        return [f"+OK message {number} deleted"], None, False
+    if verb == "RETR":
+        return [f"+OK {message.size} octets", *_dotted(message.text)], None, False
+    lines = arg.split(" ")[1:2]
+    return ["+OK", *_dotted(inbox.top(message, int(lines[0]) if lines and lines[0].isdigit() else 0))], None, False
 
 
-async def serve_pop3(stream, hostname: str, emit, base: dict) -> None:
-    lines, state = Lines(stream), {}
-    await say(stream, f"+OK {hostname} POP3 server ready")
+async def serve_pop3(stream, config, emit, base: dict, upgrade=None) -> None:
+    lines, state = Lines(stream), {"stls": upgrade is not None and not upgrade.secure}
+    box = inbox.load(config.mailbox_dir, config.hostname)
+    await say(stream, f"+OK Dovecot on {config.hostname} ready.")  # as scanners know it
     for _ in range(MAX_COMMANDS):
         command = await lines.next()
         if command is None:
             return
-        reply, login, close = pop3_answer(command, state)
+        if command.upper() == "STLS" and state["stls"]:
+            state["stls"] = False
+            await say(stream, "+OK Begin TLS negotiation")
+            stream = await upgrade(stream, starttls=True)
+            if stream is None:
+                return
+            lines = Lines(stream)  # what was sent in the clear is forgotten (RFC 2595 4)
+            continue
+        reply, login, close = pop3_answer(command, state, box)
         if login is not None:
             emit(dict(base, event="pop3", **login))
         await say(stream, *reply)
         if close:
             return
-
-
-# -- IMAP (RFC 3501) -----------------------------------------------------------
-
-_ATOM_OR_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
-CAPABILITY = "CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN"
-
-
-def imap_arguments(text: str) -> list[str]:
-    """Atoms and quoted strings (backslash escapes undone)."""
-    return [re.sub(r"\\(.)", r"\1", q) if q or not a else a for q, a in _ATOM_OR_QUOTED.findall(text)]
-
-
-def imap_answer(command: str) -> tuple[list[str], dict | None, bool]:
-    """(reply lines, a login record or None, close?) for one IMAP command line (not AUTHENTICATE)."""
-    tag, _, rest = command.partition(" ")
-    verb, _, arg = rest.partition(" ")
-    verb = verb.upper()
-    if verb == "UID":
-        verb, _, arg = arg.partition(" ")
-        verb = verb.upper()
-    ok = f"{tag} OK {verb} completed"
-    if verb == "CAPABILITY":
-        return [f"* {CAPABILITY}", ok], None, False
-    if verb == "LOGIN":
-        args = imap_arguments(arg)
-        login = {"user": args[0] if args else "", "password": args[1] if len(args) > 1 else ""}
-        return [ok], login, False
-    if verb in ("SELECT", "EXAMINE"):
-        return ["* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)", "* 0 EXISTS", "* 0 RECENT",
-                "* OK [UIDVALIDITY 1] UIDs valid", "* OK [UIDNEXT 1] Predicted next UID",
-                f"{tag} OK [{'READ-ONLY' if verb == 'EXAMINE' else 'READ-WRITE'}] {verb} completed"], None, False
-    if verb in ("LIST", "LSUB"):
-        return [f'* {verb} (\\HasNoChildren) "/" INBOX', ok], None, False
-    if verb == "STATUS":
-        return ["* STATUS INBOX (MESSAGES 0 RECENT 0 UIDNEXT 1 UIDVALIDITY 1 UNSEEN 0)", ok], None, False
-    if verb == "SEARCH":
-        return ["* SEARCH", ok], None, False
-    if verb in ("FETCH", "STORE", "NOOP", "CHECK", "CLOSE", "EXPUNGE", "SUBSCRIBE", "UNSUBSCRIBE", "CREATE",
-                "DELETE", "RENAME", "COPY", "APPEND", "ID", "ENABLE", "NAMESPACE"):
-        return [ok], None, False
-    if verb == "LOGOUT":
-        return ["* BYE logging out", ok], None, True
-    return [f"{tag} BAD unknown command"], None, False
-
-
-async def serve_imap(stream, hostname: str, emit, base: dict) -> None:
-    lines = Lines(stream)
-    await say(stream, f"* OK [{CAPABILITY}] {hostname} IMAP4rev1 ready")
-    for _ in range(MAX_COMMANDS):
-        command = await lines.next()
-        if command is None:
-            return
-        tag, _, rest = command.partition(" ")
-        verb, _, arg = rest.partition(" ")
-        if verb.upper() == "AUTHENTICATE":
-            login = await _imap_authenticate(stream, lines, arg)
-            if login is None:
-                return
-            emit(dict(base, event="imap", **login))
-            await say(stream, f"{tag} OK AUTHENTICATE completed")
-            continue
-        reply, login, close = imap_answer(command)
-        if login is not None:
-            emit(dict(base, event="imap", **login))
-        await say(stream, *reply)
-        if close:
-            return
-
-
-async def _imap_authenticate(stream, lines: Lines, arg: str) -> dict | None:
-    mechanism, _, initial = arg.partition(" ")
-    mechanism = mechanism.upper()
-    if mechanism == "LOGIN":  # two challenges: the user, then the password, each base64
-        got = []
-        for prompt in ("VXNlcm5hbWU6", "UGFzc3dvcmQ6"):
-            await say(stream, f"+ {prompt}")
-            line = await lines.next()
-            if line is None:
-                return None
-            got.append(_b64(line))
-        return {"mechanism": "LOGIN", "user": got[0], "password": got[1]}
-    if not initial:
-        await say(stream, "+ ")
-        initial = await lines.next()
-        if initial is None:
-            return None
-    return {"mechanism": mechanism, **(plain_credentials(initial) if mechanism == "PLAIN" else {"data": initial[:256]})}
-
-
-def _b64(text: str) -> str:
-    try:
-        return base64.b64decode(text, validate=True).decode("utf-8", "replace")
-    except (binascii.Error, ValueError):
-        return text[:256]

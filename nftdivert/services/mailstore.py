@@ -5,6 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+MAX_HEADERS = 100
+MAX_VALUE = 1024
+
+
+def headers(data: bytes) -> list[list[str]]:
+    """A message's header fields as [name, value] pairs, bounded."""
+    msg = BytesHeaderParser(policy=compat32).parsebytes(data)
+    return [[name, str(value)[:MAX_VALUE]] for name, value in list(msg.items())[:MAX_HEADERS]]
 
 
 def keep(directory: str, data: bytes, suffix: str = "") -> dict:

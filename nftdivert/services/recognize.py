@@ -2,9 +2,10 @@
 
 The default TCP listener reads at most the first bytes of a conversation,
 waiting a short while for them, and picks the answer from them: TLS, HTTP,
-or the echo. A client that says nothing first expects the server to speak
-(SMTP, FTP, POP3, IMAP, SSH): `server_first` picks it by the port the
-client asked for.
+a command a server-first protocol's client sends (EHLO, USER, a tagged
+IMAP command...), or the echo. A client that says nothing first expects
+the server to speak (SMTP, FTP, POP3, IMAP, SSH): `server_first` picks it
+by the port the client asked for.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ _HTTP_REQUEST = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
 _TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "TLSv1.2", 0x0304: "TLSv1.3"}
 
 
-def classify(first: bytes) -> str:
-    """'tls', 'http', 'ssh' or 'other' for the first bytes a client sent."""
+def classify(first: bytes, port: int | None = None) -> str:
+    """'tls', 'http', 'ssh', a server-first protocol or 'other' for the first bytes a client sent.
+
+    `port`, the port the client asked for, settles a command two protocols
+    share (USER: FTP or POP3).
+    """
     # A TLS record: handshake (22), a 3.x version, then a ClientHello (1).
     if len(first) >= 6 and first[0] == 0x16 and first[1] == 3 and first[2] <= 4 and first[5] == 1:
         return "tls"
@@ -28,7 +33,21 @@ def classify(first: bytes) -> str:
         return "http"
     if first.startswith((b"SSH-2.0-", b"SSH-1.99-")):  # an SSH client need not wait for the server's banner
         return "ssh"
-    return "other"
+    speaks = [kind for kind, command in _FIRST_COMMANDS if command.match(first)]
+    if not speaks:
+        return "other"
+    by_port = server_first(port)
+    return by_port if by_port in speaks else speaks[0]
+
+
+# What a client of a server-first protocol may send before the greeting, in
+# order of preference when the port does not settle it.
+_FIRST_COMMANDS = (
+    ("smtp", re.compile(rb"(?i)(EHLO|HELO|LHLO) \S")),
+    ("ftp", re.compile(rb"(?i)(USER \S|AUTH (TLS|SSL)\b|FEAT\r?\n|SYST\r?\n|OPTS \S)")),
+    ("pop3", re.compile(rb"(?i)(USER \S|CAPA\r?\n|STLS\r?\n|APOP \S|AUTH\b)")),
+    ("imap", re.compile(rb"(?i)[!#-'*-Z^-z|~]{1,20} (CAPABILITY|LOGIN|AUTHENTICATE|STARTTLS|ID|NOOP)\b")),
+)
 
 
 def wants_more(first: bytes) -> bool:
@@ -42,7 +61,27 @@ def wants_more(first: bytes) -> bool:
 
 
 SERVER_FIRST = {21: "ftp", 22: "ssh", 25: "smtp", 110: "pop3", 143: "imap", 465: "smtp", 587: "smtp",
-                2525: "smtp"}
+                2525: "smtp", 990: "ftp", 993: "imap", 995: "pop3"}
+# Implicit TLS: the client's ClientHello comes first, the protocol inside speaks first.
+IMPLICIT_TLS = frozenset((465, 990, 993, 995))
+
+
+def choose(first: bytes, original_port: int | None, inside_tls: bool = False) -> str:
+    """The answer for a client that said `first` (maybe nothing) to the port it asked for.
+
+    On a port whose protocol speaks first, bytes that are none of its
+    clients' first commands (a scanner's probe, an HTTP request) still get
+    that protocol, as a real server there would answer: only TLS, SSH and
+    another server-first protocol's own command change it.
+    """
+    own = server_first(original_port) if inside_tls or greets(original_port) else None
+    kind = classify(first, original_port) if first else "other"
+    return own if own is not None and kind in ("http", "other") else kind
+
+
+def greets(original_port: int | None) -> bool:
+    """True on a port whose protocol speaks first in the clear: a silent client gets the greeting soon."""
+    return original_port in SERVER_FIRST and original_port not in IMPLICIT_TLS
 
 
 def server_first(original_port: int | None) -> str | None:

@@ -19,7 +19,19 @@ PORTS = {7: "echo", 9: "discard", 13: "daytime", 17: "qotd", 19: "chargen", 37: 
 KINDS = frozenset(PORTS.values()) - {"echo"}  # the echo is the listener's own answer
 # An IRC client's registration starts with one of these (RFC 2812 3.1; CAP from IRCv3).
 _IRC = re.compile(rb"(?:(?:NICK|USER|PASS|CAP) \S)", re.IGNORECASE)
+# ... and only an IRC client's USER has four parameters (FTP's and POP3's have one).
+_IRC_SURE = re.compile(rb"(?:(?:NICK|PASS|CAP) \S|USER \S+ \S+ \S+ )", re.IGNORECASE)
 _quotes = itertools.count()
+
+
+def speaks_first(port: int | None) -> bool:
+    """Does the small service on this port answer a client that says nothing (Time, Daytime...)?"""
+    return PORTS.get(port) in ("time", "daytime", "qotd", "chargen")
+
+
+def is_irc(first: bytes) -> bool:
+    """First words only an IRC client sends (USER as FTP or POP3 sends it is not)."""
+    return bool(_IRC_SURE.match(first))
 
 
 def kind_for(first: bytes, original: tuple[str, int] | None) -> str | None:

@@ -7,23 +7,14 @@ own ("smtp_auth") with the login and password offered, and succeeds.
 
 from __future__ import annotations
 
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+import ssl
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from nftdivert.config import ServerFirstConfig
 from nftdivert.services import adapter
-from nftdivert.services.mailstore import keep
+from nftdivert.services.mailstore import MAX_VALUE, headers, keep
 
-MAX_HEADERS = 100
-MAX_VALUE = 1024
-
-
-def headers(data: bytes) -> list[list[str]]:
-    """The message's header fields as [name, value] pairs, bounded."""
-    msg = BytesHeaderParser(policy=compat32).parsebytes(data)
-    return [[name, str(value)[:MAX_VALUE]] for name, value in list(msg.items())[:MAX_HEADERS]]
 
 
 def _text(value) -> str:
@@ -50,9 +41,48 @@ class _Handler:
         return AuthResult(success=True)
 
 
-async def serve(stream, config: ServerFirstConfig, emit, base: dict, peer) -> None:
+class _Upgraded:
+    """What aiosmtpd's own TLS layer would be, as far as its EHLO and AUTH ask: there."""
+
+
+class _Smtp(SMTP):
+    """aiosmtpd with STARTTLS done by the listener's stream (adapter.serve), not asyncio's transport."""
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if self._tls_protocol is not None or not self.tls_context:  # spoken already (or implicit TLS)
+            await self.push("454 4.7.0 TLS not available")
+            return
+        wanted = self.transport.tls_wanted = self.loop.create_future()
+        await self.push("220 2.0.0 Ready to start TLS")
+        if not await wanted:
+            self.transport.close()
+            return
+        # RFC 3207 4.2: forget what was said in the clear.
+        self._tls_protocol = _Upgraded()
+        self.session = self._create_session()
+        self.session.peer = self.transport.get_extra_info("peername")
+        self.envelope = self._create_envelope()
+
+
+async def serve(stream, config: ServerFirstConfig, emit, base: dict, peer, upgrade=None) -> None:
+    """`upgrade`: the conversation's TLS (default_tcp.Upgrade); STARTTLS is offered unless it is spoken already."""
     handler = _Handler(config, emit, base)
     # ident: the greeting says "ESMTP" like a mail server, not aiosmtpd's own name.
-    protocol = SMTP(handler, hostname=config.hostname, ident="ESMTP Postfix", authenticator=handler.authenticate,
-                    auth_require_tls=False, timeout=60)
-    await adapter.serve(protocol, stream, {"peername": peer})
+    # tls_context only makes aiosmtpd offer STARTTLS; the listener's stream does the handshake.
+    protocol = _Smtp(handler, hostname=config.hostname, ident="ESMTP Postfix", authenticator=handler.authenticate,
+                     auth_require_tls=False, timeout=60, tls_context=_OFFER if upgrade is not None and not upgrade.secure else None)
+    await adapter.serve(protocol, stream, {"peername": peer}, upgrade)
+
+
+class _Offer:
+    """Truthy, and what aiosmtpd checks a context for when it is given one."""
+
+    verify_mode = ssl.CERT_NONE
+    check_hostname = False
+
+
+_OFFER = _Offer()

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from nftdivert.errors import NftDivertError
 from nftdivert.services import certs, recognize
 
 HANDSHAKE_TIMEOUT = 15.0
+LINGER = 2.0  # seconds to read what the client still sends after our close_notify and FIN
 
 
 class Plain:
@@ -50,6 +52,7 @@ class Tls:
     def __init__(self, plain: Plain, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> None:
         self._plain, self._obj, self._in, self._out = plain, obj, incoming, outgoing
         self._first = b""  # what recognition read inside, put back (prepend)
+        self._closed = False  # close_notify sent
 
     async def read(self, n: int = 65536) -> bytes:
         if self._first:
@@ -65,13 +68,16 @@ class Tls:
                 self._in.write(data)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
+            except ssl.SSLError:  # garbage inside: the end of the conversation, not a traceback
+                return b""
 
     def prepend(self, first: bytes) -> None:
         self._first = first + self._first
 
     def write(self, data: bytes) -> None:
-        self._obj.write(data)
-        self._flush()
+        if not self._closed:
+            self._obj.write(data)
+            self._flush()
 
     def _flush(self) -> None:
         pending = self._out.read()
@@ -82,11 +88,31 @@ class Tls:
         await self._plain.drain()
 
     def write_eof(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._obj.unwrap()  # close_notify: the TLS form of the client's EOF
         except ssl.SSLError:
             pass
         self._flush()
+
+    async def close(self) -> None:
+        """close_notify, FIN, then read what the client still sends until its own FIN.
+
+        A socket closed with the client's close_notify unread, or arriving
+        after the close, answers with a reset: every HTTPS conversation
+        ended that way.
+        """
+        try:
+            self.write_eof()
+            await self._plain.drain()
+            self._plain.write_eof()
+            async with asyncio.timeout(LINGER):
+                while await self._plain.read():
+                    pass
+        except (ConnectionError, OSError, TimeoutError):
+            pass
 
 
 async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, ip: str,
@@ -136,3 +162,47 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return (getattr(exc, "reason", None) or str(exc) or type(exc).__name__)[:200]
+
+
+class Upgrade:
+    """TLS for one conversation: at once (a ClientHello first) or on STARTTLS.
+
+    Each handshake is logged like any other; the last TLS stream is closed
+    cleanly (close_notify, FIN) when the conversation ends.
+    """
+
+    def __init__(self, certs, emit, base: dict, ip: str) -> None:
+        """`certs()`: the Contexts (made on first use); `ip`: the address a leaf names without SNI."""
+        self._certs, self._emit, self._base, self._ip = certs, emit, base, ip
+        self._streams: list = []
+
+    async def __call__(self, stream, first: bytes = b"", starttls: bool = False, base: dict | None = None):
+        """The TLS stream over `stream`, or None (the handshake failed, logged)."""
+        record = dict(base or self._base, event="tls")
+        if starttls:
+            record["starttls"] = True
+        try:
+            contexts = self._certs()
+        except NftDivertError as exc:  # no CA (state_dir unusable): logged, not fatal
+            self._emit(dict(record, result="failed", error=f"no CA: {exc}"[:200]))
+            return None
+        if not first:  # after STARTTLS: a ClientHello comes whole in its first segment
+            try:
+                first = await asyncio.wait_for(stream.read(), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError as exc:
+                self._emit(dict(record, result="failed", error=_reason(exc)))
+                return None
+        tls = await handshake(stream, first, contexts, self._ip, record)
+        self._emit(record)
+        if tls is not None and base is None:
+            self._streams.append(tls)
+        return tls
+
+    @property
+    def secure(self) -> bool:
+        """TLS spoken already: STARTTLS is not offered again."""
+        return bool(self._streams)
+
+    async def close(self) -> None:
+        if self._streams:
+            await self._streams[-1].close()

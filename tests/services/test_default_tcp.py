@@ -47,13 +47,47 @@ def test_bytes_inside_tls_that_are_not_http_are_echoed_in_tls(listening):
         ("first.example", "failed"), ("echo.example", "ok")]
 
 
-def test_a_silent_client_gets_the_echo_after_the_wait(listening):
+def test_a_client_silent_past_the_wait_is_still_recognised_by_what_it_says_first(listening):
     port, records, _ = listening
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        time.sleep(0.6)  # past the wait: the echo has begun
+        time.sleep(0.6)  # past the wait; no port asked for that greets (nothing names one on loopback)
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert s.recv(100) == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"  # no longer recognised: echoed
+        assert s.recv(100).startswith(b"HTTP/1.1 200 OK")
+    assert records[0]["url"] == "http://x/"
+
+
+def test_a_client_silent_past_the_wait_saying_something_unknown_gets_the_echo(listening):
+    port, records, _ = listening
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        time.sleep(0.6)
+        s.sendall(b"late words")
+        assert s.recv(100) == b"late words"
     assert records == []
+
+
+def test_a_client_that_talks_first_in_smtp_gets_the_greeting_then_its_answer(listening):
+    port, records, _ = listening
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"EHLO fast\r\n")
+        got = b""
+        while b"250 " not in got:
+            got += s.recv(4096)
+    assert got.startswith(b"220 ") and b"250-" in got and b"EHLO fast" not in got
+
+
+def test_tls_ends_with_close_notify_and_fin(listening):
+    port, _, ca = listening
+    ctx = ssl.create_default_context(cafile=str(ca) if ca.exists() else None)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        tls = ctx.wrap_socket(raw, server_hostname="end.example", suppress_ragged_eofs=False)
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: end.example\r\n\r\n")
+        got = b""
+        while chunk := tls.recv(4096):  # b"" only on the server's close_notify (else SSLEOFError)
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200 OK")
+        plain = tls.unwrap()  # our close_notify; the server reads it, then its FIN arrives
+        assert plain.recv(10) == b""
 
 
 def test_a_request_line_in_pieces_is_still_http(listening):

@@ -1,10 +1,18 @@
-"""POP3 and IMAP answers, command by command (pure)."""
+"""POP3's answers, command by command (pure), and its STLS with a real client."""
 
 from __future__ import annotations
 
 import base64
+import poplib
 
+from fixed import events, listening
 from nftdivert.services import mailbox
+from nftdivert.services.inbox import Message
+
+BOX = (Message("Subject: one\r\n\r\n.dot line\r\nsecond\r\n"), Message("Subject: two\r\n\r\nx\r\n"))
+
+
+
 
 
 def test_pop3_user_and_pass_make_one_login_and_an_empty_maildrop():
@@ -18,18 +26,30 @@ def test_pop3_user_and_pass_make_one_login_and_an_empty_maildrop():
     assert mailbox.pop3_answer("QUIT", state)[2] is True
 
 
-def test_imap_login_takes_quoted_arguments_with_escapes():
-    reply, login, close = mailbox.imap_answer('a1 LOGIN "us er" "p\\"w"')
-    assert reply == ["a1 OK LOGIN completed"] and login == {"user": "us er", "password": 'p"w'} and not close
-    assert mailbox.imap_answer("a2 login bot secret")[1] == {"user": "bot", "password": "secret"}
+def test_pop3_lists_retrieves_dot_stuffed_and_tops_the_messages():
+    size = BOX[0].size
+    assert mailbox.pop3_answer("STAT", {}, BOX)[0] == [f"+OK 2 {size + BOX[1].size}"]
+    assert mailbox.pop3_answer("LIST", {}, BOX)[0] == ["+OK 2 messages", f"1 {size}", f"2 {BOX[1].size}", "."]
+    assert mailbox.pop3_answer("LIST 2", {}, BOX)[0] == [f"+OK 2 {BOX[1].size}"]
+    assert mailbox.pop3_answer("UIDL", {}, BOX)[0] == ["+OK 2 messages", "1 1", "2 2", "."]
+    assert mailbox.pop3_answer("RETR 1", {}, BOX)[0] == [f"+OK {size} octets", "Subject: one", "", "..dot line",
+                                                         "second", "."]
+    assert mailbox.pop3_answer("TOP 1 1", {}, BOX)[0] == ["+OK", "Subject: one", "", "..dot line", "."]
+    assert mailbox.pop3_answer("RETR 3", {}, BOX)[0] == ["-ERR no such message"]
 
 
-def test_imap_select_finds_nothing_and_logout_closes():
-    reply = mailbox.imap_answer("a3 SELECT INBOX")[0]
-    assert "* 0 EXISTS" in reply and reply[-1].startswith("a3 OK [READ-WRITE]")
-    assert mailbox.imap_answer("a4 UID SEARCH ALL")[0] == ["* SEARCH", "a4 OK SEARCH completed"]
-    assert mailbox.imap_answer("a5 LOGOUT")[2] is True
-    assert mailbox.imap_answer("a6 FROB")[0] == ["a6 BAD unknown command"]
+def test_pop3_stls_then_message_1_is_read_inside_tls(tmp_path):
+    with listening(tmp_path, "pop3") as (port, records, ctx):
+        p = poplib.POP3("127.0.0.1", port, timeout=10)
+        assert "STLS" in p.capa()
+        p.stls(context=ctx)
+        assert "STLS" not in p.capa()
+        p.user("bot")
+        p.pass_("pw")
+        assert p.stat()[0] == 1 and b"Subject: Welcome" in p.retr(1)[1]
+        p.quit()
+    assert events(records, "tls")[0]["starttls"] is True
+    assert events(records, "pop3") == [dict(events(records, "pop3")[0], user="bot", password="pw")]
 
 
 def test_sasl_plain_gives_user_and_password_and_garbage_is_kept_short():

@@ -44,10 +44,35 @@ def test_a_client_hello_without_sni_has_none():
     (b"SSH-2.0-OpenSSH_9.2\r\n", "ssh"),  # SSH clients speak first
     (b"\x16\x03\x01\x00", "other"),  # too short to be sure
     (b"\x00\x01\x02", "other"),
-    (b"EHLO x\r\n", "other"),
+    (b"EHLO x\r\n", "smtp"),  # a client that does not wait for the greeting
+    (b"HELO x\r\n", "smtp"),
+    (b"a1 LOGIN bot pw\r\n", "imap"),
+    (b"A001 CAPABILITY\r\n", "imap"),
+    (b"CAPA\r\n", "pop3"),
+    (b"USER x\r\n", "ftp"),  # FTP or POP3: without a port, FTP
+    (b"AUTH TLS\r\n", "ftp"),
+    (b"hello world\r\n", "other"),
+    (b"QUIT\r\n", "other"),
 ])
 def test_classify(first, kind):
     assert recognize.classify(first) == kind
+
+
+@pytest.mark.parametrize("first, port, kind", [
+    (b"USER x\r\n", 110, "pop3"),
+    (b"USER x\r\n", 21, "ftp"),
+    (b"USER x\r\n", 25, "ftp"),  # not an SMTP command: the port cannot make it one
+    (b"EHLO x\r\n", 21, "smtp"),
+    (b"AUTH PLAIN\r\n", 995, "pop3"),
+])
+def test_the_port_settles_a_command_two_protocols_share(first, port, kind):
+    assert recognize.classify(first, port) == kind
+
+
+def test_a_silent_client_is_greeted_on_plain_server_first_ports_only():
+    assert all(recognize.greets(p) for p in (21, 22, 25, 110, 143, 587, 2525))
+    assert not any(recognize.greets(p) for p in (465, 990, 993, 995, 443, 8080, None))
+    assert recognize.server_first(993) == "imap" and recognize.server_first(995) == "pop3"
 
 
 @pytest.mark.parametrize("first, more", [
@@ -82,3 +107,19 @@ def test_a_cut_client_hello_never_raises():
         info = recognize.client_hello(hello[:cut])
         assert "cut.example".startswith(info.get("sni", ""))
     assert recognize.client_hello(hello)["sni"] == "cut.example"
+
+
+@pytest.mark.parametrize("first, port, inside, kind", [
+    (b"", 25, False, "smtp"),  # silent on a port that greets
+    (b"", 993, False, "other"),  # implicit TLS: the ClientHello comes first
+    (b"", 993, True, "imap"),
+    (b"\r\n\r\n", 21, False, "ftp"),  # a scanner's probe: the port's protocol, not the echo
+    (b"GET / HTTP/1.0\r\n\r\n", 110, False, "pop3"),
+    (b"GET / HTTP/1.0\r\n\r\n", 995, True, "pop3"),
+    (b"GET / HTTP/1.0\r\n\r\n", 8080, False, "http"),
+    (b"EHLO x\r\n", 143, False, "smtp"),  # another server-first protocol's own command
+    (b"\r\n\r\n", 4444, False, "other"),
+    (b"", None, False, "other"),
+])
+def test_choose(first, port, inside, kind):
+    assert recognize.choose(first, port, inside) == kind

@@ -1,0 +1,101 @@
+"""Active FTP's data connection: from the address the client asked for, port 20, to where it listens.
+
+A client that sends PORT expects the data connection from the server it
+talked to. This host does not own that address, so the socket is
+transparent (IP_TRANSPARENT lets it bind any address and send from it).
+The client's answers, sent to that address, would be routed onward (or
+nowhere): a routing rule makes TCP to port 20 local, so they reach the
+socket. NAT leaves them alone (they answer our connection, the diverter's
+rules only turn new ones), and the conntrack entry is the host's own.
+Only port 20's answers are affected, nothing new arrives there (diverted
+conversations have their destination rewritten before routing). The rule
+is added on the first active transfer and removed when the listeners stop
+(`unroute`).
+If the transparent connection fails, the data connection comes from the
+host's own address, which every client library we know accepts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import subprocess
+
+from nftdivert.services.tls import Plain
+
+DATA_PORT = 20
+CONNECT_TIMEOUT = 5.0
+TABLE = "2020"  # the routing table holding "everything is local"
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+
+_routed: set[str] = set()  # "-4", "-6": the rules this process added
+
+
+def _ip(*args: str) -> bool:
+    try:
+        return subprocess.run(["ip", *args], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _route(family: str) -> None:
+    if family in _routed:
+        return
+    _ip(family, "route", "replace", "local", "default", "dev", "lo", "table", TABLE)
+    if _ip(family, "rule", "add", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE):
+        _routed.add(family)
+
+
+def unroute() -> None:
+    """Remove what `_route` added (nothing if no active transfer happened)."""
+    for family in _routed:
+        _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE)
+        _ip(family, "route", "flush", "table", TABLE)
+    _routed.clear()
+
+
+async def _open(source: tuple[str, int] | None, target: tuple[str, int], family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if source is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            sock.bind(source)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), CONNECT_TIMEOUT)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def connect(asked: str, target: tuple[str, int]):
+    """(stream, its end) to the client's `target`, from `asked` port 20 if possible; None if none."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(target[0]).version == 6 else socket.AF_INET
+        source_family = socket.AF_INET6 if ":" in asked else socket.AF_INET
+    except ValueError:
+        return None
+    sock = None
+    if family == source_family:
+        _route("-6" if family == socket.AF_INET6 else "-4")
+        try:
+            sock = await _open((asked, DATA_PORT), target, family)
+        except (OSError, asyncio.TimeoutError):
+            sock = None
+    if sock is None:
+        try:
+            sock = await _open(None, target, family)
+        except (OSError, asyncio.TimeoutError):
+            return None
+    reader, writer = await asyncio.open_connection(sock=sock)
+
+    async def end() -> None:
+        writer.close()
+
+    return Plain(reader, writer), end
