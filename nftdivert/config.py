@@ -279,6 +279,8 @@ class DnsConfig:
     answer_v4: str = "198.18.0.0/15"
     answer_v6: str = "2001:db8:53::/64"
     max_names: int = 131072  # per pool
+    # A name's address derives from it and this key: gateways sharing a key agree. "": in order of asking.
+    pool_key: str = ""
     ttl: int = 60
     nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
     txt: str = "v=spf1 -all"  # the answer to every TXT question
@@ -298,6 +300,9 @@ class DnsConfig:
         _check_type(f"{key}.max_names", self.max_names, int, "an integer")
         if not 1 <= self.max_names <= 4_194_304:
             raise ConfigError(f"{key}.max_names", self.max_names, "must be 1-4194304 (each name takes memory)")
+        _check_type(f"{key}.pool_key", self.pool_key, str, "a string")
+        if len(self.pool_key.encode()) > 256:
+            raise ConfigError(f"{key}.pool_key", self.pool_key, "at most 256 bytes")
         _check_type(f"{key}.ttl", self.ttl, int, "an integer number of seconds")
         if not 0 <= self.ttl <= 86400:
             raise ConfigError(f"{key}.ttl", self.ttl, "must be 0-86400")
