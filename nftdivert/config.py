@@ -234,6 +234,8 @@ class WorkerConfig:
     # and a group another program already reads is refused, so captures never mix.
     pcap_group: int = 1337
     pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
+    # The counters `status` shows, in Prometheus's text format, rewritten with them (about once a second).
+    metrics_file: str = ""
     # The ruleset sets this conntrack mark bit on every conversation it
     # answers; the conversation log reads only entries that carry it.
     ct_mark: int = 0x00200000
@@ -251,6 +253,7 @@ class WorkerConfig:
         if not 0 <= self.pcap_group <= 65535:
             raise ConfigError(f"{key}.pcap_group", self.pcap_group, "nflog groups are 0-65535")
         _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
+        _check_path(f"{key}.metrics_file", self.metrics_file)
         if self.pcap and self.pcap == self.pcap_rewritten:
             raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
+from nftdivert import metrics
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
@@ -249,7 +250,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
                                      "conversations that would not be logged")
             if now >= due["stats"]:
                 due["stats"] = now + 0.9  # about once a second, whatever the tick
-                _write_stats(statsfile, snapshot())
+                _write_stats(statsfile, snapshot(), config)
             stopped = capture.failed() if capture is not None else None
             if stopped:  # stop rather than divert uncaptured
                 raise NftDivertError(stopped)
@@ -267,7 +268,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         stack.callback(pump.close)
         if listeners.origins is not None:  # the listener's questions, between turns of packets
             pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
-        stack.callback(lambda: statsfile.unlink(missing_ok=True))
+        stack.callback(lambda: [Path(p).unlink(missing_ok=True) for p in (statsfile, config.worker.metrics_file) if p])
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
         applied = engine.apply(config, nft, claim, serving=True)
@@ -284,7 +285,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
-        _write_stats(statsfile, snapshot())
+        _write_stats(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()
         pump.run()
@@ -391,12 +392,14 @@ def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: 
     }
 
 
-def _write_stats(path: Path, snapshot: dict) -> None:
+def _write_stats(path: Path, snapshot: dict, config: Config) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(snapshot))
         tmp.replace(path)
+        if config.worker.metrics_file:  # the same counters for Prometheus (node_exporter's textfile collector)
+            metrics.write(config.worker.metrics_file, snapshot, config.table)
     except OSError:
         pass  # stats are a courtesy; diverting goes on
 
