@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 
 ROWS = 500  # rows kept per table; the rest are counted
 KEYS = 5000  # distinct destinations, names or SNIs tallied; the rest fold into one count
@@ -68,6 +69,14 @@ def byte_count(value: object) -> int:
     return int(got) if got is not None and got >= 0 else 0
 
 
+def bump(counter: Counter, key: str) -> None:
+    """Count `key` if it is counted already or there is room: a log may name a new one in every record."""
+    if key in counter or len(counter) < KINDS:
+        counter[key] += 1
+    else:
+        counter["(others)"] += 1
+
+
 @dataclass
 class Table:
     """The first `limit` rows, and how many more there were."""
@@ -118,7 +127,7 @@ class Digest:
     first: datetime | None = None
     last: datetime | None = None
     events: Counter = field(default_factory=Counter)  # known kinds only
-    versions: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)  # these three: at most KINDS keys (bump)
     protocols: Counter = field(default_factory=Counter)
     destinations: Tally = field(default_factory=Tally)  # (name, address, port, protocol)
     firsts: dict = field(default_factory=dict)  # a tallied destination -> when it was first contacted
@@ -157,7 +166,7 @@ class Digest:
         if stamp is not None:
             self.first = stamp if self.first is None else min(self.first, stamp)
             self.last = stamp if self.last is None else max(self.last, stamp)
-        self.versions[text(rec.get("v"), 10)] += 1
+        bump(self.versions, text(rec.get("v"), 10))
         event = rec.get("event")
         kind = text(event, 60) if event is not None else "(no event)"
         try:
@@ -183,7 +192,7 @@ class Digest:
 
     def _start(self, rec: dict) -> None:
         row = self._row(rec)
-        self.protocols[row["protocol"]] += 1
+        bump(self.protocols, row["protocol"])
         if self.destinations.add(self._key(rec), conversations=1) is not None:  # tallied: so its first time too
             self.firsts.setdefault(self._key(rec), row["time"])
         self.clients.add(text(rec.get("client_address") or _split(row["client"])[0]), conversations=1)
@@ -256,11 +265,10 @@ class Digest:
 
     # ---- drops and what this version does not know
     def _other(self, kind: str, rec: dict) -> None:
-        fields = [(text(k, 60), text(v)) for k, v in list(rec.items())[:40] if k not in ("v", "time", "event")]
+        fields = [(text(k, 60), text(v)) for k, v in islice(rec.items(), 40) if k not in ("v", "time", "event")]
         row = {"time": text(rec.get("time"), 40), "kind": kind, "fields": fields}
         if any(word in kind.lower() for word in DROP_WORDS):
-            if kind in self.dropped_kinds or len(self.dropped_kinds) < KINDS:
-                self.dropped_kinds[kind] += 1
+            bump(self.dropped_kinds, kind)
             self.dropped.add(row)
             return
         if self.unknown.add(kind, records=1) is not None:

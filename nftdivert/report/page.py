@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from nftdivert.errors import ConfigError
-from nftdivert.report.digest import ROWS, TIMELINE, Digest, text
+from nftdivert.report.digest import EXAMPLES, ROWS, TIMELINE, Digest, text
 from nftdivert.ruleset.render import template_dir
 
 LINE_LIMIT = 1 << 20  # bytes of one record; a longer line is counted unreadable and skipped
@@ -20,14 +20,19 @@ WIDTH, ROW = 960, 7  # the timeline's drawing area: pixels wide, pixels per conv
 COLOURS = {"tcp": "#3b73b9", "udp": "#d9822b", "icmp": "#5f9a35", "icmpv6": "#5f9a35"}
 
 
-def read(path: str) -> Digest:
-    """Stream the log: one line in memory at a time, at most LINE_LIMIT bytes of it."""
+def check(path: str) -> None:
+    """A log is a regular file or a pipe: a device (/dev/zero) would never end."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise ConfigError("LOG", path, exc.strerror or str(exc)) from None
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         raise ConfigError("LOG", path, "not a regular file or a pipe")
+
+
+def read(path: str) -> Digest:
+    """Stream the log: one line in memory at a time, at most LINE_LIMIT bytes of it."""
+    check(path)
     digest = Digest()
     with open(path, "rb") as log:
         while line := log.readline(LINE_LIMIT + 1):
@@ -83,15 +88,26 @@ def render(digest: Digest, source: str, out_dir: Path) -> str:
                              undefined=jinja2.StrictUndefined)
     env.filters["link"] = lambda saved: link(saved, out_dir)
     return env.get_template("report.html.j2").render(
-        d=digest, source=text(source), rows=ROWS, timeline=timeline(digest),
+        d=digest, source=text(source), rows=ROWS, examples=EXAMPLES, timeline=timeline(digest),
         span=(_clock(digest.first), _clock(digest.last)) if digest.first and digest.last else None)
 
 
 def write(log: str, output: str) -> Digest:
-    digest = read(log)
+    """The page for `log` at `output`, replaced whole; the output is opened before the log is
+    read, so a path that cannot be written fails at once, naming it."""
+    check(log)
     out = Path(output)
-    page = render(digest, os.path.basename(log), out.resolve().parent)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    try:
+        handle = open(tmp, "w", encoding="utf-8")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, output) from None
+    try:
+        with handle:
+            digest = read(log)
+            handle.write(render(digest, os.path.basename(log), out.resolve().parent))
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return digest

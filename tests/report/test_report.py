@@ -105,7 +105,7 @@ def test_unknown_kinds_are_counted_and_listed_and_drops_get_their_section(tmp_pa
 
 
 def test_a_huge_log_is_streamed_and_every_table_stays_bounded(tmp_path):
-    """60,000 conversations to distinct destinations and names, a 3 MB line, 300 kinds: tables keep their
+    """60,000 conversations to distinct destinations and names, a 3 MB line, 300 kinds, versions and protocols: tables keep their
     first or busiest rows and count the rest, and the page stays small."""
     log = tmp_path / "huge.jsonl"
     with open(log, "wb") as f:
@@ -115,22 +115,24 @@ def test_a_huge_log_is_streamed_and_every_table_stays_bounded(tmp_path):
             f.write(json.dumps({"v": 1, "time": "2026-11-28T04:15:00.000Z", "event": "dns",
                                 "name": f"dga{i}.example", "type": "A", "answer": "198.18.0.1"}).encode() + b"\n")
         f.write(b'{"v": 1, "event": "http", "url": "' + b"x" * 3_000_000 + b'"}\n')
-        for k in range(300):
+        for k in range(300):  # new kinds, schema versions and protocols in every record
             f.write(json.dumps({"v": 1, "event": f"kind{k}"}).encode() + b"\n")
+            f.write(json.dumps({**start(k, "192.0.2.1:1", "", proto=f"p{k}"), "v": k}).encode() + b"\n")
     began = time.monotonic()
     d = page.read(str(log))
     out = tmp_path / "report.html"
     html = page.render(d, "huge.jsonl", tmp_path)
     took = time.monotonic() - began
-    assert d.lines == 120_301 and d.unreadable == 1
-    assert len(d.destinations.counts) == digest_mod.KEYS and d.destinations.other["conversations"] == 55_000
+    assert d.lines == 120_601 and d.unreadable == 1
+    assert len(d.versions) == len(d.protocols) == digest_mod.KINDS + 1  # and "(others)"
+    assert len(d.destinations.counts) == digest_mod.KEYS and d.destinations.other["conversations"] == 55_300
     assert len(d.names.counts) == digest_mod.KEYS and len(d.conversations.rows) == digest_mod.ROWS
-    assert d.conversations.more == 60_000 - digest_mod.ROWS and len(d.timeline) == digest_mod.TIMELINE
+    assert d.conversations.more == 60_300 - digest_mod.ROWS and len(d.timeline) == digest_mod.TIMELINE
     assert len(d.unknown.counts) == digest_mod.KINDS and d.unknown.other["records"] == 200
     assert len(html) < 2_000_000, len(html)
     out.write_text(html)
     strict_tree(html)
-    assert "and 59500 more conversations, not shown" in html
+    assert "and 59800 more conversations, not shown" in html
     print(f"\nreport of {log.stat().st_size} bytes: read and rendered in {took:.1f} s, page {len(html)} bytes")
 
 
@@ -149,3 +151,13 @@ def test_a_log_that_is_no_file_is_bad_input_in_one_line(path, reason, tmp_path, 
                           text=True, env=cli_env, timeout=60)
     assert proc.returncode == 2 and reason in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_an_output_that_cannot_be_written_fails_at_once_naming_it(tmp_path, cli_env):
+    log = tmp_path / "log.jsonl"
+    write_log(log, [start(1, "198.51.100.7:1", "")])
+    target = tmp_path / "missing" / "r.html"
+    proc = subprocess.run(nftdivert_argv("report", str(log), "-o", str(target)), capture_output=True, text=True,
+                          env=cli_env, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == f"nftdivert: {target}: No such file or directory\n", proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
