@@ -23,7 +23,7 @@ class AnswerPool:
 
     Without a key, addresses are handed out in order until the pool (or
     `max_names`) is full. With a key, a name's address derives from the name
-    and the key (`derive`), so every pool with the same key and network gives
+    and the key (`candidates`), so every pool with the same key and network gives
     a name the same address, a fleet of gateways included; a name whose
     address another live name holds takes the next of its PROBES candidates.
     When the pool is full, the least recently asked name loses its address:
