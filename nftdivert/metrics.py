@@ -151,3 +151,12 @@ def write(path: str, snapshot: dict, table: str) -> None:
     tmp.write_text(render(snapshot, table))
     tmp.chmod(0o644)  # node_exporter runs as a user of its own
     tmp.replace(target)
+
+
+def remove(path: str) -> None:
+    """When the run stops: node_exporter then stops exporting its counters."""
+    if path:
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError:
+            pass

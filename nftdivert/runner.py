@@ -214,6 +214,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         # conntrack on a socket of their own (on the kernel path it knows everything).
         listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
+        stack.callback(metrics.remove, config.worker.metrics_file)  # the counters go with the run
         warned = False
         due = {"stats": 0.0, "serving": 0.0}
 
@@ -268,7 +269,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         stack.callback(pump.close)
         if listeners.origins is not None:  # the listener's questions, between turns of packets
             pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
-        stack.callback(lambda: [Path(p).unlink(missing_ok=True) for p in (statsfile, config.worker.metrics_file) if p])
+        stack.callback(lambda: statsfile.unlink(missing_ok=True))
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
         applied = engine.apply(config, nft, claim, serving=True)
