@@ -120,6 +120,25 @@ class Tally:
 
 
 @dataclass
+class Histogram:
+    """Conversation starts per time bin, over the whole log. Past `limit` bins, the bins
+    double in width (neighbours merged), so any span, however long, fits the same memory."""
+
+    limit: int = 480
+    width: int = 1  # seconds per bin
+    bins: Counter = field(default_factory=Counter)  # start of the bin // width -> conversations
+
+    def add(self, stamp: datetime) -> None:
+        self.bins[int(stamp.timestamp()) // self.width] += 1
+        while len(self.bins) > self.limit:
+            self.width *= 2
+            merged: Counter = Counter()
+            for index, count in self.bins.items():
+                merged[index // 2] += count
+            self.bins = merged
+
+
+@dataclass
 class Digest:
     lines: int = 0
     unreadable: int = 0  # not UTF-8, not JSON, not an object, or too long
@@ -134,6 +153,7 @@ class Digest:
     clients: Tally = field(default_factory=Tally)
     conversations: Table = field(default_factory=Table)
     timeline: dict = field(default_factory=dict)  # conversation id -> row, the first TIMELINE started
+    starts: Histogram = field(default_factory=Histogram)
     names: Tally = field(default_factory=Tally)  # DNS questions by name
     first_answers: dict = field(default_factory=dict)  # a tallied name -> types asked, first answer...
     recycled: Table = field(default_factory=Table)
@@ -199,6 +219,8 @@ class Digest:
         self.conversations.add(row)
         conv_id = rec.get("id")
         start = when(rec.get("time"))
+        if start is not None:
+            self.starts.add(start)
         if len(self.timeline) < TIMELINE and isinstance(conv_id, int) and start and conv_id not in self.timeline:
             self.timeline[conv_id] = {**row, "start": start, "end": None, "ended": ""}
 

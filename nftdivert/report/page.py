@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -77,6 +77,33 @@ def timeline(digest: Digest) -> dict:
             "seconds": round(span, 3), "shown": len(rows), "limit": TIMELINE}
 
 
+def histogram(digest: Digest, height: int = 80) -> dict:
+    """Bars of conversation starts per bin over the whole log, scaled to the busiest bin."""
+    bins = digest.starts.bins
+    if not bins:
+        return {"bars": []}
+    low, high, width = min(bins), max(bins), digest.starts.width
+    slots = high - low + 1
+    step, busiest = WIDTH / slots, max(bins.values())
+    bars = []
+    for index, count in sorted(bins.items()):
+        h = max(1.0, count / busiest * height)
+        since = _at(index * width)
+        bars.append({"x": round((index - low) * step, 1), "w": round(max(step - 0.5, 1.0), 1),
+                     "y": round(height - h, 1), "h": round(h, 1),
+                     "title": f"{_clock(since)}, {width} s: {count} conversations"})
+    return {"bars": bars, "width": WIDTH, "height": height, "bin": width, "busiest": busiest,
+            "from": _clock(_at(low * width)), "to": _clock(_at((high + 1) * width))}
+
+
+def _at(seconds: int) -> datetime:
+    """A bin's edge; one beyond the years a datetime holds is clamped to them."""
+    try:
+        return datetime.fromtimestamp(seconds, timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return (datetime.min if seconds < 0 else datetime.max).replace(tzinfo=timezone.utc)
+
+
 def _clock(stamp: datetime) -> str:
     return stamp.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
 
@@ -88,7 +115,7 @@ def render(digest: Digest, source: str, out_dir: Path) -> str:
                              undefined=jinja2.StrictUndefined)
     env.filters["link"] = lambda saved: link(saved, out_dir)
     return env.get_template("report.html.j2").render(
-        d=digest, source=text(source), rows=ROWS, examples=EXAMPLES, timeline=timeline(digest),
+        d=digest, source=text(source), rows=ROWS, examples=EXAMPLES, timeline=timeline(digest), histogram=histogram(digest),
         span=(_clock(digest.first), _clock(digest.last)) if digest.first and digest.last else None)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import timedelta
 
 import pytest
 
@@ -161,3 +162,17 @@ def test_an_output_that_cannot_be_written_fails_at_once_naming_it(tmp_path, cli_
                           env=cli_env, timeout=60)
     assert proc.returncode == 1 and proc.stderr == f"nftdivert: {target}: No such file or directory\n", proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
+def test_the_histogram_covers_any_span_in_the_same_bins():
+    """Starts a second apart for a day, then one in the year 9999: bins widen, nothing is lost."""
+    d = digest_mod.Digest()
+    for i in range(86_400):
+        d.starts.add(digest_mod.when("2026-11-28T00:00:00Z") + timedelta(seconds=i))
+    assert sum(d.starts.bins.values()) == 86_400 and len(d.starts.bins) <= d.starts.limit
+    assert d.starts.width == 256  # 86,400 s in at most 480 bins: 180 s would do, widths double
+    d.starts.add(digest_mod.when("9999-12-31T23:59:59Z"))
+    d.starts.add(digest_mod.when("0001-01-01T00:00:00Z"))
+    assert sum(d.starts.bins.values()) == 86_402 and len(d.starts.bins) <= d.starts.limit
+    bars = page.histogram(d)["bars"]
+    assert len(bars) == len(d.starts.bins) and all(0 <= b["x"] <= page.WIDTH for b in bars)
