@@ -80,6 +80,18 @@ def check_table_name(key: str, value: object) -> None:
         raise ConfigError(key, value, "table names are 1-32 letters, digits and '_', starting with a letter")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (address, port); ValueError says why not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError('an address and a port, like "127.0.0.1:9464" or "[::1]:9464"')
+    address = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    if address.is_unspecified:
+        raise ValueError("a wildcard address would answer the clients too, on every address they ask for: "
+                         "name the address to serve on (127.0.0.1, a management interface's)")
+    return str(address), int(port)
+
+
 def _check_path(key: str, value: str) -> None:
     _check_type(key, value, str, "a path string")
     if "\0" in value or "\n" in value:
@@ -236,6 +248,7 @@ class WorkerConfig:
     pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
     # The counters `status` shows, in Prometheus's text format, rewritten with them (about once a second).
     metrics_file: str = ""
+    metrics_listen: str = ""  # "127.0.0.1:9464": the same counters over HTTP (GET /metrics); "" none
     # The ruleset sets this conntrack mark bit on every conversation it
     # answers; the conversation log reads only entries that carry it.
     ct_mark: int = 0x00200000
@@ -254,6 +267,12 @@ class WorkerConfig:
             raise ConfigError(f"{key}.pcap_group", self.pcap_group, "nflog groups are 0-65535")
         _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
         _check_path(f"{key}.metrics_file", self.metrics_file)
+        _check_type(f"{key}.metrics_listen", self.metrics_listen, str, 'a string like "127.0.0.1:9464"')
+        if self.metrics_listen:
+            try:
+                listen_address(self.metrics_listen)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.metrics_listen", self.metrics_listen, str(exc)) from None
         if self.pcap and self.pcap == self.pcap_rewritten:
             raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")

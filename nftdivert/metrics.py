@@ -1,6 +1,7 @@
 """The counters `nftdivert status` shows, in Prometheus's text exposition format
 (0.0.4): a file for node_exporter's textfile collector, rewritten with the
-stats file. `render` is pure: a stats snapshot (runner.py) in, text out.
+stats file, and an HTTP endpoint that renders the stats file when scraped.
+`render` is pure: a stats snapshot (runner.py) in, text out.
 
 Known counters get a name, a type and help of their own. A number in the
 snapshot this table does not know yet (a counter added later) is exported
@@ -10,9 +11,15 @@ is missing here.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Iterator
+
+from nftdivert.config import listen_address
 
 PREFIX = "nftdivert"
 
@@ -160,3 +167,49 @@ def remove(path: str) -> None:
             Path(path).unlink(missing_ok=True)
         except OSError:
             pass
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def serve(listen: str, stats_file: Path, table: str, stack: ExitStack) -> None:
+    """Serve GET /metrics on `listen` ("" none) until the stack closes: the stats file the run keeps
+    writing, rendered at each scrape. One request at a time, each with a deadline, in a thread."""
+    if not listen:
+        return
+    address, port = listen_address(listen)
+
+    class Handler(BaseHTTPRequestHandler):
+        timeout = 5  # a client that never finishes its request holds the endpoint no longer
+
+        def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            try:
+                body = render(json.loads(stats_file.read_text()), table).encode()
+            except (OSError, ValueError):
+                self.send_error(503, "no counters yet")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:
+            pass  # scrapes are not the conversation log's business, nor stderr's
+
+    server_class = type("Server", (HTTPServer,), {"address_family": _family(address)})
+    server = server_class((address, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name="metrics", daemon=True)
+    thread.start()
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)  # first: the loop ends, then the socket closes
+
+
+def _family(address: str) -> int:
+    import socket
+
+    return socket.AF_INET6 if ":" in address else socket.AF_INET

@@ -215,6 +215,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None, seen: 
         listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
         stack.callback(metrics.remove, config.worker.metrics_file)  # the counters go with the run
+        metrics.serve(config.worker.metrics_listen, statsfile, config.table, stack)
         warned = False
         due = {"stats": 0.0, "serving": 0.0}
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
+from nftdivert.config import from_mapping
+from nftdivert.errors import ConfigError
 from prometheus_client.parser import text_string_to_metric_families
 
 from nftdivert import metrics
@@ -79,3 +82,19 @@ def test_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o644
     with pytest.raises(OSError):
         metrics.write(str(tmp_path / "missing" / "x.prom"), QUEUE_SNAPSHOT, "nftdivert")
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("0.0.0.0:9464", "wildcard"), ("[::]:9464", "wildcard"), ("127.0.0.1", "an address and a port"),
+    ("127.0.0.1:0", "an address and a port"), ("127.0.0.1:65536", "an address and a port"),
+    ("metrics.example:9464", "does not appear to be"), (9464, "a string"),
+])
+def test_a_bad_metrics_listen_names_the_key(value, reason):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"worker": {"metrics_listen": value}})
+    assert info.value.key == "worker.metrics_listen" and reason in str(info.value)
+
+
+def test_good_metrics_listen_values():
+    for value in ("127.0.0.1:9464", "[::1]:9464", "192.0.2.1:9100", ""):
+        assert from_mapping({"worker": {"metrics_listen": value}}).worker.metrics_listen == value

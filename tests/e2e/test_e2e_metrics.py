@@ -1,5 +1,6 @@
 """End to end: `[worker] metrics_file` holds the counters `status` shows, in
-Prometheus's text format, and they move with traffic; the file goes with the run."""
+Prometheus's text format, and they move with traffic; `metrics_listen` serves
+them over HTTP; the file and the endpoint go with the run."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
 def _read(path) -> dict[tuple[str, frozenset], float]:
     try:
-        text = path.read_text()
+        return _parse(path.read_text())
     except FileNotFoundError:
         return {}
+
+
+def _parse(text: str) -> dict[tuple[str, frozenset], float]:
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _scrape(ns) -> str:
+    proc = ns.run("curl", "-sS", "--max-time", "5", "-D", "/dev/stderr", "http://127.0.0.1:9464/metrics",
+                  check=False)
+    return proc.stdout if proc.returncode == 0 and "version=0.0.4" in proc.stderr else ""
 
 
 def _value(got: dict, name: str, **labels) -> float:
@@ -30,7 +40,8 @@ def test_the_metrics_file_follows_the_counters_and_goes_with_the_run(tmp_path):
     host = lab.build_local_host(netns)
     div = None
     try:
-        config = lab.config_text(mode="local") + f'\n[worker]\nmetrics_file = "{prom}"\n'
+        config = lab.config_text(mode="local") + f'\n[worker]\nmetrics_file = "{prom}"\n' \
+            'metrics_listen = "127.0.0.1:9464"\n'
         div = lab.Diverter(host, tmp_path, config, name="metrics").start()
         first = lab.wait_for(lambda: _read(prom), 10, "the metrics file")
         assert _value(first, "nftdivert_up") == 1
@@ -53,10 +64,14 @@ def test_the_metrics_file_follows_the_counters_and_goes_with_the_run(tmp_path):
         now = lab.wait_for(moved, 15, "the counters in the metrics file to count 3 conversations",
                            detail=lambda: prom.read_text())
         assert _value(now, "nftdivert_log_records_total", outcome="written") >= 3
+        served = _parse(_scrape(host))  # the endpoint renders the same stats, at least as new
+        assert _value(served, counter, **labels) >= before + 3, served
+        assert _value(served, "nftdivert_up") == 1
         assert _value(now, "nftdivert_stats_updated_seconds") > _value(first, "nftdivert_stats_updated_seconds")
         print(f"\nmetrics file: {prom}")
         div.stop_and_check()
         assert not prom.exists() and not list(tmp_path.glob(".nftdivert.prom.*"))
+        assert _scrape(host) == ""  # nothing serves it any more
     finally:
         if div is not None:
             div.kill()
