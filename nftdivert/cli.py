@@ -413,6 +413,24 @@ def ca(config_path: str | None) -> None:
     click.echo(authority.pem.decode(), nl=False)
 
 
+@cli.command()
+@click.argument("log", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write (replaced whole).")
+def report(log: str, output: str) -> None:
+    """One self-contained HTML page from a conversation log (JSON Lines): a timeline, the
+    destinations, names, TLS, HTTP, mail and uploads (linked), logins, and what was dropped.
+
+    No script and nothing fetched: open it anywhere. Everything from the log is escaped;
+    each table keeps its first or busiest rows and counts the rest.
+    """
+    from nftdivert.report import page
+
+    digest = page.write(log, output)
+    click.echo(f"{output}: {digest.lines} records, {digest.events['start']} conversations"
+               + (f", {digest.unreadable} unreadable lines" if digest.unreadable else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every exit status is decided here and in errors.report."""
     try:

@@ -82,6 +82,18 @@ def check_table_name(key: str, value: object) -> None:
         raise ConfigError(key, value, "table names are 1-32 letters, digits and '_', starting with a letter")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """"127.0.0.1:9464" or "[::1]:9464" -> (address, port); ValueError says why not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError('an address and a port, like "127.0.0.1:9464" or "[::1]:9464"')
+    address = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+    if address.is_unspecified:
+        raise ValueError("a wildcard address would answer the clients too, on every address they ask for: "
+                         "name the address to serve on (127.0.0.1, a management interface's)")
+    return str(address), int(port)
+
+
 def _check_path(key: str, value: str) -> None:
     _check_type(key, value, str, "a path string")
     if "\0" in value or "\n" in value:
@@ -242,6 +254,9 @@ class WorkerConfig:
     # and a group another program already reads is refused, so captures never mix.
     pcap_group: int = 1337
     pcap_rewritten: str = ""  # the queue worker's view: each diverted packet as it arrived and as rewritten
+    # The counters `status` shows, in Prometheus's text format, rewritten with them (about once a second).
+    metrics_file: str = ""
+    metrics_listen: str = ""  # "127.0.0.1:9464": the same counters over HTTP (GET /metrics); "" none
     # The ruleset sets this conntrack mark bit on every conversation it
     # answers; the conversation log reads only entries that carry it.
     ct_mark: int = 0x00200000
@@ -259,6 +274,13 @@ class WorkerConfig:
         if not 0 <= self.pcap_group <= 65535:
             raise ConfigError(f"{key}.pcap_group", self.pcap_group, "nflog groups are 0-65535")
         _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
+        _check_path(f"{key}.metrics_file", self.metrics_file)
+        _check_type(f"{key}.metrics_listen", self.metrics_listen, str, 'a string like "127.0.0.1:9464"')
+        if self.metrics_listen:
+            try:
+                listen_address(self.metrics_listen)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.metrics_listen", self.metrics_listen, str(exc)) from None
         if self.pcap and self.pcap == self.pcap_rewritten:
             raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
@@ -287,6 +309,8 @@ class DnsConfig:
     answer_v4: str = "198.18.0.0/15"
     answer_v6: str = "2001:db8:53::/64"
     max_names: int = 131072  # per pool
+    # A name's address derives from it and this key: gateways sharing a key agree. "": in order of asking.
+    pool_key: str = ""
     ttl: int = 60
     nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
     txt: str = "v=spf1 -all"  # the answer to every TXT question
@@ -306,6 +330,9 @@ class DnsConfig:
         _check_type(f"{key}.max_names", self.max_names, int, "an integer")
         if not 1 <= self.max_names <= 4_194_304:
             raise ConfigError(f"{key}.max_names", self.max_names, "must be 1-4194304 (each name takes memory)")
+        _check_type(f"{key}.pool_key", self.pool_key, str, "a string")
+        if len(self.pool_key.encode()) > 256:
+            raise ConfigError(f"{key}.pool_key", self.pool_key, "at most 256 bytes")
         _check_type(f"{key}.ttl", self.ttl, int, "an integer number of seconds")
         if not 0 <= self.ttl <= 86400:
             raise ConfigError(f"{key}.ttl", self.ttl, "must be 0-86400")

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
 
+from nftdivert import metrics
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
@@ -239,6 +240,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         # conntrack on a socket of their own (on the kernel path it knows everything).
         listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
         statsfile = stats_path(config.table)
+        stack.callback(metrics.remove, config.worker.metrics_file)  # the counters go with the run
+        metrics.serve(config.worker.metrics_listen, statsfile, config.table, stack)
         warned = False
         due = {"stats": 0.0, "serving": 0.0}
 
@@ -272,7 +275,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             warn_once()
             if now >= due["stats"]:
                 due["stats"] = now + 0.9  # about once a second, whatever the tick
-                _write_stats(statsfile, snapshot())
+                _write_stats(statsfile, snapshot(), config)
             stopped = capture.failed() if capture is not None else None
             if stopped:  # stop rather than divert uncaptured
                 raise NftDivertError(stopped)
@@ -331,7 +334,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
-        _write_stats(statsfile, snapshot())
+        _write_stats(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()
         pump.run()
@@ -472,12 +475,14 @@ def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: 
     }
 
 
-def _write_stats(path: Path, snapshot: dict) -> None:
+def _write_stats(path: Path, snapshot: dict, config: Config) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(snapshot))
         tmp.replace(path)
+        if config.worker.metrics_file:  # the same counters for Prometheus (node_exporter's textfile collector)
+            metrics.write(config.worker.metrics_file, snapshot, config.table)
     except OSError:
         pass  # stats are a courtesy; diverting goes on
 

@@ -12,5 +12,6 @@ def test_wheel_ships_the_templates(tmp_path):
                    check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("nftdivert-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"nftdivert/templates/ruleset.nft.j2", "nftdivert/templates/xt-queue.rules.j2"} <= names
+    assert {"nftdivert/templates/ruleset.nft.j2", "nftdivert/templates/xt-queue.rules.j2",
+            "nftdivert/templates/report.html.j2", "nftdivert/report/page.py"} <= names
     assert {"nftdivert/ruleset/backends/xt.py", "nftdivert/worker/fixup.py", "nftdivert/services/listeners.py", "nftdivert/lab/sandbox.py"} <= names

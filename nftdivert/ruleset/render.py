@@ -18,7 +18,7 @@ XT_TAG_PREFIX = "nftdivert:"
 XT_COMMANDS = {"ipv4": "iptables-nft", "ipv6": "ip6tables-nft"}
 
 
-def _template_dir() -> Path:
+def template_dir() -> Path:
     # Installed: the templates ship as nftdivert.templates. From a checkout:
     # the top-level templates/ folder beside the package.
     here = Path(__file__).resolve().parent
@@ -35,7 +35,7 @@ def _environment() -> "jinja2.Environment":
     import jinja2
 
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(_template_dir()),
+        loader=jinja2.FileSystemLoader(template_dir()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,

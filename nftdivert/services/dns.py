@@ -77,7 +77,8 @@ class Resolver:
                     on_assign: Assigned | None = None) -> "Resolver":
         """Both pools report their assignments to on_assign."""
         v4, v6 = config.pools()
-        return cls(AnswerPool(v4, config.max_names, on_assign), AnswerPool(v6, config.max_names, on_assign),
+        return cls(AnswerPool(v4, config.max_names, on_assign, config.pool_key),
+                   AnswerPool(v6, config.max_names, on_assign, config.pool_key),
                    config.ttl, on_question, config.nxdomain, config.txt)
 
     def name_for(self, address: Address) -> str | None:

@@ -40,7 +40,7 @@ class ListenerProcess:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._names = NameHistory()
+        self._names = NameHistory(4 * config.dns.max_names)  # two pools, each its names and as many freed
         # Held while a message is read and applied; a name lookup waits on it
         # until the pool's assignments up to its moment have all arrived.
         self._applied = threading.Condition()

@@ -18,8 +18,12 @@ from nftdivert.errors import ConfigError
 
 
 def pool(net="203.0.113.0/29", max_names=None, assigned=None):
+    return keyed(net, "", max_names, assigned)
+
+
+def keyed(net="198.18.0.0/15", key="fleet-1", max_names=131072, assigned=None):
     on_assign = (lambda *a: assigned.append((str(a[0]), a[1], a[2]))) if assigned is not None else None
-    return AnswerPool(ipaddress.ip_network(net), max_names, on_assign)
+    return AnswerPool(ipaddress.ip_network(net), max_names, on_assign, key)
 
 
 def resolver(v4="198.51.100.0/24", v6="2001:db8:53::/64", seen=None, **kw):
@@ -98,13 +102,16 @@ def test_a_pool_of_one_moves_its_address_to_each_new_name():
     assert p.name_for(ipaddress.ip_address("203.0.113.5")) == "y.example"
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(1, 12), st.lists(st.integers(0, 30), max_size=200))
-def test_one_name_per_address_and_lru_order_under_any_sequence(size, asked):
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.lists(st.integers(0, 30), max_size=200),
+       st.sampled_from(["", "fleet"]), st.sampled_from(["10.0.0.0/8", "203.0.113.0/28", "203.0.113.0/30"]))
+def test_one_name_per_address_and_lru_order_under_any_sequence(size, asked, key, net):
     """Against a plain model: one name per address at any time, the names kept
-    are the `size` most recently asked, and each name keeps its address while kept."""
+    are the most recently asked (as many as the pool holds), and each name
+    keeps its address while kept. Without a key, a full pool gives the least
+    recently asked name's address to the new one and reports it."""
     assigned = []
-    p = pool("10.0.0.0/8", max_names=size, assigned=assigned)
+    p = keyed(net, key=key, max_names=size, assigned=assigned)
     recent: list[str] = []  # the model: least recently asked first
     held: dict[str, str] = {}
     for n in asked:
@@ -113,15 +120,70 @@ def test_one_name_per_address_and_lru_order_under_any_sequence(size, asked):
         if name in held:
             assert held[name] == address
         recent = [r for r in recent if r != name] + [name]
-        if len(recent) > size:
+        if len(recent) > p.capacity:
             gone = recent.pop(0)
-            assert assigned[-1] == (address, name, gone)
-            assert held.pop(gone) == address
+            was = held.pop(gone)
+            if not key:
+                assert assigned[-1] == (address, name, gone) and was == address
         held[name] = address
         assert len(set(held.values())) == len(held)  # no address stands for two names
         for kept, addr in held.items():
             assert p.name_for(ipaddress.ip_address(addr)) == kept
-    assert len(p) == len(recent) <= size
+    assert len(p) == len(recent) <= p.capacity
+
+
+# ---- a keyed pool: a fleet of gateways agrees ----------------------------------------
+
+def test_pools_with_the_same_key_give_every_name_the_same_address():
+    names = [f"host{i}.dga.example" for i in range(1000)]
+    one, two = keyed(), keyed()
+    first = {n: str(one.address_for(n)) for n in names}
+    assert {n: str(two.address_for(n)) for n in names} == first
+    assert len(set(first.values())) == 1000
+    # Each name's own address, as a fresh pool gives it. Among 1,000 names in a /15 a few pairs
+    # share one; the name asked first keeps it, the other takes its next candidate. So only those
+    # may differ between gateways that were asked in another order.
+    own = {n: str(keyed().address_for(n)) for n in names}
+    shared = {n for n in names if list(own.values()).count(own[n]) > 1}
+    assert 0 < len(shared) < 20
+    assert {n for n in names if first[n] != own[n]} < shared
+    third = keyed()
+    reverse = {n: str(third.address_for(n)) for n in reversed(names)}
+    assert len(set(reverse.values())) == 1000
+    assert {n for n in names if reverse[n] != own[n]} < shared
+    v6 = [str(keyed("2001:db8:53::/64").address_for(n)) for n in names[:50]]
+    assert v6 == [str(keyed("2001:db8:53::/64").address_for(n)) for n in names[:50]]
+    other = keyed(key="fleet-2")
+    assert sum(first[n] == str(other.address_for(n)) for n in names) < 5  # another key: other addresses
+    assert str(pool("198.18.0.0/15").address_for(names[0])) == "198.18.0.1"  # no key: in order, as before
+
+
+def test_colliding_names_never_share_an_address_and_the_pool_fills_up():
+    """/29: six addresses for six names, so the keyed names collide: each takes another candidate."""
+    assigned = []
+    p = keyed("203.0.113.0/29", assigned=assigned)
+    got = {f"n{i}.example": str(p.address_for(f"n{i}.example")) for i in range(6)}
+    assert sorted(got.values()) == [f"203.0.113.{i}" for i in range(1, 7)]
+    assert all(old is None for _, _, old in assigned)
+    for name, address in got.items():
+        assert p.name_for(ipaddress.ip_address(address)) == name
+    # Full: the least recently asked name's address goes to the new one, and the log hears of it.
+    assert str(p.address_for("new.example")) == got["n0.example"]
+    assert assigned[-1] == (got["n0.example"], "new.example", "n0.example")
+
+
+def test_a_keyed_pool_larger_than_max_names_reports_each_address_that_changes_hands():
+    """The new name takes its own address; the freed one's next taker is reported as a recycling
+    (the pool remembers as many freed addresses as it holds names, the most recently freed)."""
+    assigned = []
+    p = keyed("203.0.113.0/28", max_names=4, assigned=assigned)
+    owner: dict[str, str] = {}  # address -> the last name it stood for
+    for i in range(200):
+        address = str(p.address_for(f"n{i}.example"))
+        assert assigned[-1][2] in (None, owner.get(address))
+        owner[address] = f"n{i}.example"
+        assert len(p) == min(i + 1, 4) and len(p._former) <= 4
+    assert sum(old is not None for _, _, old in assigned) > 50
 
 
 def test_name_history_answers_for_the_time_asked():
@@ -138,6 +200,18 @@ def test_name_history_answers_for_the_time_asked():
 
 
 # ---- answers ---------------------------------------------------------------------
+
+def test_name_history_forgets_the_least_recently_assigned_address_beyond_its_bound():
+    h = NameHistory(max_addresses=3)
+    addresses = [ipaddress.ip_address(f"198.18.0.{i}") for i in range(1, 5)]
+    for i, a in enumerate(addresses[:3]):
+        h.assign(a, f"n{i}.example", since=float(i))
+    h.assign(addresses[0], "again.example", since=10.0)  # assigned again: now the most recent
+    h.assign(addresses[3], "n3.example", since=11.0)
+    assert h.name_at(addresses[1]) is None
+    assert [h.name_at(a) for a in (addresses[0], addresses[2], addresses[3])] == \
+        ["again.example", "n2.example", "n3.example"]
+
 
 @pytest.mark.parametrize("qtype, first", [("A", "198.51.100.1"), ("AAAA", "2001:db8:53::1")])
 def test_every_name_gets_an_address_from_the_pool(qtype, first):
@@ -276,6 +350,8 @@ def test_dns_config_defaults_and_good_values():
     ({"max_names": 0}, "dns.max_names", "1-4194304"),
     ({"max_names": True}, "dns.max_names", "boolean"),
     ({"txt": 5}, "dns.txt", "not int"),
+    ({"pool_key": 5}, "dns.pool_key", "not int"),
+    ({"pool_key": "k" * 257}, "dns.pool_key", "256 bytes"),
     ({"txt": "x" * 256}, "dns.txt", "255 bytes"),
     ({"answer_v4": "2001:db8::/64"}, "dns.answer_v4", "IPv4"),
     ({"colour": "red"}, "dns.colour", "unknown key"),
