@@ -6,6 +6,11 @@ else the echo. A client that
 stays silent for `[recognize] wait` seconds gets the protocol that speaks
 first on the port it asked for (recognize.server_first), else the echo. Each TLS
 handshake and HTTP request is handed to `emit` as a log record.
+
+Proxies and HTTP/2 (C2 below): a SOCKS greeting or an HTTP CONNECT opens a
+tunnel whose bytes are recognised again, as if the client had connected to
+the target it named; the HTTP/2 preface (h2c, or inside TLS after ALPN h2)
+gets the HTTP answer per stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, Tls
 from nftdivert.errors import NftDivertError
 from nftdivert.services import origin as origin_mod, recognize
 from nftdivert.services.tls import Plain, handshake
+
+C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -61,7 +68,7 @@ class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
                  first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
-                 fixed: str | None = None) -> None:
+                 fixed: str | None = None, resolver=None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
@@ -70,13 +77,15 @@ class DefaultTcp:
         self._first = first
         self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
+        self._resolver = resolver  # the DNS listener's, for DNS over HTTPS; None without one
 
     def _certs(self):
         if self._contexts is None:
             from nftdivert.services import certs  # cryptography: only once TLS is spoken
 
             tls = self._tls
-            self._contexts = certs.Contexts(certs.ensure_ca(tls.state_dir), tls.max_certs, tls.keylog)
+            self._contexts = certs.Contexts(certs.ensure_ca(tls.state_dir), tls.max_certs, tls.keylog,
+                                            alpn=("h2", "http/1.1"))
         return self._contexts
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
@@ -102,7 +111,12 @@ class DefaultTcp:
         else:  # silent: the port the client asked for chooses
             kind = (recognize.classify(first) if first
                     else recognize.server_first(original[1] if original else None) or "other")
-        plain = Plain(reader, writer, first if kind in ("http", "ssh") else b"", count)
+        plain = Plain(reader, writer, first if kind in ("http", "ssh", *C2) else b"", count)
+        await self._answer(kind, plain, first, base, peer, sock, original, fixed)
+
+    async def _answer(self, kind: str, plain, first: bytes, base: dict, peer, sock, original, fixed,
+                      name: str | None = None) -> None:
+        """Serve what was recognised; `name`: the host a proxy's client named, for the TLS leaf."""
         if kind == "tls":
             record = dict(base, event="tls")
             try:
@@ -112,21 +126,25 @@ class DefaultTcp:
                 return
             # No SNI: the leaf names the address the client asked for.
             ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            stream = await handshake(plain, first, contexts, ip, record)
+            stream = await handshake(plain, first, contexts, ip, record, name)
             self._emit(record)
             if stream is None:
                 return
             inner = await first_bytes(stream.read, self._wait)
             stream.prepend(inner)
             inside = recognize.server_first(original[1] if original else None) if not inner else None
-            if fixed == "https" or recognize.classify(inner) == "http":
-                await self._serve_http(stream, base, "https")
+            if recognize.classify(inner) in C2:
+                await self._serve_c2(recognize.classify(inner), stream, base, "https", peer, sock)
+            elif fixed == "https" or recognize.classify(inner) == "http":
+                await self._serve_http(stream, base, "https", peer, sock)
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
                 await self._serve_first(inside, stream, base, peer, sock, original)
             else:
                 await echo(stream, await stream.read())
         elif kind == "http":
-            await self._serve_http(plain, base, "http")
+            await self._serve_http(plain, base, "http", peer, sock)
+        elif kind in C2:
+            await self._serve_c2(kind, plain, base, "http", peer, sock)
         elif kind != "other":
             await self._serve_first(kind, plain, base, peer, sock, original)
         else:
@@ -176,7 +194,37 @@ class DefaultTcp:
 
             await ssh.serve(stream, first, emit, base, peer, sock)
 
-    async def _serve_http(self, stream, base: dict, scheme: str) -> None:
+    async def _serve_http(self, stream, base: dict, scheme: str, peer, sock) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken
 
-        await http.serve(stream, self._http, self._emit, base, scheme)
+        await http.serve(stream, self._http, self._emit, base, scheme, self._transports(peer, sock))
+
+    def _transports(self, peer, sock):
+        from nftdivert.services import http
+
+        async def tunnel(stream, base: dict, host: str, port: int) -> None:
+            await self._tunnel(stream, base, host, port, peer, sock)
+
+        return http.Transports(tunnel=tunnel, resolver=self._resolver)
+
+    async def _serve_c2(self, kind: str, stream, base: dict, scheme: str, peer, sock) -> None:
+        transports = self._transports(peer, sock)
+        if kind == "h2c":
+            from nftdivert.services import http2  # h2: only once HTTP/2 is spoken
+
+            await http2.serve(stream, self._http, self._emit, base, scheme, transports)
+        else:
+            from nftdivert.services import proxy
+
+            await proxy.serve_socks(kind, stream, self._emit, base, transports.tunnel)
+
+    async def _tunnel(self, stream, base: dict, host: str, port: int, peer, sock) -> None:
+        """A proxy's tunnel: its bytes recognised again, as if the client had connected to host:port."""
+        from nftdivert.services import proxy
+
+        base = dict(base, tunnel=proxy.authority(host, port))
+        first = await first_bytes(stream.read, self._wait)
+        kind = recognize.classify(first) if first else recognize.server_first(port) or "other"
+        ip, name = proxy.address_or_name(host, sock[0].removeprefix("::ffff:"))
+        plain = proxy.Prefixed(stream, first if kind in ("http", "ssh", *C2) else b"")
+        await self._answer(kind, plain, first, base, peer, sock, (ip, port), None, name)

@@ -6,6 +6,11 @@ URL, headers, body size and sha256 are logged, and the body is saved under
 `[http] bodies_dir`, named by its sha256 (at most `max_body` bytes of it).
 The answer: the first `[[http.rules]]` whose host and path match, else a
 small valid file for the extension asked for, else the `[http]` page.
+
+Beyond the page (`Transports`): CONNECT opens a tunnel back into the
+listener (proxy.py), a WebSocket upgrade gets 101 and its frames
+(websocket.py), a DNS query (RFC 8484) the DNS listener's answer (doh.py).
+HTTP/2 streams (h2.py) are answered and logged by the same `respond`.
 """
 
 from __future__ import annotations
@@ -19,15 +24,25 @@ import posixpath
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import h11
 from http import HTTPStatus
 
 from nftdivert.config import HttpConfig, HttpRule
-from nftdivert.services import payloads
+from nftdivert.services import doh, payloads
 
 READ_TIMEOUT = 30.0  # a client that stops sending mid-request is let go after this
+DOH_MAX = 65535  # a DNS message is at most this long: what of a body is kept in memory for DoH
+
+
+@dataclass(frozen=True)
+class Transports:
+    """What an answer beyond the page needs from the listener: None where it has none."""
+
+    tunnel: Callable[[object, dict, str, int], Awaitable[None]] | None = None  # (stream, base, host, port)
+    resolver: object | None = None  # dns.Resolver of the DNS listener, for DoH
 
 
 def match_rule(rules: tuple[HttpRule, ...], host: str, path: str) -> HttpRule | None:
@@ -65,8 +80,11 @@ class _Body:
         self._fd: int | None = None
         self._tmp = ""
         self.error = ""
+        self.head = b""  # the first DOH_MAX bytes, in memory: a DNS query is read from it
 
     def add(self, data: bytes) -> None:
+        if len(self.head) < DOH_MAX:
+            self.head += data[:DOH_MAX - len(self.head)]
         self.size += len(data)
         self._hash.update(data)
         keep = data[:max(0, self._cap - self.saved)]
@@ -105,7 +123,26 @@ class _Body:
             os.unlink(self._tmp)
 
 
-async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: dict, scheme: str) -> None:
+def respond(http: HttpConfig, transports: Transports, base: dict, method: str, host: str, target: str,
+            headers: list[tuple[str, str]], body: "_Body") -> tuple[int, list[tuple[str, str]], bytes, dict]:
+    """The answer to a whole request (HTTP/1.1 or one HTTP/2 stream), and what its record adds."""
+    query = doh.query(method, target, headers, body.head)
+    if query is not None and transports.resolver is not None:
+        reply = transports.resolver.answer(query, base.get("client", ""))
+        if reply is None:
+            return 400, [("Content-Type", "text/plain")], b"not a DNS message\n", {"doh": True}
+        return 200, [("Content-Type", doh.CONTENT_TYPE), ("Cache-Control", "max-age=60")], reply, {"doh": True}
+    return *answer(http, _hostname(host), target), {}
+
+
+def record(base: dict, version: str, method: str, url: str, status: int, headers: list, body: "_Body",
+           extra: dict) -> dict:
+    return dict(base, event="http", http_version=version, method=method, url=url, status=status,
+                headers=headers, **extra, **body.finish())
+
+
+async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: dict, scheme: str,
+                transports: Transports = Transports()) -> None:
     """Answer one request on `stream` (then close, as the answer says); log it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
 
@@ -129,7 +166,24 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
         host = next((v for k, v in headers if k.lower() == "host"), "")
         target = request.target.decode("latin-1")
+        method = request.method.decode("latin-1")
+        version = request.http_version.decode("latin-1")
+        if method == "CONNECT" or _websocket(headers):  # no body: then h11 lets the protocol switch
+            while not isinstance(event := await next_event(), h11.EndOfMessage):
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+        if method == "CONNECT" and transports.tunnel is not None:
+            await _connect(conn, send, stream, emit, base, target, headers, version, transports.tunnel)
+            return
         body = _Body(http.bodies_dir, http.max_body)
+        if _websocket(headers):
+            from nftdivert.services import websocket  # wsproto: only once a WebSocket is asked for
+
+            emit(record(base, version, method, _url("ws" if scheme == "http" else "wss", host, target), 101,
+                        headers, body, {}))
+            body = None
+            await websocket.serve(conn, send, stream, http, emit, base, _hostname(host), target, headers)
+            return
         if conn.they_are_waiting_for_100_continue:
             await send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[]))
         while not isinstance(event := await next_event(), h11.EndOfMessage):
@@ -137,9 +191,8 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
                 body.add(bytes(event.data))
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the client closed the connection mid-body")
-        status, extra, content = answer(http, _hostname(host), target)
-        emit(dict(base, event="http", method=request.method.decode("latin-1"), url=_url(scheme, host, target),
-                  status=status, headers=headers, **body.finish()))
+        status, extra, content, info = respond(http, transports, base, method, host, target, headers, body)
+        emit(record(base, version, method, _url(scheme, host, target), status, headers, body, info))
         body = None
         server = [("Server", http.server)] if http.server else []
         # One request per connection: every client copes with a close, and none waits on a keep-alive.
@@ -169,6 +222,37 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
     stream.write_eof()
 
 
+def _websocket(headers: list[tuple[str, str]]) -> bool:
+    return any(k.lower() == "upgrade" and "websocket" in v.lower() for k, v in headers)
+
+
+async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target: str, headers: list,
+                   version: str, tunnel) -> None:
+    """CONNECT host:port: logged, answered 200, and the tunnel served as if the client had connected there."""
+    host, port = split_authority(target)
+    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=200 if port else 400,
+               headers=headers)
+    if not port:
+        emit(dict(rec, error=f"not host:port: {target[:100]!r}"))
+        await send(h11.Response(status_code=400, reason=b"Bad Request",
+                                headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
+        return
+    emit(dict(rec, tunnel=f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"))
+    await send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
+    from nftdivert.services import proxy
+
+    await tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, host, port)
+
+
+def split_authority(target: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; port 0 when there is none."""
+    try:
+        parts = urllib.parse.urlsplit("//" + target)
+        return parts.hostname or "", parts.port or 0
+    except ValueError:
+        return "", 0
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -185,6 +269,6 @@ def _hostname(host: str) -> str:
 
 
 def _url(scheme: str, host: str, target: str) -> str:
-    if target.startswith(("http://", "https://")):
+    if target.startswith(("http://", "https://", "ws://", "wss://")):
         return target  # a proxy-style absolute URL
     return f"{scheme}://{host}{target}" if host else target

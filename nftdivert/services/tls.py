@@ -90,11 +90,11 @@ class Tls:
 
 
 async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, ip: str,
-                    record: dict) -> Tls | None:
+                    record: dict, name: str | None = None) -> Tls | None:
     """Serve the handshake whose first bytes are `first`; fill `record` (SNI, ALPN, version, result)."""
     record.update(recognize.client_hello(first))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    ctx = contexts.get(None, ip)  # no SNI: a certificate for this address
+    ctx = contexts.get(name, ip)  # no SNI: a certificate for the name a proxy was given, else this address
     obj = ctx.wrap_bio(incoming, outgoing, server_side=True)
     incoming.write(first)
     loop = asyncio.get_running_loop()

@@ -51,7 +51,7 @@ kind = "https"
 SCRIPT = r"""
 cd "$D"
 date +%s.%N > started
-curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
+curl -sS --http1.1 --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
 python3 -c '
