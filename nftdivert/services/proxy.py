@@ -15,7 +15,6 @@ import socket
 import struct
 
 READ_TIMEOUT = 30.0
-_REFUSED = {"socks5": b"\x05\x07\x00\x01" + b"\0" * 6, "socks4": b"\x00\x5b" + b"\0" * 6}
 
 
 class Prefixed:
@@ -89,10 +88,10 @@ async def serve_socks(kind: str, stream, emit, base: dict, tunnel) -> None:
     except _Short:
         emit(dict(rec, error="the client stopped in the middle of its request"))
         return
-    if target is None:  # a command we do not offer (BIND, UDP ASSOCIATE): said so, and logged
-        stream.write(_REFUSED[kind])
-        await stream.drain()
+    if target is None:  # a command we do not offer (BIND, UDP ASSOCIATE): logged, and said so
         emit(rec)
+        stream.write(b"\x05\x07\x00\x01" + b"\0" * 6)
+        await stream.drain()
         return
     host, port = target
     emit(dict(rec, target=authority(host, port)))

@@ -172,3 +172,17 @@ def test_with_no_target_nothing_is_counted_as_written():
 
 def test_a_question_names_its_client_address_without_the_port():
     assert question_record("[2001:db8:1::2]:5353", "x.example", "AAAA", "")["client_address"] == "2001:db8:1::2"
+
+
+def test_c2_transport_records_have_text_lines():
+    base = {"time": "2026-01-01T00:00:00.000Z", "client": "192.0.2.5:40000", "listener": "tcp-echo"}
+    connect = dict(base, event="http", method="CONNECT", url="c2.example:443", status=200, headers=[],
+                   tunnel="c2.example:443")
+    assert text_line(connect).endswith("CONNECT c2.example:443 -> 200, tunnel")
+    h2 = dict(base, event="http", http_version="2", method="GET", url="https://c2.example/", status=200,
+              headers=[], body_size=0, body_sha256="ab" * 32)
+    assert "GET https://c2.example/ HTTP/2 -> 200, body 0 bytes" in text_line(h2)
+    proxy = dict(base, event="proxy", kind="socks5", command="connect", target="c2.example:443")
+    assert text_line(proxy).endswith("socks5 connect c2.example:443")
+    frame = dict(base, event="websocket", opcode="text", size=5, sha256="cd" * 32, head="68", answered="echo")
+    assert text_line(frame).endswith("text message 5 bytes sha256 cdcdcdcdcdcdcdcd... echo")

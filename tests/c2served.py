@@ -1,0 +1,52 @@
+"""Services tests: a default TCP listener on loopback with what the C2 transports need: a CA, rules, a DNS pool."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nftdivert.config import DnsConfig, HttpConfig, HttpRule, Listener, RecognizeConfig, TlsConfig
+from nftdivert.services import certs
+from nftdivert.services.dns import Resolver
+from nftdivert.services.listeners import Listeners
+
+BIG = b"x" * 300_000  # beyond HTTP/2's initial window (65,535): sent as the client takes it
+
+
+@dataclass
+class Served:
+    port: int
+    records: list
+    questions: list  # (client, name, type, answer, rcode) from the DNS pool
+    ca: Path
+
+    def of(self, event: str, count: int = 1) -> list[dict]:
+        """The records of this event, once there are `count` (the listener logs on its own thread)."""
+        deadline = time.monotonic() + 5
+        while len(found := [r for r in self.records if r.get("event") == event]) < count:
+            assert time.monotonic() < deadline, f"{count} {event} records, got {self.records}"
+            time.sleep(0.01)
+        return found
+
+
+@pytest.fixture
+def c2(tmp_path):
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::", 0))
+        port = s.getsockname()[1]
+    served = Served(port, [], [], certs.ensure_ca(tmp_path / "state").cert_path)  # the CA, before a client wants it
+    rules = (HttpRule(host="tasks.example", path="/ws", body="run calc.exe"),
+             HttpRule(host="*", path="/big", body=BIG.decode()))
+    resolver = Resolver.from_config(DnsConfig(), on_question=lambda *q: served.questions.append(q))
+    lst = Listeners((Listener("t", "tcp", port),), tls=TlsConfig(state_dir=str(tmp_path / "state")),
+                    http=HttpConfig(bodies_dir="", rules=rules), recognize=RecognizeConfig(wait=0.3),
+                    on_event=served.records.append, resolver=resolver)
+    lst.start()
+    try:
+        yield served
+    finally:
+        lst.stop()

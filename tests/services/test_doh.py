@@ -1,0 +1,70 @@
+"""DNS over HTTPS (RFC 8484): the query an HTTP request carries, answered from the DNS listener's pool."""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+import dns.message
+import dns.rdatatype
+import pytest
+
+from c2served import c2  # noqa: F401 - the fixture
+
+from nftdivert.services import doh
+
+
+def wire(name: str, qtype: str = "A") -> bytes:
+    return dns.message.make_query(name, qtype).to_wire()
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+QUERY = wire("a.example")  # one message id for every case
+
+
+@pytest.mark.parametrize("method, target, headers, body, found", [
+    ("GET", "/dns-query?dns=" + b64(QUERY), [], b"", True),
+    ("GET", "/resolve?ct=x&dns=" + b64(QUERY), [], b"", True),  # any path: samples pick their own
+    ("POST", "/dns-query", [("Content-Type", "application/dns-message")], QUERY, True),
+    ("POST", "/q", [("content-type", "Application/DNS-Message; charset=x")], QUERY, True),
+    ("POST", "/dns-query", [("Content-Type", "text/plain")], QUERY, False),
+    ("GET", "/dns-query?dns=!!!", [], b"", False),  # not base64url
+    ("GET", "/index.html", [], b"", False),
+    ("PUT", "/dns-query?dns=" + b64(QUERY), [], b"", False),
+])
+def test_the_query_in_a_request(method, target, headers, body, found):
+    assert doh.query(method, target, headers, body) == (QUERY if found else None)
+
+
+def http(port: int, request: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_get_and_post_are_answered_from_the_pool_and_logged_as_dns(c2):
+    query = wire("beacon.example")
+    head, body = http(c2.port, f"GET /dns-query?dns={b64(query)} HTTP/1.1\r\nHost: dns.example\r\n\r\n".encode())
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: application/dns-message" in head
+    (answer,) = dns.message.from_wire(body).answer
+    assert answer.rdtype == dns.rdatatype.A and str(answer[0]).startswith("198.18.")
+    head, body = http(c2.port, b"POST /dns-query HTTP/1.1\r\nHost: dns.example\r\nContent-Type: application/dns-message\r\n"
+                      + f"Content-Length: {len(query)}\r\n\r\n".encode() + query)
+    assert str(dns.message.from_wire(body).answer[0][0]) == str(answer[0])  # the same name, the same address
+    first, second = c2.of("http", 2)
+    assert first["doh"] is True and second["doh"] is True and second["method"] == "POST"
+    assert [(q[1], q[2], q[3]) for q in c2.questions] == [("beacon.example", "A", str(answer[0]))] * 2
+    assert c2.questions[0][0] == first["client"]
+
+
+def test_a_body_that_is_no_dns_message_gets_400(c2):
+    head, _ = http(c2.port, b"POST /dns-query HTTP/1.1\r\nHost: dns.example\r\nContent-Type: application/dns-message\r\n"
+                   b"Content-Length: 3\r\n\r\nabc")
+    assert head.startswith(b"HTTP/1.1 400 ") and c2.of("http")[0]["doh"] is True

@@ -1,0 +1,99 @@
+"""HTTP/2 on real loopback sockets (h2 as the client): h2c prior knowledge and ALPN h2 over TLS."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+
+import h2.config
+import h2.connection
+import h2.events
+
+from c2served import BIG, c2  # noqa: F401 - the fixture
+from nftdivert.services import payloads
+
+
+def exchange(sock, requests: list[tuple[list, bytes]]) -> dict[int, tuple[dict, bytes]]:
+    """Send every request at once (concurrent streams); each stream's headers and body, once all ended."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    answers: dict[int, tuple[dict, bytes]] = {}
+    for headers, body in requests:
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, headers, end_stream=not body)
+        if body:
+            conn.send_data(sid, body, end_stream=True)
+        answers[sid] = ({}, b"")
+    sock.sendall(conn.data_to_send())
+    ended = set()
+    while len(ended) < len(requests):
+        data = sock.recv(65536)
+        assert data, "closed before every stream ended"
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                answers[event.stream_id] = (dict(event.headers), b"")
+            elif isinstance(event, h2.events.DataReceived):
+                head, body = answers[event.stream_id]
+                answers[event.stream_id] = (head, body + event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+        sock.sendall(conn.data_to_send())
+    return answers
+
+
+def get(path: str, authority: str = "c2.example", method: str = "GET", scheme: str = "http") -> list:
+    return [(":method", method), (":path", path), (":scheme", scheme), (":authority", authority)]
+
+
+def test_h2c_streams_are_answered_and_logged_like_http_1_1(c2):
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as s:
+        answers = exchange(s, [(get("/a.json"), b""), (get("/big"), b""), (get("/s.exe", method="HEAD"), b""),
+                               (get("/up", method="POST") + [("content-type", "text/plain")], b"loot" * 1000)])
+    (a, a_body), (big, big_body), (head, head_body), (up, _) = answers.values()
+    assert a[":status"] == "200" and a["content-type"] == "application/json" and a_body == b"{}\n"
+    assert big_body == BIG  # 300 kB through a 64 kB window: sent as the client took it
+    assert head["content-length"] == str(len(payloads.pe())) and head_body == b""  # HEAD: the size, no body
+    assert up[":status"] == "200"
+    records = {r["url"]: r for r in c2.of("http", 4)}
+    assert set(records) == {"http://c2.example/a.json", "http://c2.example/big", "http://c2.example/s.exe",
+                            "http://c2.example/up"}
+    assert all(r["http_version"] == "2" for r in records.values())
+    post = records["http://c2.example/up"]
+    assert post["method"] == "POST" and post["body_size"] == 4000
+    assert post["body_sha256"] == hashlib.sha256(b"loot" * 1000).hexdigest()
+    assert (":authority", "c2.example") in post["headers"]
+
+
+def test_alpn_h2_over_tls_is_http2_inside(c2):
+    ctx = ssl.create_default_context(cafile=str(c2.ca))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="h2.example") as s:
+            assert s.selected_alpn_protocol() == "h2"
+            ((head, body),) = exchange(s, [(get("/x.txt", "h2.example", scheme="https"), b"")]).values()
+    assert head[":status"] == "200" and body == b"ok\n"
+    (rec,) = c2.of("http")
+    assert rec["url"] == "https://h2.example/x.txt" and rec["http_version"] == "2"
+    assert c2.of("tls")[0]["alpn"] == "h2"
+
+
+def test_a_client_that_offers_only_http_1_1_still_gets_it(c2):
+    ctx = ssl.create_default_context(cafile=str(c2.ca))
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="old.example") as s:
+            assert s.selected_alpn_protocol() == "http/1.1"
+            s.sendall(b"GET /x.txt HTTP/1.1\r\nHost: old.example\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+    assert c2.of("http")[0]["http_version"] == "1.1"
+
+
+def test_garbage_after_the_preface_is_logged_as_a_protocol_error(c2):
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x00\x00\x00\x00\x00\x00abcd")  # DATA on stream 0
+        while s.recv(65536):
+            pass
+    (rec,) = c2.of("http")
+    assert rec["http_version"] == "2" and rec["error"]

@@ -1,0 +1,117 @@
+"""SOCKS and HTTP CONNECT on real loopback sockets: the tunnel leads back into our own answers."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+
+from c2served import c2  # noqa: F401 - the fixture
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def read_all(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(n - len(got))
+        assert chunk, f"closed after {got!r}"
+        got += chunk
+    return got
+
+
+def test_socks5_with_a_password_logs_it_and_the_tunnel_gets_http(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x02")  # username/password only
+        assert recv_exactly(s, 2) == b"\x05\x02"
+        s.sendall(b"\x01\x03bot\x07hunter2")
+        assert recv_exactly(s, 2) == b"\x01\x00"
+        s.sendall(b"\x05\x01\x00\x03\x0ac2.example" + struct.pack("!H", 8080))
+        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        s.sendall(b"GET /a.json HTTP/1.1\r\nHost: c2.example:8080\r\n\r\n")
+        assert read_all(s).endswith(b"\r\n\r\n{}\n")
+    (proxy,) = c2.of("proxy")
+    assert proxy["kind"] == "socks5" and proxy["target"] == "c2.example:8080"
+    assert (proxy["user"], proxy["password"], proxy["command"]) == ("bot", "hunter2", "connect")
+    (req,) = c2.of("http")
+    assert req["url"] == "http://c2.example:8080/a.json" and req["tunnel"] == "c2.example:8080"
+
+
+def test_socks5_to_an_ipv6_address_gets_tls_with_a_leaf_for_that_address(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, "2001:db8::7") + struct.pack("!H", 443))
+        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        ctx = ssl.create_default_context(cafile=str(c2.ca))
+        ctx.check_hostname = False  # no SNI for an address: the leaf names the address
+        with ctx.wrap_socket(s) as tls:
+            cert = tls.getpeercert()
+    assert ("IP Address", "2001:DB8:0:0:0:0:0:7") in cert["subjectAltName"]
+    assert c2.of("proxy")[0]["target"] == "[2001:db8::7]:443"
+    assert c2.of("tls")[0]["tunnel"] == "[2001:db8::7]:443"
+
+
+def test_socks5_udp_associate_is_refused_and_logged(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x03\x00\x01\0\0\0\0\0\0")
+        assert recv_exactly(s, 10)[:2] == b"\x05\x07"  # command not supported
+    (proxy,) = c2.of("proxy")
+    assert proxy["command"] == "udp_associate" and "target" not in proxy
+
+
+def test_socks4_tunnel_with_silence_inside_gets_the_echo_of_what_follows(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x04\x01" + struct.pack("!H", 4444) + socket.inet_aton("192.0.2.9") + b"agent\0")
+        assert recv_exactly(s, 8)[:2] == b"\x00\x5a"
+        s.sendall(b"\x00\x01binary beacon")
+        s.shutdown(socket.SHUT_WR)
+        assert read_all(s) == b"\x00\x01binary beacon"
+    (proxy,) = c2.of("proxy")
+    assert (proxy["kind"], proxy["user"], proxy["target"]) == ("socks4", "agent", "192.0.2.9:4444")
+
+
+def test_a_socks_greeting_cut_short_is_logged(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00")
+        s.shutdown(socket.SHUT_WR)
+        assert read_all(s) == b""
+    (proxy,) = c2.of("proxy")
+    assert proxy["kind"] == "socks5" and "stopped" in proxy["error"]
+
+
+def test_connect_logs_the_authority_and_the_tunnel_is_recognised_again(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"CONNECT proxied.example:8443 HTTP/1.1\r\nHost: proxied.example:8443\r\n"
+                  b"Proxy-Authorization: Basic Ym90OnB3\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        ctx = ssl.create_default_context(cafile=str(c2.ca))
+        with ctx.wrap_socket(s, server_hostname="proxied.example") as tls:
+            tls.sendall(b"GET /x.txt HTTP/1.1\r\nHost: proxied.example:8443\r\n\r\n")
+            assert read_all(tls).endswith(b"\r\n\r\nok\n")
+    connect_rec = c2.of("http", 2)[0]
+    assert (connect_rec["method"], connect_rec["url"], connect_rec["tunnel"]) == \
+        ("CONNECT", "proxied.example:8443", "proxied.example:8443")
+    assert ("Proxy-Authorization", "Basic Ym90OnB3") in connect_rec["headers"]
+    assert c2.of("http")[1]["url"] == "https://proxied.example:8443/x.txt"
+
+
+def test_connect_without_a_port_gets_400(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"CONNECT proxied.example HTTP/1.1\r\nHost: proxied.example\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 400 ")
+    (rec,) = c2.of("http")
+    assert rec["method"] == "CONNECT" and rec["status"] == 400 and "host:port" in rec["error"]
