@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from nftdivert.config import DnsConfig, HttpConfig, HttpRule, Listener, RecognizeConfig, TlsConfig
 from nftdivert.services import certs
 from nftdivert.services.dns import Resolver
@@ -23,6 +21,7 @@ class Served:
     records: list
     questions: list  # (client, name, type, answer, rcode) from the DNS pool
     ca: Path
+    resolver: Resolver
 
     def of(self, event: str, count: int = 1) -> list[dict]:
         """The records of this event, once there are `count` (the listener logs on its own thread)."""
@@ -33,15 +32,17 @@ class Served:
         return found
 
 
-@pytest.fixture
-def c2(tmp_path):
+def served(tmp_path):
+    """The listener, for a test module's fixture: `c2 = pytest.fixture(c2served.served, name="c2")`."""
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::", 0))
         port = s.getsockname()[1]
-    served = Served(port, [], [], certs.ensure_ca(tmp_path / "state").cert_path)  # the CA, before a client wants it
+    questions: list = []
+    resolver = Resolver.from_config(DnsConfig(), on_question=lambda *q: questions.append(q))
+    # The CA first: a client wants it before the first handshake would make it.
+    served = Served(port, [], questions, certs.ensure_ca(tmp_path / "state").cert_path, resolver)
     rules = (HttpRule(host="tasks.example", path="/ws", body="run calc.exe"),
              HttpRule(host="*", path="/big", body=BIG.decode()))
-    resolver = Resolver.from_config(DnsConfig(), on_question=lambda *q: served.questions.append(q))
     lst = Listeners((Listener("t", "tcp", port),), tls=TlsConfig(state_dir=str(tmp_path / "state")),
                     http=HttpConfig(bodies_dir="", rules=rules), recognize=RecognizeConfig(wait=0.3),
                     on_event=served.records.append, resolver=resolver)

@@ -102,7 +102,8 @@ _SERVER_FIRST = {
     "ssh": lambda r: (f"{r['client_version']}, {len(r['logins'])} logins"
                       + "".join(f" {x['user']!r}/{x['password']!r}" for x in r["logins"])),
     "proxy": lambda r: f"{r['kind']} {r.get('command', 'connect')} {r.get('target') or r.get('error', '')}",
-    "websocket": lambda r: f"{r['opcode']} message {r['size']} bytes sha256 {r['sha256'][:16]}... {r['answered']}",
+    "websocket": lambda r: r.get("error") or f"{r['opcode']} message {r['size']} bytes sha256 {r['sha256'][:16]}..."
+                                             f" {r['answered']}",
 }
 
 

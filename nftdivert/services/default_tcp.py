@@ -16,6 +16,7 @@ gets the HTTP answer per stream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, TlsConfig
@@ -24,6 +25,8 @@ from nftdivert.services import origin as origin_mod, recognize
 from nftdivert.services.tls import Plain, handshake
 
 C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
+MAX_TUNNELS = 8  # proxies inside proxies' tunnels (a chain), per conversation
+_tunnels = contextvars.ContextVar("tunnels", default=0)  # each conversation is a task of its own
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -216,13 +219,17 @@ class DefaultTcp:
         else:
             from nftdivert.services import proxy
 
-            await proxy.serve_socks(kind, stream, self._emit, base, transports.tunnel)
+            await proxy.serve_socks(kind, stream, self._emit, base, transports)
 
     async def _tunnel(self, stream, base: dict, host: str, port: int, peer, sock) -> None:
         """A proxy's tunnel: its bytes recognised again, as if the client had connected to host:port."""
         from nftdivert.services import proxy
 
         base = dict(base, tunnel=proxy.authority(host, port))
+        if _tunnels.get() >= MAX_TUNNELS:
+            self._emit(dict(base, event="proxy", error=f"more than {MAX_TUNNELS} tunnels inside each other"))
+            return
+        _tunnels.set(_tunnels.get() + 1)
         first = await first_bytes(stream.read, self._wait)
         kind = recognize.classify(first) if first else recognize.server_first(port) or "other"
         ip, name = proxy.address_or_name(host, sock[0].removeprefix("::ffff:"))

@@ -173,7 +173,7 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
                 if isinstance(event, h11.ConnectionClosed):
                     return
         if method == "CONNECT" and transports.tunnel is not None:
-            await _connect(conn, send, stream, emit, base, target, headers, version, transports.tunnel)
+            await _connect(conn, send, stream, emit, base, target, headers, version, transports)
             return
         body = _Body(http.bodies_dir, http.max_body)
         if _websocket(headers):
@@ -227,8 +227,10 @@ def _websocket(headers: list[tuple[str, str]]) -> bool:
 
 
 async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target: str, headers: list,
-                   version: str, tunnel) -> None:
+                   version: str, transports: Transports) -> None:
     """CONNECT host:port: logged, answered 200, and the tunnel served as if the client had connected there."""
+    from nftdivert.services import proxy
+
     host, port = split_authority(target)
     rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=200 if port else 400,
                headers=headers)
@@ -237,11 +239,9 @@ async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target:
         await send(h11.Response(status_code=400, reason=b"Bad Request",
                                 headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
         return
-    emit(dict(rec, tunnel=f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"))
+    emit(dict(rec, tunnel=proxy.authority(host, port), **proxy.named(host, transports.resolver)))
     await send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
-    from nftdivert.services import proxy
-
-    await tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, host, port)
+    await transports.tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, host, port)
 
 
 def split_authority(target: str) -> tuple[str, int]:

@@ -92,12 +92,15 @@ def _send_pending(conn, pending: dict[int, bytes]) -> None:
     """As much of each answer as the windows allow; the rest after the client's WINDOW_UPDATE."""
     for stream_id in list(pending):
         data = pending[stream_id]
-        while data:
-            size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(data))
-            if size <= 0:
-                break
-            conn.send_data(stream_id, data[:size], end_stream=size == len(data))
-            data = data[size:]
+        try:
+            while data:
+                size = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size, len(data))
+                if size <= 0:
+                    break
+                conn.send_data(stream_id, data[:size], end_stream=size == len(data))
+                data = data[size:]
+        except h2.exceptions.StreamClosedError:  # the client reset it meanwhile: nobody waits for the rest
+            data = b""
         if data:
             pending[stream_id] = data
         else:

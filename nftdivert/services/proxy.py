@@ -46,6 +46,15 @@ def authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def named(host: str, resolver) -> dict:
+    """`target_name` for an address the DNS pool gave (a client that resolved first, then asked the proxy)."""
+    try:
+        name = resolver.name_for(ipaddress.ip_address(host)) if resolver is not None else None
+    except ValueError:
+        name = None
+    return {"target_name": name} if name else {}
+
+
 def address_or_name(host: str, fallback_ip: str) -> tuple[str, str | None]:
     """(address for a TLS leaf, name for it): a target that is an address is its own leaf."""
     try:
@@ -80,8 +89,8 @@ async def _until_nul(stream, limit: int = 256) -> bytes:
     return data[:-1]
 
 
-async def serve_socks(kind: str, stream, emit, base: dict, tunnel) -> None:
-    """Serve a SOCKS greeting and request; log the target; then the tunnel (a coroutine function)."""
+async def serve_socks(kind: str, stream, emit, base: dict, transports) -> None:
+    """Serve a SOCKS greeting and request; log the target; then the tunnel (http.Transports)."""
     rec = dict(base, event="proxy", kind=kind)
     try:
         target = await (_socks5(stream, rec) if kind == "socks5" else _socks4(stream, rec))
@@ -94,10 +103,10 @@ async def serve_socks(kind: str, stream, emit, base: dict, tunnel) -> None:
         await stream.drain()
         return
     host, port = target
-    emit(dict(rec, target=authority(host, port)))
+    emit(dict(rec, target=authority(host, port), **named(host, transports.resolver)))
     await stream.drain()
-    if tunnel is not None:
-        await tunnel(stream, base, host, port)
+    if transports.tunnel is not None:
+        await transports.tunnel(stream, base, host, port)
 
 
 async def _socks5(stream, rec: dict) -> tuple[str, int] | None:

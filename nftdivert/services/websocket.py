@@ -23,6 +23,7 @@ from nftdivert.config import HttpConfig
 from nftdivert.services import http
 
 HEAD_BYTES = 64  # of each message, in the log
+MAX_MESSAGE = 16 * 1024 * 1024  # a message is kept whole to answer it; a bigger one closes the channel (1009)
 IDLE_TIMEOUT = 300.0  # a C2 channel is often quiet for a while
 
 
@@ -37,12 +38,19 @@ async def serve(conn: h11.Connection, send, stream, cfg: HttpConfig, emit, base:
     ws = Connection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
     rule = http.match_rule(cfg.rules, host, urllib.parse.urlsplit(target).path or "/")
     parts: list = []
-    while ws.state is not ConnectionState.CLOSED:
+    size = 0
+    while ws.state is ConnectionState.OPEN:
         for event in ws.events():
             if isinstance(event, Message):
                 parts.append(event.data)
+                size += len(event.data)
+                if size > MAX_MESSAGE:
+                    emit(dict(base, event="websocket", error=f"a message beyond {MAX_MESSAGE} bytes"))
+                    stream.write(ws.send(CloseConnection(code=1009)))
+                    break
                 if not event.message_finished:
                     continue
+                size = 0
                 message, parts = _joined(parts), []
                 stream.write(ws.send(_reply(message, rule, emit, base)))
             elif isinstance(event, Ping):
@@ -50,7 +58,7 @@ async def serve(conn: h11.Connection, send, stream, cfg: HttpConfig, emit, base:
             elif isinstance(event, CloseConnection):
                 stream.write(ws.send(event.response()))
         await stream.drain()
-        if ws.state is ConnectionState.CLOSED:
+        if ws.state is not ConnectionState.OPEN:
             break
         try:
             data = await asyncio.wait_for(stream.read(65536), IDLE_TIMEOUT)

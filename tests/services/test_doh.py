@@ -9,9 +9,11 @@ import dns.message
 import dns.rdatatype
 import pytest
 
-from c2served import c2  # noqa: F401 - the fixture
-
+import c2served
 from nftdivert.services import doh
+
+
+c2 = pytest.fixture(c2served.served, name="c2")
 
 
 def wire(name: str, qtype: str = "A") -> bytes:

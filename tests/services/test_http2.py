@@ -9,9 +9,14 @@ import ssl
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 
-from c2served import BIG, c2  # noqa: F401 - the fixture
+import c2served
+from c2served import BIG
 from nftdivert.services import payloads
+
+
+c2 = pytest.fixture(c2served.served, name="c2")
 
 
 def exchange(sock, requests: list[tuple[list, bytes]]) -> dict[int, tuple[dict, bytes]]:

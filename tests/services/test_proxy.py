@@ -6,7 +6,13 @@ import socket
 import ssl
 import struct
 
-from c2served import c2  # noqa: F401 - the fixture
+import pytest
+
+import c2served
+from nftdivert.services import default_tcp
+
+
+c2 = pytest.fixture(c2served.served, name="c2")
 
 
 def connect(port: int) -> socket.socket:
@@ -115,3 +121,24 @@ def test_connect_without_a_port_gets_400(c2):
         assert read_all(s).startswith(b"HTTP/1.1 400 ")
     (rec,) = c2.of("http")
     assert rec["method"] == "CONNECT" and rec["status"] == 400 and "host:port" in rec["error"]
+
+
+def test_a_target_address_from_the_dns_pool_is_logged_with_its_name(c2):
+    address = c2.resolver.v4.address_for("resolved-first.example")  # the client resolved, then asked the proxy
+    with connect(c2.port) as s:
+        s.sendall(b"\x04\x01" + struct.pack("!H", 80) + address.packed + b"\0")
+        assert recv_exactly(s, 8)[:2] == b"\x00\x5a"
+        s.sendall(b"GET / HTTP/1.1\r\nHost: resolved-first.example\r\n\r\n")
+        assert read_all(s).startswith(b"HTTP/1.1 200 ")
+    (proxy,) = c2.of("proxy")
+    assert proxy["target"] == f"{address}:80" and proxy["target_name"] == "resolved-first.example"
+
+
+def test_tunnels_inside_tunnels_stop_at_the_limit(c2):
+    hop = b"\x04\x01" + struct.pack("!H", 1080) + socket.inet_aton("192.0.2.1") + b"\0"
+    with connect(c2.port) as s:
+        s.sendall(hop * (default_tcp.MAX_TUNNELS + 1))
+        # Every hop is granted; the one beyond the limit is not served inside.
+        assert read_all(s) == (b"\x00\x5a" + hop[2:8]) * (default_tcp.MAX_TUNNELS + 1)
+    records = c2.of("proxy", default_tcp.MAX_TUNNELS + 2)
+    assert "more than" in records[-1]["error"] and records[-1]["tunnel"] == "192.0.2.1:1080"

@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import socket
 
+import pytest
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage)
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
-from c2served import c2  # noqa: F401 - the fixture
+import c2served
+from nftdivert.services import websocket
+
+
+c2 = pytest.fixture(c2served.served, name="c2")
 
 
 class Client:
@@ -66,3 +71,11 @@ def test_pings_get_pongs_and_fragments_are_one_message(c2):
     assert client.next(TextMessage).data == "fragment"
     client.close()
     assert [(r["size"], r["opcode"]) for r in c2.of("websocket")] == [(8, "text")]
+
+
+def test_a_message_beyond_the_limit_closes_with_1009_and_is_logged(c2, monkeypatch):
+    monkeypatch.setattr(websocket, "MAX_MESSAGE", 1000)  # the listener runs in this process
+    client = Client(c2.port, "ws.example", "/")
+    client.send(BytesMessage(data=b"x" * 600, message_finished=False), BytesMessage(data=b"x" * 600))
+    assert client.next(CloseConnection).code == 1009
+    assert "beyond 1000 bytes" in c2.of("websocket")[0]["error"]
