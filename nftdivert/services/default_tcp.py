@@ -136,9 +136,10 @@ class DefaultTcp:
             inner = await first_bytes(stream.read, self._wait)
             stream.prepend(inner)
             inside = recognize.server_first(original[1] if original else None) if not inner else None
-            if recognize.classify(inner) in C2:
-                await self._serve_c2(recognize.classify(inner), stream, base, "https", peer, sock)
-            elif fixed == "https" or recognize.classify(inner) == "http":
+            inner_kind = recognize.classify(inner)
+            if inner_kind in C2:
+                await self._serve_c2(inner_kind, stream, base, "https", peer, sock)
+            elif fixed == "https" or inner_kind == "http":
                 await self._serve_http(stream, base, "https", peer, sock)
             elif inside is not None:  # implicit TLS (SMTPS on 465): the protocol by the port, inside
                 await self._serve_first(inside, stream, base, peer, sock, original)

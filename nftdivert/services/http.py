@@ -10,7 +10,7 @@ small valid file for the extension asked for, else the `[http]` page.
 Beyond the page (`Transports`): CONNECT opens a tunnel back into the
 listener (proxy.py), a WebSocket upgrade gets 101 and its frames
 (websocket.py), a DNS query (RFC 8484) the DNS listener's answer (doh.py).
-HTTP/2 streams (h2.py) are answered and logged by the same `respond`.
+HTTP/2 streams (http2.py) are answered and logged by the same `respond`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import os
 import posixpath
 import tempfile
 import urllib.parse
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import h11
@@ -70,7 +70,7 @@ def answer(http: HttpConfig, host: str, target: str) -> tuple[int, list[tuple[st
     return 200, [("Content-Type", http.content_type)], http.body.encode()
 
 
-class _Body:
+class Body:
     """A request body as it arrives: hashed whole, saved up to the cap."""
 
     def __init__(self, directory: str, cap: int) -> None:
@@ -124,7 +124,7 @@ class _Body:
 
 
 def respond(http: HttpConfig, transports: Transports, base: dict, method: str, host: str, target: str,
-            headers: list[tuple[str, str]], body: "_Body") -> tuple[int, list[tuple[str, str]], bytes, dict]:
+            headers: list[tuple[str, str]], body: "Body") -> tuple[int, list[tuple[str, str]], bytes, dict]:
     """The answer to a whole request (HTTP/1.1 or one HTTP/2 stream), and what its record adds."""
     query = doh.query(method, target, headers, body.head)
     if query is not None and transports.resolver is not None:
@@ -135,7 +135,7 @@ def respond(http: HttpConfig, transports: Transports, base: dict, method: str, h
     return *answer(http, _hostname(host), target), {}
 
 
-def record(base: dict, version: str, method: str, url: str, status: int, headers: list, body: "_Body",
+def record(base: dict, version: str, method: str, url: str, status: int, headers: list, body: "Body",
            extra: dict) -> dict:
     return dict(base, event="http", http_version=version, method=method, url=url, status=status,
                 headers=headers, **extra, **body.finish())
@@ -168,22 +168,20 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         target = request.target.decode("latin-1")
         method = request.method.decode("latin-1")
         version = request.http_version.decode("latin-1")
-        if method == "CONNECT" or _websocket(headers):  # no body: then h11 lets the protocol switch
+        if method == "CONNECT" or _websocket(headers):  # another protocol follows the request's end
             while not isinstance(event := await next_event(), h11.EndOfMessage):
                 if isinstance(event, h11.ConnectionClosed):
                     return
-        if method == "CONNECT" and transports.tunnel is not None:
-            await _connect(conn, send, stream, emit, base, target, headers, version, transports)
-            return
-        body = _Body(http.bodies_dir, http.max_body)
-        if _websocket(headers):
+            if method == "CONNECT":
+                await _connect(conn, send, stream, emit, base, target, headers, version, transports)
+                return
             from nftdivert.services import websocket  # wsproto: only once a WebSocket is asked for
 
             emit(record(base, version, method, _url("ws" if scheme == "http" else "wss", host, target), 101,
-                        headers, body, {}))
-            body = None
+                        headers, Body("", 0), {}))
             await websocket.serve(conn, send, stream, http, emit, base, _hostname(host), target, headers)
             return
+        body = Body(http.bodies_dir, http.max_body)
         if conn.they_are_waiting_for_100_continue:
             await send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[]))
         while not isinstance(event := await next_event(), h11.EndOfMessage):
@@ -232,11 +230,12 @@ async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target:
     from nftdivert.services import proxy
 
     host, port = split_authority(target)
-    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=200 if port else 400,
+    refused = 400 if not port else 405 if transports.tunnel is None else 0  # 405: no listener to tunnel into
+    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=refused or 200,
                headers=headers)
-    if not port:
-        emit(dict(rec, error=f"not host:port: {target[:100]!r}"))
-        await send(h11.Response(status_code=400, reason=b"Bad Request",
+    if refused:
+        emit(dict(rec, error=f"not host:port: {target[:100]!r}" if not port else "no tunnel here"))
+        await send(h11.Response(status_code=refused, reason=_reason(refused),
                                 headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
         return
     emit(dict(rec, tunnel=proxy.authority(host, port), **proxy.named(host, transports.resolver)))

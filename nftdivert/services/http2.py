@@ -25,7 +25,7 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
                 transports: http.Transports = http.Transports()) -> None:
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
     conn.initiate_connection()
-    requests: dict[int, tuple[list[tuple[str, str]], http._Body]] = {}
+    requests: dict[int, tuple[list[tuple[str, str]], http.Body]] = {}
     pending: dict[int, bytes] = {}  # answers' bodies still waiting for the window
     try:
         while True:
@@ -43,7 +43,7 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
             for event in events:
                 if isinstance(event, h2.events.RequestReceived):
                     headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-                    requests[event.stream_id] = (headers, http._Body(cfg.bodies_dir, cfg.max_body))
+                    requests[event.stream_id] = (headers, http.Body(cfg.bodies_dir, cfg.max_body))
                 elif isinstance(event, h2.events.DataReceived):
                     if event.stream_id in requests:
                         requests[event.stream_id][1].add(event.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import struct
@@ -9,7 +10,8 @@ import struct
 import pytest
 
 import c2served
-from nftdivert.services import default_tcp
+from nftdivert.config import HttpConfig
+from nftdivert.services import default_tcp, http
 
 
 c2 = pytest.fixture(c2served.served, name="c2")
@@ -142,3 +144,45 @@ def test_tunnels_inside_tunnels_stop_at_the_limit(c2):
         assert read_all(s) == (b"\x00\x5a" + hop[2:8]) * (default_tcp.MAX_TUNNELS + 1)
     records = c2.of("proxy", default_tcp.MAX_TUNNELS + 2)
     assert "more than" in records[-1]["error"] and records[-1]["tunnel"] == "192.0.2.1:1080"
+
+
+class Memory:
+    """A stream over bytes given in advance: what http.serve reads and writes."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.written = data, b""
+
+    async def read(self, n: int = 65536) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def drain(self) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+
+
+def test_connect_where_no_listener_can_tunnel_gets_405():
+    stream, records = Memory(b"CONNECT c2.example:443 HTTP/1.1\r\nHost: c2.example:443\r\n\r\n"), []
+    asyncio.run(http.serve(stream, HttpConfig(bodies_dir=""), records.append, {}, "http"))
+    assert stream.written.startswith(b"HTTP/1.1 405 ")
+    assert records == [dict(event="http", http_version="1.1", method="CONNECT", url="c2.example:443", status=405,
+                            headers=[("Host", "c2.example:443")], error="no tunnel here")]
+
+
+def test_tls_without_sni_inside_a_tunnel_gets_a_leaf_for_the_name_the_proxy_was_given(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x03\x0dnosni.example" + struct.pack("!H", 443))
+        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        ctx = ssl.create_default_context(cafile=str(c2.ca))
+        ctx.check_hostname = False
+        with ctx.wrap_socket(s) as tls:  # no server_hostname: no SNI
+            cert = tls.getpeercert()
+    assert cert["subjectAltName"] == (("DNS", "nosni.example"),)
+    assert "sni" not in c2.of("tls")[0]
