@@ -51,3 +51,24 @@ def served(tmp_path):
         yield served
     finally:
         lst.stop()
+
+
+class Memory:
+    """A stream over bytes given in advance (then the end): what the answers read and write."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.written = data, b""
+
+    async def read(self, n: int = 65536) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    async def drain(self) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+

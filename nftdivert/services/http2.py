@@ -35,30 +35,11 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
             if not data:
                 break
             try:
-                events = conn.receive_data(data)
+                _handle(conn, conn.receive_data(data), requests, pending, cfg, transports, emit, base, scheme)
             except h2.exceptions.ProtocolError as exc:
                 emit(dict(base, event="http", http_version="2", error=str(exc)[:200] or type(exc).__name__))
                 stream.write(conn.data_to_send())  # the GOAWAY
                 break
-            for event in events:
-                if isinstance(event, h2.events.RequestReceived):
-                    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-                    requests[event.stream_id] = (headers, http.Body(cfg.bodies_dir, cfg.max_body))
-                elif isinstance(event, h2.events.DataReceived):
-                    if event.stream_id in requests:
-                        requests[event.stream_id][1].add(event.data)
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, h2.events.StreamEnded) and event.stream_id in requests:
-                    headers, body = requests.pop(event.stream_id)
-                    content = _answer(conn, cfg, transports, emit, base, scheme, event.stream_id, headers, body)
-                    if content:
-                        pending[event.stream_id] = content
-                elif isinstance(event, h2.events.StreamReset):
-                    pending.pop(event.stream_id, None)
-                    gone = requests.pop(event.stream_id, None)
-                    if gone is not None:
-                        gone[1].abandon()
-            _send_pending(conn, pending)
     except asyncio.TimeoutError:
         pass
     finally:
@@ -66,6 +47,30 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
             body.abandon()
     stream.write(conn.data_to_send())
     stream.write_eof()
+
+
+def _handle(conn, events, requests: dict, pending: dict, cfg: HttpConfig, transports, emit, base: dict,
+            scheme: str) -> None:
+    """Requests gathered per stream; each answered once whole, its body queued for the window."""
+    for event in events:
+        if isinstance(event, h2.events.RequestReceived):
+            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+            requests[event.stream_id] = (headers, http.Body(cfg.bodies_dir, cfg.max_body))
+        elif isinstance(event, h2.events.DataReceived):
+            if event.stream_id in requests:
+                requests[event.stream_id][1].add(event.data)
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded) and event.stream_id in requests:
+            headers, body = requests.pop(event.stream_id)
+            content = _answer(conn, cfg, transports, emit, base, scheme, event.stream_id, headers, body)
+            if content:
+                pending[event.stream_id] = content
+        elif isinstance(event, h2.events.StreamReset):
+            pending.pop(event.stream_id, None)
+            gone = requests.pop(event.stream_id, None)
+            if gone is not None:
+                gone[1].abandon()
+    _send_pending(conn, pending)
 
 
 def _answer(conn, cfg: HttpConfig, transports, emit, base: dict, scheme: str, stream_id: int,

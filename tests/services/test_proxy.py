@@ -146,28 +146,8 @@ def test_tunnels_inside_tunnels_stop_at_the_limit(c2):
     assert "more than" in records[-1]["error"] and records[-1]["tunnel"] == "192.0.2.1:1080"
 
 
-class Memory:
-    """A stream over bytes given in advance: what http.serve reads and writes."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.written = data, b""
-
-    async def read(self, n: int = 65536) -> bytes:
-        out, self.data = self.data[:n], self.data[n:]
-        return out
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    async def drain(self) -> None:
-        pass
-
-    def write_eof(self) -> None:
-        pass
-
-
 def test_connect_where_no_listener_can_tunnel_gets_405():
-    stream, records = Memory(b"CONNECT c2.example:443 HTTP/1.1\r\nHost: c2.example:443\r\n\r\n"), []
+    stream, records = c2served.Memory(b"CONNECT c2.example:443 HTTP/1.1\r\nHost: c2.example:443\r\n\r\n"), []
     asyncio.run(http.serve(stream, HttpConfig(bodies_dir=""), records.append, {}, "http"))
     assert stream.written.startswith(b"HTTP/1.1 405 ")
     assert records == [dict(event="http", http_version="1.1", method="CONNECT", url="c2.example:443", status=405,
