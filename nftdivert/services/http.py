@@ -190,8 +190,18 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the client closed the connection mid-body")
         status, extra, content, info = respond(http, transports, base, method, host, target, headers, body)
-        emit(record(base, version, method, _url(scheme, host, target), status, headers, body, info))
+        settings = _h2c_settings(headers) if scheme == "http" and version == "1.1" else None
+        emit(record(base, version, method, _url(scheme, host, target), status, headers, body,
+                    dict(info, upgrade="h2c") if settings is not None else info))
         body = None
+        if settings is not None:  # Upgrade: h2c: the answer comes on HTTP/2's stream 1
+            from nftdivert.services import http2, proxy  # h2: only once HTTP/2 is spoken
+
+            await send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols",
+                                                 headers=[("Connection", "Upgrade"), ("Upgrade", "h2c")]))
+            await http2.serve(proxy.Prefixed(stream, conn.trailing_data[0]), http, emit, base, scheme, transports,
+                              upgraded=(settings, method, status, extra, content))
+            return
         server = [("Server", http.server)] if http.server else []
         # One request per connection: every client copes with a close, and none waits on a keep-alive.
         events = [h11.Response(status_code=status, reason=_reason(status), headers=server + [
@@ -222,6 +232,12 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
 
 def _websocket(headers: list[tuple[str, str]]) -> bool:
     return any(k.lower() == "upgrade" and "websocket" in v.lower() for k, v in headers)
+
+
+def _h2c_settings(headers: list[tuple[str, str]]) -> str | None:
+    """HTTP2-Settings of a request that asks to upgrade to h2c (RFC 7540 3.2); None: it does not."""
+    upgrade = any(k.lower() == "upgrade" and "h2c" in [t.strip().lower() for t in v.split(",")] for k, v in headers)
+    return next((v for k, v in headers if k.lower() == "http2-settings"), None) if upgrade else None
 
 
 async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target: str, headers: list,

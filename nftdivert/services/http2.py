@@ -16,17 +16,29 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import hyperframe.exceptions
 
 from nftdivert.config import HttpConfig
 from nftdivert.services import http
 
 
 async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
-                transports: http.Transports = http.Transports()) -> None:
+                transports: http.Transports = http.Transports(), upgraded: tuple | None = None) -> None:
+    """`upgraded`: (HTTP2-Settings, method, status, headers, body) of an HTTP/1.1 request answered on stream 1."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-    conn.initiate_connection()
     requests: dict[int, tuple[list[tuple[str, str]], http.Body]] = {}
     pending: dict[int, bytes] = {}  # answers' bodies still waiting for the window
+    if upgraded is None:
+        conn.initiate_connection()
+    else:
+        try:
+            conn.initiate_upgrade_connection(upgraded[0].encode("latin-1"))
+        except (h2.exceptions.ProtocolError, hyperframe.exceptions.InvalidFrameError, ValueError) as exc:
+            # HTTP2-Settings that do not decode (hyperframe's error escapes h2 here alone)
+            emit(dict(base, event="http", http_version="2", error=str(exc)[:200] or type(exc).__name__))
+            stream.write_eof()
+            return
+        pending[1] = _send_answer(conn, cfg, 1, *upgraded[1:])
     try:
         while True:
             stream.write(conn.data_to_send())
@@ -82,6 +94,11 @@ def _answer(conn, cfg: HttpConfig, transports, emit, base: dict, scheme: str, st
     status, extra, content, info = http.respond(cfg, transports, base, method, host, path, headers, body)
     emit(http.record(base, "2", method, f"{pseudo.get(':scheme', scheme)}://{host}{path}", status, headers,
                      body, info))
+    return _send_answer(conn, cfg, stream_id, method, status, extra, content)
+
+
+def _send_answer(conn, cfg: HttpConfig, stream_id: int, method: str, status: int, extra: list, content: bytes) -> bytes:
+    """The answer's headers, now; its body is returned, to be sent as the window allows."""
     if method == "HEAD":
         content_length, content = len(content), b""
     else:

@@ -39,6 +39,8 @@ curl -sS --max-time 20 -o socks4.txt --socks4 198.51.100.91:1080 http://192.0.2.
 curl -sS --max-time 20 -o h2.txt --http2 -w '%{http_version}' https://h2.example/h2.txt > h2.version; echo $? > h2.rc
 curl -sS --max-time 20 -o h2c.txt --http2-prior-knowledge -w '%{http_version}' http://h2c.example/h2c.txt > h2c.version
 echo $? > h2c.rc
+curl -sS --max-time 20 -o upgrade.txt --http2 -w '%{http_version}' http://upgrade.example/u.txt > upgrade.version
+echo $? > upgrade.rc
 curl -sS --max-time 20 -o doh.txt --doh-url https://dns.example/dns-query http://doh-only.example/doh.txt; echo $? > doh.rc
 "$PY" -c '
 import json, socket
@@ -128,10 +130,15 @@ def test_socks_proxies_tunnel_into_our_answers_and_log_the_target(run, name, kin
     assert req["tunnel"] == target and req["original_destination"] == proxy and req["client"] == rec["client"]
 
 
+def spoke_http2(work, name: str) -> None:
+    """curl said HTTP/2 (-w %{http_version}) and got the file asked for."""
+    assert rc(work, name) == 0 and (work / f"{name}.version").read_text() == "2"
+    assert (work / f"{name}.txt").read_bytes() == b"ok\n"
+
+
 def test_curl_http2_over_tls_negotiates_h2_and_is_logged_as_http2(run):
     work, records = run
-    assert rc(work, "h2") == 0 and (work / "h2.version").read_text() == "2"
-    assert (work / "h2.txt").read_bytes() == b"ok\n"
+    spoke_http2(work, "h2")
     assert one(records, event="tls", sni="h2.example")["alpn"] == "h2"
     req = one(records, event="http", url="https://h2.example/h2.txt")
     assert req["http_version"] == "2" and req["method"] == "GET" and req["status"] == 200
@@ -141,10 +148,16 @@ def test_curl_http2_over_tls_negotiates_h2_and_is_logged_as_http2(run):
 
 def test_h2c_prior_knowledge_is_answered_and_logged(run):
     work, records = run
-    assert rc(work, "h2c") == 0 and (work / "h2c.version").read_text() == "2"
-    assert (work / "h2c.txt").read_bytes() == b"ok\n"
+    spoke_http2(work, "h2c")
     req = one(records, event="http", url="http://h2c.example/h2c.txt")
     assert req["http_version"] == "2" and req["original_destination"].endswith(":80") and req["name"] == "h2c.example"
+
+
+def test_curl_http2_on_plain_http_upgrades_to_h2c(run):
+    work, records = run
+    spoke_http2(work, "upgrade")
+    req = one(records, event="http", url="http://upgrade.example/u.txt")
+    assert req["upgrade"] == "h2c" and req["original_destination"].endswith(":80") and req["name"] == "upgrade.example"
 
 
 def test_dns_over_https_resolves_into_the_pool_and_is_logged_as_dns(run):

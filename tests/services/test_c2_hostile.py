@@ -72,3 +72,12 @@ def ws_frame(first: int, payload: bytes, mask: bytes) -> bytes:
 def test_websocket_frames(frames):
     stream = Memory(UPGRADE + b"".join(frames))
     served(http.serve(stream, CFG, lambda _r: None, {}, "http"))
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=!", max_size=40),
+       st.binary(max_size=200))
+def test_h2c_upgrade_with_any_settings(settings_header, rest):
+    stream = Memory(b"GET / HTTP/1.1\r\nHost: c2.example\r\nUpgrade: h2c\r\nHTTP2-Settings: "
+                    + settings_header.encode() + b"\r\n\r\n" + rest)
+    served(http.serve(stream, CFG, lambda _r: None, {}, "http"))

@@ -102,3 +102,32 @@ def test_garbage_after_the_preface_is_logged_as_a_protocol_error(c2):
             pass
     (rec,) = c2.of("http")
     assert rec["http_version"] == "2" and rec["error"]
+
+
+def test_an_http_1_1_upgrade_to_h2c_is_answered_on_stream_1_and_the_connection_goes_on_in_http2(c2):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    settings = conn.initiate_upgrade_connection()
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as s:
+        s.sendall(b"GET /u.txt HTTP/1.1\r\nHost: up.example\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  b"Upgrade: h2c\r\nHTTP2-Settings: " + settings + b"\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101 ") and b"Upgrade: h2c" in head
+        conn.send_headers(3, get("/n.json", "up.example"), end_stream=True)  # the next request: HTTP/2 from the start
+        s.sendall(conn.data_to_send())
+        bodies: dict[int, bytes] = {1: b"", 3: b""}
+        ended: set[int] = set()
+        while ended != {1, 3}:
+            data = s.recv(65536)
+            assert data, "closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            s.sendall(conn.data_to_send())
+    assert bodies == {1: b"ok\n", 3: b"{}\n"}
+    upgrade, second = c2.of("http", 2)
+    assert (upgrade["http_version"], upgrade["upgrade"], upgrade["url"]) == ("1.1", "h2c", "http://up.example/u.txt")
+    assert (second["http_version"], second["url"]) == ("2", "http://up.example/n.json")
