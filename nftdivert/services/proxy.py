@@ -97,10 +97,11 @@ async def serve_socks(kind: str, stream, emit, base: dict, transports) -> None:
     except _Short:
         emit(dict(rec, error="the client stopped in the middle of its request"))
         return
-    if target is None:  # a command we do not offer (BIND, UDP ASSOCIATE): logged, and said so
+    if target is None:  # a method or command we do not offer (BIND, UDP ASSOCIATE): logged, and said so
         emit(rec)
-        stream.write(b"\x05\x07\x00\x01" + b"\0" * 6)
-        await stream.drain()
+        if "error" not in rec:
+            stream.write(b"\x05\x07\x00\x01" + b"\0" * 6)
+            await stream.drain()
         return
     host, port = target
     emit(dict(rec, target=authority(host, port), **named(host, transports.resolver)))
@@ -112,15 +113,20 @@ async def serve_socks(kind: str, stream, emit, base: dict, transports) -> None:
 async def _socks5(stream, rec: dict) -> tuple[str, int] | None:
     _version, count = await _exactly(stream, 2)
     methods = await _exactly(stream, count)
-    if 0 in methods:
-        stream.write(b"\x05\x00")  # no authentication
-    else:  # whatever else is offered, username/password (RFC 1929) is asked: it is worth logging
+    if 2 in methods:  # username/password (RFC 1929) before none: a client that has them, gives them to the log
         stream.write(b"\x05\x02")
         await stream.drain()
         _sub, size = await _exactly(stream, 2)
         rec["user"] = (await _exactly(stream, size)).decode("utf-8", "replace")
         rec["password"] = (await _exactly(stream, (await _exactly(stream, 1))[0])).decode("utf-8", "replace")
         stream.write(b"\x01\x00")
+    elif 0 in methods:
+        stream.write(b"\x05\x00")  # no authentication
+    else:  # GSSAPI and the private ones: nothing we speak
+        stream.write(b"\x05\xff")
+        await stream.drain()
+        rec["error"] = f"no method we speak among {list(methods)}"
+        return None
     await stream.drain()
     _version, command, _rsv, atyp = await _exactly(stream, 4)
     if atyp == 1:

@@ -32,7 +32,7 @@ body = "run calc.exe"
 SCRIPT = r"""
 cd "$D"
 curl -sS --max-time 20 -o connect.txt -x http://198.51.100.88:3128 https://proxied.example/stage.txt; echo $? > connect.rc
-curl -sS --max-time 20 -o socks5.txt --socks5-hostname 198.51.100.89:1080 https://socks5.example/s5.json
+curl -sS --max-time 20 -o socks5.txt --socks5-hostname 198.51.100.89:1080 --proxy-user bot:hunter2 https://socks5.example/s5.json
 echo $? > socks5.rc
 curl -sS --max-time 20 -o socks4a.txt --socks4a 198.51.100.90:1080 https://socks4a.example/s4.txt; echo $? > socks4a.rc
 curl -sS --max-time 20 -o socks4.txt --socks4 198.51.100.91:1080 http://192.0.2.44/s4plain.txt; echo $? > socks4.rc
@@ -126,6 +126,8 @@ def test_socks_proxies_tunnel_into_our_answers_and_log_the_target(run, name, kin
     target = url.split("/")[2] + (":443" if url.startswith("https") else ":80")
     rec = one(records, event="proxy", kind=kind)
     assert rec["target"] == target and rec["command"] == "connect" and rec["original_destination"] == proxy
+    if kind == "socks5":  # curl gives the proxy's username and password when it has them
+        assert (rec["user"], rec["password"]) == ("bot", "hunter2")
     req = one(records, event="http", url=url)
     assert req["tunnel"] == target and req["original_destination"] == proxy and req["client"] == rec["client"]
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import ssl
 import struct
+import subprocess
 
 import pytest
 
@@ -166,3 +167,24 @@ def test_tls_without_sni_inside_a_tunnel_gets_a_leaf_for_the_name_the_proxy_was_
             cert = tls.getpeercert()
     assert cert["subjectAltName"] == (("DNS", "nosni.example"),)
     assert "sni" not in c2.of("tls")[0]
+
+
+def test_socks5_prefers_username_and_password_when_offered_and_refuses_methods_it_does_not_speak(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x02\x00\x02")  # none, or username/password: the password is worth more
+        assert recv_exactly(s, 2) == b"\x05\x02"
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x01")  # GSSAPI only
+        assert read_all(s) == b"\x05\xff"
+    errors = sorted(r["error"] for r in c2.of("proxy", 2))  # two conversations: in either order
+    assert errors[0] == "no method we speak among [1]" and "stopped" in errors[1]
+
+
+def test_an_https_proxy_tunnels_tls_inside_tls(c2):
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "--proxy-cacert", str(c2.ca), "--cacert", str(c2.ca),
+                          "-x", f"https://127.0.0.1:{c2.port}", "https://inner.example/a.txt"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "ok\n", out.stderr
+    outer, inner = c2.of("tls", 2)
+    assert "sni" not in outer and inner["sni"] == "inner.example" and inner["tunnel"] == "inner.example:443"
+    assert c2.of("http", 2)[1]["url"] == "https://inner.example/a.txt"
