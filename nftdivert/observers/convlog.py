@@ -101,7 +101,7 @@ _SERVER_FIRST = {
     "ftp_upload": lambda r: f"upload {r['name']!r}, {_kept(r)}",
     "ssh": lambda r: (f"{r['client_version']}, {len(r['logins'])} logins"
                       + "".join(f" {x['user']!r}/{x['password']!r}" for x in r["logins"])),
-    "proxy": lambda r: f"{r['kind']} {r.get('command', 'connect')} {r.get('target') or r.get('error', '')}",
+    "proxy": lambda r: " ".join(str(r[k]) for k in ("kind", "command", "target", "error") if r.get(k)),
     "websocket": lambda r: r.get("error") or f"{r['opcode']} message {r['size']} bytes sha256 {r['sha256'][:16]}..."
                                              f" {r['answered']}",
 }

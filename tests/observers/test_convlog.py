@@ -184,5 +184,8 @@ def test_c2_transport_records_have_text_lines():
     assert "GET https://c2.example/ HTTP/2 -> 200, body 0 bytes" in text_line(h2)
     proxy = dict(base, event="proxy", kind="socks5", command="connect", target="c2.example:443")
     assert text_line(proxy).endswith("socks5 connect c2.example:443")
+    cut = dict(base, event="proxy", kind="socks4", error="the client stopped")
+    assert text_line(cut).endswith("socks4 the client stopped")
+    assert text_line(dict(base, event="proxy", error="more than 8")).endswith("more than 8")
     frame = dict(base, event="websocket", opcode="text", size=5, sha256="cd" * 32, head="68", answered="echo")
     assert text_line(frame).endswith("text message 5 bytes sha256 cdcdcdcdcdcdcdcd... echo")
