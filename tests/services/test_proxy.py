@@ -188,3 +188,14 @@ def test_an_https_proxy_tunnels_tls_inside_tls(c2):
     outer, inner = c2.of("tls", 2)
     assert "sni" not in outer and inner["sni"] == "inner.example" and inner["tunnel"] == "inner.example:443"
     assert c2.of("http", 2)[1]["url"] == "https://inner.example/a.txt"
+
+
+def test_a_silent_client_in_a_tunnel_gets_the_protocol_of_the_port_it_asked_the_proxy_for(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x03\x0amx.example" + struct.pack("!H", 25))
+        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        assert s.recv(4096).startswith(b"220 ")  # SMTP speaks first, after the recognition's wait
+        s.sendall(b"QUIT\r\n")
+        assert b"221" in read_all(s)
