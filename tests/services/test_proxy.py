@@ -38,13 +38,25 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
     return got
 
 
+def domain(name: str) -> bytes:
+    return b"\x03" + bytes([len(name)]) + name.encode()
+
+
+def socks5_open(s: socket.socket, address: bytes, port: int) -> None:
+    """No authentication, then CONNECT to the address (its type byte first) and port, granted."""
+    s.sendall(b"\x05\x01\x00")
+    assert recv_exactly(s, 2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00" + address + struct.pack("!H", port))
+    assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+
+
 def test_socks5_with_a_password_logs_it_and_the_tunnel_gets_http(c2):
     with connect(c2.port) as s:
         s.sendall(b"\x05\x01\x02")  # username/password only
         assert recv_exactly(s, 2) == b"\x05\x02"
         s.sendall(b"\x01\x03bot\x07hunter2")
         assert recv_exactly(s, 2) == b"\x01\x00"
-        s.sendall(b"\x05\x01\x00\x03\x0ac2.example" + struct.pack("!H", 8080))
+        s.sendall(b"\x05\x01\x00" + domain("c2.example") + struct.pack("!H", 8080))
         assert recv_exactly(s, 10)[:2] == b"\x05\x00"
         s.sendall(b"GET /a.json HTTP/1.1\r\nHost: c2.example:8080\r\n\r\n")
         assert read_all(s).endswith(b"\r\n\r\n{}\n")
@@ -57,10 +69,7 @@ def test_socks5_with_a_password_logs_it_and_the_tunnel_gets_http(c2):
 
 def test_socks5_to_an_ipv6_address_gets_tls_with_a_leaf_for_that_address(c2):
     with connect(c2.port) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert recv_exactly(s, 2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x04" + socket.inet_pton(socket.AF_INET6, "2001:db8::7") + struct.pack("!H", 443))
-        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        socks5_open(s, b"\x04" + socket.inet_pton(socket.AF_INET6, "2001:db8::7"), 443)
         ctx = ssl.create_default_context(cafile=str(c2.ca))
         ctx.check_hostname = False  # no SNI for an address: the leaf names the address
         with ctx.wrap_socket(s) as tls:
@@ -157,10 +166,7 @@ def test_connect_where_no_listener_can_tunnel_gets_405():
 
 def test_tls_without_sni_inside_a_tunnel_gets_a_leaf_for_the_name_the_proxy_was_given(c2):
     with connect(c2.port) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert recv_exactly(s, 2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x03\x0dnosni.example" + struct.pack("!H", 443))
-        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        socks5_open(s, domain("nosni.example"), 443)
         ctx = ssl.create_default_context(cafile=str(c2.ca))
         ctx.check_hostname = False
         with ctx.wrap_socket(s) as tls:  # no server_hostname: no SNI
@@ -192,10 +198,7 @@ def test_an_https_proxy_tunnels_tls_inside_tls(c2):
 
 def test_a_silent_client_in_a_tunnel_gets_the_protocol_of_the_port_it_asked_the_proxy_for(c2):
     with connect(c2.port) as s:
-        s.sendall(b"\x05\x01\x00")
-        assert recv_exactly(s, 2) == b"\x05\x00"
-        s.sendall(b"\x05\x01\x00\x03\x0amx.example" + struct.pack("!H", 25))
-        assert recv_exactly(s, 10)[:2] == b"\x05\x00"
+        socks5_open(s, domain("mx.example"), 25)
         assert s.recv(4096).startswith(b"220 ")  # SMTP speaks first, after the recognition's wait
         s.sendall(b"QUIT\r\n")
         assert b"221" in read_all(s)
