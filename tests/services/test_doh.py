@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import socket
 
 import dns.message
 import dns.rdatatype
 import pytest
 
 import c2served
+from test_listeners import http_exchange  # a request, the answer's head and body
 from nftdivert.services import doh
 
 
@@ -25,6 +25,7 @@ def b64(data: bytes) -> str:
 
 
 QUERY = wire("a.example")  # one message id for every case
+POST = b"POST /dns-query HTTP/1.1\r\nHost: dns.example\r\nContent-Type: application/dns-message\r\n"
 
 
 @pytest.mark.parametrize("method, target, headers, body, found", [
@@ -41,24 +42,14 @@ def test_the_query_in_a_request(method, target, headers, body, found):
     assert doh.query(method, target, headers, body) == (QUERY if found else None)
 
 
-def http(port: int, request: bytes) -> tuple[bytes, bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(request)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-    head, _, body = got.partition(b"\r\n\r\n")
-    return head, body
-
-
 def test_get_and_post_are_answered_from_the_pool_and_logged_as_dns(c2):
     query = wire("beacon.example")
-    head, body = http(c2.port, f"GET /dns-query?dns={b64(query)} HTTP/1.1\r\nHost: dns.example\r\n\r\n".encode())
+    get = f"GET /dns-query?dns={b64(query)} HTTP/1.1\r\nHost: dns.example\r\n\r\n"
+    head, body = http_exchange(c2.port, get.encode())
     assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: application/dns-message" in head
     (answer,) = dns.message.from_wire(body).answer
     assert answer.rdtype == dns.rdatatype.A and str(answer[0]).startswith("198.18.")
-    head, body = http(c2.port, b"POST /dns-query HTTP/1.1\r\nHost: dns.example\r\nContent-Type: application/dns-message\r\n"
-                      + f"Content-Length: {len(query)}\r\n\r\n".encode() + query)
+    head, body = http_exchange(c2.port, POST + f"Content-Length: {len(query)}\r\n\r\n".encode() + query)
     assert str(dns.message.from_wire(body).answer[0][0]) == str(answer[0])  # the same name, the same address
     first, second = c2.of("http", 2)
     assert first["doh"] is True and second["doh"] is True and second["method"] == "POST"
@@ -67,6 +58,5 @@ def test_get_and_post_are_answered_from_the_pool_and_logged_as_dns(c2):
 
 
 def test_a_body_that_is_no_dns_message_gets_400(c2):
-    head, _ = http(c2.port, b"POST /dns-query HTTP/1.1\r\nHost: dns.example\r\nContent-Type: application/dns-message\r\n"
-                   b"Content-Length: 3\r\n\r\nabc")
+    head, _ = http_exchange(c2.port, POST + b"Content-Length: 3\r\n\r\nabc")
     assert head.startswith(b"HTTP/1.1 400 ") and c2.of("http")[0]["doh"] is True
