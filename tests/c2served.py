@@ -32,11 +32,15 @@ class Served:
         return found
 
 
-def served(tmp_path):
-    """The listener, for a test module's fixture: `c2 = pytest.fixture(c2served.served, name="c2")`."""
+def free_port() -> int:
     with socket.socket(socket.AF_INET6) as s:
         s.bind(("::", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def served(tmp_path):
+    """The listener, for a test module's fixture: `c2 = pytest.fixture(c2served.served, name="c2")`."""
+    port = free_port()
     questions: list = []
     resolver = Resolver.from_config(DnsConfig(), on_question=lambda *q: questions.append(q))
     # The CA first: a client wants it before the first handshake would make it.

@@ -111,6 +111,8 @@ class DefaultTcp:
             base["original_destination"] = endpoint(original)
         if fixed is not None:
             kind = {"https": "tls"}.get(fixed, fixed)
+            if kind == "http" and recognize.classify(first) == "h2c":  # HTTP's listener speaks HTTP/2 too
+                kind = "h2c"
         else:  # silent: the port the client asked for chooses
             kind = (recognize.classify(first) if first
                     else recognize.server_first(original[1] if original else None) or "other")

@@ -13,7 +13,9 @@ import pytest
 
 import c2served
 from c2served import BIG
+from nftdivert.config import HttpConfig, Listener
 from nftdivert.services import payloads
+from nftdivert.services.listeners import Listeners
 
 
 c2 = pytest.fixture(c2served.served, name="c2")
@@ -131,3 +133,18 @@ def test_an_http_1_1_upgrade_to_h2c_is_answered_on_stream_1_and_the_connection_g
     upgrade, second = c2.of("http", 2)
     assert (upgrade["http_version"], upgrade["upgrade"], upgrade["url"]) == ("1.1", "h2c", "http://up.example/u.txt")
     assert (second["http_version"], second["url"]) == ("2", "http://up.example/n.json")
+
+
+def test_a_listener_of_kind_http_speaks_h2c_too():
+    port = c2served.free_port()
+    records: list = []
+    lst = Listeners((Listener("web", "tcp", port, kind="http"),), http=HttpConfig(bodies_dir=""),
+                    on_event=records.append)
+    lst.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            ((head, body),) = exchange(s, [(get("/k.txt"), b"")]).values()
+    finally:
+        lst.stop()
+    assert head[":status"] == "200" and body == b"ok\n"
+    assert records[0]["http_version"] == "2" and records[0]["listener"] == "web"
