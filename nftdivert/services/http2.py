@@ -45,7 +45,9 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
             await stream.drain()
             data = await asyncio.wait_for(stream.read(65536), http.READ_TIMEOUT)
             if not data:
-                break
+                # The client ended the connection (HTTP/2 clients do, not the server): nothing more is
+                # sent, not even TLS's close_notify, which would meet a closed socket and make it reset.
+                return
             try:
                 _handle(conn, conn.receive_data(data), requests, pending, cfg, transports, emit, base, scheme)
             except h2.exceptions.ProtocolError as exc:
@@ -57,7 +59,7 @@ async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
     finally:
         for _headers, body in requests.values():
             body.abandon()
-    stream.write(conn.data_to_send())
+    stream.write(conn.data_to_send())  # we end it: a timeout or the client's protocol error
     stream.write_eof()
 
 
