@@ -46,7 +46,8 @@ def served(tmp_path):
     # The CA first: a client wants it before the first handshake would make it.
     served = Served(port, [], questions, certs.ensure_ca(tmp_path / "state").cert_path, resolver)
     rules = (HttpRule(host="tasks.example", path="/ws", body="run calc.exe"),
-             HttpRule(host="*", path="/big", body=BIG.decode()))
+             HttpRule(host="*", path="/big", body=BIG.decode()),
+             HttpRule(host="*", path="/kept", headers=(("TE", "gzip"), ("X-Id", "7")), body="k"))
     lst = Listeners((Listener("t", "tcp", port),), tls=TlsConfig(state_dir=str(tmp_path / "state")),
                     http=HttpConfig(bodies_dir="", rules=rules), recognize=RecognizeConfig(wait=0.3),
                     on_event=served.records.append, resolver=resolver)

@@ -22,6 +22,9 @@ from nftdivert.config import HttpConfig
 from nftdivert.services import http
 
 
+_CONNECTION_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"}
+
+
 async def serve(stream, cfg: HttpConfig, emit, base: dict, scheme: str,
                 transports: http.Transports = http.Transports(), upgraded: tuple | None = None) -> None:
     """`upgraded`: (HTTP2-Settings, method, status, headers, body) of an HTTP/1.1 request answered on stream 1."""
@@ -101,14 +104,14 @@ def _answer(conn, cfg: HttpConfig, transports, emit, base: dict, scheme: str, st
 
 def _send_answer(conn, cfg: HttpConfig, stream_id: int, method: str, status: int, extra: list, content: bytes) -> bytes:
     """The answer's headers, now; its body is returned, to be sent as the window allows."""
+    content_length = len(content)
     if method == "HEAD":
-        content_length, content = len(content), b""
-    else:
-        content_length = len(content)
+        content = b""
     server = [("server", cfg.server)] if cfg.server else []
+    # A rule's HTTP/1.1-only headers are not HTTP/2's: h2 drops most, and refuses the answer for TE.
+    kept = [(k.lower(), v) for k, v in extra if k.lower() not in _CONNECTION_HEADERS]
     conn.send_headers(stream_id, [(":status", str(status)), *server, ("date", email.utils.formatdate(usegmt=True)),
-                                  *((k.lower(), v) for k, v in extra), ("content-length", str(content_length))],
-                      end_stream=not content)
+                                  *kept, ("content-length", str(content_length))], end_stream=not content)
     return content
 
 
