@@ -126,12 +126,11 @@ class Body:
 def respond(http: HttpConfig, transports: Transports, base: dict, method: str, host: str, target: str,
             headers: list[tuple[str, str]], body: "Body") -> tuple[int, list[tuple[str, str]], bytes, dict]:
     """The answer to a whole request (HTTP/1.1 or one HTTP/2 stream), and what its record adds."""
-    query = doh.query(method, target, headers, body.head)
-    if query is not None and transports.resolver is not None:
-        reply = transports.resolver.answer(query, base.get("client", ""))
-        if reply is None:
-            return 400, [("Content-Type", "text/plain")], b"not a DNS message\n", {"doh": True}
-        return 200, [("Content-Type", doh.CONTENT_TYPE), ("Cache-Control", "max-age=60")], reply, {"doh": True}
+    dns = (doh.answer(transports.resolver, method, target, headers, body.head, base.get("client", ""))
+           if transports.resolver is not None else None)
+    if dns is not None:
+        status, kind, content = dns
+        return status, [("Content-Type", kind), ("Cache-Control", "max-age=60")], content, {"doh": True}
     return *answer(http, _hostname(host), target), {}
 
 

@@ -42,6 +42,8 @@ echo $? > h2c.rc
 curl -sS --max-time 20 -o upgrade.txt --http2 -w '%{http_version}' http://upgrade.example/u.txt > upgrade.version
 echo $? > upgrade.rc
 curl -sS --max-time 20 -o doh.txt --doh-url https://dns.example/dns-query http://doh-only.example/doh.txt; echo $? > doh.rc
+curl -sS --max-time 20 -o doh.json -H 'Accept: application/dns-json' \
+    'https://cloudflare-dns.com/dns-query?name=json-only.example&type=A'; echo $? > doh_json.rc
 "$PY" -c '
 import json, socket
 from wsproto import WSConnection, ConnectionType
@@ -167,8 +169,8 @@ def test_curl_http2_on_plain_http_upgrades_to_h2c(run):
 def test_dns_over_https_resolves_into_the_pool_and_is_logged_as_dns(run):
     work, records = run
     assert rc(work, "doh") == 0 and (work / "doh.txt").read_bytes() == b"ok\n"
-    doh = [r for r in records if r.get("event") == "http" and r.get("doh")]
-    assert doh and all(r["url"] == "https://dns.example/dns-query" and r["status"] == 200 for r in doh)
+    doh = [r for r in records if r.get("event") == "http" and r.get("url") == "https://dns.example/dns-query"]
+    assert doh and all(r["doh"] is True and r["status"] == 200 for r in doh)
     assert doh[0]["name"] == "dns.example" and doh[0]["original_destination"].endswith(":443")
     # The question came over the DoH connection (its client), not to port 53.
     asked = [r for r in records if r.get("event") == "dns" and r["name"] == "doh-only.example"]
@@ -176,6 +178,16 @@ def test_dns_over_https_resolves_into_the_pool_and_is_logged_as_dns(run):
     answer = next(r["answer"] for r in asked if r["type"] == "A")
     req = one(records, event="http", url="http://doh-only.example/doh.txt")
     assert req["original_destination"] == f"{answer}:80" and req["name"] == "doh-only.example"
+
+
+def test_json_dns_over_https_answers_from_the_pool(run):
+    work, records = run
+    assert rc(work, "doh_json") == 0
+    (answer,) = json.loads((work / "doh.json").read_text())["Answer"]
+    asked = one(records, event="dns", name="json-only.example")
+    assert asked["answer"] == answer["data"] and answer["data"].startswith("198.18.")
+    req = one(records, event="http", url="https://cloudflare-dns.com/dns-query?name=json-only.example&type=A")
+    assert req["doh"] is True and req["client"] == asked["client"] and req["name"] == "cloudflare-dns.com"
 
 
 def test_websocket_gets_101_and_its_messages_are_echoed_or_answered_by_rule_and_logged(run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import dns.message
 import dns.rdatatype
@@ -60,3 +61,33 @@ def test_get_and_post_are_answered_from_the_pool_and_logged_as_dns(c2):
 def test_a_body_that_is_no_dns_message_gets_400(c2):
     head, _ = http_exchange(c2.port, POST + b"Content-Length: 3\r\n\r\nabc")
     assert head.startswith(b"HTTP/1.1 400 ") and c2.of("http")[0]["doh"] is True
+
+
+@pytest.mark.parametrize("target, accept, found", [
+    ("/resolve?name=c2.example&type=AAAA", "", ("c2.example", "AAAA")),  # Google's path
+    ("/dns-query?name=c2.example&ct=application/dns-json", "", ("c2.example", "A")),  # the type defaults to A
+    ("/dns-query?name=c2.example&type=15", "application/dns-json", ("c2.example", "15")),  # Cloudflare's Accept
+    ("/dns-query?name=c2.example", "text/html", None),  # nothing says JSON: an ordinary request
+    ("/resolve?type=A", "", None),  # no name
+])
+def test_the_json_question_in_a_request(target, accept, found):
+    assert doh.json_question("GET", target, [("Accept", accept)]) == found
+
+
+def test_json_questions_are_answered_from_the_pool_as_public_resolvers_answer(c2):
+    head, body = http_exchange(c2.port, b"GET /resolve?name=json.example&type=AAAA HTTP/1.1\r\nHost: dns.google\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Type: application/dns-json" in head
+    got = json.loads(body)
+    assert got["Status"] == 0 and got["RA"] is True and got["Question"] == [{"name": "json.example.", "type": 28}]
+    (record,) = got["Answer"]
+    assert record["name"] == "json.example." and record["type"] == 28 and record["data"].startswith("2001:db8:53::")
+    assert c2.questions[0][1:4] == ("json.example", "AAAA", record["data"])
+    mx = json.loads(http_exchange(c2.port, b"GET /dns-query?name=json.example&type=MX&ct=application/dns-json"
+                                           b" HTTP/1.1\r\nHost: cloudflare-dns.com\r\n\r\n")[1])
+    assert mx["Answer"][0]["data"] == "10 mail.json.example."
+    assert all(r["doh"] is True for r in c2.of("http", 2))
+
+
+def test_a_json_question_that_does_not_parse_gets_400(c2):
+    head, body = http_exchange(c2.port, b"GET /resolve?name=x.example&type=NOPE HTTP/1.1\r\nHost: dns.google\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["Status"] == 1
