@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.parse
 
 from hypothesis import given, settings, strategies as st
 
 from c2served import Memory
-from nftdivert.config import HttpConfig, HttpRule
-from nftdivert.services import http, http2, proxy
+from nftdivert.config import DnsConfig, HttpConfig, HttpRule
+from nftdivert.services import doh, http, http2, proxy
+from nftdivert.services.dns import Resolver
 
 CFG = HttpConfig(bodies_dir="", rules=(HttpRule(host="*", path="/ws", body="task"),))
 UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: c2.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -81,3 +84,15 @@ def test_h2c_upgrade_with_any_settings(settings_header, rest):
     stream = Memory(b"GET / HTTP/1.1\r\nHost: c2.example\r\nUpgrade: h2c\r\nHTTP2-Settings: "
                     + settings_header.encode() + b"\r\n\r\n" + rest)
     served(http.serve(stream, CFG, lambda _r: None, {}, "http"))
+
+
+RESOLVER = Resolver.from_config(DnsConfig())
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.text(max_size=80), st.text(max_size=12))
+def test_json_doh_with_any_name_and_type(name, qtype):
+    target = "/resolve?" + urllib.parse.urlencode({"name": name, "type": qtype})
+    got = doh.answer(RESOLVER, "GET", target, [], b"", "192.0.2.1:1")
+    if name:  # an empty name is no question: the ordinary answer
+        assert got[0] in (200, 400) and json.loads(got[2])["Status"] in range(0, 24)
