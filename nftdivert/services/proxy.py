@@ -64,7 +64,10 @@ def address_or_name(host: str, fallback_ip: str) -> tuple[str, str | None]:
 
 
 class _Short(Exception):
-    """The client closed, or stopped sending, in the middle of its greeting."""
+    """The client closed, or stopped sending, in the middle of its greeting (or sent one we cannot read)."""
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else "the client stopped in the middle of its request"
 
 
 async def _exactly(stream, n: int) -> bytes:
@@ -84,7 +87,7 @@ async def _until_nul(stream, limit: int = 256) -> bytes:
     data = b""
     while not data.endswith(b"\0"):
         if len(data) > limit:
-            raise _Short()
+            raise _Short(f"no NUL within {limit} bytes")
         data += await _exactly(stream, 1)
     return data[:-1]
 
@@ -94,8 +97,8 @@ async def serve_socks(kind: str, stream, emit, base: dict, transports) -> None:
     rec = dict(base, event="proxy", kind=kind)
     try:
         target = await (_socks5(stream, rec) if kind == "socks5" else _socks4(stream, rec))
-    except _Short:
-        emit(dict(rec, error="the client stopped in the middle of its request"))
+    except _Short as exc:
+        emit(dict(rec, error=str(exc)))
         return
     if target is None:  # a method or command we do not offer (BIND, UDP ASSOCIATE): logged, and said so
         emit(rec)
@@ -136,7 +139,7 @@ async def _socks5(stream, rec: dict) -> tuple[str, int] | None:
     elif atyp == 3:
         host = (await _exactly(stream, (await _exactly(stream, 1))[0])).decode("ascii", "replace")
     else:
-        raise _Short()
+        raise _Short(f"address type {atyp}: not one of SOCKS5's")
     port = struct.unpack("!H", await _exactly(stream, 2))[0]
     rec["command"] = {1: "connect", 2: "bind", 3: "udp_associate"}.get(command, str(command))
     if command != 1:

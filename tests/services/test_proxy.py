@@ -202,3 +202,12 @@ def test_a_silent_client_in_a_tunnel_gets_the_protocol_of_the_port_it_asked_the_
         assert s.recv(4096).startswith(b"220 ")  # SMTP speaks first, after the recognition's wait
         s.sendall(b"QUIT\r\n")
         assert b"221" in read_all(s)
+
+
+def test_a_socks5_address_type_that_does_not_exist_is_logged(c2):
+    with connect(c2.port) as s:
+        s.sendall(b"\x05\x01\x00")
+        assert recv_exactly(s, 2) == b"\x05\x00"
+        s.sendall(b"\x05\x01\x00\x09" + b"\0" * 6)
+        assert read_all(s) == b""
+    assert c2.of("proxy")[0]["error"] == "address type 9: not one of SOCKS5's"
