@@ -239,23 +239,32 @@ def _h2c_settings(headers: list[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k.lower() == "http2-settings"), None) if upgrade else None
 
 
+def connect(base: dict, version: str, target: str, headers: list, transports: Transports) -> tuple[dict, int]:
+    """CONNECT's record (HTTP/1.1 or HTTP/2) and its status: 200, or why no tunnel (400, 405)."""
+    from nftdivert.services import proxy
+
+    host, port = split_authority(target)
+    status = 400 if not port else 405 if transports.tunnel is None else 200  # 405: no listener to tunnel into
+    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=status,
+               headers=headers)
+    if status == 200:
+        return dict(rec, tunnel=proxy.authority(host, port), **proxy.named(host, transports.resolver)), 200
+    return dict(rec, error=f"not host:port: {target[:100]!r}" if not port else "no tunnel here"), status
+
+
 async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target: str, headers: list,
                    version: str, transports: Transports) -> None:
     """CONNECT host:port: logged, answered 200, and the tunnel served as if the client had connected there."""
     from nftdivert.services import proxy
 
-    host, port = split_authority(target)
-    refused = 400 if not port else 405 if transports.tunnel is None else 0  # 405: no listener to tunnel into
-    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=refused or 200,
-               headers=headers)
-    if refused:
-        emit(dict(rec, error=f"not host:port: {target[:100]!r}" if not port else "no tunnel here"))
-        await send(h11.Response(status_code=refused, reason=_reason(refused),
+    rec, status = connect(base, version, target, headers, transports)
+    emit(rec)
+    if status != 200:
+        await send(h11.Response(status_code=status, reason=_reason(status),
                                 headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
         return
-    emit(dict(rec, tunnel=proxy.authority(host, port), **proxy.named(host, transports.resolver)))
     await send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
-    await transports.tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, host, port)
+    await transports.tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, *split_authority(target))
 
 
 def split_authority(target: str) -> tuple[str, int]:

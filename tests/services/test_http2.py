@@ -151,3 +151,29 @@ def test_a_listener_of_kind_http_speaks_h2c_too():
         lst.stop()
     assert head[":status"] == "200" and body == b"ok\n"
     assert records[0]["http_version"] == "2" and records[0]["listener"] == "web"
+
+
+def test_a_connect_stream_is_a_tunnel_into_our_answers(c2):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "CONNECT"), (":authority", "inner.example:80")])
+    got, status, ended = b"", None, False
+    with socket.create_connection(("127.0.0.1", c2.port), timeout=5) as s:
+        s.sendall(conn.data_to_send())
+        while not ended:
+            data = s.recv(65536)
+            assert data, "closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[":status"]
+                    conn.send_data(1, b"GET /t.json HTTP/1.1\r\nHost: inner.example\r\n\r\n")  # inside the tunnel
+                elif isinstance(event, h2.events.DataReceived):
+                    got += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            s.sendall(conn.data_to_send())
+    assert status == "200" and got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n{}\n")
+    connect, inside = c2.of("http", 2)
+    assert (connect["method"], connect["http_version"], connect["tunnel"]) == ("CONNECT", "2", "inner.example:80")
+    assert inside["url"] == "http://inner.example/t.json" and inside["tunnel"] == "inner.example:80"
