@@ -6,11 +6,13 @@ import asyncio
 import json
 import urllib.parse
 
+import hpack
 from hypothesis import given, settings, strategies as st
 
 from c2served import Memory
-from nftdivert.config import DnsConfig, HttpConfig, HttpRule
+from nftdivert.config import DnsConfig, HttpConfig, HttpRule, RecognizeConfig, TlsConfig
 from nftdivert.services import doh, http, http2, proxy
+from nftdivert.services.default_tcp import DefaultTcp
 from nftdivert.services.dns import Resolver
 
 CFG = HttpConfig(bodies_dir="", rules=(HttpRule(host="*", path="/ws", body="task"),))
@@ -96,3 +98,20 @@ def test_json_doh_with_any_name_and_type(name, qtype):
     got = doh.answer(RESOLVER, "GET", target, [], b"", "192.0.2.1:1")
     if name:  # an empty name is no question: the ordinary answer
         assert got[0] in (200, 400) and json.loads(got[2])["Status"] in range(0, 24)
+
+
+def connect_headers(authority: str) -> bytes:
+    block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", authority)])
+    return h2_frame(1, 4, 1, block)  # END_HEADERS, and the stream stays open: a tunnel
+
+
+@settings(deadline=None, max_examples=100)
+@given(st.sampled_from(["inner.example:80", "inner.example:443", "[2001:db8::1]:25", "nohost"]),
+       st.lists(st.binary(max_size=60), max_size=6), st.booleans())
+def test_http2_connect_streams_with_any_bytes_inside(tmp_path_factory, authority, chunks, end):
+    answers = DefaultTcp("t", CFG, TlsConfig(state_dir=str(tmp_path_factory.getbasetemp() / "state")),
+                         RecognizeConfig(wait=0.05), None)
+    transports = answers._transports(("192.0.2.1", 1), ("192.0.2.2", 2))
+    frames = b"".join(h2_frame(0, 1 if end and i == len(chunks) - 1 else 0, 1, c) for i, c in enumerate(chunks))
+    data = PREFACE + h2_frame(4, 0, 0, b"") + connect_headers(authority) + frames
+    served(http2.serve(Memory(data), CFG, lambda _r: None, {}, "http", transports))
