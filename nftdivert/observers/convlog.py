@@ -82,8 +82,11 @@ def _service_line(rec: dict) -> str:
         result = "ok" if rec.get("result") == "ok" else f"failed: {rec.get('error', '')}"
         return (f"{head} sni={rec.get('sni', '-')} alpn={offered or '-'} "
                 f"version={rec.get('version') or rec.get('client_version', '-')} {result}")
+    if "body_size" not in rec:  # CONNECT: the tunnel's own records follow
+        return f"{head} {rec['method']} {rec['url']} -> {rec['status']}, tunnel"
     saved = f" saved {rec['body_saved']}" if rec.get("body_saved") else ""
-    return (f"{head} {rec['method']} {rec['url']} -> {rec['status']}, body {rec['body_size']} bytes"
+    h2 = " HTTP/2" if rec.get("http_version") == "2" else ""
+    return (f"{head} {rec['method']} {rec['url']}{h2} -> {rec['status']}, body {rec['body_size']} bytes"
             f" sha256 {rec['body_sha256'][:16]}...{saved}")
 
 
@@ -105,6 +108,9 @@ _SERVER_FIRST = {
     "ftp_upload": lambda r: f"upload {r['name']!r}, {_kept(r)}",
     "ssh": lambda r: (f"{r['client_version']}, {len(r['logins'])} logins"
                       + "".join(f" {x['user']!r}/{x['password']!r}" for x in r["logins"])),
+    "proxy": lambda r: " ".join(str(r[k]) for k in ("kind", "command", "target", "error") if r.get(k)),
+    "websocket": lambda r: r.get("error") or f"{r['opcode']} message {r['size']} bytes sha256 {r['sha256'][:16]}..."
+                                             f" {r['answered']}",
 }
 
 

@@ -7,16 +7,26 @@ server-first protocol's command that protocol, anything else the echo
 seconds on a port whose protocol speaks first gets its greeting; elsewhere
 the listener waits on for its first bytes. Each TLS handshake and HTTP
 request is handed to `emit` as a log record.
+
+Proxies and HTTP/2 (C2 below): a SOCKS greeting or an HTTP CONNECT opens a
+tunnel whose bytes are recognised again, as if the client had connected to
+the target it named; the HTTP/2 preface (h2c, or inside TLS after ALPN h2)
+gets the HTTP answer per stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services import origin as origin_mod, recognize, small_services
 from nftdivert.services.tls import Plain, Upgrade
+
+C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
+MAX_TUNNELS = 8  # proxies inside proxies' tunnels (a chain), per conversation
+_tunnels = contextvars.ContextVar("tunnels", default=0)  # each conversation is a task of its own
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -68,7 +78,8 @@ class DefaultTcp:
     def __init__(self, name: str, http: HttpConfig, tls: TlsConfig, recognize_: RecognizeConfig,
                  emit: Emit | None, origin: Origin | None = None,
                  first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
-                 small: SmallServicesConfig = SmallServicesConfig(), fixed: str | None = None) -> None:
+                 small: SmallServicesConfig = SmallServicesConfig(), fixed: str | None = None,
+                 resolver=None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
@@ -77,13 +88,15 @@ class DefaultTcp:
         self._first, self._small = first, small
         self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
+        self._resolver = resolver  # the DNS listener's, for DNS over HTTPS; None without one
 
     def _certs(self):
         if self._contexts is None:
             from nftdivert.services import certs  # cryptography: only once TLS is spoken
 
             tls = self._tls
-            self._contexts = certs.Contexts(certs.ensure_ca(tls.state_dir), tls.max_certs, tls.keylog)
+            self._contexts = certs.Contexts(certs.ensure_ca(tls.state_dir), tls.max_certs, tls.keylog,
+                                            alpn=("h2", "http/1.1"))
         return self._contexts
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
@@ -115,20 +128,29 @@ class DefaultTcp:
             small = small_services.kind_for(first, original)
             if small is not None and (kind == "other" or small == "irc" and small_services.is_irc(first)):
                 kind = small
+        if kind == "http" and recognize.classify(first) == "h2c":  # HTTP's listener speaks HTTP/2 too
+            kind = "h2c"
         if kind in small_services.KINDS:
             await small_services.serve(kind, Plain(reader, writer, first, count), self._small, self._emit, base, peer)
             return
         plain = Plain(reader, writer, b"" if kind in ("tls", "other") else first, count)
-        # No SNI: a leaf for the address the client asked for.
+        await self._answer(kind, plain, first, base, peer, sock, original)
+
+    async def _answer(self, kind: str, plain, first: bytes, base: dict, peer, sock, original,
+                      name: str | None = None) -> None:
+        """Serve what was recognised; `name`: the host a proxy's client named, for the TLS leaf."""
+        # No SNI: a leaf for that name, else for the address the client asked for.
         ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-        upgrade = Upgrade(self._certs, self._emit, base, ip)
+        upgrade = Upgrade(self._certs, self._emit, base, ip, name)
         try:
             if kind == "tls":
                 stream = await upgrade(plain, first)
                 if stream is not None:
                     await self._inside(stream, base, peer, sock, original, upgrade)
             elif kind == "http":
-                await self._serve_http(plain, base, "http")
+                await self._serve_http(plain, base, "http", peer, sock)
+            elif kind in C2:
+                await self._serve_c2(kind, plain, base, "http", peer, sock)
             elif kind != "other":
                 await self._serve_first(kind, plain, base, peer, sock, original, upgrade)
             else:
@@ -144,8 +166,10 @@ class DefaultTcp:
             inner = await first_bytes(stream.read, SILENT)
         stream.prepend(inner)
         kind = recognize.choose(inner, port, inside_tls=True)
-        if self._fixed == "https" or kind == "http":
-            await self._serve_http(stream, base, "https")
+        if kind in C2:  # HTTP/2 after ALPN h2, or a proxy inside TLS
+            await self._serve_c2(kind, stream, base, "https", peer, sock)
+        elif self._fixed == "https" or kind == "http":
+            await self._serve_http(stream, base, "https", peer, sock)
         elif kind in recognize.SERVER_FIRST.values():
             await self._serve_first(kind, stream, base, peer, sock, original, upgrade)
         elif (small := small_services.kind_for(inner, original)) is not None:  # IRC over TLS (6697)
@@ -203,7 +227,41 @@ class DefaultTcp:
 
             await ssh.serve(stream, first, emit, base, peer, sock)
 
-    async def _serve_http(self, stream, base: dict, scheme: str) -> None:
+    async def _serve_http(self, stream, base: dict, scheme: str, peer, sock) -> None:
         from nftdivert.services import http  # h11: only once HTTP is spoken
 
-        await http.serve(stream, self._http, self._emit, base, scheme)
+        await http.serve(stream, self._http, self._emit, base, scheme, self._transports(peer, sock))
+
+    def _transports(self, peer, sock):
+        from nftdivert.services import http
+
+        async def tunnel(stream, base: dict, host: str, port: int) -> None:
+            await self._tunnel(stream, base, host, port, peer, sock)
+
+        return http.Transports(tunnel=tunnel, resolver=self._resolver)
+
+    async def _serve_c2(self, kind: str, stream, base: dict, scheme: str, peer, sock) -> None:
+        transports = self._transports(peer, sock)
+        if kind == "h2c":
+            from nftdivert.services import http2  # h2: only once HTTP/2 is spoken
+
+            await http2.serve(stream, self._http, self._emit, base, scheme, transports)
+        else:
+            from nftdivert.services import proxy
+
+            await proxy.serve_socks(kind, stream, self._emit, base, transports)
+
+    async def _tunnel(self, stream, base: dict, host: str, port: int, peer, sock) -> None:
+        """A proxy's tunnel: its bytes recognised again, as if the client had connected to host:port."""
+        from nftdivert.services import proxy
+
+        base = dict(base, tunnel=proxy.authority(host, port))
+        if _tunnels.get() >= MAX_TUNNELS:
+            self._emit(dict(base, event="proxy", error=f"more than {MAX_TUNNELS} tunnels inside each other"))
+            return
+        _tunnels.set(_tunnels.get() + 1)
+        first = await first_bytes(stream.read, self._wait)
+        kind = recognize.choose(first, port)
+        ip, name = proxy.address_or_name(host, sock[0].removeprefix("::ffff:"))
+        plain = proxy.Prefixed(stream, b"" if kind in ("tls", "other") else first)
+        await self._answer(kind, plain, first, base, peer, sock, (ip, port), name)

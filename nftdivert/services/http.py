@@ -6,6 +6,11 @@ URL, headers, body size and sha256 are logged, and the body is saved under
 `[http] bodies_dir`, named by its sha256 (at most `max_body` bytes of it).
 The answer: the first `[[http.rules]]` whose host and path match, else a
 small valid file for the extension asked for, else the `[http]` page.
+
+Beyond the page (`Transports`): CONNECT opens a tunnel back into the
+listener (proxy.py), a WebSocket upgrade gets 101 and its frames
+(websocket.py), a DNS query (RFC 8484) the DNS listener's answer (doh.py).
+HTTP/2 streams (http2.py) are answered and logged by the same `respond`.
 """
 
 from __future__ import annotations
@@ -18,16 +23,26 @@ import os
 import posixpath
 import tempfile
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import h11
 from http import HTTPStatus
 
 from nftdivert.config import HttpConfig, HttpRule
-from nftdivert.services import payloads
+from nftdivert.services import doh, payloads
 
 READ_TIMEOUT = 30.0  # a client that stops sending mid-request is let go after this
+DOH_MAX = 65535  # a DNS message is at most this long: what of a body is kept in memory for DoH
+
+
+@dataclass(frozen=True)
+class Transports:
+    """What an answer beyond the page needs from the listener: None where it has none."""
+
+    tunnel: Callable[[object, dict, str, int], Awaitable[None]] | None = None  # (stream, base, host, port)
+    resolver: object | None = None  # dns.Resolver of the DNS listener, for DoH
 
 
 def match_rule(rules: tuple[HttpRule, ...], host: str, path: str) -> HttpRule | None:
@@ -55,7 +70,7 @@ def answer(http: HttpConfig, host: str, target: str) -> tuple[int, list[tuple[st
     return 200, [("Content-Type", http.content_type)], http.body.encode()
 
 
-class _Body:
+class Body:
     """A request body as it arrives: hashed whole, saved up to the cap."""
 
     def __init__(self, directory: str, cap: int) -> None:
@@ -65,8 +80,11 @@ class _Body:
         self._fd: int | None = None
         self._tmp = ""
         self.error = ""
+        self.head = b""  # the first DOH_MAX bytes, in memory: a DNS query is read from it
 
     def add(self, data: bytes) -> None:
+        if len(self.head) < DOH_MAX:
+            self.head += data[:DOH_MAX - len(self.head)]
         self.size += len(data)
         self._hash.update(data)
         keep = data[:max(0, self._cap - self.saved)]
@@ -105,7 +123,25 @@ class _Body:
             os.unlink(self._tmp)
 
 
-async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: dict, scheme: str) -> None:
+def respond(http: HttpConfig, transports: Transports, base: dict, method: str, host: str, target: str,
+            headers: list[tuple[str, str]], body: "Body") -> tuple[int, list[tuple[str, str]], bytes, dict]:
+    """The answer to a whole request (HTTP/1.1 or one HTTP/2 stream), and what its record adds."""
+    dns = (doh.answer(transports.resolver, method, target, headers, body.head, base.get("client", ""))
+           if transports.resolver is not None else None)
+    if dns is not None:
+        status, kind, content = dns
+        return status, [("Content-Type", kind), ("Cache-Control", "max-age=60")], content, {"doh": True}
+    return *answer(http, _hostname(host), target), {}
+
+
+def record(base: dict, version: str, method: str, url: str, status: int, headers: list, body: "Body",
+           extra: dict) -> dict:
+    return dict(base, event="http", http_version=version, method=method, url=url, status=status,
+                headers=headers, **extra, **body.finish())
+
+
+async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: dict, scheme: str,
+                transports: Transports = Transports()) -> None:
     """Answer one request on `stream` (then close, as the answer says); log it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
 
@@ -129,7 +165,22 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()]
         host = next((v for k, v in headers if k.lower() == "host"), "")
         target = request.target.decode("latin-1")
-        body = _Body(http.bodies_dir, http.max_body)
+        method = request.method.decode("latin-1")
+        version = request.http_version.decode("latin-1")
+        if method == "CONNECT" or _websocket(headers):  # another protocol follows the request's end
+            while not isinstance(event := await next_event(), h11.EndOfMessage):
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+            if method == "CONNECT":
+                await _connect(conn, send, stream, emit, base, target, headers, version, transports)
+                return
+            from nftdivert.services import websocket  # wsproto: only once a WebSocket is asked for
+
+            emit(record(base, version, method, _url("ws" if scheme == "http" else "wss", host, target), 101,
+                        headers, Body("", 0), {}))
+            await websocket.serve(conn, send, stream, http, emit, base, _hostname(host), target, headers)
+            return
+        body = Body(http.bodies_dir, http.max_body)
         if conn.they_are_waiting_for_100_continue:
             await send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[]))
         while not isinstance(event := await next_event(), h11.EndOfMessage):
@@ -137,10 +188,19 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
                 body.add(bytes(event.data))
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the client closed the connection mid-body")
-        status, extra, content = answer(http, _hostname(host), target)
-        emit(dict(base, event="http", method=request.method.decode("latin-1"), url=_url(scheme, host, target),
-                  status=status, headers=headers, **body.finish()))
+        status, extra, content, info = respond(http, transports, base, method, host, target, headers, body)
+        settings = _h2c_settings(headers) if scheme == "http" and version == "1.1" else None
+        emit(record(base, version, method, _url(scheme, host, target), status, headers, body,
+                    dict(info, upgrade="h2c") if settings is not None else info))
         body = None
+        if settings is not None:  # Upgrade: h2c: the answer comes on HTTP/2's stream 1
+            from nftdivert.services import http2, proxy  # h2: only once HTTP/2 is spoken
+
+            await send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols",
+                                                 headers=[("Connection", "Upgrade"), ("Upgrade", "h2c")]))
+            await http2.serve(proxy.Prefixed(stream, conn.trailing_data[0]), http, emit, base, scheme, transports,
+                              upgraded=(settings, method, status, extra, content))
+            return
         server = [("Server", http.server)] if http.server else []
         # One request per connection: every client copes with a close, and none waits on a keep-alive.
         events = [h11.Response(status_code=status, reason=_reason(status), headers=server + [
@@ -169,6 +229,53 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
     stream.write_eof()
 
 
+def _websocket(headers: list[tuple[str, str]]) -> bool:
+    return any(k.lower() == "upgrade" and "websocket" in v.lower() for k, v in headers)
+
+
+def _h2c_settings(headers: list[tuple[str, str]]) -> str | None:
+    """HTTP2-Settings of a request that asks to upgrade to h2c (RFC 7540 3.2); None: it does not."""
+    upgrade = any(k.lower() == "upgrade" and "h2c" in [t.strip().lower() for t in v.split(",")] for k, v in headers)
+    return next((v for k, v in headers if k.lower() == "http2-settings"), None) if upgrade else None
+
+
+def connect(base: dict, version: str, target: str, headers: list, transports: Transports) -> tuple[dict, int]:
+    """CONNECT's record (HTTP/1.1 or HTTP/2) and its status: 200, or why no tunnel (400, 405)."""
+    from nftdivert.services import proxy
+
+    host, port = split_authority(target)
+    status = 400 if not port else 405 if transports.tunnel is None else 200  # 405: no listener to tunnel into
+    rec = dict(base, event="http", http_version=version, method="CONNECT", url=target, status=status,
+               headers=headers)
+    if status == 200:
+        return dict(rec, tunnel=proxy.authority(host, port), **proxy.named(host, transports.resolver)), 200
+    return dict(rec, error=f"not host:port: {target[:100]!r}" if not port else "no tunnel here"), status
+
+
+async def _connect(conn: h11.Connection, send, stream, emit, base: dict, target: str, headers: list,
+                   version: str, transports: Transports) -> None:
+    """CONNECT host:port: logged, answered 200, and the tunnel served as if the client had connected there."""
+    from nftdivert.services import proxy
+
+    rec, status = connect(base, version, target, headers, transports)
+    emit(rec)
+    if status != 200:
+        await send(h11.Response(status_code=status, reason=_reason(status),
+                                headers=[("Content-Length", "0"), ("Connection", "close")]), h11.EndOfMessage())
+        return
+    await send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
+    await transports.tunnel(proxy.Prefixed(stream, conn.trailing_data[0]), base, *split_authority(target))
+
+
+def split_authority(target: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; port 0 when there is none."""
+    try:
+        parts = urllib.parse.urlsplit("//" + target)
+        return parts.hostname or "", parts.port or 0
+    except ValueError:
+        return "", 0
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -185,6 +292,6 @@ def _hostname(host: str) -> str:
 
 
 def _url(scheme: str, host: str, target: str) -> str:
-    if target.startswith(("http://", "https://")):
+    if target.startswith(("http://", "https://", "ws://", "wss://")):
         return target  # a proxy-style absolute URL
     return f"{scheme}://{host}{target}" if host else target

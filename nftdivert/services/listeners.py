@@ -191,7 +191,8 @@ class Listeners:
             if lst.kind == "dns":
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
-                answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind)
+                answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind,
+                                     resolver=self._resolver)  # DNS over HTTPS asks the DNS listener's pool
                 handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)

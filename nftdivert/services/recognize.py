@@ -21,7 +21,8 @@ _TLS_VERSIONS = {0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLSv1.1", 0x0303: "T
 
 
 def classify(first: bytes, port: int | None = None) -> str:
-    """'tls', 'http', 'ssh', a server-first protocol or 'other' for the first bytes a client sent.
+    """'tls', 'http', 'ssh', a server-first protocol, 'h2c', 'socks4', 'socks5' or 'other'
+    for the first bytes a client sent.
 
     `port`, the port the client asked for, settles a command two protocols
     share (USER: FTP or POP3).
@@ -35,7 +36,7 @@ def classify(first: bytes, port: int | None = None) -> str:
         return "ssh"
     speaks = [kind for kind, command in _FIRST_COMMANDS if command.match(first)]
     if not speaks:
-        return "other"
+        return _c2(first)
     by_port = server_first(port)
     return by_port if by_port in speaks else speaks[0]
 
@@ -50,12 +51,28 @@ _FIRST_COMMANDS = (
 )
 
 
+def _c2(first: bytes) -> str:
+    """A C2 transport's first bytes: the HTTP/2 preface, or a SOCKS proxy's greeting."""
+    if first.startswith(b"PRI * HTTP/2.0\r\n"):
+        return "h2c"
+    # SOCKS5: version, the number of auth methods, exactly that many of them.
+    if len(first) >= 3 and first[0] == 5 and 1 <= first[1] == len(first) - 2:
+        return "socks5"
+    # SOCKS4(a) CONNECT: command 1, port, IPv4 address, user id up to a NUL (4a: then the host name).
+    if len(first) >= 9 and first[:2] == b"\x04\x01" and first.endswith(b"\0"):
+        return "socks4"
+    return "other"
+
+
 def wants_more(first: bytes) -> bool:
     """True while the bytes so far could still become a TLS record header or a request line."""
     if len(first) >= PEEK_BYTES:
         return False
     if first[:1] == b"\x16":
         return len(first) < 6
+    if first[:1] in (b"\x04", b"\x05"):  # a SOCKS greeting: its whole header
+        return len(first) < 2 or (first[0] == 5 and len(first) < 2 + first[1]) or (
+            first[0] == 4 and first[1] == 1 and (len(first) < 9 or not first.endswith(b"\0")))
     line = first.split(b"\n", 1)
     return len(line) == 1 and bool(_HTTP_METHOD.match(first) or re.fullmatch(rb"[A-Z]{1,10}", first))
 

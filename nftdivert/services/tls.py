@@ -116,11 +116,11 @@ class Tls:
 
 
 async def handshake(plain: Plain, first: bytes, contexts: certs.Contexts, ip: str,
-                    record: dict) -> Tls | None:
+                    record: dict, name: str | None = None) -> Tls | None:
     """Serve the handshake whose first bytes are `first`; fill `record` (SNI, ALPN, version, result)."""
     record.update(recognize.client_hello(first))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    ctx = contexts.get(None, ip)  # no SNI: a certificate for this address
+    ctx = contexts.get(name, ip)  # no SNI: a certificate for the name a proxy was given, else this address
     obj = ctx.wrap_bio(incoming, outgoing, server_side=True)
     incoming.write(first)
     loop = asyncio.get_running_loop()
@@ -171,9 +171,10 @@ class Upgrade:
     cleanly (close_notify, FIN) when the conversation ends.
     """
 
-    def __init__(self, certs, emit, base: dict, ip: str) -> None:
-        """`certs()`: the Contexts (made on first use); `ip`: the address a leaf names without SNI."""
-        self._certs, self._emit, self._base, self._ip = certs, emit, base, ip
+    def __init__(self, certs, emit, base: dict, ip: str, name: str | None = None) -> None:
+        """`certs()`: the Contexts (made on first use); `ip`: the address a leaf names without SNI,
+        `name`: the name it names instead (the host a proxy's client asked for)."""
+        self._certs, self._emit, self._base, self._ip, self._name = certs, emit, base, ip, name
         self._streams: list = []
 
     async def __call__(self, stream, first: bytes = b"", starttls: bool = False, base: dict | None = None):
@@ -192,7 +193,7 @@ class Upgrade:
             except asyncio.TimeoutError as exc:
                 self._emit(dict(record, result="failed", error=_reason(exc)))
                 return None
-        tls = await handshake(stream, first, contexts, self._ip, record)
+        tls = await handshake(stream, first, contexts, self._ip, record, self._name)
         self._emit(record)
         if tls is not None and base is None:
             self._streams.append(tls)

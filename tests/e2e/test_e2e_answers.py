@@ -51,7 +51,7 @@ kind = "https"
 SCRIPT = r"""
 cd "$D"
 date +%s.%N > started
-curl -sS --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
+curl -sS --http1.1 --max-time 20 -o https.txt https://c2.example/next/stage.txt; echo $? > https.rc
 curl -sS --max-time 20 -o http.txt http://plain.example/hello.json; echo $? > http.rc
 curl -sS --max-time 20 --cacert other-ca.pem https://untrusted.example/; echo $? > untrusted.rc
 python3 -c '
@@ -68,7 +68,7 @@ for name, url, verify in (("requests_https", "https://py.example/stage.json", Tr
 openssl s_client -connect c2.example:443 -servername x.example -showcerts </dev/null >s_client.txt 2>s_client.err
 wget -q -T 20 -O stage2.exe http://dl.example/files/stage2.exe; echo $? > wget.rc
 head -c 5242880 /dev/urandom > big.bin
-curl -sS --max-time 60 -o /dev/null --data-binary @big.bin https://upload.example/up; echo $? > big.rc
+curl -sS --http1.1 --max-time 60 -o /dev/null --data-binary @big.bin https://upload.example/up; echo $? > big.rc
 printf 'chunk-body' | curl -sS --max-time 20 -o /dev/null -H 'Transfer-Encoding: chunked' --data-binary @- \
     http://chunked.example/c; echo $? > chunked.rc
 python3 -c '

@@ -220,3 +220,20 @@ def test_small_service_records_have_text_lines():
     assert text_line(dict(base, event="finger", query="root")).endswith("query 'root'")
     assert text_line(dict(base, event="irc", command="register", nick="b", user="u")).endswith(
         "register nick 'b' user 'u'")
+
+
+def test_c2_transport_records_have_text_lines():
+    base = {"time": "2026-01-01T00:00:00.000Z", "client": "192.0.2.5:40000", "listener": "tcp-echo"}
+    connect = dict(base, event="http", method="CONNECT", url="c2.example:443", status=200, headers=[],
+                   tunnel="c2.example:443")
+    assert text_line(connect).endswith("CONNECT c2.example:443 -> 200, tunnel")
+    h2 = dict(base, event="http", http_version="2", method="GET", url="https://c2.example/", status=200,
+              headers=[], body_size=0, body_sha256="ab" * 32)
+    assert "GET https://c2.example/ HTTP/2 -> 200, body 0 bytes" in text_line(h2)
+    proxy = dict(base, event="proxy", kind="socks5", command="connect", target="c2.example:443")
+    assert text_line(proxy).endswith("socks5 connect c2.example:443")
+    cut = dict(base, event="proxy", kind="socks4", error="the client stopped")
+    assert text_line(cut).endswith("socks4 the client stopped")
+    assert text_line(dict(base, event="proxy", error="more than 8")).endswith("more than 8")
+    frame = dict(base, event="websocket", opcode="text", size=5, sha256="cd" * 32, head="68", answered="echo")
+    assert text_line(frame).endswith("text message 5 bytes sha256 cdcdcdcdcdcdcdcd... echo")

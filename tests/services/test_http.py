@@ -204,7 +204,7 @@ def test_a_rule_from_toml_answers(tmp_path):
 def test_a_body_that_cannot_be_saved_is_still_answered_and_logged(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    body = http._Body(str(blocker / "bodies"), 100)  # a directory under a file: cannot exist
+    body = http.Body(str(blocker / "bodies"), 100)  # a directory under a file: cannot exist
     body.add(b"abc")
     info = body.finish()
     assert info["body_size"] == 3 and "body_saved" not in info and "Not a directory" in info["body_save_error"]

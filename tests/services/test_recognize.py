@@ -123,3 +123,29 @@ def test_a_cut_client_hello_never_raises():
 ])
 def test_choose(first, port, inside, kind):
     assert recognize.choose(first, port, inside) == kind
+
+
+@pytest.mark.parametrize("first, kind", [
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "h2c"),  # the HTTP/2 preface (prior knowledge, or inside TLS)
+    (b"\x05\x01\x00", "socks5"),
+    (b"\x05\x02\x00\x02", "socks5"),
+    (b"\x05\x02\x00", "other"),  # fewer methods than it says: not a greeting
+    (b"\x04\x01\x01\xbb\xc0\x00\x02\x01\x00", "socks4"),
+    (b"\x04\x01\x00\x50\x00\x00\x00\x01u\x00c2.example\x00", "socks4"),  # 4a: the name after the user id
+    (b"\x04\x02\x00\x50\xc0\x00\x02\x01\x00", "other"),  # BIND: no one's C2 channel
+    (b"CONNECT c2.example:443 HTTP/1.1\r\n", "http"),  # CONNECT is HTTP's to answer
+])
+def test_classify_c2_transports(first, kind):
+    assert recognize.classify(first) == kind
+
+
+@pytest.mark.parametrize("first, more", [
+    (b"\x05", True),
+    (b"\x05\x02\x00", True),  # one of the two methods still to come
+    (b"\x05\x01\x00", False),
+    (b"\x04\x01\x01\xbb", True),
+    (b"\x04\x01\x01\xbb\xc0\x00\x02\x01user", True),  # the user id ends with a NUL
+    (b"\x04\x01\x01\xbb\xc0\x00\x02\x01\x00", False),
+])
+def test_wants_more_reads_a_whole_socks_greeting(first, more):
+    assert recognize.wants_more(first) is more
