@@ -159,8 +159,14 @@ def test_a_portless_conversation_ends_and_every_other_one_too(host):
 
 EARLIER = r"""
 with ctsettings.accounting():
+    # The earlier run: its observer listened while its conversation began. (With no
+    # listener at all, conntrack gives an entry no events, not even its DESTROY.)
+    before = []
+    earlier = Observer(0x200000, lambda rec, when: before.append(rec), lambda ev, when: ("", None))
     old = socket.create_connection(("198.51.100.3", 4444))  # an earlier run's, closed: TIME_WAIT
     old.close()
+    wait(lambda: before, "the earlier run's start")
+    earlier.close()  # that run ends; its conversation's entry lives on
     obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("", None))
     new = socket.create_connection(("198.51.100.4", 4444))
     wait(lambda: records, "the start of this run's conversation")
