@@ -23,6 +23,11 @@ listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
           side's echo server, around the conn/s phase (cpu.py)
   µs/pkt  FixUp.incoming / FixUp.outgoing in-process, no kernel, no queue
           (micro.py)
+  lab     then --lab-clients client namespaces on one bridge (lab_topology.py),
+          all at once for --lab-seconds on each path, log and pcap on: DNS,
+          HTTP, HTTPS, TCP echo, UDP, ping in a loop (lab_load.py); conv/s,
+          p50/p99 per kind, CPU per process and per core, the listeners'
+          memory, the log checked against the clients (lab_run.py)
 
 The table and bench-results.json come from report.py.
 
@@ -169,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                          "of --paths with log and pcap on (default 50; 0: no lab row)")
     ap.add_argument("--lab-seconds", type=float, default=60.0, help="the lab row's length per path (default 60)")
     ap.add_argument("--lab-only", action="store_true", help="only the lab row (no rounds, no in-process timing)")
+    ap.add_argument("--lab-unique-ports", action="store_true",
+                    help="each lab client's TCP connections from ports it has not used in the run (default: the "
+                         "kernel chooses, as for a real client, and may reuse a port whose listener socket still "
+                         "waits in TIME_WAIT: see bench/README.md)")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                               "queue_path_before": args.queue_before,
                               "observe": args.observe, "observe_path": args.observe_path if args.observe else None,
                               "lab_clients": args.lab_clients, "lab_seconds": args.lab_seconds,
-                              "lab_only": args.lab_only,
+                              "lab_only": args.lab_only, "lab_unique_ports": args.lab_unique_ports,
                               "seed": seed},
                  "rounds": [], "ok": False}
     status = 1
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_side(side, args, rng, res, rnd)
             topo.close()
         if args.lab_clients:
-            res["lab"] = lab_run.run(args.paths, args.lab_clients, args.lab_seconds, tmp, rng, topos)
+            res["lab"] = lab_run.run(args.paths, args.lab_clients, args.lab_seconds, tmp, rng, topos,
+                                     args.lab_unique_ports)
             failed = lab_run.failures(res["lab"]["rows"])
             if failed:
                 raise BenchError("the lab row: " + "; ".join(failed))

@@ -28,6 +28,8 @@ from common import BenchError
 from lab_topology import GATEWAY_ADDR, client_addr
 
 KINDS = ("dns", "http", "https", "echo", "udp", "ping")
+# With unique ports, each TCP connection of a client from the next port from here (no port twice).
+UNIQUE_PORTS_FROM = 10000
 TIMEOUT = 10.0
 # Ports whose listener may speak first or that a listener of the lab holds: not the random targets.
 AVOID_PORTS = {21, 22, 25, 53, 110, 143, 465, 587, 1337, 2525}
@@ -85,17 +87,18 @@ def _http_ok(reply: bytes, what: str) -> None:
 class Client:
     """One client's exchanges; each returns the conversation it made, for the log check."""
 
-    def __init__(self, index: int, seed: int, ca_file: str) -> None:
+    def __init__(self, index: int, seed: int, ca_file: str, unique_ports: bool = False) -> None:
         self.index, self.addr = index, client_addr(index)
+        self.ports = iter(range(UNIQUE_PORTS_FROM, 65536)) if unique_ports else None
         self.rng = random.Random(seed)
         self.tls = ssl.create_default_context(cafile=ca_file)
         self.name = ""
         self.answer = ""
         self.dns_asked: list[list[str]] = []
 
-    @staticmethod
-    def _tcp(dest: tuple[str, int]) -> socket.socket:
-        return socket.create_connection(dest, timeout=TIMEOUT)
+    def _tcp(self, dest: tuple[str, int]) -> socket.socket:
+        source = (self.addr, next(self.ports)) if self.ports else None
+        return socket.create_connection(dest, timeout=TIMEOUT, source_address=source)
 
     def dns(self, n: int) -> None:
         self.name = f"c{self.index}-{n}-{self.rng.getrandbits(32):08x}.lab.example"
@@ -164,9 +167,9 @@ class Client:
         return ["icmp", self.addr, dest, f"id {ident}"]
 
 
-def client_loop(index: int, seed: int, ca_file: str, start: float, deadline: float) -> dict:
+def client_loop(index: int, seed: int, ca_file: str, start: float, deadline: float, unique_ports: bool) -> dict:
     """Runs in the client's namespace: every exchange in turn until the deadline."""
-    client = Client(index, seed, ca_file)
+    client = Client(index, seed, ca_file, unique_ports)
     lat_us: dict[str, list[int]] = {k: [] for k in KINDS}
     errors = dict.fromkeys(KINDS, 0)
     first_error = ""
@@ -196,11 +199,11 @@ def client_loop(index: int, seed: int, ca_file: str, start: float, deadline: flo
             "dns": client.dns_asked, "last_end": last_end, "pid": os.getpid()}
 
 
-def run(topo, ca_file: str, seconds: float, rng: random.Random) -> dict:
+def run(topo, ca_file: str, seconds: float, rng: random.Random, unique_ports: bool = False) -> dict:
     """All clients at once for `seconds`; their results merged."""
     start = time.monotonic() + 0.5
     deadline = start + seconds
-    kids = [load.fork_in(ns, client_loop, i, rng.getrandbits(64), ca_file, start, deadline)
+    kids = [load.fork_in(ns, client_loop, i, rng.getrandbits(64), ca_file, start, deadline, unique_ports)
             for i, ns in enumerate(topo.clients)]
     res = load.collect(kids, timeout=seconds + 3 * TIMEOUT + 60)
     lat = {k: sorted(x for r in res for x in r["lat_us"][k]) for k in KINDS}

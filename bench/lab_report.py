@@ -20,7 +20,8 @@ def print_lab(lab: dict) -> None:
         verdict = "ok" if log["ok"] else "NOT ok"
         print(f"{path:<8} {r['exchanges']:>13,} {r['per_s']:>7,.0f} {_ms(r['all']['p50_ms']):>7} "
               f"{_ms(r['all']['p99_ms']):>7} {sum(r['errors'].values()):>6}  {verdict}: {log['starts']:,} starts, "
-              f"{log['ends']:,} ends, {log['ends_without_start']} without a start")
+              f"{log['ends']:,} ends; {log['ends_without_start']} ends without a start, "
+              f"{log['starts_without_one_end']} starts without one end")
     print(f"\n{'p50 / p99 ms':<8} " + " ".join(f"{k:>13}" for k in KINDS))
     for path, r in rows.items():
         print(f"{path:<8} " + " ".join(f"{_ms(r['by_kind'][k]['p50_ms']) + ' / ' + _ms(r['by_kind'][k]['p99_ms']):>13}"

@@ -87,6 +87,7 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
     out = {"starts": len(starts), "ends": sum(ends.values()), "duplicate_start_ids": dup_starts,
            "ends_without_start": sum(n for i, n in ends.items() if i not in starts),
            "starts_without_one_end": sum(1 for i in starts if ends[i] != 1),
+           "without_one_end_by_protocol": Counter(r["protocol"] for i, r in starts.items() if ends[i] != 1),
            "conversations_missing": sum(missing.values()), "conversations_unexpected": sum(unexpected.values()),
            "dns_questions": len(dns), "dns_records_missing": sum(dns_missing.values()),
            "examples": [str(k) for k in [*list(missing)[:2], *list(unexpected)[:2], *list(dns_missing)[:2]]]}
@@ -96,7 +97,8 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
     return out
 
 
-def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: tuple[Path, str]) -> dict:
+def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: tuple[Path, str],
+             unique_ports: bool) -> dict:
     state_dir, ca_file = tls
     side = NftdivertSide(topo, tmp, 0, path, ("log", "pcap"), config(state_dir), name=f"lab {path} path")
     topo.flush_conntrack()
@@ -112,7 +114,7 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
     sampler.start()
     t0 = time.monotonic()
     try:
-        load = lab_load.run(topo, ca_file, seconds, rng)
+        load = lab_load.run(topo, ca_file, seconds, rng, unique_ports)
     finally:
         per_core = sampler.stop()
     wall = time.monotonic() - t0
@@ -126,7 +128,8 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
            "listeners_cpu_seconds": round(sum(cpu_s[g] for g in listeners), 2),
            "listeners_cpu_per_core": _sum_cores(per_core, listeners),
            "listeners_rss_mb": {g: [round(rss_start[g], 1), round(rss_end[g], 1)] for g in listeners},
-           "log": log, "capture": info.get("capture"), "worker_final": info.get("final")}
+           "log": log, "capture": info.get("capture"), "worker_final": info.get("final"),
+           "run_stderr_tail": side.err.read_text(errors="replace")[-3000:]}
     say(f"lab: {path} path: {row['per_s']:.0f} conversations/s, p50 {row['all']['p50_ms']:.1f} ms, "
         f"p99 {row['all']['p99_ms']:.1f} ms, errors {sum(row['errors'].values())}, "
         f"log {'ok' if log['ok'] else 'NOT ok'}")
@@ -152,7 +155,7 @@ def failures(rows: dict) -> list[str]:
     return out
 
 
-def run(paths, clients: int, seconds: float, tmp: Path, rng, topos: list) -> dict:
+def run(paths, clients: int, seconds: float, tmp: Path, rng, topos: list, unique_ports: bool = False) -> dict:
     """The lab on each path in turn, each in a lab of its own (registered in `topos` for the cleanup).
 
     Not one lab for both: the listener sockets of the first run that closed
@@ -167,6 +170,6 @@ def run(paths, clients: int, seconds: float, tmp: Path, rng, topos: list) -> dic
         topo = LabTopology(clients)
         topos.append(topo)
         topo.up()
-        rows[path] = run_path(topo, tmp, path, seconds, rng, tls)
+        rows[path] = run_path(topo, tmp, path, seconds, rng, tls, unique_ports)
         topo.close()
-    return {"clients": clients, "seconds": seconds, "rows": rows}
+    return {"clients": clients, "seconds": seconds, "unique_ports": unique_ports, "rows": rows}

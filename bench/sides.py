@@ -62,7 +62,8 @@ def nftdivert_argv() -> list[str]:
 
 
 CONVERSATION_COUNTERS = {"client_port_clashes": r"client port clashes (\d+)", "kernel_remaps": r"kernel remaps (\d+)",
-                         "evicted_cap": r"cap (\d+)\)"}
+                         "evicted_cap": r"cap (\d+)\)", "log_lines_dropped": r"log lines \d+ \(dropped (\d+)",
+                         "conntrack_event_overruns": r"conntrack event overruns (\d+)"}
 
 # Before divert_path existed, the queue path was the only one, and the key is refused.
 HAS_DIVERT_PATH = "divert_path" in {f.name for f in fields(Config)}

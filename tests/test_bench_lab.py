@@ -37,7 +37,7 @@ def _left_by(pid: int) -> list[str]:
 @pytest.mark.kernel
 def test_the_lab_row_runs_tiny_on_both_paths(tmp_path):
     results = tmp_path / "bench.json"
-    proc = _bench("--lab-clients", "3", "--lab-seconds", "3", "--json", str(results))
+    proc = _bench("--lab-clients", "3", "--lab-seconds", "3", "--lab-unique-ports", "--json", str(results))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert _left_by(proc.pid) == []
