@@ -77,6 +77,23 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def machine_busy() -> dict[int, tuple[int, int]]:
+    """Per core, from /proc/stat: (busy ticks, all ticks). The whole machine's, whoever used them."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            t = [int(x) for x in ticks]
+            idle = t[3] + t[4]  # idle, iowait
+            out[int(name[3:])] = (sum(t[:8]) - idle, sum(t[:8]))
+    return out
+
+
+def busy_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[int, float]:
+    """Each core's busy share between two machine_busy() samples."""
+    return {c: round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3) for c in after if c in before}
+
+
 def _threads(pid: int) -> dict[int, tuple[int, int]]:
     """tid -> (utime+stime in ticks, the core it last ran on)."""
     out = {}

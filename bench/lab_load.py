@@ -196,7 +196,7 @@ def client_loop(index: int, seed: int, ca_file: str, start: float, deadline: flo
             if conv:
                 made.append(conv)
     return {"lat_us": lat_us, "errors": errors, "first_error": first_error, "made": made,
-            "dns": client.dns_asked, "last_end": last_end, "pid": os.getpid()}
+            "dns": client.dns_asked, "last_end": last_end, "cpu_seconds": sum(os.times()[:2])}
 
 
 def run(topo, ca_file: str, seconds: float, rng: random.Random, unique_ports: bool = False) -> dict:
@@ -216,6 +216,7 @@ def run(topo, ca_file: str, seconds: float, rng: random.Random, unique_ports: bo
             "by_kind": {k: {"count": len(v), "p50_ms": _pct(v, 0.50), "p99_ms": _pct(v, 0.99)} for k, v in lat.items()},
             "all": {"p50_ms": _pct(every, 0.50), "p99_ms": _pct(every, 0.99)},
             "errors": {k: sum(r["errors"][k] for r in res) for k in KINDS},
+            "clients_cpu_seconds": round(sum(r["cpu_seconds"] for r in res), 2),
             "first_error": next((r["first_error"] for r in res if r["first_error"]), ""),
             "made": [c for r in res for c in r["made"]], "dns": [q for r in res for q in r["dns"]]}
 

@@ -42,5 +42,9 @@ def print_lab(lab: dict) -> None:
             share = r["listeners_cpu_seconds"] / r["wall_s"]
             print(f"{path:<8} {'listeners':<12} {r['listeners_cpu_seconds']:>7.1f} {share:>8.2f} "
                   + " ".join(f"{per.get(c, 0.0):>7.1f}" for c in cores))
+    for path, r in rows.items():
+        busy = ", ".join(f"cpu{c} {100 * b:.0f}%" for c, b in r["machine_busy_per_core"].items())
+        print(f"{path:<8} the {r['clients']} clients' own processes: {r['clients_cpu_seconds']:.1f} CPU s; "
+              f"the machine's cores busy: {busy}")
     print("run: `nftdivert run`'s own process (the queue worker and its threads); x 1 core: CPU s / the load's "
           "wall time;\ncpuN: the seconds spent on core N (sampled every 0.1 s)")

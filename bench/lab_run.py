@@ -112,11 +112,13 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
     say(f"lab: {path} path: {topo.n} clients at once for {seconds:g}s; processes: "
         + ", ".join(f"{g} {pids[0]}" for g, pids in groups.items()))
     sampler.start()
+    machine = lab_cpu.machine_busy()
     t0 = time.monotonic()
     try:
         load = lab_load.run(topo, ca_file, seconds, rng, unique_ports)
     finally:
         per_core = sampler.stop()
+        machine = lab_cpu.busy_share(machine, lab_cpu.machine_busy())
     wall = time.monotonic() - t0
     cpu_s = {g: round(sum(cpu.cpu_seconds(p) for p in pids) - before[g], 2) for g, pids in groups.items()}
     rss_end = {g: lab_cpu.rss_mb(groups[g]) for g in listeners}
@@ -124,7 +126,7 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
     log = check_log(side.log, load.pop("made"), load.pop("dns"))
     row = {**load, "wall_s": wall, "cpu_seconds": cpu_s,
            "cpu_share_of_one_core": {g: round(s / wall, 3) for g, s in cpu_s.items()},
-           "cpu_seconds_per_core": per_core, "listeners": listeners,
+           "cpu_seconds_per_core": per_core, "machine_busy_per_core": machine, "listeners": listeners,
            "listeners_cpu_seconds": round(sum(cpu_s[g] for g in listeners), 2),
            "listeners_cpu_per_core": _sum_cores(per_core, listeners),
            "listeners_rss_mb": {g: [round(rss_start[g], 1), round(rss_end[g], 1)] for g in listeners},

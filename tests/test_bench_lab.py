@@ -8,6 +8,7 @@ log's checks, and the cleanup (also after Ctrl-C).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def test_the_lab_row_runs_tiny_on_both_paths(tmp_path):
         assert row["cpu_seconds"]["listener 1"] > 0 and sum(row["listeners_cpu_per_core"].values()) > 0, row
         start, end = row["listeners_rss_mb"]["listener 1"]
         assert 0 < start <= end, row["listeners_rss_mb"]
+        assert row["clients_cpu_seconds"] > 0 and len(row["machine_busy_per_core"]) == os.cpu_count(), row
         assert row["capture"]["packets"] > 0 and row["capture"]["overruns"] == 0, row["capture"]
     assert "log check" in out and "listener 1" in out
 
