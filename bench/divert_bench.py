@@ -229,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for side in sides_of_round(topo, tmp, args, rnd):
                     run_side(side, args, rng, res, rnd)
+            res["rounds_done"] = True  # their tables are printed even if the lab row fails
             topo.close()
         if args.lab_clients:
-            res["lab"] = lab_run.run(args.paths, args.lab_clients, args.lab_seconds, tmp, rng, topos,
-                                     args.lab_unique_ports)
+            res["lab"] = {"clients": args.lab_clients, "seconds": args.lab_seconds,
+                          "unique_ports": args.lab_unique_ports, "rows": {}}
+            lab_run.run(args.paths, res["lab"], tmp, rng, topos)
             failed = lab_run.failures(res["lab"]["rows"])
             if failed:
                 raise BenchError("the lab row: " + "; ".join(failed))
@@ -251,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         cleanup(topos)
         shutil.rmtree(tmp, ignore_errors=True)
     res["duration_s"] = time.monotonic() - T0
-    rows = report.summarize(res) if res["ok"] and res["rounds"] else {}
+    rows = report.summarize(res) if res.get("rounds_done") else {}
     if not report.write_json(res, rows, args.json):
         status = status or 1
     if rows:
         report.print_report(res, rows, args)
-    if res.get("lab"):
+    if res.get("lab", {}).get("rows"):
         print_lab(res["lab"])
     return status
 

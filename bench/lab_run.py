@@ -157,8 +157,9 @@ def failures(rows: dict) -> list[str]:
     return out
 
 
-def run(paths, clients: int, seconds: float, tmp: Path, rng, topos: list, unique_ports: bool = False) -> dict:
-    """The lab on each path in turn, each in a lab of its own (registered in `topos` for the cleanup).
+def run(paths, lab: dict, tmp: Path, rng, topos: list) -> None:
+    """The lab on each path in turn, each in a lab of its own (registered in `topos` for the cleanup);
+    each path's row into lab["rows"] as it is done. `lab`: clients, seconds, unique_ports.
 
     Not one lab for both: the listener sockets of the first run that closed
     first wait in TIME_WAIT for 60 s, and the queue path's worker knows only
@@ -167,11 +168,9 @@ def run(paths, clients: int, seconds: float, tmp: Path, rng, topos: list, unique
     has two starts for it (measured: a few in a thousand).
     """
     tls = make_ca(tmp)
-    rows = {}
     for path in paths:
-        topo = LabTopology(clients)
+        topo = LabTopology(lab["clients"])
         topos.append(topo)
         topo.up()
-        rows[path] = run_path(topo, tmp, path, seconds, rng, tls, unique_ports)
+        lab["rows"][path] = run_path(topo, tmp, path, lab["seconds"], rng, tls, lab["unique_ports"])
         topo.close()
-    return {"clients": clients, "seconds": seconds, "unique_ports": unique_ports, "rows": rows}
