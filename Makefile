@@ -99,7 +99,7 @@ demo: venv
 		'echo "hello, 198.51.100.7" | nc -v -q1 -w5 198.51.100.7 45678 && curl -sS --max-time 10 http://anything.example:8080/'
 
 # The kernel, the kernel path and the queue path, side by side in one run, several clients at
-# once; numbers also in bench-results.json.
+# once; then the lab row (50 clients on one bridge, 60 s per path); numbers also in bench-results.json.
 BENCH_ARGS ?=
 bench: venv
 	$(PY) bench/divert_bench.py $(BENCH_ARGS)

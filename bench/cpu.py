@@ -49,17 +49,18 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def _listening_inodes(pid: int, port: int) -> set[str]:
-    """Inodes of TCP sockets listening on `port` in the process's network namespace."""
+def listening_inodes(pid: int, ports: set[int], udp: bool = False) -> set[str]:
+    """Inodes of TCP sockets listening on `ports` (and with `udp`, UDP sockets bound
+    there) in the process's network namespace."""
     inodes = set()
-    for name in ("tcp", "tcp6"):
+    for name in ("tcp", "tcp6", *(("udp", "udp6") if udp else ())):
         try:
             lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             f = line.split()
-            if f[3] == TCP_LISTEN and int(f[1].rsplit(":", 1)[1], 16) == port:
+            if (name.startswith("udp") or f[3] == TCP_LISTEN) and int(f[1].rsplit(":", 1)[1], 16) in ports:
                 inodes.add(f[9])
     return inodes
 
@@ -88,7 +89,7 @@ class Processes:
     @classmethod
     def of_run(cls, pid: int, port: int) -> Processes:
         """`nftdivert run`: its own process (`worker`), the child serving `port` (`listener`), the others."""
-        inodes = _listening_inodes(pid, port)
+        inodes = listening_inodes(pid, {port})
         groups: dict[str, list[int]] = {"worker": [pid], "listener": [], "others": []}
         for kid in children(pid):
             groups["listener" if holds_socket(kid, inodes) else "others"] += tree(kid)

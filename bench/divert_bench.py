@@ -23,6 +23,11 @@ listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
           side's echo server, around the conn/s phase (cpu.py)
   µs/pkt  FixUp.incoming / FixUp.outgoing in-process, no kernel, no queue
           (micro.py)
+  lab     then --lab-clients client namespaces on one bridge (lab_topology.py),
+          all at once for --lab-seconds on each path, log and pcap on: DNS,
+          HTTP, HTTPS, TCP echo, UDP, ping in a loop (lab_load.py); conv/s,
+          p50/p99 per kind, CPU per process and per core, the listeners'
+          memory, the log checked against the clients (lab_run.py)
 
 The table and bench-results.json come from report.py.
 
@@ -44,9 +49,12 @@ import time
 from pathlib import Path
 
 import cpu
+import lab_run
+import lab_topology
 import load
 import report
 import topology
+from lab_report import print_lab
 from common import T0, BenchError, say
 from micro import micro
 from sides import KernelSide, NftdivertSide
@@ -124,11 +132,12 @@ def sides_of_round(topo: topology.Topology, tmp: Path, args, rnd: int) -> list:
     return sides if rnd % 2 == 0 else sides[::-1]
 
 
-def cleanup(topo: topology.Topology) -> None:
+def cleanup(topos: list) -> None:
     if os.getpid() != MAIN_PID:  # a forked worker's exit: not its to clean
         return
     load.kill_children()
-    topo.close()
+    for topo in topos:
+        topo.close()
 
 
 def _interrupt(signum, _frame):
@@ -160,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-before", type=float, default=report.QUEUE_PATH_BEFORE,
                     help="the queue path's connections/s ratio to the kernel before issue 13's queue work, "
                          "for the goal of 1.5x it (default %(default)s, measured with this benchmark)")
+    ap.add_argument("--lab-clients", type=int, default=50,
+                    help="the lab row: this many client namespaces on one bridge, all at once, on each path "
+                         "of --paths with log and pcap on (default 50; 0: no lab row)")
+    ap.add_argument("--lab-seconds", type=float, default=60.0, help="the lab row's length per path (default 60)")
+    ap.add_argument("--lab-only", action="store_true", help="only the lab row (no rounds, no in-process timing)")
+    ap.add_argument("--lab-unique-ports", action="store_true",
+                    help="each lab client's TCP connections from ports it has not used in the run (default: the "
+                         "kernel chooses, as for a real client, and may reuse a port whose listener socket still "
+                         "waits in TIME_WAIT: see bench/README.md)")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")
@@ -167,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.rounds < 1 or not 1 <= args.workers <= 200 or args.micro_iterations < 1000 \
             or not 1 <= args.bulk_streams <= 32:
         ap.error("--seconds > 0, --rounds >= 1, --workers 1-200, --bulk-streams 1-32, --micro-iterations >= 1000")
+    if not 0 <= args.lab_clients <= lab_topology.MAX_CLIENTS or args.lab_seconds <= 0 \
+            or (args.lab_only and not args.lab_clients):
+        ap.error(f"--lab-clients 0-{lab_topology.MAX_CLIENTS} (at least 1 with --lab-only), --lab-seconds > 0")
     if args.observe and args.observe_path not in args.paths:
         ap.error(f"--observe-path {args.observe_path}: compared with that path quiet, so --paths must include it")
     if os.geteuid() != 0:
@@ -180,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
 
     topo = topology.Topology(args.workers if args.address_per_worker else 1)
-    atexit.register(cleanup, topo)
+    topos: list = [topo]
+    atexit.register(cleanup, topos)
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _interrupt)
     res: dict = {"machine": report.machine(),
@@ -190,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                               "micro_iterations": args.micro_iterations, "micro_reps": args.micro_reps,
                               "queue_path_before": args.queue_before,
                               "observe": args.observe, "observe_path": args.observe_path if args.observe else None,
+                              "lab_clients": args.lab_clients, "lab_seconds": args.lab_seconds,
+                              "lab_only": args.lab_only, "lab_unique_ports": args.lab_unique_ports,
                               "seed": seed},
                  "rounds": [], "ok": False}
     status = 1
@@ -197,12 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = res["machine"]
         say(f"machine: {m['cores']} cores ({m['cpu_model']}), Linux {m['kernel']}; seed {seed}")
-        res["micro"] = micro(args.micro_iterations, args.micro_reps)
         topology.remove_stale()
-        topo.up()
-        for rnd in range(args.rounds):
-            for side in sides_of_round(topo, tmp, args, rnd):
-                run_side(side, args, rng, res, rnd)
+        lab_topology.remove_stale()
+        if not args.lab_only:
+            res["micro"] = micro(args.micro_iterations, args.micro_reps)
+            topo.up()
+            for rnd in range(args.rounds):
+                for side in sides_of_round(topo, tmp, args, rnd):
+                    run_side(side, args, rng, res, rnd)
+            res["rounds_done"] = True  # their tables are printed even if the lab row fails
+            topo.close()
+        if args.lab_clients:
+            res["lab"] = {"clients": args.lab_clients, "seconds": args.lab_seconds,
+                          "unique_ports": args.lab_unique_ports, "rows": {}}
+            lab_run.run(args.paths, res["lab"], tmp, rng, topos)
+            failed = lab_run.failures(res["lab"]["rows"])
+            if failed:
+                raise BenchError("the lab row: " + "; ".join(failed))
         res["ok"] = True
         status = 0
     except (BenchError, NftDivertError) as exc:  # the latter: a command in a namespace failed
@@ -215,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)
-        cleanup(topo)
+        cleanup(topos)
         shutil.rmtree(tmp, ignore_errors=True)
     res["duration_s"] = time.monotonic() - T0
-    rows = report.summarize(res) if res["ok"] else {}
+    rows = report.summarize(res) if res.get("rounds_done") else {}
     if not report.write_json(res, rows, args.json):
         status = status or 1
-    if res["ok"]:
+    if rows:
         report.print_report(res, rows, args)
+    if res.get("lab", {}).get("rows"):
+        print_lab(res["lab"])
     return status
 
 

@@ -62,7 +62,8 @@ def nftdivert_argv() -> list[str]:
 
 
 CONVERSATION_COUNTERS = {"client_port_clashes": r"client port clashes (\d+)", "kernel_remaps": r"kernel remaps (\d+)",
-                         "evicted_cap": r"cap (\d+)\)"}
+                         "evicted_cap": r"cap (\d+)\)", "log_lines_dropped": r"log lines \d+ \(dropped (\d+)",
+                         "conntrack_event_overruns": r"conntrack event overruns (\d+)"}
 
 # Before divert_path existed, the queue path was the only one, and the key is refused.
 HAS_DIVERT_PATH = "divert_path" in {f.name for f in fields(Config)}
@@ -71,10 +72,12 @@ HAS_DIVERT_PATH = "divert_path" in {f.name for f in fields(Config)}
 class NftdivertSide:
     """`nftdivert run` on one divert path, quiet (neither log nor pcap) or observed (`observe`: either or both)."""
 
-    def __init__(self, topo: Topology, tmp: Path, rnd: int, path: str, observe: tuple[str, ...] = ()) -> None:
+    def __init__(self, topo: Topology, tmp: Path, rnd: int, path: str, observe: tuple[str, ...] = (),
+                 extra_config: str = "", name: str = "") -> None:
         self.topo, self.tmp, self.rnd, self.path, self.observe = topo, tmp, rnd, path, observe
         self.observed = bool(observe)
-        self.name = f"{path} path" + (" observed" if observe else "")
+        self.extra_config = extra_config  # more TOML after the [queue] table (the lab's listeners)
+        self.name = name or f"{path} path" + (" observed" if observe else "")
         slug = self.name.replace(" ", "-")
         self.cfg = tmp / f"{slug}.toml"
         self.log = tmp / f"conversations-{slug}-{rnd}.jsonl"
@@ -95,7 +98,7 @@ class NftdivertSide:
         # second here, and the bench measures the data path, not the share.
         path = f'divert_path = "{self.path}"\n' if HAS_DIVERT_PATH else ""
         self.cfg.write_text(f'{path}containment_after_stop = "remove"\n[queue]\nbackend = "auto"\n'
-                            'new_tcp_per_source = 0\nnew_udp_per_source = 0\n')
+                            'new_tcp_per_source = 0\nnew_udp_per_source = 0\n' + self.extra_config)
         observe = (["--log", str(self.log), "--log-format", "json"] if "log" in self.observe else ["--log", ""]) \
             + (["-w", str(self.pcap)] if "pcap" in self.observe else [])
         argv = [*nftdivert_argv(), "run", "-c", str(self.cfg), *observe]
