@@ -62,7 +62,7 @@ async def serve(protocol: asyncio.Protocol, stream, extra: dict, upgrade=None) -
     """
     transport = StreamTransport(stream, extra)
     protocol.connection_made(transport)
-    error = None
+    error, read = None, None
     try:
         while not transport.is_closing():
             read = asyncio.ensure_future(stream.read(65536))
@@ -89,6 +89,8 @@ async def serve(protocol: asyncio.Protocol, stream, extra: dict, upgrade=None) -
     except (ConnectionError, OSError) as exc:
         error = exc
     finally:
+        if read is not None and not read.done():
+            read.cancel()  # cancelled itself: no read outlives the conversation
         transport.close()
         try:
             await stream.drain()  # what the protocol said last

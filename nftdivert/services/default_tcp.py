@@ -49,8 +49,12 @@ async def first_bytes(read, wait: float) -> bytes:
         if left <= 0:
             break
         try:
-            more = await asyncio.wait_for(read(recognize.PEEK_BYTES - len(data)), left)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the task's
+            # cancellation when the read completes at the same moment, and the conversation
+            # then outlives whoever cancelled it (a proxy's tunnel after its session ended).
+            async with asyncio.timeout(left):
+                more = await read(recognize.PEEK_BYTES - len(data))
+        except TimeoutError:
             break
         if not more:
             break

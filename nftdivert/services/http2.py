@@ -78,6 +78,8 @@ class _Session:
         finally:
             for _headers, body in self.requests.values():
                 body.abandon()
+            for tunnel in list(self.tunnels.values()):
+                tunnel.feed(b"")  # the end, even for a tunnel that does not heed its cancellation
             for task in self.tasks:
                 task.cancel()
         stream.write(conn.data_to_send())  # we end it: a timeout or the client's protocol error

@@ -53,6 +53,9 @@ class Tls:
         self._plain, self._obj, self._in, self._out = plain, obj, incoming, outgoing
         self._first = b""  # what recognition read inside, put back (prepend)
         self._closed = False  # close_notify sent
+        # The client ended first (its close_notify or FIN): nothing more is sent, not even our
+        # close_notify, which would meet a socket it has closed and make it answer with a reset.
+        self._client_ended = False
 
     async def read(self, n: int = 65536) -> bytes:
         if self._first:
@@ -64,9 +67,11 @@ class Tls:
             except ssl.SSLWantReadError:
                 data = await self._plain.read()
                 if not data:
+                    self._client_ended = True
                     return b""
                 self._in.write(data)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._client_ended = True
                 return b""
             except ssl.SSLError:  # garbage inside: the end of the conversation, not a traceback
                 return b""
@@ -91,6 +96,8 @@ class Tls:
         if self._closed:
             return
         self._closed = True
+        if self._client_ended:
+            return
         try:
             self._obj.unwrap()  # close_notify: the TLS form of the client's EOF
         except ssl.SSLError:
@@ -108,6 +115,8 @@ class Tls:
             self.write_eof()
             await self._plain.drain()
             self._plain.write_eof()
+            if self._client_ended:
+                return
             async with asyncio.timeout(LINGER):
                 while await self._plain.read():
                     pass

@@ -246,6 +246,9 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
             address = SECOND_CLIENT if key == "second" else lab.CLIENT4
             lab.wait_for(lambda: f" {address}:{ports[key]} -> " in out.read_text(), 30, f"the start of {key}")
         lab.run_client(client, "udpscan", "198.51.100.44", str(SCANNED), timeout=60)
+        # Stopped only once every datagram has become a conversation: the queue may still hold some.
+        lab.wait_for(lambda: sum(line[14:].startswith("start ") for line in out.read_text().splitlines())
+                     >= SCANNED + 3, 60, "every conversation's start")
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
     finally:

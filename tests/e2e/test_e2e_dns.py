@@ -130,7 +130,8 @@ def test_ptr_nxdomain_mx_txt_and_mail_that_connects(tmp_path):
     assert ipaddress.ip_address(cname[0]) in ipaddress.ip_network("198.18.0.0/15")
 
     # The mail sample goes on: its connection to the MX target's port 25 is answered and named.
-    assert section(out, "mail") == ["EHLO sample"]
+    mail = section(out, "mail")  # an early EHLO on 25 gets SMTP: the greeting, then the EHLO's answer
+    assert mail[0].startswith("220 ") and any(line.startswith("250") for line in mail[1:]), mail
     mail = [r for r in recs if r.get("protocol") == "tcp" and r["original_destination"].endswith(":25")]
     assert mail and mail[0]["name"] == "mail.corp.example", recs
     mail_address = next(r["answer"] for r in recs if r.get("event") == "dns" and r["name"] == "mail.corp.example"

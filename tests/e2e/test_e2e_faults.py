@@ -143,8 +143,9 @@ def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw,
     gw.ensure()
     first = lab.table_handle(gw.diverter_ns)
     cfg = tmp_path / "second.toml"
+    # Its own nflog group for admission's drops (the first run reads 1338): the queues are what clash.
     cfg.write_text(lab.DIVERT_PATH_LINE + f'table = "second"\n[queue]\nbackend = "{lab.BACKEND}"\n'
-                   '[[listeners]]\nname = "t"\nprotocol = "tcp"\nport = 2000\n')
+                   'admission_group = 1339\n[[listeners]]\nname = "t"\nprotocol = "tcp"\nport = 2000\n')
     proc = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False)
     assert proc.returncode == 1, proc.stderr
     assert "cannot bind queue.incoming = 0" in proc.stderr and "Traceback" not in proc.stderr
