@@ -426,14 +426,100 @@ class HttpRule:
         if self.body and self.file:
             raise ConfigError(f"{key}.file", self.file, "give a body or a file, not both")
         if self.file:
+            _check_file(f"{key}.file", self.file)
+
+
+def _check_file(key: str, path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(key, path, exc.strerror or str(exc)) from None
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
+        raise ConfigError(key, path, "not a readable regular file")
+    if st.st_size > MAX_RULE_FILE:
+        raise ConfigError(key, path, "larger than 64 MiB")
+
+
+ANSWER_KEYS = ("static", "hex", "base64", "file", "script")
+WHEN = ("first", "after_first_message", "every_message")
+SCRIPT_FUNCTIONS = {"tcp": "async def tcp(conn)", "udp": "def udp(datagram, info)", "http": "def http(request)"}
+
+
+@dataclass(frozen=True)
+class CustomRule:
+    """An answer the analyst writes, for conversations on the default listeners whose original
+    port, address and DNS name match (each: any, when not given)."""
+
+    protocol: str
+    name: str = ""  # in the log's `custom` records; "": custom[i]
+    ports: tuple[PortRange, ...] = ()
+    hosts: tuple[Network, ...] = ()
+    names: tuple[str, ...] = ()  # "c2.example" or "*.c2.example": the DNS pool's name for the address
+    static: str | None = None
+    hex: str | None = None
+    base64: str | None = None
+    file: str | None = None
+    script: str | None = None  # a Python file with `async def tcp(conn)` or `def udp(datagram, info)`
+    when: str = "first"  # TCP: on connection, after the client's first message, or after each; UDP: see README
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)
+        _check_type(f"{key}.name", self.name, str, "a string")
+        if self.name and not _LISTENER_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name", self.name, "names are 1-32 letters, digits, '_', '.', '-'")
+        for i, pattern in enumerate(self.names):
+            _check_dns_pattern(f"{key}.names[{i}]", pattern)
+        _check_choice(f"{key}.when", self.when, WHEN)
+        given = [k for k in ANSWER_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"{key}.{given[1] if given else 'static'}", None if not given else getattr(self, given[1]),
+                              f"give exactly one of {', '.join(ANSWER_KEYS)}")
+        value = getattr(self, given[0])
+        _check_type(f"{key}.{given[0]}", value, str, "a string")
+        try:
+            self.payload()
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{given[0]}", value, str(exc)) from None
+        if self.file is not None:
+            _check_file(f"{key}.file", self.file)
+        if self.script is not None:
+            check_script(f"{key}.script", self.script, self.protocol)
+
+    def payload(self) -> bytes | None:
+        """The fixed answer's bytes (a file is read now); None for a script. ValueError says why not."""
+        import base64
+        import binascii
+
+        if self.static is not None:
+            return self.static.encode()
+        if self.hex is not None:
             try:
-                st = os.stat(self.file)
-            except OSError as exc:
-                raise ConfigError(f"{key}.file", self.file, exc.strerror or str(exc)) from None
-            if not stat.S_ISREG(st.st_mode) or not os.access(self.file, os.R_OK):
-                raise ConfigError(f"{key}.file", self.file, "not a readable regular file")
-            if st.st_size > MAX_RULE_FILE:
-                raise ConfigError(f"{key}.file", self.file, "larger than 64 MiB")
+                return bytes.fromhex(self.hex)
+            except ValueError:
+                raise ValueError("not hex digits (pairs, spaces allowed)") from None
+        if self.base64 is not None:
+            try:
+                return base64.b64decode(self.base64, validate=True)
+            except binascii.Error as exc:
+                raise ValueError(f"not base64: {exc}") from None
+        if self.file is not None:
+            return Path(self.file).read_bytes() if os.path.isfile(self.file) else b""
+        return None
+
+
+def check_script(key: str, path: str, function: str) -> None:
+    """The script compiles and defines `function` (what SCRIPT_FUNCTIONS names); it is run only by the listeners."""
+    import ast
+
+    _check_path(key, path)
+    _check_file(key, path)
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError(key, path, f"does not load: {type(exc).__name__}: {exc}") from None
+    kind = ast.AsyncFunctionDef if function == "tcp" else ast.FunctionDef
+    if not any(isinstance(node, kind) and node.name == function for node in tree.body):
+        raise ConfigError(key, path, f"defines no `{SCRIPT_FUNCTIONS[function]}`")
 
 
 @dataclass(frozen=True)
@@ -545,6 +631,7 @@ class Config:
     recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
     server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
     small_services: SmallServicesConfig = field(default_factory=SmallServicesConfig)
+    custom: tuple[CustomRule, ...] = ()  # [[custom]]: answers the analyst writes, the first match answers
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -567,6 +654,8 @@ class Config:
         self.server_first.validate("server_first")
         self.small_services.validate("small_services")
         self._validate_listeners()
+        for i, rule in enumerate(self.custom):
+            rule.validate(f"custom[{i}]")
         if self.queue.ct_mark & self.worker.ct_mark:
             raise ConfigError("queue.ct_mark", self.queue.ct_mark,
                               f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
@@ -677,6 +766,25 @@ def _http_rule(key: str, data: object) -> HttpRule:
     return HttpRule(**values)
 
 
+def _custom_rule(key: str, index: int, data: object) -> CustomRule:
+    _check_type(key, data, dict, "a table with protocol, ports and an answer")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, CustomRule)
+    if "protocol" not in data:
+        raise ConfigError(f"{key}.protocol", None, 'missing: "tcp" or "udp"')
+    values = dict(data)
+    values.setdefault("name", f"custom{index}")
+    if "ports" in values:
+        values["ports"] = tuple(PortRange.parse(f"{key}.ports[{i}]", v)
+                                for i, v in enumerate(_as_list(f"{key}.ports", values["ports"])))
+    if "hosts" in values:
+        values["hosts"] = tuple(_network(f"{key}.hosts[{i}]", v)
+                                for i, v in enumerate(_as_list(f"{key}.hosts", values["hosts"])))
+    if "names" in values:
+        values["names"] = tuple(_as_list(f"{key}.names", values["names"]))
+    return CustomRule(**values)
+
+
 def _network(key: str, value: object) -> Network:
     _check_type(key, value, str, 'an address or network like "192.0.2.0/24"')
     assert isinstance(value, str)
@@ -715,6 +823,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             values[key] = tuple(_listener(f"listeners[{i}]", v) for i, v in enumerate(_as_list(key, value)))
         elif key == "interfaces":
             values[key] = tuple(_as_list(key, value))
+        elif key == "custom":
+            values[key] = tuple(_custom_rule(f"custom[{i}]", i, v) for i, v in enumerate(_as_list(key, value)))
         else:
             values[key] = value
     for proto in PROTOCOLS:

@@ -200,7 +200,8 @@ def _serve(config: Config, conn, parent: int, origins) -> None:
     listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
                           origin=origin.Client(origins).ask, server_first=config.server_first,
-                          origin_in_kernel=config.divert_path == "kernel", small=config.small_services)
+                          origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
+                          custom=config.custom)
     try:
         listeners.start()
     except OSError as exc:

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
+from nftdivert.config import CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services import active
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
@@ -155,12 +155,14 @@ class Listeners:
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
-                 origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig()) -> None:
+                 origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
+                 custom: tuple[CustomRule, ...] = ()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
+        self._custom = custom
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -175,6 +177,10 @@ class Listeners:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
 
     async def _start(self) -> None:
+        from nftdivert.services.custom import Rules
+
+        # Scripts load here, once: one that does not load stops the start, saying why.
+        self._custom_rules = {p: Rules(self._custom, p, self._resolver) for p in ("tcp", "udp")}
         for run in self._running:
             lst = run.listener
             try:
@@ -192,7 +198,8 @@ class Listeners:
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
                 answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind,
-                                     resolver=self._resolver)  # DNS over HTTPS asks the DNS listener's pool
+                                     resolver=self._resolver,  # DNS over HTTPS asks the DNS listener's pool
+                                     custom=self._custom_rules["tcp"])
                 handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
@@ -202,7 +209,7 @@ class Listeners:
             if lst.kind == "dns":
                 answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731
             else:  # echo: the default answer by the port asked for
-                answer = DefaultUdp(lst.name, *self._udp_answers).answer
+                answer = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"]).answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
