@@ -108,7 +108,7 @@ class Rules:
                 reply = answer(data, info)
                 if reply is not None and not isinstance(reply, (bytes, bytearray)):
                     raise TypeError(f"udp() returned {type(reply).__name__}, not bytes or None")
-            elif rule.when == "every_message" or (rule.when == "first") == (count == 1):
+            elif rule.when != "after_first_message" or count > 1:  # each datagram is a message of its own
                 reply = answer
         except Exception as exc:
             rec["error"] = _last_line(exc)

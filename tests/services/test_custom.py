@@ -129,6 +129,7 @@ def test_udp_fixed_answer_by_when_and_a_script(serve, tmp_path):
                                  rule(name="s", protocol="udp", script=str(script)))
     asked.original = ("198.51.100.9", 53)
     assert udp(port, b"q1") == b"A"
+    assert udp(port, b"q2") == b"A"
     asked.original = ("198.51.100.9", 9999)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(10)
@@ -136,8 +137,16 @@ def test_udp_fixed_answer_by_when_and_a_script(serve, tmp_path):
             s.sendto(data, ("127.0.0.1", port))
         assert s.recv(100) == b"cba 1 198.51.100.9:9999"
         assert s.recv(100) == b"zyx 3 198.51.100.9:9999"  # the datagram that raised got no answer
-    found = records_of(records, 4)
-    assert [r.get("error") for r in found] == [None, None, "KeyError: 'x'", None]
+    found = records_of(records, 5)
+    assert [r.get("error") for r in found] == [None, None, None, "KeyError: 'x'", None]
+
+
+def test_udp_after_first_message_skips_each_client_ports_first_datagram():
+    rules = Rules((rule(protocol="udp", static="A", when="after_first_message"),), "udp")
+    matched, records = rules.match(("198.51.100.9", 53)), []
+    answers = [rules.answer_udp(matched, b"q", client, ("198.51.100.9", 53), {}, records.append)
+               for client in (("192.0.2.2", 1000), ("192.0.2.2", 1000), ("192.0.2.2", 1001))]
+    assert answers == [None, b"A", None] and [r["sent"] for r in records] == [0, 1, 0]
 
 
 def test_names_match_the_pool_name_of_the_address():
