@@ -314,6 +314,9 @@ class DnsConfig:
     ttl: int = 60
     nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
     txt: str = "v=spf1 -all"  # the answer to every TXT question
+    # Every A (or AAAA) question gets this one address instead of a pool's; "": the pools.
+    one_address: str = ""
+    records: tuple["DnsRecord", ...] = ()  # [[dns.records]]: fixed answers by name, before everything else
 
     def __post_init__(self) -> None:
         if isinstance(self.nxdomain, list):  # as TOML gives it
@@ -342,9 +345,62 @@ class DnsConfig:
         _check_type(f"{key}.txt", self.txt, str, "a string")
         if len(self.txt.encode()) > 255:
             raise ConfigError(f"{key}.txt", self.txt, "a TXT string holds at most 255 bytes")
+        _check_type(f"{key}.one_address", self.one_address, str, 'an address like "192.0.2.1", or ""')
+        if self.one_address:
+            _check_address(f"{key}.one_address", self.one_address, None)
+        for i, record in enumerate(self.records):
+            record.validate(f"{key}.records[{i}]")
 
     def pools(self) -> tuple[Network, Network]:
         return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
+
+    def named(self) -> tuple[Network, ...]:
+        """Where the addresses that stand for names lie: the pools, the fixed records' and one_address."""
+        fixed = [r.value for r in self.records if r.type in ("A", "AAAA") and r.value != "self"]
+        return (*self.pools(), *(ipaddress.ip_network(a) for a in (*fixed, self.one_address) if a))
+
+
+DNS_RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "PTR")
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    """A fixed DNS answer: `name` (or "*.zone") gets `value` for questions of `type`.
+    A and AAAA take "self": the address the question came to (the gateway's own)."""
+
+    name: str
+    type: str
+    value: str
+
+    def validate(self, key: str) -> None:
+        _check_dns_pattern(f"{key}.name", self.name)
+        _check_choice(f"{key}.type", self.type, DNS_RECORD_TYPES)
+        _check_type(f"{key}.value", self.value, str, "a string")
+        if self.type in ("A", "AAAA"):
+            if self.value != "self":
+                _check_address(f"{key}.value", self.value, 4 if self.type == "A" else 6)
+        elif self.type == "TXT":
+            if len(self.value.encode()) > 255:
+                raise ConfigError(f"{key}.value", self.value, "a TXT string holds at most 255 bytes")
+        else:
+            preference, _, target = self.value.rpartition(" ")
+            if self.type == "MX" and not (preference.isascii() and preference.isdigit()
+                                          and int(preference) <= 65535):
+                raise ConfigError(f"{key}.value", self.value, 'an MX value is a preference and a name: "10 mail.example"')
+            if self.type != "MX" and preference:
+                raise ConfigError(f"{key}.value", self.value, "a name, without spaces")
+            _check_dns_pattern(f"{key}.value", target)
+            if target.startswith("*"):
+                raise ConfigError(f"{key}.value", self.value, "a name, not a pattern")
+
+
+def _check_address(key: str, value: str, version: int | None) -> None:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, value, "not an IP address") from None
+    if version is not None and address.version != version:
+        raise ConfigError(key, value, f"must be an IPv{version} address")
 
 
 def _check_dns_pattern(key: str, value: object) -> None:
@@ -749,10 +805,29 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
         for k in ("users", "groups", "cgroups"):
             if k in values:
                 values[k] = tuple(_as_list(f"{key}.{k}", values[k]))
+    if cls is DnsConfig and "records" in values:
+        values["records"] = tuple(_dns_record(f"{key}.records[{i}]", v)
+                                  for i, v in enumerate(_as_list(f"{key}.records", values["records"])))
     if cls is HttpConfig and "rules" in values:
         values["rules"] = tuple(_http_rule(f"{key}.rules[{i}]", v)
                                 for i, v in enumerate(_as_list(f"{key}.rules", values["rules"])))
     return cls(**values)
+
+
+def _dns_record(key: str, data: object) -> DnsRecord:
+    return _table(key, data, DnsRecord, "record", ("name", "type", "value"))
+
+
+def _table(key: str, data: object, cls: type, what: str, required: tuple[str, ...]):
+    """A [[table]] of `cls`'s keys, with the `required` ones."""
+    names = f"{', '.join(required[:-1])} and {required[-1]}"
+    _check_type(key, data, dict, f"a table with {names}")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, cls)
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{key}.{name}", None, f"missing: every {what} needs {names}")
+    return cls(**data)
 
 
 def _http_rule(key: str, data: object) -> HttpRule:
@@ -803,13 +878,7 @@ def _network(key: str, value: object) -> Network:
 
 
 def _listener(key: str, data: object) -> Listener:
-    _check_type(key, data, dict, "a table with name, protocol and port")
-    assert isinstance(data, dict)
-    _reject_unknown(f"{key}.", data, Listener)
-    for required in ("name", "protocol", "port"):
-        if required not in data:
-            raise ConfigError(f"{key}.{required}", None, "missing: every listener needs name, protocol and port")
-    return Listener(**data)
+    return _table(key, data, Listener, "listener", ("name", "protocol", "port"))
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

@@ -207,7 +207,8 @@ class Listeners:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
             resolver = self._resolver
             if lst.kind == "dns":
-                answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731
+                answer = lambda data, addr, local: resolver.answer(  # noqa: E731
+                    data, _endpoint(addr), local[0] if local is not None else "")
             else:  # echo: the default answer by the port asked for
                 answer = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"]).answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
@@ -220,7 +221,8 @@ class Listeners:
                 size = struct.unpack("!H", await reader.readexactly(2))[0]
                 query = await reader.readexactly(size)
                 stats.bytes_received += 2 + size
-                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername"))) if self._resolver else None
+                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername")),
+                                              writer.get_extra_info("sockname")[0]) if self._resolver else None
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)

@@ -45,6 +45,7 @@ def tcp(name, port, send=b"", want=1 << 16):
         return got.decode()
 
 save("banner.json", tcp("banner.example", 4444, want=14))
+save("fixed_name.json", tcp(socket.gethostbyname("c2.example"), 4444, want=14))  # its A, not its AAAA
 save("file.json", tcp("file.example", 4445, b"hello", want=len(open("answer.bin", "rb").read())))
 save("script.json", [tcp("script.example", 4446, b"boom"), tcp("script.example", 4446, b"ping")])
 
@@ -62,6 +63,23 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(data, beacon)
     save("beacon.json", [s.recv(200).decode(), s.recv(200).decode()])  # "junk" raised: no answer
 '''
+
+DIG = r"""
+cd "$D"
+for q in "c2.example A" "x.c2.example A" "update.example A" "c2.example AAAA" "c2.example MX" "c2.example TXT" \
+         "77.100.51.198.in-addr.arpa PTR"; do
+    set -- $q
+    dig +short +tries=1 +time=5 "$1" "$2" > "dig_$1_$2.txt" 2>&1
+done
+sed -n 's/^nameserver //p' /etc/resolv.conf > nameserver.txt
+python3 clients.py
+"""
+
+# Beside the README's: a record of each other type, for dig.
+MORE_RECORDS = "".join(
+    f'[[dns.records]]\nname = "{name}"\ntype = "{kind}"\nvalue = "{value}"\n' for name, kind, value in (
+        ("c2.example", "AAAA", "2001:db8:77::1"), ("c2.example", "MX", "10 mail.c2.example"),
+        ("c2.example", "TXT", "v=beacon key=abc"), ("77.100.51.198.in-addr.arpa", "PTR", "c2.example")))
 
 TCP_SCRIPT = '''
 async def tcp(conn):
@@ -86,17 +104,20 @@ def run(tmp_path_factory):
         + readme_example("beacon.toml").replace("/etc/nftdivert/beacon.py", str(work / "beacon.py"))
         + f'[[custom]]\nname = "file"\nprotocol = "tcp"\nports = [4445]\nfile = "{work / "answer.bin"}"\n'
           'when = "after_first_message"\n'
+        + readme_example("dns") + MORE_RECORDS
         + f'[[custom]]\nname = "c2"\nprotocol = "tcp"\nports = [4446]\nnames = ["*.example"]\n'
           f'script = "{work / "c2.py"}"\n'
         + '[[custom]]\nname = "pong"\nprotocol = "udp"\nports = [9998]\nstatic = "PONG"\n')
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return work, sandbox(work, config, DIG)
+
+
+def sandbox(work, config, script: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)
-    proc = subprocess.run(nftdivert_argv("sandbox", "-c", str(config), "--timeout", "60", "--",
-                                         "sh", "-c", f'cd "{work}" && python3 clients.py'),
+    proc = subprocess.run(nftdivert_argv("sandbox", "-c", str(config), "--timeout", "60", "--", "sh", "-ec", script),
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return work, records
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def got(work, name: str):
@@ -143,3 +164,48 @@ def test_the_readme_beacon_decoder_answers_each_datagram_and_survives_junk(run):
     recs = custom(records, "beacon")
     assert [r.get("error", "")[:10] for r in recs] == ["", "ValueError", ""]
     assert all(r["original_destination"].endswith(":9999") and r["name"] == "beacon.example" for r in recs)
+
+
+def dug(work, name: str, qtype: str) -> list[str]:
+    return (work / f"dig_{name}_{qtype}.txt").read_text().split("\n")[:-1]
+
+
+def test_dig_gets_each_fixed_record_type(run):
+    work, _ = run
+    assert dug(work, "c2.example", "A") == ["198.51.100.77"]
+    assert dug(work, "x.c2.example", "A") == ["c2.example.", "198.51.100.77"]
+    assert dug(work, "update.example", "A") == [(work / "nameserver.txt").read_text().strip()]
+    assert dug(work, "c2.example", "AAAA") == ["2001:db8:77::1"]
+    assert dug(work, "c2.example", "MX") == ["10 mail.c2.example."]
+    assert dug(work, "c2.example", "TXT") == ['"v=beacon key=abc"']
+    assert dug(work, "77.100.51.198.in-addr.arpa", "PTR") == ["c2.example."]
+
+
+def test_a_fixed_name_is_logged_like_a_pooled_one(run):
+    work, records = run
+    assert got(work, "fixed_name.json") == "220 c2 ready\r\n"
+    starts = [r for r in records if r.get("event") == "start" and r.get("original_destination") == "198.51.100.77:4444"]
+    assert starts and starts[0]["name"] == "c2.example", starts
+    assert [r["name"] for r in custom(records, "banner")] == ["banner.example", "c2.example"]
+
+
+ONE_ADDRESS = r"""
+cd "$D"
+dig +short +tries=1 +time=5 a.example A > one_a.txt
+dig +short +tries=1 +time=5 b.example A > one_b.txt
+python3 -c 'import socket; s = socket.create_connection(("b.example", 4444), timeout=10); print(s.recv(100).decode())' \
+    > one_banner.txt
+"""
+
+
+def test_one_address_answers_every_name_and_the_log_names_the_last(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    config = tmp_path / "one.toml"
+    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[dns]\none_address = "198.51.100.1"\n'
+                      + readme_example("banner"))
+    records = sandbox(tmp_path, config, ONE_ADDRESS)
+    assert (tmp_path / "one_a.txt").read_text() == (tmp_path / "one_b.txt").read_text() == "198.51.100.1\n"
+    assert (tmp_path / "one_banner.txt").read_text().startswith("220 c2 ready")
+    assert [r["name"] for r in custom(records, "banner")] == ["b.example"]
+    starts = [r for r in records if r.get("event") == "start" and r.get("original_destination") == "198.51.100.1:4444"]
+    assert starts and starts[0]["name"] == "b.example", starts
