@@ -459,8 +459,37 @@ class HttpRule:
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""
     file: str = ""  # a file's contents instead of `body`
+    ports: tuple[PortRange, ...] = ()  # the port the client asked for; none: any
+    method: str = "*"  # a pattern: "POST", "P*"
+    query: tuple[tuple[str, str], ...] = ()  # parameters that must be there, each matching its pattern
+    delay: float = 0.0  # seconds before the answer
+    redirect: str = ""  # a 302 to this URL
+    close: bool = False  # close without an answer
+    script: str = ""  # a Python file with `def http(request)` -> (status, headers, body)
 
     def validate(self, key: str) -> None:
+        _check_type(f"{key}.method", self.method, str, 'a pattern like "POST"')
+        if not re.fullmatch(r"[A-Za-z*?\[\]!-]{1,32}", self.method):
+            raise ConfigError(f"{key}.method", self.method, 'a method or a pattern of one, like "POST" or "P*"')
+        for name, pattern in self.query:
+            if not isinstance(pattern, str) or not pattern.isprintable():
+                raise ConfigError(f"{key}.query.{name}", pattern, 'a pattern string, like "*" or "42"')
+        _check_type(f"{key}.delay", self.delay, (int, float), "a number of seconds")
+        if not 0 <= self.delay <= 3600:
+            raise ConfigError(f"{key}.delay", self.delay, "0-3600 seconds")
+        _check_type(f"{key}.redirect", self.redirect, str, 'a URL like "https://example.com/"')
+        if self.redirect and not (self.redirect.startswith(("http://", "https://"))
+                                  and _HEADER_VALUE.fullmatch(self.redirect) and len(self.redirect) <= 1024):
+            raise ConfigError(f"{key}.redirect", self.redirect, "an http:// or https:// URL of visible characters")
+        _check_type(f"{key}.close", self.close, bool, "true or false")
+        _check_type(f"{key}.script", self.script, str, "a path string")
+        answers = [n for n in ("body", "file", "redirect", "close", "script") if getattr(self, n)]
+        if len(answers) > 1:
+            raise ConfigError(f"{key}.{answers[1]}", getattr(self, answers[1]),
+                              f"{answers[0]} and {answers[1]} are both given: one answer (body, file, redirect, close "
+                              "or script), not both")
+        if self.script:
+            check_script(f"{key}.script", self.script, "http")
         for name in ("host", "path"):
             value = getattr(self, name)
             _check_type(f"{key}.{name}", value, str, "a pattern string")
@@ -814,6 +843,12 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+def _parse_list(key: str, values: dict, name: str, parse) -> None:
+    """values[name], a list, each item parsed by `parse(item_key, item)`."""
+    if name in values:
+        values[name] = tuple(parse(f"{key}.{name}[{i}]", v) for i, v in enumerate(_as_list(f"{key}.{name}", values[name])))
+
+
 def _dns_record(key: str, data: object) -> DnsRecord:
     return _table(key, data, DnsRecord, "record", ("name", "type", "value"))
 
@@ -838,6 +873,10 @@ def _http_rule(key: str, data: object) -> HttpRule:
     if "headers" in values:
         _check_type(f"{key}.headers", values["headers"], dict, 'a table like {"Content-Type" = "text/plain"}')
         values["headers"] = tuple(values["headers"].items())
+    if "query" in values:
+        _check_type(f"{key}.query", values["query"], dict, 'a table like {id = "*"}')
+        values["query"] = tuple(values["query"].items())
+    _parse_list(key, values, "ports", PortRange.parse)
     return HttpRule(**values)
 
 
@@ -849,12 +888,8 @@ def _custom_rule(key: str, index: int, data: object) -> CustomRule:
         raise ConfigError(f"{key}.protocol", None, 'missing: "tcp" or "udp"')
     values = dict(data)
     values.setdefault("name", f"custom{index}")
-    if "ports" in values:
-        values["ports"] = tuple(PortRange.parse(f"{key}.ports[{i}]", v)
-                                for i, v in enumerate(_as_list(f"{key}.ports", values["ports"])))
-    if "hosts" in values:
-        values["hosts"] = tuple(_network(f"{key}.hosts[{i}]", v)
-                                for i, v in enumerate(_as_list(f"{key}.hosts", values["hosts"])))
+    _parse_list(key, values, "ports", PortRange.parse)
+    _parse_list(key, values, "hosts", _network)
     if "names" in values:
         values["names"] = tuple(_as_list(f"{key}.names", values["names"]))
     return CustomRule(**values)

@@ -27,18 +27,24 @@ def endpoint(addr) -> str:
     return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
-def load_script(path: str, function: str):
-    """The script's `function`; OSError (one line) when it does not load."""
-    try:
-        found = runpy.run_path(path).get(function)
-    except Exception as exc:  # anything the analyst's module does at import
-        raise OSError(f"custom script {path} does not load: {_last_line(exc)}") from None
-    if not callable(found):
-        raise OSError(f"custom script {path} defines no function {function}")
-    return found
+_loaded: dict[tuple[str, str], object] = {}  # (path, function) -> the function: each script runs once
 
 
-def _last_line(exc: BaseException) -> str:
+def script(path: str, function: str):
+    """The script's `function`, loaded on first use; OSError (one line) when it does not load."""
+    key = (path, function)
+    if key not in _loaded:
+        try:
+            found = runpy.run_path(path).get(function)
+        except Exception as exc:  # anything the analyst's module does at import
+            raise OSError(f"custom script {path} does not load: {last_line(exc)}") from None
+        if not callable(found):
+            raise OSError(f"custom script {path} defines no function {function}")
+        _loaded[key] = found
+    return _loaded[key]
+
+
+def last_line(exc: BaseException) -> str:
     return traceback.format_exception_only(exc)[-1].strip()
 
 
@@ -54,7 +60,7 @@ class Rules:
 
     def __init__(self, rules: tuple[CustomRule, ...], protocol: str, resolver=None) -> None:
         self._rules = [r for r in rules if r.protocol == protocol]
-        self._answers = {r.name: r.payload() if r.script is None else load_script(r.script, protocol)
+        self._answers = {r.name: r.payload() if r.script is None else script(r.script, protocol)
                          for r in self._rules}
         self._resolver = resolver  # the DNS listener's pool names the addresses; None without one
         self._seen: OrderedDict[tuple, int] = OrderedDict()
@@ -91,7 +97,7 @@ class Rules:
             else:
                 await _fixed(rule.when, answer, conn)
         except Exception as exc:  # the script's, or the client's connection: this conversation only
-            rec["error"] = _last_line(exc)
+            rec["error"] = last_line(exc)
         finally:
             emit(dict(rec, **conn.counts()))
 
@@ -111,7 +117,7 @@ class Rules:
             elif rule.when != "after_first_message" or count > 1:  # each datagram is a message of its own
                 reply = answer
         except Exception as exc:
-            rec["error"] = _last_line(exc)
+            rec["error"] = last_line(exc)
             reply = None
         emit(dict(rec, sent=len(reply) if reply is not None else 0))
         return bytes(reply) if reply is not None else None

@@ -177,10 +177,13 @@ class Listeners:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
 
     async def _start(self) -> None:
-        from nftdivert.services.custom import Rules
+        from nftdivert.services import custom
 
         # Scripts load here, once: one that does not load stops the start, saying why.
-        self._custom_rules = {p: Rules(self._custom, p, self._resolver) for p in ("tcp", "udp")}
+        self._custom_rules = {p: custom.Rules(self._custom, p, self._resolver) for p in ("tcp", "udp")}
+        for rule in self._answers[0].rules:  # [http] rules' scripts
+            if rule.script:
+                custom.script(rule.script, "http")
         for run in self._running:
             lst = run.listener
             try:
