@@ -73,6 +73,38 @@ for q in "c2.example A" "x.c2.example A" "update.example A" "c2.example AAAA" "c
 done
 sed -n 's/^nameserver //p' /etc/resolv.conf > nameserver.txt
 python3 clients.py
+get() { out="$1"; shift; curl -sS --max-time 20 "$@" > "$out" 2>&1 || echo "exit $?" >> "$out"; }
+get http_port.txt http://web.example:8080/x
+get http_post.txt -X POST http://web.example/gate
+get http_query.txt "http://web.example/q?id=7&x=1"
+get http_slow.txt -o /dev/null -w '%{time_total}' http://slow.example/
+get http_redirect.txt -o /dev/null -w '%{http_code} %{redirect_url}' http://old.example/
+get http_close.txt http://drop.example/
+get http_panel.txt -d hello "http://panel.example/gate.php?bot=7"
+"""
+
+HTTP_RULES = """
+[[http.rules]]
+ports = [8080]
+body = "port 8080"
+[[http.rules]]
+method = "POST"
+path = "/gate"
+body = "posted"
+[[http.rules]]
+path = "/q"
+query = {id = "7"}
+body = "seven"
+[[http.rules]]
+host = "slow.example"
+delay = 1.5
+body = "slow"
+[[http.rules]]
+host = "old.example"
+redirect = "https://new.example/"
+[[http.rules]]
+host = "drop.example"
+close = true
 """
 
 # Beside the README's: a record of each other type, for dig.
@@ -96,6 +128,7 @@ def run(tmp_path_factory):
     (work / "clients.py").write_text(CLIENTS)
     (work / "answer.bin").write_bytes(b"\x7fELF-like bytes from a file\n")
     (work / "beacon.py").write_text(readme_example("beacon.py"))
+    (work / "panel.py").write_text(readme_example("panel.py"))
     (work / "c2.py").write_text(TCP_SCRIPT)
     config = work / "sandbox.toml"
     config.write_text(
@@ -104,7 +137,8 @@ def run(tmp_path_factory):
         + readme_example("beacon.toml").replace("/etc/nftdivert/beacon.py", str(work / "beacon.py"))
         + f'[[custom]]\nname = "file"\nprotocol = "tcp"\nports = [4445]\nfile = "{work / "answer.bin"}"\n'
           'when = "after_first_message"\n'
-        + readme_example("dns") + MORE_RECORDS
+        + readme_example("dns") + MORE_RECORDS + HTTP_RULES
+        + readme_example("panel.toml").replace("/etc/nftdivert/panel.py", str(work / "panel.py"))
         + f'[[custom]]\nname = "c2"\nprotocol = "tcp"\nports = [4446]\nnames = ["*.example"]\n'
           f'script = "{work / "c2.py"}"\n'
         + '[[custom]]\nname = "pong"\nprotocol = "udp"\nports = [9998]\nstatic = "PONG"\n')
@@ -187,6 +221,30 @@ def test_a_fixed_name_is_logged_like_a_pooled_one(run):
     starts = [r for r in records if r.get("event") == "start" and r.get("original_destination") == "198.51.100.77:4444"]
     assert starts and starts[0]["name"] == "c2.example", starts
     assert [r["name"] for r in custom(records, "banner")] == ["banner.example", "c2.example"]
+
+
+def test_http_rules_by_port_method_and_query(run):
+    work, records = run
+    assert (work / "http_port.txt").read_text() == "port 8080"
+    assert (work / "http_post.txt").read_text() == "posted"
+    assert (work / "http_query.txt").read_text() == "seven"
+
+
+def test_http_delay_redirect_and_close(run):
+    work, records = run
+    assert float((work / "http_slow.txt").read_text()) >= 1.5  # a lower bound only: machines differ in speed
+    assert (work / "http_redirect.txt").read_text() == "302 https://new.example/"
+    assert (work / "http_close.txt").read_text().endswith("exit 52\n")  # curl: empty reply from server
+    closed = [r for r in records if r.get("event") == "http" and r.get("name") == "drop.example"]
+    assert closed and closed[0]["closed"] is True
+
+
+def test_the_readme_http_panel_script(run):
+    work, records = run
+    task = json.loads((work / "http_panel.txt").read_text())
+    assert task["bot"] == "7" and task["got"] == 5 and task["asked"].endswith(":80")
+    rec = [r for r in records if r.get("event") == "http" and r.get("name") == "panel.example"]
+    assert rec and rec[0]["method"] == "POST" and rec[0]["status"] == 200
 
 
 ONE_ADDRESS = r"""
