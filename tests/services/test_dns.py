@@ -422,4 +422,4 @@ def test_bad_fixed_records_name_the_key(records, key, reason):
 def test_bad_one_address_names_the_key():
     with pytest.raises(ConfigError) as info:
         from_mapping({"dns": {"one_address": "gateway"}})
-    assert info.value.key == "dns.one_address"
+    assert info.value.key == "dns.one_address" and info.value.reason == "not an IP address"
