@@ -267,3 +267,20 @@ def test_one_address_answers_every_name_and_the_log_names_the_last(tmp_path):
     assert [r["name"] for r in custom(records, "banner")] == ["b.example"]
     starts = [r for r in records if r.get("event") == "start" and r.get("original_destination") == "198.51.100.1:4444"]
     assert starts and starts[0]["name"] == "b.example", starts
+
+
+def test_a_script_that_does_not_load_is_refused_at_start_in_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    (tmp_path / "syntax.py").write_text("async def tcp(conn:\n")
+    (tmp_path / "syntax.toml").write_text(f'[[custom]]\nprotocol = "tcp"\nscript = "{tmp_path / "syntax.py"}"\n')
+    proc = subprocess.run(nftdivert_argv("render", "-c", str(tmp_path / "syntax.toml")), capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "custom[0].script" in proc.stderr and "does not load: SyntaxError" in proc.stderr
+    # It compiles, but its import fails: the listeners refuse it when they start, and nothing runs.
+    (tmp_path / "raises.py").write_text("import no_such_module_for_this_test\nasync def tcp(conn):\n    pass\n")
+    (tmp_path / "raises.toml").write_text(f'[[custom]]\nprotocol = "tcp"\nscript = "{tmp_path / "raises.py"}"\n')
+    proc = subprocess.run(nftdivert_argv("sandbox", "-c", str(tmp_path / "raises.toml"), "--", "true"),
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "does not load: ModuleNotFoundError: No module named 'no_such_module_for_this_test'" in proc.stderr
