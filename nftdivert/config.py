@@ -678,6 +678,30 @@ class SmallServicesConfig:
             raise ConfigError(f"{key}.irc_server", self.irc_server, "letters, digits, dots and hyphens, 1-63")
 
 
+HOOK_PLACEHOLDERS = ("client_address", "original_destination", "name", "protocol", "pid", "command", "time")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """A command run once per client address (or, where the log names it, per process) on its
+    first conversation: argv with {placeholders}, no shell; it never delays the conversation."""
+
+    first_conversation: tuple[str, ...] = ()  # [] : none
+    timeout: float = 60.0  # seconds a hook may run before it is killed
+
+    def validate(self, key: str) -> None:
+        for i, arg in enumerate(self.first_conversation):
+            k = f"{key}.first_conversation[{i}]"
+            _check_type(k, arg, str, "a string")
+            try:
+                arg.format_map({name: "" for name in HOOK_PLACEHOLDERS})
+            except (KeyError, ValueError, IndexError, AttributeError) as exc:
+                raise ConfigError(k, arg, f"placeholders are {{{'}, {'.join(HOOK_PLACEHOLDERS)}}} ({exc!r})") from None
+        if self.first_conversation and not self.first_conversation[0]:
+            raise ConfigError(f"{key}.first_conversation[0]", "", "the program to run cannot be empty")
+        _check_seconds(f"{key}.timeout", self.timeout)
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -717,6 +741,7 @@ class Config:
     server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
     small_services: SmallServicesConfig = field(default_factory=SmallServicesConfig)
     custom: tuple[CustomRule, ...] = ()  # [[custom]]: answers the analyst writes, the first match answers
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -738,6 +763,7 @@ class Config:
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
         self.small_services.validate("small_services")
+        self.hooks.validate("hooks")
         self._validate_listeners()
         for i, rule in enumerate(self.custom):
             rule.validate(f"custom[{i}]")
@@ -800,7 +826,7 @@ def _check_interface(key: str, name: object) -> None:
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
              "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
-             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig}
+             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig, "hooks": HooksConfig}
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -834,6 +860,8 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
         for k in ("users", "groups", "cgroups"):
             if k in values:
                 values[k] = tuple(_as_list(f"{key}.{k}", values[k]))
+    if cls is HooksConfig and "first_conversation" in values:
+        values["first_conversation"] = tuple(_as_list(f"{key}.first_conversation", values["first_conversation"]))
     if cls is DnsConfig and "records" in values:
         values["records"] = tuple(_dns_record(f"{key}.records[{i}]", v)
                                   for i, v in enumerate(_as_list(f"{key}.records", values["records"])))

@@ -230,7 +230,13 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
-        observer = seen.start(config, stack, log, listeners.name_for)
+        hooks = None
+        if config.hooks.first_conversation:
+            from nftdivert.observers.hooks import Hooks
+
+            hooks = Hooks(config.hooks, log.event)
+            stack.callback(hooks.close)  # after the observer's last records, before the log closes
+        observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
         # worker must not overrule it with a view of the sockets refreshed since.

@@ -139,6 +139,7 @@ def run(tmp_path_factory):
           'when = "after_first_message"\n'
         + readme_example("dns") + MORE_RECORDS + HTTP_RULES
         + readme_example("panel.toml").replace("/etc/nftdivert/panel.py", str(work / "panel.py"))
+        + '[hooks]\nfirst_conversation = ["echo", "first of", "{pid}", "{command}"]\n'
         + f'[[custom]]\nname = "c2"\nprotocol = "tcp"\nports = [4446]\nnames = ["*.example"]\n'
           f'script = "{work / "c2.py"}"\n'
         + '[[custom]]\nname = "pong"\nprotocol = "udp"\nports = [9998]\nstatic = "PONG"\n')
@@ -245,6 +246,21 @@ def test_the_readme_http_panel_script(run):
     assert task["bot"] == "7" and task["got"] == 5 and task["asked"].endswith(":80")
     rec = [r for r in records if r.get("event") == "http" and r.get("name") == "panel.example"]
     assert rec and rec[0]["method"] == "POST" and rec[0]["status"] == 200
+
+
+def test_a_hook_runs_once_per_process_on_its_first_conversation(run):
+    _, records = run
+    starts = [r for r in records if r.get("event") == "start" and "process" in r]
+    clients_py = {r["process"]["host_pid"] for r in starts if r["process"]["command"].endswith("clients.py")}
+    assert len(clients_py) == 1 and len([r for r in starts if r["process"]["host_pid"] in clients_py]) > 1
+    hooks = [r for r in records if r.get("event") == "hook"]
+    keys = [r["hooked"] for r in hooks]
+    assert len(keys) == len(set(keys)) and f"pid {clients_py.pop()}" in keys  # once, however many conversations
+    for rec in hooks:
+        assert rec["exit_status"] == 0 and rec["output"].startswith("first of "), rec
+    for start in starts:  # the placeholders filled from the conversation that came first
+        hook = next((r for r in hooks if r["hooked"] == f"pid {start['process']['host_pid']}"), None)
+        assert hook is not None and hook["output"] == f"first of {start['process']['pid']} {start['process']['command']}\n"
 
 
 ONE_ADDRESS = r"""
