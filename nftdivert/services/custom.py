@@ -44,6 +44,11 @@ def script(path: str, function: str):
     return _loaded[key]
 
 
+def forget_scripts() -> None:
+    """A reload reads every script again (the analyst may have edited them)."""
+    _loaded.clear()
+
+
 def last_line(exc: BaseException) -> str:
     return traceback.format_exception_only(exc)[-1].strip()
 

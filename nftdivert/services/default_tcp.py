@@ -91,6 +91,10 @@ class DefaultTcp:
         self._resolver = resolver  # the DNS listener's, for DNS over HTTPS; None without one
         self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
 
+    def reload(self, rules: dict, http: HttpConfig) -> None:
+        """A reload's answers: new conversations get them (custom.Rules by protocol, [http])."""
+        self._custom, self._http = rules["tcp"], http
+
     def _certs(self):
         if self._contexts is None:
             from nftdivert.services import certs  # cryptography: only once TLS is spoken

@@ -42,6 +42,9 @@ class DefaultUdp:
         self._quotes = 0
         self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
 
+    def reload(self, rules: dict, _http) -> None:
+        self._custom = rules["udp"]
+
     async def answer(self, data: bytes, client: tuple, local: Endpoint | None) -> bytes | None:
         original = await self._original(client, local)
         matched = self._custom.match(original) if self._custom else None

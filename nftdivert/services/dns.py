@@ -87,8 +87,7 @@ class Resolver:
                  nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", serial: int | None = None,
                  records: Iterable[DnsRecord] = (), one_address: str = "", on_assign: Assigned | None = None) -> None:
         self.v4, self.v6, self.ttl = v4, v6, ttl
-        self.records = NamePatterns((r.name, r) for r in records)  # fixed answers, before everything else
-        self.one_address = ipaddress.ip_address(one_address) if one_address else None
+        self.set_fixed(records, one_address)
         # Addresses fixed answers gave, with the name last answered: the log names conversations by them too.
         self._given: dict[Address, str] = {}
         self.on_assign = on_assign
@@ -107,6 +106,11 @@ class Resolver:
                    AnswerPool(v6, config.max_names, on_assign, config.pool_key),
                    config.ttl, on_question, config.nxdomain, config.txt, records=config.records,
                    one_address=config.one_address, on_assign=on_assign)
+
+    def set_fixed(self, records: Iterable[DnsRecord], one_address: str) -> None:
+        """The answers the analyst set (at start, and again on a reload)."""
+        self.records = NamePatterns((r.name, r) for r in records)  # fixed answers, before everything else
+        self.one_address = ipaddress.ip_address(one_address) if one_address else None
 
     def name_for(self, address: Address) -> str | None:
         pool = self.v4 if address.version == 4 else self.v6

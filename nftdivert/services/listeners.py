@@ -163,6 +163,7 @@ class Listeners:
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
         self._custom = custom
+        self._defaults: list = []  # the DefaultTcp and DefaultUdp answers: a reload gives them new rules
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -203,6 +204,7 @@ class Listeners:
                 answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind,
                                      resolver=self._resolver,  # DNS over HTTPS asks the DNS listener's pool
                                      custom=self._custom_rules["tcp"])
+                self._defaults.append(answers)
                 handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
@@ -213,8 +215,29 @@ class Listeners:
                 answer = lambda data, addr, local: resolver.answer(  # noqa: E731
                     data, _endpoint(addr), local[0] if local is not None else "")
             else:  # echo: the default answer by the port asked for
-                answer = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"]).answer
+                udp = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"])
+                self._defaults.append(udp)
+                answer = udp.answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
+
+    def reload(self, custom: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
+        """New answers ([[custom]], [http], [dns] records) from now on; OSError (one line) if a script
+        does not load, and then the old ones stay."""
+        asyncio.run_coroutine_threadsafe(self._reload(custom, http, dns), self._loop).result(timeout=30)
+
+    async def _reload(self, custom_rules: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
+        from nftdivert.services import custom
+
+        custom.forget_scripts()
+        rules = {p: custom.Rules(custom_rules, p, self._resolver) for p in ("tcp", "udp")}
+        for rule in http.rules:
+            if rule.script:
+                custom.script(rule.script, "http")
+        self._custom_rules = rules
+        for answers in self._defaults:
+            answers.reload(rules, http)
+        if self._resolver is not None:
+            self._resolver.set_fixed(dns.records, dns.one_address)
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
         # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).
