@@ -509,3 +509,20 @@ def test_custom_rules_load(tmp_path):
     assert rules[0].name == "banner" and rules[0].payload() == b"\x00banner" and 5001 in rules[0].ports[1]
     assert rules[1].name == "custom1" and rules[1].payload() is None
     assert rules[2].payload() == b"\xde\xad"
+
+
+def test_every_toml_example_in_answers_you_write_loads(tmp_path):
+    """The README's section, each block as written (the scripts' paths made this test's)."""
+    import pathlib
+    import re as re_
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Answers you write"):readme.index("### The DNS listener")]
+    for name, source in re_.findall(r"<!-- answers: (\w+)\.py -->\n```python\n(.*?)```", section, re_.S):
+        (tmp_path / f"{name}.py").write_text(source)
+    blocks = re_.findall(r"```toml\n(.*?)```", section, re_.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        path = tmp_path / "example.toml"
+        path.write_text(block.replace("/etc/nftdivert/", f"{tmp_path}/"))
+        load(path)
