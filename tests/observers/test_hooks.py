@@ -72,3 +72,19 @@ def test_a_hook_that_cannot_start_or_runs_too_long_is_logged():
     rec = got.get(timeout=30)
     hooks.close()
     assert rec["error"] == "killed after 0.5 s" and rec["exit_status"] == -9
+
+
+def test_the_text_log_shows_hook_reload_and_custom_records():
+    from nftdivert.observers.convlog import text_line
+
+    at = "2026-12-06T04:00:00.000Z"
+    assert text_line({"time": at, "event": "hook", "hooked": "pid 5", "argv": ["snap", "c2.example"],
+                      "exit_status": 3}).endswith("hook   pid 5: snap c2.example -> exit 3")
+    assert text_line({"time": at, "event": "reload", "sections": ["custom", "dns", "http"]}).endswith(
+        "reload custom, dns, http")
+    assert text_line({"time": at, "event": "reload", "error": "dns.one_address = 'x': not an IP address"}).endswith(
+        "reload refused: dns.one_address = 'x': not an IP address")
+    line = text_line({"time": at, "event": "custom", "client": "192.0.2.2:4000", "listener": "tcp-echo",
+                      "original_destination": "198.51.100.7:4444", "rule": "banner", "sent": 14, "received": 0,
+                      "error": "ValueError: bad"})
+    assert line.endswith("192.0.2.2:4000 -> 198.51.100.7:4444 rule banner: sent 14 bytes, got 0, error: ValueError: bad")
