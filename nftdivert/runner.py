@@ -163,6 +163,8 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
         config = replace(config, worker=replace(config.worker, pcap=pcap_path))
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
+    if reread is not None:  # a reload asked for before the listeners run has nothing to reload yet
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         final, failure = _run(config, nft, on_ready, Observation(summary_path, clients_netns), reread)
         if failure is not None:  # the counters, then the one line that says why
