@@ -49,7 +49,8 @@ class DefaultUdp:
         original = await self._original(client, local)
         matched = self._custom.match(original) if self._custom else None
         if matched is not None:
-            base = {"client": endpoint(client), "listener": self._name, "original_destination": endpoint(original)}
+            base = {"client": endpoint(client), "client_address": client[0].removeprefix("::ffff:"),
+                    "listener": self._name, "original_destination": endpoint(original)}
             return self._custom.answer_udp(matched, data, client, original, base, self._emit)
         kind = PORTS.get(original[1]) if original is not None else None
         if kind is None:

@@ -8,8 +8,9 @@ pool gave to a name (the conversation log names conversations by them), and
 its counters once a second, and what the recognised protocols log (TLS
 handshakes, HTTP requests, mails, logins). A second pipe carries the
 listener's questions about a conversation's original destination
-(origin.py). It dies with its parent (lifeline.py), so a `kill -9` of the
-worker does not leave the listener ports taken for the next run.
+(origin.py), a third a reload's answer sections (SIGHUP). It dies with
+its parent (lifeline.py), so a `kill -9` of the worker does not leave the
+listener ports taken for the next run.
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ def test_udp_fixed_answer_by_when_and_a_script(serve, tmp_path):
         assert s.recv(100) == b"zyx 3 198.51.100.9:9999"  # the datagram that raised got no answer
     found = records_of(records, 5)
     assert [r.get("error") for r in found] == [None, None, None, "KeyError: 'x'", None]
+    assert {r["client_address"] for r in found} == {"127.0.0.1"}
 
 
 def test_udp_after_first_message_skips_each_client_ports_first_datagram():
