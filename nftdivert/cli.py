@@ -328,7 +328,10 @@ def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap
 
     cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
     _root_nft("run")
-    final = runner.run(cfg, pcap_path=pcap, summary_path=summary)
+    def reread():  # SIGHUP: the answer sections again, from the same file and options
+        return _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
+
+    final = runner.run(cfg, pcap_path=pcap, summary_path=summary, reread=reread)
     if final:
         click.echo(f"nftdivert: {runner.summary(final)}", err=True)
 

@@ -314,6 +314,9 @@ class DnsConfig:
     ttl: int = 60
     nxdomain: tuple[str, ...] = ()  # "name.example" or "*.zone.example": answered NXDOMAIN
     txt: str = "v=spf1 -all"  # the answer to every TXT question
+    # Every A (or AAAA) question gets this one address instead of a pool's; "": the pools.
+    one_address: str = ""
+    records: tuple["DnsRecord", ...] = ()  # [[dns.records]]: fixed answers by name, before everything else
 
     def __post_init__(self) -> None:
         if isinstance(self.nxdomain, list):  # as TOML gives it
@@ -342,9 +345,62 @@ class DnsConfig:
         _check_type(f"{key}.txt", self.txt, str, "a string")
         if len(self.txt.encode()) > 255:
             raise ConfigError(f"{key}.txt", self.txt, "a TXT string holds at most 255 bytes")
+        _check_type(f"{key}.one_address", self.one_address, str, 'an address like "192.0.2.1", or ""')
+        if self.one_address:
+            _check_address(f"{key}.one_address", self.one_address, None)
+        for i, record in enumerate(self.records):
+            record.validate(f"{key}.records[{i}]")
 
     def pools(self) -> tuple[Network, Network]:
         return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
+
+    def named(self) -> tuple[Network, ...]:
+        """Where the addresses that stand for names lie: the pools, the fixed records' and one_address."""
+        fixed = [r.value for r in self.records if r.type in ("A", "AAAA") and r.value != "self"]
+        return (*self.pools(), *(ipaddress.ip_network(a) for a in (*fixed, self.one_address) if a))
+
+
+DNS_RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "PTR")
+
+
+@dataclass(frozen=True)
+class DnsRecord:
+    """A fixed DNS answer: `name` (or "*.zone") gets `value` for questions of `type`.
+    A and AAAA take "self": the address the question came to (the gateway's own)."""
+
+    name: str
+    type: str
+    value: str
+
+    def validate(self, key: str) -> None:
+        _check_dns_pattern(f"{key}.name", self.name)
+        _check_choice(f"{key}.type", self.type, DNS_RECORD_TYPES)
+        _check_type(f"{key}.value", self.value, str, "a string")
+        if self.type in ("A", "AAAA"):
+            if self.value != "self":
+                _check_address(f"{key}.value", self.value, 4 if self.type == "A" else 6)
+        elif self.type == "TXT":
+            if len(self.value.encode()) > 255:
+                raise ConfigError(f"{key}.value", self.value, "a TXT string holds at most 255 bytes")
+        else:
+            preference, _, target = self.value.rpartition(" ")
+            if self.type == "MX" and not (preference.isascii() and preference.isdigit()
+                                          and int(preference) <= 65535):
+                raise ConfigError(f"{key}.value", self.value, 'an MX value is a preference and a name: "10 mail.example"')
+            if self.type != "MX" and preference:
+                raise ConfigError(f"{key}.value", self.value, "a name, without spaces")
+            _check_dns_pattern(f"{key}.value", target)
+            if target.startswith("*"):
+                raise ConfigError(f"{key}.value", self.value, "a name, not a pattern")
+
+
+def _check_address(key: str, value: str, version: int | None) -> None:
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, value, "not an IP address") from None
+    if version is not None and address.version != version:
+        raise ConfigError(key, value, f"must be an IPv{version} address")
 
 
 def _check_dns_pattern(key: str, value: object) -> None:
@@ -403,8 +459,37 @@ class HttpRule:
     headers: tuple[tuple[str, str], ...] = ()
     body: str = ""
     file: str = ""  # a file's contents instead of `body`
+    ports: tuple[PortRange, ...] = ()  # the port the client asked for; none: any
+    method: str = "*"  # a pattern: "POST", "P*"
+    query: tuple[tuple[str, str], ...] = ()  # parameters that must be there, each matching its pattern
+    delay: float = 0.0  # seconds before the answer
+    redirect: str = ""  # a 302 to this URL
+    close: bool = False  # close without an answer
+    script: str = ""  # a Python file with `def http(request)` -> (status, headers, body)
 
     def validate(self, key: str) -> None:
+        _check_type(f"{key}.method", self.method, str, 'a pattern like "POST"')
+        if not re.fullmatch(r"[A-Za-z*?\[\]!-]{1,32}", self.method):
+            raise ConfigError(f"{key}.method", self.method, 'a method or a pattern of one, like "POST" or "P*"')
+        for name, pattern in self.query:
+            if not isinstance(pattern, str) or not pattern.isprintable():
+                raise ConfigError(f"{key}.query.{name}", pattern, 'a pattern string, like "*" or "42"')
+        _check_type(f"{key}.delay", self.delay, (int, float), "a number of seconds")
+        if not 0 <= self.delay <= 3600:
+            raise ConfigError(f"{key}.delay", self.delay, "0-3600 seconds")
+        _check_type(f"{key}.redirect", self.redirect, str, 'a URL like "https://example.com/"')
+        if self.redirect and not (self.redirect.startswith(("http://", "https://"))
+                                  and _HEADER_VALUE.fullmatch(self.redirect) and len(self.redirect) <= 1024):
+            raise ConfigError(f"{key}.redirect", self.redirect, "an http:// or https:// URL of visible characters")
+        _check_type(f"{key}.close", self.close, bool, "true or false")
+        _check_type(f"{key}.script", self.script, str, "a path string")
+        answers = [n for n in ("body", "file", "redirect", "close", "script") if getattr(self, n)]
+        if len(answers) > 1:
+            raise ConfigError(f"{key}.{answers[1]}", getattr(self, answers[1]),
+                              f"{answers[0]} and {answers[1]} are both given: one answer (body, file, redirect, close "
+                              "or script), not both")
+        if self.script:
+            check_script(f"{key}.script", self.script, "http")
         for name in ("host", "path"):
             value = getattr(self, name)
             _check_type(f"{key}.{name}", value, str, "a pattern string")
@@ -426,14 +511,100 @@ class HttpRule:
         if self.body and self.file:
             raise ConfigError(f"{key}.file", self.file, "give a body or a file, not both")
         if self.file:
+            _check_file(f"{key}.file", self.file)
+
+
+def _check_file(key: str, path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(key, path, exc.strerror or str(exc)) from None
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
+        raise ConfigError(key, path, "not a readable regular file")
+    if st.st_size > MAX_RULE_FILE:
+        raise ConfigError(key, path, "larger than 64 MiB")
+
+
+ANSWER_KEYS = ("static", "hex", "base64", "file", "script")
+WHEN = ("first", "after_first_message", "every_message")
+SCRIPT_FUNCTIONS = {"tcp": "async def tcp(conn)", "udp": "def udp(datagram, info)", "http": "def http(request)"}
+
+
+@dataclass(frozen=True)
+class CustomRule:
+    """An answer the analyst writes, for conversations on the default listeners whose original
+    port, address and DNS name match (each: any, when not given)."""
+
+    protocol: str
+    name: str = ""  # in the log's `custom` records; "": custom[i]
+    ports: tuple[PortRange, ...] = ()
+    hosts: tuple[Network, ...] = ()
+    names: tuple[str, ...] = ()  # "c2.example" or "*.c2.example": the DNS pool's name for the address
+    static: str | None = None
+    hex: str | None = None
+    base64: str | None = None
+    file: str | None = None
+    script: str | None = None  # a Python file with `async def tcp(conn)` or `def udp(datagram, info)`
+    when: str = "first"  # TCP: on connection, after the client's first message, or after each; UDP: see README
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)
+        _check_type(f"{key}.name", self.name, str, "a string")
+        if self.name and not _LISTENER_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name", self.name, "names are 1-32 letters, digits, '_', '.', '-'")
+        for i, pattern in enumerate(self.names):
+            _check_dns_pattern(f"{key}.names[{i}]", pattern)
+        _check_choice(f"{key}.when", self.when, WHEN)
+        given = [k for k in ANSWER_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"{key}.{given[1] if given else 'static'}", None if not given else getattr(self, given[1]),
+                              f"give exactly one of {', '.join(ANSWER_KEYS)}")
+        value = getattr(self, given[0])
+        _check_type(f"{key}.{given[0]}", value, str, "a string")
+        try:
+            self.payload()
+        except ValueError as exc:
+            raise ConfigError(f"{key}.{given[0]}", value, str(exc)) from None
+        if self.file is not None:
+            _check_file(f"{key}.file", self.file)
+        if self.script is not None:
+            check_script(f"{key}.script", self.script, self.protocol)
+
+    def payload(self) -> bytes | None:
+        """The fixed answer's bytes (a file is read now); None for a script. ValueError says why not."""
+        import base64
+        import binascii
+
+        if self.static is not None:
+            return self.static.encode()
+        if self.hex is not None:
             try:
-                st = os.stat(self.file)
-            except OSError as exc:
-                raise ConfigError(f"{key}.file", self.file, exc.strerror or str(exc)) from None
-            if not stat.S_ISREG(st.st_mode) or not os.access(self.file, os.R_OK):
-                raise ConfigError(f"{key}.file", self.file, "not a readable regular file")
-            if st.st_size > MAX_RULE_FILE:
-                raise ConfigError(f"{key}.file", self.file, "larger than 64 MiB")
+                return bytes.fromhex(self.hex)
+            except ValueError:
+                raise ValueError("not hex digits (pairs, spaces allowed)") from None
+        if self.base64 is not None:
+            try:
+                return base64.b64decode(self.base64, validate=True)
+            except binascii.Error as exc:
+                raise ValueError(f"not base64: {exc}") from None
+        if self.file is not None:
+            return Path(self.file).read_bytes() if os.path.isfile(self.file) else b""
+        return None
+
+
+def check_script(key: str, path: str, function: str) -> None:
+    """The script compiles and defines `function` (what SCRIPT_FUNCTIONS names); it is run only by the listeners."""
+    import ast
+
+    _check_path(key, path)
+    _check_file(key, path)
+    try:
+        tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError(key, path, f"does not load: {type(exc).__name__}: {exc}") from None
+    kind = ast.AsyncFunctionDef if function == "tcp" else ast.FunctionDef
+    if not any(isinstance(node, kind) and node.name == function for node in tree.body):
+        raise ConfigError(key, path, f"defines no `{SCRIPT_FUNCTIONS[function]}`")
 
 
 @dataclass(frozen=True)
@@ -507,6 +678,30 @@ class SmallServicesConfig:
             raise ConfigError(f"{key}.irc_server", self.irc_server, "letters, digits, dots and hyphens, 1-63")
 
 
+HOOK_PLACEHOLDERS = ("client_address", "original_destination", "name", "protocol", "pid", "command", "time")
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    """A command run once per client address (or, where the log names it, per process) on its
+    first conversation: argv with {placeholders}, no shell; it never delays the conversation."""
+
+    first_conversation: tuple[str, ...] = ()  # [] : none
+    timeout: float = 60.0  # seconds a hook may run before it is killed
+
+    def validate(self, key: str) -> None:
+        for i, arg in enumerate(self.first_conversation):
+            k = f"{key}.first_conversation[{i}]"
+            _check_type(k, arg, str, "a string")
+            try:
+                arg.format_map({name: "" for name in HOOK_PLACEHOLDERS})
+            except (KeyError, ValueError, IndexError, AttributeError) as exc:
+                raise ConfigError(k, arg, f"placeholders are {{{'}, {'.join(HOOK_PLACEHOLDERS)}}} ({exc!r})") from None
+        if self.first_conversation and not self.first_conversation[0]:
+            raise ConfigError(f"{key}.first_conversation[0]", "", "the program to run cannot be empty")
+        _check_seconds(f"{key}.timeout", self.timeout)
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -545,6 +740,8 @@ class Config:
     recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
     server_first: ServerFirstConfig = field(default_factory=ServerFirstConfig)
     small_services: SmallServicesConfig = field(default_factory=SmallServicesConfig)
+    custom: tuple[CustomRule, ...] = ()  # [[custom]]: answers the analyst writes, the first match answers
+    hooks: HooksConfig = field(default_factory=HooksConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -566,7 +763,10 @@ class Config:
         self.recognize.validate("recognize")
         self.server_first.validate("server_first")
         self.small_services.validate("small_services")
+        self.hooks.validate("hooks")
         self._validate_listeners()
+        for i, rule in enumerate(self.custom):
+            rule.validate(f"custom[{i}]")
         if self.queue.ct_mark & self.worker.ct_mark:
             raise ConfigError("queue.ct_mark", self.queue.ct_mark,
                               f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
@@ -626,7 +826,7 @@ def _check_interface(key: str, name: object) -> None:
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
              "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
-             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig}
+             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig, "hooks": HooksConfig}
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -660,10 +860,37 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
         for k in ("users", "groups", "cgroups"):
             if k in values:
                 values[k] = tuple(_as_list(f"{key}.{k}", values[k]))
+    if cls is HooksConfig and "first_conversation" in values:
+        values["first_conversation"] = tuple(_as_list(f"{key}.first_conversation", values["first_conversation"]))
+    if cls is DnsConfig and "records" in values:
+        values["records"] = tuple(_dns_record(f"{key}.records[{i}]", v)
+                                  for i, v in enumerate(_as_list(f"{key}.records", values["records"])))
     if cls is HttpConfig and "rules" in values:
         values["rules"] = tuple(_http_rule(f"{key}.rules[{i}]", v)
                                 for i, v in enumerate(_as_list(f"{key}.rules", values["rules"])))
     return cls(**values)
+
+
+def _parse_list(key: str, values: dict, name: str, parse) -> None:
+    """values[name], a list, each item parsed by `parse(item_key, item)`."""
+    if name in values:
+        values[name] = tuple(parse(f"{key}.{name}[{i}]", v) for i, v in enumerate(_as_list(f"{key}.{name}", values[name])))
+
+
+def _dns_record(key: str, data: object) -> DnsRecord:
+    return _table(key, data, DnsRecord, "record", ("name", "type", "value"))
+
+
+def _table(key: str, data: object, cls: type, what: str, required: tuple[str, ...]):
+    """A [[table]] of `cls`'s keys, with the `required` ones."""
+    names = f"{', '.join(required[:-1])} and {required[-1]}"
+    _check_type(key, data, dict, f"a table with {names}")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, cls)
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{key}.{name}", None, f"missing: every {what} needs {names}")
+    return cls(**data)
 
 
 def _http_rule(key: str, data: object) -> HttpRule:
@@ -674,7 +901,26 @@ def _http_rule(key: str, data: object) -> HttpRule:
     if "headers" in values:
         _check_type(f"{key}.headers", values["headers"], dict, 'a table like {"Content-Type" = "text/plain"}')
         values["headers"] = tuple(values["headers"].items())
+    if "query" in values:
+        _check_type(f"{key}.query", values["query"], dict, 'a table like {id = "*"}')
+        values["query"] = tuple(values["query"].items())
+    _parse_list(key, values, "ports", PortRange.parse)
     return HttpRule(**values)
+
+
+def _custom_rule(key: str, index: int, data: object) -> CustomRule:
+    _check_type(key, data, dict, "a table with protocol, ports and an answer")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, CustomRule)
+    if "protocol" not in data:
+        raise ConfigError(f"{key}.protocol", None, 'missing: "tcp" or "udp"')
+    values = dict(data)
+    values.setdefault("name", f"custom{index}")
+    _parse_list(key, values, "ports", PortRange.parse)
+    _parse_list(key, values, "hosts", _network)
+    if "names" in values:
+        values["names"] = tuple(_as_list(f"{key}.names", values["names"]))
+    return CustomRule(**values)
 
 
 def _network(key: str, value: object) -> Network:
@@ -695,13 +941,7 @@ def _network(key: str, value: object) -> Network:
 
 
 def _listener(key: str, data: object) -> Listener:
-    _check_type(key, data, dict, "a table with name, protocol and port")
-    assert isinstance(data, dict)
-    _reject_unknown(f"{key}.", data, Listener)
-    for required in ("name", "protocol", "port"):
-        if required not in data:
-            raise ConfigError(f"{key}.{required}", None, "missing: every listener needs name, protocol and port")
-    return Listener(**data)
+    return _table(key, data, Listener, "listener", ("name", "protocol", "port"))
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
@@ -715,6 +955,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             values[key] = tuple(_listener(f"listeners[{i}]", v) for i, v in enumerate(_as_list(key, value)))
         elif key == "interfaces":
             values[key] = tuple(_as_list(key, value))
+        elif key == "custom":
+            values[key] = tuple(_custom_rule(f"custom[{i}]", i, v) for i, v in enumerate(_as_list(key, value)))
         else:
             values[key] = value
     for proto in PROTOCOLS:

@@ -149,7 +149,8 @@ def _say(message: str) -> None:
 
 
 def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
-        summary_path: str | None = None, clients_netns: str | None = None) -> dict:
+        summary_path: str | None = None, clients_netns: str | None = None,
+        reread: Callable[[], Config] | None = None) -> dict:
     """Run until SIGINT or SIGTERM; returns the final counters. Leaves nothing behind.
 
     `on_ready` is called once the ruleset is in place and the worker is about to pump.
@@ -162,8 +163,10 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
         config = replace(config, worker=replace(config.worker, pcap=pcap_path))
     # Until the worker pumps, a signal unwinds the stack (and so cleans up).
     previous = {s: signal.signal(s, _stop_early) for s in (signal.SIGINT, signal.SIGTERM)}
+    if reread is not None:  # a reload asked for before the listeners run has nothing to reload yet
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        final, failure = _run(config, nft, on_ready, Observation(summary_path, clients_netns))
+        final, failure = _run(config, nft, on_ready, Observation(summary_path, clients_netns), reread)
         if failure is not None:  # the counters, then the one line that says why
             _say(summary(final))
             raise NftDivertError(failure)
@@ -176,6 +179,18 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
             signal.signal(s, handler)
 
 
+def _reload(reread: Callable[[], Config], listeners: ListenerProcess, log: ConversationLog) -> None:
+    """SIGHUP: read the config again and give the listeners its answer sections; a bad one changes nothing."""
+    try:
+        config = reread()
+    except ConfigError as exc:
+        _say(f"reload refused, the answers stay as they were: {exc}")
+        log.event({"event": "reload", "error": str(exc)})
+        return
+    _say("reload: [[custom]], [dns] records and one_address, [http] rules read again")
+    listeners.reload(config)
+
+
 class _Stopped(Exception):
     pass
 
@@ -185,7 +200,7 @@ def _stop_early(*_args) -> None:
 
 
 def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
-         seen: Observation) -> tuple[dict, str | None]:
+         seen: Observation, reread: Callable[[], Config] | None = None) -> tuple[dict, str | None]:
     """(the final counters, why the run stopped by itself or None)."""
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
@@ -230,7 +245,13 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
-        observer = seen.start(config, stack, log, listeners.name_for)
+        hooks = None
+        if config.hooks.first_conversation:
+            from nftdivert.observers.hooks import Hooks
+
+            hooks = Hooks(config.hooks, log.event)
+            stack.callback(hooks.close)  # after the observer's last records, before the log closes
+        observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
         # worker must not overrule it with a view of the sockets refreshed since.
@@ -334,6 +355,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
+        if reread is not None:  # SIGHUP: the answer sections again, from the config file
+            signal.signal(signal.SIGHUP, lambda *_: _reload(reread, listeners, log))
         _write_stats(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()

@@ -454,3 +454,75 @@ def test_module_constants_match_validation():
         assert Config(queue=QueueConfig(backend=backend)).queue.backend == backend
     for after_stop in config_mod.AFTER_STOP:
         assert Config(containment_after_stop=after_stop).containment_after_stop == after_stop
+
+
+# ---- [[custom]]: answers the analyst writes ------------------------------------
+
+CUSTOM_BAD = [
+    pytest.param('[[custom]]\nports = [4444]\nstatic = "x"\n', "custom[0].protocol", "missing", id="no-protocol"),
+    pytest.param('[[custom]]\nprotocol = "sctp"\nstatic = "x"\n', "custom[0].protocol", "one of", id="protocol"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nports = [70000]\nstatic = "x"\n', "custom[0].ports[0]", "1-65535",
+                 id="port"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nhosts = ["198.51.100.1/24"]\nstatic = "x"\n', "custom[0].hosts[0]",
+                 "host bits", id="hosts"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nnames = ["a*.example"]\nstatic = "x"\n', "custom[0].names[0]",
+                 "wildcard", id="names"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\n', "custom[0].static", "exactly one", id="no-answer"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nstatic = "x"\nhex = "00"\n', "custom[0].hex", "exactly one",
+                 id="two-answers"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nhex = "zz"\n', "custom[0].hex", "not hex", id="hex"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nbase64 = "a*b"\n', "custom[0].base64", "not base64", id="base64"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nfile = "/nonexistent/x"\n', "custom[0].file", "No such file",
+                 id="file"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nstatic = "x"\nwhen = "later"\n', "custom[0].when", "one of",
+                 id="when"),
+    pytest.param('[[custom]]\nprotocol = "tcp"\nstatic = "x"\ncolour = 1\n', "custom[0].colour", "unknown key",
+                 id="unknown"),
+]
+
+
+@pytest.mark.parametrize("toml, key, reason", CUSTOM_BAD)
+def test_bad_custom_rule_names_the_key(tmp_path, toml, key, reason):
+    test_bad_config_names_the_key(tmp_path, toml, key, reason)
+
+
+@pytest.mark.parametrize("source, reason", [
+    ("def tcp(conn:\n", "does not load: SyntaxError"),
+    ("def tcp(conn):\n    pass\n", "defines no `async def tcp(conn)`"),
+])
+def test_a_custom_script_that_does_not_load_is_refused(tmp_path, source, reason):
+    script = tmp_path / "beacon.py"
+    script.write_text(source)
+    test_bad_config_names_the_key(tmp_path, f'[[custom]]\nprotocol = "tcp"\nscript = "{script}"\n',
+                                  "custom[0].script", reason)
+
+
+def test_custom_rules_load(tmp_path):
+    (tmp_path / "banner.bin").write_bytes(b"\x00banner")
+    (tmp_path / "b.py").write_text("def udp(datagram, info):\n    return datagram\n")
+    path = tmp_path / "ok.toml"
+    path.write_text(f'[[custom]]\nname = "banner"\nprotocol = "tcp"\nports = [4444, "5000-5001"]\n'
+                    f'hosts = ["198.51.100.0/24"]\nnames = ["*.c2.example"]\nfile = "{tmp_path / "banner.bin"}"\n'
+                    f'[[custom]]\nprotocol = "udp"\nscript = "{tmp_path / "b.py"}"\n'
+                    f'[[custom]]\nprotocol = "tcp"\nhex = "de ad"\nwhen = "every_message"\n')
+    rules = load(path).custom
+    assert rules[0].name == "banner" and rules[0].payload() == b"\x00banner" and 5001 in rules[0].ports[1]
+    assert rules[1].name == "custom1" and rules[1].payload() is None
+    assert rules[2].payload() == b"\xde\xad"
+
+
+def test_every_toml_example_in_answers_you_write_loads(tmp_path):
+    """The README's section, each block as written (the scripts' paths made this test's)."""
+    import pathlib
+    import re as re_
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Answers you write"):readme.index("### The DNS listener")]
+    for name, source in re_.findall(r"<!-- answers: (\w+)\.py -->\n```python\n(.*?)```", section, re_.S):
+        (tmp_path / f"{name}.py").write_text(source)
+    blocks = re_.findall(r"```toml\n(.*?)```", section, re_.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        path = tmp_path / "example.toml"
+        path.write_text(block.replace("/etc/nftdivert/", f"{tmp_path}/"))
+        load(path)

@@ -66,6 +66,11 @@ def text_line(rec: dict) -> str:
         more = rec["destinations"] - len(rec["original_destinations"])
         return (f"{at}  admission dropped {rec['dropped']} new {rec['protocol']} from {rec['client_address']}"
                 f" to {rec['destinations']} destinations: {shown}{f' (+{more} more)' if more else ''}")
+    if event == "hook":  # [hooks]: a command on a client's (or process's) first conversation
+        result = rec.get("error") or f"exit {rec['exit_status']}"
+        return f"{at}  hook   {rec['hooked']}: {' '.join(rec['argv'])[:80]} -> {result}"
+    if event == "reload":
+        return f"{at}  reload " + (f"refused: {rec['error']}" if "error" in rec else ", ".join(rec["sections"]))
     port = f" (:{rec['listener_port']})" if "listener_port" in rec else ""
     where = f" via {rec['interface']}" if rec.get("interface") else ""
     proc = rec.get("process")
@@ -142,6 +147,8 @@ _SMALL = {
     "tftp": _tftp,
     "irc": _irc,
     **dict.fromkeys(("time", "daytime", "qotd", "chargen"), lambda _r: "answered"),
+    "custom": lambda r: (f"rule {r['rule']}: sent {r.get('sent', 0)} bytes, got {r.get('received', 0)}"
+                         + (f", error: {r['error']}" if r.get("error") else "")),
 }
 
 

@@ -45,7 +45,7 @@ class Observation:
             except OSError as exc:
                 raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
 
-    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for):
+    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None):
         """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log.
 
         With the log off and no summary file asked for, nothing watches
@@ -56,7 +56,8 @@ class Observation:
                  "was contacted is printed at the end")
             return Unobserved()
         try:
-            self.observer = ObserverProcess(config, log.put, name_for, self.clients_netns)
+            emit = log.put if hooks is None else hooks.watching(log.put)  # [hooks]: on each first start
+            self.observer = ObserverProcess(config, emit, name_for, self.clients_netns)
             self.log = log
         except OSError as exc:
             raise NftDivertError(str(exc)) from None

@@ -42,7 +42,7 @@ class ObserverProcess:
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
                  clients_netns: str | None = None) -> None:
         self._config, self._emit, self._name_for = config, emit, name_for
-        self._pools = [ipaddress.ip_network(config.dns.answer_v4), ipaddress.ip_network(config.dns.answer_v6)]
+        self._pools = config.dns.named()  # the addresses the DNS listener gives names
         self.summary = Summary()
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish

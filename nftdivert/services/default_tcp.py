@@ -83,7 +83,7 @@ class DefaultTcp:
                  emit: Emit | None, origin: Origin | None = None,
                  first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
                  small: SmallServicesConfig = SmallServicesConfig(), fixed: str | None = None,
-                 resolver=None) -> None:
+                 resolver=None, custom=None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
@@ -93,6 +93,11 @@ class DefaultTcp:
         self._fixed = fixed  # a listener kind that speaks one protocol (http, https, smtp...); None: recognise
         self._contexts = None  # the CA is made on the first TLS handshake, not before
         self._resolver = resolver  # the DNS listener's, for DNS over HTTPS; None without one
+        self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
+
+    def reload(self, rules: dict, http: HttpConfig) -> None:
+        """A reload's answers: new conversations get them (custom.Rules by protocol, [http])."""
+        self._custom, self._http = rules["tcp"], http
 
     def _certs(self):
         if self._contexts is None:
@@ -111,6 +116,8 @@ class DefaultTcp:
         asked = (asyncio.ensure_future(self._original(peer, sock))
                  if self._origin is not None and not self._origin_in_kernel else None)
         if await self._ftp_data(asked, reader, writer, count, peer):
+            return
+        if self._custom and self._fixed is None and await self._answer_custom(asked, reader, writer, count, base):
             return
         fixed = self._fixed
         server_first = fixed not in (None, "http", "https")
@@ -180,6 +187,17 @@ class DefaultTcp:
             await small_services.serve(small, stream, self._small, self._emit, base, peer)
         else:
             await echo(stream, await stream.read())
+
+    async def _answer_custom(self, asked, reader, writer, count, base: dict) -> bool:
+        """The analyst's answer, when a [[custom]] rule matches (before any byte is read: it may speak first)."""
+        original = await self._origin_of(asked, writer)
+        matched = self._custom.match(original)
+        if matched is None:
+            return False
+        base["original_destination"] = endpoint(original)
+        await self._custom.serve_tcp(matched, Plain(reader, writer, b"", count), base, self._emit,
+                                     lambda read: first_bytes(read, self._wait))
+        return True
 
     async def _ftp_data(self, asked, reader, writer, count, peer) -> bool:
         """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""

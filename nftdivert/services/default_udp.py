@@ -1,5 +1,7 @@
 """The default UDP answer: the port the client asked for chooses the service, else the echo.
 
+A [[custom]] rule that matches the original destination answers first (custom.py).
+
 NTP (123), Time (37), Daytime (13), Quote of the Day (17), Chargen (19),
 Syslog (514, logged, no answer) and TFTP (69); every other port, and a
 datagram whose original port is unknown, gets its own bytes back. The
@@ -33,14 +35,23 @@ def endpoint(addr) -> str:
 
 class DefaultUdp:
     def __init__(self, name: str, emit, origin: Origin | None, small: SmallServicesConfig = SmallServicesConfig(),
-                 first: ServerFirstConfig = ServerFirstConfig()) -> None:
+                 first: ServerFirstConfig = ServerFirstConfig(), custom=None) -> None:
         self._name, self._emit, self._origin, self._small = name, emit or (lambda _rec: None), origin, small
         self._tftp = Tftp(self._emit, first.uploads_dir)
         self._kept: dict[tuple, tuple[Endpoint | None, float]] = {}
         self._quotes = 0
+        self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
+
+    def reload(self, rules: dict, _http) -> None:
+        self._custom = rules["udp"]
 
     async def answer(self, data: bytes, client: tuple, local: Endpoint | None) -> bytes | None:
         original = await self._original(client, local)
+        matched = self._custom.match(original) if self._custom else None
+        if matched is not None:
+            base = {"client": endpoint(client), "client_address": client[0].removeprefix("::ffff:"),
+                    "listener": self._name, "original_destination": endpoint(original)}
+            return self._custom.answer_udp(matched, data, client, original, base, self._emit)
         kind = PORTS.get(original[1]) if original is not None else None
         if kind is None:
             return data  # the echo

@@ -26,23 +26,35 @@ import dns.rdtypes.ANY.TXT
 import dns.reversename
 import dns.rrset
 
-from nftdivert.config import DnsConfig
+from nftdivert.config import DnsConfig, DnsRecord
 from nftdivert.services.names import Address, AnswerPool, Assigned, Question
 
-class NxdomainList:
+class NamePatterns:
+    """Values by name: exact names, or "*.zone" for everything below zone (the longest zone wins)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, object]] = ()) -> None:
+        self._exact: dict[tuple[bytes, ...], list] = {}
+        self._below: dict[tuple[bytes, ...], list] = {}
+        for pattern, value in pairs:
+            below = pattern.startswith("*.")
+            labels = dns.name.from_text(pattern[2:] if below else pattern).canonicalize().labels
+            (self._below if below else self._exact).setdefault(labels, []).append(value)
+
+    def find(self, name: dns.name.Name) -> list:
+        labels = name.canonicalize().labels
+        if labels in self._exact:
+            return self._exact[labels]
+        return next((self._below[labels[i:]] for i in range(1, len(labels)) if labels[i:] in self._below), [])
+
+
+class NxdomainList(NamePatterns):
     """Names that do not exist: exact names, or "*.zone" for everything below zone."""
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
-        self._exact: set[tuple[bytes, ...]] = set()
-        self._below: set[tuple[bytes, ...]] = set()
-        for pattern in patterns:
-            below = pattern.startswith("*.")
-            labels = dns.name.from_text(pattern[2:] if below else pattern).canonicalize().labels
-            (self._below if below else self._exact).add(labels)
+        super().__init__((p, True) for p in patterns)
 
     def __contains__(self, name: dns.name.Name) -> bool:
-        labels = name.canonicalize().labels
-        return labels in self._exact or any(labels[i:] in self._below for i in range(1, len(labels)))
+        return bool(self.find(name))
 
 
 def _child(label: bytes, name: dns.name.Name) -> dns.name.Name:
@@ -51,6 +63,14 @@ def _child(label: bytes, name: dns.name.Name) -> dns.name.Name:
         return dns.name.Name((label,) + name.labels)
     except dns.name.NameTooLong:
         return name
+
+
+def _address_of(value: str, local: str) -> Address | None:
+    """A fixed A/AAAA value: the address, or for "self" the one the question came to (None if unknown)."""
+    try:
+        return ipaddress.ip_address((local if value == "self" else value).removeprefix("::ffff:"))
+    except ValueError:
+        return None
 
 
 def _reverse(name: dns.name.Name) -> Address | None:
@@ -64,8 +84,13 @@ class Resolver:
     """Answers a DNS query in wire format with a response in wire format (pure but for the pools)."""
 
     def __init__(self, v4: AnswerPool, v6: AnswerPool, ttl: int = 60, on_question: Question | None = None,
-                 nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", serial: int | None = None) -> None:
+                 nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", serial: int | None = None,
+                 records: Iterable[DnsRecord] = (), one_address: str = "", on_assign: Assigned | None = None) -> None:
         self.v4, self.v6, self.ttl = v4, v6, ttl
+        self.set_fixed(records, one_address)
+        # Addresses fixed answers gave, with the name last answered: the log names conversations by them too.
+        self._given: dict[Address, str] = {}
+        self.on_assign = on_assign
         self.on_question = on_question  # (client, name, type, answer, rcode) for the log
         self.nxdomain = NxdomainList(nxdomain)
         self.txt = txt.encode()
@@ -79,13 +104,20 @@ class Resolver:
         v4, v6 = config.pools()
         return cls(AnswerPool(v4, config.max_names, on_assign, config.pool_key),
                    AnswerPool(v6, config.max_names, on_assign, config.pool_key),
-                   config.ttl, on_question, config.nxdomain, config.txt)
+                   config.ttl, on_question, config.nxdomain, config.txt, records=config.records,
+                   one_address=config.one_address, on_assign=on_assign)
+
+    def set_fixed(self, records: Iterable[DnsRecord], one_address: str) -> None:
+        """The answers the analyst set (at start, and again on a reload)."""
+        self.records = NamePatterns((r.name, r) for r in records)  # fixed answers, before everything else
+        self.one_address = ipaddress.ip_address(one_address) if one_address else None
 
     def name_for(self, address: Address) -> str | None:
         pool = self.v4 if address.version == 4 else self.v6
-        return pool.name_for(address)
+        return pool.name_for(address) or self._given.get(address)
 
-    def answer(self, wire: bytes, client: str = "") -> bytes | None:
+    def answer(self, wire: bytes, client: str = "", local: str = "") -> bytes | None:
+        """`local`: the address the question came to, what a fixed answer of "self" gives."""
         try:
             query = dns.message.from_wire(wire)
         except (dns.exception.DNSException, ValueError):
@@ -97,7 +129,7 @@ class Resolver:
             qtype = question.rdtype
             rcode, rrsets = dns.rcode.NOERROR, []
             if question.rdclass == dns.rdataclass.IN:
-                rcode, rrsets = self._records(question.name, qtype)
+                rcode, rrsets = self._records(question.name, qtype, local)
             if rcode != dns.rcode.NOERROR:
                 response.set_rcode(rcode)
             response.answer.extend(rrsets)
@@ -107,9 +139,20 @@ class Resolver:
                                  shown, dns.rcode.to_text(rcode))
         return response.to_wire()
 
-    def _records(self, name: dns.name.Name, qtype: int) -> tuple[int, list[dns.rrset.RRset]]:
+    def _records(self, name: dns.name.Name, qtype: int, local: str = "",
+                 depth: int = 0) -> tuple[int, list[dns.rrset.RRset]]:
+        fixed = self.records.find(name)
+        if fixed and depth < 8:  # a bound on CNAMEs that lead to each other
+            rrsets = self._fixed(name, qtype, fixed, local, depth)
+            if rrsets is not None:
+                return dns.rcode.NOERROR, rrsets
         if name in self.nxdomain:
             return dns.rcode.NXDOMAIN, []
+        if self.one_address is not None and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            wanted = 4 if qtype == dns.rdatatype.A else 6
+            if self.one_address.version != wanted:
+                return dns.rcode.NOERROR, []
+            return dns.rcode.NOERROR, [self._given_rrset(name, qtype, self.one_address)]
         if qtype == dns.rdatatype.PTR:
             address = _reverse(name)
             target = self.name_for(address) if address is not None else None
@@ -134,6 +177,39 @@ class Resolver:
             rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [self.txt]), self.ttl)
             return dns.rcode.NOERROR, [rrset]
         return dns.rcode.NOERROR, []  # other types: the name exists, nothing more
+
+    def _fixed(self, name: dns.name.Name, qtype: int, fixed: list[DnsRecord], local: str,
+               depth: int) -> list[dns.rrset.RRset] | None:
+        """The fixed records' answer; None where none is of this type (the usual answer then)."""
+        rdtype = dns.rdatatype.to_text(qtype)
+        of_type = [r for r in fixed if r.type == rdtype]
+        if of_type and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            wanted = 4 if qtype == dns.rdatatype.A else 6
+            addresses = [a for r in of_type if (a := _address_of(r.value, local)) is not None and a.version == wanted]
+            return [self._given_rrset(name, qtype, *addresses)] if addresses else []
+        if of_type and qtype == dns.rdatatype.TXT:
+            rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.TXT)
+            for r in of_type:
+                rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [r.value.encode()]), self.ttl)
+            return [rrset]
+        if of_type:  # CNAME, MX, PTR: names, made absolute
+            return [self._rrset(name, rdtype, *(r.value.rstrip(".") + "." for r in of_type))]
+        alias = next((r for r in fixed if r.type == "CNAME"), None)
+        if alias is None:
+            return None
+        target = dns.name.from_text(alias.value)
+        _, more = self._records(target, qtype, local, depth + 1)
+        return [self._rrset(name, "CNAME", str(target)), *more]
+
+    def _given_rrset(self, name: dns.name.Name, qtype: int, *addresses: Address) -> dns.rrset.RRset:
+        """A fixed address answer; each address now stands for this name (reported as a pool's would be)."""
+        shown = name.to_text(omit_final_dot=True)
+        for address in addresses:
+            if self._given.get(address) != shown:
+                self._given[address] = shown
+                if self.on_assign is not None:
+                    self.on_assign(address, shown, None)
+        return self._rrset(name, dns.rdatatype.to_text(qtype), *(str(a) for a in addresses))
 
     def _address(self, name: dns.name.Name, qtype: int) -> dns.rrset.RRset:
         pool = self.v4 if qtype == dns.rdatatype.A else self.v6

@@ -25,6 +25,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Awaitable, Callable
 
 import h11
@@ -45,29 +46,59 @@ class Transports:
     resolver: object | None = None  # dns.Resolver of the DNS listener, for DoH
 
 
-def match_rule(rules: tuple[HttpRule, ...], host: str, path: str) -> HttpRule | None:
-    host = host.lower()
+def match_rule(rules: tuple[HttpRule, ...], host: str, path: str, method: str = "GET", port: int | None = None,
+               query: str = "") -> HttpRule | None:
+    """The first rule whose host, path, method, port and query parameters all match."""
+    host, method = host.lower(), method.upper()
+    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     for rule in rules:
-        if fnmatch.fnmatchcase(host, rule.host.lower()) and fnmatch.fnmatchcase(path, rule.path):
+        if not (fnmatch.fnmatchcase(host, rule.host.lower()) and fnmatch.fnmatchcase(path, rule.path)
+                and fnmatch.fnmatchcase(method, rule.method.upper())):
+            continue
+        if rule.ports and (port is None or not any(port in r for r in rule.ports)):
+            continue
+        if all(name in params and fnmatch.fnmatchcase(params[name], pattern) for name, pattern in rule.query):
             return rule
     return None
 
 
-def answer(http: HttpConfig, host: str, target: str) -> tuple[int, list[tuple[str, str]], bytes]:
-    """Status, headers and body for a request to `host` and `target` (path and query)."""
-    path = urllib.parse.urlsplit(target).path or "/"
-    rule = match_rule(http.rules, host, path)
+def answer(http: HttpConfig, host: str, target: str, method: str = "GET", port: int | None = None,
+           request=None) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Status, headers and body for a request to `host` and `target` (path and query).
+
+    Status 0: close without an answer (a rule's `close`). `request`: what a rule's script is given."""
+    url = urllib.parse.urlsplit(target)
+    path = url.path or "/"
+    rule = match_rule(http.rules, host, path, method, port, url.query)
     if rule is not None:
-        body = Path(rule.file).read_bytes() if rule.file else rule.body.encode()
-        headers = list(rule.headers)
+        if rule.close:
+            return 0, [], b""
+        if rule.redirect:
+            return 302, [("Location", rule.redirect)], b""
+        if rule.script:
+            status, headers, body = _scripted(rule.script, request)
+        else:
+            status, headers = rule.status, list(rule.headers)
+            body = Path(rule.file).read_bytes() if rule.file else rule.body.encode()
         if not any(name.lower() == "content-type" for name, _ in headers):
             headers.append(("Content-Type", http.content_type))
-        return rule.status, headers, body
+        return status, headers, body
     ext = posixpath.splitext(path)[1].lstrip(".")
     typed = payloads.by_extension(ext) if ext else None
     if typed is not None:
         return 200, [("Content-Type", typed[0])], typed[1]
     return 200, [("Content-Type", http.content_type)], http.body.encode()
+
+
+def _scripted(path: str, request) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A rule's script's answer; its exception goes up (the conversation ends, logged)."""
+    from nftdivert.services import custom
+
+    status, headers, body = custom.script(path, "http")(request)
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError(f"http() returned status {status!r}")
+    headers = list(headers.items() if isinstance(headers, dict) else headers)
+    return status, [(str(k), str(v)) for k, v in headers], body.encode() if isinstance(body, str) else bytes(body)
 
 
 class Body:
@@ -131,7 +162,21 @@ def respond(http: HttpConfig, transports: Transports, base: dict, method: str, h
     if dns is not None:
         status, kind, content = dns
         return status, [("Content-Type", kind), ("Cache-Control", "max-age=60")], content, {"doh": True}
-    return *answer(http, _hostname(host), target), {}
+    original = base.get("original_destination")
+    port = int(original.rpartition(":")[2]) if original else None
+    url = urllib.parse.urlsplit(target)
+    request = SimpleNamespace(method=method, host=_hostname(host), target=target, path=url.path or "/",
+                              query=dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True)),
+                              headers=headers, body=body.head, client=base.get("client"), original=original)
+    try:
+        status, extra, content = answer(http, _hostname(host), target, method, port, request)
+    except Exception as exc:  # the rule's script: this request goes unanswered, the run goes on
+        from nftdivert.services import custom
+
+        return 0, [], b"", {"error": custom.last_line(exc)}
+    rule = match_rule(http.rules, _hostname(host), request.path, method, port, url.query)
+    info = {"delay": rule.delay} if rule is not None and rule.delay else {}
+    return status, extra, content, dict(info, closed=True) if status == 0 else info
 
 
 def record(base: dict, version: str, method: str, url: str, status: int, headers: list, body: "Body",
@@ -189,6 +234,12 @@ async def serve(stream, http: HttpConfig, emit: Callable[[dict], None], base: di
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the client closed the connection mid-body")
         status, extra, content, info = respond(http, transports, base, method, host, target, headers, body)
+        if status == 0:  # a rule's `close`, or its script failed: no answer at all
+            emit(record(base, version, method, _url(scheme, host, target), status, headers, body, info))
+            body = None
+            return
+        if info.get("delay"):
+            await asyncio.sleep(info["delay"])  # a slow server, as the rule says
         settings = _h2c_settings(headers) if scheme == "http" and version == "1.1" else None
         emit(record(base, version, method, _url(scheme, host, target), status, headers, body,
                     dict(info, upgrade="h2c") if settings is not None else info))

@@ -155,6 +155,8 @@ class _Session:
                                                     headers, body)
         self.emit(http.record(self.base, "2", method, f"{pseudo.get(':scheme', self.scheme)}://{host}{path}", status,
                               headers, body, info))
+        if status == 0:  # a rule's close or a failed script: a stream is answered, so with nothing useful
+            status, extra, content = 502, [], b""
         return self._send_answer(sid, method, status, extra, content)
 
     def _send_answer(self, sid: int, method: str, status: int, extra: list, content: bytes) -> bytes:

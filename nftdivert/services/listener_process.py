@@ -8,8 +8,9 @@ pool gave to a name (the conversation log names conversations by them), and
 its counters once a second, and what the recognised protocols log (TLS
 handshakes, HTTP requests, mails, logins). A second pipe carries the
 listener's questions about a conversation's original destination
-(origin.py). It dies with its parent (lifeline.py), so a `kill -9` of the
-worker does not leave the listener ports taken for the next run.
+(origin.py), a third a reload's answer sections (SIGHUP). It dies with
+its parent (lifeline.py), so a `kill -9` of the worker does not leave the
+listener ports taken for the next run.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ListenerProcess:
         self._reader: threading.Thread | None = None
         self._conn = None
         self._origins: origin.Server | None = None
+        self._reloads = None  # the pipe a reload's answer sections go down
 
     @property
     def origins(self) -> "origin.Server | None":
@@ -100,11 +102,14 @@ class ListenerProcess:
         ctx = multiprocessing.get_context("fork")
         parent_end, child_end = ctx.Pipe(duplex=False)
         origin_parent, origin_child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child),
+        reload_child, self._reloads = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child,
+                                                         reload_child),
                                     name="nftdivert-listeners", daemon=True)
         self._process.start()
         child_end.close()
         origin_child.close()
+        reload_child.close()
         self._origins = origin.Server(origin_parent)  # served by the worker's loop (origins)
         self._conn = parent_end
         if not parent_end.poll(timeout):
@@ -159,6 +164,14 @@ class ListenerProcess:
                 rec["name"] = name
         return rec
 
+    def reload(self, config: Config) -> None:
+        """The answer sections of `config` to the child; it logs a `reload` record when applied (or not)."""
+        if self._reloads is not None:
+            try:
+                self._reloads.send((config.custom, config.http, config.dns))
+            except (OSError, ValueError):
+                pass  # the child is gone: its end is reported elsewhere
+
     def stop(self) -> None:
         if self._process is not None and self._process.is_alive():
             self._process.terminate()
@@ -172,10 +185,13 @@ class ListenerProcess:
             self._origins.close()
         if self._conn is not None:
             self._conn.close()
+        if self._reloads is not None:
+            self._reloads.close()
+            self._reloads = None
         self._process = self._reader = self._conn = self._origins = None
 
 
-def _serve(config: Config, conn, parent: int, origins) -> None:
+def _serve(config: Config, conn, parent: int, origins, reloads) -> None:
     """The child: bind, say ready (or why not), serve, report, until SIGTERM."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -200,13 +216,15 @@ def _serve(config: Config, conn, parent: int, origins) -> None:
     listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
                           origin=origin.Client(origins).ask, server_first=config.server_first,
-                          origin_in_kernel=config.divert_path == "kernel", small=config.small_services)
+                          origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
+                          custom=config.custom)
     try:
         listeners.start()
     except OSError as exc:
         send(("error", str(exc)))
         return
     send(("ready",))
+    threading.Thread(target=_reloading, args=(reloads, listeners, send), name="nftdivert-reload", daemon=True).start()
     try:
         while not stop.wait(_STATS_SECONDS):
             send(("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}))
@@ -214,3 +232,17 @@ def _serve(config: Config, conn, parent: int, origins) -> None:
         listeners.stop()
         send(("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}))
         conn.close()
+
+
+def _reloading(reloads, listeners: Listeners, send) -> None:
+    """Each reload's answer sections, applied on the listeners' loop; a `reload` record says how it went."""
+    while True:
+        try:
+            custom, http, dns = reloads.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            listeners.reload(custom, http, dns)
+            send(("event", {"event": "reload", "sections": ["custom", "dns", "http"]}))
+        except OSError as exc:
+            send(("event", {"event": "reload", "error": str(exc)}))

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
+from nftdivert.config import CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services import active
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
@@ -155,12 +155,15 @@ class Listeners:
                  http: HttpConfig = HttpConfig(), tls: TlsConfig = TlsConfig(),
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
-                 origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig()) -> None:
+                 origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
+                 custom: tuple[CustomRule, ...] = ()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
+        self._custom = custom
+        self._defaults: list = []  # the DefaultTcp and DefaultUdp answers: a reload gives them new rules
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nftdivert-listeners", daemon=True)
@@ -175,6 +178,13 @@ class Listeners:
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
 
     async def _start(self) -> None:
+        from nftdivert.services import custom
+
+        # Scripts load here, once: one that does not load stops the start, saying why.
+        self._custom_rules = {p: custom.Rules(self._custom, p, self._resolver) for p in ("tcp", "udp")}
+        for rule in self._answers[0].rules:  # [http] rules' scripts
+            if rule.script:
+                custom.script(rule.script, "http")
         for run in self._running:
             lst = run.listener
             try:
@@ -192,7 +202,9 @@ class Listeners:
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
                 answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind,
-                                     resolver=self._resolver)  # DNS over HTTPS asks the DNS listener's pool
+                                     resolver=self._resolver,  # DNS over HTTPS asks the DNS listener's pool
+                                     custom=self._custom_rules["tcp"])
+                self._defaults.append(answers)
                 handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
@@ -200,10 +212,32 @@ class Listeners:
             sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
             resolver = self._resolver
             if lst.kind == "dns":
-                answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731
+                answer = lambda data, addr, local: resolver.answer(  # noqa: E731
+                    data, _endpoint(addr), local[0] if local is not None else "")
             else:  # echo: the default answer by the port asked for
-                answer = DefaultUdp(lst.name, *self._udp_answers).answer
+                udp = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"])
+                self._defaults.append(udp)
+                answer = udp.answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
+
+    def reload(self, custom: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
+        """New answers ([[custom]], [http], [dns] records) from now on; OSError (one line) if a script
+        does not load, and then the old ones stay."""
+        asyncio.run_coroutine_threadsafe(self._reload(custom, http, dns), self._loop).result(timeout=30)
+
+    async def _reload(self, custom_rules: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
+        from nftdivert.services import custom
+
+        custom.forget_scripts()
+        rules = {p: custom.Rules(custom_rules, p, self._resolver) for p in ("tcp", "udp")}
+        for rule in http.rules:
+            if rule.script:
+                custom.script(rule.script, "http")
+        self._custom_rules = rules
+        for answers in self._defaults:
+            answers.reload(rules, http)
+        if self._resolver is not None:
+            self._resolver.set_fixed(dns.records, dns.one_address)
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
         # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).
@@ -213,7 +247,8 @@ class Listeners:
                 size = struct.unpack("!H", await reader.readexactly(2))[0]
                 query = await reader.readexactly(size)
                 stats.bytes_received += 2 + size
-                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername"))) if self._resolver else None
+                reply = self._resolver.answer(query, _endpoint(writer.get_extra_info("peername")),
+                                              writer.get_extra_info("sockname")[0]) if self._resolver else None
                 if reply is None:
                     break
                 writer.write(struct.pack("!H", len(reply)) + reply)

@@ -361,3 +361,65 @@ def test_bad_dns_config_names_the_key(section, key, reason):
         from_mapping({"dns": section})
     assert info.value.key == key
     assert reason in str(info.value)
+
+
+# ---- answers the analyst sets ------------------------------------------------------
+
+
+def fixed(*records, **kw):
+    from nftdivert.config import DnsRecord
+
+    assigned = []
+    res = resolver(records=[DnsRecord(*r) for r in records],
+                   on_assign=lambda address, name, old: assigned.append((str(address), name, old)), **kw)
+    return res, assigned
+
+
+def test_fixed_records_of_each_type_answer_before_the_pool():
+    res, assigned = fixed(("c2.example", "A", "192.0.2.10"), ("c2.example", "AAAA", "2001:db8::10"),
+                          ("*.cdn.example", "CNAME", "c2.example"), ("c2.example", "MX", "5 mx.example"),
+                          ("c2.example", "TXT", "key=abc"), ("10.2.0.192.in-addr.arpa", "PTR", "c2.example"))
+    assert texts(ask(res, "c2.example", "A")[0]) == ["192.0.2.10"]
+    assert texts(ask(res, "c2.example", "AAAA")[0]) == ["2001:db8::10"]
+    assert texts(ask(res, "c2.example", "MX")[0]) == ["5 mx.example."]
+    assert texts(ask(res, "c2.example", "TXT")[0]) == ['"key=abc"']
+    assert texts(ask(res, "10.2.0.192.in-addr.arpa", "PTR")[0]) == ["c2.example."]
+    assert texts(ask(res, "img.cdn.example", "A")[0]) == ["c2.example.", "192.0.2.10"]  # the alias, then its address
+    assert texts(ask(res, "other.example", "A")[0]) == ["198.51.100.1"]  # the pool for the rest
+    assert ("192.0.2.10", "c2.example", None) in assigned and res.name_for(ipaddress.ip_address("192.0.2.10")) == \
+        "c2.example"
+
+
+def test_self_is_the_address_the_question_came_to():
+    res, assigned = fixed(("gw.example", "A", "self"))
+    query = dns.message.make_query("gw.example", "A", use_edns=0)
+    reply = dns.message.from_wire(res.answer(query.to_wire(), "192.0.2.2:5353", "::ffff:192.0.2.1"))
+    assert texts(reply) == ["192.0.2.1"] and assigned == [("192.0.2.1", "gw.example", None)]
+
+
+def test_one_address_answers_every_name_and_the_address_stands_for_the_last_asked():
+    res, assigned = fixed(one_address="192.0.2.1")
+    assert texts(ask(res, "a.example", "A")[0]) == ["192.0.2.1"]
+    assert texts(ask(res, "b.example", "A")[0]) == ["192.0.2.1"]
+    assert texts(ask(res, "b.example", "AAAA")[0]) == []
+    assert [a[1] for a in assigned] == ["a.example", "b.example"]
+    assert res.name_for(ipaddress.ip_address("192.0.2.1")) == "b.example"
+
+
+@pytest.mark.parametrize("records, key, reason", [
+    ([{"name": "c2.example", "type": "SRV", "value": "x"}], "dns.records[0].type", "one of"),
+    ([{"name": "c2.example", "type": "A", "value": "2001:db8::1"}], "dns.records[0].value", "IPv4"),
+    ([{"name": "c2.example", "type": "MX", "value": "mail.example"}], "dns.records[0].value", "preference"),
+    ([{"name": "c2.example", "type": "A"}], "dns.records[0].value", "missing"),
+    ([{"name": "c2.example", "type": "A", "value": "self", "ttl": 1}], "dns.records[0].ttl", "unknown key"),
+])
+def test_bad_fixed_records_name_the_key(records, key, reason):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"dns": {"records": records}})
+    assert info.value.key == key and reason in info.value.reason
+
+
+def test_bad_one_address_names_the_key():
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"dns": {"one_address": "gateway"}})
+    assert info.value.key == "dns.one_address" and info.value.reason == "not an IP address"

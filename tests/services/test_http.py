@@ -14,7 +14,7 @@ import zlib
 import pytest
 
 from conftest import nftdivert_argv
-from nftdivert.config import HttpConfig, HttpRule, Listener, RecognizeConfig, from_mapping
+from nftdivert.config import HttpConfig, HttpRule, Listener, PortRange, RecognizeConfig, from_mapping
 from nftdivert.errors import ConfigError
 from nftdivert.services import http, payloads
 from nftdivert.services.listeners import Listeners
@@ -214,3 +214,54 @@ def test_a_header_beyond_64_kib_gets_400_not_memory(served):
     port, records, _ = served
     reply = exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 400 ") and "error" in records[-1]
+
+
+# ---- rules by port, method and query; delay, redirect, close, script ------------
+
+
+def test_rules_match_the_port_asked_for_the_method_and_query_parameters():
+    cfg = HttpConfig(rules=(
+        HttpRule(method="POST", path="/gate", body="posted"),
+        HttpRule(query=(("id", "7"), ("k", "*")), body="seven"),
+        HttpRule(ports=(PortRange(8080, 8081),), body="alt port"),
+    ))
+    assert http.answer(cfg, "x", "/gate", "post")[2] == b"posted"
+    assert http.answer(cfg, "x", "/gate", "GET")[2] == cfg.body.encode()
+    assert http.answer(cfg, "x", "/q?k=&id=7")[2] == b"seven"
+    assert http.answer(cfg, "x", "/q?id=7")[2] == cfg.body.encode()  # k is missing
+    assert http.answer(cfg, "x", "/", port=8081)[2] == b"alt port"
+    assert http.answer(cfg, "x", "/", port=80)[2] == cfg.body.encode()
+
+
+def test_redirect_close_and_a_script(tmp_path):
+    script = tmp_path / "panel.py"
+    script.write_text("def http(request):\n"
+                      "    if request.query.get('bot') == 'boom':\n"
+                      "        raise LookupError('no such bot')\n"
+                      "    return 201, {'X-Bot': request.query['bot']}, request.method + ' ' + request.original\n")
+    cfg = HttpConfig(rules=(HttpRule(host="old.example", redirect="https://new.example/"),
+                            HttpRule(host="drop.example", close=True),
+                            HttpRule(host="panel.example", script=str(script), delay=0.5)))
+    assert http.answer(cfg, "old.example", "/") == (302, [("Location", "https://new.example/")], b"")
+    assert http.answer(cfg, "drop.example", "/")[0] == 0
+    base = {"client": "192.0.2.2:4000", "original_destination": "198.51.100.9:80"}
+    got = http.respond(cfg, http.Transports(), base, "GET", "panel.example", "/g?bot=7", [], http.Body("", 0))
+    assert got == (201, [("X-Bot", "7"), ("Content-Type", "text/html")], b"GET 198.51.100.9:80", {"delay": 0.5})
+    failed = http.respond(cfg, http.Transports(), base, "GET", "panel.example", "/g?bot=boom", [], http.Body("", 0))
+    assert failed == (0, [], b"", {"error": "LookupError: no such bot"})
+
+
+@pytest.mark.parametrize("rule, key, reason", [
+    ({"method": "PO ST"}, "http.rules[0].method", "a method"),
+    ({"delay": -1}, "http.rules[0].delay", "0-3600"),
+    ({"redirect": "ftp://x"}, "http.rules[0].redirect", "http://"),
+    ({"close": 1}, "http.rules[0].close", "true or false"),
+    ({"close": True, "body": "x"}, "http.rules[0].close", "not both"),
+    ({"ports": [0]}, "http.rules[0].ports[0]", "1-65535"),
+    ({"query": {"id": 7}}, "http.rules[0].query.id", "pattern"),
+    ({"script": "/nonexistent.py"}, "http.rules[0].script", "No such file"),
+])
+def test_bad_new_rule_keys_name_the_key(rule, key, reason):
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"http": {"rules": [rule]}})
+    assert info.value.key == key and reason in info.value.reason, info.value
