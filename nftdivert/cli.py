@@ -221,6 +221,29 @@ def remove(table: str, config_path: str | None) -> None:
 @cli.command()
 @TABLE_OPTION
 @TABLE_CONFIG_OPTION
+def reload(table: str, config_path: str | None) -> None:
+    """Make the running `nftdivert run` read its config file again, as SIGHUP does.
+
+    Only the answer sections change ([[custom]], [dns] records and
+    one_address, [http] rules), for new conversations; conversations in flight
+    keep theirs. A file that does not validate changes nothing: the run says
+    why on its stderr and in a `reload` record of the log. Exit 1: no run owns
+    the table in this network namespace.
+    """
+    import signal
+
+    table = _table_name(table, config_path)
+    running = owner.owner_of(table)
+    if running is None:
+        raise NftDivertError(f"no nftdivert run owns table {table} in this network namespace: nothing to reload")
+    os.kill(running.pid, signal.SIGHUP)
+    click.echo(f"nftdivert: asked nftdivert run (pid {running.pid}) to read its config again; "
+               "its stderr and the log's `reload` record say whether it took")
+
+
+@cli.command()
+@TABLE_OPTION
+@TABLE_CONFIG_OPTION
 def status(table: str, config_path: str | None) -> None:
     """What is loaded: chains with hook, priority and packet counters, queue backend, set sizes,
     and the running worker's counters.

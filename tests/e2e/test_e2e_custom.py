@@ -323,7 +323,8 @@ def test_sighup_reads_the_answer_sections_again_and_a_bad_file_changes_nothing(t
                            name="local").start()
         assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "one"
         div.config_path.write_text(lab.config_text(mode="local") + answers_toml("two", "198.51.100.2"))
-        div.proc.send_signal(signal.SIGHUP)
+        asked = lab.nftdivert(host, "reload")  # the command sends the run its SIGHUP
+        assert f"(pid {div.proc.pid})" in asked.stdout, asked
         div.wait_log(lambda r: r.get("event") == "reload", what="the reload record")
         assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         div.config_path.write_text(answers_toml("three", "not an address"))
@@ -332,6 +333,8 @@ def test_sighup_reads_the_answer_sections_again_and_a_bad_file_changes_nothing(t
         assert "dns.one_address" in refused["error"] and "reload refused" in div.stderr()
         assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         div.stop_and_check()
+        gone = lab.nftdivert(host, "reload", check=False)
+        assert gone.returncode == 1 and gone.stderr.startswith("nftdivert: no nftdivert run owns table"), gone
     finally:
         if div is not None:
             div.kill()
