@@ -678,7 +678,8 @@ class SmallServicesConfig:
             raise ConfigError(f"{key}.irc_server", self.irc_server, "letters, digits, dots and hyphens, 1-63")
 
 
-HOOK_PLACEHOLDERS = ("client_address", "original_destination", "name", "protocol", "pid", "command", "time")
+HOOK_PLACEHOLDERS = ("client_address", "original_destination", "name", "protocol", "pid", "host_pid", "command",
+                     "time")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class Hooks:
             del self._seen[next(iter(self._seen))]
         values = {"client_address": address, "original_destination": rec.get("original_destination", ""),
                   "name": rec.get("name", ""), "protocol": rec.get("protocol", ""),
-                  "pid": str(process.get("pid", "")), "command": process.get("command", ""),
+                  "pid": str(process.get("pid", "")), "host_pid": str(process.get("host_pid", "")),
+                  "command": process.get("command", ""),
                   "time": rec.get("time", "")}
         argv = [arg.format_map(values) for arg in self._argv]
         self._pool.submit(self._run, argv, key, values)

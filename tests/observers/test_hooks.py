@@ -40,11 +40,11 @@ def test_once_per_client_address_with_placeholders_and_its_status_and_output_log
 
 def test_once_per_process_where_the_log_names_it():
     one, two = {"pid": 7, "host_pid": 4007, "command": "curl x"}, {"pid": 8, "host_pid": 4008, "command": "wget"}
-    hooks, written, got = hooked(["echo", "{pid}", "{command}"], start("10.0.0.2:1", one), start("10.0.0.2:2", one),
-                                 start("10.0.0.2:3", two))
+    hooks, written, got = hooked(["echo", "{pid}", "{host_pid}", "{command}"], start("10.0.0.2:1", one),
+                                 start("10.0.0.2:2", one), start("10.0.0.2:3", two))
     outputs = sorted(got.get(timeout=30)["output"] for _ in range(2))
     hooks.close()
-    assert outputs == ["7 curl x\n", "8 wget\n"] and got.empty()
+    assert outputs == ["7 4007 curl x\n", "8 4008 wget\n"] and got.empty()
 
 
 def test_a_hook_never_delays_the_record(tmp_path):
