@@ -1,0 +1,108 @@
+"""Several listener processes sharing the ports: the kernel spreads connections over them,
+a UDP conversation stays on one, the DNS pool has one owner, the counters sum."""
+
+from __future__ import annotations
+
+import ipaddress
+import select
+import socket
+import threading
+
+import dns.message
+import pytest
+
+from nftdivert.config import Config, ConfigError, DnsConfig, Listener, from_mapping
+from nftdivert.services.listener_process import ListenerProcess, process_count
+from test_listener_process import wait
+from test_listeners import free_port
+
+PROCESSES = 2
+
+
+@pytest.fixture
+def running():
+    ports = {"tcp": free_port(socket.SOCK_STREAM), "udp": free_port(socket.SOCK_DGRAM),
+             "dns": free_port(socket.SOCK_DGRAM)}
+    cfg = Config(listeners=(Listener("t", "tcp", ports["tcp"]), Listener("u", "udp", ports["udp"]),
+                            Listener("d", "udp", ports["dns"], kind="dns")),
+                 default_tcp_listener="t", default_udp_listener="u", listener_processes=PROCESSES,
+                 dns=DnsConfig(answer_v4="198.18.0.0/16"))
+    proc = ListenerProcess(cfg)
+    proc.start()
+    proc.answer_origins(lambda _client, local, _protocol=None: local)  # nothing diverted: asked where it arrived
+    done = threading.Event()
+    answering = threading.Thread(target=_answer, args=(proc.origins, done), daemon=True)
+    answering.start()
+    try:
+        yield proc, ports
+    finally:
+        done.set()
+        answering.join()
+        proc.stop()
+
+
+def _answer(servers, done: threading.Event) -> None:
+    """The worker's part: every process's origin questions answered (one pipe each)."""
+    while not done.is_set():
+        for server in select.select(servers, [], [], 0.1)[0]:
+            server.answer_pending()
+
+
+def test_connections_are_spread_over_every_process_and_the_counters_sum(running):
+    proc, ports = running
+    assert len(proc.processes) == PROCESSES
+    for i in range(200):
+        with socket.create_connection(("127.0.0.1", ports["tcp"]), timeout=5) as s:
+            s.sendall(b"x%03d" % i)
+            assert s.recv(4) == b"x%03d" % i
+    wait(lambda: proc.stats["t"].conversations == 200, timeout=10)
+    each = [by["t"].conversations for by in proc.stats_by_process]
+    assert sum(each) == 200 and all(each), each  # every process answered some
+    assert proc.stats["t"].bytes_received == 800
+
+
+def test_a_udp_conversation_stays_on_its_process(running):
+    """40 clients, 5 datagrams each: a process counts whole conversations only."""
+    proc, ports = running
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(40)]
+    try:
+        for round_ in range(5):
+            for c in clients:
+                c.settimeout(5)
+                c.sendto(b"r%d" % round_, ("127.0.0.1", ports["udp"]))
+                assert c.recvfrom(16)[0] == b"r%d" % round_
+    finally:
+        for c in clients:
+            c.close()
+    wait(lambda: proc.stats["u"].conversations == 200, timeout=10)
+    each = [by["u"].conversations for by in proc.stats_by_process]
+    assert all(each) and all(n % 5 == 0 for n in each), each
+
+
+def test_one_dns_pool_for_the_run_and_its_names_known_to_the_parent(running):
+    proc, ports = running
+    given = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        for round_ in range(2):
+            for i in range(1000):
+                name = f"n{i}.example"
+                s.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", ports["dns"]))
+                address = str(dns.message.from_wire(s.recvfrom(4096)[0]).answer[0][0])
+                assert given.setdefault(name, address) == address  # the same address both times
+    assert len(set(given.values())) == 1000
+    for name, address in given.items():
+        assert proc.name_for(ipaddress.ip_address(address)) == name
+    wait(lambda: proc.stats["d"].conversations == 2000, timeout=10)
+    owners = [by.get("d") for by in proc.stats_by_process]
+    assert owners[0].conversations == 2000 and all(o is None for o in owners[1:]), owners
+
+
+def test_processes_zero_means_one_per_usable_cpu_and_bad_values_are_named():
+    import os
+
+    assert process_count(Config()) == len(os.sched_getaffinity(0))
+    assert process_count(Config(listener_processes=1)) == 1
+    for bad in (-1, 65, True, "2"):
+        with pytest.raises(ConfigError, match="listener_processes"):
+            from_mapping({"listener_processes": bad})
