@@ -4,7 +4,8 @@ By hand, on the listener's asyncio loop, because of the data connection.
 Passive: it goes to the address the client asked for, on the port PASV
 names, and nftdivert diverts it to this same default listener like any
 other conversation. The listener asks for its original destination and
-hands it to the session waiting on that port (`claim`). pyftpdlib would
+hands it to the session waiting on that port (`claim`); with several
+listener processes, another process's session gets it via handoff.py. pyftpdlib would
 bind that port itself, and a port bound moments before is not yet known as
 bound, so the connection would be diverted away from it. Active (PORT,
 EPRT): the session connects to the client from the address it asked for
