@@ -141,11 +141,13 @@ class ListenerProcess:
                 child_end.close()
                 origin_child.close()
                 self._children.append(_Child(process, parent_end, origin.Server(origin_parent)))
+                if index == 0:  # it found the ports free before the others join its sockets
+                    self._wait_ready(self._children[0], timeout)
         finally:
             for pair in inboxes or ():
                 for end in pair:
                     end.close()
-        for child in self._children:  # every process ready before the ruleset may send them anything
+        for child in self._children[1:]:  # every process ready before the ruleset may send them anything
             self._wait_ready(child, timeout)
         for index, child in enumerate(self._children):
             child.reader = threading.Thread(target=self._read, args=(child, index == 0),
@@ -257,7 +259,7 @@ def _serve(config: Config, conn, parent: int, origins, index: int = 0, count: in
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
                           origin=origin.Client(origins).ask, server_first=config.server_first,
                           origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
-                          shared=count > 1)
+                          shared=count > 1, first=index == 0)
     try:
         listeners.start()
     except OSError as exc:

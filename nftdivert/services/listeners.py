@@ -41,9 +41,22 @@ class _Running:
     stats: ListenerStats = field(default_factory=ListenerStats)
 
 
-def _socket(kind: int, port: int, ipv6: bool, shared: bool = False) -> socket.socket:
+def _probe(kind: int, port: int, family: int) -> None:
+    """Raise OSError if anyone holds the port, even in a SO_REUSEPORT group: the first of several
+    listener processes checks, so no other program's sockets (or another run's) share its ports."""
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:  # TIME_WAIT leftovers are no holder; a listening socket still is
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+
+
+def _socket(kind: int, port: int, ipv6: bool, shared: bool = False, first: bool = True) -> socket.socket:
     # One dual-stack socket answers IPv4 and IPv6 (redirect keeps the family).
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    if shared and first:
+        _probe(kind, port, family)
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if shared:  # several listener processes: the kernel spreads connections and datagrams by their tuple
@@ -158,9 +171,10 @@ class Listeners:
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
                  origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
-                 shared: bool = False) -> None:
+                 shared: bool = False, first: bool = True) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
-        self._shared = shared  # SO_REUSEPORT: other processes bind the same ports
+        # SO_REUSEPORT: other listener processes bind the same ports, after the first found them free.
+        self._shared, self._first = shared, first
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
@@ -195,7 +209,7 @@ class Listeners:
         if lst.kind == "dns" and self._resolver is None:
             raise ValueError("a dns listener needs a resolver")
         if lst.protocol == "tcp":
-            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6, self._shared)
+            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6, self._shared, self._first)
             if lst.kind == "dns":
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
@@ -204,7 +218,7 @@ class Listeners:
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:
-            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6, self._shared)
+            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6, self._shared, self._first)
             resolver = self._resolver
             if lst.kind == "dns":
                 answer = lambda data, addr, _local: resolver.answer(data, _endpoint(addr))  # noqa: E731

@@ -163,3 +163,22 @@ def test_memory_stays_bounded_over_thousands_of_tls_and_http_conversations(tmp_p
         done.set()
         answering.join()
         proc.stop()
+
+
+@pytest.mark.parametrize("kind, protocol", [(socket.SOCK_STREAM, "tcp"), (socket.SOCK_DGRAM, "udp")])
+def test_a_port_another_program_shares_by_reuseport_is_an_error_not_a_share(kind, protocol):
+    """SO_REUSEPORT would let our processes join a group another program (or run) holds,
+    and the kernel would give that program some of the clients."""
+    port = free_port(kind)
+    with socket.socket(socket.AF_INET6, kind) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("::", port))
+        if kind == socket.SOCK_STREAM:
+            other.listen()
+        cfg = Config(listeners=(Listener("l", protocol, port),), default_tcp_listener=None, default_udp_listener=None,
+                     listener_processes=PROCESSES)
+        proc = ListenerProcess(cfg)
+        with pytest.raises(OSError, match=f"listener l \\({protocol} port {port}\\)"):
+            proc.start()
+        assert proc.processes == []
