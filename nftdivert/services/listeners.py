@@ -6,8 +6,8 @@ only that. A UDP listener of kind echo answers by the port the client asked
 for (default_udp: NTP, TFTP, syslog...), else echoes.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
-no thread each; `nftdivert run` puts them in a process of their own
-(listener_process). Any other program can be a listener (kind = "external").
+no thread each; `nftdivert run` puts them in processes of their own
+(listener_process), which share the ports with SO_REUSEPORT. Any other program can be a listener (kind = "external").
 """
 
 from __future__ import annotations
