@@ -709,6 +709,9 @@ DEFAULT_LISTENERS = (
 )
 
 
+MAX_LISTENER_PROCESSES = 64
+
+
 @dataclass(frozen=True)
 class Config:
     mode: str = "gateway"
@@ -729,6 +732,9 @@ class Config:
     # `nftdivert remove`; remove: a clean stop takes everything away.
     containment_after_stop: str = "keep"
     listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
+    # Processes the built-in listeners run in, sharing their ports (SO_REUSEPORT):
+    # 0 = one per CPU the run may use; 1 = one process.
+    listener_processes: int = 1
     # The listeners that receive traffic for ports nothing is bound to.
     default_tcp_listener: str | None = "tcp-echo"
     default_udp_listener: str | None = "udp-echo"
@@ -751,6 +757,9 @@ class Config:
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
         _check_choice("containment_after_stop", self.containment_after_stop, AFTER_STOP)
+        _check_type("listener_processes", self.listener_processes, int, "a number of processes (0: one per CPU)")
+        if not 0 <= self.listener_processes <= MAX_LISTENER_PROCESSES:
+            raise ConfigError("listener_processes", self.listener_processes, f"0-{MAX_LISTENER_PROCESSES}")
         if not (self.ipv4 or self.ipv6):
             raise ConfigError("ipv6", self.ipv6, "ipv4 and ipv6 are both off: nothing would be diverted")
         for i, name in enumerate(self.interfaces):

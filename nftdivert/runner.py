@@ -312,8 +312,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             pump = Worker(config, fixup, pcap=pcap, tick=tick, tick_seconds=2 * BOUND_REFRESH)
             pump.bind()
         stack.callback(pump.close)
-        if listeners.origins is not None:  # the listener's questions, between turns of packets
-            pump.add_reader(listeners.origins.fileno(), listeners.origins.answer_pending)
+        for questions in listeners.origins:  # each listener process's questions, between turns of packets
+            pump.add_reader(questions.fileno(), questions.answer_pending)
         failure: list[str] = []
 
         def stop_now(why: Callable[[], str]) -> None:
@@ -331,8 +331,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             pump.stop()
 
         unlogged = "answer conversations that would not be logged"
-        _watch_children(pump, stop_now, [(listeners.process, "the built-in listeners' process",
-                                          "refuse every new conversation"),
+        _watch_children(pump, stop_now, [*((process, "the built-in listeners' process", "refuse every new conversation")
+                                           for process in listeners.processes),
                                          (observer.process, "the conversation observer", unlogged)])
         if capture is not None:
             pump.add_reader(capture.sentinel, lambda: stop_now(lambda: capture.failed() or "the capture stopped"))

@@ -187,6 +187,20 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
 
 # ---- the kernel's view -------------------------------------------------------------
 
+def sandbox_records(work: Path, top: str, sections: str, script: str, timeout: int = 150, **env: str) -> list[dict]:
+    """Run `script` in `nftdivert sandbox` in `work` ($D) with a config of the `top` level keys, the
+    path's and backend's lines, then `sections`; return the log's records."""
+    path = work / "sandbox.toml"
+    path.write_text(top + DIVERT_PATH_LINE + f'[queue]\nbackend = "{BACKEND}"\n' + sections)
+    env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work), **env)
+    env.pop("SUDO_UID", None)
+    # Not nftdivert_argv: the clients inside see this environment, with site's own paths.
+    argv = [sys.executable, "-m", "nftdivert", "sandbox", "-c", str(path), "--timeout", str(timeout), "--", "sh", "-c"]
+    proc = subprocess.run([*argv, script], capture_output=True, text=True, env=env, timeout=timeout + 60)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def nft_json(ns, *args: str) -> list[dict]:
     proc = ns.run("nft", "-j", *args, check=False)
     if proc.returncode != 0:

@@ -127,12 +127,24 @@ def leaf(ca: Ca, key: ec.EllipticCurvePrivateKey, subject: x509.GeneralName) -> 
             .sign(ca.key, hashes.SHA256()))
 
 
+LIVE_CONTEXTS = 32  # SSLContexts kept ready; the other leaves as their PEM only
+
+
 class Contexts:
-    """One server SSLContext per name, made on first use, at most `limit` kept."""
+    """One server SSLContext per name, made on first use.
+
+    At most `limit` leaves are kept, as PEM (about a kilobyte: the signature
+    is what costs time), and only the LIVE_CONTEXTS most recent as contexts
+    (some 30 KB each, which made a thousand names 45 MB); a context is made
+    again from its PEM when its name returns.
+    """
 
     def __init__(self, ca: Ca, limit: int = 1024, keylog: str = "", alpn: tuple[str, ...] = ("http/1.1",)) -> None:
         self._ca, self._limit, self._keylog, self._alpn = ca, limit, keylog, alpn
         self._key = ec.generate_private_key(ec.SECP256R1())  # one key for every leaf: a leaf costs a signature
+        self._key_pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+        self._leaves: OrderedDict[str, bytes] = OrderedDict()  # name -> its leaf's PEM
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         self._tmp = tempfile.TemporaryDirectory(prefix="leaf-")  # load_cert_chain reads files only
         os.chmod(self._tmp.name, 0o700)
@@ -140,7 +152,7 @@ class Contexts:
             os.close(os.open(keylog, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._leaves)
 
     def base(self) -> ssl.SSLContext:
         """The context a handshake starts with; the SNI callback swaps in the name's own."""
@@ -152,10 +164,18 @@ class Contexts:
         ctx = self._cache.get(key)
         if ctx is not None:
             self._cache.move_to_end(key)
+            self._leaves.move_to_end(key)
             return ctx
-        ctx = self._context(leaf(self._ca, self._key, subject))
-        self._cache[key] = ctx
-        while len(self._cache) > self._limit:
+        pem = self._leaves.get(key)
+        if pem is None:
+            pem = leaf(self._ca, self._key, subject).public_bytes(serialization.Encoding.PEM)
+            self._leaves[key] = pem
+            while len(self._leaves) > self._limit:
+                self._leaves.popitem(last=False)
+        else:
+            self._leaves.move_to_end(key)
+        ctx = self._cache[key] = self._context(pem)
+        while len(self._cache) > min(LIVE_CONTEXTS, self._limit):
             self._cache.popitem(last=False)
         return ctx
 
@@ -164,7 +184,7 @@ class Contexts:
         if name and isinstance(subject_for(name, "0.0.0.0"), x509.DNSName):
             obj.context = self.get(name, "0.0.0.0")
 
-    def _context(self, cert: x509.Certificate) -> ssl.SSLContext:
+    def _context(self, leaf_pem: bytes) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         with warnings.catch_warnings():  # deprecated, and still what old samples speak
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -174,12 +194,10 @@ class Contexts:
         ctx.sni_callback = self._on_sni
         if self._keylog:
             ctx.keylog_filename = self._keylog  # NSS key log: Wireshark decrypts the capture with it
-        chain = cert.public_bytes(serialization.Encoding.PEM) + self._ca.pem
         path = Path(self._tmp.name) / "leaf.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()) + chain)
+            f.write(self._key_pem + leaf_pem + self._ca.pem)
         try:
             ctx.load_cert_chain(path)
         finally:

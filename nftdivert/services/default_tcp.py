@@ -21,7 +21,7 @@ import contextvars
 from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
-from nftdivert.services import origin as origin_mod, recognize, small_services
+from nftdivert.services import handoff, origin as origin_mod, recognize, small_services
 from nftdivert.services.tls import Plain, Upgrade
 
 C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
@@ -203,13 +203,23 @@ class DefaultTcp:
         """An FTP session's data connection (silent until the session speaks): handed to it, not recognised."""
         from nftdivert.services import ftp
 
-        if not ftp.expecting():
+        siblings = handoff.current
+        if not ftp.expecting() and not (siblings is not None and siblings.expecting()):
             return False
         original = await self._origin_of(asked, writer)
-        done = original and ftp.claim(peer[0].removeprefix("::ffff:"), original[1], Plain(reader, writer, b"", count))
+        if not original:
+            return False
+        client = peer[0].removeprefix("::ffff:")
+        done = ftp.claim(client, original[1], Plain(reader, writer, b"", count))
         if done:
             await done
-        return bool(done)
+            return True
+        if siblings is not None and siblings.owner(client, original[1]) is not None:
+            # Another process's session: the socket goes there with what was read already.
+            read = bytes(reader._buffer)  # noqa: SLF001 - the transport reads ahead of us
+            if siblings.hand_over(client, original[1], writer.get_extra_info("socket"), self._name, read):
+                return True
+        return False
 
     async def _origin_of(self, asked, writer) -> tuple[str, int] | None:
         if asked is not None:

@@ -4,7 +4,8 @@ By hand, on the listener's asyncio loop, because of the data connection.
 Passive: it goes to the address the client asked for, on the port PASV
 names, and nftdivert diverts it to this same default listener like any
 other conversation. The listener asks for its original destination and
-hands it to the session waiting on that port (`claim`). pyftpdlib would
+hands it to the session waiting on that port (`claim`); with several
+listener processes, another process's session gets it via handoff.py. pyftpdlib would
 bind that port itself, and a port bound moments before is not yet known as
 bound, so the connection would be diverted away from it. Active (PORT,
 EPRT): the session connects to the client from the address it asked for
@@ -19,7 +20,7 @@ import asyncio
 import random
 
 from nftdivert.config import ServerFirstConfig
-from nftdivert.services import active, payloads
+from nftdivert.services import active, handoff, payloads
 from nftdivert.services.mailbox import Lines, say
 from nftdivert.services.mailstore import keep
 
@@ -39,6 +40,8 @@ def expecting() -> bool:
 def claim(client_host: str, port: int, stream) -> asyncio.Future | None:
     """Hand a data connection to the session waiting for it; the future ends when the session is done with it."""
     waiting = _expected.pop((client_host, port), None)
+    if waiting is not None and handoff.current is not None:
+        handoff.current.withdraw(client_host, port)
     if waiting is None or waiting.done():
         return None
     done = asyncio.get_running_loop().create_future()
@@ -52,6 +55,8 @@ def _expect(client_host: str) -> tuple[int, asyncio.Future]:
         if (client_host, port) not in _expected:
             future = asyncio.get_running_loop().create_future()
             _expected[client_host, port] = future
+            if handoff.current is not None:  # before the reply naming the port: a sibling may accept it
+                handoff.current.announce(client_host, port)
             return port, future
 
 
@@ -257,6 +262,8 @@ class Session:
             key, future = self.data
             if _expected.get(key) is future:
                 del _expected[key]
+                if handoff.current is not None:
+                    handoff.current.withdraw(*key)
             future.cancel()
             self.data = None
 

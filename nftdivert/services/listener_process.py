@@ -1,4 +1,4 @@
-"""The built-in listeners in a process of their own.
+"""The built-in listeners in processes of their own.
 
 In the worker's process they shared its interpreter lock with the queue
 worker's hot path: `make bench` measured a third fewer diverted connections
@@ -11,6 +11,14 @@ listener's questions about a conversation's original destination
 (origin.py), a third a reload's answer sections (SIGHUP). It dies with
 its parent (lifeline.py), so a `kill -9` of the worker does not leave the
 listener ports taken for the next run.
+
+Several processes (`listener_processes`; one per CPU by default) bind the
+same ports with SO_REUSEPORT, so the kernel spreads connections and
+datagrams over them by their addresses and ports (a UDP conversation stays
+on one process). Each has its two pipes. The DNS listeners run in the
+first only: one pool, one owner, so a name has one address for the whole
+run, and only that process reports assignments. FTP data connections that
+reach another process than their session are handed over (handoff.py).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import time
 from typing import Callable
 
 from nftdivert.config import Config
-from nftdivert.services import origin
+from nftdivert.services import handoff, origin
 from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
 from nftdivert.lab.lifeline import die_with_parent
@@ -36,8 +44,22 @@ _CATCH_UP_SECONDS = 1.0  # at most this long a name lookup waits for the pipe to
 Recycled = Callable[[float, str, str, str], None]  # when, address, old name, new name
 
 
+def process_count(config: Config) -> int:
+    """How many listener processes: the configured number, or one per CPU this run may use."""
+    return config.listener_processes or len(os.sched_getaffinity(0))
+
+
+class _Child:
+    """One listener process, as the parent sees it: its pipes and the thread reading its reports."""
+
+    def __init__(self, process, conn, origins: origin.Server, reloads) -> None:
+        self.process, self.conn, self.origins, self.reloads = process, conn, origins, reloads
+        self.stats: dict[str, ListenerStats] = {}
+        self.reader: threading.Thread | None = None
+
+
 class ListenerProcess:
-    """start() returns once every port is bound, or raises OSError naming the listener."""
+    """start() returns once every port is bound in every process, or raises OSError naming the listener."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -47,40 +69,46 @@ class ListenerProcess:
         self._applied = threading.Condition()
         self._applied_until = 0.0  # the child's time of the last assignment applied
         self._eof = False
-        self._stats: dict[str, ListenerStats] = {
-            lst.name: ListenerStats() for lst in config.listeners if lst.kind != "external"}
+        self._names_of = {lst.name for lst in config.listeners if lst.kind != "external"}
         self.on_question: Question | None = None
         self.on_recycled: Recycled | None = None
         self.on_event: Callable[[dict], None] | None = None  # a TLS handshake or HTTP request, as a log record
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._reader: threading.Thread | None = None
-        self._conn = None
-        self._origins: origin.Server | None = None
-        self._reloads = None  # the pipe a reload's answer sections go down
+        self._children: list[_Child] = []
 
     @property
-    def origins(self) -> "origin.Server | None":
-        """The questions' pipe: the worker's loop answers them (answer_pending) when it is readable."""
-        return self._origins
+    def origins(self) -> "list[origin.Server]":
+        """The questions' pipes, one per process: the worker's loop answers them (answer_pending) when readable."""
+        return [child.origins for child in self._children]
 
     def answer_origins(self, lookup) -> None:
-        """From now on the listener's origin questions are answered by `lookup(client, local)`."""
-        if self._origins is not None:
-            self._origins.lookup = lookup
+        """From now on the listeners' origin questions are answered by `lookup(client, local)`."""
+        for child in self._children:
+            child.origins.lookup = lookup
 
     @property
-    def process(self) -> "multiprocessing.process.BaseProcess | None":
-        """The child while it runs (None: only external listeners); its sentinel tells its end at once."""
-        return self._process
+    def processes(self) -> "list[multiprocessing.process.BaseProcess]":
+        """The children while they run (none: only external listeners); each sentinel tells its end at once."""
+        return [child.process for child in self._children]
 
     @property
     def stats(self) -> dict[str, ListenerStats]:
-        return self._stats
+        """Each listener's counters, summed over the processes."""
+        total = {name: ListenerStats() for name in self._names_of}
+        for child in self._children:
+            for name, s in list(child.stats.items()):
+                total[name] = ListenerStats(total[name].conversations + s.conversations,
+                                            total[name].bytes_received + s.bytes_received)
+        return total
+
+    @property
+    def stats_by_process(self) -> list[dict[str, ListenerStats]]:
+        """Each process's own counters, in the order they were started (the DNS owner first)."""
+        return [dict(child.stats) for child in self._children]
 
     def name_for(self, address, when: float | None = None) -> str | None:
         """The DNS name this address stood for at `when` (wall clock; None: now).
 
-        The child reports an assignment before it answers the question, so
+        The DNS owner reports an assignment before it answers the question, so
         once everything it sent up to `when` is read, the answer is exact.
         """
         deadline = time.monotonic() + _CATCH_UP_SECONDS
@@ -91,55 +119,73 @@ class ListenerProcess:
             return self._names.name_at(address, when)
 
     def _unread(self) -> bool:
+        owner = self._children[0].conn if self._children else None  # the DNS listeners' process
         try:
-            return not self._eof and self._conn is not None and self._conn.poll(0)
+            return not self._eof and owner is not None and owner.poll(0)
         except (OSError, ValueError):
             return False
 
     def start(self, timeout: float = 15.0) -> None:
-        if not self._stats:
+        if not self._names_of:
             return  # only external listeners: nothing to run
         ctx = multiprocessing.get_context("fork")
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        origin_parent, origin_child = ctx.Pipe()
-        reload_child, self._reloads = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child,
-                                                         reload_child),
-                                    name="nftdivert-listeners", daemon=True)
-        self._process.start()
-        child_end.close()
-        origin_child.close()
-        reload_child.close()
-        self._origins = origin.Server(origin_parent)  # served by the worker's loop (origins)
-        self._conn = parent_end
-        if not parent_end.poll(timeout):
+        count = process_count(self._config)
+        inboxes = handoff.pairs(count) if count > 1 else None
+        try:
+            for index in range(count):
+                parent_end, child_end = ctx.Pipe(duplex=False)
+                origin_parent, origin_child = ctx.Pipe()
+                reload_child, reloads = ctx.Pipe(duplex=False)
+                process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child,
+                                                           reload_child, index, count, inboxes),
+                                      name=f"nftdivert-listeners-{index}", daemon=True)
+                process.start()
+                child_end.close()
+                origin_child.close()
+                reload_child.close()
+                self._children.append(_Child(process, parent_end, origin.Server(origin_parent), reloads))
+                if index == 0:  # it found the ports free before the others join its sockets
+                    self._wait_ready(self._children[0], timeout)
+        finally:
+            for pair in inboxes or ():
+                for end in pair:
+                    end.close()
+        for child in self._children[1:]:  # every process ready before the ruleset may send them anything
+            self._wait_ready(child, timeout)
+        for index, child in enumerate(self._children):
+            child.reader = threading.Thread(target=self._read, args=(child, index == 0),
+                                            name="nftdivert-listener-events", daemon=True)
+            child.reader.start()
+
+    def _wait_ready(self, child: _Child, timeout: float) -> None:
+        if not child.conn.poll(timeout):
             self.stop()
             raise OSError("the listener process did not come up")
         try:
-            first = parent_end.recv()
+            first = child.conn.recv()
         except EOFError:
             first = ("error", "the listener process exited while starting")
         if first[0] != "ready":
             self.stop()
             raise OSError(first[1])
-        self._reader = threading.Thread(target=self._read, name="nftdivert-listener-events", daemon=True)
-        self._reader.start()
 
-    def _read(self) -> None:
+    def _read(self, child: _Child, owner: bool) -> None:
+        conn = child.conn
         while True:
             try:
-                self._conn.poll(None)  # outside the lock: a lookup may look meanwhile
+                conn.poll(None)  # outside the lock: a lookup may look meanwhile
                 with self._applied:
-                    message = self._conn.recv()
+                    message = conn.recv()
                     if message[0] == "assign":
                         _, when, address, name, _old = message
                         self._names.assign(ipaddress.ip_address(address), name, when)
                         self._applied_until = when
                     self._applied.notify_all()
             except (EOFError, OSError):
-                with self._applied:
-                    self._eof = True
-                    self._applied.notify_all()
+                if owner:
+                    with self._applied:
+                        self._eof = True
+                        self._applied.notify_all()
                 return
             if message[0] == "dns":
                 if self.on_question is not None:
@@ -150,49 +196,56 @@ class ListenerProcess:
                     self.on_recycled(when, address, old, name)
             elif message[0] == "event":
                 if self.on_event is not None:
-                    self.on_event(self._named(message[1]))
+                    self.on_event(self._named(message[1], owner))
             elif message[0] == "stats":
-                for name, (conversations, received) in message[1].items():
-                    self._stats[name] = ListenerStats(conversations, received)
+                child.stats = {name: ListenerStats(conversations, received)
+                               for name, (conversations, received) in message[1].items()}
 
-    def _named(self, rec: dict) -> dict:
-        """The record with the DNS name its original destination stood for (this thread applies the names)."""
+    def _named(self, rec: dict, owner: bool) -> dict:
+        """The record with the DNS name its original destination stood for.
+
+        The owner's reader applies the names itself; another process's record
+        waits until the owner's reports up to now are read (the client asked
+        the name before it connected).
+        """
         asked = rec.get("original_destination")
         if asked is not None and "name" not in rec:
-            name = self._names.name_at(ipaddress.ip_address(split_endpoint(asked)[0]))
+            address = ipaddress.ip_address(split_endpoint(asked)[0])
+            name = self._names.name_at(address) if owner else self.name_for(address, time.time())
             if name is not None:
                 rec["name"] = name
         return rec
 
     def reload(self, config: Config) -> None:
-        """The answer sections of `config` to the child; it logs a `reload` record when applied (or not)."""
-        if self._reloads is not None:
+        """The answer sections of `config` to every child; the first logs a `reload` record when
+        applied (any logs one that fails)."""
+        for child in self._children:
             try:
-                self._reloads.send((config.custom, config.http, config.dns))
+                child.reloads.send((config.custom, config.http, config.dns))
             except (OSError, ValueError):
                 pass  # the child is gone: its end is reported elsewhere
 
     def stop(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.terminate()
-            self._process.join(timeout=5)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        if self._origins is not None:
-            self._origins.close()
-        if self._conn is not None:
-            self._conn.close()
-        if self._reloads is not None:
-            self._reloads.close()
-            self._reloads = None
-        self._process = self._reader = self._conn = self._origins = None
+        for child in self._children:
+            if child.process.is_alive():
+                child.process.terminate()
+        for child in self._children:
+            child.process.join(timeout=5)
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join()
+        for child in self._children:
+            if child.reader is not None:
+                child.reader.join(timeout=5)
+            child.origins.close()
+            child.conn.close()
+            child.reloads.close()
+        self._children = []
 
 
-def _serve(config: Config, conn, parent: int, origins, reloads) -> None:
-    """The child: bind, say ready (or why not), serve, report, until SIGTERM."""
+def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, count: int = 1,
+           inboxes=None) -> None:
+    """Child `index` of `count`: bind, say ready (or why not), serve, report, until SIGTERM."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     stop = threading.Event()
@@ -206,25 +259,29 @@ def _serve(config: Config, conn, parent: int, origins, reloads) -> None:
             except (OSError, ValueError):
                 stop.set()  # the parent is gone
 
+    if inboxes is not None:
+        handoff.current = handoff.for_process(index, inboxes)
     resolver = None
-    if any(lst.kind == "dns" for lst in config.listeners):
+    own = config.listeners if index == 0 else tuple(lst for lst in config.listeners if lst.kind != "dns")
+    if any(lst.kind == "dns" for lst in own):
         from nftdivert.services.dns import Resolver  # dnspython: only where a DNS listener runs
 
         resolver = Resolver.from_config(
             config.dns, on_question=lambda *q: send(("dns", *q)),
             on_assign=lambda address, name, old: send(("assign", time.time(), str(address), name, old)))
-    listeners = Listeners(config.listeners, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
+    listeners = Listeners(own, ipv6=config.ipv6, resolver=resolver, http=config.http, tls=config.tls,
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
                           origin=origin.Client(origins).ask, server_first=config.server_first,
                           origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
-                          custom=config.custom)
+                          custom=config.custom, shared=count > 1, first=index == 0)
     try:
         listeners.start()
     except OSError as exc:
         send(("error", str(exc)))
         return
     send(("ready",))
-    threading.Thread(target=_reloading, args=(reloads, listeners, send), name="nftdivert-reload", daemon=True).start()
+    threading.Thread(target=_reloading, args=(reloads, listeners, send, index == 0), name="nftdivert-reload",
+                     daemon=True).start()
     try:
         while not stop.wait(_STATS_SECONDS):
             send(("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}))
@@ -234,8 +291,9 @@ def _serve(config: Config, conn, parent: int, origins, reloads) -> None:
         conn.close()
 
 
-def _reloading(reloads, listeners: Listeners, send) -> None:
-    """Each reload's answer sections, applied on the listeners' loop; a `reload` record says how it went."""
+def _reloading(reloads, listeners: Listeners, send, report: bool) -> None:
+    """Each reload's answer sections, applied on the listeners' loop; a `reload` record says how it
+    went (`report`: this process says it went well; every process says what failed)."""
     while True:
         try:
             custom, http, dns = reloads.recv()
@@ -243,6 +301,7 @@ def _reloading(reloads, listeners: Listeners, send) -> None:
             return
         try:
             listeners.reload(custom, http, dns)
-            send(("event", {"event": "reload", "sections": ["custom", "dns", "http"]}))
+            if report:
+                send(("event", {"event": "reload", "sections": ["custom", "dns", "http"]}))
         except OSError as exc:
             send(("event", {"event": "reload", "error": str(exc)}))

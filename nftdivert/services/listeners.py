@@ -6,8 +6,8 @@ only that. A UDP listener of kind echo answers by the port the client asked
 for (default_udp: NTP, TFTP, syslog...), else echoes.
 
 They run on one asyncio loop in a thread, so hundreds of conversations cost
-no thread each; `nftdivert run` puts them in a process of their own
-(listener_process). Any other program can be a listener (kind = "external").
+no thread each; `nftdivert run` puts them in processes of their own
+(listener_process), which share the ports with SO_REUSEPORT. Any other program can be a listener (kind = "external").
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
-from nftdivert.services import active
+from nftdivert.config import (CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig,
+                              SmallServicesConfig, TlsConfig)
+from nftdivert.services import active, handoff, origin as origin_mod
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
 
@@ -41,11 +42,26 @@ class _Running:
     stats: ListenerStats = field(default_factory=ListenerStats)
 
 
-def _socket(kind: int, port: int, ipv6: bool) -> socket.socket:
+def _probe(kind: int, port: int, family: int) -> None:
+    """Raise OSError if anyone holds the port, even in a SO_REUSEPORT group: the first of several
+    listener processes checks, so no other program's sockets (or another run's) share its ports."""
+    with socket.socket(family, kind) as probe:
+        if kind == socket.SOCK_STREAM:  # TIME_WAIT leftovers are no holder; a listening socket still is
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+
+
+def _socket(kind: int, port: int, ipv6: bool, shared: bool = False, first: bool = True) -> socket.socket:
     # One dual-stack socket answers IPv4 and IPv6 (redirect keeps the family).
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
+    if shared and first:
+        _probe(kind, port, family)
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:  # several listener processes: the kernel spreads connections and datagrams by their tuple
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if kind == socket.SOCK_STREAM:
         # Urgent data stays in the stream (accepted sockets inherit this), so
         # the echo has it where the client put it.
@@ -156,8 +172,10 @@ class Listeners:
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
                  origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
-                 custom: tuple[CustomRule, ...] = ()) -> None:
+                 custom: tuple[CustomRule, ...] = (), shared: bool = False, first: bool = True) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
+        # SO_REUSEPORT: other listener processes bind the same ports, after the first found them free.
+        self._shared, self._first = shared, first
         self._resolver = resolver
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
@@ -185,6 +203,10 @@ class Listeners:
         for rule in self._answers[0].rules:  # [http] rules' scripts
             if rule.script:
                 custom.script(rule.script, "http")
+        siblings = handoff.current
+        if siblings is not None:  # FTP data connections other listener processes accepted
+            siblings.on_handed = self._handed
+            self._loop.add_reader(siblings.fileno(), siblings.read)
         for run in self._running:
             lst = run.listener
             try:
@@ -197,7 +219,7 @@ class Listeners:
         if lst.kind == "dns" and self._resolver is None:
             raise ValueError("a dns listener needs a resolver")
         if lst.protocol == "tcp":
-            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6)
+            sock = _socket(socket.SOCK_STREAM, lst.port, self._ipv6, self._shared, self._first)
             if lst.kind == "dns":
                 handler = functools.partial(self._dns_stream, stats=stats)
             else:
@@ -209,7 +231,7 @@ class Listeners:
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
             self._closers.append(server)
         else:
-            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6)
+            sock = _socket(socket.SOCK_DGRAM, lst.port, self._ipv6, self._shared, self._first)
             resolver = self._resolver
             if lst.kind == "dns":
                 answer = lambda data, addr, local: resolver.answer(  # noqa: E731
@@ -268,6 +290,33 @@ class Listeners:
 
         try:
             await answers.serve(reader, writer, count)
+        except (ConnectionError, OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handed(self, sock: socket.socket, listener: str, read: bytes) -> None:
+        """A data connection a sibling accepted for a session of ours; not counted again as a conversation."""
+        from nftdivert.services import ftp
+        from nftdivert.services.tls import Plain
+
+        stats = self.stats.get(listener, ListenerStats())
+        stats.bytes_received += len(read)
+
+        def count(n: int) -> None:
+            stats.bytes_received += n
+
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            ask, in_kernel = self._answers[4], self._answers[6]
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            if in_kernel:
+                original = origin_mod.of_socket(sock)
+            else:
+                original = await ask(peer[:2], local[:2]) if ask is not None else None
+            done = original and ftp.claim(peer[0].removeprefix("::ffff:"), original[1], Plain(reader, writer, read, count))
+            if done:
+                await done
         except (ConnectionError, OSError, asyncio.TimeoutError):
             pass
         finally:
