@@ -116,7 +116,9 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     second = [[sport, "198.51.100.33", 7777, f"new-{tag}"]]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
     (x,) = r["results"]
-    assert x["ok"] and x["reply"] == f"new-{tag}" and x["retransmits"] == 0, x
+    # The kernel path: the kernel's own search for the one free port of 424 probes at random and
+    # may miss it at the first SYN (then the retry finds it); nothing of nftdivert's is in that.
+    assert x["ok"] and x["reply"] == f"new-{tag}" and x["retransmits"] <= (1 if lab.KERNEL_PATH else 0), x
     if not lab.KERNEL_PATH:
         lab.wait_for(lambda: _kernel_remaps(gw.diverter_ns) >= 1, 5,  # the counters are published once a second
                      "the kernel's remap counted (else the test proved nothing)")
