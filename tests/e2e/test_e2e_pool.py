@@ -1,6 +1,6 @@
 """The DNS pool with several listener processes, end to end: `nftdivert sandbox` with
-`listener_processes = 2`. The pool lives in the first process; a DNS over HTTPS request
-or a `[[custom]]` rule by `names` in the other asks it there, so every client gets the
+`listener_processes = 2`. The pool lives in the first process; a DNS over HTTPS request,
+a `[[custom]]` rule by `names` or a SOCKS target's name in the other asks it there, so every client gets the
 answer one process would give, whichever process the kernel hands its connection.
 """
 
@@ -47,6 +47,10 @@ for i in $(seq 0 RUNS_1); do
   echo $? > doh$i.rc
 done
 python3 clients.py 2> clients.err
+for i in $(seq 0 RUNS_1); do  # curl resolves the name itself: the proxy is asked for an address
+  curl -sS --max-time 10 -o /dev/null --socks5 198.51.100.89:1080 http://s$i.socks.example/ 2> socks$i.err
+  echo $? > socks$i.rc
+done
 """.replace("RUNS_1", str(RUNS - 1))
 
 CONFIG = """
@@ -82,7 +86,7 @@ def run(tmp_path_factory):
                       stderr)
     assert found, stderr
     first, second, unanswered = map(int, found.groups())
-    # Both took some (the kernel hashes each connection's ports; all 160 on one would be 2^-159),
+    # Both took some (the kernel hashes each connection's ports; all of them on one would be about 2^-200),
     # and the other process's questions were all answered.
     assert first and second and unanswered == 0, found.group(0)
     return work, records
@@ -106,3 +110,16 @@ def test_every_connection_to_a_rule_by_names_gets_its_answer(run):
     assert json.loads((work / "custom.json").read_text()) == ["NAMED\n"] * RUNS, (work / "clients.err").read_text()
     named = [r for r in records if r.get("event") == "custom" and r.get("rule") == "named"]
     assert len(named) == RUNS, named
+
+
+def test_every_socks_target_address_is_named(run):
+    work, records = run
+    asked = {r["answer"]: r["name"] for r in records
+             if r.get("event") == "dns" and r["name"].endswith(".socks.example") and r["type"] in ("A", "AAAA")}
+    proxied = [r for r in records if r.get("event") == "proxy" and r.get("kind") == "socks5"]
+    assert len(proxied) == RUNS, proxied
+    for i in range(RUNS):
+        assert (work / f"socks{i}.rc").read_text().strip() == "0", (work / f"socks{i}.err").read_text()
+    for r in proxied:
+        address = r["target"].rpartition(":")[0].strip("[]")
+        assert r.get("target_name") == asked[address], r
