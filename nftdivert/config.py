@@ -734,7 +734,7 @@ class Config:
     listeners: tuple[Listener, ...] = DEFAULT_LISTENERS
     # Processes the built-in listeners run in, sharing their ports (SO_REUSEPORT):
     # 0 = one per CPU the run may use; 1 = one process.
-    listener_processes: int = 1
+    listener_processes: int = 0
     # The listeners that receive traffic for ports nothing is bound to.
     default_tcp_listener: str | None = "tcp-echo"
     default_udp_listener: str | None = "udp-echo"

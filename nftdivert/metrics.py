@@ -55,6 +55,8 @@ KNOWN: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {
                          "kernel path: new conversations redirected to the default listeners", "protocol", ""),
     ("spoofed", ""): ("spoofed_dropped_packets_total", "counter",
                       "packets dropped for a source their interface does not route to", "", ""),
+    ("pool_unanswered", ""): ("listener_pool_unanswered_total", "counter",
+                              "DNS pool questions another listener process asked the first, unanswered in time", "", ""),
 }
 # Sections of mappings of mappings: the outer key is a label, each inner number a metric.
 NESTED: dict[str, tuple[str, dict[str, tuple[str, str, str, str, str]]]] = {

@@ -366,6 +366,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         final = snapshot()  # the table is still loaded
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
+    final.update(_listener_counts(listeners))  # their last reports, sent as they stopped
     if not failure and log.error is not None:  # it failed on the way out: the end records
         failure.append(_log_error(config, log))
     return final, (failure[0] if failure else None)
@@ -476,7 +477,7 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
                           "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
-        "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+        **_listener_counts(listeners),
         "kernel": worker.kernel_drops(),
         "admission": admission,
     }
@@ -494,8 +495,19 @@ def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: 
         "path": "kernel",
         "diverted": diverted,
         "log": _log_counts(log, observer),
-        "listeners": {name: asdict(s) for name, s in listeners.stats.items()},
+        **_listener_counts(listeners),
     }
+
+
+def _listener_counts(listeners: ListenerProcess) -> dict:
+    """Their counters summed; with several processes each one's conversations, and the questions
+    the DNS pool's owner left unanswered."""
+    counts: dict = {"listeners": {name: asdict(s) for name, s in listeners.stats.items()}}
+    by_process = listeners.stats_by_process
+    if len(by_process) > 1:
+        counts["listener_processes"] = [sum(s.conversations for s in own.values()) for own in by_process]
+        counts["pool_unanswered"] = listeners.pool_unanswered
+    return counts
 
 
 def _write_stats(path: Path, snapshot: dict, config: Config) -> None:
@@ -522,7 +534,16 @@ def read_stats(table: str) -> dict | None:
 
 
 def summary(snap: dict) -> str:
-    return _path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
+    return (_path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
+            + _processes_summary(snap))
+
+
+def _processes_summary(snap: dict) -> str:
+    each = snap.get("listener_processes")
+    if not each:
+        return ""
+    return (f"; listener processes' conversations {' + '.join(map(str, each))} "
+            f"(DNS pool questions unanswered {snap.get('pool_unanswered', 0)})")
 
 
 def _path_summary(snap: dict) -> str:

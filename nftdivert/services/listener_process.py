@@ -17,8 +17,10 @@ same ports with SO_REUSEPORT, so the kernel spreads connections and
 datagrams over them by their addresses and ports (a UDP conversation stays
 on one process). Each has its two pipes. The DNS listeners run in the
 first only: one pool, one owner, so a name has one address for the whole
-run, and only that process reports assignments. FTP data connections that
-reach another process than their session are handed over (handoff.py).
+run, and only that process reports assignments; the others ask it over a
+channel of their own (pool_channel.py: DoH, [[custom]] `names`, a proxy's
+`target_name`). FTP data connections that reach another process than their
+session are handed over (handoff.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from typing import Callable
 
 from nftdivert.config import Config
-from nftdivert.services import handoff, origin
+from nftdivert.services import handoff, origin, pool_channel
 from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
 from nftdivert.lab.lifeline import die_with_parent
@@ -55,6 +57,7 @@ class _Child:
     def __init__(self, process, conn, origins: origin.Server, reloads) -> None:
         self.process, self.conn, self.origins, self.reloads = process, conn, origins, reloads
         self.stats: dict[str, ListenerStats] = {}
+        self.pool_unanswered = 0  # its questions to the DNS pool's owner that got no answer in time
         self.reader: threading.Thread | None = None
 
 
@@ -74,6 +77,7 @@ class ListenerProcess:
         self.on_recycled: Recycled | None = None
         self.on_event: Callable[[dict], None] | None = None  # a TLS handshake or HTTP request, as a log record
         self._children: list[_Child] = []
+        self._ended: list[_Child] = []  # after stop: the counters they reported last
 
     @property
     def origins(self) -> "list[origin.Server]":
@@ -94,16 +98,21 @@ class ListenerProcess:
     def stats(self) -> dict[str, ListenerStats]:
         """Each listener's counters, summed over the processes."""
         total = {name: ListenerStats() for name in self._names_of}
-        for child in self._children:
+        for child in self._children or self._ended:
             for name, s in list(child.stats.items()):
                 total[name] = ListenerStats(total[name].conversations + s.conversations,
                                             total[name].bytes_received + s.bytes_received)
         return total
 
     @property
+    def pool_unanswered(self) -> int:
+        """Questions the other processes asked the DNS pool's owner that it did not answer in time."""
+        return sum(child.pool_unanswered for child in self._children or self._ended)
+
+    @property
     def stats_by_process(self) -> list[dict[str, ListenerStats]]:
         """Each process's own counters, in the order they were started (the DNS owner first)."""
-        return [dict(child.stats) for child in self._children]
+        return [dict(child.stats) for child in self._children or self._ended]
 
     def name_for(self, address, when: float | None = None) -> str | None:
         """The DNS name this address stood for at `when` (wall clock; None: now).
@@ -131,13 +140,15 @@ class ListenerProcess:
         ctx = multiprocessing.get_context("fork")
         count = process_count(self._config)
         inboxes = handoff.pairs(count) if count > 1 else None
+        has_dns = any(lst.kind == "dns" for lst in self._config.listeners)
+        pool = pool_channel.pairs(count) if count > 1 and has_dns else None
         try:
             for index in range(count):
                 parent_end, child_end = ctx.Pipe(duplex=False)
                 origin_parent, origin_child = ctx.Pipe()
                 reload_child, reloads = ctx.Pipe(duplex=False)
                 process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child,
-                                                           reload_child, index, count, inboxes),
+                                                           reload_child, index, count, inboxes, pool),
                                       name=f"nftdivert-listeners-{index}", daemon=True)
                 process.start()
                 child_end.close()
@@ -147,8 +158,8 @@ class ListenerProcess:
                 if index == 0:  # it found the ports free before the others join its sockets
                     self._wait_ready(self._children[0], timeout)
         finally:
-            for pair in inboxes or ():
-                for end in pair:
+            for pair in [*(inboxes or ()), *(pool or ())]:
+                for end in pair or ():
                     end.close()
         for child in self._children[1:]:  # every process ready before the ruleset may send them anything
             self._wait_ready(child, timeout)
@@ -200,6 +211,7 @@ class ListenerProcess:
             elif message[0] == "stats":
                 child.stats = {name: ListenerStats(conversations, received)
                                for name, (conversations, received) in message[1].items()}
+                child.pool_unanswered = message[2]
 
     def _named(self, rec: dict, owner: bool) -> dict:
         """The record with the DNS name its original destination stood for.
@@ -240,11 +252,11 @@ class ListenerProcess:
             child.origins.close()
             child.conn.close()
             child.reloads.close()
-        self._children = []
+        self._ended, self._children = self._children or self._ended, []
 
 
 def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, count: int = 1,
-           inboxes=None) -> None:
+           inboxes=None, pool=None) -> None:
     """Child `index` of `count`: bind, say ready (or why not), serve, report, until SIGTERM."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -262,6 +274,9 @@ def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, 
     if inboxes is not None:
         handoff.current = handoff.for_process(index, inboxes)
     resolver = None
+    ends = pool_channel.ends_for(index, pool) if pool is not None else []
+    if index > 0 and ends:  # the pool's owner answers for it
+        resolver = pool_channel.Remote(ends[0])
     own = config.listeners if index == 0 else tuple(lst for lst in config.listeners if lst.kind != "dns")
     if any(lst.kind == "dns" for lst in own):
         from nftdivert.services.dns import Resolver  # dnspython: only where a DNS listener runs
@@ -273,7 +288,8 @@ def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, 
                           recognize=config.recognize, on_event=lambda rec: send(("event", rec)),
                           origin=origin.Client(origins).ask, server_first=config.server_first,
                           origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
-                          custom=config.custom, shared=count > 1, first=index == 0)
+                          custom=config.custom, shared=count > 1, first=index == 0,
+                          askers=ends if index == 0 else ())
     try:
         listeners.start()
     except OSError as exc:
@@ -284,11 +300,16 @@ def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, 
                      daemon=True).start()
     try:
         while not stop.wait(_STATS_SECONDS):
-            send(("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}))
+            send(_stats(listeners, resolver))
     finally:
         listeners.stop()
-        send(("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}))
+        send(_stats(listeners, resolver))
         conn.close()
+
+
+def _stats(listeners: Listeners, resolver) -> tuple:
+    unanswered = resolver.unanswered if isinstance(resolver, pool_channel.Remote) else 0
+    return ("stats", {n: (s.conversations, s.bytes_received) for n, s in listeners.stats.items()}, unanswered)
 
 
 def _reloading(reloads, listeners: Listeners, send, report: bool) -> None:

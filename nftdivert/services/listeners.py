@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from nftdivert.config import (CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig,
                               SmallServicesConfig, TlsConfig)
-from nftdivert.services import active, handoff, origin as origin_mod
+from nftdivert.services import active, handoff, origin as origin_mod, pool_channel
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
 
@@ -172,11 +172,14 @@ class Listeners:
                  recognize: RecognizeConfig = RecognizeConfig(), on_event: Emit | None = None,
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
                  origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
-                 custom: tuple[CustomRule, ...] = (), shared: bool = False, first: bool = True) -> None:
+                 custom: tuple[CustomRule, ...] = (), shared: bool = False, first: bool = True,
+                 askers=()) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         # SO_REUSEPORT: other listener processes bind the same ports, after the first found them free.
         self._shared, self._first = shared, first
-        self._resolver = resolver
+        self._resolver = resolver  # dns.Resolver, or in a process that does not own the pool pool_channel.Remote
+        self._askers = askers  # the other processes' channels to this one's pool (pool_channel)
+        self._owner: pool_channel.Owner | None = None
         # What the TCP listeners' protocols need (DefaultTcp's arguments after the name).
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
@@ -203,6 +206,8 @@ class Listeners:
         for rule in self._answers[0].rules:  # [http] rules' scripts
             if rule.script:
                 custom.script(rule.script, "http")
+        if self._askers and self._resolver is not None:
+            self._owner = pool_channel.Owner(self._loop, self._resolver, list(self._askers))
         siblings = handoff.current
         if siblings is not None:  # FTP data connections other listener processes accepted
             siblings.on_handed = self._handed
@@ -329,6 +334,8 @@ class Listeners:
         async def close() -> None:
             for closer in self._closers:
                 closer.close()
+            if self._owner is not None:
+                self._owner.close()
 
         try:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)

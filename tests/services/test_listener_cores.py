@@ -100,8 +100,37 @@ def test_one_dns_pool_for_the_run_and_its_names_known_to_the_parent(running):
     assert owners[0].conversations == 2000 and all(o is None for o in owners[1:]), owners
 
 
+def test_dns_over_https_is_answered_from_the_one_pool_whichever_process_takes_it(running):
+    """The DNS pool lives in the first process; a DoH request another process accepts asks it there."""
+    import base64
+
+    proc, ports = running
+    given = {}
+    for round_ in range(2):
+        for i in range(100):
+            name = f"doh{i}.example"
+            query = base64.urlsafe_b64encode(dns.message.make_query(name, "A").to_wire()).rstrip(b"=")
+            with socket.create_connection(("127.0.0.1", ports["tcp"]), timeout=5) as s:
+                s.sendall(b"GET /dns-query?dns=" + query + b" HTTP/1.1\r\nHost: dns.example\r\n"
+                          b"Connection: close\r\n\r\n")
+                reply = b""
+                while chunk := s.recv(65536):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"application/dns-message" in head, reply
+            address = str(dns.message.from_wire(body).answer[0][0])
+            assert given.setdefault(name, address) == address and address.startswith("198.18.")
+    assert len(set(given.values())) == 100
+    wait(lambda: proc.stats["t"].conversations == 200, timeout=10)
+    each = [by["t"].conversations for by in proc.stats_by_process]
+    assert all(each), each  # both processes answered some
+    for name, address in given.items():
+        assert proc.name_for(ipaddress.ip_address(address)) == name
+    assert proc.pool_unanswered == 0
+
+
 def test_processes_zero_means_one_per_usable_cpu_and_bad_values_are_named():
-    assert process_count(Config()) == 1  # the default: a single process (see the README for why)
+    assert process_count(Config()) == len(os.sched_getaffinity(0))  # the default
     assert process_count(Config(listener_processes=0)) == len(os.sched_getaffinity(0))
     assert process_count(Config(listener_processes=1)) == 1
     for bad in (-1, 65, True, "2"):
