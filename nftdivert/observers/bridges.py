@@ -23,6 +23,7 @@ _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MASTER, _IFLA_LINKINFO = 1, 3, 10, 18
 _IFLA_INFO_KIND = 1
 MAP = "client_ports"
+PORTS = "client_port_indexes"  # the same ports as a set, for a plain lookup
 SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
 
 
@@ -82,9 +83,12 @@ def read(interfaces: Iterable[str]) -> list[Bridge]:
 
 def map_commands(table: str, bridges: list[Bridge]) -> str:
     """nft commands that make the bridge table's map say `bridges`."""
-    name = f"bridge {table} {MAP}"
+    name, ports = f"bridge {table} {MAP}", f"bridge {table} {PORTS}"
     elements = [f"{index} : {br.address}" for br in bridges for index, _ in br.ports]
-    lines = [f"flush map {name}"] + ([f"add element {name} {{ {', '.join(elements)} }}"] if elements else [])
+    indexes = [str(index) for br in bridges for index, _ in br.ports]
+    lines = [f"flush map {name}", f"flush set {ports}"]
+    if elements:
+        lines += [f"add element {name} {{ {', '.join(elements)} }}", f"add element {ports} {{ {', '.join(indexes)} }}"]
     return "".join(line + "\n" for line in lines)
 
 

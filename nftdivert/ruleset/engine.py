@@ -201,7 +201,7 @@ SPOOFED = "spoofed"
 # change at run time by design: never drift.
 _RUNTIME_ELEMENTS = re.compile(
     r"(\t(?:set (?:(?:bound|admit)_(?:tcp|udp)_v[46]|bound_on_interface|bound_on_loopback|serving)"
-    r"|map client_ports) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
+    r"|map client_ports|set client_port_indexes) \{\n(?:\t\t(?!elements)[^\n]*\n)*)\t\telements = \{[^}]*\}\n")
 
 
 def _comparable(text: str) -> str:

@@ -37,9 +37,12 @@ def test_map_commands_name_ports_by_index():
     found = bridges.client_bridges(LINKS, ())
     assert bridges.map_commands("lab", found) == (
         "flush map bridge lab client_ports\n"
+        "flush set bridge lab client_port_indexes\n"
         "add element bridge lab client_ports { 3 : 02:aa:bb:cc:dd:01, 4 : 02:aa:bb:cc:dd:01, "
-        "6 : 02:aa:bb:cc:dd:02 }\n")
-    assert bridges.map_commands("lab", []) == "flush map bridge lab client_ports\n"
+        "6 : 02:aa:bb:cc:dd:02 }\n"
+        "add element bridge lab client_port_indexes { 3, 4, 6 }\n")
+    assert bridges.map_commands("lab", []) == ("flush map bridge lab client_ports\n"
+                                               "flush set bridge lab client_port_indexes\n")
 
 
 def test_links_of_this_namespace_are_read():
