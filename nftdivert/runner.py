@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, TextIO
@@ -33,7 +33,7 @@ from nftdivert import metrics
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
-from nftdivert.config import PROTOCOL_KINDS, Config
+from nftdivert.config import PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
@@ -179,16 +179,30 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
             signal.signal(s, handler)
 
 
-def _reload(reread: Callable[[], Config], listeners: ListenerProcess, log: ConversationLog) -> None:
-    """SIGHUP: read the config again and give the listeners its answer sections; a bad one changes nothing."""
+def _reload(reread: Callable[[], Config], running: Config, listeners: ListenerProcess, log: ConversationLog) -> None:
+    """SIGHUP: read the config again and give the listeners its answer sections; a bad one changes
+    nothing, and neither does one that changes anything else (the ruleset, the run)."""
     try:
         config = reread()
+        changed = not_reloadable(running, config)
+        if changed:
+            raise ConfigError(", ".join(changed), "changed", "a reload gives only [[custom]], [dns] records and "
+                              "one_address and [http] anew; for the rest (the ruleset, the run) restart it")
     except ConfigError as exc:
         _say(f"reload refused, the answers stay as they were: {exc}")
         log.event({"event": "reload", "error": str(exc)})
         return
     _say("reload: [[custom]], [dns] records and one_address, [http] rules read again")
     listeners.reload(config)
+
+
+def not_reloadable(running: Config, new: Config) -> list[str]:
+    """The keys `new` changes that a reload cannot apply: all but the answer sections (pure)."""
+    def rest(c: Config) -> Config:
+        return replace(c, custom=(), http=HttpConfig(), dns=replace(c.dns, records=(), one_address=""),
+                       worker=replace(c.worker, pcap=""))  # -w: from the command line, not the file
+    was, now = rest(running), rest(new)
+    return [f.name for f in fields(Config) if getattr(was, f.name) != getattr(now, f.name)]
 
 
 class _Stopped(Exception):
@@ -356,7 +370,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
         if reread is not None:  # SIGHUP: the answer sections again, from the config file
-            signal.signal(signal.SIGHUP, lambda *_: _reload(reread, listeners, log))
+            signal.signal(signal.SIGHUP, lambda *_: _reload(reread, config, listeners, log))
         _write_stats(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()

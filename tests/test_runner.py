@@ -219,3 +219,16 @@ def test_the_final_counters_show_hook_errors_and_the_log(host, tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "new-conversation hook errors 0, log lines 0 (dropped 0, failed 0)" in err, err
+
+
+def test_a_reload_applies_only_the_answer_sections():
+    from nftdivert.config import from_mapping
+    from nftdivert.runner import not_reloadable
+
+    running = from_mapping({})
+    answers = from_mapping({"dns": {"one_address": "192.0.2.9"}, "http": {"server": "panel"},
+                            "custom": [{"protocol": "tcp", "ports": [4444], "static": "hi"}]})
+    assert not_reloadable(running, answers) == []
+    shaped = from_mapping({"leave_alone": {"tcp_ports": [22]}, "dns": {"one_address": "192.0.2.9"}})
+    assert not_reloadable(running, shaped) == ["leave_alone"]
+    assert not_reloadable(running, from_mapping({"dns": {"pool_key": "lab"}})) == ["dns"]  # the pool: not an answer

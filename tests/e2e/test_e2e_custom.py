@@ -332,6 +332,14 @@ def test_sighup_reads_the_answer_sections_again_and_a_bad_file_changes_nothing(t
         refused = div.wait_log(lambda r: r.get("event") == "reload" and "error" in r, what="the refused reload")
         assert "dns.one_address" in refused["error"] and "reload refused" in div.stderr()
         assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
+        # A file that also changes what shapes the ruleset is refused whole, naming what changed.
+        div.config_path.write_text(lab.config_text(mode="local").replace("tcp_ports = []", "tcp_ports = [22]")
+                                   + answers_toml("four", "198.51.100.4"))
+        div.proc.send_signal(signal.SIGHUP)
+        shaped = div.wait_log(lambda r: r.get("event") == "reload" and "leave_alone" in r.get("error", ""),
+                              what="the reload refused for leave_alone")
+        assert "restart" in shaped["error"], shaped
+        assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         div.stop_and_check()
         gone = lab.nftdivert(host, "reload", check=False)
         assert gone.returncode == 1 and gone.stderr.startswith("nftdivert: no nftdivert run owns table"), gone
