@@ -138,7 +138,9 @@ class _TinyDisk:
         self.path = Path(f"/proc/{self.holder.pid}/root{where}")  # the holder's view of it
 
     def argv(self, *argv: str) -> list[str]:
-        return ["nsenter", "-t", str(self.holder.pid), "-m", *argv]
+        # -r -w: keep the holder's root and directory (entering a mount namespace resets both
+        # to the namespace's own, which leaves a chroot: the fresh-root proof runs in one).
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "-r", "-w", *argv]
 
     def close(self) -> None:
         self.holder.kill()
