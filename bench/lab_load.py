@@ -24,15 +24,14 @@ import struct
 import time
 
 import load
-from common import BenchError
+from common import NOT_ECHOED, BenchError
 from lab_topology import GATEWAY_ADDR, client_addr
 
 KINDS = ("dns", "http", "https", "echo", "udp", "ping")
 # With unique ports, each TCP connection of a client from the next port from here (no port twice).
 UNIQUE_PORTS_FROM = 10000
 TIMEOUT = 10.0
-# Ports whose listener may speak first or that a listener of the lab holds: not the random targets.
-AVOID_PORTS = {21, 22, 25, 53, 110, 143, 465, 587, 1337, 2525}
+AVOID_PORTS = NOT_ECHOED | {1337}  # and the lab's listener
 
 
 def _port(rng: random.Random) -> int:

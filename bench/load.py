@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 
-from common import BenchError
+from common import NOT_ECHOED, BenchError
 from topology import CLIENT_ADDR, LISTEN_PORT, TARGETS, Topology, client_addr
 
 from nftdivert.lab.netns import Netns
@@ -109,7 +109,7 @@ def kill_children() -> None:
 def _target(rng: random.Random) -> tuple[str, int]:
     while True:
         port = rng.randint(1, 65535)
-        if port != LISTEN_PORT:
+        if port != LISTEN_PORT and port not in NOT_ECHOED:
             return f"{TARGETS}.{rng.randint(1, 254)}", port
 
 
