@@ -175,6 +175,7 @@ def _regular_file(stream: TextIO | None) -> tuple[int | None, int]:
 # may outrun a slow log target; beyond this many, records are dropped and
 # counted instead of growing memory without bound.
 QUEUE_LIMIT = 4096
+PUT_WAIT = 5.0  # seconds a record waits for room in the queue before it is dropped (counted)
 _NOTHING = object()
 
 
@@ -205,8 +206,11 @@ class ConversationLog:
     def put(self, rec: dict) -> None:
         if self._stream is None:
             return
+        # Those who put are readers of other processes' pipes, never the packet path: under a
+        # burst (a stop ends every live conversation at once: 22,000 in a lab) they wait for the
+        # writer rather than lose records. Only a writer stuck for PUT_WAIT loses one, counted.
         try:
-            self._queue.put_nowait(rec)
+            self._queue.put(rec, timeout=PUT_WAIT)
         except queue.Full:
             self.dropped += 1
 

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+from nftdivert.observers import convlog
 from nftdivert.observers.convlog import ConversationLog, question_record, recycled_record, text_line
 from nftdivert.observers.convrecords import SCHEMA
 
@@ -66,7 +67,27 @@ class _Stuck(io.StringIO):
         return super().write(text)
 
 
-def test_the_queue_is_bounded_and_counts_what_it_drops():
+class _Slow(io.StringIO):
+    """A target that takes a millisecond a write: slower than a burst comes in, never stuck."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0.001)
+        return super().write(text)
+
+
+def test_a_burst_larger_than_the_queue_waits_for_the_writer_and_loses_nothing():
+    # Before: put() dropped whatever found the queue full: the ends of a stop in a lab of
+    # fifty clients (22,000 at once) lost a third of them.
+    out = _Slow()
+    log = ConversationLog(out, as_json=True, limit=8)
+    for _ in range(200):
+        log.put(START)
+    log.close()
+    assert (log.written, log.dropped) == (200, 0)
+
+
+def test_the_queue_is_bounded_and_counts_what_it_drops(monkeypatch):
+    monkeypatch.setattr(convlog, "PUT_WAIT", 0.01)  # a writer stuck for good: each put waits that long
     out = _Stuck()
     log = ConversationLog(out, as_json=True, limit=8)
     log.put(START)
@@ -90,7 +111,8 @@ def test_a_record_that_cannot_be_written_is_counted_and_the_thread_carries_on():
     assert "c2.example" in out.getvalue()
 
 
-def test_close_gives_up_on_a_stuck_queue():
+def test_close_gives_up_on_a_stuck_queue(monkeypatch):
+    monkeypatch.setattr(convlog, "PUT_WAIT", 0.01)
     out = _Stuck()
     log = ConversationLog(out, as_json=True, limit=2)
     for _ in range(4):
