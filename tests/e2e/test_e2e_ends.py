@@ -104,7 +104,9 @@ def test_a_run_after_another_logs_no_end_it_did_not_start(lab_ns):
         _stopped(second)
     records = _assert_one_end_each(second)
     assert not [r for r in records if r.get("original_destination", "").startswith("198.51.100.90:")], records
-    assert re.search(r"ends of earlier runs skipped [3-9]", second.stderr()), second.stderr()
+    skipped = re.search(r"ends of earlier runs skipped (\d+)", second.stderr())
+    # At least the first run's three (an earlier test's entries to the same address may add more).
+    assert skipped and int(skipped[1]) >= 3, second.stderr()
 
 
 SHORT_TIMEOUTS = {"net.netfilter.nf_conntrack_udp_timeout": "2", "net.netfilter.nf_conntrack_icmp_timeout": "2"}
