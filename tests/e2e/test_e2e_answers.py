@@ -531,4 +531,11 @@ def test_each_client_is_logged_with_the_destination_and_name_it_asked_for(run, e
     # conversation of the run may have had that port too.
     starts = [r for r in records if r.get("event") == "start" and r["client"] == found[0]["client"]
               and r["original_destination"] == found[0]["original_destination"]]
+    if not starts and lab.KERNEL_PATH:
+        # The kernel gave the conversation another client port at input (its reply tuple clashed
+        # with one in TIME_WAIT): a listener's record names the port it saw, the start the one the
+        # client used (a known limit of the kernel path's listener records).
+        starts = [r for r in records if r.get("event") == "start"
+                  and r["client_address"] == found[0]["client_address"]
+                  and r["original_destination"] == found[0]["original_destination"]]
     assert starts and all(s.get("name") == name for s in starts), (found[0], starts)
