@@ -146,8 +146,6 @@ class Contexts:
                                                 serialization.NoEncryption())
         self._leaves: OrderedDict[str, bytes] = OrderedDict()  # name -> its leaf's PEM
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
-        self._tmp = tempfile.TemporaryDirectory(prefix="leaf-")  # load_cert_chain reads files only
-        os.chmod(self._tmp.name, 0o700)
         if keylog:  # session keys: readable by its owner only (ssl would create it world-readable)
             os.close(os.open(keylog, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
 
@@ -194,12 +192,13 @@ class Contexts:
         ctx.sni_callback = self._on_sni
         if self._keylog:
             ctx.keylog_filename = self._keylog  # NSS key log: Wireshark decrypts the capture with it
-        path = Path(self._tmp.name) / "leaf.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._key_pem + leaf_pem + self._ca.pem)
-        try:
+        # load_cert_chain reads files only: a directory of its own (mode 0700) for the moment
+        # it reads, removed at once. One kept for the process's life stayed behind whenever
+        # the listener was killed, once per listener process and run.
+        with tempfile.TemporaryDirectory(prefix="leaf-") as tmp:
+            path = Path(tmp) / "leaf.pem"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._key_pem + leaf_pem + self._ca.pem)
             ctx.load_cert_chain(path)
-        finally:
-            path.unlink()
         return ctx

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import tempfile
 
 import pytest
 from cryptography import x509
@@ -101,3 +102,15 @@ def test_the_key_log_is_created_private_and_gets_the_session_keys(ca, tmp_path):
     lines = keylog.read_text().splitlines()
     assert any(line.startswith("CLIENT_TRAFFIC_SECRET_0 ") for line in lines)
     assert keylog.stat().st_mode & 0o777 == 0o600
+
+
+def test_no_leaf_file_outlives_its_load(ca, tmp_path, monkeypatch):
+    # Before: each Contexts kept a /tmp/leaf-* directory for its process's life, and a killed
+    # listener process left it behind (hundreds after a test suite).
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    contexts = certs.Contexts(ca, limit=2)
+    for name in ("a.example", "b.example", "c.example", "a.example"):
+        contexts.get(name, "192.0.2.1")
+    assert list(scratch.iterdir()) == []
