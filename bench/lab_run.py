@@ -60,11 +60,18 @@ def _key(rec: dict) -> tuple:
     return rec.get("protocol"), rec.get("client"), rec.get("original_destination"), detail
 
 
+def _brief(rec: dict) -> str:
+    """A start or end in one line: enough to tell a reused client port from a lost record."""
+    keys = ("time", "event", "id", "original_destination", "listener", "ended", "duration", "sent", "received")
+    return " ".join(f"{k}={rec[k]}" for k in keys if rec.get(k) is not None)
+
+
 def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
     """The log against the clients' conversations and questions; `ok` and what was wrong."""
     starts: dict[int, dict] = {}
     dup_starts = 0
     ends: Counter = Counter()
+    by_client: dict[str, list[dict]] = {}  # every start and end of a client port: what a failure shows
     asked: Counter = Counter()
     text = path.read_text(errors="replace") if path.exists() else ""
     for line in text.splitlines():
@@ -73,6 +80,8 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
         except ValueError:
             continue
         event = rec.get("event")
+        if event in ("start", "end") and rec.get("client"):
+            by_client.setdefault(rec["client"], []).append(rec)
         if event == "start":
             dup_starts += rec["id"] in starts
             starts[rec["id"]] = rec
@@ -91,6 +100,9 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
            "conversations_missing": sum(missing.values()), "conversations_unexpected": sum(unexpected.values()),
            "dns_questions": len(dns), "dns_records_missing": sum(dns_missing.values()),
            "examples": [str(k) for k in [*list(missing)[:2], *list(unexpected)[:2], *list(dns_missing)[:2]]]}
+    odd = [*list(missing)[:2], *list(unexpected)[:2]]
+    odd += [(r["protocol"], r["client"]) for i, r in starts.items() if ends[i] != 1][:2]
+    out["forensics"] = {k[1]: [_brief(r) for r in by_client.get(k[1], [])][-8:] for k in odd}
     out["ok"] = not any(out[k] for k in ("duplicate_start_ids", "ends_without_start", "starts_without_one_end",
                                          "conversations_missing", "conversations_unexpected",
                                          "dns_records_missing"))
