@@ -21,6 +21,7 @@ benchmark (after its row is reported).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections import Counter
@@ -125,6 +126,7 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
         + ", ".join(f"{g} {pids[0]}" for g, pids in groups.items()))
     sampler.start()
     machine = lab_cpu.machine_busy()
+    kernel_before = kernel_counters(topo.divert)
     t0 = time.monotonic()
     try:
         load = lab_load.run(topo, ca_file, seconds, rng, unique_ports)
@@ -134,6 +136,7 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
     wall = time.monotonic() - t0
     cpu_s = {g: round(sum(cpu.cpu_seconds(p) for p in pids) - before[g], 2) for g, pids in groups.items()}
     rss_end = {g: lab_cpu.rss_mb(groups[g]) for g in listeners}
+    kernel = {k: v - kernel_before.get(k, 0) for k, v in kernel_counters(topo.divert).items()}
     info = side.stop()
     log = check_log(side.log, load.pop("made"), load.pop("dns"))
     row = {**load, "wall_s": wall, "cpu_seconds": cpu_s,
@@ -142,12 +145,35 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
            "listeners_cpu_seconds": round(sum(cpu_s[g] for g in listeners), 2),
            "listeners_cpu_per_core": _sum_cores(per_core, listeners),
            "listeners_rss_mb": {g: [round(rss_start[g], 1), round(rss_end[g], 1)] for g in listeners},
-           "log": log, "capture": info.get("capture"), "worker_final": info.get("final"),
+           "log": log, "kernel_counters": kernel, "capture": info.get("capture"), "worker_final": info.get("final"),
            "run_stderr_tail": side.err.read_text(errors="replace")[-3000:]}
     say(f"lab: {path} path: {row['per_s']:.0f} conversations/s, p50 {row['all']['p50_ms']:.1f} ms, "
         f"p99 {row['all']['p99_ms']:.1f} ms, errors {sum(row['errors'].values())}, "
         f"log {'ok' if log['ok'] else 'NOT ok'}")
     return row
+
+
+# The gateway's own counters that explain a conversation seen twice or lost:
+# conntrack's (summed over CPUs) and TCP's (a SYN that met a socket in TIME_WAIT).
+CT_STATS = ("insert_failed", "drop", "early_drop", "error", "clash_resolve", "search_restart", "chaintoolong")
+TCP_STATS = ("PAWSEstab", "TCPACKSkippedTimeWait", "TW", "TWKilled", "TCPTimeWaitOverflow", "ListenOverflows",
+             "ListenDrops", "TCPAbortOnData", "TCPAbortOnClose")
+
+
+def kernel_counters(ns) -> dict[str, int]:
+    """CT_STATS and TCP_STATS of the namespace `ns` now (deltas make sense, not values)."""
+    out: dict[str, int] = {}
+    for line in ns.run("conntrack", "-S", check=False).stdout.splitlines():
+        for key, value in re.findall(r"(\w+)=(\d+)", line):
+            if key in CT_STATS:
+                out[f"ct_{key}"] = out.get(f"ct_{key}", 0) + int(value)
+    lines = ns.run("cat", "/proc/net/netstat", check=False).stdout.splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            for key, value in zip(names.split()[1:], values.split()[1:]):
+                if key in TCP_STATS:
+                    out[f"tcp_{key}"] = int(value)
+    return out
 
 
 def _sum_cores(per_core: dict[str, dict[int, float]], labels: list[str]) -> dict[int, float]:
@@ -165,7 +191,8 @@ def failures(rows: dict) -> list[str]:
         if sum(row["errors"].values()):
             out.append(f"{path} path: client errors {row['errors']} (first: {row['first_error']})")
         if not row["log"]["ok"]:
-            out.append(f"{path} path: the conversation log: {row['log']}")
+            out.append(f"{path} path: the conversation log: {row['log']}; "
+                       f"the gateway's counters: {row.get('kernel_counters')}")
     return out
 
 
