@@ -12,12 +12,13 @@ PY := $(VENV)/bin/python
 # distribution (they must match each other); NetfilterQueue builds against
 # libnetfilter-queue; the rest are the programs the tests and the demo run
 # (tests/programs.py maps each program to its package; a test checks this list),
-# and python3-requests, a client library the answers test runs in the sandbox.
+# python3-requests, a client library the answers test runs in the sandbox, and
+# systemd, whose systemd-analyze checks the unit nftdivert ships.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
-	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa
+	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render dist wheelhouse clean

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +34,7 @@ DATA_FILES = {"share/nftdivert/nftdivert.service": UNIT, "share/nftdivert/nftdiv
               "share/doc/nftdivert/install.md": INSTALL_DOC}
 
 
-def _run(argv, **kw) -> subprocess.CompletedProcess:
+def run(argv, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, capture_output=True, timeout=300, **kw)
     assert proc.returncode == 0, f"{argv}: exit {proc.returncode}: {proc.stderr!s}"
     return proc
@@ -52,7 +51,7 @@ def scratch():
 def dist(scratch) -> Path:
     """The Makefile's own `dist` recipe, into a directory of ours, with this venv (never rebuilt here)."""
     out = scratch / "dist"
-    _run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", ".cache/apt.stamp",
+    run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", ".cache/apt.stamp",
           f"PY={sys.executable}", f"DIST={out}", "dist"])
     return out
 
@@ -72,10 +71,10 @@ def installed(scratch, wheel) -> Path:
     ignored, so `nftdivert` can only be the wheel's.
     """
     venv = scratch / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
-    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
+    run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
           "--no-deps", "--no-index", str(wheel)])
-    site = Path(_run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    site = Path(run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                      text=True).stdout.strip())
     (site / "borrowed-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return venv
@@ -104,7 +103,7 @@ def test_wheel_does_not_ask_pip_for_the_distributions_nftables(wheel):
 def test_sdist_builds_the_same_wheel(dist, scratch):
     (sdist,) = dist.glob("nftdivert-*.tar.gz")
     again = scratch / "from-sdist"
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
           "-w", str(again), str(sdist)], cwd=scratch)
     (rebuilt,) = again.glob("*.whl")
     (original,) = dist.glob("*.whl")
@@ -113,7 +112,7 @@ def test_sdist_builds_the_same_wheel(dist, scratch):
 
 def test_installed_wheel_answers_as_the_checkout(installed, scratch):
     """From another directory, the installed command renders byte for byte what the checkout renders."""
-    where = _run([str(installed / "bin" / "python"), "-c", "import nftdivert; print(nftdivert.__file__)"],
+    where = run([str(installed / "bin" / "python"), "-c", "import nftdivert; print(nftdivert.__file__)"],
                  cwd=scratch, text=True).stdout
     assert where.startswith(str(installed))
     config = installed / "share" / "nftdivert" / "nftdivert.toml"
@@ -122,12 +121,12 @@ def test_installed_wheel_answers_as_the_checkout(installed, scratch):
     checkout = Path(sys.executable).parent / "nftdivert"
     for args in (["--help"], ["run", "--help"], ["render"], ["render", "--backend", "xt"], ["render", "--after-stop"],
                  ["render", "--divert-path", "kernel"], ["render", "--config", str(config)]):
-        ours = _run([str(installed / "bin" / "nftdivert"), *args], cwd=scratch).stdout
-        assert ours == _run([str(checkout), *args], cwd=REPO).stdout, args
+        ours = run([str(installed / "bin" / "nftdivert"), *args], cwd=scratch).stdout
+        assert ours == run([str(checkout), *args], cwd=REPO).stdout, args
     pages = []
     for command in (installed / "bin" / "nftdivert", checkout):
         page = scratch / f"report-{len(pages)}.html"
-        _run([str(command), "report", str(log), "-o", str(page)], cwd=scratch)
+        run([str(command), "report", str(log), "-o", str(page)], cwd=scratch)
         pages.append(page.read_bytes())
     assert pages[0] == pages[1] and b"<html" in pages[0]
 
@@ -190,17 +189,16 @@ def test_unit_keeps_the_previous_capture(scratch):
     command = _unescape(pre).replace(f"cd {pcap.parent} ", f"cd {logs} ")
     assert command != _unescape(pre) and pcap.name in command
     (logs / pcap.name).write_bytes(b"")  # an empty one: nothing to keep
-    _run(command, shell=True)
+    run(command, shell=True)
     assert sorted(p.name for p in logs.iterdir()) == [pcap.name]
     (logs / pcap.name).write_bytes(b"packets")
     os.utime(logs / pcap.name, (1700000000, 1700000000))
-    _run(command, shell=True)
+    run(command, shell=True)
     assert [(p.name, p.read_bytes()) for p in logs.iterdir()] == [("capture-20231114T221320Z.pcap", b"packets")]
-    _run(command, shell=True)  # none there: a first start
+    run(command, shell=True)  # none there: a first start
     assert [p.name for p in logs.iterdir()] == ["capture-20231114T221320Z.pcap"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_accepts_the_unit(installed, scratch):
     """systemd-analyze verify, with ExecStart at the throwaway venv: it also checks that the command exists."""
     text = UNIT.read_text()
