@@ -12,13 +12,15 @@ PY := $(VENV)/bin/python
 # distribution (they must match each other); NetfilterQueue builds against
 # libnetfilter-queue; the rest are the programs the tests and the demo run
 # (tests/programs.py maps each program to its package; a test checks this list),
-# python3-requests, a client library the answers test runs in the sandbox, and
-# systemd, whose systemd-analyze checks the unit nftdivert ships.
+# python3-requests, a client library the answers test runs in the sandbox,
+# systemd, whose systemd-analyze checks the unit nftdivert ships, and
+# python3-wheel, which the venv's setuptools builds `make dist`'s wheel with.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
-	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd
+	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd \
+	python3-wheel
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render dist wheelhouse clean

@@ -52,7 +52,7 @@ def dist(scratch) -> Path:
     """The Makefile's own `dist` recipe, into a directory of ours, with this venv (never rebuilt here)."""
     out = scratch / "dist"
     run(["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", ".cache/apt.stamp",
-          f"PY={sys.executable}", f"DIST={out}", "dist"])
+         f"PY={sys.executable}", f"DIST={out}", "dist"])
     return out
 
 
@@ -73,9 +73,9 @@ def installed(scratch, wheel) -> Path:
     venv = scratch / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
     run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-          "--no-deps", "--no-index", str(wheel)])
+         "--no-deps", "--no-index", str(wheel)])
     site = Path(run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                     text=True).stdout.strip())
+                    text=True).stdout.strip())
     (site / "borrowed-dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return venv
 
@@ -104,7 +104,7 @@ def test_sdist_builds_the_same_wheel(dist, scratch):
     (sdist,) = dist.glob("nftdivert-*.tar.gz")
     again = scratch / "from-sdist"
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-          "-w", str(again), str(sdist)], cwd=scratch)
+         "-w", str(again), str(sdist)], cwd=scratch)
     (rebuilt,) = again.glob("*.whl")
     (original,) = dist.glob("*.whl")
     assert set(zipfile.ZipFile(rebuilt).namelist()) == set(zipfile.ZipFile(original).namelist())
@@ -113,7 +113,7 @@ def test_sdist_builds_the_same_wheel(dist, scratch):
 def test_installed_wheel_answers_as_the_checkout(installed, scratch):
     """From another directory, the installed command renders byte for byte what the checkout renders."""
     where = run([str(installed / "bin" / "python"), "-c", "import nftdivert; print(nftdivert.__file__)"],
-                 cwd=scratch, text=True).stdout
+                cwd=scratch, text=True).stdout
     assert where.startswith(str(installed))
     config = installed / "share" / "nftdivert" / "nftdivert.toml"
     log = scratch / "empty.jsonl"
