@@ -3,6 +3,7 @@
 #   make demo         the origin scenario in a throwaway lab
 #   make test-kernel  the end-to-end suite on a stock distribution kernel (VM, native nft queue)
 #   make bench        nftdivert's two divert paths vs. the kernel alone, side by side
+#   make dist         a wheel and an sdist in dist/, for a gateway without a checkout (docs/install.md)
 
 PYTHON_SYSTEM ?= /usr/bin/python3
 VENV ?= .venv
@@ -11,15 +12,18 @@ PY := $(VENV)/bin/python
 # distribution (they must match each other); NetfilterQueue builds against
 # libnetfilter-queue; the rest are the programs the tests and the demo run
 # (tests/programs.py maps each program to its package; a test checks this list),
-# and python3-requests, a client library the answers test runs in the sandbox.
+# python3-requests, a client library the answers test runs in the sandbox,
+# systemd, whose systemd-analyze checks the unit nftdivert ships, and
+# python3-wheel, which the venv's setuptools builds `make dist`'s wheel with.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
-	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa
+	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd \
+	python3-wheel
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test test-kernel demo bench render clean
+.PHONY: all deps venv test test-kernel demo bench render dist wheelhouse clean
 
 all: venv
 
@@ -107,5 +111,20 @@ bench: venv
 render: venv
 	@$(VENV)/bin/nftdivert render
 
+# The wheel carries the templates (as nftdivert.templates), the systemd unit,
+# the example config and docs/install.md; built offline with the setuptools
+# the venv already has. A stale build/ would carry modules since deleted into it.
+DIST ?= dist
+dist: venv
+	rm -rf build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) .
+	$(PY) -c 'import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])' $(DIST) >/dev/null
+
+# The wheel and every Python dependency as wheels (NetfilterQueue built here),
+# for a gateway of the same distribution and architecture without the package
+# index: pip install --no-index --find-links DIR nftdivert
+wheelhouse: dist
+	$(PY) -m pip wheel -q -w $(DIST)/wheelhouse $(DIST)/nftdivert-*.whl
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
