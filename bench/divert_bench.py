@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--observe-path", choices=PATHS, default="queue",
                     help="the path of the observed row (default queue)")
     ap.add_argument("--queue-before", type=float, default=report.QUEUE_PATH_BEFORE,
-                    help="the queue path's connections/s ratio to the kernel before issue 13's queue work, "
+                    help="the queue path's connections/s ratio to the kernel before the work on the queue path, "
                          "for the goal of 1.5x it (default %(default)s, measured with this benchmark)")
     ap.add_argument("--lab-clients", type=int, default=50,
                     help="the lab row: this many client namespaces on one bridge, all at once, on each path "
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lab-unique-ports", action="store_true",
                     help="each lab client's TCP connections from ports it has not used in the run (default: the "
                          "kernel chooses, as for a real client, and may reuse a port whose listener socket still "
-                         "waits in TIME_WAIT: see bench/README.md)")
+                         "waits in TIME_WAIT: see docs/performance.md)")
     ap.add_argument("--seed", type=int, default=None, help="random seed for targets and payloads")
     ap.add_argument("--json", default="bench-results.json",
                     help="write all numbers here (default: ./bench-results.json)")

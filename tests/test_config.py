@@ -512,12 +512,12 @@ def test_custom_rules_load(tmp_path):
 
 
 def test_every_toml_example_in_answers_you_write_loads(tmp_path):
-    """The README's section, each block as written (the scripts' paths made this test's)."""
+    """The listeners reference's section, each block as written (the scripts' paths made this test's)."""
     import pathlib
     import re as re_
 
-    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("### Answers you write"):readme.index("### The DNS listener")]
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs/reference/listeners.md").read_text()
+    section = page[page.index("## Answers you write"):page.index("## The DNS listener")]
     for name, source in re_.findall(r"<!-- answers: (\w+)\.py -->\n```python\n(.*?)```", section, re_.S):
         (tmp_path / f"{name}.py").write_text(source)
     blocks = re_.findall(r"```toml\n(.*?)```", section, re_.S)

@@ -1,6 +1,6 @@
 """Answers the analyst writes ([[custom]]), end to end: real clients in `nftdivert sandbox`.
 
-The README's examples are taken from README.md by their markers and run
+The documented examples are taken from docs/reference/listeners.md by their markers and run
 here as written (only the script's path is this test's), so they cannot rot.
 What the listener answers does not depend on the queue backend: any_backend.
 """
@@ -20,12 +20,14 @@ from conftest import REPO, nftdivert_argv
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
+LISTENERS_PAGE = "docs/reference/listeners.md"
 
-def readme_example(marker: str) -> str:
-    """The code block right after `<!-- answers: marker -->` in README.md."""
-    text = (REPO / "README.md").read_text()
+
+def documented_example(marker: str) -> str:
+    """The code block right after `<!-- answers: marker -->` in the listeners reference."""
+    text = (REPO / LISTENERS_PAGE).read_text()
     found = re.search(rf"<!-- answers: {re.escape(marker)} -->\n```\w+\n(.*?)```\n", text, re.S)
-    assert found, f"README.md has no example marked {marker}"
+    assert found, f"{LISTENERS_PAGE} has no example marked {marker}"
     return found.group(1)
 
 
@@ -108,7 +110,7 @@ host = "drop.example"
 close = true
 """
 
-# Beside the README's: a record of each other type, for dig.
+# Beside the documented ones: a record of each other type, for dig.
 MORE_RECORDS = "".join(
     f'[[dns.records]]\nname = "{name}"\ntype = "{kind}"\nvalue = "{value}"\n' for name, kind, value in (
         ("c2.example", "AAAA", "2001:db8:77::1"), ("c2.example", "MX", "10 mail.c2.example"),
@@ -128,18 +130,18 @@ def run(tmp_path_factory):
     os.chmod(work, 0o777)
     (work / "clients.py").write_text(CLIENTS)
     (work / "answer.bin").write_bytes(b"\x7fELF-like bytes from a file\n")
-    (work / "beacon.py").write_text(readme_example("beacon.py"))
-    (work / "panel.py").write_text(readme_example("panel.py"))
+    (work / "beacon.py").write_text(documented_example("beacon.py"))
+    (work / "panel.py").write_text(documented_example("panel.py"))
     (work / "c2.py").write_text(TCP_SCRIPT)
     config = work / "sandbox.toml"
     config.write_text(
         lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{work / "state"}"\n'
-        + readme_example("banner")
-        + readme_example("beacon.toml").replace("/etc/nftdivert/beacon.py", str(work / "beacon.py"))
+        + documented_example("banner")
+        + documented_example("beacon.toml").replace("/etc/nftdivert/beacon.py", str(work / "beacon.py"))
         + f'[[custom]]\nname = "file"\nprotocol = "tcp"\nports = [4445]\nfile = "{work / "answer.bin"}"\n'
           'when = "after_first_message"\n'
-        + readme_example("dns") + MORE_RECORDS + HTTP_RULES
-        + readme_example("panel.toml").replace("/etc/nftdivert/panel.py", str(work / "panel.py"))
+        + documented_example("dns") + MORE_RECORDS + HTTP_RULES
+        + documented_example("panel.toml").replace("/etc/nftdivert/panel.py", str(work / "panel.py"))
         + '[hooks]\nfirst_conversation = ["echo", "first of", "{pid}", "{command}"]\n'
         + f'[[custom]]\nname = "c2"\nprotocol = "tcp"\nports = [4446]\nnames = ["*.example"]\n'
           f'script = "{work / "c2.py"}"\n'
@@ -282,7 +284,7 @@ def test_one_address_answers_every_name_and_the_log_names_the_last(tmp_path):
     os.chmod(tmp_path, 0o777)
     config = tmp_path / "one.toml"
     config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[dns]\none_address = "198.51.100.1"\n'
-                      + readme_example("banner"))
+                      + documented_example("banner"))
     records = sandbox(tmp_path, config, ONE_ADDRESS)
     assert (tmp_path / "one_a.txt").read_text() == (tmp_path / "one_b.txt").read_text() == "198.51.100.1\n"
     assert (tmp_path / "one_banner.txt").read_text().startswith("220 c2 ready")
