@@ -28,7 +28,7 @@ import socket
 import time
 
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import fork_child, how_it_ended
+from nftdivert.process.lifeline import fork_child, how_it_ended
 from nftdivert.observers import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
