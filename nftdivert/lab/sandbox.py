@@ -224,13 +224,16 @@ def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | N
 
     pid = fork_child(diverter)
     ready_w.close()
+    up = False
     try:
         wait_ready("the diverter", ready_r, pid, READY_SECONDS)
+        up = True
     except OSError as exc:
-        _stop_diverter(pid)
         raise NftDivertError(f"{exc} (see its messages above)") from None
     finally:
         ready_r.close()
+        if not up:  # failed, or a Ctrl-C while it started: run() has no pid to stop
+            _stop_diverter(pid)
     return pid
 
 
