@@ -13,7 +13,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import select
-import signal
 from typing import Callable
 
 from nftdivert.process.lifeline import die_with_parent, how_it_ended
@@ -26,21 +25,20 @@ class StartFailed(OSError):
     """A child did not come up: the reason, naming it."""
 
 
-def spawn(name: str, target: Callable, *args, signum: int = signal.SIGKILL):
+def spawn(name: str, target: Callable, *args):
     """Fork `target(conn, *args)` as a multiprocessing child called `name` that dies with us
-    (`signum`); returns (the process, our end of `conn`). `target` sends READY or
+    (SIGKILL); returns (the process, our end of `conn`). `target` sends READY or
     ("error", why) first. The caller closes the ends of other pipes it passed in `args`."""
     ctx = multiprocessing.get_context("fork")
     conn, child_end = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_run, args=(target, child_end, os.getpid(), signum, args), name=name,
-                          daemon=True)
+    process = ctx.Process(target=_run, args=(target, child_end, os.getpid(), args), name=name, daemon=True)
     process.start()
     child_end.close()
     return process, conn
 
 
-def _run(target: Callable, conn, parent: int, signum: int, args: tuple) -> None:
-    die_with_parent(parent, signum=signum)
+def _run(target: Callable, conn, parent: int, args: tuple) -> None:
+    die_with_parent(parent)
     target(conn, *args)
 
 
