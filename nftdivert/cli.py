@@ -275,10 +275,10 @@ def status(table: str, config_path: str | None) -> None:
         click.echo(f"  spoofed: dropped {st.spoofed} packets from sources their interface does not route to")
     for rule in st.xt_rules:
         click.echo(f"  xt: {rule}")
-    from nftdivert import runner
+    from nftdivert import stats
 
-    worker = runner.read_stats(table)
-    click.echo(f"  worker: pid {worker['pid']}: {runner.summary(worker)}" if worker else "  worker: none running")
+    worker = stats.read(table)
+    click.echo(f"  worker: pid {worker['pid']}: {stats.summary(worker)}" if worker else "  worker: none running")
 
 
 def _summary_option(_ctx, _param, value: str | None) -> str | None:
@@ -347,7 +347,7 @@ def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap
       nftdivert run --log conversations.jsonl
       nftdivert run --divert-path kernel    no packet through userspace: for throughput
     """
-    from nftdivert import runner
+    from nftdivert import runner, stats
 
     cfg = _diverter_config(config_path, log_target, log_format, pcap_rewritten, divert_path)
     _root_nft("run")
@@ -356,7 +356,7 @@ def run(config_path: str | None, divert_path: str | None, pcap: str | None, pcap
 
     final = runner.run(cfg, pcap_path=pcap, summary_path=summary, reread=reread)
     if final:
-        click.echo(f"nftdivert: {runner.summary(final)}", err=True)
+        click.echo(f"nftdivert: {stats.summary(final)}", err=True)
 
 
 def _timeout(value: str | None) -> float | None:

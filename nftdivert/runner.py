@@ -18,7 +18,6 @@ answered now would go unlogged (or be refused by nobody listening).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -26,10 +25,9 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, fields, replace
 from functools import partial
-from pathlib import Path
 from typing import Callable, TextIO
 
-from nftdivert import metrics
+from nftdivert import metrics, stats
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
@@ -37,25 +35,19 @@ from nftdivert.config import PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError
 from nftdivert.ruleset.kernel import Nft
-from nftdivert.lab.lifeline import process_ended
+from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
 from nftdivert.worker.pump import Ticker
 from nftdivert.worker.queue import Worker, build_fixup
 
-STATS_DIR = owner.STATE_DIR
 # How often the sets of bound ports follow the host's sockets: a service that
 # binds after the start gets its own new conversations within this.
 BOUND_REFRESH = 0.25  # seconds
 SERVING_RENEW = 1.0  # seconds; the kernel path's fail-closed set (model.SERVING_TIMEOUT)
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program",
                **{kind: f"built-in {kind.upper()}" for kind in PROTOCOL_KINDS}}
-
-
-def stats_path(table: str) -> Path:
-    # One file per table and network namespace (as the ownership lock): test labs run many at once.
-    return STATS_DIR / f"{table}-{owner.netns_id()}.json"
 
 
 def _as_the_sets_said(_protocol: int, _address: bytes, _port: int) -> bool:
@@ -168,7 +160,7 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
     try:
         final, failure = _run(config, nft, on_ready, Observation(summary_path, clients_netns), reread)
         if failure is not None:  # the counters, then the one line that says why
-            _say(summary(final))
+            _say(stats.summary(final))
             raise NftDivertError(failure)
         return final
     except _Stopped:
@@ -274,7 +266,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything).
         listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
-        statsfile = stats_path(config.table)
+        statsfile = stats.stats_path(config.table)
         stack.callback(metrics.remove, config.worker.metrics_file)  # the counters go with the run
         metrics.serve(config.worker.metrics_listen, statsfile, config.table, stack)
         warned = False
@@ -310,7 +302,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             warn_once()
             if now >= due["stats"]:
                 due["stats"] = now + 0.9  # about once a second, whatever the tick
-                _write_stats(statsfile, snapshot(), config)
+                stats.write(statsfile, snapshot(), config)
             stopped = capture.failed() if capture is not None else None
             if stopped:  # stop rather than divert uncaptured
                 raise NftDivertError(stopped)
@@ -371,7 +363,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             signal.signal(sig, lambda *_: pump.stop())
         if reread is not None:  # SIGHUP: the answer sections again, from the config file
             signal.signal(signal.SIGHUP, lambda *_: _reload(reread, config, listeners, log))
-        _write_stats(statsfile, snapshot(), config)
+        stats.write(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()
         pump.run()
@@ -522,83 +514,3 @@ def _listener_counts(listeners: ListenerProcess) -> dict:
         counts["listener_processes"] = [sum(s.conversations for s in own.values()) for own in by_process]
         counts["pool_unanswered"] = listeners.pool_unanswered
     return counts
-
-
-def _write_stats(path: Path, snapshot: dict, config: Config) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(snapshot))
-        tmp.replace(path)
-        if config.worker.metrics_file:  # the same counters for Prometheus (node_exporter's textfile collector)
-            metrics.write(config.worker.metrics_file, snapshot, config.table)
-    except OSError:
-        pass  # stats are a courtesy; diverting goes on
-
-
-def read_stats(table: str) -> dict | None:
-    """The running worker's counters for `table` in this namespace, if one runs."""
-    path = stats_path(table)
-    try:
-        snap = json.loads(path.read_text())
-        os.kill(snap["pid"], 0)
-    except (OSError, ValueError, KeyError):
-        return None
-    return snap
-
-
-def summary(snap: dict) -> str:
-    return (_path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
-            + _processes_summary(snap))
-
-
-def _processes_summary(snap: dict) -> str:
-    each = snap.get("listener_processes")
-    if not each:
-        return ""
-    return (f"; listener processes' conversations {' + '.join(map(str, each))} "
-            f"(DNS pool questions unanswered {snap.get('pool_unanswered', 0)})")
-
-
-def _path_summary(snap: dict) -> str:
-    if snap.get("path") == "kernel":
-        lg, d = snap["log"], snap.get("diverted", {})
-        return (f"kernel path: new conversations redirected to the default listeners: tcp {d.get('tcp', 0)}, "
-                f"udp {d.get('udp', 0)}; log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
-                + _observer_summary(lg))
-    p, c, lg = snap["packets"], snap["conversations"], snap["log"]
-    return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
-            f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
-            f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
-            f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
-            f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
-            f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
-            + _observer_summary(lg) + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))
-
-
-def _observer_summary(lg: dict) -> str:
-    text = f"conntrack events lost {lg.get('events_lost', 0)}"
-    ends = lg.get("ends")
-    if not ends:
-        return text
-    if "unended" in ends:  # stopped: the ends made at the stop, and what has none
-        made = ends["synthesized"]
-        text += (f"; ends synthesized {sum(made.values())} (end event lost {made['event_lost']}, "
-                 f"dump at stop failed {made['dump_failed']}), unended {ends['unended']}, "
-                 f"unreadable entries skipped {ends['unreadable']}")
-    return (text + f"; ends of earlier runs skipped {ends['earlier']}, "
-            f"starts recovered from ends {ends['recovered']}")
-
-
-def _admission_summary(admission: dict[str, int]) -> str:
-    if not admission:
-        return ""
-    return "; admission dropped " + ", ".join(f"{proto} {n}" for proto, n in sorted(admission.items())) + \
-        " new conversations"
-
-
-def _kernel_summary(kernel: dict) -> str:
-    parts = [f"{name} queue {q['queue']} dropped {q['queue_full']} (queue full) + {q['socket_full']} "
-             f"(socket full) + {q.get('unreadable', 0)} (unreadable), waiting {q['waiting']}"
-             for name, q in sorted(kernel.items())]
-    return "; kernel: " + ", ".join(parts) if parts else ""

@@ -199,15 +199,20 @@ def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_
     assert host.run("nft", "list", "ruleset").stdout == ""  # local mode: no containment to keep
 
 
-def test_a_pcap_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
-    # The run must not go on capturing into nothing. The reader writes in blocks of
-    # a few KiB, at least once a second: 200 pings fill more than one.
-    proc = start(host, tmp_path, "-w", "/dev/full")
-    host.run("ping", "-q", "-c100", "-i0.005", "-W5", "198.51.100.60", timeout=30)
-    _, err = proc.communicate(timeout=60)
+def test_a_pcap_that_cannot_be_written_stops_the_run_before_it_diverts(host, tmp_path):
+    # The run must not go on capturing into nothing. Before, it came up, diverted, and
+    # stopped only once the reader's first block of packets found the disk full.
+    proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "--log", str(tmp_path / "log"),
+                                      "-w", "/dev/full"), env=lab._env(), text=True, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 1, err
-    assert "nftdivert: cannot write the capture /dev/full: No space left on device" in err, err
-    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == "nftdivert: cannot write the capture /dev/full: No space left on device", err
+    assert "Traceback" not in err and "listener " not in err, err  # it stopped before the listeners came up
+    assert not (tmp_path / "log").read_text()  # not one conversation was diverted, nor logged
     assert host.run("nft", "list", "ruleset").stdout == ""
 
 

@@ -9,7 +9,6 @@ Python plus `ip`.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import re
@@ -21,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nftdivert.errors import NftDivertError
+from nftdivert.process.namespaces import CLONE_NEWNET, setns
 
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")  # `ip netns exec` mounts files from here over /etc
-CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
 
 
@@ -103,12 +102,7 @@ class Netns:
 
     def enter(self) -> None:
         """Move the calling thread into this namespace (meant for a forked child)."""
-        fd = os.open(NETNS_DIR / self.name, os.O_RDONLY)
-        try:
-            if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.name}")
-        finally:
-            os.close(fd)
+        setns(NETNS_DIR / self.name, CLONE_NEWNET)
 
     def pids(self) -> list[int]:
         """The processes inside, as `ip netns pids` finds them."""

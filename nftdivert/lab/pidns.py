@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.process.lifeline import die_with_parent
+from nftdivert.process.namespaces import CLONE_NEWNS, CLONE_NEWPID, setns
 
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x2, 0x4, 0x8, 0x4000, 0x80000
 # CMD gets the signal dispositions a shell would give it; Python ignores these.
 _DEFAULT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
@@ -63,7 +62,7 @@ class Tree:
                     os.close(life_w)
                     _init(argv, env, status_w, life_r, mask)
             finally:
-                _libc("setns", own, CLONE_NEWPID)  # any later child of ours stays out of it
+                setns(own, CLONE_NEWPID)  # any later child of ours stays out of it
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(own)

@@ -14,8 +14,8 @@ the namespaces it left, once its lock file proves that nothing of it runs.
 
 from __future__ import annotations
 
-import fcntl
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -25,12 +25,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nftdivert import runner, stats
 from nftdivert.lab import netns
 from nftdivert.config import Config, Listener
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import fork_child
+from nftdivert.process import lockfile
+from nftdivert.process.child import READY, wait_ready
+from nftdivert.process.lifeline import fork_child
 from nftdivert.lab.pidns import Tree
-from nftdivert.runner import STATS_DIR
+from nftdivert.stats import STATS_DIR
 
 # One lock file per sandbox, held by it and its children for as long as any
 # of them lives; the kernel lets go of it when the last one dies, SIGKILL or not.
@@ -47,6 +50,7 @@ DNS_LISTENERS = (Listener(name="dns", protocol="udp", port=53, kind="dns"),
                  Listener(name="dns-tcp", protocol="tcp", port=53, kind="dns"))
 
 TIMED_OUT = 124  # like timeout(1)
+READY_SECONDS = 30.0  # for the diverter to divert
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL when the sandbox ends the tree
 REPORT_AT_MOST = 2.0  # seconds between two reports of what still runs, when it changes
 REPORT_EVERY = 15.0  # ... and when it does not
@@ -137,17 +141,14 @@ def destroy(lab: Lab) -> None:
 # ---- what a killed sandbox left behind -------------------------------------------
 
 def _lock(base: str) -> int:
-    """This sandbox's lock file, held; an fd every child inherits (and no exec'd program)."""
+    """This sandbox's lock file, held; an fd every forked child shares (and no exec'd program)."""
     try:
         LOCKS.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCKS / f"{base}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = lockfile.acquire(LOCKS / f"{base}.lock")
     except OSError as exc:
         raise NftDivertError(f"cannot make the sandbox's lock file in {LOCKS}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise NftDivertError(f"a sandbox named {base} is running already (in another PID namespace?)") from None
+    if fd is None:
+        raise NftDivertError(f"a sandbox named {base} is running already (in another PID namespace?)")
     return fd
 
 
@@ -169,31 +170,27 @@ def remove_stale() -> list[str]:
     removed = []
     for base in sorted(bases):
         lab, lock = Lab.named(base), LOCKS / f"{base}.lock"
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
+        if not lock.exists():
             resolv = netns.ETC_NETNS / lab.client
             if resolv.is_dir() and not any((netns.NETNS_DIR / ns).exists() for ns in (lab.client, lab.diverter)):
                 shutil.rmtree(resolv, ignore_errors=True)
                 removed.append(str(resolv))
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Still that sandbox's lock, and not one it removed as it ended?
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                _remove_stats(lab)
-                destroy(lab)
-                lock.unlink()
-                removed.append(base)
-        except (BlockingIOError, FileNotFoundError):
-            pass  # alive, or it has just cleaned up after itself
-        finally:
-            os.close(fd)
+            fd = lockfile.acquire(lock, create=False)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # alive, or it has just cleaned up after itself
+        _remove_stats(lab)
+        destroy(lab)
+        lockfile.release(lock, fd)
+        removed.append(base)
     return removed
 
 
 def _remove_stats(lab: Lab) -> None:
-    """The counters file and the ownership lock the diverter kept (runner.stats_path,
+    """The counters file and the ownership lock the diverter kept (stats.stats_path,
     owner.lock_path), named by its namespace."""
     try:
         ino = os.stat(netns.NETNS_DIR / lab.diverter).st_ino
@@ -205,46 +202,39 @@ def _remove_stats(lab: Lab) -> None:
 
 # ---- the diverter -------------------------------------------------------------------
 
-def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | None) -> tuple[int, int]:
-    """Fork nftdivert into the diverter namespace; returns (pid, readiness fd)."""
-    ready_r, ready_w = os.pipe()
+def _start_diverter(lab: Lab, config: Config, pcap: str | None, summary: str | None) -> int:
+    """Fork nftdivert into the diverter namespace; returns its pid once it diverts."""
+    ready_r, ready_w = multiprocessing.Pipe(duplex=False)
 
-    def child() -> int:
+    def diverter() -> int:
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)  # not the parent's handlers; runner sets its own
-            os.close(ready_r)
+            ready_r.close()
             os.setpgid(0, 0)  # the terminal's Ctrl-C is for CMD, not for the diverter
             netns.Netns(lab.diverter).enter()
-            from nftdivert import runner
-
-            final = runner.run(config, pcap_path=pcap, on_ready=lambda: os.write(ready_w, b"1"),
+            final = runner.run(config, pcap_path=pcap, on_ready=lambda: ready_w.send(READY),
                                summary_path=summary, clients_netns=str(netns.NETNS_DIR / lab.client))
             if final:
-                print(f"nftdivert: {runner.summary(final)}", file=sys.stderr, flush=True)
+                print(f"nftdivert: {stats.summary(final)}", file=sys.stderr, flush=True)
             return 0
         except BaseException as exc:  # noqa: BLE001 - report, then leave the child
             print(f"nftdivert: diverter failed: {exc}", file=sys.stderr, flush=True)
             return 1
 
-    pid = fork_child(child)
-    os.close(ready_w)
-    return pid, ready_r
-
-
-def _wait_ready(pid: int, ready_fd: int, timeout: float = 30.0) -> None:
-    import select
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([ready_fd], [], [], 0.2)
-        if readable:
-            if os.read(ready_fd, 1):
-                return
-            break  # the child closed the pipe without saying ready: it failed
-        if os.waitpid(pid, os.WNOHANG) != (0, 0):
-            break
-    raise NftDivertError("the diverter did not come up (see its messages above)")
+    pid = fork_child(diverter)
+    ready_w.close()
+    up = False
+    try:
+        wait_ready("the diverter", ready_r, pid, READY_SECONDS)
+        up = True
+    except OSError as exc:
+        raise NftDivertError(f"{exc} (see its messages above)") from None
+    finally:
+        ready_r.close()
+        if not up:  # failed, or a Ctrl-C while it started: run() has no pid to stop
+            _stop_diverter(pid)
+    return pid
 
 
 def _stop_diverter(pid: int) -> None:
@@ -353,11 +343,7 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
         lock = _lock(base)
         lab = create(base, config.ipv6)
         trusted = _trust(lab, config)
-        pid, ready_fd = _start_diverter(lab, config, pcap, summary)
-        try:
-            _wait_ready(pid, ready_fd)
-        finally:
-            os.close(ready_fd)
+        pid = _start_diverter(lab, config, pcap, summary)
         if not command:
             _say("sandbox shell; every address and name answers locally. exit to leave.")
         try:
@@ -382,7 +368,6 @@ def run(config: Config, command: list[str], *, pcap: str | None = None, timeout:
         if lab is not None:
             destroy(lab)
         if lock is not None:
-            (LOCKS / f"{base}.lock").unlink(missing_ok=True)
-            os.close(lock)
+            lockfile.release(LOCKS / f"{base}.lock", lock)
         for s, handler in previous.items():
             signal.signal(s, handler)

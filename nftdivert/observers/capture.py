@@ -11,15 +11,16 @@ A process of its own reads the group (nflog.py) and writes the pcap
 would compete for the interpreter lock on the worker's hot path. It is a
 fork, started before any thread exists; it dies with the run (a SIGTERM,
 so it still writes out what it holds), ignores a terminal's Ctrl-C (the
-run stops it once the ruleset is gone) and reports its counts over a pipe
-when it ends, or the error that ended it: a capture that cannot be written
-stops the run.
+run stops it once the ruleset is gone). Over a pipe it says ready once the
+file's header is written (a file that takes nothing fails the start, before
+any packet is diverted), and its counts when it ends, or the error that
+ended it: a capture that cannot be written stops the run.
 """
 
 from __future__ import annotations
 
 import errno
-import json
+import multiprocessing
 import os
 import resource
 import select
@@ -28,10 +29,12 @@ import socket
 import time
 
 from nftdivert.errors import NftDivertError
-from nftdivert.lab.lifeline import fork_child, how_it_ended
+from nftdivert.process.child import READY, wait_ready
+from nftdivert.process.lifeline import fork_child, how_it_ended
 from nftdivert.observers import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
+START_SECONDS = 10.0
 STOP_TIMEOUT = 10.0
 FLUSH_EVERY = 1.0  # seconds: how stale the file may be for a reader while the run goes on
 
@@ -61,18 +64,23 @@ class NflogCapture:
                                      "namespace: set worker.pcap_group to another") from None
             raise NftDivertError(f"cannot read nflog group {self.group} for the capture: "
                                  f"{exc.strerror or exc}") from None
-        report_r, report_w = os.pipe()
+        report_r, report_w = multiprocessing.Pipe(duplex=False)
 
         def child() -> int:
-            os.close(report_r)
+            report_r.close()
             return _read_and_write(sock, self.fd, report_w)
 
         pid = fork_child(child, signum=signal.SIGTERM)
         sock.close()
         os.close(self.fd)
-        os.close(report_w)
+        report_w.close()
         self.pid, self._report = pid, report_r
         self.sentinel = os.pidfd_open(pid)  # readable once the reader has ended: the run watches it
+        try:  # the file's header is written: the file takes what it is given, at least for now
+            wait_ready("the capture's reader", report_r, pid, START_SECONDS)
+        except OSError as exc:
+            self.stop()
+            raise NftDivertError(f"cannot write the capture {self.path}: {exc}") from None
 
     def failed(self) -> str | None:
         """Why the capture ended while the run goes on, or None. Reaps the reader."""
@@ -109,20 +117,23 @@ class NflogCapture:
     def _read_report(self) -> dict:
         if self._report is None:
             return {}
-        with os.fdopen(self._report, "rb") as pipe:
-            self._report = None
-            text = pipe.read()
+        report, self._report = self._report, None
         try:
-            counts = json.loads(text)
-        except ValueError:  # it died before it could say (kill -9)
+            counts = report.recv() if report.poll() else {}
+        except EOFError:  # it died before it could say (kill -9)
+            counts = {}
+        finally:
+            report.close()
+        if not isinstance(counts, dict):  # it failed to start: wait_ready read why
             return {}
         if counts.get("error"):
             counts["error"] = f"cannot write the capture {self.path}: {counts['error']}"
         return counts
 
 
-def _read_and_write(sock, fd: int, report_w: int) -> int:
-    """The child: nflog batches into the pcap until SIGTERM, then the last of them; 0, or 1 on an error."""
+def _read_and_write(sock, fd: int, report) -> int:
+    """The child: ready once the file's header is written; then nflog batches into the pcap until
+    SIGTERM, then the last of them; 0, or 1 on an error."""
     stopping = False
 
     def stop(*_args) -> None:
@@ -136,6 +147,12 @@ def _read_and_write(sock, fd: int, report_w: int) -> int:
     floor = 0.0
     try:
         writer = PcapWriter(fd=fd)
+        writer.flush()
+    except OSError as exc:
+        report.send(("error", exc.strerror or str(exc)))
+        return 1
+    report.send(READY)
+    try:
         sock.setblocking(False)
         flush_at = time.monotonic() + FLUSH_EVERY
         while True:
@@ -157,7 +174,7 @@ def _read_and_write(sock, fd: int, report_w: int) -> int:
         code = 1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     counts["cpu_seconds"] = usage.ru_utime + usage.ru_stime
-    os.write(report_w, json.dumps(counts).encode())
+    report.send(counts)
     return code
 
 

@@ -20,12 +20,13 @@ from collections import OrderedDict
 from typing import Callable
 
 from nftdivert.config import Config
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.process.child import READY, spawn, wait_ready
 from nftdivert.observers import bound, convrecords
 from nftdivert.observers.admission import AdmissionLog, Tally
 from nftdivert.observers.summary import Summary
 
 _STATS_SECONDS = 1.0
+START_SECONDS = 15.0
 # Records per message to the parent at most: one pickle and one write for
 # many, and the first of a burst still goes out as soon as its batch is read.
 RECORD_BATCH = 256
@@ -52,16 +53,12 @@ class ObserverProcess:
         self._open: OrderedDict[tuple, tuple[dict, float]] = OrderedDict()
         self._since = time.time()  # conversations that started before are another run's
         self._closed = False
-        ctx = multiprocessing.get_context("fork")
-        self._conn, child_end = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_serve, args=(config, child_end, os.getpid(), clients_netns),
-                                    name="nftdivert-observer", daemon=True)
-        self._process.start()
-        child_end.close()
-        first = self._conn.recv() if self._conn.poll(15) else ("error", "the observer did not come up")
-        if first[0] != "ready":
+        self._process, self._conn = spawn("nftdivert-observer", _serve, config, clients_netns)
+        try:
+            wait_ready("the observer", self._conn, self._process.pid, START_SECONDS)
+        except OSError:
             self.close()
-            raise OSError(first[1])
+            raise
         self._reader = threading.Thread(target=self._read, name="nftdivert-observer-records", daemon=True)
         self._reader.start()
 
@@ -187,11 +184,10 @@ def _event_conversation(ev) -> tuple:
     return _conversation({"id": ev.id, **convrecords.identity(ev)})
 
 
-def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None:
+def _serve(conn, config: Config, clients_netns: str | None) -> None:
     """The child: observe until SIGTERM, then end what is still tracked."""
     from nftdivert.observers import observer
 
-    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     # The data path first: under a flood the observer takes only CPU nobody
     # else wants; if it falls behind, the kernel drops events (counted), not packets.
@@ -242,7 +238,7 @@ def _serve(config: Config, conn, parent: int, clients_netns: str | None) -> None
         return ("stats", {**obs.counts(), "events_lost": obs.lost + drops.lost + drops.tally.unrecorded,
                           "failed": obs.failed + drops.failed})
 
-    send(("ready",))
+    send(READY)
     try:
         while not stop.wait(_STATS_SECONDS):
             send(stats())

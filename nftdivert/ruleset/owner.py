@@ -9,7 +9,6 @@ load a live run's table only with the very ruleset that run loaded.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nftdivert.errors import NftDivertError, TableTaken
+from nftdivert.process import lockfile
 
 STATE_DIR = Path("/run/nftdivert")
 # Probes (`status`, `apply`) hold the lock shared for an instant; a claim
@@ -62,19 +62,18 @@ class Claim:
 
     def release(self) -> None:
         """Unlink while still locked, then unlock: whoever opened the old file tries again."""
-        if self._fd < 0:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError:
-            pass
-        self._close()
+        if self._fd >= 0:
+            lockfile.release(self.path, self._forget())
 
     def _close(self) -> None:
-        fd, self._fd = self._fd, -1
-        _claims.discard(self)
+        fd = self._forget()
         if fd >= 0:
             os.close(fd)
+
+    def _forget(self) -> int:
+        fd, self._fd = self._fd, -1
+        _claims.discard(self)
+        return fd
 
 
 _claims: set[Claim] = set()
@@ -101,43 +100,23 @@ def claim(table: str) -> Claim:
     deadline = time.monotonic() + _CLAIM_SECONDS
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            fd = lockfile.acquire(path, 0o644)
         except OSError as exc:
             raise NftDivertError(f"cannot open {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if time.monotonic() > deadline:
-                raise TableTaken(taken_message(table, owner_of(table))) from None
-            time.sleep(0.02)
-            continue
-        if _still_at(fd, path):
+        if fd is not None:
             return Claim(table, path, fd)
-        os.close(fd)  # the previous owner unlinked it as we opened it: the new file is the lock
-
-
-def _still_at(fd: int, path: Path) -> bool:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        if time.monotonic() > deadline:
+            raise TableTaken(taken_message(table, owner_of(table)))
+        time.sleep(0.02)
 
 
 def owner_of(table: str) -> Owner | None:
     """The live nftdivert run that owns `table` in this network namespace, if any."""
+    fd = lockfile.holder(lock_path(table))
+    if fd is None:
+        return None  # nobody claimed it, the last owner released it, or a killed owner left it
     try:
-        fd = os.open(lock_path(table), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None  # no lock file: nobody ever claimed it, or the last owner released it
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _read(fd)
-        return None  # a file left by a killed owner: the kernel released its lock
+        return _read(fd)
     finally:
         os.close(fd)
 

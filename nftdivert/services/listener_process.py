@@ -37,7 +37,7 @@ from nftdivert.config import Config
 from nftdivert.services import handoff, origin, pool_channel
 from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.process.child import READY, spawn, wait_ready
 from nftdivert.services.listeners import Listeners, ListenerStats
 
 _STATS_SECONDS = 1.0
@@ -137,48 +137,40 @@ class ListenerProcess:
     def start(self, timeout: float = 15.0) -> None:
         if not self._names_of:
             return  # only external listeners: nothing to run
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("fork")  # the pipes' kind, as the children's
         count = process_count(self._config)
         inboxes = handoff.pairs(count) if count > 1 else None
         has_dns = any(lst.kind == "dns" for lst in self._config.listeners)
         pool = pool_channel.pairs(count) if count > 1 and has_dns else None
         try:
             for index in range(count):
-                parent_end, child_end = ctx.Pipe(duplex=False)
                 origin_parent, origin_child = ctx.Pipe()
                 reload_child, reloads = ctx.Pipe(duplex=False)
-                process = ctx.Process(target=_serve, args=(self._config, child_end, os.getpid(), origin_child,
-                                                           reload_child, index, count, inboxes, pool),
-                                      name=f"nftdivert-listeners-{index}", daemon=True)
-                process.start()
-                child_end.close()
+                process, parent_end = spawn(f"nftdivert-listeners-{index}", _serve, self._config,
+                                        origin_child, reload_child, index, count, inboxes, pool)
                 origin_child.close()
                 reload_child.close()
                 self._children.append(_Child(process, parent_end, origin.Server(origin_parent), reloads))
                 if index == 0:  # it found the ports free before the others join its sockets
-                    self._wait_ready(self._children[0], timeout)
+                    self._wait_ready(0, timeout)
         finally:
             for pair in [*(inboxes or ()), *(pool or ())]:
                 for end in pair or ():
                     end.close()
-        for child in self._children[1:]:  # every process ready before the ruleset may send them anything
-            self._wait_ready(child, timeout)
+        for index in range(1, len(self._children)):  # every process ready before the ruleset may send them anything
+            self._wait_ready(index, timeout)
         for index, child in enumerate(self._children):
             child.reader = threading.Thread(target=self._read, args=(child, index == 0),
                                             name="nftdivert-listener-events", daemon=True)
             child.reader.start()
 
-    def _wait_ready(self, child: _Child, timeout: float) -> None:
-        if not child.conn.poll(timeout):
-            self.stop()
-            raise OSError("the listener process did not come up")
+    def _wait_ready(self, index: int, timeout: float) -> None:
+        started = self._children[index]
         try:
-            first = child.conn.recv()
-        except EOFError:
-            first = ("error", "the listener process exited while starting")
-        if first[0] != "ready":
+            wait_ready(f"listener process {index}", started.conn, started.process.pid, timeout)
+        except OSError:
             self.stop()
-            raise OSError(first[1])
+            raise
 
     def _read(self, child: _Child, owner: bool) -> None:
         conn = child.conn
@@ -255,10 +247,9 @@ class ListenerProcess:
         self._ended, self._children = self._children or self._ended, []
 
 
-def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, count: int = 1,
+def _serve(conn, config: Config, origins, reloads, index: int = 0, count: int = 1,
            inboxes=None, pool=None) -> None:
     """Child `index` of `count`: bind, say ready (or why not), serve, report, until SIGTERM."""
-    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -295,7 +286,7 @@ def _serve(config: Config, conn, parent: int, origins, reloads, index: int = 0, 
     except OSError as exc:
         send(("error", str(exc)))
         return
-    send(("ready",))
+    send(READY)
     threading.Thread(target=_reloading, args=(reloads, listeners, send, index == 0), name="nftdivert-reload",
                      daemon=True).start()
     try:

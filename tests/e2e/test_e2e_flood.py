@@ -41,7 +41,7 @@ STALE = 3.0  # seconds: the tick runs each second; older counters mean it stalle
 
 
 def _stats_file(ns) -> Path:
-    # The worker names it after its network namespace's inode (runner.stats_path).
+    # The worker names it after its network namespace's inode (stats.stats_path).
     return Path("/run/nftdivert") / f"{lab.TABLE}-{os.stat(f'/run/netns/{ns.name}').st_ino}.json"
 
 

@@ -234,6 +234,18 @@ def test_the_client_has_no_route_but_the_sandbox_link(config):
 
 # ---- lifetime ------------------------------------------------------------------------------
 
+def test_a_diverter_that_cannot_start_is_named_with_how_it_ended_and_everything_is_removed(config):
+    # A capture file that takes nothing stops the diverter as it starts: CMD never runs.
+    proc = sandbox(config, "echo ran", "-w", "/dev/full", "--log", "")
+    assert proc.returncode == 1, proc.stderr
+    assert "ran" not in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert "nftdivert: diverter failed: cannot write the capture /dev/full: No space left on device" in lines
+    assert re.fullmatch(r"nftdivert: the diverter \(pid \d+\) exited with status 1 while starting "
+                        r"\(see its messages above\)", lines[-1]), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_crashing_cmd_gives_its_signal_status_and_everything_is_removed(config):
     proc = sandbox(config, "kill -SEGV $$")  # sandbox() checks that nothing is left
     assert proc.returncode == 128 + signal.SIGSEGV

@@ -1,6 +1,6 @@
 """The worker's edge that needs no queue bound: the kernel's queue counters."""
 
-from nftdivert import runner
+from nftdivert import stats
 from nftdivert.worker.queue import kernel_queue_drops
 
 # /proc/net/netfilter/nfnetlink_queue: queue, peer portid, waiting, copy mode,
@@ -30,5 +30,5 @@ def test_the_summary_ends_with_them():
                                             "evicted_idle", "evicted_closed", "evicted_cap"), 0),
             "log": dict.fromkeys(("written", "dropped", "failed"), 0),
             "kernel": {"incoming": {"queue": 0, "waiting": 2, "queue_full": 26768, "socket_full": 3}}}
-    assert runner.summary(snap).endswith(
+    assert stats.summary(snap).endswith(
         "; kernel: incoming queue 0 dropped 26768 (queue full) + 3 (socket full) + 0 (unreadable), waiting 2")

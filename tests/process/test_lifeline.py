@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from nftdivert.lab.lifeline import die_with_parent
+from nftdivert.process.lifeline import die_with_parent
 from procs import wait_gone
 
 
