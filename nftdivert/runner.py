@@ -35,7 +35,7 @@ from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
-from nftdivert.errors import ConfigError, KernelError, NftDivertError
+from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.lab.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
@@ -142,10 +142,6 @@ def _conntrack_lookup(stack: ExitStack):
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
     return ct.entry
-
-
-def _say(message: str) -> None:
-    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
 def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
