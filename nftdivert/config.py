@@ -20,7 +20,12 @@ from typing import Any, Mapping
 from nftdivert.errors import ConfigError
 
 MODES = ("gateway", "local", "both")
-BACKENDS = ("auto", "nft", "xt")
+# The queue backends, named here once: "nft" queues with nft's own statement,
+# "xt" through iptables-nft's NFQUEUE; the ruleset's backend classes take these
+# names. `auto` asks the kernel which one works.
+NATIVE_QUEUE, XT_QUEUE = "nft", "xt"
+QUEUE_BACKENDS = (NATIVE_QUEUE, XT_QUEUE)
+BACKENDS = ("auto", *QUEUE_BACKENDS)
 PROTOCOLS = ("tcp", "udp")
 # One protocol on a fixed port, without recognition (TCP only).
 PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")

@@ -33,7 +33,7 @@ from nftdivert import metrics
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
-from nftdivert.config import PROTOCOL_KINDS, Config, HttpConfig
+from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
@@ -252,7 +252,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         listeners.on_recycled = log.dns_recycled
         listeners.on_event = log.event
 
-        rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
+        rs = model.build(config, NATIVE_QUEUE)  # what the sets are; the backend is not asked yet
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
         hooks = None
