@@ -9,7 +9,7 @@ import click
 
 from nftdivert import config as config_mod
 from nftdivert import __version__, errors
-from nftdivert.ruleset import engine, keywords, owner
+from nftdivert.ruleset import engine, owner
 from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
 from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
@@ -20,7 +20,7 @@ CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded 
 def _config(path: str | None, *, kernel: bool = True, defaults=None) -> config_mod.Config:
     """The config, its table name checked; kernel=False: without libnftables (render)."""
     cfg = config_mod.load(path, defaults)
-    (check_table_name if kernel else keywords.check_table_name)(cfg.table)
+    check_table_name(cfg.table, parser=kernel)
     return cfg
 
 
