@@ -8,7 +8,7 @@ import re
 import tempfile
 from typing import Any
 
-from nftdivert.config import check_table_syntax
+from nftdivert.config import XT_QUEUE, check_table_syntax
 from nftdivert.ruleset import keywords
 from nftdivert.errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
@@ -157,7 +157,7 @@ def _kernel_error(err: str) -> KernelError:
     if "Could not process rule: No such file or directory" in err:
         # The kernel knows no expression of that name: a module or option is missing.
         hint = ("\nthe kernel lacks the nft queue statement (CONFIG_NFT_QUEUE): "
-                'set [queue] backend = "auto" or "xt"' if "queue num" in err else
+                f'set [queue] backend = "auto" or "{XT_QUEUE}"' if "queue num" in err else
                 "\nthe kernel lacks support for an expression on that line "
                 "(a module or kernel option; see the README's compatibility section)")
         return KernelError(err + hint)
