@@ -9,7 +9,7 @@ import click
 
 from nftdivert import config as config_mod
 from nftdivert import __version__, errors
-from nftdivert.ruleset import engine, keywords, owner
+from nftdivert.ruleset import engine, owner
 from nftdivert.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, DriftFound, NftDivertError
 from nftdivert.ruleset.kernel import Nft, check_table_name, is_root
 
@@ -20,7 +20,7 @@ CONFIG_HELP = ("TOML config file (at most 1 MiB). Without it, the safe embedded 
 def _config(path: str | None, *, kernel: bool = True, defaults=None) -> config_mod.Config:
     """The config, its table name checked; kernel=False: without libnftables (render)."""
     cfg = config_mod.load(path, defaults)
-    (check_table_name if kernel else keywords.check_table_name)(cfg.table)
+    check_table_name(cfg.table, parser=kernel)
     return cfg
 
 
@@ -82,7 +82,7 @@ def cli() -> None:
 
 @cli.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--backend", type=click.Choice(["nft", "xt"]),
+@click.option("--backend", type=click.Choice(config_mod.QUEUE_BACKENDS),
               help="Render for this queue backend. Default: the config's; `auto` renders the native nft form.")
 @DIVERT_PATH_OPTION
 @click.option("--after-stop", is_flag=True,
@@ -102,7 +102,7 @@ def render(config_path: str | None, backend: str | None, divert_path: str | None
     if not after_stop:
         click.echo(render_mod.render_for(cfg, backend), nl=False)
         return
-    text = render_mod.render_after_stop(model.build(cfg, "nft"))
+    text = render_mod.render_after_stop(model.build(cfg, config_mod.NATIVE_QUEUE))
     click.echo(text or "# nftdivert after a clean stop: nothing stays loaded "
                        "(no containment, or containment_after_stop = \"remove\")\n", nl=False)
 

@@ -20,7 +20,12 @@ from typing import Any, Mapping
 from nftdivert.errors import ConfigError
 
 MODES = ("gateway", "local", "both")
-BACKENDS = ("auto", "nft", "xt")
+# The queue backends, named here once: "nft" queues with nft's own statement,
+# "xt" through iptables-nft's NFQUEUE; the ruleset's backend classes take these
+# names. `auto` asks the kernel which one works.
+NATIVE_QUEUE, XT_QUEUE = "nft", "xt"
+QUEUE_BACKENDS = (NATIVE_QUEUE, XT_QUEUE)
+BACKENDS = ("auto", *QUEUE_BACKENDS)
 PROTOCOLS = ("tcp", "udp")
 # One protocol on a fixed port, without recognition (TCP only).
 PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
@@ -74,12 +79,13 @@ def _check_seconds(key: str, value: float) -> None:
         raise ConfigError(key, value, "must be more than 0 and at most a week")
 
 
-def check_table_name(key: str, value: object) -> None:
-    """The syntax rule for nftdivert's table name (nft's keywords are checked in kernel.py)."""
-    _check_type(key, value, str, "a string")
-    assert isinstance(value, str)
-    if not _TABLE_NAME.fullmatch(value):
-        raise ConfigError(key, value, "table names are 1-32 letters, digits and '_', starting with a letter")
+def check_table_syntax(table: object, key: str = "table") -> None:
+    """The syntax rule for nftdivert's table name; the whole check, nft's
+    keywords included, is ruleset.kernel.check_table_name."""
+    _check_type(key, table, str, "a string")
+    assert isinstance(table, str)
+    if not _TABLE_NAME.fullmatch(table):
+        raise ConfigError(key, table, "table names are 1-32 letters, digits and '_', starting with a letter")
 
 
 def listen_address(value: str) -> tuple[str, int]:
@@ -753,7 +759,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("divert_path", self.divert_path, DIVERT_PATHS)
-        check_table_name("table", self.table)
+        check_table_syntax(self.table)
         for name in ("ipv4", "ipv6", "forward_containment"):
             _check_type(name, getattr(self, name), bool, "true or false")
         _check_choice("containment_after_stop", self.containment_after_stop, AFTER_STOP)

@@ -8,6 +8,7 @@ The CLI decides exits here only. Values from the user reach messages through
 from __future__ import annotations
 
 import reprlib
+import sys
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # kernel refused, drift found, worker failed, table owned by another run
@@ -63,6 +64,11 @@ class TableTaken(NftDivertError):
 
 class DriftFound(NftDivertError):
     """Not an error to report: the exit status says it (drift, or nothing loaded)."""
+
+
+def say(message: str) -> None:
+    """One line for the user on stderr, named as every message of ours is, shown at once."""
+    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
 def usage_line(message: str, command: str | None) -> str:

@@ -31,9 +31,9 @@ from nftdivert import metrics, stats
 from nftdivert.observers import bound, bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
-from nftdivert.config import PROTOCOL_KINDS, Config, HttpConfig
+from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
-from nftdivert.errors import ConfigError, KernelError, NftDivertError
+from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
@@ -134,10 +134,6 @@ def _conntrack_lookup(stack: ExitStack):
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
     return ct.entry
-
-
-def _say(message: str) -> None:
-    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
 def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
@@ -248,7 +244,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         listeners.on_recycled = log.dns_recycled
         listeners.on_event = log.event
 
-        rs = model.build(config, "nft")  # what the sets are; the backend is not asked yet
+        rs = model.build(config, NATIVE_QUEUE)  # what the sets are; the backend is not asked yet
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
         hooks = None

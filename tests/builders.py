@@ -118,6 +118,11 @@ def ones_sum(data):
     return n % 0xFFFF or 0xFFFF
 
 
+def checksum_offset(seg):
+    """Where a parsed packet's TCP/UDP checksum field lies."""
+    return seg.l4_offset + (16 if seg.protocol == TCP else 6)
+
+
 def checksum_field(data):
     version, _, _, protocol, l4 = split(data)
     at = 16 if protocol == TCP else 6

@@ -28,7 +28,7 @@ from pathlib import Path
 from nftdivert import runner, stats
 from nftdivert.lab import netns
 from nftdivert.config import Config, Listener
-from nftdivert.errors import NftDivertError
+from nftdivert.errors import NftDivertError, say as _say
 from nftdivert.process import lockfile
 from nftdivert.process.child import READY, wait_ready
 from nftdivert.process.lifeline import fork_child
@@ -83,10 +83,6 @@ def sandbox_config(config: Config) -> Config:
                   and lst.name not in {x.name for x in config.listeners})
     return replace(config, mode="gateway", interfaces=(DIVERTER_IF,), listeners=config.listeners + extra,
                    containment_after_stop="remove")
-
-
-def _say(message: str) -> None:
-    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
 def create(name: str, ipv6: bool) -> Lab:

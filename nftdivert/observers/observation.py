@@ -7,14 +7,10 @@ from contextlib import ExitStack
 from typing import TextIO
 
 from nftdivert.config import Config
-from nftdivert.errors import ConfigError, NftDivertError
+from nftdivert.errors import ConfigError, NftDivertError, say
 from nftdivert.observers import ctsettings
 from nftdivert.observers.observer_process import ObserverProcess
 from nftdivert.observers.convlog import ConversationLog
-
-
-def _say(message: str) -> None:
-    print(f"nftdivert: {message}", file=sys.stderr, flush=True)
 
 
 class Unobserved:
@@ -52,8 +48,8 @@ class Observation:
         conntrack: what it would cost is not spent for a record nobody keeps.
         """
         if config.worker.log == "" and not self.summary_path:
-            _say('conversation log off (--log ""): nothing watches conntrack, and no table of what '
-                 "was contacted is printed at the end")
+            say('conversation log off (--log ""): nothing watches conntrack, and no table of what '
+                "was contacted is printed at the end")
             return Unobserved()
         try:
             emit = log.put if hooks is None else hooks.watching(log.put)  # [hooks]: on each first start
@@ -77,4 +73,4 @@ class Observation:
                 self.summary_file.write(self.observer.summary.as_json())
                 self.summary_file.flush()
             except OSError as exc:
-                _say(f"cannot write the summary {self.summary_path}: {exc.strerror or exc}")
+                say(f"cannot write the summary {self.summary_path}: {exc.strerror or exc}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from nftdivert.ruleset import backends, model, owner, render, scratch
 from nftdivert.observers import bound, bridges
 from nftdivert.ruleset.backends.base import QueueBackend
-from nftdivert.config import Config
+from nftdivert.config import NATIVE_QUEUE, XT_QUEUE, Config
 from nftdivert.errors import KernelError, NftDivertError, clip
 from nftdivert.ruleset.kernel import FAMILIES, Nft, refuse_file_reads, table_ref
 
@@ -184,7 +184,7 @@ def after_stop(config: Config, nft: Nft) -> bool:
     The containment-only table replaces the full one in one transaction, so
     forwarded traffic is never let through in between. True: containment stays.
     """
-    rs = model.build(config, "nft")
+    rs = model.build(config, NATIVE_QUEUE)
     text = render.render_after_stop(rs)
     if text is None:
         remove(config.table, nft)
@@ -293,7 +293,7 @@ def status(table: str, nft: Nft) -> Status:
     sets = {s["name"]: len(s.get("elem", [])) for o in objects if (s := o.get("set") or o.get("map"))}
     xt = tuple(_installed_xt(table, nft))
     return Status(
-        table, loaded=True, backend="nft" if queued_natively else ("xt" if xt else "none"),
+        table, loaded=True, backend=NATIVE_QUEUE if queued_natively else (XT_QUEUE if xt else model.NO_BACKEND),
         chains=tuple(ChainStatus(n, c.get("hook", "-"), c.get("prio", 0), packets[n])
                      for n, c in chains.items()),
         xt_rules=xt, sets=sets, admission=_named_counters(objects, "admission_"),

@@ -8,7 +8,7 @@ import re
 import tempfile
 from typing import Any
 
-from nftdivert.config import check_table_name as _check_table_syntax
+from nftdivert.config import XT_QUEUE, check_table_syntax
 from nftdivert.ruleset import keywords
 from nftdivert.errors import MESSAGE_LINE_CHARS, ConfigError, KernelError, PermissionProblem, clip
 
@@ -142,7 +142,7 @@ def table_ref(table: str, family: str = "inet") -> str:
     nft cannot quote a table name, so a name is only ever let through whole,
     after the config's rule for table names (letters, digits, '_').
     """
-    _check_table_syntax("table", table)
+    check_table_syntax(table)
     if family not in FAMILIES:
         raise ValueError(f"not a family of nftdivert's tables: {family!r}")
     return f"{family} {table}"
@@ -157,7 +157,7 @@ def _kernel_error(err: str) -> KernelError:
     if "Could not process rule: No such file or directory" in err:
         # The kernel knows no expression of that name: a module or option is missing.
         hint = ("\nthe kernel lacks the nft queue statement (CONFIG_NFT_QUEUE): "
-                'set [queue] backend = "auto" or "xt"' if "queue num" in err else
+                f'set [queue] backend = "auto" or "{XT_QUEUE}"' if "queue num" in err else
                 "\nthe kernel lacks support for an expression on that line "
                 "(a module or kernel option; see the README's compatibility section)")
         return KernelError(err + hint)
@@ -173,12 +173,13 @@ def _short_line(line: str) -> str:
     return clip(line.expandtabs(8))
 
 
-def check_table_name(table: object, key: str = "table") -> None:
+def check_table_name(table: object, key: str = "table", *, parser: bool = True) -> None:
     """Every table name from the user passes here on its way to the kernel: the
-    config's syntax rule and the listed keywords, then the installed parser
-    (a newer nft may know words the list does not)."""
-    keywords.check_table_name(table, key)
-    if is_reserved_word(table):  # type: ignore[arg-type]
+    config's syntax rule and the listed keywords, then the installed parser (a
+    newer nft may know words the list does not). parser=False: without
+    libnftables, for `render`."""
+    check_table_syntax(table, key)
+    if table in keywords.RESERVED or (parser and is_reserved_word(table)):  # type: ignore[arg-type]
         raise ConfigError(key, table, keywords.KEYWORD_REASON)
 
 

@@ -5,14 +5,11 @@ nft cannot quote a table name, so a table called `counter` cannot be loaded.
 kernel's library), so the words are listed here: those nftables 1.0.6 reads
 as keywords in `add table inet NAME`. Newer releases add words; the commands
 that load libnftables anyway (check, apply, run...) also ask the installed
-parser itself (kernel.check_table_name), and tests/ruleset/test_keywords.py
-compares this list with the installed parser.
+parser itself (kernel.check_table_name, where this list is checked too), and
+tests/ruleset/test_keywords.py compares this list with the installed parser.
 """
 
 from __future__ import annotations
-
-from nftdivert.config import check_table_name as _check_syntax
-from nftdivert.errors import ConfigError
 
 RESERVED = frozenset("""
     accept add ah all and arp bridge cgroup chain comment comp constant continue counter cpu
@@ -28,10 +25,3 @@ RESERVED = frozenset("""
 """.split())
 
 KEYWORD_REASON = "nft reads this name as a keyword; choose another"
-
-
-def check_table_name(table: object, key: str = "table") -> None:
-    """The config's syntax rule, then the listed keywords: pure, no libnftables."""
-    _check_syntax(key, table)
-    if table in RESERVED:
-        raise ConfigError(key, table, KEYWORD_REASON)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nftdivert.config import Config, PortRange
+from nftdivert.config import NATIVE_QUEUE, QUEUE_BACKENDS, XT_QUEUE, Config, PortRange
 
 # NetfilterQueue copies at most 4016 bytes of a packet and a rewritten packet
 # must go back whole. Clamp the MSS of diverted TCP so that no segment is
@@ -17,7 +17,6 @@ from nftdivert.config import Config, PortRange
 QUEUE_COPY_LIMIT = 4016
 DIVERTED_MSS = QUEUE_COPY_LIMIT - 40 - 60
 
-BACKENDS = ("nft", "xt")
 # The kernel path queues nothing, so it has no queue backend.
 NO_BACKEND = "none"
 # Fail closed on the kernel path: `run` renews the `serving` set's elements
@@ -62,6 +61,14 @@ class Ruleset:
     # listeners themselves; nothing is queued (see the template).
     kernel_path: bool = False
     serving_timeout: int = SERVING_TIMEOUT
+
+    @property
+    def native_queue(self) -> bool:
+        return self.backend == NATIVE_QUEUE
+
+    @property
+    def xt_queue(self) -> bool:
+        return self.backend == XT_QUEUE
 
     @property
     def admission(self) -> tuple[tuple[str, int, int], ...]:
@@ -130,8 +137,8 @@ def _ids(values: tuple[str | int, ...]) -> tuple[str, ...]:
 def build(config: Config, backend: str) -> Ruleset:
     """The ruleset for `config` with a concrete queue backend ("nft" or "xt");
     the kernel path has none, whatever `backend` says."""
-    if backend not in (*BACKENDS, NO_BACKEND):
-        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend not in (*QUEUE_BACKENDS, NO_BACKEND):
+        raise ValueError(f"backend must be one of {QUEUE_BACKENDS}, not {backend!r}")
     if config.divert_path == "kernel":
         backend = NO_BACKEND
     la = config.leave_alone

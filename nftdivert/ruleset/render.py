@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nftdivert.ruleset import model
-from nftdivert.config import Config
+from nftdivert.config import NATIVE_QUEUE, Config
 from nftdivert.ruleset.model import Ruleset
 
 if TYPE_CHECKING:
@@ -72,11 +72,11 @@ def render_after_stop(rs: Ruleset) -> str | None:
 
 def render_for(config: Config, backend: str | None = None) -> str:
     """The ruleset text for `config`; `auto` renders the native form, the kernel is not asked."""
-    chosen = backend or (config.queue.backend if config.queue.backend != "auto" else "nft")
+    chosen = backend or (config.queue.backend if config.queue.backend != "auto" else NATIVE_QUEUE)
     return render(model.build(config, chosen))
 
 
 def render(rs: Ruleset) -> str:
     """The full nftables ruleset for `rs`, loadable with `nft -f`."""
-    xt = xt_rule_lines(rs) if rs.backend == "xt" else []
+    xt = xt_rule_lines(rs) if rs.xt_queue else []
     return _environment().get_template("ruleset.nft.j2").render(rs=rs, xt_rules=xt)

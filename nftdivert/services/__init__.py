@@ -1,1 +1,4 @@
-"""At the edges: the listeners that answer, and the observers that log, capture and look up."""
+"""The answering side: the built-in listeners (in processes of their own), the
+protocol recognised on the default ports and served (HTTP, TLS, DNS, SMTP, FTP,
+POP3, IMAP, SSH, proxies, ...), and what they keep (mail, uploads) or hand out
+(certificates, files by extension)."""

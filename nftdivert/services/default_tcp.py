@@ -3,10 +3,11 @@
 A ClientHello gets TLS (and the protocol inside is recognised again), an
 HTTP request gets the HTTP answer, an SSH banner the SSH answer, a
 server-first protocol's command that protocol, anything else the echo
-(recognize.choose). A client that stays silent for `[recognize] wait`
-seconds on a port whose protocol speaks first gets its greeting; elsewhere
-the listener waits on for its first bytes. Each TLS handshake and HTTP
-request is handed to `emit` as a log record.
+(recognize.choose; answers.ANSWERS names each protocol's service). A client
+that stays silent for `[recognize] wait` seconds on a port whose protocol
+speaks first gets its greeting; elsewhere the listener waits on for its
+first bytes. Each TLS handshake and HTTP request is handed to `emit` as a
+log record.
 
 Proxies and HTTP/2 (C2 below): a SOCKS greeting or an HTTP CONNECT opens a
 tunnel whose bytes are recognised again, as if the client had connected to
@@ -22,6 +23,7 @@ from typing import Awaitable, Callable
 
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services import handoff, origin as origin_mod, recognize, small_services
+from nftdivert.services.answers import ANSWERS, Conversation, asked_address
 from nftdivert.services.tls import Plain, Upgrade
 
 C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
@@ -151,19 +153,14 @@ class DefaultTcp:
                       name: str | None = None) -> None:
         """Serve what was recognised; `name`: the host a proxy's client named, for the TLS leaf."""
         # No SNI: a leaf for that name, else for the address the client asked for.
-        ip = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-        upgrade = Upgrade(self._certs, self._emit, base, ip, name)
+        upgrade = Upgrade(self._certs, self._emit, base, asked_address(original, sock), name)
         try:
             if kind == "tls":
                 stream = await upgrade(plain, first)
                 if stream is not None:
                     await self._inside(stream, base, peer, sock, original, upgrade)
-            elif kind == "http":
-                await self._serve_http(plain, base, "http", peer, sock)
-            elif kind in C2:
-                await self._serve_c2(kind, plain, base, "http", peer, sock)
-            elif kind != "other":
-                await self._serve_first(kind, plain, base, peer, sock, original, upgrade)
+            elif kind in ANSWERS:
+                await ANSWERS[kind](self._conversation(plain, base, peer, sock, original, upgrade, "http"))
             else:
                 await echo(plain, first or await plain.read())
         finally:
@@ -177,12 +174,10 @@ class DefaultTcp:
             inner = await first_bytes(stream.read, SILENT)
         stream.prepend(inner)
         kind = recognize.choose(inner, port, inside_tls=True)
-        if kind in C2:  # HTTP/2 after ALPN h2, or a proxy inside TLS
-            await self._serve_c2(kind, stream, base, "https", peer, sock)
-        elif self._fixed == "https" or kind == "http":
-            await self._serve_http(stream, base, "https", peer, sock)
-        elif kind in recognize.SERVER_FIRST.values():
-            await self._serve_first(kind, stream, base, peer, sock, original, upgrade)
+        if kind not in C2 and self._fixed == "https":  # HTTP/2 after ALPN h2 or a proxy, else HTTPS' answer
+            kind = "http"
+        if kind in ANSWERS:
+            await ANSWERS[kind](self._conversation(stream, base, peer, sock, original, upgrade, "https"))
         elif (small := small_services.kind_for(inner, original)) is not None:  # IRC over TLS (6697)
             await small_services.serve(small, stream, self._small, self._emit, base, peer)
         else:
@@ -231,38 +226,10 @@ class DefaultTcp:
     async def _original(self, peer, sock) -> tuple[str, int] | None:
         return await self._origin(peer[:2], sock[:2])
 
-    async def _serve_first(self, kind: str, stream, base: dict, peer, sock, original, upgrade) -> None:
-        """A protocol that speaks first; each imports its library only once spoken.
-
-        `upgrade`: the conversation's TLS, for STARTTLS (offered unless `upgrade.secure`).
-        """
-        first, emit = self._first, self._emit
-        if kind == "smtp":
-            from nftdivert.services import smtp
-
-            await smtp.serve(stream, first, emit, base, peer, upgrade)
-        elif kind == "pop3":
-            from nftdivert.services import mailbox
-
-            await mailbox.serve_pop3(stream, first, emit, base, upgrade)
-        elif kind == "imap":
-            from nftdivert.services import imap
-
-            await imap.serve(stream, first, emit, base, upgrade)
-        elif kind == "ftp":
-            from nftdivert.services import ftp
-
-            asked = original[0] if original is not None else sock[0].removeprefix("::ffff:")
-            await ftp.serve(stream, first, emit, base, peer, asked, upgrade)
-        elif kind == "ssh":
-            from nftdivert.services import ssh
-
-            await ssh.serve(stream, first, emit, base, peer, sock)
-
-    async def _serve_http(self, stream, base: dict, scheme: str, peer, sock) -> None:
-        from nftdivert.services import http  # h11: only once HTTP is spoken
-
-        await http.serve(stream, self._http, self._emit, base, scheme, self._transports(peer, sock))
+    def _conversation(self, stream, base: dict, peer, sock, original, upgrade: Upgrade,
+                      scheme: str) -> Conversation:
+        return Conversation(stream, base, peer, sock, original, upgrade, scheme, self._emit, self._http,
+                            self._first, lambda: self._transports(peer, sock))
 
     def _transports(self, peer, sock):
         from nftdivert.services import http
@@ -271,17 +238,6 @@ class DefaultTcp:
             await self._tunnel(stream, base, host, port, peer, sock)
 
         return http.Transports(tunnel=tunnel, resolver=self._resolver)
-
-    async def _serve_c2(self, kind: str, stream, base: dict, scheme: str, peer, sock) -> None:
-        transports = self._transports(peer, sock)
-        if kind == "h2c":
-            from nftdivert.services import http2  # h2: only once HTTP/2 is spoken
-
-            await http2.serve(stream, self._http, self._emit, base, scheme, transports)
-        else:
-            from nftdivert.services import proxy
-
-            await proxy.serve_socks(kind, stream, self._emit, base, transports)
 
     async def _tunnel(self, stream, base: dict, host: str, port: int, peer, sock) -> None:
         """A proxy's tunnel: its bytes recognised again, as if the client had connected to host:port."""

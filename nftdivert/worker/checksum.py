@@ -1,7 +1,8 @@
-"""Internet checksum (RFC 1071) and its incremental update (RFC 1624).
+"""Internet checksum (RFC 1071), computed from scratch.
 
 The kernel does not repair L4 checksums of a payload we hand back, so every
-port rewrite must leave a checksum identical to a full recomputation.
+port rewrite (rewrite.py updates the checksum incrementally, RFC 1624) must
+leave a checksum identical to this full recomputation.
 """
 from __future__ import annotations
 
@@ -18,16 +19,6 @@ def _fold(total: int) -> int:
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
     return total
-
-
-def adjust(checksum: int, old_word: int, new_word: int) -> int:
-    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').
-
-    Unlike RFC 1141's HC + m + ~m', this never turns a checksum into the
-    negative zero a full recomputation would not produce.
-    """
-    total = (~checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
-    return ~_fold(total) & 0xFFFF
 
 
 def _sum(data: bytes) -> int:

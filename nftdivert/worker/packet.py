@@ -54,17 +54,9 @@ class Segment(NamedTuple):
     checksum: int  # L4 checksum field as found
 
     @property
-    def checksum_offset(self) -> int:
-        return self.l4_offset + (16 if self.protocol == TCP else 6)
-
-    @property
     def is_syn(self) -> bool:
         """A connection opener: SYN without ACK (a SYN-ACK is a reply)."""
         return self.tcp_flags & (SYN | ACK) == SYN
-
-    @property
-    def is_fin_or_rst(self) -> bool:
-        return bool(self.tcp_flags & (FIN | RST))
 
     @property
     def starts_conversation(self) -> bool:

@@ -1,4 +1,4 @@
-"""Rewrite one TCP/UDP port of a parsed packet, fixing its checksum in place."""
+"""Rewrite the TCP/UDP ports of a parsed packet, fixing its checksum incrementally."""
 from __future__ import annotations
 
 import struct
@@ -10,23 +10,15 @@ _U16 = struct.Struct("!H")
 _PORTS = struct.Struct("!HH")
 
 
-def with_dport(data: bytes, seg: Segment, port: int) -> bytes:
-    """The packet with its destination port set to `port`."""
-    return with_ports(data, seg, seg.sport, port)
-
-
-def with_sport(data: bytes, seg: Segment, port: int) -> bytes:
-    """The packet with its source port set to `port`."""
-    return with_ports(data, seg, port, seg.dport)
-
-
 def with_ports(data: bytes, seg: Segment, sport: int, dport: int) -> bytes:
     """The packet with both ports set; the two share one header word pair and one checksum fix.
 
-    The fix is RFC 1624 eqn. 3 (checksum.adjust) for both words in one sum:
-    ones' complement addition is associative and a fold of a non-zero sum
-    is never 0, so one fold of both gives what two adjust() calls give.
-    It is written out here because every queued packet comes this way."""
+    The fix is RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), for both words in one
+    sum: ones' complement addition is associative and a fold of a non-zero
+    sum is never 0, so one fold of both gives what two updates give. Unlike
+    RFC 1141's HC + m + ~m', it never turns a checksum into the negative zero
+    a full recomputation would not produce. Written out here, not called,
+    because every queued packet comes this way."""
     version, protocol, src, dst, old_sport, old_dport, at, _flags, checksum = seg
     out = bytearray(data)
     _PORTS.pack_into(out, at, sport, dport)

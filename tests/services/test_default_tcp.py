@@ -9,7 +9,10 @@ import time
 
 import pytest
 
-from nftdivert.config import Listener, RecognizeConfig, TlsConfig
+from nftdivert.config import PROTOCOL_KINDS, Listener, RecognizeConfig, TlsConfig
+from nftdivert.services import recognize
+from nftdivert.services.answers import ANSWERS
+from nftdivert.services.default_tcp import C2
 from nftdivert.services.listeners import Listeners
 
 
@@ -113,3 +116,9 @@ def test_without_a_usable_state_dir_tls_is_logged_and_closed(tmp_path):
     finally:
         lst.stop()
     assert records[0]["event"] == "tls" and records[0]["result"] == "failed" and "owned by uid 65534" in records[0]["error"]
+
+
+def test_every_protocol_recognised_or_fixed_has_a_service():
+    """What recognition can name, or a listener's kind fixes, is served (TLS is unwrapped, then named again)."""
+    named = {"http", *C2, *recognize.SERVER_FIRST.values(), *PROTOCOL_KINDS} - {"https"}
+    assert named == set(ANSWERS)

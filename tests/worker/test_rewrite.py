@@ -1,4 +1,4 @@
-"""with_dport/with_sport touch the port and the checksum, nothing else."""
+"""with_ports touches the ports and the checksum, nothing else."""
 from __future__ import annotations
 
 from hypothesis import given
@@ -17,12 +17,13 @@ from builders import (
     V4_LOCAL,
     V6_CLIENT,
     V6_LOCAL,
+    checksum_offset,
     checksum_valid,
     differing_offsets,
     packet,
 )
 from nftdivert.worker.packet import ACK, TCP, UDP, parse
-from nftdivert.worker.rewrite import with_dport, with_ports, with_sport
+from nftdivert.worker.rewrite import with_ports
 
 CASES = st.sampled_from(
     [
@@ -36,13 +37,13 @@ ports = st.integers(0, 65535)
 
 
 @given(CASES, ports, ports, ports, st.binary(max_size=300))
-def test_with_dport_changes_only_dport_and_checksum(case, sport, dport, new, payload):
+def test_a_new_dport_changes_only_dport_and_checksum(case, sport, dport, new, payload):
     version, protocol, src, dst = case
     data = packet(version, protocol, src, dst, sport, dport, payload, flags=ACK)
     seg = parse(data)
-    out = with_dport(data, seg, new)
+    out = with_ports(data, seg, sport, new)
     assert isinstance(out, bytes) and len(out) == len(data)
-    allowed = {seg.l4_offset + 2, seg.l4_offset + 3, seg.checksum_offset, seg.checksum_offset + 1}
+    allowed = {seg.l4_offset + 2, seg.l4_offset + 3, checksum_offset(seg), checksum_offset(seg) + 1}
     assert differing_offsets(data, out) <= allowed
     after = parse(out)
     assert (after.sport, after.dport) == (sport, new)
@@ -51,13 +52,13 @@ def test_with_dport_changes_only_dport_and_checksum(case, sport, dport, new, pay
 
 
 @given(CASES, ports, ports, ports, st.binary(max_size=300))
-def test_with_sport_changes_only_sport_and_checksum(case, sport, dport, new, payload):
+def test_a_new_sport_changes_only_sport_and_checksum(case, sport, dport, new, payload):
     version, protocol, src, dst = case
     data = packet(version, protocol, src, dst, sport, dport, payload, flags=ACK)
     seg = parse(data)
-    out = with_sport(data, seg, new)
+    out = with_ports(data, seg, new, dport)
     assert len(out) == len(data)
-    allowed = {seg.l4_offset, seg.l4_offset + 1, seg.checksum_offset, seg.checksum_offset + 1}
+    allowed = {seg.l4_offset, seg.l4_offset + 1, checksum_offset(seg), checksum_offset(seg) + 1}
     assert differing_offsets(data, out) <= allowed
     assert (parse(out).sport, parse(out).dport) == (new, dport)
     assert checksum_valid(out)
@@ -66,21 +67,21 @@ def test_with_sport_changes_only_sport_and_checksum(case, sport, dport, new, pay
 def test_rewrite_really_changes_the_port():
     data = packet(4, TCP, V4_CLIENT, V4_LOCAL, 40000, 80)
     seg = parse(data)
-    out = with_dport(data, seg, 8080)
+    out = with_ports(data, seg, 40000, 8080)
     assert out[22:24] == (8080).to_bytes(2, "big")
     assert out[36:38] != data[36:38]
 
 
 def test_round_trip_restores_the_original_bytes():
     data = packet(6, UDP, V6_CLIENT, V6_LOCAL, 5353, 53, b"q")
-    there = with_dport(data, parse(data), 1234)
-    assert with_dport(there, parse(there), 53) == data
+    there = with_ports(data, parse(data), 5353, 1234)
+    assert with_ports(there, parse(there), 5353, 53) == data
 
 
 def test_input_is_left_untouched():
     data = bytearray(packet(4, UDP, V4_CLIENT, V4_LOCAL, 1, 2, b"abc"))
     copy = bytes(data)
-    with_sport(data, parse(copy), 9)
+    with_ports(data, parse(copy), 9, 2)
     assert data == copy
 
 
@@ -103,7 +104,7 @@ def test_rewrite_behind_options_and_extension_headers(version, headers, protocol
     seg = parse(data)
     out = with_ports(data, seg, *new)
     at = seg.l4_offset
-    assert differing_offsets(data, out) <= set(range(at, at + 4)) | {seg.checksum_offset, seg.checksum_offset + 1}
+    assert differing_offsets(data, out) <= set(range(at, at + 4)) | {checksum_offset(seg), checksum_offset(seg) + 1}
     assert (parse(out).sport, parse(out).dport) == new
     assert checksum_valid(out)
 
@@ -111,6 +112,6 @@ def test_rewrite_behind_options_and_extension_headers(version, headers, protocol
 def test_ipv6_udp_without_checksum_behind_extension_headers_gets_a_full_one():
     data = bytearray(packet(6, UDP, V6_CLIENT, V6_LOCAL, 5353, 53, b"q", ext=[(DEST_OPTS, PADN6)]))
     seg = parse(bytes(data))
-    struct.pack_into("!H", data, seg.checksum_offset, 0)  # "none": invalid for IPv6, repaired on rewrite
-    out = with_dport(bytes(data), parse(bytes(data)), 1338)
+    struct.pack_into("!H", data, checksum_offset(seg), 0)  # "none": invalid for IPv6, repaired on rewrite
+    out = with_ports(bytes(data), parse(bytes(data)), 5353, 1338)
     assert parse(out).dport == 1338 and checksum_valid(out)

@@ -7,6 +7,7 @@ installs two NFQUEUE rules through iptables-nft for kernels without it
 
 from __future__ import annotations
 
+from nftdivert.config import BACKENDS as CHOICES
 from nftdivert.errors import ConfigError, KernelError
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.ruleset.backends.base import QueueBackend
@@ -26,7 +27,7 @@ def select(requested: str, nft: Nft, divert_path: str = "queue") -> tuple[QueueB
     if requested in BACKENDS:
         return BACKENDS[requested](nft), "set in the config"
     if requested != "auto":
-        raise ConfigError("queue.backend", requested, "must be one of auto, " + ", ".join(BACKENDS))
+        raise ConfigError("queue.backend", requested, "must be one of " + ", ".join(CHOICES))
     for cls in PREFERENCE:
         if cls.supported(nft):
             return cls(nft), cls.auto_reason

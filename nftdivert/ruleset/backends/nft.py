@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nftdivert.config import NATIVE_QUEUE
 from nftdivert.errors import KernelError
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.ruleset.backends.base import QueueBackend
@@ -15,7 +16,7 @@ add rule inet nftdivert_probe probe queue num 0 bypass
 
 
 class NativeQueue(QueueBackend):
-    name = "nft"
+    name = NATIVE_QUEUE
     auto_reason = "auto: the kernel accepts the nft queue statement"
 
     @classmethod

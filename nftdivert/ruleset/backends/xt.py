@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 
+from nftdivert.config import XT_QUEUE
 from nftdivert.errors import KernelError
 from nftdivert.ruleset.model import Ruleset
 from nftdivert.ruleset.render import XT_TAG_PREFIX, render_xt_rules
@@ -49,7 +50,7 @@ def _tagged(save_output: str, tag: str) -> dict[str, list[str]]:
 
 
 class XtQueue(QueueBackend):
-    name = "xt"
+    name = XT_QUEUE
     auto_reason = "auto: the kernel has no nft queue statement (CONFIG_NFT_QUEUE), using iptables-nft NFQUEUE"
 
     def _save(self, family: str) -> str:
