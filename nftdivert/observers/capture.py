@@ -29,7 +29,7 @@ import time
 
 from nftdivert.errors import NftDivertError
 from nftdivert.lab.lifeline import fork_child, how_it_ended
-from nftdivert.observers import nflog
+from nftdivert.netlink import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
 STOP_TIMEOUT = 10.0

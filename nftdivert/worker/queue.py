@@ -31,7 +31,7 @@ from nftdivert.config import Config
 from nftdivert.errors import NftDivertError
 from nftdivert.worker.conversations import ConversationTable
 from nftdivert.worker.fixup import DROP, FixUp, Resolve
-from nftdivert.worker.packet import TCP, UDP
+from nftdivert.netlink.ipproto import TCP, UDP
 from nftdivert.worker.pump import Pump
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
