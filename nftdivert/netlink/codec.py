@@ -72,11 +72,13 @@ def attr(attr_type: int, payload: bytes, nested: bool = False) -> bytes:
 _unpack_nlattr, _NLATTR_SIZE = NLATTR.unpack_from, NLATTR.size
 
 
-def attrs(data: bytes | memoryview) -> dict[int, memoryview]:
+def attrs(data: bytes | memoryview, cut_off: bool = False) -> dict[int, memoryview]:
     """Attributes of one level, by type with the flag bits masked off.
 
     Payloads are views into `data`; a nested attribute is parsed by calling
     this again on its payload. A repeated type keeps its first occurrence.
+    `cut_off`: `data` may end inside an attribute (a message longer than the
+    receive buffer); the attributes before it are kept.
     """
     view = memoryview(data)
     found: dict[int, memoryview] = {}
@@ -85,6 +87,8 @@ def attrs(data: bytes | memoryview) -> dict[int, memoryview]:
     while offset + _NLATTR_SIZE <= end:
         length, attr_type = _unpack_nlattr(view, offset)
         if length < _NLATTR_SIZE or offset + length > end:
+            if cut_off:
+                break
             raise NetlinkFormatError(f"attribute length {length} at offset {offset} of {end}")
         key = attr_type & NLA_TYPE_MASK
         if key not in found:
