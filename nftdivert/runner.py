@@ -28,7 +28,7 @@ from functools import partial
 from typing import Callable, TextIO
 
 from nftdivert import metrics, stats
-from nftdivert.observers import bound, bridges
+from nftdivert.observers import bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
@@ -39,6 +39,7 @@ from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
+from nftdivert.ruleset import bound_sets
 from nftdivert.worker.pump import Ticker
 from nftdivert.worker.queue import Worker, build_fixup
 
@@ -62,8 +63,8 @@ class _BoundPorts:
 
     def __init__(self, nft: Nft, rs: model.Ruleset) -> None:
         self.nft, self.rs = nft, rs
-        self.ports = bound.read()
-        self.addresses = bound.addresses()
+        self.ports = bound_sets.read()
+        self.addresses = bound_sets.addresses()
         self.refusing = False
 
     def refuse(self) -> None:
@@ -77,7 +78,7 @@ class _BoundPorts:
 
     def refresh(self, serving: bool = False) -> None:
         """Mirror what changed into the table's sets; `serving`: renew the fail-closed set too."""
-        addresses, now = bound.addresses(), bound.read()
+        addresses, now = bound_sets.addresses(), bound_sets.read()
         changed = now != self.ports or (self.rs.kernel_path and addresses.redirect_to != self.addresses.redirect_to)
         self.addresses = addresses
         text = ""
@@ -85,7 +86,7 @@ class _BoundPorts:
             self.ports = now
             text = engine.runtime_set_commands(self.rs, now, addresses)
         if serving and self.rs.kernel_path and self.rs.fail_closed and not self.refusing:
-            text += bound.serving_commands(self.rs.table)
+            text += bound_sets.serving_commands(self.rs.table)
         if text:
             self.nft.run(text, source="bound ports")
 
@@ -129,7 +130,7 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
 def _conntrack_lookup(stack: ExitStack):
     """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
     try:
-        from nftdivert.observers.conntrack import Conntrack
+        from nftdivert.netlink.ctnetlink import Conntrack
         ct = stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nftdivert.observers import nflog
+from nftdivert.netlink import nflog
 from nftdivert.observers.convrecords import PROTOCOL_NAMES, SCHEMA, address, endpoint, iso
 from nftdivert.worker.packet import Unfit, parse_head
 

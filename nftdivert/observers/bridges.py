@@ -11,29 +11,14 @@ the map (interface indexes, never names: a name could hold a quote).
 
 from __future__ import annotations
 
-import socket
-import struct
 from dataclasses import dataclass
 from typing import Iterable
 
-from nftdivert.observers.bound import _attributes, _netlink_dump  # the one netlink dump reader
+from nftdivert.netlink.rtnetlink import Link, links
 
-_RTM_GETLINK = 18
-_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MASTER, _IFLA_LINKINFO = 1, 3, 10, 18
-_IFLA_INFO_KIND = 1
 MAP = "client_ports"
 PORTS = "client_port_indexes"  # the same ports as a set, for a plain lookup
 SYSCTLS = ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables")
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    index: int
-    name: str
-    kind: str  # "bridge", "veth", ... ("" when the kernel names none)
-    master: int  # the index of the device it is enslaved to, 0 for none
-    address: bytes  # its link-layer address
 
 
 @dataclass(frozen=True)
@@ -41,21 +26,6 @@ class Bridge:
     name: str
     address: str  # aa:bb:cc:dd:ee:ff
     ports: tuple[tuple[int, str], ...]  # (index, name), by index
-
-
-def links() -> list[Link]:
-    """This namespace's network devices."""
-    found = []
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        for body in _netlink_dump(sock, _RTM_GETLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            index = _IFINFOMSG.unpack_from(body)[2]
-            attrs = _attributes(body, _IFINFOMSG.size)
-            info = _attributes(attrs.get(_IFLA_LINKINFO, b""), 0)
-            master = attrs.get(_IFLA_MASTER, b"\0\0\0\0")
-            found.append(Link(index, attrs.get(_IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
-                              info.get(_IFLA_INFO_KIND, b"").rstrip(b"\0").decode(errors="replace"),
-                              struct.unpack_from("=I", master)[0], attrs.get(_IFLA_ADDRESS, b"")))
-    return found
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:

@@ -31,7 +31,7 @@ import time
 from nftdivert.errors import NftDivertError
 from nftdivert.process.child import READY, wait_ready
 from nftdivert.process.lifeline import fork_child, how_it_ended
-from nftdivert.observers import nflog
+from nftdivert.netlink import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
 
 START_SECONDS = 10.0

@@ -11,7 +11,8 @@ import ipaddress
 import time
 from typing import Callable
 
-from nftdivert.observers.ctevents import ICMP, ICMPV6, TCP, TCP_CLOSE, TCP_TIME_WAIT, UDP, CtEvent
+from nftdivert.netlink.ctnetlink import TCP_CLOSE, TCP_TIME_WAIT, CtEvent
+from nftdivert.netlink.ipproto import ICMP, ICMPV6, TCP, UDP
 
 SCHEMA = 1
 PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from nftdivert.observers.bound import interface_addresses
+from nftdivert.netlink.rtnetlink import interface_addresses
 
 Subnet = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str, bytes]  # (prefix, interface, own address)
 

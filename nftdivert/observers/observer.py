@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from nftdivert.observers import convrecords, ctevents, links
-from nftdivert.observers.conntrack import Conntrack
-from nftdivert.observers.ctevents import CtEvent, EventSocket
+from nftdivert.netlink import ctnetlink
+from nftdivert.netlink.ctnetlink import Conntrack, CtEvent, EventSocket
+from nftdivert.netlink.ipproto import TCP, UDP
+from nftdivert.observers import convrecords, links
 
 SUBNETS_FRESH = 2.0  # seconds: addresses come and go (DHCP, a new veth) while it runs
 # A dump reaps a few expired entries per batch it sends; another one reaps
@@ -103,7 +104,7 @@ class Observer:
 
     def _handle(self, kind: str, payload) -> None:
         try:
-            ev = ctevents.parse_event(kind, payload, self.mark)
+            ev = ctnetlink.parse_event(kind, payload, self.mark)
             if ev is None:
                 return  # not ours
             if kind == "new":
@@ -182,7 +183,7 @@ class Observer:
         ended = self._ended_at_close = set()  # a live entry may yet expire before the drain
         until = time.monotonic() + DUMP_SECONDS
         for _ in range(DUMP_ROUNDS):
-            dump = ctevents.dump_marked(self.mark)
+            dump = ctnetlink.dump_marked(self.mark)
             self.ends.unreadable = max(self.ends.unreadable, dump.unreadable)
             live = {_key(ev): ev for ev in dump.live}
             waiting = len(self._open)
@@ -200,7 +201,7 @@ def _key(ev: CtEvent) -> tuple:
     return ev.id, ev.protocol, ev.src, ev.src_port, ev.dst, ev.dst_port
 
 
-_PROTOCOLS = {"tcp": ctevents.TCP, "udp": ctevents.UDP}
+_PROTOCOLS = {"tcp": TCP, "udp": UDP}
 
 
 def listener_lookup(config, is_bound) -> Callable[[CtEvent, float], tuple[str, int | None]]:
@@ -247,7 +248,7 @@ def _queued_now(lookups: Conntrack, ev: CtEvent, queued_mark: int) -> bool | Non
     is there if it was queued, and an entry that has seen a reply without it
     was not. Otherwise (not yet, or gone) None: the caller asks sock_diag.
     """
-    if ev.protocol not in (ctevents.TCP, ctevents.UDP):
+    if ev.protocol not in (TCP, UDP):
         return None  # only these are queued (ICMP echo is the kernel's own answer)
     try:
         entry = lookups.entry(ev.version, ev.protocol, ev.src, ev.src_port, ev.reply_src, ev.reply_src_port)

@@ -21,9 +21,10 @@ from typing import Callable
 
 from nftdivert.config import Config
 from nftdivert.process.child import READY, spawn, wait_ready
-from nftdivert.observers import bound, convrecords
+from nftdivert.observers import convrecords
 from nftdivert.observers.admission import AdmissionLog, Tally
 from nftdivert.observers.summary import Summary
+from nftdivert.ruleset import bound_sets
 
 _STATS_SECONDS = 1.0
 START_SECONDS = 15.0
@@ -153,13 +154,14 @@ class ObserverProcess:
         """What a dead child left undone, from a dump of what conntrack still tracks: the
         starts it never sent (of this run's conversations), and the ends of all it started.
         What is left in _open then is unended (ends())."""
-        from nftdivert.observers import ctevents, links, observer
+        from nftdivert.netlink import ctnetlink
+        from nftdivert.observers import links, observer
 
         try:
-            live = ctevents.dump_marked(self._config.worker.ct_mark).live
+            live = ctnetlink.dump_marked(self._config.worker.ct_mark).live
         except OSError:
             live = []
-        ports = bound.read()
+        ports = bound_sets.read()
         listener_for = observer.listener_lookup(self._config, lambda *key, since=0.0: ports.is_bound(*key))
         subnets, now = links.subnets(), time.time()
         for ev in live:
@@ -280,7 +282,7 @@ class _Bound:
     """
 
     def __init__(self) -> None:
-        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()
+        self._ports, self._at, self._wall = bound_sets.read(), time.monotonic(), time.time()
 
     def is_bound(self, protocol: int, address: bytes, port: int, since: float = 0.0) -> bool:
         if time.monotonic() - self._at > BOUND_FRESH:
@@ -293,4 +295,4 @@ class _Bound:
         return self._ports.is_bound(protocol, address, port)
 
     def _read(self) -> None:
-        self._ports, self._at, self._wall = bound.read(), time.monotonic(), time.time()
+        self._ports, self._at, self._wall = bound_sets.read(), time.monotonic(), time.time()

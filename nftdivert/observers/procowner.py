@@ -14,49 +14,14 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-import struct
 import threading
 from typing import Iterator
 
-from nftdivert.observers.ctevents import TCP, UDP
+from nftdivert.netlink import sock_diag
+from nftdivert.netlink.codec import NETLINK_SOCK_DIAG as _NETLINK_SOCK_DIAG
+from nftdivert.netlink.ipproto import TCP, UDP
 
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST = 0x1
-_NLMSG_ERROR = 2
 _CLONE_NEWNET = 0x40000000
-_NLMSG = struct.Struct("=IHHII")
-# inet_diag_req_v2: family, protocol, ext, pad, states; inet_diag_sockid: sport, dport (be16),
-# src[4], dst[4] (be32 words), if, cookie[2]
-_REQ = struct.Struct("=BBBxI2s2s16s16sI8s")
-_NOCOOKIE = b"\xff" * 8
-# inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue, uid, inode
-_MSG = struct.Struct("=BBBB48xIIIII")
-
-
-def lookup_request(protocol: int, src: bytes, sport: int, dst: bytes, dport: int) -> bytes:
-    """sock_diag request for the one socket of a conversation, as its owner sees it.
-
-    TCP is looked up by the socket's own side (src = the client); UDP the
-    other way round (src = the peer), as the kernel's udp_dump_one does.
-    """
-    family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
-    if protocol == UDP:
-        src, sport, dst, dport = dst, dport, src, sport
-    body = _REQ.pack(family, protocol, 0, 0xFFFFFFFF, struct.pack("!H", sport), struct.pack("!H", dport),
-                     src.ljust(16, b"\0"), dst.ljust(16, b"\0"), 0, _NOCOOKIE)
-    return _NLMSG.pack(_NLMSG.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
-
-
-def parse_answer(data: bytes) -> tuple[int, int] | None:
-    """(uid, inode) from a sock_diag answer, or None (no such socket)."""
-    if len(data) < _NLMSG.size:
-        return None
-    length, kind = _NLMSG.unpack_from(data)[:2]
-    if kind == _NLMSG_ERROR or length < _NLMSG.size + _MSG.size:
-        return None
-    *_head, _expires, _rq, _wq, uid, inode = _MSG.unpack_from(data, _NLMSG.size)
-    return uid, inode
 
 
 def open_diag_socket(netns_path: str | None) -> socket.socket:
@@ -143,8 +108,7 @@ class ProcessOwners:
         if protocol not in (TCP, UDP):
             return None
         try:
-            self._sock.send(lookup_request(protocol, src, sport, dst, dport))
-            found = parse_answer(self._sock.recv(1 << 12))
+            found = sock_diag.owner(self._sock, protocol, src, sport, dst, dport)
         except OSError:
             return None
         if found is None:

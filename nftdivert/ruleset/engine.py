@@ -10,8 +10,8 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from nftdivert.ruleset import backends, model, owner, render, scratch
-from nftdivert.observers import bound, bridges
+from nftdivert.ruleset import backends, bound_sets, model, owner, render, scratch
+from nftdivert.observers import bridges
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import NATIVE_QUEUE, XT_QUEUE, Config
 from nftdivert.errors import KernelError, NftDivertError, clip
@@ -97,7 +97,7 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None, serving: b
     previous_xt = _xt_rules_if_readable(rs.table, nft)
     # Gateway mode's bridge table, left by an earlier apply in another mode, goes in the same transaction.
     stale = f"delete table {table_ref(rs.table, 'bridge')}\n" if not rs.gateway and previous["bridge"] else ""
-    nft.run(text + stale + runtime_set_commands(rs, bound.read(), bound.addresses(), serving)
+    nft.run(text + stale + runtime_set_commands(rs, bound_sets.read(), bound_sets.addresses(), serving)
             + bridge_commands(rs, bridges.read(config.interfaces)))
     try:
         backend.install(rs)
@@ -110,15 +110,15 @@ def apply(config: Config, nft: Nft, claim: owner.Claim | None = None, serving: b
     return Applied(rs.table, backend.name, reason, rs)
 
 
-def runtime_set_commands(rs: model.Ruleset, ports: bound.BoundPorts, addresses: bound.Addresses,
+def runtime_set_commands(rs: model.Ruleset, ports: bound_sets.BoundPorts, addresses: bound_sets.Addresses,
                          serving: bool = False) -> str:
     """What fills the sets `run` keeps fresh: the bound ports and, on the kernel path,
     where they are bound as its rules ask, and the fail-closed set."""
-    text = bound.set_commands(rs.table, ports)
+    text = bound_sets.set_commands(rs.table, ports)
     if rs.kernel_path:
-        text += bound.kernel_path_commands(rs.table, ports, addresses.redirect_to, gateway=rs.gateway, local=rs.local)
+        text += bound_sets.kernel_path_commands(rs.table, ports, addresses.redirect_to, gateway=rs.gateway, local=rs.local)
         if serving and rs.fail_closed:
-            text += bound.serving_commands(rs.table)
+            text += bound_sets.serving_commands(rs.table)
     return text
 
 

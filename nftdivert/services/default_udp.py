@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 from nftdivert.config import ServerFirstConfig, SmallServicesConfig
 from nftdivert.services import clock, simple, syslog
 from nftdivert.services.tftp import Tftp
-from nftdivert.worker.packet import UDP
+from nftdivert.netlink.ipproto import UDP
 
 KEEP = 10.0  # seconds an original destination is kept after the tuple's last datagram
 MAX_KEPT = 16384

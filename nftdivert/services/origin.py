@@ -21,7 +21,7 @@ import itertools
 import socket
 from typing import Callable, Protocol
 
-from nftdivert.worker.packet import TCP
+from nftdivert.netlink.ipproto import TCP
 
 ORIGIN_TIMEOUT = 0.5  # seconds a listener waits for its parent's answer
 # getsockopt names (linux/netfilter_ipv4.h, netfilter_ipv6/ip6_tables.h): the

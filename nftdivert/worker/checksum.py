@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from nftdivert.worker.packet import TCP, UDP
+from nftdivert.netlink.ipproto import TCP, UDP
 
 _V4_PSEUDO = struct.Struct("!4s4sxBH")
 _V6_PSEUDO = struct.Struct("!16s16sI3xB")

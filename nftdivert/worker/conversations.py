@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import NamedTuple
 
-from nftdivert.worker.packet import TCP
+from nftdivert.netlink.ipproto import TCP
 
 # Alias client ports come from here (the kernel's own NAT range for ports >= 1024).
 ALIAS_FIRST, ALIAS_LAST = 1024, 65535

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nftdivert.observers.conntrack import Entry
+from nftdivert.netlink.ctnetlink import Entry
 from nftdivert.worker.conversations import Conversation, ConversationTable, RouteKey
 from nftdivert.worker.decide import Divert
 from nftdivert.worker.packet import ACK, FIN, RST, SYN, UDP, Segment, Unfit, parse, parse_head

@@ -15,8 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-TCP = 6
-UDP = 17
+from nftdivert.netlink.ipproto import TCP, UDP
 
 FIN = 0x01
 SYN = 0x02

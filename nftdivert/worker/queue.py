@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import select
 import socket
-import struct
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from nftdivert.config import Config
 from nftdivert.errors import NftDivertError
 from nftdivert.worker.conversations import ConversationTable
 from nftdivert.worker.fixup import DROP, FixUp, Resolve
-from nftdivert.worker.packet import TCP, UDP
+from nftdivert.netlink.ipproto import TCP, UDP
+from nftdivert.netlink.nfqueue import drop_verdict, packet_id
 from nftdivert.worker.pump import Pump
 
 PROTOCOLS = {"tcp": TCP, "udp": UDP}
@@ -53,10 +53,6 @@ KERNEL_QUEUES = Path("/proc/net/netfilter/nfnetlink_queue")
 # and its packet waited forever, so the worker reads whole messages, of
 # 4016 + 147 = 4163 bytes at most, into 8192.
 RECEIVE_BUFFER = 8192
-# nfnetlink_queue's message types (subsystem 3) and attributes.
-_MSG_PACKET, _MSG_VERDICT = 3 << 8, 3 << 8 | 1
-_ATTR_PACKET_HDR, _ATTR_VERDICT_HDR = 1, 2
-_PACKET_ATTRS = 20  # nlmsghdr (16) and nfgenmsg (4): the attributes follow
 
 
 @dataclass
@@ -86,29 +82,6 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
                               config.worker.udp_idle, config.worker.close_grace)
     decide = partial(decide_mod.decide, listeners=listeners, is_bound=is_bound, left_alone=left_alone)
     return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve)
-
-
-def packet_id(message: bytes) -> int | None:
-    """The packet id of an nfnetlink_queue packet message (None: another message,
-    or too short to tell)."""
-    if len(message) < _PACKET_ATTRS or struct.unpack_from("=H", message, 4)[0] != _MSG_PACKET:
-        return None
-    at = _PACKET_ATTRS
-    while at + 8 <= len(message):
-        length, kind = struct.unpack_from("=HH", message, at)
-        if kind & 0x3FFF == _ATTR_PACKET_HDR:
-            return struct.unpack_from("!I", message, at + 4)[0]
-        if length < 4:
-            return None
-        at += (length + 3) & ~3
-    return None
-
-
-def drop_verdict(queue: int, packet: int) -> bytes:
-    """The netlink message that drops packet `packet` of queue `queue`."""
-    return (struct.pack("=IHHII", 32, _MSG_VERDICT, 1, 0, 0)  # length, type, NLM_F_REQUEST, seq, port
-            + struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)  # nfgenmsg: the queue number
-            + struct.pack("=HH", 12, _ATTR_VERDICT_HDR) + struct.pack("!II", 0, packet))  # NF_DROP, the id
 
 
 class _BoundedSocket:

@@ -12,9 +12,11 @@ import struct
 
 import pytest
 
-from nftdivert.observers import convrecords, ctevents
-from nftdivert.observers.conntrack import NFGENMSG, NLMSGHDR, NetlinkFormatError, nla
-from nftdivert.observers.ctevents import CtEvent, Counters
+from nftdivert.netlink import ctnetlink
+from nftdivert.netlink.codec import NFGENMSG, NLMSGHDR, NetlinkFormatError, messages
+from nftdivert.netlink.codec import attr as nla
+from nftdivert.netlink.ctnetlink import Counters, CtEvent
+from nftdivert.observers import convrecords
 
 CLIENT, ASKED, OURS = "192.0.2.2", "198.51.100.7", "192.0.2.1"
 START_NS, STOP_NS = 1_800_000_000_250_000_000, 1_800_000_003_750_000_000
@@ -57,8 +59,8 @@ def tcp_destroy(state: int) -> bytes:
 
 
 def parse(data: bytes) -> CtEvent:
-    (msg_type, _flags, payload), = ctevents.messages(data)
-    return ctevents.parse_event(ctevents.event_kind(msg_type), payload)
+    (msg_type, _flags, _seq, payload), = messages(data)
+    return ctnetlink.parse_event(ctnetlink.event_kind(msg_type), payload)
 
 
 def test_a_destroy_event_parses_with_counters_stamps_and_tcp_state():
@@ -78,17 +80,12 @@ def test_an_icmp_event_has_type_code_and_id_instead_of_ports():
     assert rec["icmp"] == {"type": 8, "code": 0, "id": 4242} and "listener_port" not in rec
 
 
-def test_other_subsystems_messages_are_not_events():
-    assert ctevents.event_kind(0x100) == "new" and ctevents.event_kind(0x102) == "destroy"
-    assert ctevents.event_kind(0x101) is None and ctevents.event_kind(0x200) is None
-
-
 @pytest.mark.parametrize("cut", [4, 20, 40])
 def test_a_truncated_message_is_a_format_error(cut):
     data = tcp_destroy(7)
     with pytest.raises(NetlinkFormatError):
-        (t, _f, payload), = ctevents.messages(NLMSGHDR.pack(NLMSGHDR.size + cut, 0x100, 0, 0, 0) + data[16:16 + cut])
-        ctevents.parse_event("new", payload)
+        (t, _f, _s, payload), = messages(NLMSGHDR.pack(NLMSGHDR.size + cut, 0x100, 0, 0, 0) + data[16:16 + cut])
+        ctnetlink.parse_event("new", payload)
 
 
 @pytest.mark.parametrize("state, kind, ended", [(7, "destroy", "closed"), (8, "destroy", "reset"),
@@ -153,11 +150,3 @@ def test_diverted_reads_the_reply_port_on_the_kernel_path_and_the_queued_mark_on
 def test_ipv6_endpoints_are_bracketed():
     assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, 53) == "[2001:db8::53]:53"
     assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, None) == "2001:db8::53"
-
-
-def test_the_dump_request_asks_the_kernel_to_filter_by_our_mark():
-    req = ctevents.build_dump_request(socket.AF_INET6, 0x200000, seq=3)
-    length, msg_type, flags, seq, _pid = NLMSGHDR.unpack_from(req)
-    assert (length, msg_type, flags & 0x301, seq) == (len(req), 0x101, 0x301, 3)
-    attrs = ctevents.parse_attrs(req[NLMSGHDR.size + NFGENMSG.size:])
-    assert bytes(attrs[8]) == bytes(attrs[21]) == struct.pack("!I", 0x200000)

@@ -18,8 +18,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from nftdivert.observers import convrecords, ctevents
-from nftdivert.observers.conntrack import NLMSGHDR, NetlinkFormatError
+from nftdivert.netlink import ctnetlink
+from nftdivert.netlink.codec import NLMSGHDR, NetlinkFormatError, answers, messages
+from nftdivert.observers import convrecords
 from test_convrecords import CLIENT, OURS, _ports, _tuple, message, parse
 
 GENERIC = 253  # "use for experimentation and testing" (RFC 3692): conntrack's generic tracker
@@ -47,10 +48,10 @@ def test_a_portless_protocol_parses_with_null_ports_and_is_logged_by_address():
 
 
 def test_an_entry_without_our_mark_is_not_read_beyond_its_mark():
-    (_t, _f, ours), = ctevents.messages(generic_event())
-    (_t, _f, theirs), = ctevents.messages(message(b"", b"", mark=0x1))  # no tuples: it would not parse
-    assert ctevents.parse_event("new", ours, 0x200000).id == 78
-    assert ctevents.parse_event("new", theirs, 0x200000) is None
+    (_t, _f, _s, ours), = messages(generic_event())
+    (_t, _f, _s, theirs), = messages(message(b"", b"", mark=0x1))  # no tuples: it would not parse
+    assert ctnetlink.parse_event("new", ours, 0x200000).id == 78
+    assert ctnetlink.parse_event("new", theirs, 0x200000) is None
 
 
 def test_tcp_without_its_ports_is_still_malformed():
@@ -59,7 +60,7 @@ def test_tcp_without_its_ports_is_still_malformed():
 
 
 def _dump_answer(*entries: bytes) -> bytes:
-    done = NLMSGHDR.pack(NLMSGHDR.size + 4, 3, 2, 1, 0) + struct.pack("=i", 0)  # NLMSG_DONE
+    done = NLMSGHDR.pack(NLMSGHDR.size + 4, 3, 2, 0, 0) + struct.pack("=i", 0)  # NLMSG_DONE, as `message` seq 0
     return b"".join(entries) + done
 
 
@@ -69,8 +70,8 @@ def test_the_dump_skips_and_counts_an_entry_it_cannot_read():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with a, b:
         a.send(_dump_answer(bad, generic_event(), good))
-        dump = ctevents.Dump([])
-        ctevents._read_dump(b, 1, dump)
+        dump = ctnetlink.Dump([])
+        ctnetlink.read_dump(answers(b, 0), dump)
     assert [(ev.id, ev.kind) for ev in dump.live] == [(78, "live"), (77, "live")] and dump.unreadable == 1
 
 
@@ -188,7 +189,7 @@ def test_the_end_of_an_earlier_runs_conversation_is_counted_not_logged(host):
 
 OVERRUN = r"""
 import os
-from nftdivert.observers.ctevents import EventSocket
+from nftdivert.netlink.ctnetlink import EventSocket
 events = EventSocket(buffer=0)  # the kernel's smallest: a few events
 sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for port in range(20000, 20000 + SENT):
@@ -213,15 +214,15 @@ def test_lost_events_are_counted_one_by_one(host):
 
 SHARED_ID = r"""
 import json, sys
-from nftdivert.observers import ctevents
+from nftdivert.netlink import codec, ctnetlink
 from nftdivert.observers.observer import Observer
 from test_convrecords import CLIENT, OURS, _ports, _tuple, message
 
 def event(sport, msg_type):
     data = message(_tuple(1, CLIENT, "198.51.100.5", _ports(6, sport, 80)), _tuple(2, OURS, CLIENT, _ports(6, 80, sport)),
                    ct_id=4242, msg_type=msg_type)
-    (t, _f, payload), = ctevents.messages(data)
-    return ctevents.event_kind(t), payload
+    (t, _f, _s, payload), = codec.messages(data)
+    return ctnetlink.event_kind(t), payload
 
 records = []
 obs = Observer(0x200000, lambda rec, when: records.append(rec), lambda ev, when: ("tcp-echo", 1337))

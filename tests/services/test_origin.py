@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nftdivert.services import origin
-from nftdivert.observers.conntrack import ConntrackError, Entry
+from nftdivert.netlink.ctnetlink import ConntrackError, Entry
 from nftdivert.worker.conversations import ConversationTable, RouteKey
 from nftdivert.worker.packet import TCP, UDP
 

@@ -7,7 +7,7 @@ import pytest
 
 from builders import V4_CLIENT, V4_LOCAL, V6_CLIENT, V6_LOCAL, checksum_valid, packet
 from nftdivert.worker import decide as decide_mod
-from nftdivert.observers.conntrack import Entry
+from nftdivert.netlink.ctnetlink import Entry
 from nftdivert.worker.conversations import Binding, ConversationTable, RouteKey
 from nftdivert.worker.fixup import DROP, RESOLVE_TRIES, Counters, FixUp
 from nftdivert.worker.packet import ACK, FIN, RST, SYN, TCP, UDP, parse

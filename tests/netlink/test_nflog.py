@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import struct
 
-from nftdivert.observers import nflog
+from nftdivert.netlink import codec, nflog
 
 
 def message(payload: bytes, stamp: tuple[int, int] | None = None, kind: int = nflog.NFULNL_MSG_PACKET) -> bytes:
-    attrs = [nflog._attr(1, struct.pack(">HBB", 0x0800, 0, 0)), nflog._attr(4, struct.pack(">I", 2))]
+    attrs = [codec.attr(1, struct.pack(">HBB", 0x0800, 0, 0)), codec.attr(4, struct.pack(">I", 2))]
     if stamp is not None:
-        attrs.append(nflog._attr(nflog.NFULA_TIMESTAMP, nflog.TIMESTAMP.pack(*stamp)))
-    attrs.append(nflog._attr(nflog.NFULA_PAYLOAD, payload))
-    body = nflog.NFGENMSG.pack(2, 0, 0) + b"".join(attrs)
-    return nflog.NLMSGHDR.pack(nflog.NLMSGHDR.size + len(body), kind, 0, 0, 0) + body
+        attrs.append(codec.attr(nflog.NFULA_TIMESTAMP, nflog.TIMESTAMP.pack(*stamp)))
+    attrs.append(codec.attr(nflog.NFULA_PAYLOAD, payload))
+    body = codec.NFGENMSG.pack(2, 0, 0) + b"".join(attrs)
+    return codec.NLMSGHDR.pack(codec.NLMSGHDR.size + len(body), kind, 0, 0, 0) + body
 
 
 def test_a_batch_yields_each_payload_with_the_kernels_time_if_it_gave_one():

@@ -1,4 +1,4 @@
-"""Original destinations from the real conntrack table, over ctnetlink.
+"""ctnetlink: original destinations from the real conntrack table; its messages, against a fake kernel.
 
 A client namespace reaches documentation addresses through a "diverter"
 namespace whose nftables ruleset redirects everything not local to itself;
@@ -8,6 +8,7 @@ lookup has to give back the address the client really asked for.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -22,8 +23,9 @@ import pytest
 
 import netns
 import unprivileged
-from nftdivert.observers import conntrack as ct_mod
-from nftdivert.observers.conntrack import Conntrack, ConntrackError
+from nftdivert.netlink import codec
+from nftdivert.netlink import ctnetlink as ct_mod
+from nftdivert.netlink.ctnetlink import Conntrack, ConntrackError
 
 kernel = pytest.mark.kernel
 
@@ -103,15 +105,15 @@ print(s.getsockname()[1])
 # Diverter side: the lookup as the logging thread would do it.
 LOOKUP = r"""
 import ipaddress, json, sys
-from nftdivert.observers.conntrack import Conntrack
+from nftdivert.netlink.ctnetlink import Conntrack
 queries = json.loads(sys.argv[1])
 packed = lambda a: ipaddress.ip_address(a).packed
 results = []
 with Conntrack() as ct:
     for q in queries:
         args = (q["version"], q["proto"], packed(q["client"]), q["cport"], packed(q["local"]), q["lport"])
-        r = ct.original_destination(*args)
-        results.append(None if r is None else [str(ipaddress.ip_address(r[0])), r[1]])
+        e = ct.entry(*args)
+        results.append(None if e is None else [str(ipaddress.ip_address(e.dst)), e.dst_port])
 print(json.dumps(results))
 """
 
@@ -222,7 +224,7 @@ def test_entry_finds_a_conversation_whose_client_port_the_kernel_remapped(lab):
     assert ports[0] == 5000 and len(set(ports)) == 3, ports  # the kernel remapped two of them
     snippet = (
         "import ipaddress, json, sys\n"
-        "from nftdivert.observers.conntrack import Conntrack\n"
+        "from nftdivert.netlink.ctnetlink import Conntrack\n"
         "p = lambda a: ipaddress.ip_address(a).packed\n"
         "with Conntrack() as ct:\n"
         "    out = [ct.entry(4, 6, p('192.0.2.2'), port, p('192.0.2.1'), %d) for port in json.loads(sys.argv[1])]\n"
@@ -259,9 +261,9 @@ def test_without_cap_net_admin_raises(make_netns):
     ns = make_netns("unpriv")
     snippet = (
         "import errno\n"
-        "from nftdivert.observers.conntrack import Conntrack, ConntrackError\n"
+        "from nftdivert.netlink.ctnetlink import Conntrack, ConntrackError\n"
         "try:\n"
-        "    Conntrack().original_destination(4, 6, bytes(4), 1, bytes(4), 2)\n"
+        "    Conntrack().entry(4, 6, bytes(4), 1, bytes(4), 2)\n"
         "except ConntrackError as e:\n"
         "    assert isinstance(e, OSError) and e.errno == errno.EPERM, e\n"
         "    print('EPERM', e)\n"
@@ -278,22 +280,22 @@ V4_ORIG = ipaddress.ip_address("198.51.100.7").packed
 
 
 def _nlmsg(msg_type: int, seq: int, payload: bytes, flags: int = 0) -> bytes:
-    msg = ct_mod.NLMSGHDR.pack(ct_mod.NLMSGHDR.size + len(payload), msg_type, flags, seq, 0) + payload
+    msg = codec.NLMSGHDR.pack(codec.NLMSGHDR.size + len(payload), msg_type, flags, seq, 0) + payload
     return msg + b"\0" * (-len(msg) % 4)
 
 
 def _error(seq: int, error: int, reason: str = "") -> bytes:
-    payload = struct.pack("=i", error) + ct_mod.NLMSGHDR.pack(16, 0, 0, seq, 0)
-    flags = ct_mod.NLM_F_CAPPED
+    payload = struct.pack("=i", error) + codec.NLMSGHDR.pack(16, 0, 0, seq, 0)
+    flags = codec.NLM_F_CAPPED
     if reason:
-        payload += ct_mod.nla(ct_mod.NLMSGERR_ATTR_MSG, reason.encode() + b"\0")
-        flags |= ct_mod.NLM_F_ACK_TLVS
-    return _nlmsg(ct_mod.NLMSG_ERROR, seq, payload, flags)
+        payload += codec.attr(codec.NLMSGERR_ATTR_MSG, reason.encode() + b"\0")
+        flags |= codec.NLM_F_ACK_TLVS
+    return _nlmsg(codec.NLMSG_ERROR, seq, payload, flags)
 
 
 def _entry(seq: int, dst: bytes, dport: int, *, nested_flag: bool = True, extra: bytes = b"") -> bytes:
     """A ctnetlink entry message, with odd-length attributes to exercise padding."""
-    nla = ct_mod.nla
+    nla = codec.attr
 
     def tuple_attr(kind, src, dst, sport, dport):
         ip = nla(ct_mod.CTA_IP_V4_SRC, src) + nla(ct_mod.CTA_IP_V4_DST, dst)
@@ -302,7 +304,7 @@ def _entry(seq: int, dst: bytes, dport: int, *, nested_flag: bool = True, extra:
         return nla(kind, nla(ct_mod.CTA_TUPLE_IP, ip, nested_flag) + nla(ct_mod.CTA_TUPLE_PROTO, proto, nested_flag),
                    nested_flag)
 
-    body = (ct_mod.NFGENMSG.pack(socket.AF_INET, 0, 0)
+    body = (codec.NFGENMSG.pack(socket.AF_INET, 0, 0)
             + nla(99, b"xyz")  # unknown, 3 bytes: padded
             + tuple_attr(ct_mod.CTA_TUPLE_ORIG, V4_CLIENT, dst, 40000, dport)
             + tuple_attr(ct_mod.CTA_TUPLE_REPLY, V4_LOCAL, V4_CLIENT, dport, 40000)
@@ -325,21 +327,23 @@ def fake():
 
 
 def _ask(ct):
-    return ct.original_destination(4, 6, V4_CLIENT, 40000, V4_LOCAL, 45678)
+    """(original destination, port) of the conversation 192.0.2.2:40000 -> 192.0.2.1:45678, or None."""
+    found = ct.entry(4, 6, V4_CLIENT, 40000, V4_LOCAL, 45678)
+    return None if found is None else (found.dst, found.dst_port)
 
 
 def test_request_layout():
     msg = ct_mod.build_get_request(7, 4, 6, V4_CLIENT, 40000, V4_LOCAL, 45678)
-    length, msg_type, flags, seq, _ = ct_mod.NLMSGHDR.unpack_from(msg)
+    length, msg_type, flags, seq, _ = codec.NLMSGHDR.unpack_from(msg)
     assert length == len(msg) and seq == 7 and msg_type == 0x0101
-    assert flags == ct_mod.NLM_F_REQUEST | ct_mod.NLM_F_ACK
+    assert flags == codec.NLM_F_REQUEST | codec.NLM_F_ACK
     assert msg[16] == socket.AF_INET
-    attrs = ct_mod.parse_attrs(msg[20:])
+    attrs = codec.attrs(msg[20:])
     assert list(attrs) == [ct_mod.CTA_TUPLE_REPLY]
-    assert struct.unpack_from("=H", msg, 22)[0] & ct_mod.NLA_F_NESTED
-    reply = ct_mod.parse_attrs(attrs[ct_mod.CTA_TUPLE_REPLY])
-    ip = ct_mod.parse_attrs(reply[ct_mod.CTA_TUPLE_IP])
-    proto = ct_mod.parse_attrs(reply[ct_mod.CTA_TUPLE_PROTO])
+    assert struct.unpack_from("=H", msg, 22)[0] & codec.NLA_F_NESTED
+    reply = codec.attrs(attrs[ct_mod.CTA_TUPLE_REPLY])
+    ip = codec.attrs(reply[ct_mod.CTA_TUPLE_IP])
+    proto = codec.attrs(reply[ct_mod.CTA_TUPLE_PROTO])
     assert bytes(ip[ct_mod.CTA_IP_V4_SRC]) == V4_LOCAL and bytes(ip[ct_mod.CTA_IP_V4_DST]) == V4_CLIENT
     assert bytes(proto[ct_mod.CTA_PROTO_NUM]) == b"\x06"
     assert bytes(proto[ct_mod.CTA_PROTO_SRC_PORT]) == struct.pack("!H", 45678)
@@ -400,7 +404,7 @@ def test_no_answer_times_out(fake):
     ct._sock.settimeout(0.05)
     with pytest.raises(ConntrackError) as info:
         _ask(ct)
-    assert info.value.errno == ct_mod.errno.ETIMEDOUT
+    assert info.value.errno == errno.ETIMEDOUT
 
 
 def test_closed():
@@ -412,29 +416,41 @@ def test_closed():
 
 
 def _status_and_id(status: int, ct_id: int) -> bytes:
-    return (ct_mod.nla(ct_mod.CTA_STATUS, struct.pack("!I", status))
-            + ct_mod.nla(ct_mod.CTA_ID, struct.pack("!I", ct_id)))
+    return (codec.attr(ct_mod.CTA_STATUS, struct.pack("!I", status))
+            + codec.attr(ct_mod.CTA_ID, struct.pack("!I", ct_id)))
 
 
 @pytest.mark.parametrize("status, seen_reply", [(0x0, False), (0x8, False), (0xE, True)])
 def test_parse_entry_reads_the_original_tuple_id_and_seen_reply(status, seen_reply):
     msg = _entry(1, V4_ORIG, 45678, extra=_status_and_id(status, 0xDEADBEEF))
-    entry = ct_mod.parse_entry(msg[ct_mod.NLMSGHDR.size:])
+    entry = ct_mod.parse_entry(msg[codec.NLMSGHDR.size:])
     assert entry == ct_mod.Entry(V4_CLIENT, 40000, V4_ORIG, 45678, 0xDEADBEEF, seen_reply)
 
 
 def test_parse_entry_without_status_or_id():
-    entry = ct_mod.parse_entry(_entry(1, V4_ORIG, 45678)[ct_mod.NLMSGHDR.size:])
+    entry = ct_mod.parse_entry(_entry(1, V4_ORIG, 45678)[codec.NLMSGHDR.size:])
     assert (entry.id, entry.seen_reply) == (0, False)
 
 
 def test_parse_entry_refuses_a_status_that_is_not_four_bytes():
-    msg = _entry(1, V4_ORIG, 45678, extra=ct_mod.nla(ct_mod.CTA_STATUS, b"\x00\x02"))
+    msg = _entry(1, V4_ORIG, 45678, extra=codec.attr(ct_mod.CTA_STATUS, b"\x00\x02"))
     with pytest.raises(ct_mod.NetlinkFormatError):
-        ct_mod.parse_entry(msg[ct_mod.NLMSGHDR.size:])
+        ct_mod.parse_entry(msg[codec.NLMSGHDR.size:])
 
 
 def test_entry_by_reply_tuple(fake):
     ct, kernel = fake
     kernel.send(_entry(1, V4_ORIG, 45678, extra=_status_and_id(0x2, 9)) + _error(1, 0))
     assert ct.entry(4, 6, V4_CLIENT, 41000, V4_LOCAL, 45678) == ct_mod.Entry(V4_CLIENT, 40000, V4_ORIG, 45678, 9, True)
+
+
+def test_other_subsystems_messages_are_not_events():
+    assert ct_mod.event_kind(0x100) == "new" and ct_mod.event_kind(0x102) == "destroy"
+    assert ct_mod.event_kind(0x101) is None and ct_mod.event_kind(0x200) is None
+
+
+def test_the_dump_request_asks_the_kernel_to_filter_by_our_mark():
+    body = ct_mod.build_dump_request(socket.AF_INET6, 0x200000)
+    assert body[0] == socket.AF_INET6
+    attrs = codec.attrs(body[codec.NFGENMSG.size:])
+    assert bytes(attrs[8]) == bytes(attrs[21]) == struct.pack("!I", 0x200000)

@@ -14,19 +14,12 @@ input); for packets it sends, batch() gives None and the caller decides.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from typing import NamedTuple
 
-NETLINK_NETFILTER = 12  # linux/netlink.h
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host byte order)
-NLATTR = struct.Struct("=HH")  # len, type
-NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (big-endian: the group)
-NLMSGERR = struct.Struct("=i")
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 0x01, 0x04
-NLA_TYPE_MASK = 0x3FFF
+from nftdivert.netlink.codec import (
+    NETLINK_NETFILTER, NFGENMSG, NLATTR, NLA_TYPE_MASK, NetlinkFormatError, attr, messages, open_socket, request)
 
 # linux/netfilter/nfnetlink_log.h
 NFNL_SUBSYS_ULOG = 4
@@ -61,21 +54,14 @@ def open_group(group: int, copy_range: int = COPY_RANGE) -> socket.socket:
     with the first `copy_range` bytes of each packet.
 
     Raises OSError: EPERM when another socket already reads the group."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    sock = open_socket(NETLINK_NETFILTER, receive_buffer=RECEIVE_BUFFER)
     try:
-        for option in (33, socket.SO_RCVBUF):  # SO_RCVBUFFORCE (root) passes the sysctl limit
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
-                break
-            except OSError:
-                continue
-        sock.bind((0, 0))
-        _configure(sock, group, [_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND, 0, 0, 0]))])
+        _configure(sock, group, [attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND, 0, 0, 0]))])
         _configure(sock, group, [
-            _attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_range, NFULNL_COPY_PACKET)),
-            _attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NETLINK_BUFFER)),
-            _attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
-            _attr(NFULA_CFG_QTHRESH, struct.pack(">I", QUEUE_THRESHOLD)),
+            attr(NFULA_CFG_MODE, struct.pack(">IBx", copy_range, NFULNL_COPY_PACKET)),
+            attr(NFULA_CFG_NLBUFSIZ, struct.pack(">I", NETLINK_BUFFER)),
+            attr(NFULA_CFG_TIMEOUT, struct.pack(">I", FLUSH_TIMEOUT)),
+            attr(NFULA_CFG_QTHRESH, struct.pack(">I", QUEUE_THRESHOLD)),
         ])
     except BaseException:
         sock.close()
@@ -83,35 +69,21 @@ def open_group(group: int, copy_range: int = COPY_RANGE) -> socket.socket:
     return sock
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    return NLATTR.pack(NLATTR.size + len(value), kind) + value + b"\0" * (-len(value) % 4)
-
-
 def _configure(sock: socket.socket, group: int, attrs: list[bytes]) -> None:
-    body = NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + b"".join(attrs)
-    sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), NFULNL_MSG_CONFIG, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body)
-    answer = sock.recv(4096)
-    length, kind, *_ = NLMSGHDR.unpack_from(answer)
-    if kind == NLMSG_ERROR:
-        (error,) = NLMSGERR.unpack_from(answer, NLMSGHDR.size)
-        if error:
-            raise OSError(-error, os.strerror(-error))
+    request(sock, NFULNL_MSG_CONFIG, NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + b"".join(attrs))
 
 
 def batch(buf: bytes | bytearray | memoryview, size: int) -> list[Packet]:
     """The packets in one receive of `size` bytes (pure: no socket, no clock)."""
-    view = memoryview(buf)
     out: list[Packet] = []
-    offset = 0
-    while offset + NLMSGHDR.size <= size:
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(view, offset)
-        if length < NLMSGHDR.size or offset + length > size:
-            break  # malformed or cut short: the rest of this receive is lost
-        if kind == NFULNL_MSG_PACKET:
-            packet = _packet(view, offset + NLMSGHDR.size + NFGENMSG.size, offset + length)
-            if packet is not None:
-                out.append(packet)
-        offset += (length + 3) & ~3
+    try:
+        for kind, _flags, _seq, payload in messages(buf, size):
+            if kind == NFULNL_MSG_PACKET:
+                packet = _packet(payload, NFGENMSG.size, len(payload))
+                if packet is not None:
+                    out.append(packet)
+    except NetlinkFormatError:
+        pass  # malformed or cut short: the rest of this receive is lost
     return out
 
 
