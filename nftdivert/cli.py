@@ -142,7 +142,7 @@ def check(config_path: str | None, ruleset: str | None) -> None:
 
 def _say_bridges(cfg: config_mod.Config) -> None:
     """Gateway mode: what the bridge table does with this namespace's client-side bridges."""
-    from nftdivert.observers import bridges
+    from nftdivert.ruleset import bridges
 
     found = bridges.read(cfg.interfaces)
     for line in bridges.describe(found, cfg.table):

@@ -28,7 +28,7 @@ from functools import partial
 from typing import Callable, TextIO
 
 from nftdivert import metrics, stats
-from nftdivert.observers import bridges
+from nftdivert.ruleset import bridges
 from nftdivert.services import origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig

@@ -26,15 +26,7 @@ LAYERS = {
 
 # Known upward imports, each to go with a change under way elsewhere:
 # (importing module, imported module).
-PENDING = {
-    # The netlink plumbing (ctnetlink lookups, nfnetlink_log's socket) moves from
-    # observers/ down into nftdivert/netlink/; the queue path's fixup then imports it there.
-    ("nftdivert.worker.fixup", "nftdivert.observers.conntrack"),
-    # The same move takes sock_diag's bound ports and RTM_GETLINK's bridges (both read
-    # through bound.py's netlink dump), which the ruleset's runtime sets are filled from.
-    ("nftdivert.ruleset.engine", "nftdivert.observers.bound"),
-    ("nftdivert.ruleset.engine", "nftdivert.observers.bridges"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> int:

@@ -11,7 +11,6 @@ the one the process sees itself (the last of NSpid).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import threading
@@ -20,8 +19,7 @@ from typing import Iterator
 from nftdivert.netlink import sock_diag
 from nftdivert.netlink.codec import NETLINK_SOCK_DIAG as _NETLINK_SOCK_DIAG
 from nftdivert.netlink.ipproto import TCP, UDP
-
-_CLONE_NEWNET = 0x40000000
+from nftdivert.process.namespaces import CLONE_NEWNET, setns
 
 
 def open_diag_socket(netns_path: str | None) -> socket.socket:
@@ -36,12 +34,7 @@ def open_diag_socket(netns_path: str | None) -> socket.socket:
 
     def enter_and_make() -> None:
         try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {netns_path}")
-            finally:
-                os.close(fd)
+            setns(netns_path, CLONE_NEWNET)
             made.append(socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG))
         except OSError as exc:
             made.append(exc)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 from nftdivert.ruleset import backends, bound_sets, model, owner, render, scratch
-from nftdivert.observers import bridges
+from nftdivert.ruleset import bridges
 from nftdivert.ruleset.backends.base import QueueBackend
 from nftdivert.config import NATIVE_QUEUE, XT_QUEUE, Config
 from nftdivert.errors import KernelError, NftDivertError, clip

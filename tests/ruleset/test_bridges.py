@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nftdivert.observers import bridges
+from nftdivert.ruleset import bridges
 from nftdivert.netlink.rtnetlink import Link
-from nftdivert.observers.bridges import Bridge
+from nftdivert.ruleset.bridges import Bridge
 
 MAC = bytes.fromhex("02aabbccdd01")
 LINKS = [
