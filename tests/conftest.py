@@ -56,15 +56,15 @@ def pytest_sessionstart(session):
 
 
 def pytest_collection_modifyitems(config, items):
-    import lab
+    import harness
 
     for item in items:
         if item.path.name.startswith("test_e2e") and not {"load", "slow", "any_backend"} & set(item.keywords):
             item.add_marker(pytest.mark.vm)
-        other = "queue_path" if lab.KERNEL_PATH else "kernel_path"
+        other = "queue_path" if harness.KERNEL_PATH else "kernel_path"
         if item.get_closest_marker(other):  # a marker, not a keyword: a parameter id may be "kernel_path"
             item.add_marker(pytest.mark.skip(reason=f"{other.replace('_', ' ')} only; "
-                                                    f"this run is on the {lab.DIVERT_PATH} path"))
+                                                    f"this run is on the {harness.DIVERT_PATH} path"))
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root: network namespaces and nftables")
@@ -105,9 +105,9 @@ def _gateway_lab(tmp_path_factory):
     config stops it cleanly first (GatewayLab.ensure). At the end: nftdivert
     stopped cleanly (`remove` leaves nothing), and the internet host's
     capture worked and saw nothing from the client."""
-    import lab
+    import harness
 
-    g = lab.GatewayLab(netns_mod, tmp_path_factory.mktemp("gateway-lab"))
+    g = harness.GatewayLab(netns_mod, tmp_path_factory.mktemp("gateway-lab"))
     try:
         yield g
         g.stop()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 from nftdivert.lab import netns as lab_netns
 
-BENCH = lab.REPO / "bench"
+BENCH = harness.REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import lab_run  # noqa: E402
@@ -28,7 +28,7 @@ import lab_topology  # noqa: E402
 
 def _bench(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(BENCH / "divert_bench.py"), "--lab-only", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab._env(), **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=harness._env(), **kw)
 
 
 def _left_by(pid: int) -> list[str]:

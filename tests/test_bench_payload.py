@@ -10,10 +10,10 @@ from __future__ import annotations
 import random
 import sys
 
-import lab
+import harness
 from nftdivert.services import recognize
 
-sys.path.insert(0, str(lab.REPO / "bench"))
+sys.path.insert(0, str(harness.REPO / "bench"))
 
 import load  # noqa: E402
 

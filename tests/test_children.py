@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 import procs
 from conftest import nftdivert_argv
 from test_runner import host  # noqa: F401 - the fixture: one host in local mode
@@ -23,24 +23,24 @@ from test_runner import host  # noqa: F401 - the fixture: one host in local mode
 pytestmark = pytest.mark.kernel
 
 
-def _children(host, div: lab.Diverter) -> list[int]:
+def _children(host, div: harness.Diverter) -> list[int]:
     """The run's children: its listener processes in the order forked (the DNS owner first;
     one per usable CPU by default), then the observer. The listeners' processes are the
     ones holding the listener's socket."""
     below = procs.descendants(div.proc.pid)
-    ss = host.run("ss", "-Hltnp", f"sport = :{lab.LISTENER_PORT}").stdout
+    ss = host.run("ss", "-Hltnp", f"sport = :{harness.LISTENER_PORT}").stdout
     holders = sorted({int(pid) for pid in re.findall(r"pid=(\d+)", ss)} & set(below), key=below.get)
     assert len(holders) == len(os.sched_getaffinity(0)) and len(below) == len(holders) + 1, (ss, below)
     return [*holders, next(pid for pid in below if pid not in holders)]
 
 
-def _stopped_by_itself(div: lab.Diverter, why: str) -> str:
+def _stopped_by_itself(div: harness.Diverter, why: str) -> str:
     """The run ended by itself with exit 1: the final counters, then the one line saying why."""
     assert div.proc.wait(timeout=60) == 1, div.stderr()
     err = div.stderr()
     lines = err.splitlines()
     assert re.fullmatch(rf"nftdivert: {why}", lines[-1]), err
-    counters = "nftdivert: kernel path: new conversations" if lab.KERNEL_PATH else "nftdivert: packets seen"
+    counters = "nftdivert: kernel path: new conversations" if harness.KERNEL_PATH else "nftdivert: packets seen"
     assert lines[-2].startswith(counters), err
     assert "Traceback" not in err
     return err
@@ -52,12 +52,12 @@ def _assert_every_start_has_its_end(log: list[dict]) -> None:
     assert starts and starts <= ends, f"starts without an end: {starts - ends}"
 
 
-def _start(host, tmp_path, *args: str) -> lab.Diverter:
-    return lab.Diverter(host, tmp_path, lab.config_text(mode="local"), name="children", args=args).start()
+def _start(host, tmp_path, *args: str) -> harness.Diverter:
+    return harness.Diverter(host, tmp_path, harness.config_text(mode="local"), name="children", args=args).start()
 
 
 def _client_loop(host, first_port: int) -> subprocess.Popen:
-    argv, env = lab._client("loop", "198.51.100.70", str(first_port))
+    argv, env = harness._client("loop", "198.51.100.70", str(first_port))
     return host.popen(*argv, env=env, text=True)
 
 
@@ -77,7 +77,7 @@ def _logged(log: list[dict], answered: list[dict]) -> list[dict]:
     return [r for r in answered if (str(r["local"][1]), f"198.51.100.70:{r['port']}") not in started]
 
 
-def _kill_during_a_client_loop(host, div: lab.Diverter, first_port: int, which: int) -> tuple[int, list[dict]]:
+def _kill_during_a_client_loop(host, div: harness.Diverter, first_port: int, which: int) -> tuple[int, list[dict]]:
     """kill -9 one of the run's children (0: the first listener process, -2: the last one, -1: the
     observer) while a client loop runs: (its pid, every conversation the client saw answered)."""
     pid = _children(host, div)[which]  # first: the kill follows the fifth answer at once
@@ -153,12 +153,12 @@ def test_a_log_that_fills_its_disk_stops_the_run_with_one_line_and_no_half_recor
     disk = _TinyDisk(tmp_path / "tiny")
     try:
         cfg = tmp_path / "tiny.toml"
-        cfg.write_text(lab.config_text(mode="local"))
+        cfg.write_text(harness.config_text(mode="local"))
         log = str(tmp_path / "tiny" / "log.jsonl")
         proc = subprocess.Popen(disk.argv(*host.argv(*nftdivert_argv("run", "-c", str(cfg), "--log", log))),
-                                env=lab._env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                env=harness._env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            lab.wait_for(lambda: lab.table_handle(host) is not None and lab.port_bound(host, "tcp", 1337), 30,
+            harness.wait_for(lambda: harness.table_handle(host) is not None and harness.port_bound(host, "tcp", 1337), 30,
                          "nftdivert run to come up")
             loop = _client_loop(host, 40000)  # until the run stops: a few dozen records fill 8 KiB
             loop.communicate(timeout=120)

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-import lab
+import harness
 import netns
 import procs
 from conftest import nftdivert_argv
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.kernel
 
 @pytest.fixture
 def host():
-    h = lab.build_local_host(netns)
+    h = harness.build_local_host(netns)
     try:
         yield h
     finally:
@@ -32,15 +32,15 @@ def host():
 
 def _local_config(tmp_path):
     cfg = tmp_path / "local.toml"
-    cfg.write_text(lab.config_text(mode="local"))
+    cfg.write_text(harness.config_text(mode="local"))
     return cfg
 
 
 def start(host, tmp_path, *args):
     cfg = _local_config(tmp_path)
     proc = host.popen(*nftdivert_argv("run", "-c", str(cfg), "--log", str(tmp_path / "log.jsonl"), *args),
-                      env=lab._env(), text=True)
-    lab.wait_for(lambda: lab.table_handle(host) is not None and lab.port_bound(host, "tcp", 1337), 30,
+                      env=harness._env(), text=True)
+    harness.wait_for(lambda: harness.table_handle(host) is not None and harness.port_bound(host, "tcp", 1337), 30,
                  "nftdivert run to come up", detail=lambda: proc.stderr.read() if proc.poll() is not None else "")
     return proc
 
@@ -48,7 +48,7 @@ def start(host, tmp_path, *args):
 def test_the_rewritten_pcap_holds_each_diverted_packet_as_it_arrived_and_as_rewritten(host, tmp_path):
     pcap = tmp_path / "divert.pcap"
     proc = start(host, tmp_path, "--write-rewritten", str(pcap))
-    reply = lab.run_client(host, "tcp", "198.51.100.60", "45678", "captured")
+    reply = harness.run_client(host, "tcp", "198.51.100.60", "45678", "captured")
     assert reply["ok"] and reply["reply"] == "captured", reply
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
@@ -72,12 +72,12 @@ def _tshark(pcap, *fields: str) -> list[tuple[str, ...]]:
 def test_the_pcap_holds_what_local_programs_sent_and_got_once_with_original_destinations(host, tmp_path):
     pcap = tmp_path / "local.pcap"
     proc = start(host, tmp_path, "-w", str(pcap))
-    assert lab.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
-    assert lab.run_client(host, "udp", "198.51.100.61", "5353", "udp")["reply"] == "udp"
+    assert harness.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
+    assert harness.run_client(host, "udp", "198.51.100.61", "5353", "udp")["reply"] == "udp"
     host.run("ping", "-c1", "-W5", "198.51.100.62", timeout=20)
     host.run("ping", "-6", "-c1", "-W5", "2001:db8:ffff::62", timeout=20)
     host.run("ping", "-c1", "-W5", "127.0.0.1", timeout=20)  # the host's own: not a diverted conversation
-    bulk = lab.run_client(host, "bulk", "198.51.100.63", "45679", "2", timeout=60)  # large segments too
+    bulk = harness.run_client(host, "bulk", "198.51.100.63", "45679", "2", timeout=60)  # large segments too
     assert bulk["ok"], bulk
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -115,9 +115,9 @@ def test_the_pcap_holds_what_local_programs_sent_and_got_once_with_original_dest
 def test_a_capture_group_another_program_reads_is_refused_and_nothing_is_applied(host, tmp_path):
     other = host.popen("tcpdump", "-i", "nflog:1337", "-w", "/dev/null", text=True)  # another program
     try:
-        lab.wait_for(lambda: "listening on" in (other.stderr.readline() or "x listening on"), 20, "the other tcpdump")
+        harness.wait_for(lambda: "listening on" in (other.stderr.readline() or "x listening on"), 20, "the other tcpdump")
         assert other.poll() is None
-        proc = lab.nftdivert(host, "run", "--log", "", "-w", str(tmp_path / "x.pcap"), check=False)
+        proc = harness.nftdivert(host, "run", "--log", "", "-w", str(tmp_path / "x.pcap"), check=False)
     finally:
         other.kill()
         other.wait(timeout=10)
@@ -126,13 +126,13 @@ def test_a_capture_group_another_program_reads_is_refused_and_nothing_is_applied
         in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert host.run("nft", "list", "ruleset").stdout == ""
-    assert lab.queue_bindings(host) == []
+    assert harness.queue_bindings(host) == []
 
 
 def test_sigkill_of_run_stops_its_capture_and_the_pcap_is_readable(host, tmp_path):
     pcap = tmp_path / "killed.pcap"
     proc = start(host, tmp_path, "-w", str(pcap))
-    assert lab.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
+    assert harness.run_client(host, "tcp", "198.51.100.60", "45678", "tcp")["reply"] == "tcp"
     children = procs.descendants(proc.pid)  # the capture's reader and the listeners
     proc.kill()
     proc.wait(timeout=10)
@@ -141,7 +141,7 @@ def test_sigkill_of_run_stops_its_capture_and_the_pcap_is_readable(host, tmp_pat
 
 
 def test_an_unwritable_pcap_path_is_bad_input_and_nothing_is_applied(host, tmp_path):
-    proc = lab.nftdivert(host, "run", "-w", str(tmp_path / "no-such-dir" / "x.pcap"), check=False)
+    proc = harness.nftdivert(host, "run", "-w", str(tmp_path / "no-such-dir" / "x.pcap"), check=False)
     assert proc.returncode == 2
     assert "worker.pcap (-w)" in proc.stderr and "No such file or directory" in proc.stderr
     assert host.run("nft", "list", "ruleset").stdout == ""
@@ -173,21 +173,21 @@ def test_a_start_that_fails_after_the_commit_leaves_no_diverting_table(tmp_path,
     keep_is_default = after_stop == "keep"
     cfg.write_text(("" if keep_is_default else f'containment_after_stop = "{after_stop}"\n')
                    + '[queue]\nbackend = "xt"\n')
-    env = dict(lab._env(), PATH=_path_without_iptables(tmp_path))
+    env = dict(harness._env(), PATH=_path_without_iptables(tmp_path))
     proc = ns.run(sys.executable, "-m", "nftdivert", "run", "-c", str(cfg), env=env, check=False, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert "iptables-nft-save is missing" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     if after_stop == "keep":
-        lab.assert_contained(ns)
+        harness.assert_contained(ns)
     else:
         assert ns.run("nft", "list", "ruleset").stdout == ""
-    assert lab.queue_bindings(ns) == []
+    assert harness.queue_bindings(ns) == []
 
 
 def test_a_capture_that_cannot_be_written_stops_the_run_with_one_line(host, tmp_path):
     # /dev/full opens, then every flush fails (ENOSPC): before, a traceback from the worker's tick.
     proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "--write-rewritten", "/dev/full",
-                                      "--log", ""), env=lab._env(), text=True)
+                                      "--log", ""), env=harness._env(), text=True)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
@@ -203,7 +203,7 @@ def test_a_pcap_that_cannot_be_written_stops_the_run_before_it_diverts(host, tmp
     # The run must not go on capturing into nothing. Before, it came up, diverted, and
     # stopped only once the reader's first block of packets found the disk full.
     proc = host.popen(*nftdivert_argv("run", "-c", str(_local_config(tmp_path)), "--log", str(tmp_path / "log"),
-                                      "-w", "/dev/full"), env=lab._env(), text=True, stderr=subprocess.PIPE)
+                                      "-w", "/dev/full"), env=harness._env(), text=True, stderr=subprocess.PIPE)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
@@ -219,7 +219,7 @@ def test_a_pcap_that_cannot_be_written_stops_the_run_before_it_diverts(host, tmp
 def test_the_final_counters_show_hook_errors_and_the_log(host, tmp_path):
     proc = start(host, tmp_path)
     # The worker pumps once its counters are published (a SIGTERM before that stops the start).
-    lab.wait_for(lambda: "worker: pid" in lab.nftdivert(host, "status").stdout, 30, "the worker's counters")
+    harness.wait_for(lambda: "worker: pid" in harness.nftdivert(host, "status").stdout, 30, "the worker's counters")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

@@ -76,7 +76,7 @@ def tree() -> Path:
 
 
 def script(path: str | Path) -> str:
-    """A world-readable copy of one script (for example tests/lab.py)."""
+    """A world-readable copy of one script (for example tests/harness.py)."""
     dst = tree() / "scripts" / Path(path).name
     if not dst.exists():
         _copy_file(Path(path), dst)

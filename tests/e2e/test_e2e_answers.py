@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import lab
+import harness
 import test_e2e_c2 as c2
 import test_e2e_mail as mail
 import test_e2e_small_services as small
@@ -171,7 +171,7 @@ def run(tmp_path_factory):
         (work / "modules" / module / "clients.py").write_text(clients)
     state, bodies, keylog, pcap = work / "state", work / "bodies", work / "keys.log", work / "capture.pcap"
     config = work / "sandbox.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n[tls]\nstate_dir = "{state}"\nkeylog = "{keylog}"\n'
                       f'[http]\nbodies_dir = "{bodies}"\n[server_first]\nmail_dir = "{work / "mail"}"\n'
                       f'uploads_dir = "{work / "uploads"}"\n[small_services]\nclock_offset = {small.OFFSET}\n'
                       + LISTENERS + c2.RULES)
@@ -533,7 +533,7 @@ def test_each_client_is_logged_with_the_destination_and_name_it_asked_for(run, e
     # conversation of the run may have had that port too.
     starts = [r for r in records if r.get("event") == "start" and r["client"] == found[0]["client"]
               and r["original_destination"] == found[0]["original_destination"]]
-    if not starts and lab.KERNEL_PATH:
+    if not starts and harness.KERNEL_PATH:
         # The kernel gave the conversation another client port at input (its reply tuple clashed
         # with one in TIME_WAIT): a listener's record names the port it saw, the start the one the
         # client used (a known limit of the kernel path's listener records).

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
@@ -83,7 +83,7 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("c2")
     os.chmod(work, 0o755)
     config = work / "sandbox.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n[tls]\n'
                       f'state_dir = "{work / "state"}"\n[http]\nbodies_dir = ""\n' + RULES)
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work), PY=sys.executable)
     env.pop("SUDO_UID", None)

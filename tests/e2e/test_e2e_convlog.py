@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 import netns
 from conftest import REPO, nftdivert_argv
 from nftdivert.observers import summary as summary_mod
@@ -39,8 +39,8 @@ def config(extra: str = "") -> str:
                  ("dns", "udp", 53, "dns"), ("dns-tcp", "tcp", 53, "dns"),
                  ("ext-tcp", "tcp", EXT_PORT, "external"), ("ext-udp", "udp", EXT_PORT, "external")]
     return "\n".join([
-        'mode = "gateway"', 'containment_after_stop = "remove"', lab.DIVERT_PATH_LINE,
-        "[queue]", f'backend = "{lab.BACKEND}"', "",
+        'mode = "gateway"', 'containment_after_stop = "remove"', harness.DIVERT_PATH_LINE,
+        "[queue]", f'backend = "{harness.BACKEND}"', "",
         *(f'[[listeners]]\nname = "{n}"\nprotocol = "{p}"\nport = {port}\nkind = "{k}"\n'
           for n, p, port, k in listeners), extra])
 
@@ -51,13 +51,13 @@ def observed(gw):
     gw.stop()
     ns, client = gw.diverter_ns, gw.client
     # 192.0.2.53 is on the client's own link: a host route sends it to the gateway as a resolver would be.
-    client.run("ip", "route", "add", f"{RESOLVER4}/32", "via", lab.DIV_CLIENT4)
-    servers = [lab.serve_tcp(ns, EXT_PORT, "ext-tcp-reply"), lab.serve_udp(ns, EXT_PORT, EXT_UDP_REPLY)]
+    client.run("ip", "route", "add", f"{RESOLVER4}/32", "via", harness.DIV_CLIENT4)
+    servers = [harness.serve_tcp(ns, EXT_PORT, "ext-tcp-reply"), harness.serve_udp(ns, EXT_PORT, EXT_UDP_REPLY)]
     summary = gw.workdir / "summary.json"
-    div = lab.Diverter(ns, gw.workdir, config(), name="convlog", args=("--summary", str(summary))).start()
+    div = harness.Diverter(ns, gw.workdir, config(), name="convlog", args=("--summary", str(summary))).start()
     try:
-        lab.wait_bound_set(ns, "tcp", EXT_PORT)
-        lab.wait_bound_set(ns, "udp", EXT_PORT)
+        harness.wait_bound_set(ns, "tcp", EXT_PORT)
+        harness.wait_bound_set(ns, "udp", EXT_PORT)
         got = {
             "tcp": gw.tcp("198.51.100.31", 45678, TCP_PAYLOAD),
             "udp": gw.udp("198.51.100.32", 5000, UDP_PAYLOAD),
@@ -109,13 +109,13 @@ def test_tcp_and_udp_to_the_default_listeners(observed):
     tcp, udp = observed["tcp"], observed["udp"]
     assert tcp["ok"] and udp["ok"], (tcp, udp)
     start, end = _conversation(observed["records"], "tcp", "198.51.100.31:45678")
-    assert start["client"] == f"{lab.CLIENT4}:{tcp['local'][1]}", start
-    assert (start["listener"], start["listener_port"], start["interface"]) == ("tcp-echo", 1337, lab.DIV_CLIENT_IF)
+    assert start["client"] == f"{harness.CLIENT4}:{tcp['local'][1]}", start
+    assert (start["listener"], start["listener_port"], start["interface"]) == ("tcp-echo", 1337, harness.DIV_CLIENT_IF)
     assert end["ended"] == "closed", end
     for way in ("sent", "received"):  # the payload, echoed, plus at least a bare header per packet
         assert end[way]["packets"] >= 3 and end[way]["bytes"] >= 40 * end[way]["packets"] + len(TCP_PAYLOAD), end
     start, end = _conversation(observed["records"], "udp", "198.51.100.32:5000")
-    assert start["client"] == f"{lab.CLIENT4}:{udp['local'][1]}" and start["listener"] == "udp-echo", start
+    assert start["client"] == f"{harness.CLIENT4}:{udp['local'][1]}" and start["listener"] == "udp-echo", start
     assert end["sent"] == end["received"] == {"packets": 1, "bytes": _udp_bytes(UDP_PAYLOAD)}, end
     assert end["ended"] in ("open", "timeout"), end
 
@@ -162,14 +162,14 @@ def test_icmp_echo(observed, key, protocol, address, size):
 
 def test_the_summary_at_exit(observed):
     groups = {g["client_address"]: g for g in observed["summary"]["groups"]}
-    assert set(groups) == {lab.CLIENT4, lab.CLIENT6}, groups.keys()  # its IPv4 and its IPv6 address
-    rows = {(r["address"], r["port"], r["protocol"]): r for r in groups[lab.CLIENT4]["contacted"]}
+    assert set(groups) == {harness.CLIENT4, harness.CLIENT6}, groups.keys()  # its IPv4 and its IPv6 address
+    rows = {(r["address"], r["port"], r["protocol"]): r for r in groups[harness.CLIENT4]["contacted"]}
     tcp = rows["198.51.100.31", 45678, "tcp"]
     assert tcp["conversations"] == 1 and tcp["bytes_sent"] > len(TCP_PAYLOAD) and tcp["name"] is None, tcp
     named = rows[observed["dig4"], 4444, "tcp"]
     assert named["name"] == "c2.example", named
     assert rows["198.51.100.35", None, "icmp"]["bytes_received"] == 84
-    six = {(r["address"], r["protocol"]) for r in groups[lab.CLIENT6]["contacted"]}
+    six = {(r["address"], r["protocol"]) for r in groups[harness.CLIENT6]["contacted"]}
     assert six == {("2001:db8:ffff::35", "icmpv6"), (RESOLVER6, "udp")}, six
     starts = [r for r in observed["records"] if r["event"] == "start"]
     assert observed["summary"]["total"]["conversations"] == len(starts) == sum(g["conversations"]
@@ -177,8 +177,8 @@ def test_the_summary_at_exit(observed):
     err = observed["stderr"]
     table = err[err.index("contacted:"):].splitlines()
     assert table[1].split()[:2] == ["client", "name"], table
-    assert any(line.split()[:2] == [lab.CLIENT4, "c2.example"] for line in table), table
-    assert any(line.split()[0] == lab.CLIENT6 for line in table[2:]), table
+    assert any(line.split()[:2] == [harness.CLIENT4, "c2.example"] for line in table), table
+    assert any(line.split()[0] == harness.CLIENT6 for line in table[2:]), table
     assert next(line for line in table if line.split()[0] == "total").split()[1] == str(len(starts)), table
 
 
@@ -188,7 +188,7 @@ def test_every_record_with_a_client_names_its_address_without_the_port(observed)
     assert {"start", "end", "dns", "http"} <= {r["event"] for r in records}, records
     for r in records:
         bare = r["client"] if r.get("protocol", "").startswith("icmp") else r["client"].rsplit(":", 1)[0]
-        assert r["client_address"] == bare.strip("[]") and r["client_address"] in (lab.CLIENT4, lab.CLIENT6), r
+        assert r["client_address"] == bare.strip("[]") and r["client_address"] in (harness.CLIENT4, harness.CLIENT6), r
 
 
 # ---- the text log -------------------------------------------------------------------
@@ -222,12 +222,12 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
     cfg.write_text(config(f'[tls]\nstate_dir = "{tmp_path / "tls"}"\n'))
     client.run("ip", "addr", "add", f"{SECOND_CLIENT}/24", "dev", "eth0")
     with open(out, "w") as both:  # the log (stdout) and the table (stderr) in the order they were written
-        proc = ns.popen(*lab.nftdivert_argv("run", "-c", str(cfg), "--log", "-", "--log-format", "text",
+        proc = ns.popen(*harness.nftdivert_argv("run", "-c", str(cfg), "--log", "-", "--log-format", "text",
                                             "--summary", str(summary)),
-                        stdout=both, stderr=subprocess.STDOUT, env=lab._env())
+                        stdout=both, stderr=subprocess.STDOUT, env=harness._env())
     ports = {}
     try:
-        lab.wait_for(lambda: proc.poll() is not None or "applied;" in out.read_text(), 60, "the run to start")
+        harness.wait_for(lambda: proc.poll() is not None or "applied;" in out.read_text(), 60, "the run to start")
         assert proc.poll() is None, out.read_text()
         observer = _observer_of(proc.pid)
         # Its lag comes from SIGSTOP below, and only from there: at nice 0 it catches up at once
@@ -243,11 +243,11 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
                 ports[key] = client.run(*CURL, *source, url, timeout=30).stdout
             finally:
                 os.kill(observer, signal.SIGCONT)
-            address = SECOND_CLIENT if key == "second" else lab.CLIENT4
-            lab.wait_for(lambda: f" {address}:{ports[key]} -> " in out.read_text(), 30, f"the start of {key}")
-        lab.run_client(client, "udpscan", "198.51.100.44", str(SCANNED), timeout=60)
+            address = SECOND_CLIENT if key == "second" else harness.CLIENT4
+            harness.wait_for(lambda: f" {address}:{ports[key]} -> " in out.read_text(), 30, f"the start of {key}")
+        harness.run_client(client, "udpscan", "198.51.100.44", str(SCANNED), timeout=60)
         # Stopped only once every datagram has become a conversation: the queue may still hold some.
-        lab.wait_for(lambda: sum(line[14:].startswith("start ") for line in out.read_text().splitlines())
+        harness.wait_for(lambda: sum(line[14:].startswith("start ") for line in out.read_text().splitlines())
                      >= SCANNED + 3, 60, "every conversation's start")
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=30)
@@ -258,12 +258,12 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
         client.run("ip", "addr", "del", f"{SECOND_CLIENT}/24", "dev", "eth0", check=False)
     text = out.read_text()
     assert rc == 0 and "Traceback" not in text, text
-    lab.assert_clean(ns)
+    harness.assert_clean(ns)
     lines = text.splitlines()
     table = lines.index("contacted:")
     want = {"http": ["start", "http", "end"], "https": ["start", "tls", "http", "end"],
             "second": ["start", "http", "end"]}
-    for key, address in (("http", lab.CLIENT4), ("https", lab.CLIENT4), ("second", SECOND_CLIENT)):
+    for key, address in (("http", harness.CLIENT4), ("https", harness.CLIENT4), ("second", SECOND_CLIENT)):
         assert ports[key].isdigit(), ports
         mine = _lines_of(lines, f"{address}:{ports[key]}")
         assert [event for _i, event in mine] == want[key], "\n".join(lines[i] for i, _e in mine) or text
@@ -271,7 +271,7 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
     starts = [line for line in lines if line[14:].startswith("start ")]
     assert len(ends) == len(starts) == SCANNED + 3 and max(ends) < table, text[-3000:]
     rows = [line.split() for line in lines[table + 2:] if line.startswith("  ")]
-    mine = [r for r in rows if r[0] == lab.CLIENT4]
+    mine = [r for r in rows if r[0] == harness.CLIENT4]
     assert [r[2] for r in mine[:2]] == ["198.51.100.42", "198.51.100.41"], rows  # the most bytes first
     more = SCANNED + 2 - summary_mod.ROWS_SHOWN
     assert len(mine) == summary_mod.ROWS_SHOWN + 1 and mine[-1][1:5] == [f"({more}", "more", "destinations)",
@@ -279,7 +279,7 @@ def test_the_text_log_writes_each_start_first_and_every_end_before_the_table(gw,
     assert [r[2] for r in rows if r[0] == SECOND_CLIENT] == ["198.51.100.43"], rows
     assert rows[-1][:2] == ["total", str(SCANNED + 3)], rows
     groups = {g["client_address"]: g for g in json.loads(summary.read_text())["groups"]}
-    assert groups[lab.CLIENT4]["conversations"] == SCANNED + 2, groups[lab.CLIENT4]
+    assert groups[harness.CLIENT4]["conversations"] == SCANNED + 2, groups[harness.CLIENT4]
     assert groups[SECOND_CLIENT]["conversations"] == 1, groups
 
 
@@ -292,7 +292,7 @@ def _start_of(records: list[dict], destination: str) -> dict:
 
 
 def test_local_mode_names_the_process_that_connected(tmp_path):
-    with lab.local_lab(netns, tmp_path) as (host, div):
+    with harness.local_lab(netns, tmp_path) as (host, div):
         # `ip netns exec` execs: nc keeps the pid Popen knows. It stays connected until its
         # stdin closes, after the test has seen the start record.
         nc = host.popen("nc", "-q1", "-w10", "198.51.100.60", "45678", stdin=subprocess.PIPE,
@@ -319,7 +319,7 @@ def test_the_sandbox_names_the_process_by_the_pid_it_has_inside(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         with open(gate, "w"):
-            lab.wait_for(lambda: log.exists() and "198.51.100.61:45678" in log.read_text(), 60,
+            harness.wait_for(lambda: log.exists() and "198.51.100.61:45678" in log.read_text(), 60,
                          "the start record of nc's conversation")
         _out, err = proc.communicate(timeout=60)
     finally:

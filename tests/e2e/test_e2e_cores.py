@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import lab
+import harness
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
@@ -81,7 +81,7 @@ def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("cores")
     os.chmod(work, 0o755)
     (work / "clients.py").write_text(CLIENTS)
-    records = lab.sandbox_records(work, "listener_processes = 2\n",
+    records = harness.sandbox_records(work, "listener_processes = 2\n",
                                   f'[tls]\nstate_dir = "{work / "state"}"\n[server_first]\n'
                                   f'mail_dir = "{work / "mail"}"\nuploads_dir = "{work / "uploads"}"\n',
                                   SCRIPT, timeout=200)

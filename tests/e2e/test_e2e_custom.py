@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
@@ -135,7 +135,7 @@ def run(tmp_path_factory):
     (work / "c2.py").write_text(TCP_SCRIPT)
     config = work / "sandbox.toml"
     config.write_text(
-        lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{work / "state"}"\n'
+        harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n[tls]\nstate_dir = "{work / "state"}"\n'
         + documented_example("banner")
         + documented_example("beacon.toml").replace("/etc/nftdivert/beacon.py", str(work / "beacon.py"))
         + f'[[custom]]\nname = "file"\nprotocol = "tcp"\nports = [4445]\nfile = "{work / "answer.bin"}"\n'
@@ -283,7 +283,7 @@ python3 -c 'import socket; s = socket.create_connection(("b.example", 4444), tim
 def test_one_address_answers_every_name_and_the_log_names_the_last(tmp_path):
     os.chmod(tmp_path, 0o777)
     config = tmp_path / "one.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[dns]\none_address = "198.51.100.1"\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n[dns]\none_address = "198.51.100.1"\n'
                       + documented_example("banner"))
     records = sandbox(tmp_path, config, ONE_ADDRESS)
     assert (tmp_path / "one_a.txt").read_text() == (tmp_path / "one_b.txt").read_text() == "198.51.100.1\n"
@@ -318,32 +318,32 @@ def answers_toml(banner: str, address: str) -> str:
 def test_sighup_reads_the_answer_sections_again_and_a_bad_file_changes_nothing(tmp_path):
     import netns as netns_mod
 
-    host = lab.build_local_host(netns_mod)
+    host = harness.build_local_host(netns_mod)
     div = None
     try:
-        div = lab.Diverter(host, tmp_path, lab.config_text(mode="local") + answers_toml("one", "198.51.100.1"),
+        div = harness.Diverter(host, tmp_path, harness.config_text(mode="local") + answers_toml("one", "198.51.100.1"),
                            name="local").start()
-        assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "one"
-        div.config_path.write_text(lab.config_text(mode="local") + answers_toml("two", "198.51.100.2"))
-        asked = lab.nftdivert(host, "reload")  # the command sends the run its SIGHUP
+        assert harness.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "one"
+        div.config_path.write_text(harness.config_text(mode="local") + answers_toml("two", "198.51.100.2"))
+        asked = harness.nftdivert(host, "reload")  # the command sends the run its SIGHUP
         assert f"(pid {div.proc.pid})" in asked.stdout, asked
         div.wait_log(lambda r: r.get("event") == "reload", what="the reload record")
-        assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
+        assert harness.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         div.config_path.write_text(answers_toml("three", "not an address"))
         div.proc.send_signal(signal.SIGHUP)
         refused = div.wait_log(lambda r: r.get("event") == "reload" and "error" in r, what="the refused reload")
         assert "dns.one_address" in refused["error"] and "reload refused" in div.stderr()
-        assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
+        assert harness.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         # A file that also changes what shapes the ruleset is refused whole, naming what changed.
-        div.config_path.write_text(lab.config_text(mode="local").replace("tcp_ports = []", "tcp_ports = [22]")
+        div.config_path.write_text(harness.config_text(mode="local").replace("tcp_ports = []", "tcp_ports = [22]")
                                    + answers_toml("four", "198.51.100.4"))
         div.proc.send_signal(signal.SIGHUP)
         shaped = div.wait_log(lambda r: r.get("event") == "reload" and "leave_alone" in r.get("error", ""),
                               what="the reload refused for leave_alone")
         assert "restart" in shaped["error"], shaped
-        assert lab.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
+        assert harness.run_client(host, "tcp", "198.51.100.9", "4444", "hi")["reply"] == "two"
         div.stop_and_check()
-        gone = lab.nftdivert(host, "reload", check=False)
+        gone = harness.nftdivert(host, "reload", check=False)
         assert gone.returncode == 1 and gone.stderr.startswith("nftdivert: no nftdivert run owns table"), gone
     finally:
         if div is not None:

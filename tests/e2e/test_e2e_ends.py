@@ -20,7 +20,7 @@ from datetime import datetime
 
 import pytest
 
-import lab
+import harness
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 
@@ -34,8 +34,8 @@ def lab_ns(gw):
     return gw
 
 
-def _diverter(gw, name: str) -> lab.Diverter:
-    return lab.Diverter(gw.diverter_ns, gw.workdir, lab.config_text(after_stop="remove"), name=name).start()
+def _diverter(gw, name: str) -> harness.Diverter:
+    return harness.Diverter(gw.diverter_ns, gw.workdir, harness.config_text(after_stop="remove"), name=name).start()
 
 
 def _ends_by_start(records: list[dict]) -> dict[int, list[str]]:
@@ -47,7 +47,7 @@ def _ends_by_start(records: list[dict]) -> dict[int, list[str]]:
     return events
 
 
-def _assert_one_end_each(div: lab.Diverter) -> list[dict]:
+def _assert_one_end_each(div: harness.Diverter) -> list[dict]:
     records = div.log()
     odd = {cid: ev for cid, ev in _ends_by_start(records).items() if ev != ["start", "end"]}
     assert not odd, f"conversations without exactly one start and one end: {odd}\n{records}"
@@ -56,7 +56,7 @@ def _assert_one_end_each(div: lab.Diverter) -> list[dict]:
     return records
 
 
-def _stopped(div: lab.Diverter) -> None:
+def _stopped(div: harness.Diverter) -> None:
     try:
         div.stop_and_check()
     finally:
@@ -75,7 +75,7 @@ def test_a_portless_protocol_is_logged_and_every_conversation_still_ends(lab_ns)
         _stopped(div)
     records = _assert_one_end_each(div)
     start, end = [r for r in records if r["protocol"] == "253"]
-    assert (start["client"], start["original_destination"]) == (lab.CLIENT4, "198.51.100.81"), start
+    assert (start["client"], start["original_destination"]) == (harness.CLIENT4, "198.51.100.81"), start
     assert start["listener"] == "" and "listener_port" not in start, start
     assert end["ended"] == "open" and end["sent"]["packets"] == 1, end
 
@@ -133,14 +133,14 @@ def test_udp_and_icmp_whose_entries_expire_before_the_stop_get_their_ends(short_
         assert all(r["ok"] for r in out["results"]), out
         for n in range(4):
             gw.client.run("ping", "-c1", "-W5", f"198.51.100.{130 + n}", timeout=15)
-        lab.wait_for(lambda: len([r for r in div.log() if r.get("event") == "start"]) >= 24, 30,
+        harness.wait_for(lambda: len([r for r in div.log() if r.get("event") == "start"]) >= 24, 30,
                      "the start records of 20 UDP and 4 ICMP conversations")
         # Not a guess at how long something takes: the kernel's own deadline. Each
         # entry expires 2 s after its answer (within the second after its start);
         # past that, it is expired, reaped by conntrack's collector or not yet.
         last = max(datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp()
                    for r in div.log() if r.get("event") == "start")
-        lab.wait_for(lambda: time.time() > last + 3.5, 10, "the last entry's expiry")
+        harness.wait_for(lambda: time.time() > last + 3.5, 10, "the last entry's expiry")
     finally:
         _stopped(div)
     records = _assert_one_end_each(div)

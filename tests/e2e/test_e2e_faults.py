@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture
 def own_8080(gw):
-    server = lab.serve_tcp(gw.diverter_ns, 8080, "own-8080")
+    server = harness.serve_tcp(gw.diverter_ns, 8080, "own-8080")
     yield server
     server.kill()
     server.wait(timeout=5)
@@ -38,7 +38,7 @@ def test_sigterm_leaves_nothing(gw):
     div = gw.ensure()
     r = gw.udp("198.51.100.30", 3000, "before-sigterm")
     assert r["ok"], r
-    assert bool(lab.queue_bindings(gw.diverter_ns)) != lab.KERNEL_PATH, "queues bound by the queue path only"
+    assert bool(harness.queue_bindings(gw.diverter_ns)) != harness.KERNEL_PATH, "queues bound by the queue path only"
     pid = div.proc.pid
     gw.stop()  # SIGTERM; exit 0; no table, ruleset, xt rule, queue binding, process
     assert pid not in gw.diverter_ns.pids()
@@ -48,24 +48,24 @@ def test_sigterm_leaves_nothing(gw):
 @pytest.mark.any_backend
 def test_kill9_then_run_again_replaces_the_stale_table(gw, tmp_path):
     div = gw.ensure()
-    backend = lab.active_backend(gw.diverter_ns)
-    stale = lab.table_handle(gw.diverter_ns)
+    backend = harness.active_backend(gw.diverter_ns)
+    stale = harness.table_handle(gw.diverter_ns)
     div.kill()
-    assert lab.table_handle(gw.diverter_ns) == stale, "kill -9 cannot have removed the table"
-    assert lab.queue_bindings(gw.diverter_ns) == [], "a dead worker's queues are unbound by the kernel"
+    assert harness.table_handle(gw.diverter_ns) == stale, "kill -9 cannot have removed the table"
+    assert harness.queue_bindings(gw.diverter_ns) == [], "a dead worker's queues are unbound by the kernel"
 
     fresh = gw.start_over_stale()
-    assert lab.table_handle(gw.diverter_ns) != stale
-    assert len(lab.nfqueue_rules(gw.diverter_ns)) == _expected_xt_rules(backend), lab.nfqueue_rules(gw.diverter_ns)
+    assert harness.table_handle(gw.diverter_ns) != stale
+    assert len(harness.nfqueue_rules(gw.diverter_ns)) == _expected_xt_rules(backend), harness.nfqueue_rules(gw.diverter_ns)
     gw.assert_origin_scenario(fresh, tmp_path / "client.pcap")
 
 
 def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
     div = gw.ensure()
     div.kill()
-    assert lab.table_handle(gw.diverter_ns) is not None
-    if lab.KERNEL_PATH:  # the run renewed the serving set's elements; they expire without it
-        lab.wait_for(lambda: not lab.set_elements(gw.diverter_ns, "serving"), 10,
+    assert harness.table_handle(gw.diverter_ns) is not None
+    if harness.KERNEL_PATH:  # the run renewed the serving set's elements; they expire without it
+        harness.wait_for(lambda: not harness.set_elements(gw.diverter_ns, "serving"), 10,
                      "the serving set's elements to expire after the kill")
     tcp = gw.tcp("198.51.100.7", 45678, "nobody-home", timeout=2)
     assert not tcp["ok"] and "timed out" in tcp["error"], tcp
@@ -73,14 +73,14 @@ def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
     assert not udp["ok"], udp
     gw.assert_no_leaks()
     gw.stop()  # nftdivert remove: the stale table and xt rules go
-    assert lab.table_handle(gw.diverter_ns) is None
+    assert harness.table_handle(gw.diverter_ns) is None
 
 
 def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
     div = gw.ensure(fail="open")
-    lab.wait_bound_set(gw.diverter_ns, "tcp", 8080)
+    harness.wait_bound_set(gw.diverter_ns, "tcp", 8080)
     div.kill()
-    assert lab.table_handle(gw.diverter_ns) is not None
+    assert harness.table_handle(gw.diverter_ns) is not None
 
     refused = gw.tcp("198.51.100.7", 45678, "unbound", timeout=3)
     assert not refused["ok"] and "ConnectionRefusedError" in refused["error"], refused
@@ -89,7 +89,7 @@ def test_fail_open_killed_worker_lets_the_kernel_answer(gw, own_8080):
     assert own["ok"] and own["reply"] == "own-8080" and own["peer"] == ["198.51.100.8", 8080], own
     gw.assert_no_leaks()
     gw.stop()
-    assert lab.table_handle(gw.diverter_ns) is None
+    assert harness.table_handle(gw.diverter_ns) is None
 
 
 def _children(pid: int) -> list[int]:
@@ -106,7 +106,7 @@ def _nice(pid: int) -> int:
 
 def _listeners(pid: int, ns) -> int:
     """A child holding the listener's socket (one of several: one listener process per CPU)."""
-    ss = ns.run("ss", "-Hltnp", f"sport = :{lab.LISTENER_PORT}").stdout
+    ss = ns.run("ss", "-Hltnp", f"sport = :{harness.LISTENER_PORT}").stdout
     held = sorted({int(p) for p in re.findall(r"pid=(\d+)", ss)} & set(_children(pid)))
     assert held, ss
     return held[-1]
@@ -128,7 +128,7 @@ def test_a_dead_child_stops_the_run_leaves_containment_and_nothing_more_is_answe
     assert div.proc.wait(timeout=30) == 1, div.stderr()
     said = f"nftdivert: {child} (pid {pid}) was killed by SIGKILL: stopping, rather than {rather}\n"
     assert div.stderr().endswith(said), div.stderr()
-    lab.assert_contained(gw.diverter_ns)  # what a clean stop leaves
+    harness.assert_contained(gw.diverter_ns)  # what a clean stop leaves
     after = gw.tcp("198.51.100.7", 45678, "not-logged", timeout=2)
     assert not after["ok"], after
     log = div.log()
@@ -141,16 +141,16 @@ def test_a_dead_child_stops_the_run_leaves_containment_and_nothing_more_is_answe
 @pytest.mark.queue_path  # the kernel path binds no queue
 def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw, tmp_path):
     gw.ensure()
-    first = lab.table_handle(gw.diverter_ns)
+    first = harness.table_handle(gw.diverter_ns)
     cfg = tmp_path / "second.toml"
     # Its own nflog group for admission's drops (the first run reads 1338): the queues are what clash.
-    cfg.write_text(lab.DIVERT_PATH_LINE + f'table = "second"\n[queue]\nbackend = "{lab.BACKEND}"\n'
+    cfg.write_text(harness.DIVERT_PATH_LINE + f'table = "second"\n[queue]\nbackend = "{harness.BACKEND}"\n'
                    'admission_group = 1339\n[[listeners]]\nname = "t"\nprotocol = "tcp"\nport = 2000\n')
-    proc = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False)
+    proc = harness.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False)
     assert proc.returncode == 1, proc.stderr
     assert "cannot bind queue.incoming = 0" in proc.stderr and "Traceback" not in proc.stderr
-    assert lab.table_handle(gw.diverter_ns, "second") is None
-    assert lab.table_handle(gw.diverter_ns) == first
+    assert harness.table_handle(gw.diverter_ns, "second") is None
+    assert harness.table_handle(gw.diverter_ns) == first
     assert gw.tcp("198.51.100.7", 45678, "still-here")["reply"] == "still-here"
 
 
@@ -164,27 +164,27 @@ OTHER = ('[queue]\nbackend = "{backend}"\nincoming = 10\noutgoing = 11\n'
 @pytest.mark.any_backend
 def test_a_second_run_for_a_live_runs_table_is_refused_and_the_first_keeps_it(gw, tmp_path):
     first = gw.ensure()
-    handle = lab.table_handle(gw.diverter_ns)
+    handle = harness.table_handle(gw.diverter_ns)
     mine = f"worker: pid {first.proc.pid}:"
-    lab.wait_for(lambda: mine in lab.nftdivert(gw.diverter_ns, "status").stdout, 30, "the first run's counters")
+    harness.wait_for(lambda: mine in harness.nftdivert(gw.diverter_ns, "status").stdout, 30, "the first run's counters")
     cfg = tmp_path / "other.toml"
-    cfg.write_text(lab.DIVERT_PATH_LINE + OTHER.format(backend=lab.BACKEND))
+    cfg.write_text(harness.DIVERT_PATH_LINE + OTHER.format(backend=harness.BACKEND))
 
-    second = lab.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False, timeout=30)
+    second = harness.nftdivert(gw.diverter_ns, "run", "-c", str(cfg), check=False, timeout=30)
     assert second.returncode == 1, second.stderr
     assert "Traceback" not in second.stderr
-    assert (f"table inet {lab.TABLE} is owned by nftdivert run (pid {first.proc.pid}) "
+    assert (f"table inet {harness.TABLE} is owned by nftdivert run (pid {first.proc.pid}) "
             "in this network namespace") in second.stderr, second.stderr
     # apply with another ruleset is refused the same way; with the run's own, it reloads.
-    applied = lab.nftdivert(gw.diverter_ns, "apply", "-c", str(cfg), check=False)
+    applied = harness.nftdivert(gw.diverter_ns, "apply", "-c", str(cfg), check=False)
     assert applied.returncode == 1 and f"pid {first.proc.pid}" in applied.stderr, applied.stderr
-    assert lab.table_handle(gw.diverter_ns) == handle
+    assert harness.table_handle(gw.diverter_ns) == handle
 
-    assert not lab.port_bound(gw.diverter_ns, "tcp", 2337)
-    assert mine in lab.nftdivert(gw.diverter_ns, "status").stdout  # its status file is still its own
+    assert not harness.port_bound(gw.diverter_ns, "tcp", 2337)
+    assert mine in harness.nftdivert(gw.diverter_ns, "status").stdout  # its status file is still its own
     r = gw.tcp("198.51.100.7", 45678, "still-diverted")
     assert r["ok"] and r["reply"] == "still-diverted", r
-    lab.nftdivert(gw.diverter_ns, "apply", "-c", str(first.config_path))
+    harness.nftdivert(gw.diverter_ns, "apply", "-c", str(first.config_path))
     r = gw.tcp("198.51.100.7", 45679, "after-reapply")
     assert r["ok"] and r["reply"] == "after-reapply", r
     gw.stop()  # the first stops cleanly: its containment stays, `remove` then leaves nothing
@@ -201,24 +201,24 @@ def test_a_clean_stop_keeps_containment_until_remove(gw, tmp_path):
     gw.div = None
     ns = gw.diverter_ns
 
-    status = lab.nftdivert(ns, "status")
-    assert f"table inet {lab.TABLE}: contained, no worker" in status.stdout, status.stdout
+    status = harness.nftdivert(ns, "status")
+    assert f"table inet {harness.TABLE}: contained, no worker" in status.stdout, status.stdout
     assert "worker: none running" in status.stdout
-    assert lab.nftdivert(ns, "diff", "-c", str(div.config_path), "--after-stop").returncode == 0
-    drift = lab.nftdivert(ns, "diff", "-c", str(div.config_path), check=False)
+    assert harness.nftdivert(ns, "diff", "-c", str(div.config_path), "--after-stop").returncode == 0
+    drift = harness.nftdivert(ns, "diff", "-c", str(div.config_path), check=False)
     assert drift.returncode == 1 and "compare with --after-stop" in drift.stderr, drift.stderr
-    rendered = lab.nftdivert(ns, "render", "-c", str(div.config_path), "--after-stop").stdout
+    rendered = harness.nftdivert(ns, "render", "-c", str(div.config_path), "--after-stop").stdout
     assert "chain contain {" in rendered and "divert_incoming" not in rendered
 
     # The gateway still forwards nothing: nothing answers, nothing reaches the host behind.
     probes = [gw.udp("198.51.100.77", 9999, "after-stop", timeout=1),
-              gw.tcp("198.51.100.77", 45678, "after-stop", timeout=1), gw.tcp(lab.INET4, 22, "x", timeout=1)]
+              gw.tcp("198.51.100.77", 45678, "after-stop", timeout=1), gw.tcp(harness.INET4, 22, "x", timeout=1)]
     assert not any(p["ok"] for p in probes), probes
     gw.assert_no_leaks()
 
-    removed = lab.nftdivert(ns, "remove").stdout
-    assert f"removed table inet {lab.TABLE}" in removed
-    lab.assert_clean(ns)
+    removed = harness.nftdivert(ns, "remove").stdout
+    assert f"removed table inet {harness.TABLE}" in removed
+    harness.assert_clean(ns)
 
 
 @pytest.mark.any_backend
@@ -228,5 +228,5 @@ def test_a_clean_stop_with_after_stop_remove_leaves_nothing(gw):
     assert div.stop() == 0, div.stderr()
     gw.div = None
     assert pid not in gw.diverter_ns.pids()
-    lab.assert_clean(gw.diverter_ns)
+    harness.assert_clean(gw.diverter_ns)
     assert "containment stays" not in div.stderr()

@@ -6,7 +6,7 @@ second, and what the kernel dropped at a full queue, and admission control
 before it, must be reported.
 
 Slow, and bounded: each flood is a fixed count, stopped after FLOOD_LIMIT
-seconds at the latest. Lab and client programs: tests/lab.py.
+seconds at the latest. Lab and client programs: tests/harness.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 from nftdivert.config import QueueConfig
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.queue_path]  # the worker and its queues under a flood
@@ -42,13 +42,13 @@ STALE = 3.0  # seconds: the tick runs each second; older counters mean it stalle
 
 def _stats_file(ns) -> Path:
     # The worker names it after its network namespace's inode (stats.stats_path).
-    return Path("/run/nftdivert") / f"{lab.TABLE}-{os.stat(f'/run/netns/{ns.name}').st_ino}.json"
+    return Path("/run/nftdivert") / f"{harness.TABLE}-{os.stat(f'/run/netns/{ns.name}').st_ino}.json"
 
 
 def _queues(ns) -> dict[int, list[int]]:
     """queue number -> [waiting, dropped (queue full), dropped (socket full), id sequence]."""
     out = {}
-    for line in lab.queue_bindings(ns):
+    for line in harness.queue_bindings(ns):
         cols = line.split()
         out[int(cols[0])] = [int(cols[2]), int(cols[5]), int(cols[6]), int(cols[7])]
     return out
@@ -58,11 +58,11 @@ def _under_flood(gw, argv: list[str]) -> tuple[dict, list[dict]]:
     """Run the flood in the client; meanwhile, over and over, a normal client's
     exchange and a look at the worker's counters and the kernel's queues."""
     div = gw.ensure()
-    if not lab.stats_writable():
+    if not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker cannot publish its counters")
     stats = _stats_file(gw.diverter_ns)
-    lab.wait_for(stats.exists, 10, f"the worker's stats file {stats}")
-    flood = gw.client.popen(sys.executable, lab.LAB_PY, *argv, text=True)
+    harness.wait_for(stats.exists, 10, f"the worker's stats file {stats}")
+    flood = gw.client.popen(sys.executable, harness.LAB_PY, *argv, text=True)
     samples: list[dict] = []
     start = time.monotonic()
     try:
@@ -87,7 +87,7 @@ def _under_flood(gw, argv: list[str]) -> tuple[dict, list[dict]]:
 
 
 def _check(gw, samples: list[dict], what: str, answer_within: float) -> None:
-    incoming, outgoing = lab.QUEUES
+    incoming, outgoing = harness.QUEUES
     lines = []
     for s in samples:
         p, st, q = s["probe"], s["stats"], s["queues"]
@@ -113,7 +113,7 @@ def _check(gw, samples: list[dict], what: str, answer_within: float) -> None:
     # The kernel's drops are reported by `status`, as the kernel counts them
     # (the worker's counters are at most a tick behind: once the flood is over, equal).
     def reported():
-        status = lab.nftdivert(gw.diverter_ns, "status").stdout
+        status = harness.nftdivert(gw.diverter_ns, "status").stdout
         kernel = _queues(gw.diverter_ns)
         said = [re.search(rf"{name} queue {num} dropped (\d+) \(queue full\) \+ (\d+) \(socket full\)", status)
                 for name, num in (("incoming", incoming), ("outgoing", outgoing))]
@@ -121,13 +121,13 @@ def _check(gw, samples: list[dict], what: str, answer_within: float) -> None:
             return status
         return None
 
-    status = lab.wait_for(reported, 15, "`nftdivert status` to report the kernel's queue drops",
-                          detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout + str(_queues(gw.diverter_ns)))
+    status = harness.wait_for(reported, 15, "`nftdivert status` to report the kernel's queue drops",
+                          detail=lambda: harness.nftdivert(gw.diverter_ns, "status").stdout + str(_queues(gw.diverter_ns)))
     print(f"status: {status.splitlines()[-1].strip()}")
 
 
 def _admission_dropped(gw) -> dict[str, int]:
-    status = lab.nftdivert(gw.diverter_ns, "status").stdout
+    status = harness.nftdivert(gw.diverter_ns, "status").stdout
     said = re.search(r"admission: dropped tcp (\d+), udp (\d+) new conversations", status)
     assert said, status
     print(said[0])
@@ -139,7 +139,7 @@ def test_syn_flood_starves_neither_the_replies_nor_the_tick(gw):
     # control drops the SYNs beyond the client's share before the queue, so the
     # queue keeps room and a normal client's datagram (same address, UDP) is
     # answered within a second.
-    result, samples = _under_flood(gw, ["synflood", lab.CLIENT4, "198.18.0.0/16", "100000"])
+    result, samples = _under_flood(gw, ["synflood", harness.CLIENT4, "198.18.0.0/16", "100000"])
     assert result["sent"] == 100000, result
     _check(gw, samples, f"100k SYNs in {result['seconds']:.1f}s", answer_within=1.0)
     # What admission control dropped is reported: all but the client's share

@@ -4,7 +4,7 @@ family and address a conversation would reach, and odd packets (IPv4
 options, IPv6 extension headers, an urgent byte, an empty or broadcast
 datagram) get the answer an ordinary one gets.
 
-Lab and client programs: tests/lab.py.
+Lab and client programs: tests/harness.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-import lab
+import harness
 
 # What the worker parses and the ruleset's sets decide, not how packets reach the
 # queue: the host tier proves it, the VM tier keeps to the backend's own paths.
@@ -30,7 +30,7 @@ def _serve(ns, servers):
     procs = []
     try:
         for bind, port in servers:
-            procs.append(lab.serve_tcp(ns, port, f"own-{bind}-{port}", bind=bind))
+            procs.append(harness.serve_tcp(ns, port, f"own-{bind}-{port}", bind=bind))
     except BaseException:
         _stop(procs)
         raise
@@ -50,10 +50,10 @@ def test_loopback_services_do_not_make_a_port_bound_for_gateway_clients(gw, div)
     procs = _serve(ns, [("127.0.0.1", 9000), ("::1", 9001)])
     try:
         # The kernel knows them, each for its own address only.
-        lab.wait_bound_set(ns, "tcp", 9000, address="127.0.0.1")
-        lab.wait_bound_set(ns, "tcp", 9001, address="::1")
-        assert not [e for e in lab.bound_elements(ns, "tcp", 4) if e[1] in (9000, 9001) and e[0] != "127.0.0.1"]
-        assert not [e for e in lab.bound_elements(ns, "tcp", 6) if e[1] in (9000, 9001) and e[0] != "::1"]
+        harness.wait_bound_set(ns, "tcp", 9000, address="127.0.0.1")
+        harness.wait_bound_set(ns, "tcp", 9001, address="::1")
+        assert not [e for e in harness.bound_elements(ns, "tcp", 4) if e[1] in (9000, 9001) and e[0] != "127.0.0.1"]
+        assert not [e for e in harness.bound_elements(ns, "tcp", 6) if e[1] in (9000, 9001) and e[0] != "::1"]
         for host, port in (("198.51.100.7", 9000), ("2001:db8::7", 9001)):
             r = gw.tcp(host, port, f"echo-{port}")
             assert r["ok"] and r["reply"] == f"echo-{port}", f"{host}:{port}: {r}"  # the default listener's echo
@@ -69,8 +69,8 @@ def test_an_ipv4_only_service_leaves_ipv6_clients_diverted(gw, div):
     ns = gw.diverter_ns
     procs = _serve(ns, [("0.0.0.0", 8000)])
     try:
-        lab.wait_bound_set(ns, "tcp", 8000, address="0.0.0.0/0")
-        assert not [e for e in lab.bound_elements(ns, "tcp", 6) if e[1] == 8000]
+        harness.wait_bound_set(ns, "tcp", 8000, address="0.0.0.0/0")
+        assert not [e for e in harness.bound_elements(ns, "tcp", 6) if e[1] == 8000]
         v4 = gw.tcp("198.51.100.8", 8000, "to-the-service")
         assert v4["ok"] and v4["reply"] == "own-0.0.0.0-8000", v4  # bound for IPv4: its own socket
         v6 = gw.tcp("2001:db8::8", 8000, "echo-v6-8000")
@@ -106,7 +106,7 @@ def test_a_broadcast_datagram_is_answered_from_the_port_asked_for(gw, div):
     port = gw.fresh_port()
     r = gw.client_run("udp", "192.0.2.255", str(port), "to-everyone", "--broadcast")
     assert r["ok"] and r["reply"] == "to-everyone", r
-    assert r["source"] == [lab.DIV_CLIENT4, port], r
+    assert r["source"] == [harness.DIV_CLIENT4, port], r
 
 
 @pytest.mark.queue_path  # as above
@@ -144,11 +144,11 @@ SHARE = 50  # new TCP conversations a second for the client: far below the flood
 @pytest.mark.queue_path  # admission protects the queue; the kernel path has none
 def test_a_clients_syns_beyond_its_share_are_dropped_before_the_queue_and_counted(gw):
     div = gw.ensure(new_tcp_per_source=SHARE)
-    flood = gw.client_run("synflood", lab.CLIENT4, "198.18.0.0/16", "3000", "--seconds", "1", timeout=60)
+    flood = gw.client_run("synflood", harness.CLIENT4, "198.18.0.0/16", "3000", "--seconds", "1", timeout=60)
     assert flood["sent"] == 3000, flood
     # The token bucket lets through at most its burst plus its rate for the time the flood took.
     most_admitted = SHARE // 2 + SHARE * (flood["seconds"] + 1)
-    status = lab.nftdivert(gw.diverter_ns, "status").stdout
+    status = harness.nftdivert(gw.diverter_ns, "status").stdout
     print(f"\n{status}")
     said = re.search(r"admission: dropped tcp (\d+), udp (\d+) new conversations", status)
     assert said and int(said[1]) >= 3000 - most_admitted and said[2] == "0", status
@@ -175,7 +175,7 @@ SPOOF_FILTER = f"host {SPOOFED4} or host {SPOOFED6}"
 
 
 def _spoofed_counter(ns) -> int:
-    said = re.search(r"spoofed: dropped (\d+) packets", lab.nftdivert(ns, "status").stdout)
+    said = re.search(r"spoofed: dropped (\d+) packets", harness.nftdivert(ns, "status").stdout)
     return int(said[1]) if said else -1
 
 
@@ -183,8 +183,8 @@ def _capture_barrier(gw) -> None:
     """Once the diverter's own ping of this size is in the internet capture,
     everything sent before it is too."""
     size = 1000 + gw.fresh_port() % 400
-    gw.diverter_ns.run("ping", "-c1", "-W5", "-s", str(size), lab.INET4, timeout=10)
-    lab.wait_for(lambda: gw.internet_capture.read(f"icmp and greater {size}"), 10, "the capture barrier")
+    gw.diverter_ns.run("ping", "-c1", "-W5", "-s", str(size), harness.INET4, timeout=10)
+    harness.wait_for(lambda: gw.internet_capture.read(f"icmp and greater {size}"), 10, "the capture barrier")
 
 
 def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
@@ -196,7 +196,7 @@ def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
     assert gw.client_run("spoof", "--json", json.dumps(packets))["sent"] == 6
     # The same from the client's own addresses is answered: the barrier for the
     # answers (the queue and the listener keep their order), then the capture's.
-    for src, dst in ((lab.CLIENT4, "198.51.100.5"), (lab.CLIENT6, "2001:db8::5")):
+    for src, dst in ((harness.CLIENT4, "198.51.100.5"), (harness.CLIENT6, "2001:db8::5")):
         t = gw.tcp(dst, port, f"own-{src}")
         assert t["ok"] and t["reply"] == f"own-{src}", t
         u = gw.udp(dst, port, f"own-{src}")
@@ -204,7 +204,7 @@ def test_spoofed_sources_get_no_answer_and_are_counted(gw, div):
     _capture_barrier(gw)
     leaked = gw.internet_capture.read(SPOOF_FILTER)
     assert leaked == [], "answers to spoofed sources left the diverter:\n" + "\n".join(leaked)
-    assert _spoofed_counter(gw.diverter_ns) == before + 6, lab.nftdivert(gw.diverter_ns, "status").stdout
+    assert _spoofed_counter(gw.diverter_ns) == before + 6, harness.nftdivert(gw.diverter_ns, "status").stdout
     gw.stop()  # the run's final counters say it too
     final = re.search(r"spoofed sources: dropped (\d+) packets", div.stderr())
     assert final and int(final[1]) == before + 6, div.stderr()
@@ -220,11 +220,11 @@ def test_a_spoofed_packet_that_expires_here_gets_no_icmp_error(gw):
                [SPOOFED6, "2001:db8:ffff::200", "udp", 9, "EXFIL-ttl", 1]]
     assert gw.client_run("spoof", "--json", json.dumps(packets))["sent"] == 2
     # The same from the client's own addresses gets its error: the barrier.
-    for src, dst in ((lab.CLIENT4, "198.51.100.200"), (lab.CLIENT6, "2001:db8:ffff::200")):
-        cap = lab.Capture(gw.client, "eth0", gw.workdir / f"ttl-{gw.fresh_port()}.pcap", "icmp or icmp6").start()
+    for src, dst in ((harness.CLIENT4, "198.51.100.200"), (harness.CLIENT6, "2001:db8:ffff::200")):
+        cap = harness.Capture(gw.client, "eth0", gw.workdir / f"ttl-{gw.fresh_port()}.pcap", "icmp or icmp6").start()
         try:
             gw.client_run("spoof", "--json", json.dumps([[src, dst, "udp", 9, "own", 1]]))
-            lab.wait_for(lambda: [p for p in cap.read() if "exceeded" in p], 10, f"time exceeded for {src}")
+            harness.wait_for(lambda: [p for p in cap.read() if "exceeded" in p], 10, f"time exceeded for {src}")
         finally:
             cap.stop()
     _capture_barrier(gw)
@@ -241,10 +241,10 @@ def test_dhcp_and_duplicate_address_detection_sources_still_pass(gw, div):
     lets them through, uncounted."""
     before = _spoofed_counter(gw.diverter_ns)
     port = gw.fresh_port()
-    receiver = lab.receive_udp(gw.diverter_ns, port, 3)
+    receiver = harness.receive_udp(gw.diverter_ns, port, 3)
     try:
         for address in ("0.0.0.0/0", "::/0"):  # its port is bound: the datagrams are not diverted
-            lab.wait_bound_set(gw.diverter_ns, "udp", port, address=address)
+            harness.wait_bound_set(gw.diverter_ns, "udp", port, address=address)
         packets = [["0.0.0.0", "255.255.255.255", "udp", port, "DISCOVER"], ["::", "ff02::1", "udp", port, "DAD"],
                    ["fe80::99", "ff02::1", "udp", port, "LINK-LOCAL"]]
         assert gw.client_run("spoof", "--device", "eth0", "--json", json.dumps(packets))["sent"] == 3
@@ -267,7 +267,7 @@ def test_a_scan_over_the_share_logs_every_attempt_and_which_were_dropped(gw, hos
     scan = gw.client.run("nmap", "-n", "-sT", "-Pn", "-p", "1-1000", "--max-retries", "0", "-oG", "-",
                          *(["-6"] if ":" in host else []), host, timeout=300)
     asked = f"[{host}]:" if ":" in host else f"{host}:"
-    client = lab.CLIENT6 if ":" in host else lab.CLIENT4
+    client = harness.CLIENT6 if ":" in host else harness.CLIENT4
     opened = {int(p) for p in re.findall(r"(\d+)/open/tcp", scan.stdout)}
     gw.stop()  # the last second's admission record is written at the stop
     counted = re.search(r"admission dropped tcp (\d+), udp 0 new conversations", div.stderr())

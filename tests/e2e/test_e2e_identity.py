@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-import lab
+import harness
 import netns
 
 pytestmark = pytest.mark.kernel
@@ -33,7 +33,7 @@ def _failed(r: dict) -> list[dict]:
 
 
 def _kernel_remaps(ns) -> int | None:
-    out = lab.nftdivert(ns, "status").stdout
+    out = harness.nftdivert(ns, "status").stdout
     m = re.search(r"kernel remaps (\d+)", out)
     return int(m[1]) if m else None
 
@@ -54,11 +54,11 @@ def test_one_client_port_towards_50_addresses_on_one_port(gw, proto, subnet, por
     assert not failed, f"{len(failed)} of 50 not answered from the address asked for: {failed[:5]}"
 
     lines = gw.log_barrier(div)
-    mine = [x for x in lines if x["client"] == f"{lab.CLIENT4}:{sport}" and x["protocol"] == proto]
+    mine = [x for x in lines if x["client"] == f"{harness.CLIENT4}:{sport}" and x["protocol"] == proto]
     assert sorted(x["original_destination"] for x in mine) == sorted(_dest(h, p) for h, p, _ in targets), mine
     assert {x["event"] for x in mine} == {"start"} and len({x["id"] for x in mine}) == 50, mine
-    if lab.stats_writable() and not lab.KERNEL_PATH:  # 49 reached the listener from a port the kernel chose
-        assert lab.wait_for(lambda: (_kernel_remaps(gw.diverter_ns) or 0) >= 49, 5, "kernel remaps counted")
+    if harness.stats_writable() and not harness.KERNEL_PATH:  # 49 reached the listener from a port the kernel chose
+        assert harness.wait_for(lambda: (_kernel_remaps(gw.diverter_ns) or 0) >= 49, 5, "kernel remaps counted")
 
 
 @pytest.mark.any_backend
@@ -72,7 +72,7 @@ def test_udp_socket_answered_by_one_address_then_sends_to_another_on_the_same_po
     assert not _failed(r), r
     assert [x["source"] for x in r["results"]] == [["198.51.100.50", 9999], ["198.51.100.51", 9999]]
     lines = gw.log_barrier(div)
-    mine = [x["original_destination"] for x in lines if x["client"] == f"{lab.CLIENT4}:{r['local']}"]
+    mine = [x["original_destination"] for x in lines if x["client"] == f"{harness.CLIENT4}:{r['local']}"]
     assert sorted(mine) == ["198.51.100.50:9999", "198.51.100.51:9999"], lines
 
 
@@ -87,7 +87,7 @@ def test_ipv6_one_client_port_towards_10_addresses(gw):
     lines = gw.log_barrier(div)
     for proto in ("tcp", "udp"):
         mine = [x["original_destination"] for x in lines
-                if x["client"] == f"[{lab.CLIENT6}]:{sport}" and x["protocol"] == proto]
+                if x["client"] == f"[{harness.CLIENT6}]:{sport}" and x["protocol"] == proto]
         assert sorted(mine) == sorted(_dest(h, p) for h, p, _ in targets), (proto, mine)
 
 
@@ -101,14 +101,14 @@ def test_1000_concurrent_connections_to_1000_addresses_on_443(gw):
     r = gw.client_run("many", "--json", json.dumps(targets), "--timeout", "60", timeout=300)
     assert r["failures"] == [] and r["ok"] == 1000, r["failures"][:10]
     assert r["client_ports_shared"] > 0, "no client port was used twice: the test proves nothing"
-    want = sorted((f"{lab.CLIENT4}:{lport}", _dest(h, p)) for h, p, lport in r["sockets"])
+    want = sorted((f"{harness.CLIENT4}:{lport}", _dest(h, p)) for h, p, lport in r["sockets"])
     asked = {_dest(h, p) for h, p, _ in targets}
 
     def logged() -> list:
         return sorted((x["client"], x["original_destination"]) for x in div.log()
                       if x.get("event") == "start" and x["original_destination"] in asked)
 
-    lab.wait_for(lambda: len(logged()) >= 1000, 30, "1000 log lines",
+    harness.wait_for(lambda: len(logged()) >= 1000, 30, "1000 log lines",
                  detail=lambda: f"{len(logged())} logged")
     got = logged()
     assert got == want, f"{len(set(got) ^ set(want))} log lines differ, e.g. {sorted(set(got) ^ set(want))[:6]}"
@@ -117,7 +117,7 @@ def test_1000_concurrent_connections_to_1000_addresses_on_443(gw):
 
 
 def _dropped(ns) -> int:
-    m = re.search(r"dropped (\d+),", lab.nftdivert(ns, "status").stdout)
+    m = re.search(r"dropped (\d+),", harness.nftdivert(ns, "status").stdout)
     return int(m[1]) if m else -1
 
 
@@ -139,7 +139,7 @@ def test_an_8000_byte_udp_datagram_is_dropped_counted_and_reported_once(gw):
     """Beyond the queue's copy (4016 bytes) a datagram cannot be rewritten: it
     is dropped (like over a smaller MTU), counted, and reported once; the
     conversation goes on around it."""
-    if not lab.stats_writable():
+    if not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker cannot publish its counters")
     gw.stop()
     div = gw.ensure()  # fresh counters
@@ -149,7 +149,7 @@ def test_an_8000_byte_udp_datagram_is_dropped_counted_and_reported_once(gw):
             r = gw.client_run("fan-out", "udp", "--one-by-one", "--timeout", "1", "--json", json.dumps(targets))
             assert [x["ok"] for x in r["results"]] == [True, False, True], r["results"]
             try:
-                lab.wait_for(lambda: _dropped(gw.diverter_ns) >= n, 3, f"{n} dropped")
+                harness.wait_for(lambda: _dropped(gw.diverter_ns) >= n, 3, f"{n} dropped")
                 break
             except AssertionError:
                 continue  # one fragment lost on a busy machine loses the datagram: send it again
@@ -166,7 +166,7 @@ SO_TIMESTAMP = 29  # <asm-generic/socket.h>; Python names only SO_TIMESTAMP in s
 
 def _waiting(ns) -> dict[int, int]:
     """Queue number -> packets the kernel holds there without a verdict (/proc, now)."""
-    return {int(line.split()[0]): int(line.split()[2]) for line in lab.queue_bindings(ns)}
+    return {int(line.split()[0]): int(line.split()[2]) for line in harness.queue_bindings(ns)}
 
 
 @pytest.mark.any_backend
@@ -176,7 +176,7 @@ def test_large_datagrams_with_timestamps_on_are_dropped_and_never_stall_the_queu
     packet carries a timestamp: the message of a datagram beyond the copy
     range outgrew NetfilterQueue's 4096-byte buffer, was cut off without a
     verdict, and after 1,024 of them the incoming queue was full for good."""
-    if not lab.stats_writable():
+    if not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker cannot publish its counters")
     gw.stop()
     div = gw.ensure()  # fresh counters
@@ -192,13 +192,13 @@ def test_large_datagrams_with_timestamps_on_are_dropped_and_never_stall_the_queu
             assert t["ok"] and t["reply"] == f"tcp-after-{host}", t
             u = gw.udp(host, port, f"udp-after-{host}")
             assert u["ok"] and u["reply"] == f"udp-after-{host}", u
-    assert _waiting(gw.diverter_ns) == {q: 0 for q in lab.QUEUES}
+    assert _waiting(gw.diverter_ns) == {q: 0 for q in harness.QUEUES}
     # Each datagram that reached the queue is dropped and counted (a fragment lost
     # on the way loses its datagram before the queue; admission may drop some).
-    status = lab.nftdivert(gw.diverter_ns, "status").stdout
+    status = harness.nftdivert(gw.diverter_ns, "status").stdout
     print(f"\n{status}")
-    lab.wait_for(lambda: _dropped(gw.diverter_ns) >= 1000, 10, "1000 dropped",
-                 detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
+    harness.wait_for(lambda: _dropped(gw.diverter_ns) >= 1000, 10, "1000 dropped",
+                 detail=lambda: harness.nftdivert(gw.diverter_ns, "status").stdout)
     gw.stop()  # exit 0, nothing left, errors 0
     assert re.search(r"kernel: incoming queue 0 dropped 0 \(queue full\) \+ 0 \(socket full\) \+ 0 \(unreadable\), "
                      r"waiting 0",
@@ -209,7 +209,7 @@ def test_large_datagrams_with_timestamps_on_are_dropped_and_never_stall_the_queu
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    with lab.local_lab(netns, tmp_path_factory.mktemp("e2e-identity-local")) as pair:
+    with harness.local_lab(netns, tmp_path_factory.mktemp("e2e-identity-local")) as pair:
         yield pair
 
 
@@ -222,9 +222,9 @@ def test_local_mode_one_client_port_towards_10_addresses(local, proto):
     sport = 21000 if proto == "tcp" else 21001
     tag = uuid.uuid4().hex[:6]
     targets = [[f"198.18.3.{i}", 4444, f"{proto}-{i}-{tag}"] for i in range(1, 11)]
-    r = lab.run_client(host, "fan-out", proto, "--sport", str(sport), "--json", json.dumps(targets), timeout=60)
+    r = harness.run_client(host, "fan-out", proto, "--sport", str(sport), "--json", json.dumps(targets), timeout=60)
     assert not _failed(r), _failed(r)
-    lines = lab.log_barrier(host, div, 40100 + (proto == "udp"))
+    lines = harness.log_barrier(host, div, 40100 + (proto == "udp"))
     mine = [x for x in lines if x["client"].endswith(f":{sport}") and x["protocol"] == proto]
     assert sorted(x["original_destination"] for x in mine) == sorted(_dest(h, p) for h, p, _ in targets), lines
 
@@ -238,12 +238,12 @@ def test_local_mode_datagrams_up_to_loopbacks_mtu_with_timestamps_on_never_stall
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stamped:
         stamped.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         for dest in ("198.18.4.1", "2001:db8:4::1"):
-            blast = lab.run_client(host, "udpblast", dest, "1100", "60000", "7000", "1000", "--seconds", "2",
+            blast = harness.run_client(host, "udpblast", dest, "1100", "60000", "7000", "1000", "--seconds", "2",
                                    timeout=120)
             assert blast["sent"] == 1100, blast
         for dest in ("198.18.4.2", "2001:db8:4::2"):
-            t = lab.run_client(host, "tcp", dest, "4321", f"tcp-after-{dest}")
+            t = harness.run_client(host, "tcp", dest, "4321", f"tcp-after-{dest}")
             assert t["ok"] and t["reply"] == f"tcp-after-{dest}", t
-            u = lab.run_client(host, "udp", dest, "4321", f"udp-after-{dest}")
+            u = harness.run_client(host, "udp", dest, "4321", f"udp-after-{dest}")
             assert u["ok"] and u["reply"] == f"udp-after-{dest}", u
-    assert _waiting(host) == {q: 0 for q in lab.QUEUES}
+    assert _waiting(host) == {q: 0 for q in harness.QUEUES}

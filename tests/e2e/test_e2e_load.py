@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-import lab
+import harness
 import netns
 
 pytestmark = pytest.mark.kernel
@@ -18,20 +18,20 @@ pytestmark = pytest.mark.kernel
 def local(tmp_path_factory):
     """One host in local mode: its own programs' connections are diverted, root's
     only (nobody is left alone)."""
-    with lab.local_lab(netns, tmp_path_factory.mktemp("e2e-local"), users=["nobody"]) as pair:
+    with harness.local_lab(netns, tmp_path_factory.mktemp("e2e-local"), users=["nobody"]) as pair:
         yield pair
 
 
 # ---- 6. load -------------------------------------------------------------------------
 
-def _diagnose(gw, div, r: dict, cap: lab.Capture) -> str:
+def _diagnose(gw, div, r: dict, cap: harness.Capture) -> str:
     """What the kernel and the worker saw, for a failed load run."""
     kinds: dict[str, int] = {}
     for _, _, why in r["failures"]:
         kinds[why.split("[")[0].split("(")[0][:60]] = kinds.get(why.split("[")[0].split("(")[0][:60], 0) + 1
     host, port, _ = r["failures"][0]
     packets = [line for line in cap.read() if f".{port} " in line or f".{port}:" in line]
-    status = lab.nftdivert(gw.diverter_ns, "status", check=False).stdout
+    status = harness.nftdivert(gw.diverter_ns, "status", check=False).stdout
     queues = gw.diverter_ns.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False).stdout
     return (f"{len(r['failures'])} failed: {kinds}\nfirst: {r['failures'][0]}\n"
             f"client packets of {host}:{port}:\n" + "\n".join(packets[:30]) +
@@ -45,7 +45,7 @@ def test_200_concurrent_connections_to_200_addresses(gw, tmp_path):
     tag = uuid.uuid4().hex[:8]
     targets = [[f"198.51.100.{i}", 30000 + i, f"v4-{i}-{tag}-" + "x" * i] for i in range(1, 101)]
     targets += [[f"2001:db8:ffff::{i:x}", 31000 + i, f"v6-{i}-{tag}-" + "y" * i] for i in range(1, 101)]
-    cap = lab.Capture(gw.client, "eth0", tmp_path / "client.pcap", "tcp and portrange 30001-31100").start()
+    cap = harness.Capture(gw.client, "eth0", tmp_path / "client.pcap", "tcp and portrange 30001-31100").start()
     try:
         r = gw.client_run("many", "--json", json.dumps(targets), "--timeout", "30", timeout=90)
     finally:
@@ -57,7 +57,7 @@ def test_200_concurrent_connections_to_200_addresses(gw, tmp_path):
           f"({r['client_ports_shared']} client ports in use twice)")
 
     want = {(f"[{h}]:{p}" if ":" in h else f"{h}:{p}") for h, p, _ in targets}
-    lab.wait_for(lambda: want <= {x["original_destination"] for x in div.log()}, 20,
+    harness.wait_for(lambda: want <= {x["original_destination"] for x in div.log()}, 20,
                  "a log line for each of the 200 conversations",
                  detail=lambda: f"missing: {sorted(want - {x['original_destination'] for x in div.log()})[:10]}")
 
@@ -74,8 +74,8 @@ def test_same_client_port_to_two_destinations(gw):
     targets = [["198.51.100.221", 32221, "first-conversation"], ["198.51.100.241", 32241, "second-conversation"]]
     r = gw.client_run("fan-out", "tcp", "--json", json.dumps(targets), "--sport", str(sport))
     assert all(x["ok"] for x in r["results"]), r["results"]
-    lines = lab.log_barrier(gw.client, div, gw.fresh_port())
-    got = sorted(x["original_destination"] for x in lines if x["client"] == f"{lab.CLIENT4}:{sport}")
+    lines = harness.log_barrier(gw.client, div, gw.fresh_port())
+    got = sorted(x["original_destination"] for x in lines if x["client"] == f"{harness.CLIENT4}:{sport}")
     assert got == ["198.51.100.221:32221", "198.51.100.241:32241"], lines
 
 
@@ -93,7 +93,7 @@ def test_50mb_through_one_diverted_connection_is_byte_exact(gw):
 @pytest.mark.load
 def test_local_mode_10mb_over_loopback_is_byte_exact(local):
     host, div = local
-    r = lab.run_client(host, "bulk", "198.51.100.50", "45678", "10", "--timeout", "60", timeout=120)
+    r = harness.run_client(host, "bulk", "198.51.100.50", "45678", "10", "--timeout", "60", timeout=120)
     assert r["ok"], r
     assert r["bytes_received"] == r["bytes_sent"] and r["sha256_received"] == r["sha256_sent"], r
     rec = div.wait_log(lambda x: x["original_destination"] == "198.51.100.50:45678")
@@ -107,11 +107,11 @@ def test_local_mode_10mb_over_loopback_is_byte_exact(local):
 @pytest.mark.any_backend  # the skuid rule comes before the queue in both forms; the VM reads it back
 def test_local_mode_leaves_users_alone(local):
     host, div = local
-    nobody = lab.run_client(host, "tcp", "198.51.100.51", "45678", "as-nobody", "--timeout", "2", user=65534)
+    nobody = harness.run_client(host, "tcp", "198.51.100.51", "45678", "as-nobody", "--timeout", "2", user=65534)
     assert not nobody["ok"], f"nobody's connection was answered: {nobody}"
-    root = lab.run_client(host, "tcp", "198.51.100.51", "45678", "as-root")
+    root = harness.run_client(host, "tcp", "198.51.100.51", "45678", "as-root")
     assert root["ok"] and root["reply"] == "as-root" and root["peer"] == ["198.51.100.51", 45678], root
-    lines = lab.log_barrier(host, div, 40001)
+    lines = harness.log_barrier(host, div, 40001)
     mine = [x for x in lines if x["original_destination"] == "198.51.100.51:45678"]
     # Exactly one conversation to it: root's.
     assert [x["client"].rsplit(":", 1)[1] for x in mine] == [str(root["local"][1])], mine
@@ -122,14 +122,14 @@ def test_local_mode_a_loopback_service_is_reached_and_one_on_another_address_is_
     host's own programs reach; one on the host's other address is not, so
     that port stays diverted."""
     host, div = local
-    procs = [lab.serve_tcp(host, 9002, "own-loopback", bind="127.0.0.1"),
-             lab.serve_tcp(host, 9003, "own-out0", bind="192.0.2.10")]
+    procs = [harness.serve_tcp(host, 9002, "own-loopback", bind="127.0.0.1"),
+             harness.serve_tcp(host, 9003, "own-out0", bind="192.0.2.10")]
     try:
-        lab.wait_bound_set(host, "tcp", 9002, address="127.0.0.1")
-        lab.wait_bound_set(host, "tcp", 9003, address="192.0.2.10")
-        r = lab.run_client(host, "tcp", "198.51.100.52", "9002", "hello")
+        harness.wait_bound_set(host, "tcp", 9002, address="127.0.0.1")
+        harness.wait_bound_set(host, "tcp", 9003, address="192.0.2.10")
+        r = harness.run_client(host, "tcp", "198.51.100.52", "9002", "hello")
         assert r["ok"] and r["reply"] == "own-loopback" and r["peer"] == ["198.51.100.52", 9002], r
-        r = lab.run_client(host, "tcp", "198.51.100.53", "9003", "echo-9003")
+        r = harness.run_client(host, "tcp", "198.51.100.53", "9003", "echo-9003")
         assert r["ok"] and r["reply"] == "echo-9003" and r["peer"] == ["198.51.100.53", 9003], r
     finally:
         for proc in procs:

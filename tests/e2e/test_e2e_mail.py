@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 from nftdivert.services import payloads
 
@@ -161,7 +161,7 @@ def run(tmp_path_factory):
     os.chmod(work, 0o755)
     (work / "clients.py").write_text(CLIENTS)
     config = work / "sandbox.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n[tls]\nstate_dir = "{work / "state"}"\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n[tls]\nstate_dir = "{work / "state"}"\n'
                       f'[server_first]\nmail_dir = "{work / "mail"}"\nuploads_dir = "{work / "uploads"}"\n')
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import lab
+import harness
 import netns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
@@ -32,20 +32,20 @@ def _scrape(ns) -> str:
 
 
 def _value(got: dict, name: str, **labels) -> float:
-    return got.get((name, frozenset({"table": lab.TABLE, **labels}.items())), -1)
+    return got.get((name, frozenset({"table": harness.TABLE, **labels}.items())), -1)
 
 
 def test_the_metrics_file_follows_the_counters_and_goes_with_the_run(tmp_path):
     prom = tmp_path / "nftdivert.prom"
-    host = lab.build_local_host(netns)
+    host = harness.build_local_host(netns)
     div = None
     try:
-        config = lab.config_text(mode="local") + f'\n[worker]\nmetrics_file = "{prom}"\n' \
+        config = harness.config_text(mode="local") + f'\n[worker]\nmetrics_file = "{prom}"\n' \
             'metrics_listen = "127.0.0.1:9464"\n'
-        div = lab.Diverter(host, tmp_path, config, name="metrics").start()
-        first = lab.wait_for(lambda: _read(prom), 10, "the metrics file")
+        div = harness.Diverter(host, tmp_path, config, name="metrics").start()
+        first = harness.wait_for(lambda: _read(prom), 10, "the metrics file")
         assert _value(first, "nftdivert_up") == 1
-        if lab.KERNEL_PATH:
+        if harness.KERNEL_PATH:
             counter, labels = "nftdivert_diverted_total", {"protocol": "tcp"}
         else:
             counter, labels = "nftdivert_conversations_total", {}
@@ -61,7 +61,7 @@ def test_the_metrics_file_follows_the_counters_and_goes_with_the_run(tmp_path):
             return now if (_value(now, counter, **labels) >= before + 3 and _value(
                 now, "nftdivert_listener_conversations_total", listener="tcp-echo") >= listener_before + 3) else None
 
-        now = lab.wait_for(moved, 15, "the counters in the metrics file to count 3 conversations",
+        now = harness.wait_for(moved, 15, "the counters in the metrics file to count 3 conversations",
                            detail=lambda: prom.read_text())
         assert _value(now, "nftdivert_log_records_total", outcome="written") >= 3
         served = _parse(_scrape(host))  # the endpoint renders the same stats, at least as new

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-import lab
+import harness
 
 # The capture chains sit beside the queue, not in its path: the host tier proves them.
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend,
@@ -68,17 +68,17 @@ def far_end(row: tuple[str, ...]) -> tuple[str, str]:
     """The address and port (or "") on the far side of the client, whichever way the packet went."""
     src, dst = row[0] or row[1], row[2] or row[3]
     sport, dport = row[4] or row[9], row[5] or row[10]
-    return (dst, dport) if src in (lab.CLIENT4, lab.CLIENT6) else (src, sport)
+    return (dst, dport) if src in (harness.CLIENT4, harness.CLIENT6) else (src, sport)
 
 
 def test_the_pcap_holds_what_the_client_sent_and_got_each_packet_once(gw, tmp_path):
     gw.stop()
     pcap = tmp_path / "divert.pcap"
-    config = (lab.config_text(tcp_ports=[LEFT_ALONE_PORT]) + LISTENERS
+    config = (harness.config_text(tcp_ports=[LEFT_ALONE_PORT]) + LISTENERS
               + f'\n[worker]\npcap = "{pcap}"\n')
-    own = lab.serve_tcp(gw.diverter_ns, BOUND_PORT, "own service")
-    div = lab.Diverter(gw.diverter_ns, tmp_path, config, name="pcap")
-    client_cap = lab.Capture(gw.client, "eth0", tmp_path / "client.pcap", "ip or ip6")
+    own = harness.serve_tcp(gw.diverter_ns, BOUND_PORT, "own service")
+    div = harness.Diverter(gw.diverter_ns, tmp_path, config, name="pcap")
+    client_cap = harness.Capture(gw.client, "eth0", tmp_path / "client.pcap", "ip or ip6")
     try:
         div.start()
         client_cap.start()
@@ -103,7 +103,7 @@ def test_the_pcap_holds_what_the_client_sent_and_got_each_packet_once(gw, tmp_pa
         own.kill()
         own.wait(timeout=10)
         div.kill()
-        lab.nftdivert(gw.diverter_ns, "remove")
+        harness.nftdivert(gw.diverter_ns, "remove")
 
     seen, captured = packets(tmp_path / "client.pcap"), packets(pcap)
     left_alone = [r for r in seen if far_end(r)[1] == str(LEFT_ALONE_PORT)]
@@ -121,6 +121,6 @@ def test_the_pcap_holds_what_the_client_sent_and_got_each_packet_once(gw, tmp_pa
         assert far[end] >= 2, f"{end} missing from the pcap: {far}"  # asked and answered
     assert far[(SPOOFED, "40000")] == 1, far  # the spoofed datagram, and no answer
     # The original destinations only: never the diverter's own address or the listener's port.
-    assert not {a for a, _ in far} & {lab.DIV_CLIENT4, lab.DIV_CLIENT6}, far
-    assert not any(p == str(lab.LISTENER_PORT) for _, p in far), far
+    assert not {a for a, _ in far} & {harness.DIV_CLIENT4, harness.DIV_CLIENT6}, far
+    assert not any(p == str(harness.LISTENER_PORT) for _, p in far), far
     assert f"capture {pcap}: {len(captured)} packets, 0 overruns" in div.stderr(), div.stderr()

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO
 
 pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
@@ -64,9 +64,9 @@ static = "NAMED\\n"
 
 
 def _sandbox(work) -> tuple[list[dict], str]:
-    """lab.sandbox_records, with the stop summary (stderr) too."""
+    """harness.sandbox_records, with the stop summary (stderr) too."""
     path = work / "sandbox.toml"
-    path.write_text("listener_processes = 2\n" + lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n'
+    path.write_text("listener_processes = 2\n" + harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n'
                     + f'[tls]\nstate_dir = "{work / "state"}"\n' + CONFIG)
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work))
     env.pop("SUDO_UID", None)

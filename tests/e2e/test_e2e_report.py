@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 from htmlcheck import strict_tree, text_of
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 def test_a_sandbox_run_reported_as_one_page(tmp_path):
     saved = tmp_path / "saved"
     config = tmp_path / "sandbox.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n'
                       f'[http]\nbodies_dir = "{saved}/bodies"\n[server_first]\nmail_dir = "{saved}/mail"\n')
     mail = tmp_path / "mail.eml"
     mail.write_text("Subject: <b>report</b>\r\n\r\nhello\r\n")

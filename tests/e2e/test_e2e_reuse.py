@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import pytest
 
-import lab
+import harness
 
 pytestmark = pytest.mark.kernel
 
@@ -28,18 +28,18 @@ GRACE = 0.3  # worker.close_grace: the worker forgets a closed conversation quic
 
 def _time_wait_peers(ns) -> set[int]:
     """Client ports of the listener's sockets in TIME_WAIT."""
-    out = ns.run("ss", "-Htan", "state", "time-wait", f"sport = :{lab.LISTENER_PORT}", check=False).stdout
+    out = ns.run("ss", "-Htan", "state", "time-wait", f"sport = :{harness.LISTENER_PORT}", check=False).stdout
     return {int(m[1]) for line in out.splitlines() if (m := re.search(r":(\d+)\s*$", line))}
 
 
 def _evicted_closed(ns) -> int:
-    m = re.search(r"closed (\d+), cap", lab.nftdivert(ns, "status").stdout)
+    m = re.search(r"closed (\d+), cap", harness.nftdivert(ns, "status").stdout)
     return int(m[1]) if m else -1
 
 
 @pytest.mark.any_backend  # the worker's table, the same on both backends
 def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at_once(gw):
-    if not lab.KERNEL_PATH and not lab.stats_writable():
+    if not harness.KERNEL_PATH and not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker's counters say when it forgot a conversation")
     gw.stop()
     div = gw.ensure(close_grace=GRACE)
@@ -51,12 +51,12 @@ def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at
     assert all(x["ok"] and x["reply"].startswith("HTTP/1.1 200") for x in r["results"]), r["results"]
 
     # The listener closed first: its sockets wait in TIME_WAIT on these client ports.
-    lab.wait_for(lambda: set(sports) <= _time_wait_peers(gw.diverter_ns), 10, "the listener's sockets in TIME_WAIT",
+    harness.wait_for(lambda: set(sports) <= _time_wait_peers(gw.diverter_ns), 10, "the listener's sockets in TIME_WAIT",
                  detail=lambda: f"TIME_WAIT towards {sorted(_time_wait_peers(gw.diverter_ns))}")
-    if not lab.KERNEL_PATH:  # and the worker has forgotten those conversations
-        lab.wait_for(lambda: _evicted_closed(gw.diverter_ns) >= len(sports), 15,
+    if not harness.KERNEL_PATH:  # and the worker has forgotten those conversations
+        harness.wait_for(lambda: _evicted_closed(gw.diverter_ns) >= len(sports), 15,
                      "the worker to forget the HTTP conversations",
-                     detail=lambda: lab.nftdivert(gw.diverter_ns, "status").stdout)
+                     detail=lambda: harness.nftdivert(gw.diverter_ns, "status").stdout)
 
     second = [[p, "198.18.23.20", 6000 + k, f"echo-{k}-{tag}"] for k, p in enumerate(sports)]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
@@ -69,7 +69,7 @@ def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at
     gw.stop()  # every conversation still tracked gets its end now
     records = defaultdict(list)
     for x in div.log():
-        if x.get("event") in ("start", "end") and x["client"] in {f"{lab.CLIENT4}:{p}" for p in sports}:
+        if x.get("event") in ("start", "end") and x["client"] in {f"{harness.CLIENT4}:{p}" for p in sports}:
             records[x["original_destination"]].append(x)
     want = {"198.51.100.10:80": 10, **{f"198.18.23.20:{6000 + k}": 1 for k in range(10)}}
     assert {d: len(v) // 2 for d, v in records.items()} == want, dict(records)
@@ -87,7 +87,7 @@ def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at
 
 
 def _kernel_remaps(ns) -> int:
-    m = re.search(r"kernel remaps (\d+)", lab.nftdivert(ns, "status").stdout)
+    m = re.search(r"kernel remaps (\d+)", harness.nftdivert(ns, "status").stdout)
     return int(m[1]) if m else -1
 
 
@@ -102,7 +102,7 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     as closing. Conntrack's entry of that closed conversation must not be
     taken for the new one (it had its reply: the new one has not): the SYN/ACK
     went to it, every retry too, and the client timed out."""
-    if not lab.KERNEL_PATH and not lab.stats_writable():
+    if not harness.KERNEL_PATH and not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker's counters show the kernel's remap")
     gw.stop()
     div = gw.ensure(close_grace=60.0)  # the closed conversations stay in the worker's table meanwhile
@@ -113,7 +113,7 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     # on a closed conversation's (the worker's case); the kernel path, with no worker, keeps
     # every fourth, which any run meets.
     sport = 700
-    free = {p for p in range(600, 1024) if p % 4 == 3} if lab.KERNEL_PATH else {1023}
+    free = {p for p in range(600, 1024) if p % 4 == 3} if harness.KERNEL_PATH else {1023}
     first = [[sport, "198.51.100.31", 7777, f"old-{tag}"]]
     first += [[p, "198.51.100.32", 7778, f"fill-{p}-{tag}"] for p in range(600, 1024) if p != sport and p not in free]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(first), timeout=300)
@@ -123,9 +123,9 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
     (x,) = r["results"]
     assert x["ok"] and x["reply"] == f"new-{tag}" and x["retransmits"] == 0, x
-    if not lab.KERNEL_PATH:
-        lab.wait_for(lambda: _kernel_remaps(gw.diverter_ns) >= 1, 5,  # the counters are published once a second
+    if not harness.KERNEL_PATH:
+        harness.wait_for(lambda: _kernel_remaps(gw.diverter_ns) >= 1, 5,  # the counters are published once a second
                      "the kernel's remap counted (else the test proved nothing)")
     lines = gw.log_barrier(div)
-    mine = [y["original_destination"] for y in lines if y["client"] == f"{lab.CLIENT4}:{sport}"]
+    mine = [y["original_destination"] for y in lines if y["client"] == f"{harness.CLIENT4}:{sport}"]
     assert sorted(mine) == ["198.51.100.31:7777", "198.51.100.33:7777"], mine

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 from filetypes import EXPECTED, file_type
 from nftdivert.services import payloads
@@ -133,7 +133,7 @@ def run(tmp_path_factory):
     os.chmod(work, 0o777)
     (work / "clients.py").write_text(CLIENTS)
     config = work / "sandbox.toml"
-    config.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n'
+    config.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n'
                       f'[tls]\nstate_dir = "{work / "state"}"\n[server_first]\nuploads_dir = "{work / "uploads"}"\n'
                       f'[small_services]\nclock_offset = {OFFSET}\n')
     env = dict(os.environ, PYTHONPATH=str(REPO), D=str(work), EXTENSIONS=" ".join(EXTENSIONS))

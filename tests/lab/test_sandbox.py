@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import lab
+import harness
 from conftest import REPO, nftdivert_argv
 from procs import descendants, running, wait_gone
 from nftdivert.lab import sandbox as sandbox_mod
@@ -38,7 +38,7 @@ def _env(**extra):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sandbox") / "sandbox.toml"
-    path.write_text(lab.DIVERT_PATH_LINE + f'[queue]\nbackend = "{lab.BACKEND}"\n')
+    path.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n')
     return str(path)
 
 
@@ -104,8 +104,8 @@ def test_origin_scenario_is_answered_and_logged_and_status_is_cmds(config):
     conv = [r for r in log_records(proc.stdout) if r.get("protocol") == "tcp"]
     assert conv and conv[0]["original_destination"] == "198.51.100.7:45678"
     assert "removing the ruleset" in proc.stderr
-    if lab.BACKEND != "auto":
-        assert f"queue backend {lab.BACKEND}" in proc.stderr, proc.stderr
+    if harness.BACKEND != "auto":
+        assert f"queue backend {harness.BACKEND}" in proc.stderr, proc.stderr
 
 
 @pytest.mark.any_backend

@@ -15,15 +15,15 @@ reach the internet host: containment is what stops them, and the capture
 there proves it. No packet ever leaves these namespaces.
 
 Run as a script (inside a namespace) this file is also the client side:
-    python lab.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
-    python lab.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
-    python lab.py many --json TARGETS                    concurrent TCP exchanges
-    python lab.py talk --json STEPS                      TCP and UDP exchanges, one after another
-    python lab.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
-    python lab.py from-ports --json TARGETS [--half-close]  TCP exchanges, each from its own fixed port
-    python lab.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
-    python lab.py serve-tcp PORT REPLY                   a tiny server of its own
-    python lab.py bind-race tcp|udp NETNS HOST --json J  bind in NETNS, then at once ask HOST from here
+    python harness.py tcp HOST PORT PAYLOAD [--timeout S]   one TCP exchange, JSON out
+    python harness.py udp HOST PORT PAYLOAD [--timeout S]   one datagram and its answer
+    python harness.py many --json TARGETS                    concurrent TCP exchanges
+    python harness.py talk --json STEPS                      TCP and UDP exchanges, one after another
+    python harness.py fan-out tcp|udp --sport N --json TARGETS  one client port, many destinations
+    python harness.py from-ports --json TARGETS [--half-close]  TCP exchanges, each from its own fixed port
+    python harness.py bulk HOST PORT MEGABYTES               byte-exact transfer, sha256
+    python harness.py serve-tcp PORT REPLY                   a tiny server of its own
+    python harness.py bind-race tcp|udp NETNS HOST --json J  bind in NETNS, then at once ask HOST from here
 """
 
 from __future__ import annotations
@@ -672,7 +672,7 @@ def _client(*args: str) -> tuple[list[str], dict]:
     """argv and environment of this file as a client program. It needs only the
     standard library, so -S: under emulation (the VM tier) `site` costs seconds
     per process; and -m, so its bytecode is cached rather than compiled each time."""
-    return [sys.executable, "-S", "-m", "lab", *args], dict(os.environ, PYTHONPATH=str(TESTS))
+    return [sys.executable, "-S", "-m", "harness", *args], dict(os.environ, PYTHONPATH=str(TESTS))
 
 
 def run_client(ns, *args: str, timeout: float = 30, user: int | None = None) -> dict:
@@ -1347,7 +1347,7 @@ def cmd_serve_udp(port: int, reply: str, bind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="lab.py")
+    ap = argparse.ArgumentParser(prog="harness.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("tcp", "udp"):
         p = sub.add_parser(name)
