@@ -39,7 +39,7 @@ DIVERT_PATH_OPTION = click.option(
     "--divert-path", type=click.Choice(config_mod.DIVERT_PATHS),
     help="Override the config's divert_path. queue: the worker rewrites each packet's port (before conntrack, "
          "at raw priority, on the way back); kernel: the dstnat rule redirects to the listener's port itself, "
-         "and no packet reaches userspace (faster; see the README).")
+         "and no packet reaches userspace (faster; docs/concepts.md).")
 
 
 def _with_divert_path(cfg: config_mod.Config, divert_path: str | None) -> config_mod.Config:

@@ -551,7 +551,7 @@ class CustomRule:
     base64: str | None = None
     file: str | None = None
     script: str | None = None  # a Python file with `async def tcp(conn)` or `def udp(datagram, info)`
-    when: str = "first"  # TCP: on connection, after the client's first message, or after each; UDP: see README
+    when: str = "first"  # TCP: on connection, after the client's first message, or after each; UDP: docs/reference/listeners.md
 
     def validate(self, key: str) -> None:
         _check_choice(f"{key}.protocol", self.protocol, PROTOCOLS)

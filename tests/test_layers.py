@@ -1,4 +1,4 @@
-"""No module imports from a layer above its own (README, Layout).
+"""No module imports from a layer above its own (docs/concepts.md, Layout).
 
 Bottom to top: plumbing (process, netlink, errors), the pure core (config,
 ruleset, worker), what watches and answers (observers, services, report,

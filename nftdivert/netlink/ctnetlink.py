@@ -20,7 +20,7 @@ nftdivert's; the caller filters on `mark` and leaves every other entry alone.
 
 Hand-written rather than pyroute2 (or libnetfilter_conntrack): measured,
 pyroute2 decodes an event in about 195 us and this module in about 25 us
-(see the README, "The conversation log").
+(docs/reference/log-schema.md).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A conversation gets exactly one `start` record (from conntrack's NEW event)
 and one `end` record (its DESTROY event, or the dump at stop for what is
-still tracked then). Every record carries the schema version `v`; the README
+still tracked then). Every record carries the schema version `v`; docs/reference/log-schema.md
 documents every field.
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ def _kernel_error(err: str) -> KernelError:
         hint = ("\nthe kernel lacks the nft queue statement (CONFIG_NFT_QUEUE): "
                 f'set [queue] backend = "auto" or "{XT_QUEUE}"' if "queue num" in err else
                 "\nthe kernel lacks support for an expression on that line "
-                "(a module or kernel option; see the README's compatibility section)")
+                "(a module or kernel option; see docs/getting-started.md, Compatibility)")
         return KernelError(err + hint)
     return KernelError(err)
 
