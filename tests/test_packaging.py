@@ -1,14 +1,16 @@
 """What `make dist` builds is all a second gateway needs: the code, the templates,
 the systemd unit and the example config; installed, it renders what the checkout does.
 
-Nothing here touches the kernel or the package index: the wheel is built with the
-setuptools the venv already has and installed without its dependencies into a
-throwaway venv, which borrows them from this one.
+Nothing here touches the package index: the wheel is built with the setuptools
+the venv already has and installed without its dependencies into a throwaway
+venv, which borrows them from this one. One test runs a sandbox from it on the
+real kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from conftest import REPO
 from nftdivert import config as config_mod
 from nftdivert.ruleset import owner
@@ -129,6 +132,23 @@ def test_installed_wheel_answers_as_the_checkout(installed, scratch):
         run([str(command), "report", str(log), "-o", str(page)], cwd=scratch)
         pages.append(page.read_bytes())
     assert pages[0] == pages[1] and b"<html" in pages[0]
+
+
+@pytest.mark.kernel
+def test_installed_wheel_runs_a_sandbox_whose_curl_reaches_any_name(installed, scratch):
+    """Started from the wheel alone (no checkout on the path): curl in a sandbox gets the
+    HTTP answer, and the log names the name and the port it asked for."""
+    cfg = scratch / "sandbox.toml"
+    cfg.write_text(harness.DIVERT_PATH_LINE + f'[queue]\nbackend = "{harness.BACKEND}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SUDO_UID", "SUDO_GID")}
+    proc = subprocess.run([str(installed / "bin" / "nftdivert"), "sandbox", "-c", str(cfg), "--log-format", "json",
+                           "--", "curl", "-sS", "-4", "--max-time", "10", "http://wheel.example:8080/from-the-wheel"],
+                          capture_output=True, text=True, timeout=120, cwd=scratch, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "<h1>Welcome</h1>" in proc.stdout
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    starts = [r for r in records if r.get("event") == "start" and r.get("protocol") == "tcp"]
+    assert [(r["name"], r["original_destination"].rsplit(":", 1)[1]) for r in starts] == [("wheel.example", "8080")]
 
 
 def _unit() -> dict[str, list[str]]:
