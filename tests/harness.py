@@ -661,11 +661,12 @@ def parse_tcp(line: str) -> dict | None:
 def log_barrier(ns, div: Diverter, port: int) -> list[dict]:
     """All log lines of conversations started so far, without end records: the
     log is written in order, so once a fresh conversation's start is there,
-    earlier ones are too."""
+    earlier ones are too. Records of no conversation (an `admission` record:
+    a burst may meet its client's share and be retried) are left out."""
     reply = run_client(ns, "udp", "198.51.100.250", str(port), f"barrier-{port}")
     assert reply["ok"], f"barrier datagram not answered: {reply}"
     div.wait_log(lambda r: r.get("original_destination") == f"198.51.100.250:{port}", what="the barrier's log line")
-    return [r for r in div.log() if r.get("event") != "end"]  # one record per conversation: its start
+    return [r for r in div.log() if r.get("event") != "end" and "client" in r]  # a conversation's start and its records
 
 
 def _client(*args: str) -> tuple[list[str], dict]:
@@ -1237,6 +1238,7 @@ def cmd_udpblast(host: str, count: int, size: int, first: int, ports: int, secon
 
 
 def _setns(path: str) -> None:
+    # Not nftdivert.process.namespaces: this file also runs alone, as the client, with the standard library only.
     import ctypes
 
     fd = os.open(path, os.O_RDONLY)
