@@ -68,8 +68,13 @@ def _brief(rec: dict) -> str:
 
 
 def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
-    """The log against the clients' conversations and questions; `ok` and what was wrong."""
-    starts: dict[int, dict] = {}
+    """The log against the clients' conversations and questions; `ok` and what was wrong.
+
+    A start pairs with its end by `id`, `client` and `original_destination`, as
+    the schema says: the id is conntrack's 32-bit hash, and among this row's
+    tens of thousands of conversations two share one about every other run.
+    """
+    starts: dict[tuple, dict] = {}
     dup_starts = 0
     ends: Counter = Counter()
     by_client: dict[str, list[dict]] = {}  # every start and end of a client port: what a failure shows
@@ -83,18 +88,19 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
         event = rec.get("event")
         if event in ("start", "end") and rec.get("client"):
             by_client.setdefault(rec["client"], []).append(rec)
+        pair = (rec.get("id"), rec.get("client"), rec.get("original_destination"))
         if event == "start":
-            dup_starts += rec["id"] in starts
-            starts[rec["id"]] = rec
+            dup_starts += pair in starts
+            starts[pair] = rec
         elif event == "end":
-            ends[rec["id"]] += 1
+            ends[pair] += 1
         elif event == "dns":
             asked[(rec.get("client"), rec.get("name"))] += 1
     logged = Counter(_key(r) for r in starts.values())
     expected = Counter(tuple(c) for c in made)
     missing, unexpected = expected - logged, logged - expected
     dns_missing = Counter(tuple(q) for q in dns) - asked
-    out = {"starts": len(starts), "ends": sum(ends.values()), "duplicate_start_ids": dup_starts,
+    out = {"starts": len(starts), "ends": sum(ends.values()), "duplicate_starts": dup_starts,
            "ends_without_start": sum(n for i, n in ends.items() if i not in starts),
            "starts_without_one_end": sum(1 for i in starts if ends[i] != 1),
            "without_one_end_by_protocol": Counter(r["protocol"] for i, r in starts.items() if ends[i] != 1),
@@ -104,7 +110,7 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
     odd = [*list(missing)[:2], *list(unexpected)[:2]]
     odd += [(r["protocol"], r["client"]) for i, r in starts.items() if ends[i] != 1][:2]
     out["forensics"] = {k[1]: [_brief(r) for r in by_client.get(k[1], [])][-8:] for k in odd}
-    out["ok"] = not any(out[k] for k in ("duplicate_start_ids", "ends_without_start", "starts_without_one_end",
+    out["ok"] = not any(out[k] for k in ("duplicate_starts", "ends_without_start", "starts_without_one_end",
                                          "conversations_missing", "conversations_unexpected",
                                          "dns_records_missing"))
     return out

@@ -85,10 +85,36 @@ def test_the_log_check_finds_a_second_start_and_an_end_of_another_run(tmp_path):
              "name": "a.example"}
     good = [start, {**start, "event": "end"}]
     for records, wrong in ((good, None),
-                           ([*good, start], "duplicate_start_ids"),
+                           ([*good, start], "duplicate_starts"),
                            ([*good, {**start, "event": "end", "id": 2}], "ends_without_start"),
                            ([{**start, "event": "end"}], "conversations_missing")):
         log = tmp_path / "log.jsonl"
         log.write_text("".join(json.dumps(r) + "\n" for r in records))
         got = lab_run.check_log(log, made, [])
         assert got["ok"] == (wrong is None) and (wrong is None or got[wrong]), (wrong, got)
+
+
+def _conversation(ident: int, client: str, dest: str) -> list[dict]:
+    common = {"id": ident, "client": client, "original_destination": dest}
+    return [{"event": "start", "protocol": "tcp", **common}, {"event": "end", "ended": "closed", **common}]
+
+
+def _check_log(tmp_path, records: list[dict], made: list[list]) -> dict:
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return lab_run.check_log(log, made, [])
+
+
+def test_two_conversations_that_share_conntracks_32_bit_id_are_both_counted(tmp_path):
+    a, b = ("192.0.2.27:41478", "198.18.13.109:80"), ("192.0.2.15:33820", "198.18.39.42:80")
+    records = _conversation(1638318460, *a)[:1] + _conversation(1638318460, *b) + _conversation(1638318460, *a)[1:]
+    out = _check_log(tmp_path, records, [["tcp", *a, ""], ["tcp", *b, ""]])
+    assert out["ok"] and out["starts"] == out["ends"] == 2, out
+
+
+def test_one_connect_logged_as_two_conversations_fails_and_shows_both(tmp_path):
+    client, dest = "192.0.2.14:50496", "198.51.100.115:63589"
+    records = _conversation(4247220884, client, dest) + _conversation(2547226703, client, dest)
+    out = _check_log(tmp_path, records, [["tcp", client, dest, ""]])
+    assert not out["ok"] and out["conversations_unexpected"] == 1, out
+    assert len(out["forensics"][client]) == 4, out["forensics"]
