@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from nftdivert import runner, stats
 from nftdivert.lab import netns
