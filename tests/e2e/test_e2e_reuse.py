@@ -129,3 +129,46 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     lines = gw.log_barrier(div)
     mine = [y["original_destination"] for y in lines if y["client"] == f"{harness.CLIENT4}:{sport}"]
     assert sorted(mine) == ["198.51.100.31:7777", "198.51.100.33:7777"], mine
+
+
+@pytest.mark.any_backend
+def test_a_client_port_the_kernel_remapped_an_earlier_conversation_to_is_answered_at_once(gw):
+    """The kernel remaps a client port when the listener-side tuple is taken
+    (the same client port, towards another destination, still in conntrack's
+    TIME_WAIT). That conversation leaves a listener socket in TIME_WAIT on the
+    remapped port P'. When the client later uses P' itself, the kernel (6.x)
+    evicts the earlier conntrack entry instead of remapping again, once the
+    new SYN's sequence number is past the old one: it takes the listener's
+    socket to accept the SYN as a new incarnation. With TCP timestamps on, the
+    socket also asks for a timestamp newer than the old conversation's, and a
+    Linux client's timestamp clock differs per destination: in about half the
+    cases the socket answers with the stale ACK of the old conversation, the
+    client resets and retries, and the log shows the conversation twice."""
+    gw.stop()
+    div = gw.ensure()
+    tag = uuid.uuid4().hex[:6]
+    sports = [gw.fresh_port() for _ in range(16)]
+    before = _time_wait_peers(gw.diverter_ns)
+    request = f"GET /{tag} HTTP/1.1\r\nHost: remap.example\r\n\r\n"
+    for dest in ("198.51.100.11", "198.51.100.12"):  # the second meets the first's entries: remapped
+        r = gw.client_run("from-ports", "--json", json.dumps([[p, dest, 80, request] for p in sports]), timeout=60)
+        assert all(x["ok"] and x["reply"].startswith("HTTP/1.1 200") for x in r["results"]), r["results"]
+
+    def remapped() -> set[int]:
+        return _time_wait_peers(gw.diverter_ns) - before - set(sports)
+    harness.wait_for(lambda: len(remapped()) >= len(sports), 10, "the remapped conversations' sockets in TIME_WAIT",
+                     detail=lambda: f"TIME_WAIT towards {sorted(_time_wait_peers(gw.diverter_ns))}")
+    third = [[p, f"198.18.24.{k + 1}", 6000 + k, f"echo-{k}-{tag}"] for k, p in enumerate(sorted(remapped()))]
+    r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(third), timeout=60)
+    bad = [x for x, (_, _, _, payload) in zip(r["results"], third)
+           if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
+    assert not bad, f"{len(bad)} of {len(third)} not answered at the first SYN (a stale ACK, then a retry): {bad}"
+
+    lines = gw.log_barrier(div)
+    gw.stop()
+    records = defaultdict(list)
+    for x in div.log():
+        if x.get("event") in ("start", "end") and x["original_destination"].startswith("198.18.24."):
+            records[x["client"]].append(x["event"])
+    assert {c: sorted(v) for c, v in records.items()} == {f"{harness.CLIENT4}:{p}": ["end", "start"] for p, *_ in third}
+    assert lines
