@@ -162,8 +162,8 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
 # The gateway's own counters that explain a conversation seen twice or lost:
 # conntrack's (summed over CPUs) and TCP's (a SYN that met a socket in TIME_WAIT).
 CT_STATS = ("insert_failed", "drop", "early_drop", "error", "clash_resolve", "search_restart", "chaintoolong")
-TCP_STATS = ("PAWSEstab", "TCPACKSkippedTimeWait", "TW", "TWKilled", "TCPTimeWaitOverflow", "ListenOverflows",
-             "ListenDrops", "TCPAbortOnData", "TCPAbortOnClose")
+TCP_STATS = ("PAWSEstab", "PAWSTimewait", "TCPACKSkippedTimeWait", "TW", "TWKilled", "TCPTimeWaitOverflow",
+             "ListenOverflows", "ListenDrops", "TCPAbortOnData", "TCPAbortOnClose")
 
 
 def kernel_counters(ns) -> dict[str, int]:
