@@ -211,6 +211,10 @@ def remove(table: str, config_path: str | None) -> None:
     """
     table = _table_name(table, config_path)
     gone = engine.remove(table, _root_nft("remove"))
+    from nftdivert.services import active  # the listeners' module: only here
+
+    if active.remove_stale():
+        gone.append("active FTP's port-20 routing rule, left by a killed run")
     click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
     running = owner.owner_of(table)
     if gone and running is not None:

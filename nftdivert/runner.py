@@ -29,7 +29,7 @@ from typing import Callable, TextIO
 
 from nftdivert import metrics, stats
 from nftdivert.ruleset import bridges
-from nftdivert.services import origin
+from nftdivert.services import active, origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
@@ -208,6 +208,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     with ExitStack() as stack:
         claim = owner.claim(config.table)  # refused while another live run owns the table
         stack.callback(claim.release)
+        active.remove_stale()  # a killed run's port-20 rule for active FTP
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
         seen.open_summary(stack)

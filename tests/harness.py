@@ -257,12 +257,21 @@ def stats_writable() -> bool:
     return os.access(d, os.W_OK) if d.exists() else os.access(d.parent, os.W_OK)
 
 
+def port20_rules(ns) -> list[str]:
+    """The routing rules active FTP's data connections add (priority 2020), IPv4 and IPv6."""
+    return [line for family in ("-4", "-6")
+            for line in ns.run("ip", family, "rule", "list", "priority", "2020", check=False).stdout.splitlines()
+            if line.strip()]
+
+
 def assert_clean(ns) -> None:
-    """Nothing of nftdivert is left in `ns`: no ruleset at all, no xt rule, no queue bound."""
+    """Nothing of nftdivert is left in `ns`: no ruleset at all, no xt rule, no queue bound,
+    no routing rule of active FTP."""
     ruleset = ns.run("nft", "list", "ruleset").stdout
     assert ruleset.strip() == "", f"ruleset left behind in {ns.name}:\n{ruleset}"
     assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
+    assert port20_rules(ns) == [], f"routing rules left behind: {port20_rules(ns)}"
 
 
 def assert_contained(ns, table: str = TABLE) -> None:
@@ -281,6 +290,7 @@ def assert_contained(ns, table: str = TABLE) -> None:
     assert chains[0]["policy"] == "drop" or any("drop" in e for r in rules for e in r["expr"]), rules
     assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
+    assert port20_rules(ns) == [], f"routing rules left behind: {port20_rules(ns)}"
 
 
 def keeps_containment(config: str) -> bool:

@@ -10,7 +10,10 @@ rules only turn new ones), and the conntrack entry is the host's own.
 Only port 20's answers are affected, nothing new arrives there (diverted
 conversations have their destination rewritten before routing). The rule
 is added on the first active transfer and removed when the listeners stop
-(`unroute`).
+(`unroute`). The process that adds it holds a lock file for it (per network
+namespace) as long as it lives: after a SIGKILL the file is there with
+nobody holding it, and the next `run` or `remove` takes the stale rule away
+(`remove_stale`), never one a live run's transfer needs.
 If the transparent connection fails, the data connection comes from the
 host's own address, which every client library we know accepts too.
 """
@@ -19,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import subprocess
+from pathlib import Path
 
+from nftdivert.process import lockfile
 from nftdivert.services.tls import Plain
 
 DATA_PORT = 20
@@ -30,7 +36,9 @@ TABLE = "2020"  # the routing table holding "everything is local"
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 
+LOCK_DIR = Path("/run/nftdivert")
 _routed: set[str] = set()  # "-4", "-6": the rules this process added
+_lock: int | None = None  # held while this process's rules exist
 
 
 def _ip(*args: str) -> bool:
@@ -40,20 +48,61 @@ def _ip(*args: str) -> bool:
         return False
 
 
+def _lock_path() -> Path:
+    return LOCK_DIR / f"active-ftp-{os.stat('/proc/self/ns/net').st_ino}.lock"
+
+
 def _route(family: str) -> None:
+    global _lock
     if family in _routed:
         return
+    if _lock is None:
+        try:
+            LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _lock = lockfile.acquire(_lock_path(), 0o644)
+        except OSError:
+            _lock = None
+        if _lock is None:
+            return  # another live process's rule is there (a sibling listener's): it serves us too
     _ip(family, "route", "replace", "local", "default", "dev", "lo", "table", TABLE)
     if _ip(family, "rule", "add", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE):
         _routed.add(family)
 
 
+def _delete(families) -> None:
+    for family in families:
+        for _ in range(8):  # one each, unless an older version's processes added it twice
+            if not _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT),
+                       "lookup", TABLE):
+                break
+        _ip(family, "route", "flush", "table", TABLE)
+
+
 def unroute() -> None:
     """Remove what `_route` added (nothing if no active transfer happened)."""
-    for family in _routed:
-        _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE)
-        _ip(family, "route", "flush", "table", TABLE)
+    global _lock
+    _delete(_routed)
     _routed.clear()
+    if _lock is not None:
+        lockfile.release(_lock_path(), _lock)
+        _lock = None
+
+
+def remove_stale() -> bool:
+    """The rules a killed process left in this network namespace: removed; True if there were.
+    A live holder's (another run's transfer) are left alone."""
+    path = _lock_path()
+    try:
+        fd = lockfile.acquire(path, create=False)
+    except OSError:
+        return False
+    if fd is None:
+        return False  # none made, or its maker lives
+    try:
+        _delete(("-4", "-6"))
+    finally:
+        lockfile.release(path, fd)
+    return True
 
 
 async def _open(source: tuple[str, int] | None, target: tuple[str, int], family: int) -> socket.socket:

@@ -60,6 +60,22 @@ def test_kill9_then_run_again_replaces_the_stale_table(gw, tmp_path):
     gw.assert_origin_scenario(fresh, tmp_path / "client.pcap")
 
 
+@pytest.mark.any_backend
+def test_kill9_after_an_active_ftp_transfer_the_next_run_removes_its_port_20_rule(gw):
+    """Active FTP's data connection comes from the address asked for, port 20;
+    a routing rule makes the client's answers to it local. A killed run cannot
+    remove it: the next one does (and `remove`, which the fixture checks)."""
+    div = gw.ensure()
+    r = gw.client.run("curl", "-sS", "--max-time", "20", "--ftp-port", "-", "-o", "/dev/null",
+                      "-w", "%{size_download}", "ftp://198.51.100.21/pub/stage2.exe", check=False, timeout=40)
+    assert r.returncode == 0 and int(r.stdout or 0) > 0, r
+    assert harness.port20_rules(gw.diverter_ns), "the active transfer added no rule: this proves nothing"
+    div.kill()
+    assert harness.port20_rules(gw.diverter_ns), "kill -9 cannot have removed the rule"
+    gw.start_over_stale()
+    assert harness.port20_rules(gw.diverter_ns) == []
+
+
 def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
     div = gw.ensure()
     div.kill()
