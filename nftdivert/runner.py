@@ -40,7 +40,7 @@ from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
-from nftdivert.ruleset import bound_sets
+from nftdivert.ruleset import bound_sets, client_sets
 from nftdivert.worker.pump import Ticker
 from nftdivert.worker.queue import Worker, build_fixup
 
@@ -365,6 +365,9 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
         def reloaded(new: Config) -> None:
+            """The profiles' ports left alone into the table's sets, then their hooks. A context of its
+            own: the signal may have interrupted the loop's use of `nft` between two of its calls."""
+            Nft().run(client_sets.set_commands(config.table, new), source="profiles")  # one transaction
             answers[0] = Profiles(new)
 
         if reread is not None:  # SIGHUP: the answer sections again, from the config file

@@ -128,3 +128,34 @@ def test_the_dns_listener_answers_each_question_by_its_clients_profile(tmp_path)
     assert a("192.0.2.24:5353") == ["203.0.113.7"]
     assert a("[2001:db8:1::5]:5353") == ["203.0.113.7"]
     assert a("198.51.100.5:5353") == ["198.51.100.1"]
+
+
+def test_the_ports_a_profile_leaves_alone_cover_its_prefixes_less_the_longer_ones_inside(tmp_path):
+    from nftdivert.ruleset import client_sets
+
+    config = _load(tmp_path, '''
+[[profiles]]
+name = "lab"
+clients = ["192.0.2.0/24", "2001:db8:1::/64"]
+leave_alone = { tcp_ports = [443, "8000-8100", 8050, 8101], udp_ports = [53] }
+
+[[profiles]]
+name = "vm"
+clients = ["192.0.2.16/28"]
+''')
+    found = client_sets.elements(config)
+    v4 = {element.split(" . ")[0] for element in found["tcp", 4]}
+    assert v4 == {"192.0.2.0/28", "192.0.2.32/27", "192.0.2.64/26", "192.0.2.128/25"}  # all but the vm's /28
+    assert found["tcp", 6] == ("2001:db8:1::/64 . 443", "2001:db8:1::/64 . 8000-8101")  # merged, no overlap
+    assert len(found["udp", 4]) == 4 and found["udp", 6] == ("2001:db8:1::/64 . 53",)
+    commands = client_sets.set_commands("nftdivert", config)
+    assert "flush set inet nftdivert profile_alone_udp_v6\n" in commands
+    assert "add element inet nftdivert profile_alone_udp_v6 { 2001:db8:1::/64 . 53 }\n" in commands
+
+
+def test_a_reload_may_change_the_profiles(tmp_path):
+    from nftdivert.runner import not_reloadable
+
+    running = _load(tmp_path, GOOD)
+    assert not_reloadable(running, _load(tmp_path, GOOD.replace("443", "8443").replace("scripted C2", "v2"))) == []
+    assert not_reloadable(running, _load(tmp_path, "")) == ["dns"]  # the top-level txt: as before, not reloadable
