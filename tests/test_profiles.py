@@ -159,3 +159,21 @@ def test_a_reload_may_change_the_profiles(tmp_path):
     running = _load(tmp_path, GOOD)
     assert not_reloadable(running, _load(tmp_path, GOOD.replace("443", "8443").replace("scripted C2", "v2"))) == []
     assert not_reloadable(running, _load(tmp_path, "")) == ["dns"]  # the top-level txt: as before, not reloadable
+
+
+def test_a_clients_hooks_are_its_profiles(tmp_path):
+    import queue
+
+    from nftdivert.observers.hooks import Hooks
+
+    config = _load(tmp_path, '[hooks]\nfirst_conversation = ["echo", "top", "{client_address}"]\n'
+                             '[[profiles]]\nname = "quiet"\nclients = ["192.0.2.0/24"]\nhooks = { first_conversation = [] }\n'
+                             '[[profiles]]\nname = "loud"\nclients = ["2001:db8:1::/64"]\n'
+                             'hooks = { first_conversation = ["echo", "loud", "{client_address}"] }\n')
+    profiles, got = Profiles(config), queue.Queue()
+    hooks = Hooks(config.hooks, got.put, lambda address: profiles.profile_for(address).hooks)
+    for client in ("192.0.2.2:1", "[2001:db8:1::2]:1", "198.51.100.2:1"):
+        hooks.seen({"event": "start", "client": client})
+    outputs = sorted(got.get(timeout=30)["output"] for _ in range(2))
+    hooks.close()
+    assert outputs == ["loud 2001:db8:1::2\n", "top 198.51.100.2\n"] and got.empty()  # none for the quiet one
