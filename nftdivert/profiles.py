@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from nftdivert.config import Config, CustomRule, DnsConfig, HooksConfig, HttpConfig, Network, PortRange
+from nftdivert.config import Config, CustomRule, DnsConfig, HooksConfig, HttpConfig, PortRange
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ def _address(client: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return client if isinstance(client, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else None
 
 
+def _leading(address: ipaddress.IPv4Address | ipaddress.IPv6Address, length: int) -> int:
+    """The address's first `length` bits."""
+    return int(address) >> (address.max_prefixlen - length)
+
+
 class Profiles:
     """The answers of each profile, found by a client's address: the longest prefix wins."""
 
@@ -48,10 +53,14 @@ class Profiles:
                             config.custom if p.custom is None else p.custom, p.hooks or config.hooks,
                             p.leave_alone.tcp_ports, p.leave_alone.udp_ports)
             for p in config.profiles}
-        # Longest first: the first prefix that holds the address is the longest that does.
-        self.prefixes: tuple[tuple[Network, Answers], ...] = tuple(sorted(
-            ((net, self.answers[p.name]) for p in config.profiles for net in p.clients),
-            key=lambda item: -item[0].prefixlen))
+        # Per family and prefix length, longest first: the network's leading bits -> its answers. A
+        # lookup costs a dict lookup per length in use, however many prefixes (a lab's VMs) there are.
+        by_length: dict[tuple[int, int], dict[int, Answers]] = {}
+        for p in config.profiles:
+            for net in p.clients:
+                by_length.setdefault((net.version, net.prefixlen), {})[_leading(net.network_address, net.prefixlen)] \
+                    = self.answers[p.name]
+        self.lengths = tuple(sorted(by_length.items(), key=lambda item: -item[0][1]))
 
     def __bool__(self) -> bool:
         return bool(self.answers)
@@ -60,9 +69,11 @@ class Profiles:
         """The answer sections for `client` (an address or its text); the top-level ones outside every profile."""
         address = _address(client)
         if address is not None:
-            for net, answers in self.prefixes:
-                if address.version == net.version and address in net:
-                    return answers
+            for (version, length), nets in self.lengths:
+                if version == address.version:
+                    found = nets.get(_leading(address, length))
+                    if found is not None:
+                        return found
         return self.default
 
 
