@@ -13,7 +13,7 @@ import re
 import select
 import stat
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -709,6 +709,45 @@ class HooksConfig:
         _check_seconds(f"{key}.timeout", self.timeout)
 
 
+# What a profile's [profiles.dns] may set: the pools are the run's, one for every client.
+PROFILE_DNS_KEYS = ("records", "one_address", "nxdomain", "txt")
+
+
+@dataclass(frozen=True)
+class ProfileLeaveAlone:
+    """Ports a profile's clients reach undiverted, besides [leave_alone]'s."""
+
+    tcp_ports: tuple[PortRange, ...] = ()
+    udp_ports: tuple[PortRange, ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """[[profiles]]: other answers for the clients in `clients` (the longest prefix wins).
+    Each section given is the top-level one with the profile's keys over it; None: the top-level one."""
+
+    name: str
+    clients: tuple[Network, ...]
+    dns: DnsConfig | None = None
+    http: HttpConfig | None = None
+    custom: tuple[CustomRule, ...] | None = None
+    hooks: HooksConfig | None = None
+    leave_alone: ProfileLeaveAlone = field(default_factory=ProfileLeaveAlone)
+
+    def validate(self, key: str) -> None:
+        _check_type(f"{key}.name", self.name, str, "a string")
+        if not _LISTENER_NAME.fullmatch(self.name):
+            raise ConfigError(f"{key}.name", self.name,
+                              "names are 1-32 letters, digits, '_', '.', '-', starting with a letter or digit")
+        if not self.clients:
+            raise ConfigError(f"{key}.clients", [], 'at least one address or prefix, like "10.0.1.0/24"')
+        for section in ("dns", "http", "hooks"):
+            if getattr(self, section) is not None:
+                getattr(self, section).validate(f"{key}.{section}")
+        for i, rule in enumerate(self.custom or ()):
+            rule.validate(f"{key}.custom[{i}]")
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -755,6 +794,7 @@ class Config:
     small_services: SmallServicesConfig = field(default_factory=SmallServicesConfig)
     custom: tuple[CustomRule, ...] = ()  # [[custom]]: answers the analyst writes, the first match answers
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    profiles: tuple[Profile, ...] = ()  # [[profiles]]: other answers for some clients, by address
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -783,6 +823,7 @@ class Config:
         self._validate_listeners()
         for i, rule in enumerate(self.custom):
             rule.validate(f"custom[{i}]")
+        self._validate_profiles()
         if self.queue.ct_mark & self.worker.ct_mark:
             raise ConfigError("queue.ct_mark", self.queue.ct_mark,
                               f"shares bits with worker.ct_mark ({self.worker.ct_mark:#x}): each marks something else")
@@ -818,6 +859,21 @@ class Config:
             ranges = getattr(self.leave_alone, f"{proto}_ports")
             if any(match[0].port in r for r in ranges):
                 raise ConfigError(key, name, f"its port {match[0].port} is in leave_alone.{proto}_ports")
+
+    def _validate_profiles(self) -> None:
+        names: dict[str, int] = {}
+        owners: dict[Network, int] = {}
+        for i, profile in enumerate(self.profiles):
+            profile.validate(f"profiles[{i}]")
+            if profile.name in names:
+                raise ConfigError(f"profiles[{i}].name", profile.name, f"profiles[{names[profile.name]}] has this name")
+            names[profile.name] = i
+            for j, net in enumerate(profile.clients):
+                if net in owners:
+                    raise ConfigError(f"profiles[{i}].clients[{j}]", str(net),
+                                      f"profiles[{owners[net]}] has this prefix too: the longest prefix wins, "
+                                      "so equal ones would leave it to chance")
+                owners[net] = i
 
     def default_listener(self, protocol: str) -> Listener | None:
         name = getattr(self, f"default_{protocol}_listener")
@@ -861,12 +917,16 @@ def _as_list(key: str, value: object) -> list:
     return value  # type: ignore[return-value]
 
 
-def _section(key: str, data: Mapping[str, Any]) -> Any:
-    cls = _SECTIONS[key]
+def _section(key: str, data: Mapping[str, Any], cls: type | None = None) -> Any:
+    return (cls or _SECTIONS[key])(**_section_values(key, data, cls or _SECTIONS[key]))
+
+
+def _section_values(key: str, data: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """A section's keys, each parsed into what `cls` takes (`key`: its name in errors)."""
     _check_type(key, data, dict, "a table")
     _reject_unknown(f"{key}.", data, cls)
     values = dict(data)
-    if cls is LeaveAlone:
+    if cls in (LeaveAlone, ProfileLeaveAlone):
         for proto in PROTOCOLS:
             k = f"{proto}_ports"
             if k in values:
@@ -884,7 +944,34 @@ def _section(key: str, data: Mapping[str, Any]) -> Any:
     if cls is HttpConfig and "rules" in values:
         values["rules"] = tuple(_http_rule(f"{key}.rules[{i}]", v)
                                 for i, v in enumerate(_as_list(f"{key}.rules", values["rules"])))
-    return cls(**values)
+    return values
+
+
+def _profile(key: str, data: object, top: Mapping[str, Any]) -> Profile:
+    """[[profiles]]: each section given becomes the top-level one (`top`, parsed) with these keys over it."""
+    _check_type(key, data, dict, "a table with name, clients and the answers to give them")
+    assert isinstance(data, dict)
+    _reject_unknown(f"{key}.", data, Profile)
+    for name in ("name", "clients"):
+        if name not in data:
+            raise ConfigError(f"{key}.{name}", None, "missing: every profile needs a name and its clients")
+    values: dict[str, Any] = {"name": data["name"]}
+    values["clients"] = tuple(_network(f"{key}.clients[{i}]", v)
+                              for i, v in enumerate(_as_list(f"{key}.clients", data["clients"])))
+    dns = data.get("dns", {})
+    for name in (dns if isinstance(dns, dict) else ()):
+        if name in _known_keys(DnsConfig) and name not in PROFILE_DNS_KEYS:
+            raise ConfigError(f"{key}.dns.{name}", dns[name], "the pools are the run's, one for every client; "
+                              f"a profile sets {', '.join(PROFILE_DNS_KEYS)}")
+    for name, cls in (("dns", DnsConfig), ("http", HttpConfig), ("hooks", HooksConfig)):
+        if name in data:
+            values[name] = replace(top.get(name) or cls(), **_section_values(f"{key}.{name}", data[name], cls))
+    if "custom" in data:
+        values["custom"] = tuple(_custom_rule(f"{key}.custom[{i}]", i, v)
+                                 for i, v in enumerate(_as_list(f"{key}.custom", data["custom"])))
+    if "leave_alone" in data:
+        values["leave_alone"] = _section(f"{key}.leave_alone", data["leave_alone"], ProfileLeaveAlone)
+    return Profile(**values)
 
 
 def _parse_list(key: str, values: dict, name: str, parse) -> None:
@@ -973,8 +1060,11 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             values[key] = tuple(_as_list(key, value))
         elif key == "custom":
             values[key] = tuple(_custom_rule(f"custom[{i}]", i, v) for i, v in enumerate(_as_list(key, value)))
-        else:
+        elif key != "profiles":  # after the sections they build on
             values[key] = value
+    if "profiles" in data:
+        values["profiles"] = tuple(_profile(f"profiles[{i}]", v, values)
+                                   for i, v in enumerate(_as_list("profiles", data["profiles"])))
     for proto in PROTOCOLS:
         key = f"default_{proto}_listener"
         if values.get(key) == "":

@@ -33,13 +33,14 @@ from nftdivert.services import active, origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
+from nftdivert.profiles import Profiles
 from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
-from nftdivert.ruleset import bound_sets
+from nftdivert.ruleset import bound_sets, client_sets
 from nftdivert.worker.pump import Ticker
 from nftdivert.worker.queue import Worker, build_fixup
 
@@ -168,27 +169,31 @@ def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], 
             signal.signal(s, handler)
 
 
-def _reload(reread: Callable[[], Config], running: Config, listeners: ListenerProcess, log: ConversationLog) -> None:
+def _reload(reread: Callable[[], Config], running: Config, listeners: ListenerProcess, log: ConversationLog,
+            apply: Callable[[Config], None]) -> None:
     """SIGHUP: read the config again and give the listeners its answer sections; a bad one changes
-    nothing, and neither does one that changes anything else (the ruleset, the run)."""
+    nothing, and neither does one that changes anything else (the ruleset, the run). `apply`: what
+    the run itself takes from it (the profiles' ports left alone, their hooks)."""
     try:
         config = reread()
         changed = not_reloadable(running, config)
         if changed:
             raise ConfigError(", ".join(changed), "changed", "a reload gives only [[custom]], [dns] records and "
-                              "one_address and [http] anew; for the rest (the ruleset, the run) restart it")
-    except ConfigError as exc:
+                              "one_address, [http] and [[profiles]] anew; for the rest (the ruleset, the run) "
+                              "restart it")
+        apply(config)
+    except (ConfigError, KernelError, OSError) as exc:
         _say(f"reload refused, the answers stay as they were: {exc}")
         log.event({"event": "reload", "error": str(exc)})
         return
-    _say("reload: [[custom]], [dns] records and one_address, [http] rules read again")
+    _say("reload: [[custom]], [dns] records and one_address, [http] rules, [[profiles]] read again")
     listeners.reload(config)
 
 
 def not_reloadable(running: Config, new: Config) -> list[str]:
     """The keys `new` changes that a reload cannot apply: all but the answer sections (pure)."""
     def rest(c: Config) -> Config:
-        return replace(c, custom=(), http=HttpConfig(), dns=replace(c.dns, records=(), one_address=""),
+        return replace(c, custom=(), http=HttpConfig(), dns=replace(c.dns, records=(), one_address=""), profiles=(),
                        worker=replace(c.worker, pcap=""))  # -w: from the command line, not the file
     was, now = rest(running), rest(new)
     return [f.name for f in fields(Config) if getattr(was, f.name) != getattr(now, f.name)]
@@ -250,10 +255,11 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
         hooks = None
-        if config.hooks.first_conversation:
+        answers = [Profiles(config)]  # the answers in effect: a reload replaces them
+        if config.hooks.first_conversation or config.profiles:
             from nftdivert.observers.hooks import Hooks
 
-            hooks = Hooks(config.hooks, log.event)
+            hooks = Hooks(config.hooks, log.event, lambda address: answers[0].profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
         observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
@@ -359,8 +365,14 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
+        def reloaded(new: Config) -> None:
+            """The profiles' ports left alone into the table's sets, then their hooks. A context of its
+            own: the signal may have interrupted the loop's use of `nft` between two of its calls."""
+            Nft().run(client_sets.set_commands(config.table, new), source="profiles")  # one transaction
+            answers[0] = Profiles(new)
+
         if reread is not None:  # SIGHUP: the answer sections again, from the config file
-            signal.signal(signal.SIGHUP, lambda *_: _reload(reread, config, listeners, log))
+            signal.signal(signal.SIGHUP, lambda *_: _reload(reread, config, listeners, log, reloaded))
         stats.write(statsfile, snapshot(), config)
         if on_ready is not None:
             on_ready()

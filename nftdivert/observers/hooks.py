@@ -29,8 +29,11 @@ WORKERS = 4  # hooks running at once; the rest wait their turn
 
 
 class Hooks:
-    def __init__(self, config: HooksConfig, emit: Callable[[dict], None]) -> None:
-        self._argv, self._timeout, self._emit = config.first_conversation, config.timeout, emit
+    def __init__(self, config: HooksConfig, emit: Callable[[dict], None],
+                 for_client: Callable[[str], HooksConfig] | None = None) -> None:
+        self._emit = emit
+        # A client's [hooks] by its address (its profile's); None: `config`'s for every client.
+        self._for_client = for_client or (lambda _address: config)
         self._seen: dict[str, None] = {}
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="nftdivert-hook")
         self._running: set[subprocess.Popen] = set()
@@ -49,7 +52,8 @@ class Hooks:
         process = rec.get("process") or {}
         address = split_endpoint(rec["client"])[0] if "client" in rec else ""
         key = f"pid {process['host_pid']}" if "host_pid" in process else f"client {address}"
-        if key in self._seen or self._closed:
+        hooks = self._for_client(address)
+        if key in self._seen or self._closed or not hooks.first_conversation:
             return
         self._seen[key] = None
         if len(self._seen) > MAX_KEYS:
@@ -59,10 +63,10 @@ class Hooks:
                   "pid": str(process.get("pid", "")), "host_pid": str(process.get("host_pid", "")),
                   "command": process.get("command", ""),
                   "time": rec.get("time", "")}
-        argv = [arg.format_map(values) for arg in self._argv]
-        self._pool.submit(self._run, argv, key, values)
+        argv = [arg.format_map(values) for arg in hooks.first_conversation]
+        self._pool.submit(self._run, argv, key, values, hooks.timeout)
 
-    def _run(self, argv: list[str], key: str, values: dict) -> None:
+    def _run(self, argv: list[str], key: str, values: dict, timeout: float) -> None:
         rec = {"event": "hook", "hooked": key, "client_address": values["client_address"], "argv": argv}
         started = time.monotonic()
         with self._lock:  # started and known as running at once: close() kills it, or it never starts
@@ -77,11 +81,11 @@ class Hooks:
                 return
             self._running.add(proc)
         try:
-            output, _ = proc.communicate(timeout=self._timeout)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill(proc)
             output, _ = proc.communicate()
-            rec["error"] = f"killed after {self._timeout:g} s"
+            rec["error"] = f"killed after {timeout:g} s"
         finally:
             with self._lock:
                 self._running.discard(proc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nftdivert.config import NATIVE_QUEUE, QUEUE_BACKENDS, XT_QUEUE, Config, PortRange
+from nftdivert.ruleset import client_sets
 
 # NetfilterQueue copies at most 4016 bytes of a packet and a rewritten packet
 # must go back whole. Clamp the MSS of diverted TCP so that no segment is
@@ -61,6 +62,8 @@ class Ruleset:
     # listeners themselves; nothing is queued (see the template).
     kernel_path: bool = False
     serving_timeout: int = SERVING_TIMEOUT
+    # [[profiles]]: (set name, address type, `client . port` elements) of the ports left alone per client.
+    profile_alone: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
     @property
     def native_queue(self) -> bool:
@@ -177,4 +180,5 @@ def build(config: Config, backend: str) -> Ruleset:
         admit=(("tcp", config.queue.new_tcp_per_source), ("udp", config.queue.new_udp_per_source)),
         admission_group=config.queue.admission_group,
         kernel_path=config.divert_path == "kernel",
+        profile_alone=client_sets.sets(config),
     )

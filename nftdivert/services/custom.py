@@ -15,9 +15,11 @@ import ipaddress
 import runpy
 import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
-from nftdivert.config import CustomRule
+from nftdivert.config import CustomRule, HttpConfig
 
 MAX_SEEN = 16384  # UDP client tuples whose datagrams are counted (for `when`), least recent forgotten
 
@@ -134,6 +136,33 @@ class Rules:
         if len(self._seen) > MAX_SEEN:
             self._seen.popitem(last=False)
         return count
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the default listeners answer a client with: its profile's [[custom]] rules and [http]."""
+
+    tcp: Rules
+    udp: Rules
+    http: HttpConfig
+
+
+ServedFor = Callable[[str], Served]  # a client's address -> its answers
+
+
+def serving(profiles, resolver=None) -> ServedFor:
+    """Each profile's answers made ready (files read, scripts loaded: OSError if one does not load),
+    found per client by its address."""
+    by_name = {}
+    for answers in (profiles.default, *profiles.answers.values()):
+        for rule in answers.http.rules:
+            if rule.script:
+                script(rule.script, "http")
+        by_name[answers.profile] = Served(Rules(answers.custom, "tcp", resolver), Rules(answers.custom, "udp", resolver),
+                                          answers.http)
+    if not profiles:
+        return lambda _client: by_name[None]
+    return lambda client: by_name[profiles.profile_for(client).profile]
 
 
 async def _fixed(when: str, payload: bytes, conn: "Conn") -> None:

@@ -85,7 +85,7 @@ class DefaultTcp:
                  emit: Emit | None, origin: Origin | None = None,
                  first: ServerFirstConfig = ServerFirstConfig(), origin_in_kernel: bool = False,
                  small: SmallServicesConfig = SmallServicesConfig(), fixed: str | None = None,
-                 resolver=None, custom=None) -> None:
+                 resolver=None, custom=None, served=None) -> None:
         self._name, self._http, self._tls, self._wait = name, http, tls, recognize_.wait
         self._emit = emit or (lambda _rec: None)
         self._origin = origin
@@ -96,10 +96,18 @@ class DefaultTcp:
         self._contexts = None  # the CA is made on the first TLS handshake, not before
         self._resolver = resolver  # the DNS listener's, for DNS over HTTPS; None without one
         self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
+        # custom.ServedFor: a client's [[custom]] and [http] by its profile; None: the ones above for all
+        self._served = served
 
-    def reload(self, rules: dict, http: HttpConfig) -> None:
-        """A reload's answers: new conversations get them (custom.Rules by protocol, [http])."""
-        self._custom, self._http = rules["tcp"], http
+    def reload(self, served) -> None:
+        """A reload's answers (custom.ServedFor): new conversations get them."""
+        self._served = served
+
+    def _custom_for(self, client: str):
+        return self._served(client).tcp if self._served is not None else self._custom
+
+    def _http_for(self, client: str) -> HttpConfig:
+        return self._served(client).http if self._served is not None else self._http
 
     def _certs(self):
         if self._contexts is None:
@@ -119,7 +127,8 @@ class DefaultTcp:
                  if self._origin is not None and not self._origin_in_kernel else None)
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
-        if self._custom and self._fixed is None and await self._answer_custom(asked, reader, writer, count, base):
+        custom = self._custom_for(base["client_address"])
+        if custom and self._fixed is None and await self._answer_custom(custom, asked, reader, writer, count, base):
             return
         fixed = self._fixed
         server_first = fixed not in (None, "http", "https")
@@ -183,14 +192,14 @@ class DefaultTcp:
         else:
             await echo(stream, await stream.read())
 
-    async def _answer_custom(self, asked, reader, writer, count, base: dict) -> bool:
+    async def _answer_custom(self, custom, asked, reader, writer, count, base: dict) -> bool:
         """The analyst's answer, when a [[custom]] rule matches (before any byte is read: it may speak first)."""
         original = await self._origin_of(asked, writer)
-        matched = self._custom.match(original)
+        matched = custom.match(original)
         if matched is None:
             return False
         base["original_destination"] = endpoint(original)
-        await self._custom.serve_tcp(matched, Plain(reader, writer, b"", count), base, self._emit,
+        await custom.serve_tcp(matched, Plain(reader, writer, b"", count), base, self._emit,
                                      lambda read: first_bytes(read, self._wait))
         return True
 
@@ -228,7 +237,8 @@ class DefaultTcp:
 
     def _conversation(self, stream, base: dict, peer, sock, original, upgrade: Upgrade,
                       scheme: str) -> Conversation:
-        return Conversation(stream, base, peer, sock, original, upgrade, scheme, self._emit, self._http,
+        return Conversation(stream, base, peer, sock, original, upgrade, scheme, self._emit,
+                            self._http_for(base["client_address"]),
                             self._first, lambda: self._transports(peer, sock))
 
     def _transports(self, peer, sock):

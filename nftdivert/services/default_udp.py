@@ -35,23 +35,26 @@ def endpoint(addr) -> str:
 
 class DefaultUdp:
     def __init__(self, name: str, emit, origin: Origin | None, small: SmallServicesConfig = SmallServicesConfig(),
-                 first: ServerFirstConfig = ServerFirstConfig(), custom=None) -> None:
+                 first: ServerFirstConfig = ServerFirstConfig(), custom=None, served=None) -> None:
         self._name, self._emit, self._origin, self._small = name, emit or (lambda _rec: None), origin, small
         self._tftp = Tftp(self._emit, first.uploads_dir)
         self._kept: dict[tuple, tuple[Endpoint | None, float]] = {}
         self._quotes = 0
         self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
+        self._served = served  # custom.ServedFor: a client's rules by its profile; None: the ones above for all
 
-    def reload(self, rules: dict, _http) -> None:
-        self._custom = rules["udp"]
+    def reload(self, served) -> None:
+        """A reload's answers (custom.ServedFor): new datagrams get them."""
+        self._served = served
 
     async def answer(self, data: bytes, client: tuple, local: Endpoint | None) -> bytes | None:
         original = await self._original(client, local)
-        matched = self._custom.match(original) if self._custom else None
+        custom = self._served(client[0].removeprefix("::ffff:")).udp if self._served is not None else self._custom
+        matched = custom.match(original) if custom else None
         if matched is not None:
             base = {"client": endpoint(client), "client_address": client[0].removeprefix("::ffff:"),
                     "listener": self._name, "original_destination": endpoint(original)}
-            return self._custom.answer_udp(matched, data, client, original, base, self._emit)
+            return custom.answer_udp(matched, data, client, original, base, self._emit)
         kind = PORTS.get(original[1]) if original is not None else None
         if kind is None:
             return data  # the echo

@@ -27,6 +27,7 @@ import dns.reversename
 import dns.rrset
 
 from nftdivert.config import DnsConfig, DnsRecord
+from nftdivert.profiles import Profiles
 from nftdivert.services.names import Address, AnswerPool, Assigned, Question
 
 class NamePatterns:
@@ -55,6 +56,29 @@ class NxdomainList(NamePatterns):
 
     def __contains__(self, name: dns.name.Name) -> bool:
         return bool(self.find(name))
+
+
+class Fixed:
+    """The answers the analyst set, for every client or a profile's: fixed records, one address for
+    every name, names that do not exist, the TXT answer."""
+
+    def __init__(self, records: Iterable[DnsRecord] = (), one_address: str = "", nxdomain: Iterable[str] = (),
+                 txt: str = "v=spf1 -all") -> None:
+        self.records = NamePatterns((r.name, r) for r in records)  # before everything else
+        self.one_address = ipaddress.ip_address(one_address) if one_address else None
+        self.nxdomain = NxdomainList(nxdomain)
+        self.txt = txt.encode()
+
+    @classmethod
+    def of(cls, config: DnsConfig) -> "Fixed":
+        return cls(config.records, config.one_address, config.nxdomain, config.txt)
+
+
+def _client_address(client: str) -> str:
+    """"192.0.2.2:5353" or "[2001:db8::2]:5353" (the log's endpoints) -> the address."""
+    if client.startswith("["):
+        return client[1:].partition("]")[0]
+    return client.partition(":")[0] if client.count(":") == 1 else client
 
 
 def _child(label: bytes, name: dns.name.Name) -> dns.name.Name:
@@ -87,13 +111,13 @@ class Resolver:
                  nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", serial: int | None = None,
                  records: Iterable[DnsRecord] = (), one_address: str = "", on_assign: Assigned | None = None) -> None:
         self.v4, self.v6, self.ttl = v4, v6, ttl
-        self.set_fixed(records, one_address)
+        self.fixed = Fixed(records, one_address, nxdomain, txt)  # every client's, but a profile's
+        self._profiles: Profiles | None = None
+        self._by_profile: dict[str | None, Fixed] = {}
         # Addresses fixed answers gave, with the name last answered: the log names conversations by them too.
         self._given: dict[Address, str] = {}
         self.on_assign = on_assign
         self.on_question = on_question  # (client, name, type, answer, rcode) for the log
-        self.nxdomain = NxdomainList(nxdomain)
-        self.txt = txt.encode()
         # A date-shaped serial (YYYYMMDDnn), as zone files have.
         self.serial = serial if serial is not None else int(time.strftime("%Y%m%d01"))
 
@@ -107,10 +131,16 @@ class Resolver:
                    config.ttl, on_question, config.nxdomain, config.txt, records=config.records,
                    one_address=config.one_address, on_assign=on_assign)
 
-    def set_fixed(self, records: Iterable[DnsRecord], one_address: str) -> None:
-        """The answers the analyst set (at start, and again on a reload)."""
-        self.records = NamePatterns((r.name, r) for r in records)  # fixed answers, before everything else
-        self.one_address = ipaddress.ip_address(one_address) if one_address else None
+    def set_answers(self, profiles: Profiles) -> None:
+        """The answers the analyst set, every client's and each profile's (at start, and again on a reload)."""
+        self.fixed = Fixed.of(profiles.default.dns)
+        self._by_profile = {name: Fixed.of(answers.dns) for name, answers in profiles.answers.items()}
+        self._profiles = profiles if profiles else None
+
+    def _fixed_for(self, client: str) -> Fixed:
+        if self._profiles is None:
+            return self.fixed
+        return self._by_profile.get(self._profiles.profile_for(_client_address(client)).profile, self.fixed)
 
     def name_for(self, address: Address) -> str | None:
         pool = self.v4 if address.version == 4 else self.v6
@@ -125,11 +155,12 @@ class Resolver:
         # What a common recursive resolver says: RA set (dig warns when it is
         # missing), and the EDNS buffer size resolvers use since 2020.
         response = dns.message.make_response(query, recursion_available=True, our_payload=1232)
+        fixed = self._fixed_for(client)
         for question in query.question:
             qtype = question.rdtype
             rcode, rrsets = dns.rcode.NOERROR, []
             if question.rdclass == dns.rdataclass.IN:
-                rcode, rrsets = self._records(question.name, qtype, local)
+                rcode, rrsets = self._records(question.name, qtype, fixed, local)
             if rcode != dns.rcode.NOERROR:
                 response.set_rcode(rcode)
             response.answer.extend(rrsets)
@@ -139,20 +170,20 @@ class Resolver:
                                  shown, dns.rcode.to_text(rcode))
         return response.to_wire()
 
-    def _records(self, name: dns.name.Name, qtype: int, local: str = "",
+    def _records(self, name: dns.name.Name, qtype: int, given: Fixed, local: str = "",
                  depth: int = 0) -> tuple[int, list[dns.rrset.RRset]]:
-        fixed = self.records.find(name)
+        fixed = given.records.find(name)
         if fixed and depth < 8:  # a bound on CNAMEs that lead to each other
-            rrsets = self._fixed(name, qtype, fixed, local, depth)
+            rrsets = self._fixed(name, qtype, fixed, given, local, depth)
             if rrsets is not None:
                 return dns.rcode.NOERROR, rrsets
-        if name in self.nxdomain:
+        if name in given.nxdomain:
             return dns.rcode.NXDOMAIN, []
-        if self.one_address is not None and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        if given.one_address is not None and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             wanted = 4 if qtype == dns.rdatatype.A else 6
-            if self.one_address.version != wanted:
+            if given.one_address.version != wanted:
                 return dns.rcode.NOERROR, []
-            return dns.rcode.NOERROR, [self._given_rrset(name, qtype, self.one_address)]
+            return dns.rcode.NOERROR, [self._given_rrset(name, qtype, given.one_address)]
         if qtype == dns.rdatatype.PTR:
             address = _reverse(name)
             target = self.name_for(address) if address is not None else None
@@ -174,11 +205,11 @@ class Resolver:
             return dns.rcode.NOERROR, [self._rrset(name, "SOA", soa)]
         if qtype == dns.rdatatype.TXT:
             rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.TXT)
-            rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [self.txt]), self.ttl)
+            rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [given.txt]), self.ttl)
             return dns.rcode.NOERROR, [rrset]
         return dns.rcode.NOERROR, []  # other types: the name exists, nothing more
 
-    def _fixed(self, name: dns.name.Name, qtype: int, fixed: list[DnsRecord], local: str,
+    def _fixed(self, name: dns.name.Name, qtype: int, fixed: list[DnsRecord], given: Fixed, local: str,
                depth: int) -> list[dns.rrset.RRset] | None:
         """The fixed records' answer; None where none is of this type (the usual answer then)."""
         rdtype = dns.rdatatype.to_text(qtype)
@@ -198,7 +229,7 @@ class Resolver:
         if alias is None:
             return None
         target = dns.name.from_text(alias.value)
-        _, more = self._records(target, qtype, local, depth + 1)
+        _, more = self._records(target, qtype, given, local, depth + 1)
         return [self._rrset(name, "CNAME", str(target)), *more]
 
     def _given_rrset(self, name: dns.name.Name, qtype: int, *addresses: Address) -> dns.rrset.RRset:

@@ -34,6 +34,7 @@ import time
 from typing import Callable
 
 from nftdivert.config import Config
+from nftdivert.profiles import Profiles
 from nftdivert.services import handoff, origin, pool_channel
 from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
@@ -225,7 +226,7 @@ class ListenerProcess:
         applied (any logs one that fails)."""
         for child in self._children:
             try:
-                child.reloads.send((config.custom, config.http, config.dns))
+                child.reloads.send(Profiles(config))
             except (OSError, ValueError):
                 pass  # the child is gone: its end is reported elsewhere
 
@@ -280,7 +281,7 @@ def _serve(conn, config: Config, origins, reloads, index: int = 0, count: int = 
                           origin=origin.Client(origins).ask, server_first=config.server_first,
                           origin_in_kernel=config.divert_path == "kernel", small=config.small_services,
                           custom=config.custom, shared=count > 1, first=index == 0,
-                          askers=ends if index == 0 else ())
+                          askers=ends if index == 0 else (), profiles=Profiles(config))
     try:
         listeners.start()
     except OSError as exc:
@@ -308,12 +309,12 @@ def _reloading(reloads, listeners: Listeners, send, report: bool) -> None:
     went (`report`: this process says it went well; every process says what failed)."""
     while True:
         try:
-            custom, http, dns = reloads.recv()
+            profiles = reloads.recv()
         except (EOFError, OSError):
             return
         try:
-            listeners.reload(custom, http, dns)
+            listeners.reload(profiles)
             if report:
-                send(("event", {"event": "reload", "sections": ["custom", "dns", "http"]}))
+                send(("event", {"event": "reload", "sections": ["custom", "dns", "http", "profiles"]}))
         except OSError as exc:
             send(("event", {"event": "reload", "error": str(exc)}))

@@ -20,8 +20,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nftdivert.config import (CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig,
+from nftdivert.config import (Config, CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig,
                               SmallServicesConfig, TlsConfig)
+from nftdivert.profiles import Profiles
 from nftdivert.services import active, handoff, origin as origin_mod, pool_channel
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
@@ -173,7 +174,7 @@ class Listeners:
                  origin: Origin | None = None, server_first: ServerFirstConfig = ServerFirstConfig(),
                  origin_in_kernel: bool = False, small: SmallServicesConfig = SmallServicesConfig(),
                  custom: tuple[CustomRule, ...] = (), shared: bool = False, first: bool = True,
-                 askers=()) -> None:
+                 askers=(), profiles: Profiles | None = None) -> None:
         self._running = [_Running(lst) for lst in listeners if lst.kind != "external"]
         # SO_REUSEPORT: other listener processes bind the same ports, after the first found them free.
         self._shared, self._first = shared, first
@@ -184,6 +185,7 @@ class Listeners:
         self._answers = (http, tls, recognize, on_event, origin, server_first, origin_in_kernel, small)
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
         self._custom = custom
+        self._profiles = profiles  # [[profiles]]: other answers for some clients; None: these for all
         self._defaults: list = []  # the DefaultTcp and DefaultUdp answers: a reload gives them new rules
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
@@ -202,10 +204,10 @@ class Listeners:
         from nftdivert.services import custom
 
         # Scripts load here, once: one that does not load stops the start, saying why.
-        self._custom_rules = {p: custom.Rules(self._custom, p, self._resolver) for p in ("tcp", "udp")}
-        for rule in self._answers[0].rules:  # [http] rules' scripts
-            if rule.script:
-                custom.script(rule.script, "http")
+        self._served = custom.serving(self._profiles or Profiles(Config(custom=self._custom, http=self._answers[0])),
+                                      self._resolver)
+        if self._profiles is not None and self._resolver is not None:
+            self._resolver.set_answers(self._profiles)
         if self._askers and self._resolver is not None:
             self._owner = pool_channel.Owner(self._loop, self._resolver, list(self._askers))
         siblings = handoff.current
@@ -230,7 +232,7 @@ class Listeners:
             else:
                 answers = DefaultTcp(lst.name, *self._answers, fixed=None if lst.kind == "echo" else lst.kind,
                                      resolver=self._resolver,  # DNS over HTTPS asks the DNS listener's pool
-                                     custom=self._custom_rules["tcp"])
+                                     served=self._served)
                 self._defaults.append(answers)
                 handler = functools.partial(self._tcp_stream, stats=stats, answers=answers)
             server = await asyncio.start_server(handler, sock=sock, backlog=1024)
@@ -242,29 +244,25 @@ class Listeners:
                 answer = lambda data, addr, local: resolver.answer(  # noqa: E731
                     data, _endpoint(addr), local[0] if local is not None else "")
             else:  # echo: the default answer by the port asked for
-                udp = DefaultUdp(lst.name, *self._udp_answers, custom=self._custom_rules["udp"])
+                udp = DefaultUdp(lst.name, *self._udp_answers, served=self._served)
                 self._defaults.append(udp)
                 answer = udp.answer
             self._closers.append(_Datagrams(self._loop, sock, stats, answer))
 
-    def reload(self, custom: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
-        """New answers ([[custom]], [http], [dns] records) from now on; OSError (one line) if a script
-        does not load, and then the old ones stay."""
-        asyncio.run_coroutine_threadsafe(self._reload(custom, http, dns), self._loop).result(timeout=30)
+    def reload(self, profiles: Profiles) -> None:
+        """New answers ([[custom]], [http], [dns] records, every client's and each profile's) from now on;
+        OSError (one line) if a script does not load, and then the old ones stay."""
+        asyncio.run_coroutine_threadsafe(self._reload(profiles), self._loop).result(timeout=30)
 
-    async def _reload(self, custom_rules: tuple[CustomRule, ...], http: HttpConfig, dns) -> None:
+    async def _reload(self, profiles: Profiles) -> None:
         from nftdivert.services import custom
 
         custom.forget_scripts()
-        rules = {p: custom.Rules(custom_rules, p, self._resolver) for p in ("tcp", "udp")}
-        for rule in http.rules:
-            if rule.script:
-                custom.script(rule.script, "http")
-        self._custom_rules = rules
+        self._served = custom.serving(profiles, self._resolver)
         for answers in self._defaults:
-            answers.reload(rules, http)
+            answers.reload(self._served)
         if self._resolver is not None:
-            self._resolver.set_fixed(dns.records, dns.one_address)
+            self._resolver.set_answers(profiles)
 
     async def _dns_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: ListenerStats) -> None:
         # DNS over TCP: each message behind a two-byte length (RFC 1035 4.2.2).

@@ -60,8 +60,8 @@ class Remote:
     def name_for(self, address) -> str | None:
         return self._ask("name_for", address)
 
-    def set_fixed(self, records, one_address) -> None:
-        """A reload's fixed answers: the owner applies its own."""
+    def set_answers(self, profiles) -> None:
+        """A reload's answers: the owner applies its own."""
 
     def _ask(self, method: str, *args):
         with self._lock:

@@ -1,0 +1,179 @@
+"""[[profiles]]: which answers a client gets by its address, and what the config refuses."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from nftdivert.config import ConfigError, load
+from nftdivert.profiles import Profiles, profile_for
+
+GOOD = '''
+[dns]
+one_address = "198.51.100.1"
+txt = "top"
+
+[http]
+body = "top-level"
+
+[[profiles]]
+name = "family-a"
+clients = ["192.0.2.0/24", "2001:db8:1::/64"]
+dns = { one_address = "203.0.113.7" }
+http = { body = "scripted C2" }
+leave_alone = { tcp_ports = [443] }
+
+[[profiles]]
+name = "one-vm"
+clients = ["192.0.2.23/32"]
+dns = { one_address = "", records = [{ name = "c2.example", type = "A", value = "203.0.113.99" }] }
+custom = [{ protocol = "tcp", ports = [4444], static = "hello" }]
+'''
+
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "profiles.toml"
+    path.write_text(text)
+    return load(path)
+
+
+def test_the_longest_prefix_wins_and_others_get_the_top_level_answers(tmp_path):
+    config = _load(tmp_path, GOOD)
+    profiles = Profiles(config)
+    assert profiles.profile_for("192.0.2.23").profile == "one-vm"
+    assert profiles.profile_for("192.0.2.24").profile == "family-a"
+    assert profiles.profile_for("::ffff:192.0.2.24").profile == "family-a"  # the dual-stack socket's view
+    assert profiles.profile_for(ipaddress.ip_address("2001:db8:1::5")).profile == "family-a"
+    for outside in ("198.51.100.5", "2001:db8:2::5", "not an address", None):
+        assert profiles.profile_for(outside) is profiles.default
+    assert profile_for(config, "192.0.2.24") == profiles.profile_for("192.0.2.24")
+
+
+def test_a_profile_section_is_the_top_level_one_with_its_keys_over_it(tmp_path):
+    config = _load(tmp_path, GOOD)
+    a, vm, top = (profile_for(config, c) for c in ("192.0.2.5", "192.0.2.23", "198.51.100.5"))
+    assert (a.dns.one_address, a.dns.txt, a.http.body) == ("203.0.113.7", "top", "scripted C2")
+    assert a.custom == () and [str(r) for r in a.tcp_ports] == ["443"]
+    assert vm.dns.one_address == "" and vm.dns.records[0].value == "203.0.113.99"
+    assert vm.http.body == "top-level" and vm.custom[0].payload() == b"hello" and vm.tcp_ports == ()
+    assert (top.profile, top.dns.one_address, top.http.body) == (None, "198.51.100.1", "top-level")
+
+
+BAD = [
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["10.0.1.5/24"]\n', "profiles[0].clients[0]", "host bits set",
+                 id="host-bits"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["10.0.1.0/33"]\n', "profiles[0].clients[0]", "10.0.1.0/33",
+                 id="bad-prefix"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\n[[profiles]]\nname = "b"\n'
+                 'clients = ["10.0.0.0/8", "192.0.2.0/24"]\n', "profiles[1].clients[1]", "profiles[0] has this prefix",
+                 id="equal-prefix"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ncolour = 1\n', "profiles[0].colour",
+                 "unknown key", id="unknown-key"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\nhttp = { colour = 1 }\n',
+                 "profiles[0].http.colour", "unknown key", id="unknown-section-key"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ndns = { answer_v4 = "198.18.0.0/16" }\n',
+                 "profiles[0].dns.answer_v4", "the pools are the run's", id="pool-key"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ndns = { one_address = "nope" }\n',
+                 "profiles[0].dns.one_address", "not an IP address", id="dns-value"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\nleave_alone = { hosts = [] }\n',
+                 "profiles[0].leave_alone.hosts", "unknown key", id="leave-alone-hosts"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\nleave_alone = { tcp_ports = [0] }\n',
+                 "profiles[0].leave_alone.tcp_ports[0]", "ports are 1-65535", id="leave-alone-port"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ncustom = [{ protocol = "tcp" }]\n',
+                 "profiles[0].custom[0].static", "exactly one", id="custom"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = []\n', "profiles[0].clients", "at least one", id="no-clients"),
+    pytest.param('[[profiles]]\nclients = ["192.0.2.0/24"]\n', "profiles[0].name", "missing", id="no-name"),
+    pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\n[[profiles]]\nname = "a"\n'
+                 'clients = ["192.0.3.0/24"]\n', "profiles[1].name", "profiles[0] has this name", id="same-name"),
+]
+
+
+@pytest.mark.parametrize("toml, key, reason", BAD)
+def test_a_bad_profile_names_key_value_and_why(tmp_path, toml, key, reason):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, toml)
+    assert info.value.key == key, str(info.value)
+    assert reason in str(info.value), str(info.value)
+    assert str(info.value).startswith(f"{key} = ")
+
+
+def test_a_bad_profile_exits_2_in_one_line(tmp_path):
+    import subprocess
+
+    from conftest import nftdivert_argv
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24", "192.0.2.0/24"]\n')
+    proc = subprocess.run(nftdivert_argv("render", "-c", str(path)), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "profiles[0].clients[1]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_dns_listener_answers_each_question_by_its_clients_profile(tmp_path):
+    import dns.message
+
+    from nftdivert.services.dns import Resolver
+
+    config = _load(tmp_path, GOOD)
+    resolver = Resolver.from_config(config.dns)
+    resolver.set_answers(Profiles(config))
+
+    def a(client: str, name: str = "c2.example") -> list[str]:
+        reply = dns.message.from_wire(resolver.answer(dns.message.make_query(name, "A").to_wire(), client))
+        return [rd.to_text() for rrset in reply.answer for rd in rrset]
+
+    assert a("192.0.2.23:5353") == ["203.0.113.99"]  # its own record
+    assert ipaddress.ip_address(a("192.0.2.23:5353", "other.example")[0]) in config.dns.pools()[0]  # and the pool for the rest
+    assert a("192.0.2.24:5353") == ["203.0.113.7"]
+    assert a("[2001:db8:1::5]:5353") == ["203.0.113.7"]
+    assert a("198.51.100.5:5353") == ["198.51.100.1"]
+
+
+def test_the_ports_a_profile_leaves_alone_cover_its_prefixes_less_the_longer_ones_inside(tmp_path):
+    from nftdivert.ruleset import client_sets
+
+    config = _load(tmp_path, '''
+[[profiles]]
+name = "lab"
+clients = ["192.0.2.0/24", "2001:db8:1::/64"]
+leave_alone = { tcp_ports = [443, "8000-8100", 8050, 8101], udp_ports = [53] }
+
+[[profiles]]
+name = "vm"
+clients = ["192.0.2.16/28"]
+''')
+    found = client_sets.elements(config)
+    v4 = {element.split(" . ")[0] for element in found["tcp", 4]}
+    assert v4 == {"192.0.2.0/28", "192.0.2.32/27", "192.0.2.64/26", "192.0.2.128/25"}  # all but the vm's /28
+    assert found["tcp", 6] == ("2001:db8:1::/64 . 443", "2001:db8:1::/64 . 8000-8101")  # merged, no overlap
+    assert len(found["udp", 4]) == 4 and found["udp", 6] == ("2001:db8:1::/64 . 53",)
+    commands = client_sets.set_commands("nftdivert", config)
+    assert "flush set inet nftdivert profile_alone_udp_v6\n" in commands
+    assert "add element inet nftdivert profile_alone_udp_v6 { 2001:db8:1::/64 . 53 }\n" in commands
+
+
+def test_a_reload_may_change_the_profiles(tmp_path):
+    from nftdivert.runner import not_reloadable
+
+    running = _load(tmp_path, GOOD)
+    assert not_reloadable(running, _load(tmp_path, GOOD.replace("443", "8443").replace("scripted C2", "v2"))) == []
+    assert not_reloadable(running, _load(tmp_path, "")) == ["dns"]  # the top-level txt: as before, not reloadable
+
+
+def test_a_clients_hooks_are_its_profiles(tmp_path):
+    import queue
+
+    from nftdivert.observers.hooks import Hooks
+
+    config = _load(tmp_path, '[hooks]\nfirst_conversation = ["echo", "top", "{client_address}"]\n'
+                             '[[profiles]]\nname = "quiet"\nclients = ["192.0.2.0/24"]\nhooks = { first_conversation = [] }\n'
+                             '[[profiles]]\nname = "loud"\nclients = ["2001:db8:1::/64"]\n'
+                             'hooks = { first_conversation = ["echo", "loud", "{client_address}"] }\n')
+    profiles, got = Profiles(config), queue.Queue()
+    hooks = Hooks(config.hooks, got.put, lambda address: profiles.profile_for(address).hooks)
+    for client in ("192.0.2.2:1", "[2001:db8:1::2]:1", "198.51.100.2:1"):
+        hooks.seen({"event": "start", "client": client})
+    outputs = sorted(got.get(timeout=30)["output"] for _ in range(2))
+    hooks.close()
+    assert outputs == ["loud 2001:db8:1::2\n", "top 198.51.100.2\n"] and got.empty()  # none for the quiet one
