@@ -11,7 +11,7 @@ Only port 20's answers are affected, nothing new arrives there (diverted
 conversations have their destination rewritten before routing). The rule
 is added on the first active transfer and removed when the listeners stop
 (`unroute`). The process that adds it holds a lock file for it (per network
-namespace) as long as it lives: after a SIGKILL the file is there with
+namespace and family) as long as it lives: after a SIGKILL the file is there with
 nobody holding it, and the next `run` or `remove` takes the stale rule away
 (`remove_stale`), never one a live run's transfer needs.
 If the transparent connection fails, the data connection comes from the
@@ -37,8 +37,8 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 
 LOCK_DIR = Path("/run/nftdivert")
-_routed: set[str] = set()  # "-4", "-6": the rules this process added
-_lock: int | None = None  # held while this process's rules exist
+# "-4", "-6": the rules this process added -> the lock it holds for each while they exist
+_routed: dict[str, int] = {}
 
 
 def _ip(*args: str) -> bool:
@@ -48,61 +48,61 @@ def _ip(*args: str) -> bool:
         return False
 
 
-def _lock_path() -> Path:
-    return LOCK_DIR / f"active-ftp-{os.stat('/proc/self/ns/net').st_ino}.lock"
+def _lock_path(family: str) -> Path:
+    return LOCK_DIR / f"active-ftp{family}-{os.stat('/proc/self/ns/net').st_ino}.lock"
 
 
 def _route(family: str) -> None:
-    global _lock
     if family in _routed:
         return
-    if _lock is None:
-        try:
-            LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _lock = lockfile.acquire(_lock_path(), 0o644)
-        except OSError:
-            _lock = None
-        if _lock is None:
-            return  # another live process's rule is there (a sibling listener's): it serves us too
+    try:
+        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock = lockfile.acquire(_lock_path(family), 0o644)
+    except OSError:
+        lock = None
+    if lock is None:
+        return  # a live sibling listener process made this family's rule: it serves us too
     _ip(family, "route", "replace", "local", "default", "dev", "lo", "table", TABLE)
     if _ip(family, "rule", "add", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT), "lookup", TABLE):
-        _routed.add(family)
+        _routed[family] = lock
+    else:
+        lockfile.release(_lock_path(family), lock)
 
 
-def _delete(families) -> None:
-    for family in families:
-        for _ in range(8):  # one each, unless an older version's processes added it twice
-            if not _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT),
-                       "lookup", TABLE):
-                break
-        _ip(family, "route", "flush", "table", TABLE)
+def _delete(family: str) -> None:
+    for _ in range(8):  # one, unless an older version's processes added it twice
+        if not _ip(family, "rule", "del", "priority", TABLE, "ipproto", "tcp", "dport", str(DATA_PORT),
+                   "lookup", TABLE):
+            break
+    _ip(family, "route", "flush", "table", TABLE)
 
 
 def unroute() -> None:
     """Remove what `_route` added (nothing if no active transfer happened)."""
-    global _lock
-    _delete(_routed)
+    for family, lock in _routed.items():
+        _delete(family)
+        lockfile.release(_lock_path(family), lock)
     _routed.clear()
-    if _lock is not None:
-        lockfile.release(_lock_path(), _lock)
-        _lock = None
 
 
 def remove_stale() -> bool:
     """The rules a killed process left in this network namespace: removed; True if there were.
     A live holder's (another run's transfer) are left alone."""
-    path = _lock_path()
-    try:
-        fd = lockfile.acquire(path, create=False)
-    except OSError:
-        return False
-    if fd is None:
-        return False  # none made, or its maker lives
-    try:
-        _delete(("-4", "-6"))
-    finally:
-        lockfile.release(path, fd)
-    return True
+    found = False
+    for family in ("-4", "-6"):
+        path = _lock_path(family)
+        try:
+            fd = lockfile.acquire(path, create=False)
+        except OSError:
+            continue
+        if fd is None:
+            continue  # none made, or its maker lives
+        try:
+            _delete(family)
+            found = True
+        finally:
+            lockfile.release(path, fd)
+    return found
 
 
 async def _open(source: tuple[str, int] | None, target: tuple[str, int], family: int) -> socket.socket:

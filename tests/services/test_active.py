@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import netns
@@ -47,3 +48,55 @@ def test_the_data_connection_comes_from_the_address_asked_for_and_the_route_goes
     finally:
         client.delete()
         diverter.delete()
+
+
+# Makes the rule of one family (argv[2]) as a listener process does, holds it until stdin closes.
+HOLD = r"""
+import subprocess
+import sys
+sys.path.insert(0, sys.argv[1])
+from nftdivert.services import active
+active._route(sys.argv[2])
+print("held", flush=True)
+sys.stdin.read()
+active.unroute()
+"""
+STALE = r"""
+import subprocess
+import sys
+sys.path.insert(0, sys.argv[1])
+from nftdivert.services import active
+print(active.remove_stale())
+"""
+
+
+def _rules(ns, family: str) -> int:
+    return ns.run("ip", family, "rule", "list", "priority", "2020").stdout.count("lookup 2020")
+
+
+def test_two_listener_processes_make_one_family_each_and_a_killed_makers_rule_goes_as_stale():
+    """Several listener processes: the first active transfer of each family may
+    come to a different one; each family's rule is made by whoever needs it
+    first. A killed maker's rule is stale (`remove_stale`), a live one's is not."""
+    div = netns.create("div")
+    holders = []
+    try:
+        for family in ("-6", "-4"):
+            holders.append(div.popen(sys.executable, "-c", HOLD, str(REPO), family, text=True,
+                                     stdin=subprocess.PIPE))
+            assert holders[-1].stdout.readline() == "held\n"
+        assert (_rules(div, "-6"), _rules(div, "-4")) == (1, 1)
+        six, four = holders
+        six.kill()
+        six.wait(timeout=10)
+        assert div.run(sys.executable, "-c", STALE, str(REPO), timeout=30).stdout.split() == ["True"]
+        assert (_rules(div, "-6"), _rules(div, "-4")) == (0, 1)  # the live maker's stays
+        four.stdin.close()
+        four.wait(timeout=10)
+        assert (_rules(div, "-6"), _rules(div, "-4")) == (0, 0)
+        assert div.run(sys.executable, "-c", STALE, str(REPO), timeout=30).stdout.split() == ["False"]
+    finally:
+        for p in holders:
+            p.kill()
+            p.wait(timeout=10)
+        div.delete()
