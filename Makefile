@@ -20,7 +20,7 @@ APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
 	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd \
-	python3-wheel
+	python3-wheel rsyslog
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render dist wheelhouse clean
