@@ -380,6 +380,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
     final.update(_shipped(sender))  # what the collector took, and what it missed, once the sender has stopped
+    if sender is not None and sender.error:
+        _say(f"syslog collector {config.syslog.address}: {sender.error}")
     final.update(_listener_counts(listeners))  # their last reports, sent as they stopped
     if not failure and log.error is not None:  # it failed on the way out: the end records
         failure.append(_log_error(config, log))
