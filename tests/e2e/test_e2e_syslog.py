@@ -21,6 +21,8 @@ import shutil
 import signal
 import subprocess
 from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
 
 import communityid
 import pytest
@@ -35,8 +37,8 @@ PORT = 6514
 BUFFER = 20  # gateway A's: small, so one burst exceeds it
 A_LINK, B_LINK = ("203.0.113.1/30", "203.0.113.2/30"), ("203.0.113.5/30", "203.0.113.6/30")
 RSYSLOG_CONF = """\
-global(workDirectory="{work}" maxMessageSize="64k")
-module(load="imtcp")
+global(workDirectory="{work}" maxMessageSize="64k"{tls_files})
+module(load="imtcp"{tls_input})
 template(name="each" type="string" string="%app-name% %msg%\\n")
 ruleset(name="remote") {{
   action(type="omfile" file="{out}" template="each")
@@ -48,10 +50,14 @@ input(type="imtcp" port="{port}" ruleset="remote")
 class Rsyslog:
     """rsyslogd -n in its namespace; stop() waits until it has exited (its file then holds all it got)."""
 
-    def __init__(self, ns, work) -> None:
+    def __init__(self, ns, work, tls: dict[str, str] | None = None) -> None:
         self.ns, self.out, self.conf = ns, work / "collected.log", work / "rsyslog.conf"
         (work / "spool").mkdir()
-        self.conf.write_text(RSYSLOG_CONF.format(work=work / "spool", out=self.out, port=PORT))
+        # TLS (rsyslog-gnutls): its certificate, and a client's signed by the same CA required.
+        files = "".join(f' DefaultNetstreamDriver{k}File="{v}"' for k, v in (tls or {}).items())
+        driver = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid"'
+        self.conf.write_text(RSYSLOG_CONF.format(work=work / "spool", out=self.out, port=PORT, tls_files=files,
+                                                 tls_input=driver if tls else ""))
         self.pidfile, self.err = work / "rsyslogd.pid", work / "rsyslogd.stderr"
         self.proc: subprocess.Popen | None = None
 
@@ -92,18 +98,19 @@ def _shipped(div) -> dict[str, int]:
     return dict(zip(("sent", "buffered", "dropped"), map(int, found.groups())))
 
 
-@pytest.fixture
-def lab(tmp_path):
+@contextmanager
+def _lab(work, links, tls: dict[str, str] | None = None):
+    """(the gateways' hosts, rsyslog started, the gateways' Diverters to kill at the end): all gone after."""
     collector = netns.create("collector")
     hosts, divs, rsyslog = [], [], None
     try:
         harness.quiet(collector)
-        for name, (ours, theirs) in (("a", A_LINK), ("b", B_LINK)):
+        for name, (ours, theirs) in links:
             host = harness.build_local_host(netns)
             hosts.append(host)
             netns.link(host, "to-coll", [ours], collector, f"gw-{name}", [theirs])
-        rsyslog = Rsyslog(collector, tmp_path).start()
-        yield hosts, rsyslog, tmp_path, divs
+        rsyslog = Rsyslog(collector, work, tls).start()
+        yield hosts, rsyslog, divs
     finally:
         for div in divs:
             div.kill()
@@ -113,10 +120,11 @@ def lab(tmp_path):
             ns.delete()
 
 
-def _gateway(host, work, name: str, syslog: str, worker: str = "", more: str = "") -> harness.Diverter:
+def _gateway(host, work, name: str, syslog: str, worker: str = "", more: str = "",
+             run: str = "") -> harness.Diverter:
     config = (harness.config_text(mode="local", hosts=["203.0.113.0/24"]) + f"\n[worker]\n{worker}\n"
               + f'[syslog]\naddress = "{syslog}:{PORT}"\napp_name = "gw-{name}"\n{more}')
-    return harness.Diverter(host, work, config, name=f"gw-{name}")
+    return harness.Diverter(host, work, config, name=run or f"gw-{name}")  # its log: <run>.log.jsonl
 
 
 def _adds_up(div, rsyslog, app: str) -> dict[str, int] | None:
@@ -131,6 +139,12 @@ def _final(div) -> dict[str, int]:
     found = re.findall(r"syslog records sent (\d+), buffered (\d+), dropped (\d+)", div.stderr())
     assert found, div.stderr()
     return dict(zip(("sent", "buffered", "dropped"), map(int, found[-1])))
+
+
+@pytest.fixture
+def lab(tmp_path):
+    with _lab(tmp_path, (("a", A_LINK), ("b", B_LINK))) as (hosts, rsyslog, divs):
+        yield hosts, rsyslog, tmp_path, divs
 
 
 def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_missed(lab):
@@ -218,3 +232,90 @@ def _first_packets(pcap) -> tuple[dict, list]:
     pings = _fields(pcap, "icmp.type == 8", "ip.src", "ip.dst")
     return ({int(sport): (src, dst, int(sport), int(dport)) for src, dst, sport, dport in syns},
             [tuple(row) for row in pings])
+
+
+def _authority(work, name: str):
+    """A CA of its own: (its certificate's path, its key, its certificate)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = _signed(x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True), key, hashes)
+    path = work / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, key, cert
+
+
+def _signed(builder, key, hashes):
+    import datetime
+
+    from cryptography import x509
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (builder.serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2)).sign(key, hashes.SHA256()))
+
+
+def _leaf(work, authority, name: str, address: str | None = None) -> tuple[str, str]:
+    """A certificate the authority signs (for `address` if given): (its path, its key's path)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    _path, ca_key, ca_cert = authority
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key()))
+    if address:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+                                        critical=False)
+    cert, key_path = work / f"{name}.pem", work / f"{name}.key"
+    cert.write_bytes(_signed(builder, ca_key, hashes).public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert), str(key_path)
+
+
+@pytest.mark.skipif(not list(Path("/usr/lib").rglob("rsyslog/lmnsd_gtls.so")),
+                    reason="needs rsyslog's TLS driver (rsyslog-gnutls, see the Makefile)")
+def test_over_tls_rsyslog_gets_every_record_and_a_stranger_s_certificate_gets_none(tmp_path):
+    authority = _authority(tmp_path, "lab-ca")
+    server_cert, server_key = _leaf(tmp_path, authority, "collector", "203.0.113.2")
+    client_cert, client_key = _leaf(tmp_path, authority, "gw-a")
+    tls = {"CA": str(authority[0]), "Cert": server_cert, "Key": server_key}
+    with _lab(tmp_path, (("a", A_LINK),), tls) as ((host,), rsyslog, divs):
+        keys = (f'tls = true\nca_file = "{authority[0]}"\ncert_file = "{client_cert}"\n'
+                f'key_file = "{client_key}"\n')
+        div = _gateway(host, tmp_path, "a", "203.0.113.2", more=keys)
+        divs.append(div)
+        div.start()
+        _talk(host, 10, 3)
+        harness.wait_for(lambda: len(rsyslog.records("gw-a")) == len(div.log()) >= 3, 20,
+                         "rsyslog to have the log over TLS", detail=rsyslog.err.read_text)
+        div.stop_and_check()
+        assert "over TLS" in div.stderr()
+        final = _final(div)
+        assert final["sent"] == len(div.log()) == len(rsyslog.records("gw-a")) and final["dropped"] == 0
+        assert rsyslog.records("gw-a") == div.log()
+
+        # The collector's certificate from another CA: refused, nothing sent, all counted as dropped.
+        stranger = _authority(tmp_path, "stranger-ca")[0]
+        had = len(rsyslog.records("gw-a"))
+        div = _gateway(host, tmp_path, "a", "203.0.113.2", more=keys.replace(str(authority[0]), str(stranger)),
+                       run="gw-a-stranger")
+        divs.append(div)
+        div.start()
+        _talk(host, 20, 1)
+        div.wait_log(lambda r: r.get("event") == "start", what="the start")
+        div.stop_and_check()
+        final = _final(div)
+        assert final["sent"] == 0 and final["dropped"] == len(div.log()) >= 2, final
+        assert "CERTIFICATE_VERIFY_FAILED" in div.stderr()
+        assert len(rsyslog.records("gw-a")) == had
