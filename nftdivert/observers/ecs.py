@@ -37,15 +37,12 @@ def _put(out: dict, path: str, value) -> None:
 
 
 def _endpoint(out: dict, side: str, text: str) -> None:
+    """Our endpoints always hold an address (conntrack's, or a socket's), never a name."""
     address, port = split_endpoint(text)
-    _put(out, f"{side}.address", address)
-    try:
-        ipaddress.ip_address(address)
-        _put(out, f"{side}.ip", address)
-    except ValueError:
-        pass
+    ends = out.setdefault(side, {})
+    ends["address"] = ends["ip"] = address
     if port is not None:
-        _put(out, f"{side}.port", port)
+        ends["port"] = port
 
 
 def _flows(out: dict, sent: dict | None, received: dict | None) -> None:
