@@ -160,7 +160,8 @@ def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_misse
     _talk(host_a, 10, 3)
     _talk(host_b, 10, 3)
     host_a.run("ping", "-c1", "-W5", "198.51.100.99", timeout=10)
-    harness.wait_for(lambda: len(rsyslog.records("gw-a")) == len(div_a.log()) >= 4
+    host_a.run("curl", "-sS", "-o", "/dev/null", "--max-time", "10", "http://198.51.100.80/flow", timeout=20)
+    harness.wait_for(lambda: len(rsyslog.records("gw-a")) == len(div_a.log()) >= 6
                      and len(rsyslog.records("gw-b")) == len(div_b.log()) >= 3, 20, "rsyslog to have both logs",
                      detail=lambda: f"a {len(div_a.log())} b {len(div_b.log())} rsyslog {rsyslog.out.read_text()}")
 
@@ -205,7 +206,10 @@ def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_misse
     # The Community ID of each logged conversation is the one of the pcap's packets.
     syns, pings = _first_packets(pcap)
     conversations = [r for r in div_a.log() if r["event"] == "start"]
-    assert len(conversations) == 3 + 1 + 5 + BUFFER + 7
+    assert len(conversations) == 3 + 1 + 1 + 5 + BUFFER + 7
+    request = next(r for r in div_a.log() if r["event"] == "http")  # a listener's record: its conversation's ID
+    assert request["community_id"] == next(r["community_id"] for r in conversations
+                                           if r["client"] == request["client"])
     reference = communityid.CommunityID(seed=0)
     for rec in conversations:
         if rec["protocol"] == "icmp":
