@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend, pytest.mark.slow,
 PORT = 6514
 BUFFER = 20  # gateway A's: small, so one burst exceeds it
 A_LINK, B_LINK = ("203.0.113.1/30", "203.0.113.2/30"), ("203.0.113.5/30", "203.0.113.6/30")
+# Gateway A's: the defaults, and the DNS listener (its questions' records take their conversation's ID).
+LISTENERS = harness.ECHO_LISTENERS + harness.DNS_LISTENER
 RSYSLOG_CONF = """\
 global(workDirectory="{work}" maxMessageSize="64k"{tls_files})
 module(load="imtcp"{tls_input})
@@ -150,7 +152,7 @@ def lab(tmp_path):
 def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_missed(lab):
     (host_a, host_b), rsyslog, work, divs = lab
     pcap = work / "gw-a.pcap"
-    div_a = _gateway(host_a, work, "a", "203.0.113.2", f'pcap = "{pcap}"', f"buffer = {BUFFER}\n")
+    div_a = _gateway(host_a, work, "a", "203.0.113.2", f'pcap = "{pcap}"', f"buffer = {BUFFER}\n" + LISTENERS)
     div_b = _gateway(host_b, work, "b", "203.0.113.6", 'log_schema = "ecs"')
     divs += [div_a, div_b]
     div_a.start()
@@ -161,7 +163,8 @@ def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_misse
     _talk(host_b, 10, 3)
     host_a.run("ping", "-c1", "-W5", "198.51.100.99", timeout=10)
     host_a.run("curl", "-sS", "-o", "/dev/null", "--max-time", "10", "http://198.51.100.80/flow", timeout=20)
-    harness.wait_for(lambda: len(rsyslog.records("gw-a")) == len(div_a.log()) >= 6
+    host_a.run("dig", "+tries=1", "+time=5", "@198.51.100.53", "flow.example", timeout=20)
+    harness.wait_for(lambda: len(rsyslog.records("gw-a")) == len(div_a.log()) >= 8
                      and len(rsyslog.records("gw-b")) == len(div_b.log()) >= 3, 20, "rsyslog to have both logs",
                      detail=lambda: f"a {len(div_a.log())} b {len(div_b.log())} rsyslog {rsyslog.out.read_text()}")
 
@@ -204,21 +207,22 @@ def test_two_gateways_ship_every_record_and_count_what_a_stopped_collector_misse
                for r in div_b.log() if r["event"]["action"] in ("start", "end"))  # ECS names
 
     # The Community ID of each logged conversation is the one of the pcap's packets.
-    syns, pings = _first_packets(pcap)
+    firsts, pings = _first_packets(pcap)
     conversations = [r for r in div_a.log() if r["event"] == "start"]
-    assert len(conversations) == 3 + 1 + 1 + 5 + BUFFER + 7
-    request = next(r for r in div_a.log() if r["event"] == "http")  # a listener's record: its conversation's ID
-    assert request["community_id"] == next(r["community_id"] for r in conversations
-                                           if r["client"] == request["client"])
+    assert len(conversations) == 3 + 1 + 1 + 1 + 5 + BUFFER + 7
+    for event in ("http", "dns"):  # a listener's records: their conversation's ID
+        said = next(r for r in div_a.log() if r["event"] == event)
+        assert said["community_id"] == next(r["community_id"] for r in conversations if r["client"] == said["client"])
     reference = communityid.CommunityID(seed=0)
     for rec in conversations:
         if rec["protocol"] == "icmp":
             assert pings == [(rec["client"], rec["original_destination"])]
             flow = communityid.FlowTuple.make_icmp(*pings[0], 8, 0)
         else:
-            src, dst, sport, dport = syns[int(rec["client"].rsplit(":", 1)[1])]
+            src, dst, sport, dport = firsts[rec["protocol"], int(rec["client"].rsplit(":", 1)[1])]
             assert (f"{src}:{sport}", f"{dst}:{dport}") == (rec["client"], rec["original_destination"])
-            flow = communityid.FlowTuple.make_tcp(src, dst, sport, dport)
+            flow = communityid.FlowTuple(communityid.PROTO_TCP if rec["protocol"] == "tcp" else communityid.PROTO_UDP,
+                                         src, dst, sport, dport)
         assert rec["community_id"] == reference.calc(flow), rec
 
 
@@ -230,11 +234,13 @@ def _fields(pcap, display_filter: str, *fields: str) -> list[list[str]]:
 
 
 def _first_packets(pcap) -> tuple[dict, list]:
-    """As the capture holds them: the client's SYNs by its port (address, destination, their ports),
-    and its echo requests (address, destination)."""
+    """As the capture holds them: the client's SYNs and its DNS questions by protocol and its port
+    (address, destination, their ports), and its echo requests (address, destination)."""
     syns = _fields(pcap, "tcp.flags.syn == 1 && tcp.flags.ack == 0", "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport")
+    questions = _fields(pcap, "udp.dstport == 53", "ip.src", "ip.dst", "udp.srcport", "udp.dstport")
     pings = _fields(pcap, "icmp.type == 8", "ip.src", "ip.dst")
-    return ({int(sport): (src, dst, int(sport), int(dport)) for src, dst, sport, dport in syns},
+    return ({(proto, int(sport)): (src, dst, int(sport), int(dport))
+             for proto, rows in (("tcp", syns), ("udp", questions)) for src, dst, sport, dport in rows},
             [tuple(row) for row in pings])
 
 
