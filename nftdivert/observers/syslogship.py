@@ -63,7 +63,7 @@ class SyslogSender:
         self._pending: deque[bytes] = deque()
         self._cv = threading.Condition()
         self._closing = False
-        self._stop = threading.Event()  # cuts a backoff short (an offer must not: that would hammer the collector)
+        self._stop = threading.Event()  # set by close()
         self._deadline = 0.0  # when closing: give up on what still waits after this (monotonic)
         self._sock: socket.socket | None = None
         self.sent = self.dropped = self.connections = 0
@@ -97,7 +97,10 @@ class SyslogSender:
 
     # -- the thread
     def _run(self) -> None:
-        wait = RECONNECT_FIRST
+        # Connection attempts back off (RECONNECT_FIRST doubling up to RECONNECT_MOST) until one lasts:
+        # a collector that refuses, or accepts and closes at once (a client certificate it will not
+        # take), is not hammered.
+        wait, next_try, up_since = RECONNECT_FIRST, 0.0, 0.0
         while True:
             with self._cv:
                 while not self._pending and not self._closing:
@@ -107,19 +110,21 @@ class SyslogSender:
                 batch = self._batch()
             if self._sock is None or self._peer_closed():
                 self._disconnect()
+                self._stop.wait(max(0.0, next_try - time.monotonic()))  # close() cuts it short, an offer does not
+                next_try, wait = time.monotonic() + wait, min(wait * 2, RECONNECT_MOST)
                 if not self._connect():
                     if self._stop.is_set():
                         break  # stopping, and the collector is away: what waits is dropped
-                    self._stop.wait(wait)
-                    wait = min(wait * 2, RECONNECT_MOST)
                     continue
+                up_since = time.monotonic()
             try:
                 self._sock.sendall(b"".join(batch))
             except OSError as exc:
                 self.error = f"sending: {exc}"
                 self._disconnect()
                 continue
-            wait = RECONNECT_FIRST
+            if time.monotonic() - up_since >= RECONNECT_MOST:
+                wait = RECONNECT_FIRST  # this connection lasted: the next outage starts the backoff anew
             with self._cv:
                 for _ in batch:
                     self._pending.popleft()

@@ -210,3 +210,35 @@ def test_over_tls_the_collector_s_certificate_is_checked(ca, tmp_path):
 def test_a_ca_file_that_cannot_be_read_is_bad_input_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="syslog.ca_file"):
         syslogship.tls_context(SyslogConfig(address="127.0.0.1:6514", tls=True, ca_file=str(tmp_path / "none.pem")))
+
+
+def test_a_collector_that_accepts_and_closes_at_once_is_not_hammered():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[float] = []
+
+    def close_each() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(time.monotonic())
+            conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    sender = SyslogSender(SyslogConfig(address=f"127.0.0.1:{listener.getsockname()[1]}"))
+    try:
+        for i in range(20):  # each record finds the last connection closed: a new one, after a pause
+            _offer(sender, i, 1)
+            wait_for(lambda: sender.counts()["buffered"] == 0, 10, "the record to go")
+            if len(accepted) >= 4:
+                break
+        assert len(accepted) >= 4
+        # 0.1 s, then 0.2 s, then 0.4 s between attempts: the backoff holds while no connection lasts.
+        assert accepted[3] - accepted[0] >= 0.7, [round(t - accepted[0], 3) for t in accepted]
+    finally:
+        sender.close(timeout=0.5)
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
