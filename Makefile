@@ -14,13 +14,14 @@ PY := $(VENV)/bin/python
 # (tests/programs.py maps each program to its package; a test checks this list),
 # python3-requests, a client library the answers test runs in the sandbox,
 # systemd, whose systemd-analyze checks the unit nftdivert ships, and
-# python3-wheel, which the venv's setuptools builds `make dist`'s wheel with.
+# python3-wheel, which the venv's setuptools builds `make dist`'s wheel with,
+# and rsyslog-gnutls, the TLS driver of the syslog collector the tests run.
 APT_PACKAGES := nftables python3-nftables iptables libnetfilter-queue-dev \
 	python3 python3-venv python3-dev build-essential iproute2 util-linux \
 	mount coreutils dash grep procps iputils-ping netcat-openbsd curl tcpdump \
 	tshark conntrack bind9-dnsutils python3-requests openssl wget openssh-client \
 	nmap swaks file bsdutils rdate ntpsec-ntpdate busybox tftp-hpa make systemd \
-	python3-wheel
+	python3-wheel rsyslog rsyslog-gnutls
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test test-kernel demo bench render dist wheelhouse clean

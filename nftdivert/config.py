@@ -31,6 +31,11 @@ PROTOCOLS = ("tcp", "udp")
 PROTOCOL_KINDS = ("http", "https", "smtp", "ftp", "pop3", "imap", "ssh")
 LISTENER_KINDS = ("echo", "dns", "external", *PROTOCOL_KINDS)
 LOG_FORMATS = ("auto", "json", "text")
+# The field names of JSON records: our own (docs/reference/log-schema.md) or Elastic Common Schema's.
+LOG_SCHEMAS = ("nftdivert", "ecs")
+# RFC 5424's facilities by their usual names (syslog.conf's).
+SYSLOG_FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+                     "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, **{f"local{i}": 16 + i for i in range(8)}}
 AFTER_STOP = ("keep", "remove")
 # queue: the worker rewrites every packet of a diverted conversation (the
 # -300 story); kernel: the dstnat rule rewrites the port itself.
@@ -98,6 +103,16 @@ def listen_address(value: str) -> tuple[str, int]:
         raise ValueError("a wildcard address would answer the clients too, on every address they ask for: "
                          "name the address to serve on (127.0.0.1, a management interface's)")
     return str(address), int(port)
+
+
+def _check_parsed(key: str, value: str, parse, example: str) -> None:
+    """A string `parse` takes ("" for none); its ValueError says why not."""
+    _check_type(key, value, str, f"a string like {example}")
+    if value:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ConfigError(key, value, str(exc)) from None
 
 
 def _check_path(key: str, value: str) -> None:
@@ -255,6 +270,7 @@ class WorkerConfig:
     close_grace: float = 10.0
     log: str = "-"  # "-" is stdout, "" turns the conversation log off
     log_format: str = "auto"  # auto: text on a terminal, JSON Lines elsewhere
+    log_schema: str = "nftdivert"  # the field names of JSON records (the file's, the collector's): ours or "ecs"
     pcap: str = ""  # what the clients sent and got, as they saw it (nflog, before NAT)
     # The nflog group that capture reads; nflog groups are per network namespace,
     # and a group another program already reads is refused, so captures never mix.
@@ -275,23 +291,74 @@ class WorkerConfig:
             _check_seconds(f"{key}.{name}", getattr(self, name))
         _check_path(f"{key}.log", self.log)
         _check_choice(f"{key}.log_format", self.log_format, LOG_FORMATS)
+        _check_choice(f"{key}.log_schema", self.log_schema, LOG_SCHEMAS)
         _check_path(f"{key}.pcap", self.pcap)
         _check_type(f"{key}.pcap_group", self.pcap_group, int, "an integer nflog group")
         if not 0 <= self.pcap_group <= 65535:
             raise ConfigError(f"{key}.pcap_group", self.pcap_group, "nflog groups are 0-65535")
         _check_path(f"{key}.pcap_rewritten", self.pcap_rewritten)
         _check_path(f"{key}.metrics_file", self.metrics_file)
-        _check_type(f"{key}.metrics_listen", self.metrics_listen, str, 'a string like "127.0.0.1:9464"')
-        if self.metrics_listen:
-            try:
-                listen_address(self.metrics_listen)
-            except ValueError as exc:
-                raise ConfigError(f"{key}.metrics_listen", self.metrics_listen, str(exc)) from None
+        _check_parsed(f"{key}.metrics_listen", self.metrics_listen, listen_address, '"127.0.0.1:9464"')
         if self.pcap and self.pcap == self.pcap_rewritten:
             raise ConfigError(f"{key}.pcap_rewritten", self.pcap_rewritten, "must differ from worker.pcap")
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
         if not 0 < self.ct_mark <= 0xFFFFFFFF:
             raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+MAX_SYSLOG_BUFFER = 10_000_000
+
+
+def collector_address(value: str) -> tuple[str, int]:
+    """"collector.example:6514", "192.0.2.9:514" or "[2001:db8::9]:514" -> (host, port); ValueError says why not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError('a host and a port, like "collector.example:6514", "192.0.2.9:514" or "[2001:db8::9]:514"')
+    if host.startswith("[") and host.endswith("]"):
+        return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+    try:
+        return str(ipaddress.IPv4Address(host)), int(port)
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError("not an IPv4 address, a [bracketed] IPv6 address or a host name")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    """[syslog]: every record also to a remote collector, RFC 5424 over TCP with octet-counting
+    framing (RFC 6587), TLS as an option. Records wait in a bounded buffer while the collector is
+    away; beyond it they are dropped and counted."""
+
+    address: str = ""  # "collector.example:6514"; "": no collector
+    tls: bool = False
+    ca_file: str = ""  # the CA the collector's certificate must chain to; "": the system's
+    cert_file: str = ""  # a client certificate (PEM), for a collector that asks for one
+    key_file: str = ""  # its key; "": in cert_file
+    buffer: int = 10000  # records held while the collector is away
+    app_name: str = "nftdivert"  # RFC 5424's APP-NAME: a collector tells gateways (or runs) apart by it
+    facility: str = "local0"
+
+    def validate(self, key: str) -> None:
+        _check_parsed(f"{key}.address", self.address, collector_address, '"collector.example:6514"')
+        _check_type(f"{key}.tls", self.tls, bool, "true or false")
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            _check_path(f"{key}.{name}", value)
+            if value and not self.tls:
+                raise ConfigError(f"{key}.{name}", value, "only with tls = true: plain TCP has no certificates")
+        if self.key_file and not self.cert_file:
+            raise ConfigError(f"{key}.key_file", self.key_file, "a key needs its certificate: set cert_file too")
+        _check_type(f"{key}.buffer", self.buffer, int, "a number of records")
+        if not 1 <= self.buffer <= MAX_SYSLOG_BUFFER:
+            raise ConfigError(f"{key}.buffer", self.buffer, f"must be 1-{MAX_SYSLOG_BUFFER} records")
+        _check_type(f"{key}.app_name", self.app_name, str, "a string")
+        if not (1 <= len(self.app_name) <= 48 and all(33 <= ord(c) <= 126 for c in self.app_name)):
+            raise ConfigError(f"{key}.app_name", self.app_name,
+                              "RFC 5424 allows 1-48 printable ASCII characters, no spaces")
+        _check_choice(f"{key}.facility", self.facility, tuple(SYSLOG_FACILITIES))
 
 
 # A DNS name as the [dns] nxdomain list takes it: letters, digits, '-' and
@@ -795,6 +862,7 @@ class Config:
     custom: tuple[CustomRule, ...] = ()  # [[custom]]: answers the analyst writes, the first match answers
     hooks: HooksConfig = field(default_factory=HooksConfig)
     profiles: tuple[Profile, ...] = ()  # [[profiles]]: other answers for some clients, by address
+    syslog: SyslogConfig = field(default_factory=SyslogConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -820,6 +888,7 @@ class Config:
         self.server_first.validate("server_first")
         self.small_services.validate("small_services")
         self.hooks.validate("hooks")
+        self.syslog.validate("syslog")
         self._validate_listeners()
         for i, rule in enumerate(self.custom):
             rule.validate(f"custom[{i}]")
@@ -898,7 +967,8 @@ def _check_interface(key: str, name: object) -> None:
 
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
              "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
-             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig, "hooks": HooksConfig}
+             "server_first": ServerFirstConfig, "small_services": SmallServicesConfig, "hooks": HooksConfig,
+             "syslog": SyslogConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

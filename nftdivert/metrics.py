@@ -55,6 +55,13 @@ KNOWN: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {
                          "kernel path: new conversations redirected to the default listeners", "protocol", ""),
     ("spoofed", ""): ("spoofed_dropped_packets_total", "counter",
                       "packets dropped for a source their interface does not route to", "", ""),
+    **{("syslog", k): ("syslog_records_total", "counter",
+                       "records for the syslog collector, by outcome (sent: its connection took them)", "outcome", k)
+       for k in ("sent", "dropped")},
+    ("syslog", "buffered"): ("syslog_buffered_records", "gauge", "records waiting for the syslog collector", "", ""),
+    ("syslog", "connections"): ("syslog_connections_total", "counter", "connections made to the syslog collector",
+                                "", ""),
+    ("syslog", "connected"): ("syslog_connected", "gauge", "1 while connected to the syslog collector", "", ""),
     ("pool_unanswered", ""): ("listener_pool_unanswered_total", "counter",
                               "DNS pool questions another listener process asked the first, unanswered in time", "", ""),
 }

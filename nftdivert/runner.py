@@ -33,6 +33,8 @@ from nftdivert.services import active, origin
 from nftdivert.ruleset import engine, model, owner
 from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
+from nftdivert.observers import syslogship
+from nftdivert.observers.ecs import to_ecs
 from nftdivert.profiles import Profiles
 from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
@@ -216,6 +218,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         active.remove_stale()  # a killed run's port-20 rule for active FTP
         # Files first: a path that cannot be opened is bad input, found before anything starts.
         stream, as_json = _log_stream(config, stack)
+        collector_tls = syslogship.tls_context(config.syslog)  # bad certificate files: found before anything starts
         seen.open_summary(stack)
         capture = _start_capture(config, stack)  # before any thread of ours: the reader is a fork
         pcap_path = config.worker.pcap_rewritten or None
@@ -244,7 +247,14 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
         log_failed, log_wake = _wake_pipe(stack)  # before the log: its thread may use it until log.close
-        log = ConversationLog(stream, as_json)
+        sender = None
+        if config.syslog.address:  # after the log's last record (the stack unwinds backwards): sends what waits
+            sender = syslogship.SyslogSender(config.syslog, collector_tls)
+            stack.callback(sender.close)
+            _say(f"records also to the syslog collector {config.syslog.address}"
+                 f"{' over TLS' if collector_tls else ''} (buffer {config.syslog.buffer} records)")
+        log = ConversationLog(stream, as_json, schema=to_ecs if config.worker.log_schema == "ecs" else None,
+                              ship=sender.offer if sender is not None else None)
         stack.callback(log.close)
         log.on_error = log_wake
         listeners.on_question = log.dns_question
@@ -288,7 +298,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                 snap = _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
             else:
                 snap = _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
-            return {**snap, **_counted(engine.spoofed, config.table, nft)}
+            return {**snap, **_counted(engine.spoofed, config.table, nft), **_shipped(sender)}
 
         def tick(now: float) -> None:
             renew = now >= due["serving"]
@@ -382,6 +392,9 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         final = snapshot()  # the table is still loaded
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
+    final.update(_shipped(sender))  # what the collector took, and what it missed, once the sender has stopped
+    if sender is not None and sender.error:
+        _say(f"syslog collector {config.syslog.address}: {sender.error}")
     final.update(_listener_counts(listeners))  # their last reports, sent as they stopped
     if not failure and log.error is not None:  # it failed on the way out: the end records
         failure.append(_log_error(config, log))
@@ -502,6 +515,10 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
 def _log_counts(log: ConversationLog, observer) -> dict:
     return {"written": log.written, "dropped": log.dropped, "failed": log.failed + observer.failed,
             "events_lost": observer.lost, "ends": observer.ends()}
+
+
+def _shipped(sender) -> dict:
+    return {"syslog": sender.counts()} if sender is not None else {}
 
 
 def _kernel_snapshot(diverted: dict[str, int], listeners: ListenerProcess, log: ConversationLog, observer) -> dict:

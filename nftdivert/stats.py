@@ -48,7 +48,14 @@ def read(table: str) -> dict | None:
 
 def summary(snap: dict) -> str:
     return (_path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
-            + _processes_summary(snap))
+            + _processes_summary(snap) + _syslog_summary(snap.get("syslog")))
+
+
+def _syslog_summary(shipped: dict | None) -> str:
+    if not shipped:
+        return ""
+    return (f"; syslog records sent {shipped['sent']}, buffered {shipped['buffered']}, dropped {shipped['dropped']}"
+            f" ({shipped['connections']} connections, {'connected' if shipped['connected'] else 'not connected'})")
 
 
 def _processes_summary(snap: dict) -> str:

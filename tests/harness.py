@@ -185,6 +185,27 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
     ])
 
 
+# Given [[listeners]] replace the defaults: a config that adds one starts with these.
+ECHO_LISTENERS = """
+[[listeners]]
+name = "tcp-echo"
+protocol = "tcp"
+port = 1337
+
+[[listeners]]
+name = "udp-echo"
+protocol = "udp"
+port = 1337
+"""
+DNS_LISTENER = """
+[[listeners]]
+name = "dns"
+protocol = "udp"
+port = 53
+kind = "dns"
+"""
+
+
 # ---- the kernel's view -------------------------------------------------------------
 
 def sandbox_records(work: Path, top: str, sections: str, script: str, timeout: int = 150, **env: str) -> list[dict]:

@@ -42,6 +42,7 @@ PACKAGES = {
     "ping": "iputils-ping",
     "python3": "python3",
     "rdate": "rdate",
+    "rsyslogd": "rsyslog",
     "setpriv": "util-linux",
     "nmap": "nmap",
     "sh": "dash",

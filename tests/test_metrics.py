@@ -98,3 +98,16 @@ def test_a_bad_metrics_listen_names_the_key(value, reason):
 def test_good_metrics_listen_values():
     for value in ("127.0.0.1:9464", "[::1]:9464", "192.0.2.1:9100", ""):
         assert from_mapping({"worker": {"metrics_listen": value}}).worker.metrics_listen == value
+
+
+def test_the_syslog_sender_s_counters_have_names_and_types():
+    snap = {"pid": 1, "updated": 2.0, "path": "kernel",
+            "syslog": {"sent": 49, "buffered": 3, "dropped": 23, "connections": 2, "connected": 1}}
+    text = metrics.render(snap, "nftdivert")
+    got = samples(text)
+    assert one(got, "nftdivert_syslog_records_total", outcome="sent") == 49
+    assert one(got, "nftdivert_syslog_records_total", outcome="dropped") == 23
+    assert one(got, "nftdivert_syslog_buffered_records") == 3
+    assert one(got, "nftdivert_syslog_connections_total") == 2 and one(got, "nftdivert_syslog_connected") == 1
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families["nftdivert_syslog_records"] == "counter" and families["nftdivert_syslog_buffered_records"] == "gauge"

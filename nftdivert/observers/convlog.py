@@ -187,12 +187,18 @@ class ConversationLog:
     failed). A target that fails (disk full, EIO) is cut back to its last
     whole record and written no more: `on_error(exc)` hears of it, once.
     A listener's record may wait, briefly, for its conversation's start
-    (logorder.py); with no target (`--log ""`) nothing is queued or counted.
+    (logorder.py); with no target (`--log ""` and no `ship`) nothing is
+    queued or counted. `ship` gets every record written (or, without a file,
+    every record), as the JSON line it is or would be.
     """
 
-    def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT, *,
+                 schema: Callable[[dict], dict] | None = None,
+                 ship: Callable[[str, dict], None] | None = None) -> None:
         self._stream = stream
         self._json = as_json
+        self._schema = schema  # the JSON records' field names (ecs.to_ecs), where they are written; None: ours
+        self._ship = ship  # each record, as JSON, to the syslog collector too (it never waits)
         self._queue: queue.Queue[dict | threading.Event | None] = queue.Queue(limit)
         self._order = StartsFirst()
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
@@ -204,7 +210,7 @@ class ConversationLog:
         self._thread.start()
 
     def put(self, rec: dict) -> None:
-        if self._stream is None:
+        if self._stream is None and self._ship is None:
             return
         # Those who put are readers of other processes' pipes, never the packet path: under a
         # burst (a stop ends every live conversation at once: 22,000 in a lab) they wait for the
@@ -254,12 +260,14 @@ class ConversationLog:
         if self.error is not None:
             self.failed += 1
             return
+        try:
+            as_json = json.dumps(self._schema(rec) if self._schema else rec) \
+                if self._ship is not None or self._json else ""
+            line = (as_json if self._json else text_line(rec)) + "\n"
+        except (ValueError, KeyError, TypeError):
+            self.failed += 1  # one odd record: the next may be fine
+            return
         if self._stream is not None:
-            try:
-                line = (json.dumps(rec) if self._json else text_line(rec)) + "\n"
-            except (ValueError, KeyError, TypeError):
-                self.failed += 1  # one odd record: the next may be fine
-                return
             try:
                 self._stream.write(line)  # one write and a flush: whole records, as far as the target takes them
                 self._stream.flush()
@@ -269,6 +277,8 @@ class ConversationLog:
                 return
             if self._file is not None:
                 self._whole = os.lseek(self._file, 0, os.SEEK_CUR)
+        if self._ship is not None:
+            self._ship(as_json, rec)
         self.written += 1
 
     def drain(self, timeout: float = 10) -> None:

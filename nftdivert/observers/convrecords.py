@@ -13,6 +13,7 @@ from typing import Callable
 
 from nftdivert.netlink.ctnetlink import TCP_CLOSE, TCP_TIME_WAIT, CtEvent
 from nftdivert.netlink.ipproto import ICMP, ICMPV6, TCP, UDP
+from nftdivert.observers.flowid import community_id
 
 SCHEMA = 1
 PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmpv6"}
@@ -115,6 +116,9 @@ def identity(ev: CtEvent) -> dict:
         "client": endpoint(ev.src, _port(ev, ev.src_port)),
         "client_address": address(ev.src),  # the client without its port: what a per-client filter wants
         "original_destination": endpoint(ev.dst, _port(ev, ev.dst_port)),
+        # The tuple the client asked for, as the pcap and other tools see it (ICMP: its type and code).
+        "community_id": community_id(ev.protocol, ev.src, ev.dst, *(ev.icmp[:2] if ev.icmp is not None
+                                                                    else (ev.src_port, ev.dst_port))),
     }
     if ev.icmp is not None:
         rec["icmp"] = {"type": ev.icmp[0], "code": ev.icmp[1], "id": ev.icmp[2]}

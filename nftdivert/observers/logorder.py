@@ -12,6 +12,12 @@ arrives first. So a listener's record waits here, until:
 - or HOLD_SECONDS pass, or more than HOLD_LIMIT records wait.
 A record of a client whose start was written (and not yet ended) waits for
 nothing of its own, only for the records before it.
+
+A listener's record without a `community_id` (a DNS question: the DNS
+listener does not ask what the client asked for) gets its start's, when
+one live start has its `client`: once two have had it (one client port
+towards two destinations) it could be either, so it gets none until both
+have ended.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ class StartsFirst:
                  live_limit: int = LIVE_LIMIT) -> None:
         self._hold, self._limit, self._live_limit = hold_seconds, limit, live_limit
         self._held: deque[tuple[float, dict]] = deque()  # (deadline, record), in arrival order
-        self._live: OrderedDict[str, int] = OrderedDict()  # client -> conversations started, not ended
+        # client -> (conversations started, not ended; the Community ID of the latest)
+        self._live: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
         self._observed = ""  # the latest time of an observer's record
 
     @property
@@ -51,7 +58,7 @@ class StartsFirst:
         out = self.due(now)  # made before this conversation began
         out.append(rec)
         if event == "start":
-            self._started(client)
+            self._started(client, rec.get("community_id"))
             out += self.due(now)  # its own
         else:
             self._ended(client)
@@ -61,8 +68,15 @@ class StartsFirst:
         """The records that may go now, from the first on."""
         out = []
         while self._held and (len(self._held) > self._limit or self._may_go(*self._held[0], now)):
-            out.append(self._held.popleft()[1])
+            out.append(self._joined(self._held.popleft()[1]))
         return out
+
+    def _joined(self, rec: dict) -> dict:
+        """The record, with its conversation's Community ID if it has none and one start says which."""
+        live = self._live.get(rec.get("client"))
+        if live is not None and live[1] and "community_id" not in rec:
+            return {**rec, "community_id": live[1]}
+        return rec
 
     def wait(self, now: float) -> float | None:
         """Seconds until the first waiting record is due; None: none waits."""
@@ -79,17 +93,19 @@ class StartsFirst:
         return (client is None or client in self._live or rec.get("time", "") < self._observed
                 or deadline <= now)
 
-    def _started(self, client: str | None) -> None:
+    def _started(self, client: str | None, flow: str | None) -> None:
         if client is None:
             return
-        self._live[client] = self._live.get(client, 0) + 1
+        started = self._live.get(client, (0, None))[0]
+        # A second live start of this client: which one a record belongs to is unknown until both end.
+        self._live[client] = (started + 1, flow if not started else None)
         self._live.move_to_end(client)
         if len(self._live) > self._live_limit:
             self._live.popitem(last=False)
 
     def _ended(self, client: str | None) -> None:
-        left = self._live.get(client, 0) - 1
-        if left > 0:
-            self._live[client] = left
+        left, flow = self._live.get(client, (0, None))
+        if left > 1:
+            self._live[client] = (left - 1, flow)
         else:
             self._live.pop(client, None)

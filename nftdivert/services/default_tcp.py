@@ -21,6 +21,8 @@ import asyncio
 import contextvars
 from typing import Awaitable, Callable
 
+from nftdivert.netlink.ipproto import TCP
+from nftdivert.observers.flowid import of_sockets
 from nftdivert.config import HttpConfig, RecognizeConfig, ServerFirstConfig, SmallServicesConfig, TlsConfig
 from nftdivert.services import handoff, origin as origin_mod, recognize, small_services
 from nftdivert.services.answers import ANSWERS, Conversation, asked_address
@@ -144,6 +146,7 @@ class DefaultTcp:
             original = await self._origin_of(asked, writer)
         if original is not None:
             base["original_destination"] = endpoint(original)
+            base["community_id"] = of_sockets(TCP, peer, original)
         port = _port(original)
         kind = {"https": "tls"}.get(fixed, fixed) if fixed is not None else recognize.choose(first, port)
         if fixed is None and kind in ("other", "ftp", "pop3"):  # a small service by its port or words (IRC, finger...)
@@ -199,6 +202,7 @@ class DefaultTcp:
         if matched is None:
             return False
         base["original_destination"] = endpoint(original)
+        base["community_id"] = of_sockets(TCP, writer.get_extra_info("peername"), original)
         await custom.serve_tcp(matched, Plain(reader, writer, b"", count), base, self._emit,
                                      lambda read: first_bytes(read, self._wait))
         return True

@@ -19,6 +19,7 @@ from nftdivert.config import ServerFirstConfig, SmallServicesConfig
 from nftdivert.services import clock, simple, syslog
 from nftdivert.services.tftp import Tftp
 from nftdivert.netlink.ipproto import UDP
+from nftdivert.observers.flowid import of_sockets
 
 KEEP = 10.0  # seconds an original destination is kept after the tuple's last datagram
 MAX_KEPT = 16384
@@ -53,12 +54,14 @@ class DefaultUdp:
         matched = custom.match(original) if custom else None
         if matched is not None:
             base = {"client": endpoint(client), "client_address": client[0].removeprefix("::ffff:"),
-                    "listener": self._name, "original_destination": endpoint(original)}
+                    "listener": self._name, "original_destination": endpoint(original),
+                    "community_id": of_sockets(UDP, client, original)}
             return custom.answer_udp(matched, data, client, original, base, self._emit)
         kind = PORTS.get(original[1]) if original is not None else None
         if kind is None:
             return data  # the echo
-        base = {"client": endpoint(client), "listener": self._name, "original_destination": endpoint(original)}
+        base = {"client": endpoint(client), "listener": self._name, "original_destination": endpoint(original),
+                "community_id": of_sockets(UDP, client, original)}
         if kind == "tftp":
             return self._tftp.answer((client[:2], local), data, base)
         if kind == "syslog":

@@ -35,15 +35,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend]
 BIG = 5 * 1024 * 1024  # what the script sends
 
 # The default pair, and two listeners of a protocol's kind on fixed (bound) ports.
-LISTENERS = """
-[[listeners]]
-name = "tcp-echo"
-protocol = "tcp"
-port = 1337
-[[listeners]]
-name = "udp-echo"
-protocol = "udp"
-port = 1337
+LISTENERS = harness.ECHO_LISTENERS + """
 [[listeners]]
 name = "mail"
 protocol = "tcp"

@@ -24,23 +24,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.any_backend,
 BOUND_PORT = 8080  # a service of the diverter host's own
 LEFT_ALONE_PORT = 9
 SPOOFED = "203.0.113.99"  # a source the client does not own
-LISTENERS = """
-[[listeners]]
-name = "tcp-echo"
-protocol = "tcp"
-port = 1337
-
-[[listeners]]
-name = "udp-echo"
-protocol = "udp"
-port = 1337
-
-[[listeners]]
-name = "dns"
-protocol = "udp"
-port = 53
-kind = "dns"
-
+LISTENERS = harness.ECHO_LISTENERS + harness.DNS_LISTENER + """
 [[listeners]]
 name = "dns-tcp"
 protocol = "tcp"

@@ -259,3 +259,23 @@ def test_c2_transport_records_have_text_lines():
     assert text_line(dict(base, event="proxy", error="more than 8")).endswith("more than 8")
     frame = dict(base, event="websocket", opcode="text", size=5, sha256="cd" * 32, head="68", answered="echo")
     assert text_line(frame).endswith("text message 5 bytes sha256 cdcdcdcdcdcdcdcd... echo")
+
+
+def test_every_record_written_is_shipped_as_json_under_the_schema_asked_for():
+    out, shipped = io.StringIO(), []
+    log = ConversationLog(out, as_json=False, schema=lambda rec: {"mapped": rec["event"]},
+                          ship=lambda text, rec: shipped.append((text, rec["event"])))
+    log.put(START)
+    log.put(END)
+    log.close()
+    assert out.getvalue().startswith("08:00:00.250  start  tcp")  # the text log keeps our names
+    assert shipped == [('{"mapped": "start"}', "start"), ('{"mapped": "end"}', "end")]
+    assert log.written == 2
+
+
+def test_without_a_file_records_are_still_shipped():
+    shipped = []
+    log = ConversationLog(None, as_json=True, ship=lambda text, rec: shipped.append(json.loads(text)))
+    log.put(START)
+    log.close()
+    assert shipped == [START] and log.written == 1

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import struct
 
+import communityid
 import pytest
 
 from nftdivert.netlink import ctnetlink
@@ -19,6 +20,8 @@ from nftdivert.netlink.ctnetlink import Counters, CtEvent
 from nftdivert.observers import convrecords
 
 CLIENT, ASKED, OURS = "192.0.2.2", "198.51.100.7", "192.0.2.1"
+# The flow as asked for (the reply came from OURS:1337): what the pcap's packets hash to.
+ASKED_FLOW = communityid.CommunityID(seed=0).calc(communityid.FlowTuple.make_tcp(CLIENT, ASKED, 40000, 45678))
 START_NS, STOP_NS = 1_800_000_000_250_000_000, 1_800_000_003_750_000_000
 
 
@@ -102,12 +105,12 @@ def test_the_end_record_carries_the_start_records_name_and_listener():
                                      process={"pid": 5, "host_pid": 5, "command": "nc", "uid": 0})
     assert start == {"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "start", "id": 77, "protocol": "tcp",
                      "client": f"{CLIENT}:40000", "client_address": CLIENT, "original_destination": f"{ASKED}:45678",
-                     "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
+                     "community_id": ASKED_FLOW, "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
                      "process": {"pid": 5, "host_pid": 5, "command": "nc", "uid": 0}}
     end = convrecords.end_record(ev, now=1_800_000_100.0, start=start)
     assert end == {"v": 1, "time": "2027-01-15T08:00:03.750Z", "event": "end", "id": 77, "protocol": "tcp",
                    "client": f"{CLIENT}:40000", "client_address": CLIENT, "original_destination": f"{ASKED}:45678",
-                   "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
+                   "community_id": ASKED_FLOW, "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
                    "duration": 3.5,
                    "sent": {"packets": 6, "bytes": 336}, "received": {"packets": 4, "bytes": 232}, "ended": "closed"}
 

@@ -82,3 +82,24 @@ def test_the_clients_it_remembers_are_bounded():
     order.flush()
     rec = _tls("192.0.2.2:2")
     assert order.add(rec, 0.0) == [rec]
+
+
+def test_a_question_gets_its_conversation_s_community_id_only_when_one_start_says_which():
+    order = StartsFirst()
+    question = {"time": "2027-01-15T08:00:00.300Z", "event": "dns", "client": CLIENT}
+    assert order.add(question, 0.0) == []
+    start = {**_start(), "community_id": "1:first"}
+    assert order.add(start, 0.1) == [start, {**question, "community_id": "1:first"}]
+    own = {**_tls(at="08:00:00.400"), "community_id": "1:its-own"}
+    assert order.add(own, 0.2) == [own]  # one it has is kept
+    second = {**_start(at="08:00:00.500", i=2), "community_id": "1:second"}  # the same client port, elsewhere
+    order.add(second, 0.3)
+    after = {**question, "time": "2027-01-15T08:00:00.600Z"}
+    assert order.add(after, 0.4) == [after] and "community_id" not in after  # either of two: none
+    order.add(_end(i=2), 0.5)
+    late = {**question, "time": "2027-01-15T08:00:05.100Z"}
+    assert order.add(late, 0.6) == [late] and "community_id" not in late  # which one is left is unknown
+    order.add(_end(), 0.7)
+    alone = {**question, "time": "2027-01-15T08:00:06.000Z"}
+    assert order.add(alone, 0.8) == []  # no start: it waits, and gets nothing
+    assert order.flush() == [alone] and "community_id" not in alone

@@ -15,6 +15,7 @@ import socket
 import struct
 import sys
 
+import communityid
 import pytest
 
 from conftest import REPO
@@ -80,8 +81,9 @@ def test_a_synthesized_end_keeps_what_the_start_said_and_claims_nothing_else():
     start = convrecords.start_record(ev, 1_800_000_000.0, ("", None), "eth1", process={"pid": 1})
     end = convrecords.synthesized_end(start, 1_800_000_010.0)
     assert end == {"v": 1, "time": "2027-01-15T08:00:10.000Z", "event": "end", "id": 78, "protocol": "253",
-                   "client": CLIENT, "client_address": "192.0.2.2", "original_destination": ASKED, "listener": "", "interface": "eth1",
-                   "duration": None, "sent": None, "received": None, "ended": "unknown"}
+                   "client": CLIENT, "client_address": "192.0.2.2", "original_destination": ASKED,
+                   "community_id": communityid.CommunityID().calc(communityid.FlowTuple(253, CLIENT, ASKED)),
+                   "listener": "", "interface": "eth1", "duration": None, "sent": None, "received": None, "ended": "unknown"}
 
 
 # ---- against the kernel ---------------------------------------------------------------
