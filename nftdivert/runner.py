@@ -254,6 +254,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
             hooks = Hooks(config.hooks, log.event)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
+        _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
         observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
@@ -375,6 +376,25 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     return final, (failure[0] if failure else None)
 
 
+def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack) -> None:
+    """The analyses' table, its control socket and file (`nftdivert task`): records tagged with
+    their task, each task's evidence apart. Closed after the observer's last records."""
+    if config.worker.log == "":
+        return
+    from nftdivert.observers.analyses import Analyses
+
+    analyses = Analyses(config, log, capture)
+    try:
+        analyses.open()
+    except OSError as exc:
+        raise NftDivertError(f"cannot serve the analyses' control socket: {exc.strerror or exc}") from None
+    stack.callback(analyses.close)
+    log.tasks, log.route = analyses.owner, analyses.route
+    if config.analyses.file:
+        _say(f"analyses: watching {config.analyses.file}"
+             + (f"; each task's evidence in {config.analyses.directory}/TASK" if config.analyses.directory else ""))
+
+
 def _watch_children(pump, stop_now: Callable[[Callable[[], str]], None], children: list) -> None:
     """A child that ends stops the run at once: its sentinel (closed with its files, before it
     has finished dying) is read between the pump's turns."""
@@ -412,7 +432,7 @@ def _start_capture(config: Config, stack: ExitStack):
         fd = capture_mod.open_file(path)
     except OSError as exc:
         raise ConfigError("worker.pcap (-w)", path, exc.strerror or str(exc)) from None
-    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path)
+    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path, split=bool(config.analyses.directory))
     cap.start()
     stack.push(partial(_stop_capture, cap))
     return cap

@@ -85,13 +85,13 @@ class TaskTable:
     """Immutable: every change makes a new table, so readers in other threads need no lock."""
 
     intervals: tuple[Interval, ...] = ()
+    retired: frozenset[str] = frozenset()  # tasks whose intervals were pruned: their ids stay taken
 
     def owner(self, address, when: float) -> str | None:
         """The task that owns `address` (text, bytes or an ipaddress object) at `when`, or None."""
         if not self.intervals:
             return None
-        addr = address if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)) \
-            else ipaddress.ip_address(address)
+        addr = _address(address)
         best = None
         for iv in self.intervals:
             if iv.covers(addr, when) and (best is None or (iv.start, iv.network.prefixlen)
@@ -99,8 +99,14 @@ class TaskTable:
                 best = iv
         return best.task if best else None
 
+    def holding(self, address) -> TaskTable:
+        """The intervals whose clients hold `address`, at any time: owner() over them is owner() over all."""
+        addr = _address(address)
+        return TaskTable(tuple(iv for iv in self.intervals
+                               if addr.version == iv.network.version and addr in iv.network))
+
     def known(self, task: str) -> bool:
-        return any(iv.task == task for iv in self.intervals)
+        return task in self.retired or any(iv.task == task for iv in self.intervals)
 
     def running(self, task: str, when: float) -> bool:
         return any(iv.task == task and iv.open_at(when) for iv in self.intervals)
@@ -121,23 +127,29 @@ class TaskTable:
         """With `task` started at `when`; a task id this table knows (running or ended) is refused."""
         if self.known(task):
             raise ConfigError("TASK", task, "duplicate: this run already has a task of that id")
-        return TaskTable(self.intervals + tuple(Interval(task, net, when, end, source) for net in clients))
+        return replace(self, intervals=self.intervals + tuple(Interval(task, net, when, end, source) for net in clients))
 
     def ended(self, task: str, when: float) -> TaskTable:
         """With `task` ended at `when` (never before it started: its tagged records stay true)."""
         if not self.running(task, when):
             raise ConfigError("TASK", task, "unknown: no task of that id is running")
-        return TaskTable(tuple(replace(iv, end=max(when, iv.start)) if iv.task == task and iv.open_at(when)
-                               else iv for iv in self.intervals))
+        return replace(self, intervals=tuple(replace(iv, end=max(when, iv.start))
+                                             if iv.task == task and iv.open_at(when) else iv for iv in self.intervals))
 
     def pruned(self, before: float) -> TaskTable:
         """Without the intervals that ended before `before`: no record that late can need them."""
-        return TaskTable(tuple(iv for iv in self.intervals if iv.end is None or iv.end >= before))
+        kept = tuple(iv for iv in self.intervals if iv.end is None or iv.end >= before)
+        gone = {iv.task for iv in self.intervals} - {iv.task for iv in kept}
+        return TaskTable(kept, self.retired | gone)
 
     def due_ends(self, after: float, until: float) -> list[str]:
         """The tasks whose end time falls in (after, until]: ends the file set ahead of time."""
         return list(dict.fromkeys(iv.task for iv in self.intervals
                                   if iv.end is not None and after < iv.end <= until))
+
+
+def _address(value) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return value if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ipaddress.ip_address(value)
 
 
 @dataclass(frozen=True)
@@ -208,5 +220,6 @@ def reconciled(table: TaskTable, specs: tuple[TaskSpec, ...], now: float) -> tup
                 started.append(spec.task)
         elif table.running(spec.task, now) and table.end_of(spec.task) != spec.end:
             end = None if spec.end is None else max(spec.end, now)
-            table = TaskTable(tuple(replace(iv, end=end) if iv.task == spec.task else iv for iv in table.intervals))
+            table = replace(table, intervals=tuple(replace(iv, end=end) if iv.task == spec.task else iv
+                                                   for iv in table.intervals))
     return table, started, ended

@@ -72,6 +72,9 @@ def test_pruned_keeps_running_and_recent_tasks():
              .started("recent", nets(A), 3.0).ended("recent", 10.0).started("now", nets(B), 11.0))
     kept = table.pruned(5.0)
     assert [iv.task for iv in kept.intervals] == ["recent", "now"]
+    with pytest.raises(ConfigError, match="duplicate"):  # a pruned id stays taken
+        kept.started("old", nets(A), 20.0)
+    assert tasks.reconciled(kept, (spec("old", A),), 20.0)[1] == []
 
 
 @pytest.mark.parametrize("value", ["", "a/b", ".hidden", "x" * 65, "tab\tbed", 4711, None])
@@ -134,3 +137,12 @@ def test_the_file_leaves_the_commands_tasks_alone_and_follows_its_ends():
     assert table.due_ends(10.0, 50.0) == ["f"] and table.due_ends(50.0, 60.0) == []
     table, _, _ = tasks.reconciled(table, (spec("f", B, end=2.0),), 20.0)  # an end in the past: now
     assert table.owner(B, 19.0) == "f" and table.owner(B, 20.0) is None
+
+
+def test_the_intervals_holding_an_address_answer_as_the_whole_table():
+    table = (tasks.TaskTable().started("lab", nets("10.0.1.0/24"), 1.0).started("vm", nets(A), 5.0)
+             .ended("vm", 9.0).started("other", nets(B), 2.0))
+    held = table.holding(ipaddress.ip_address(A).packed)
+    assert sorted(iv.task for iv in held.intervals) == ["lab", "vm"]
+    for when in (0.5, 1.0, 4.9, 5.0, 8.9, 9.0, 20.0):
+        assert held.owner(A, when) == table.owner(A, when)

@@ -65,6 +65,19 @@ def named(rec: dict, name: str) -> dict:
     return out
 
 
+def with_task(rec: dict, task: str | None) -> dict:
+    """The record with its analysis's `task`, after the client (unchanged without one)."""
+    if task is None:
+        return rec
+    out = {}
+    for key, value in rec.items():
+        out[key] = value
+        if key == "client_address":
+            out["task"] = task
+    out.setdefault("task", task)
+    return out
+
+
 def _port(ev: CtEvent, port: int) -> int | None:
     return None if ev.icmp is not None else port
 

@@ -42,8 +42,9 @@ class ObserverProcess:
     """Parent side: `emit(record)` gets each record, with its name; counters as the child last said."""
 
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
-                 clients_netns: str | None = None) -> None:
-        self._config, self._emit, self._name_for = config, emit, name_for
+                 clients_netns: str | None = None, task_for=None) -> None:
+        """`task_for(client address, start time)`: the analysis a conversation belongs to, or None."""
+        self._config, self._emit, self._name_for, self._task_for = config, emit, name_for, task_for
         self._pools = config.dns.named()  # the addresses the DNS listener gives names
         self.summary = Summary()
         self._counts: dict = {}  # the child's, as it last said
@@ -104,22 +105,28 @@ class ObserverProcess:
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] not in ("start", "end"):  # admission: no conversation, no name
+            rec = convrecords.with_task(rec, self._task(rec, when))
             self.summary.add(rec)
             self._emit(rec)
             return
         if rec["event"] == "start":
-            name = self._name(rec, when)
-        else:
+            name, task = self._name(rec, when), self._task(rec, when)
+        else:  # an end has its start's name and task, as of the start
             start = self._open.pop(_conversation(rec), None)
-            name = start[0].get("name") if start else None
+            began = when - (rec.get("duration") or 0)
+            name, task = (start[0].get("name"), start[0].get("task")) if start else (None, self._task(rec, began))
         if name:
             rec = convrecords.named(rec, name)
+        rec = convrecords.with_task(rec, task)
         if rec["event"] == "start":
             self._open[_conversation(rec)] = (rec, when)
             if len(self._open) > OPEN_KEPT:
                 self._open.popitem(last=False)
         self.summary.add(rec)
         self._emit(rec)
+
+    def _task(self, rec: dict, when: float) -> str | None:
+        return None if self._task_for is None else self._task_for(rec["client_address"], when)
 
     def _name(self, rec: dict, when: float) -> str | None:
         if self._name_for is None:
