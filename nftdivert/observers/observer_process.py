@@ -41,6 +41,8 @@ OPEN_KEPT = 65536  # open conversations remembered here (their names, what to en
 class ObserverProcess:
     """Parent side: `emit(record)` gets each record, with its name; counters as the child last said."""
 
+    _task_for = None  # no analyses: no record carries a task
+
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
                  clients_netns: str | None = None, task_for=None) -> None:
         """`task_for(client address, start time)`: the analysis a conversation belongs to, or None."""

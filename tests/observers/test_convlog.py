@@ -259,3 +259,25 @@ def test_c2_transport_records_have_text_lines():
     assert text_line(dict(base, event="proxy", error="more than 8")).endswith("more than 8")
     frame = dict(base, event="websocket", opcode="text", size=5, sha256="cd" * 32, head="68", answered="echo")
     assert text_line(frame).endswith("text message 5 bytes sha256 cdcdcdcdcdcdcdcd... echo")
+
+
+def test_analyses_records_have_text_lines_and_listener_records_get_their_clients_task():
+    assert text_line({**START, "task": "4711"}).endswith(" task 4711")
+    line = text_line({"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "task", "task": "4711", "action": "start",
+                      "clients": ["10.0.1.23/32"]})
+    assert line == "08:00:00.250  task   4711 start 10.0.1.23/32"
+    refused = text_line({"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "task", "action": "refused",
+                         "error": "analyses.file = ''"})
+    assert refused == "08:00:00.250  task   analyses file refused analyses.file = ''"
+    out, routed = io.StringIO(), []
+    log = ConversationLog(out, as_json=True)
+    log.tasks = lambda address, _when: "4711" if address == "192.0.2.2" else None
+    log.route = routed.append
+    log.dns_question("192.0.2.2:5353", "x.example", "A", "198.18.0.1")
+    log.dns_question("192.0.2.3:5353", "y.example", "A", "198.18.0.2")
+    log.put({**START, "client_address": "192.0.2.2"})  # a start is tagged by the observer, by its start time
+    log.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r.get("task") for r in lines] == ["4711", None, None]
+    assert list(lines[0]).index("task") == list(lines[0]).index("client_address") + 1
+    assert routed == [lines[0]]
