@@ -61,7 +61,9 @@ def ask(table: str, request: dict) -> str:
         sock.close()
     if "error" in answer:
         raise ConfigError(answer.get("key", "TASK"), answer.get("value"), answer["error"])
-    return str(answer.get("ok", ""))
+    if "ok" not in answer:
+        raise NftDivertError(f"the run of table {table}: {answer.get('failed', 'no answer')}")
+    return str(answer["ok"])
 
 
 def _line(sock: socket.socket) -> bytes:
@@ -90,7 +92,7 @@ class Analyses:
         self._pruned = 0.0
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r = self._wake_w = -1
         self._stopping = False
 
     # -- the log's side (other threads)
@@ -118,14 +120,15 @@ class Analyses:
             os.umask(old)
         server.listen(16)
         self._server = server
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._serve, name="nftdivert-analyses", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         """Stop serving; end every task still running, with its evidence summarized."""
         self._stopping = True
-        os.write(self._wake_w, b"x")
         if self._thread is not None:
+            os.write(self._wake_w, b"x")
             self._thread.join(timeout=FINISH_SECONDS * 3)
         if self._server is not None:
             self._server.close()
@@ -135,8 +138,9 @@ class Analyses:
             self._set(self.table.ended(task, now))
         for task in list(self._live):
             self._finish(task, now)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
 
     # -- the thread
     def _serve(self) -> None:
@@ -168,6 +172,8 @@ class Analyses:
                 answer = {"error": exc.reason, "key": exc.key, "value": exc.value}
             except (OSError, ValueError) as exc:
                 answer = {"error": f"unreadable request: {exc}", "key": "request", "value": None}
+            except Exception as exc:  # noqa: BLE001 - said to the command, not taken for success
+                answer = {"failed": f"the run could not do it: {exc!r}"}
             try:
                 conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
             except OSError:

@@ -40,7 +40,7 @@ def lab(tmp_path_factory):
 def run(lab, tmp_path):
     """`nftdivert run -w` with [analyses] file and directory; stopped cleanly at the end."""
     tmp_path.chmod(0o755)
-    config = (harness.config_text() + "\n[analyses]\n"
+    config = (harness.config_text() + f'\n[http]\nbodies_dir = "{tmp_path / "bodies"}"\n[analyses]\n'
               f'file = "{tmp_path / "analyses.toml"}"\ndirectory = "{tmp_path / "evidence"}"\n')
     div = harness.Diverter(lab.diverter_ns, tmp_path, config, args=("-w", str(tmp_path / "all.pcap")))
     div.start()
@@ -89,6 +89,9 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
     talk(lab, 0, "198.51.100.10", 7001)
     talk(lab, 1, "198.51.100.11", 7002)
     talk(lab, 2, "198.51.100.12", 7003)
+    posted = lab.clients[0].run("curl", "-sS", "-o", "/dev/null", "-d", "exfil-of-A", "http://198.51.100.10/post",
+                                check=False, timeout=30)
+    assert posted.returncode == 0, posted.stderr
     records = harness.log_barrier(lab.clients[2], run, 7999)
 
     for host, port, tag in (("198.51.100.10", 7001, "A-1"), ("198.51.100.11", 7002, "B-1"),
@@ -110,6 +113,12 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         conversations = [r for r in own if r.get("event") in ("start", "end")]
         assert {r["client_address"] for r in conversations} == {client}, own
         assert [r["action"] for r in own if r["event"] == "task"] == ["start", "end"], own
+        bodies = [r["body_saved"] for r in own if r["event"] == "http"]
+        if name == "A-1":  # what it handed over, in its own directory
+            assert len(bodies) == 1 and bodies[0].startswith(str(evidence / name / "files")), own
+            assert open(bodies[0], "rb").read() == b"exfil-of-A"
+        else:
+            assert bodies == [] and not (evidence / name / "files").exists(), own
         packets = pcap_addresses(evidence / name / "capture.pcap")
         assert packets and all(client in p for p in packets), packets
         assert any(host in p for p in packets), packets
