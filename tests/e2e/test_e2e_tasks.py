@@ -36,14 +36,18 @@ def lab(tmp_path_factory):
         bl.close()
 
 
-@pytest.fixture
-def run(lab, tmp_path):
-    """`nftdivert run -w` with [analyses] file and directory; stopped cleanly at the end."""
+def diverter(lab, tmp_path) -> harness.Diverter:
+    """`nftdivert run -w` with [analyses] file and directory, started."""
     tmp_path.chmod(0o755)
     config = (harness.config_text() + f'\n[http]\nbodies_dir = "{tmp_path / "bodies"}"\n[analyses]\n'
               f'file = "{tmp_path / "analyses.toml"}"\ndirectory = "{tmp_path / "evidence"}"\n')
-    div = harness.Diverter(lab.diverter_ns, tmp_path, config, args=("-w", str(tmp_path / "all.pcap")))
-    div.start()
+    return harness.Diverter(lab.diverter_ns, tmp_path, config, args=("-w", str(tmp_path / "all.pcap"))).start()
+
+
+@pytest.fixture
+def run(lab, tmp_path):
+    """diverter(), stopped cleanly at the end."""
+    div = diverter(lab, tmp_path)
     try:
         yield div
         div.stop_and_check()
@@ -65,7 +69,8 @@ def talk(lab, i: int, host: str, port: int) -> None:
 
 
 def starts_to(records: list[dict], host: str, port: int) -> list[dict]:
-    return [r for r in records if r.get("event") == "start" and r["original_destination"] == f"{host}:{port}"]
+    asked = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return [r for r in records if r.get("event") == "start" and r["original_destination"] == asked]
 
 
 def read_log(path) -> list[dict]:
@@ -88,14 +93,17 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
 
     talk(lab, 0, "198.51.100.10", 7001)
     talk(lab, 1, "198.51.100.11", 7002)
+    talk(lab, 1, "2001:db8:ffff::11", 7002)  # its IPv6 address is B's too
     talk(lab, 2, "198.51.100.12", 7003)
+    talk(lab, 2, "2001:db8:ffff::12", 7003)
     posted = lab.clients[0].run("curl", "-sS", "-o", "/dev/null", "-d", "exfil-of-A", "http://198.51.100.10/post",
                                 check=False, timeout=30)
     assert posted.returncode == 0, posted.stderr
     records = harness.log_barrier(lab.clients[2], run, 7999)
 
     for host, port, tag in (("198.51.100.10", 7001, "A-1"), ("198.51.100.11", 7002, "B-1"),
-                            ("198.51.100.12", 7003, None)):
+                            ("2001:db8:ffff::11", 7002, "B-1"), ("198.51.100.12", 7003, None),
+                            ("2001:db8:ffff::12", 7003, None)):
         starts = starts_to(records, host, port)
         assert len(starts) == 2, records  # TCP and UDP
         assert all(r.get("task") == tag for r in starts), starts
@@ -106,12 +114,13 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         assert "report.html" in ended.stdout, ended.stdout
 
     evidence = tmp_path / "evidence"
-    for name, client, host, port in (("A-1", c0, "198.51.100.10", 7001), ("B-1", c1, "198.51.100.11", 7002)):
+    c1v6 = harness.bridge_client(1, 6)
+    for name, clients, host, port in (("A-1", {c0}, "198.51.100.10", 7001), ("B-1", {c1, c1v6}, "198.51.100.11", 7002)):
         own = read_log(evidence / name / "conversations.jsonl")
         assert own and all(r.get("task") == name for r in own), own
         assert len(starts_to(own, host, port)) == 2, own
         conversations = [r for r in own if r.get("event") in ("start", "end")]
-        assert {r["client_address"] for r in conversations} == {client}, own
+        assert {r["client_address"] for r in conversations} == clients, own
         assert [r["action"] for r in own if r["event"] == "task"] == ["start", "end"], own
         bodies = [r["body_saved"] for r in own if r["event"] == "http"]
         if name == "A-1":  # what it handed over, in its own directory
@@ -120,7 +129,7 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         else:
             assert bodies == [] and not (evidence / name / "files").exists(), own
         packets = pcap_addresses(evidence / name / "capture.pcap")
-        assert packets and all(client in p for p in packets), packets
+        assert packets and all(p & clients for p in packets), packets
         assert any(host in p for p in packets), packets
         summary = json.loads((evidence / name / "summary.json").read_text())
         assert f"{host}" in json.dumps(summary) and "198.51.100.12" not in json.dumps(summary), summary
@@ -180,6 +189,26 @@ def test_the_analyses_file_starts_and_ends_a_task_when_it_changes(lab, run, tmp_
     tmp.write_text('[[task]]\nid = "bad/id"\nclients = ["192.0.2.12"]\n')
     tmp.replace(analyses)
     run.wait_log(lambda r: r.get("event") == "task" and r.get("action") == "refused", what="the refusal")
+
+
+def test_a_stop_ends_the_tasks_still_running_with_their_evidence(lab, tmp_path):
+    div = diverter(lab, tmp_path)
+    try:
+        assert task(lab, "start", "left-open", "--client", harness.bridge_client(0)).returncode == 0
+        talk(lab, 0, "198.51.100.40", 7301)
+        harness.log_barrier(lab.clients[0], div, 7996)
+        div.stop_and_check()
+    finally:
+        div.kill()
+        harness.nftdivert(lab.diverter_ns, "remove")
+    where = tmp_path / "evidence" / "left-open"
+    own = read_log(where / "conversations.jsonl")
+    assert len(starts_to(own, "198.51.100.40", 7301)) == 2, own
+    # The stop ended the conversations first: their ends are the task's too.
+    assert len([r for r in own if r["event"] == "end"]) == len([r for r in own if r["event"] == "start"]), own
+    assert own[-1]["event"] == "task" and own[-1]["action"] == "end", own
+    assert any(harness.bridge_client(0) in p for p in pcap_addresses(where / "capture.pcap"))
+    assert (where / "report.html").exists() and (where / "summary.json").exists()
 
 
 def test_task_without_a_run_exits_2_with_one_line(lab):
