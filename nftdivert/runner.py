@@ -254,7 +254,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
             hooks = Hooks(config.hooks, log.event)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
-        _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
+        analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
         observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
@@ -282,7 +282,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                 snap = _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
             else:
                 snap = _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
-            return {**snap, **_counted(engine.spoofed, config.table, nft)}
+            running = {"tasks": analyses.table.tasks(time.time())} if analyses is not None else {}
+            return {**snap, **_counted(engine.spoofed, config.table, nft), **running}
 
         def tick(now: float) -> None:
             renew = now >= due["serving"]
@@ -368,6 +369,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         warn_once()
         _say("stopping: removing the ruleset" + ("" if rs.kernel_path else ", unbinding the queues"))
         final = snapshot()  # the table is still loaded
+        final.pop("tasks", None)  # the stop ends them (below, with their evidence)
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
     final.update(_listener_counts(listeners))  # their last reports, sent as they stopped
@@ -376,11 +378,11 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     return final, (failure[0] if failure else None)
 
 
-def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack) -> None:
+def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack):
     """The analyses' table, its control socket and file (`nftdivert task`): records tagged with
     their task, each task's evidence apart. Closed after the observer's last records."""
     if config.worker.log == "":
-        return
+        return None
     from nftdivert.observers.analyses import Analyses
 
     analyses = Analyses(config, log, capture)
@@ -393,6 +395,7 @@ def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack) -
     if config.analyses.file:
         _say(f"analyses: watching {config.analyses.file}"
              + (f"; each task's evidence in {config.analyses.directory}/TASK" if config.analyses.directory else ""))
+    return analyses
 
 
 def _watch_children(pump, stop_now: Callable[[Callable[[], str]], None], children: list) -> None:

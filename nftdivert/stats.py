@@ -48,7 +48,12 @@ def read(table: str) -> dict | None:
 
 def summary(snap: dict) -> str:
     return (_path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
-            + _processes_summary(snap))
+            + _processes_summary(snap) + _tasks_summary(snap))
+
+
+def _tasks_summary(snap: dict) -> str:
+    running = snap.get("tasks")
+    return f"; analyses running: {', '.join(running)}" if running else ""
 
 
 def _processes_summary(snap: dict) -> str:

@@ -91,6 +91,8 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
     assert started.returncode == 0 and "task A-1 started" in started.stdout, started.stderr
     assert task(lab, "start", "B-1", "--client", f"{c1}/32", "--client", "2001:db8:1::b").returncode == 0
 
+    harness.wait_for(lambda: "analyses running: A-1, B-1" in harness.nftdivert(lab.diverter_ns, "status").stdout,
+                     10, "`status` to name the tasks running")
     talk(lab, 0, "198.51.100.10", 7001)
     talk(lab, 1, "198.51.100.11", 7002)
     talk(lab, 1, "2001:db8:ffff::11", 7002)  # its IPv6 address is B's too
