@@ -21,6 +21,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, replace
+from functools import cached_property
 from datetime import datetime, timezone
 
 from nftdivert.errors import ConfigError
@@ -93,7 +94,7 @@ class TaskTable:
             return None
         addr = _address(address)
         best = None
-        for iv in self.intervals:
+        for iv in self._holding(addr):
             if iv.covers(addr, when) and (best is None or (iv.start, iv.network.prefixlen)
                                            > (best.start, best.network.prefixlen)):
                 best = iv
@@ -101,9 +102,26 @@ class TaskTable:
 
     def holding(self, address) -> TaskTable:
         """The intervals whose clients hold `address`, at any time: owner() over them is owner() over all."""
-        addr = _address(address)
-        return TaskTable(tuple(iv for iv in self.intervals
-                               if addr.version == iv.network.version and addr in iv.network))
+        return TaskTable(self._holding(_address(address)))
+
+    def _holding(self, addr) -> tuple[Interval, ...]:
+        hosts, prefixes = self._index
+        return hosts.get(addr.packed, ()) + tuple(iv for iv in prefixes
+                                                 if addr.version == iv.network.version and addr in iv.network)
+
+    @cached_property
+    def _index(self) -> tuple[dict[bytes, tuple[Interval, ...]], tuple[Interval, ...]]:
+        """(single address -> its intervals, the wider prefixes): a lab's clients are mostly single
+        VMs, and a record is tagged per conversation, so a lookup must not walk every task."""
+        hosts: dict[bytes, tuple[Interval, ...]] = {}
+        prefixes = []
+        for iv in self.intervals:
+            if iv.network.prefixlen == iv.network.max_prefixlen:
+                key = iv.network.network_address.packed
+                hosts[key] = hosts.get(key, ()) + (iv,)
+            else:
+                prefixes.append(iv)
+        return hosts, tuple(prefixes)
 
     def known(self, task: str) -> bool:
         return task in self.retired or any(iv.task == task for iv in self.intervals)
