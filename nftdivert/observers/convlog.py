@@ -14,10 +14,11 @@ import queue
 import stat
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, TextIO
 
 from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint, with_task
-from nftdivert.observers.logorder import StartsFirst
+from nftdivert.observers.logorder import LIVE_LIMIT, StartsFirst
 
 
 def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:
@@ -205,6 +206,7 @@ class ConversationLog:
         self.on_error: Callable[[OSError], None] | None = None
         # (client address, time) -> the analysis it belongs to then, or None (tasks.TaskTable.owner).
         self.tasks: Callable[[str, float], str | None] | None = None
+        self._conversation_tasks: OrderedDict[str, str | None] = OrderedDict()  # client -> its start's task
         # Each record written, in the log's order, in its thread: an analysis's own evidence.
         self.route: Callable[[dict], None] | None = None
         self.error: OSError | None = None
@@ -277,6 +279,8 @@ class ConversationLog:
                 self._write(rec)
 
     def _write(self, rec: dict) -> None:
+        if self.tasks is not None:
+            rec = self._as_its_conversation(rec)
         if self.error is not None:
             self.failed += 1
             return
@@ -310,6 +314,22 @@ class ConversationLog:
         except queue.Full:
             return False
         return True
+
+    def _as_its_conversation(self, rec: dict) -> dict:
+        """A listener's record takes the task of its conversation's start, written before it
+        (logorder.py), over its client's task when it was made: a late record of an ended
+        task's conversation stays that task's, though its address went to another since."""
+        event, client = rec.get("event"), rec.get("client")
+        if event == "start":
+            self._conversation_tasks[client] = rec.get("task")
+            self._conversation_tasks.move_to_end(client)
+            if len(self._conversation_tasks) > LIVE_LIMIT:
+                self._conversation_tasks.popitem(last=False)
+        elif event == "end":
+            self._conversation_tasks.pop(client, None)
+        elif client in self._conversation_tasks:
+            return with_task(rec, self._conversation_tasks[client])
+        return rec
 
     def drain(self, timeout: float = 10) -> None:
         """Write what is queued and what waits for a start (none comes once the observer has

@@ -66,15 +66,17 @@ def named(rec: dict, name: str) -> dict:
 
 
 def with_task(rec: dict, task: str | None) -> dict:
-    """The record with its analysis's `task`, after the client (unchanged without one)."""
-    if task is None:
+    """The record with its analysis's `task`, after the client; without one for None."""
+    if rec.get("task") == task:
         return rec
     out = {}
     for key, value in rec.items():
-        out[key] = value
-        if key == "client_address":
+        if key != "task":
+            out[key] = value
+        if key == "client_address" and task is not None:
             out["task"] = task
-    out.setdefault("task", task)
+    if task is not None:
+        out.setdefault("task", task)
     return out
 
 

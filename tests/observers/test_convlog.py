@@ -281,3 +281,20 @@ def test_analyses_records_have_text_lines_and_listener_records_get_their_clients
     assert [r.get("task") for r in lines] == ["4711", None, None]
     assert list(lines[0]).index("task") == list(lines[0]).index("client_address") + 1
     assert routed == [lines[0]]
+
+
+def test_a_listener_record_takes_its_conversations_task_though_the_address_went_to_another():
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True)
+    log.tasks = lambda _address, _when: "later"  # the address belongs to another task by now
+    http = {"event": "http", "client": "192.0.2.2:40000", "client_address": "192.0.2.2", "method": "GET"}
+    log.put({**START, "client_address": "192.0.2.2", "task": "earlier"})
+    log.event(http)  # of the earlier task's conversation
+    log.put({**START, "client": "192.0.2.2:40001", "client_address": "192.0.2.2"})  # began in no task
+    log.event({**http, "client": "192.0.2.2:40001"})
+    log.put({**END, "client": "192.0.2.2:40000"})
+    log.event(http)  # no conversation of its own any more: its client's task now
+    log.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["event"], r.get("task")) for r in lines] == [("start", "earlier"), ("http", "earlier"), ("start", None),
+                                                            ("http", None), ("end", None), ("http", "later")]
