@@ -27,6 +27,7 @@ from pathlib import Path
 from nftdivert import tasks
 from nftdivert.config import read_input
 from nftdivert.errors import ConfigError, NftDivertError, say
+from nftdivert.netlink import ctnetlink
 from nftdivert.observers import evidence
 from nftdivert.observers.convrecords import SCHEMA, iso
 from nftdivert.ruleset import owner
@@ -81,7 +82,7 @@ class Analyses:
 
     def __init__(self, config, log, capture=None) -> None:
         self._file, self._dir = config.analyses.file, config.analyses.directory
-        self._table_name = config.table
+        self._table_name, self._ct_mark = config.table, config.worker.ct_mark
         self._log = log
         self._capture = capture if self._dir else None  # the split needs somewhere to put each pcap
         self.table = tasks.TaskTable()
@@ -237,10 +238,19 @@ class Analyses:
         if self._log.in_order(reached.set):
             reached.wait(FINISH_SECONDS)
         self._evidence.pop(task, None)
+        if ev.open:
+            ev.end_open(self._live_entries(), time.time())
         made = ev.finish()
         if self._capture is not None and self._capture.close_task(task) is not None:
             made.insert(1, evidence.PCAP)
         return made
+
+    def _live_entries(self) -> list | None:
+        try:
+            return ctnetlink.dump_marked(self._ct_mark).live
+        except OSError as exc:
+            say(f"cannot ask conntrack for the conversations still open: {exc.strerror or exc}")
+            return None
 
     # -- the analyses file
     def _read_file(self, at_start: bool = False) -> None:

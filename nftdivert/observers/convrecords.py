@@ -136,6 +136,16 @@ def identity(ev: CtEvent) -> dict:
     return rec
 
 
+def conversation_key(rec: dict) -> tuple:
+    """What pairs a start with its end (conntrack's id alone is a 32-bit hash two may share)."""
+    return rec["id"], rec["client"], rec["original_destination"]
+
+
+def event_key(ev: CtEvent) -> tuple:
+    """conversation_key of the records an event makes."""
+    return conversation_key({"id": ev.id, **identity(ev)})
+
+
 def start_time(ev: CtEvent, received: float) -> float:
     """When the conversation began: conntrack's own stamp if it sent one."""
     return (ev.start_ns or ev.event_ns) / 1e9 or received

@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 
 from nftdivert.errors import ConfigError, say
+from nftdivert.observers.convrecords import (
+    conversation_key, end_record, event_key, synthesized_end, with_task)
 from nftdivert.observers.summary import Summary
 
 LOG, PCAP, FILES = "conversations.jsonl", "capture.pcap", "files"
@@ -50,6 +52,7 @@ class Evidence:
         self.task, self.path = task, path
         self.summary = Summary()
         self.records = self.failed = 0
+        self.open: dict[tuple, dict] = {}  # conversation_key -> its start, until its end is written
         self._files = path / FILES
         self._log = open(path / LOG, "w", encoding="utf-8")  # noqa: SIM115 - closed by finish()
 
@@ -68,6 +71,20 @@ class Evidence:
             return
         self.records += 1
         self.summary.add(rec)
+        if rec.get("event") == "start":
+            self.open[conversation_key(rec)] = rec
+        elif rec.get("event") == "end":
+            self.open.pop(conversation_key(rec), None)
+
+    def end_open(self, live: list | None, now: float) -> None:
+        """At the task's end: each conversation still open gets its `end` here (its own comes to
+        the run's log later), from conntrack's `live` entry (`open`, counters so far), or
+        `unknown` where conntrack has none (None: it could not be asked)."""
+        entries = {event_key(ev): ev for ev in live or ()}
+        for key, start in list(self.open.items()):
+            ev = entries.get(key)
+            end = end_record(ev, now, start) if ev is not None else synthesized_end(start, now)
+            self.write(with_task(end, self.task))
 
     def _keep_files(self, rec: dict) -> dict:
         kept = {}

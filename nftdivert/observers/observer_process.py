@@ -51,7 +51,7 @@ class ObserverProcess:
         self.summary = Summary()
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
-        # A conversation (_conversation) -> (its start record as written, its time), until its
+        # A conversation (convrecords.conversation_key) -> (its start record as written, its time), until its
         # end record: its name for the end, and what a child that dies leaves for close() to end.
         # Bounded: past OPEN_KEPT the oldest is forgotten here (the child still ends it).
         self._open: OrderedDict[tuple, tuple[dict, float]] = OrderedDict()
@@ -114,14 +114,14 @@ class ObserverProcess:
         if rec["event"] == "start":
             name, task = self._name(rec, when), self._task(rec, when)
         else:  # an end has its start's name and task, as of the start
-            start = self._open.pop(_conversation(rec), None)
+            start = self._open.pop(convrecords.conversation_key(rec), None)
             began = when - (rec.get("duration") or 0)
             name, task = (start[0].get("name"), start[0].get("task")) if start else (None, self._task(rec, began))
         if name:
             rec = convrecords.named(rec, name)
         rec = convrecords.with_task(rec, task)
         if rec["event"] == "start":
-            self._open[_conversation(rec)] = (rec, when)
+            self._open[convrecords.conversation_key(rec)] = (rec, when)
             if len(self._open) > OPEN_KEPT:
                 self._open.popitem(last=False)
         self.summary.add(rec)
@@ -174,7 +174,7 @@ class ObserverProcess:
         listener_for = observer.listener_lookup(self._config, lambda *key, since=0.0: ports.is_bound(*key))
         subnets, now = links.subnets(), time.time()
         for ev in live:
-            key = _event_conversation(ev)
+            key = convrecords.event_key(ev)
             if key not in self._open:
                 if ev.start_ns / 1e9 < self._since:
                     continue  # another run's (or without a stamp: nothing tells)
@@ -184,15 +184,6 @@ class ObserverProcess:
             if key in self._open:  # else forgotten past OPEN_KEPT: unended
                 start, started = self._open[key]
                 self._record(now, convrecords.end_record(ev, now, start, started))
-
-
-def _conversation(rec: dict) -> tuple:
-    return rec["id"], rec["client"], rec["original_destination"]
-
-
-def _event_conversation(ev) -> tuple:
-    """_conversation of the records an event makes."""
-    return _conversation({"id": ev.id, **convrecords.identity(ev)})
 
 
 def _serve(conn, config: Config, clients_netns: str | None) -> None:

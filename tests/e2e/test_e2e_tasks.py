@@ -123,6 +123,11 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         assert len(starts_to(own, host, port)) == 2, own
         conversations = [r for r in own if r.get("event") in ("start", "end")]
         assert {r["client_address"] for r in conversations} == clients, own
+        # Each start has its end: what conntrack still tracked at the task's end, `open` with its bytes so far.
+        ends = {(r["id"], r["client"], r["original_destination"]): r for r in own if r["event"] == "end"}
+        starts = [(r["id"], r["client"], r["original_destination"]) for r in own if r["event"] == "start"]
+        assert sorted(ends) == sorted(starts), own
+        assert all(e["task"] == name and e["sent"]["bytes"] > 0 for e in ends.values()), own
         assert [r["action"] for r in own if r["event"] == "task"] == ["start", "end"], own
         bodies = [r["body_saved"] for r in own if r["event"] == "http"]
         if name == "A-1":  # what it handed over, in its own directory
@@ -135,6 +140,7 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         assert any(host in p for p in packets), packets
         summary = json.loads((evidence / name / "summary.json").read_text())
         assert f"{host}" in json.dumps(summary) and "198.51.100.12" not in json.dumps(summary), summary
+        assert summary["total"]["bytes_sent"] > 0, summary
         assert "<html" in (evidence / name / "report.html").read_text()
         assert host in (evidence / name / "summary.txt").read_text()
     # The run's own pcap has the third client too.

@@ -40,3 +40,17 @@ def test_a_directory_left_by_an_earlier_run_is_refused(tmp_path):
     evidence.create(str(tmp_path), "t1")
     with pytest.raises(ConfigError, match="exists already"):
         evidence.create(str(tmp_path), "t1")
+
+
+def test_a_conversation_still_open_at_the_end_gets_its_end_in_the_tasks_log(tmp_path):
+    ev = evidence.Evidence("t1", evidence.create(str(tmp_path), "t1"))
+    ev.write(START)
+    ev.write({**START, "id": 8, "client": "192.0.2.2:40001"})
+    ev.write({**START, "id": 8, "client": "192.0.2.2:40001", "event": "end", "duration": 1.0, "sent": None,
+              "received": None, "ended": "closed"})
+    ev.end_open(None, 1800000000.0)  # conntrack could not be asked: its state is unknown
+    ev.finish()
+    lines = [json.loads(line) for line in (tmp_path / "t1" / "conversations.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["id"], r.get("ended")) for r in lines] == [("start", 7, None), ("start", 8, None),
+                                                                      ("end", 8, "closed"), ("end", 7, "unknown")]
+    assert lines[-1]["task"] == "t1" and not ev.open
