@@ -23,7 +23,7 @@ from nftdivert.config import Config
 from nftdivert.process.child import READY, spawn, wait_ready
 from nftdivert.observers import convrecords
 from nftdivert.observers.admission import AdmissionLog, Tally
-from nftdivert.observers.summary import Summary
+from nftdivert.observers.summary import BY_TASK, GROUP_BY, Summary
 from nftdivert.ruleset import bound_sets
 
 _STATS_SECONDS = 1.0
@@ -48,7 +48,7 @@ class ObserverProcess:
         """`task_for(client address, start time)`: the analysis a conversation belongs to, or None."""
         self._config, self._emit, self._name_for, self._task_for = config, emit, name_for, task_for
         self._pools = config.dns.named()  # the addresses the DNS listener gives names
-        self.summary = Summary()
+        self.summary = Summary(BY_TASK if task_for is not None else GROUP_BY)
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
         # A conversation (convrecords.conversation_key) -> (its start record as written, its time), until its
