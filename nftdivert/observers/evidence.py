@@ -26,6 +26,7 @@ from nftdivert.observers.summary import Summary
 
 LOG, PCAP, FILES = "conversations.jsonl", "capture.pcap", "files"
 SAVED_FIELDS = ("saved", "body_saved")  # the records' paths of what was kept (log-schema.md)
+OPEN_KEPT = 65536  # conversations of the task without an end yet, remembered to end them at its end
 
 
 def directory(base: str, task: str) -> Path:
@@ -73,6 +74,8 @@ class Evidence:
         self.summary.add(rec)
         if rec.get("event") == "start":
             self.open[conversation_key(rec)] = rec
+            if len(self.open) > OPEN_KEPT:  # a flood whose ends never come: the oldest goes without one
+                del self.open[next(iter(self.open))]
         elif rec.get("event") == "end":
             self.open.pop(conversation_key(rec), None)
 
