@@ -245,6 +245,50 @@ def reload(table: str, config_path: str | None) -> None:
                "its stderr and the log's `reload` record say whether it took")
 
 
+@cli.group()
+def task() -> None:
+    """Tell the running `nftdivert run` which clients belong to which analysis (task), and when it ends.
+
+    Every record of a conversation that starts while its client belongs to a
+    task carries `task`; with [analyses] directory, each task also gets a
+    directory of its own (its log, pcap, saved files, summary and report),
+    finished when it ends. Takes effect at once, without a restart. Exit 2:
+    no run owns the table here, or the task is unknown, or started already.
+    """
+
+
+@task.command("start")
+@click.argument("task_id", metavar="TASK")
+@click.option("--client", "clients", multiple=True, required=True, metavar="ADDR",
+              help="A client address or prefix of this task (10.0.1.23, 10.0.2.0/28); repeat for more.")
+@TABLE_OPTION
+@TABLE_CONFIG_OPTION
+def task_start(task_id: str, clients: tuple[str, ...], table: str, config_path: str | None) -> None:
+    """Start task TASK: its clients' new conversations are its own from now on.
+
+    A client already in a running task goes to this one (the later start wins).
+    """
+    from nftdivert import tasks
+    from nftdivert.observers import analyses
+
+    tasks.check_task(task_id)
+    tasks.check_clients(list(clients))
+    click.echo(analyses.ask(_table_name(table, config_path), {"op": "start", "task": task_id, "clients": list(clients)}))
+
+
+@task.command("end")
+@click.argument("task_id", metavar="TASK")
+@TABLE_OPTION
+@TABLE_CONFIG_OPTION
+def task_end(task_id: str, table: str, config_path: str | None) -> None:
+    """End task TASK: its evidence is closed and summarized before this returns."""
+    from nftdivert import tasks
+    from nftdivert.observers import analyses
+
+    tasks.check_task(task_id)
+    click.echo(analyses.ask(_table_name(table, config_path), {"op": "end", "task": task_id}))
+
+
 @cli.command()
 @TABLE_OPTION
 @TABLE_CONFIG_OPTION

@@ -815,6 +815,18 @@ class Profile:
             rule.validate(f"{key}.custom[{i}]")
 
 
+@dataclass(frozen=True)
+class AnalysesConfig:
+    """Analyses (tasks): a file the run watches for them, and where each one's evidence goes."""
+
+    file: str = ""  # TOML (or .json) listing tasks with their clients and optional end; "" none
+    directory: str = ""  # one directory per task: its log, pcap, saved files, summary and report; "" none
+
+    def validate(self, key: str) -> None:
+        _check_path(f"{key}.file", self.file)
+        _check_path(f"{key}.directory", self.directory)
+
+
 DEFAULT_LISTENERS = (
     Listener(name="tcp-echo", protocol="tcp", port=1337),
     Listener(name="udp-echo", protocol="udp", port=1337),
@@ -863,6 +875,7 @@ class Config:
     hooks: HooksConfig = field(default_factory=HooksConfig)
     profiles: tuple[Profile, ...] = ()  # [[profiles]]: other answers for some clients, by address
     syslog: SyslogConfig = field(default_factory=SyslogConfig)
+    analyses: AnalysesConfig = field(default_factory=AnalysesConfig)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -889,6 +902,7 @@ class Config:
         self.small_services.validate("small_services")
         self.hooks.validate("hooks")
         self.syslog.validate("syslog")
+        self.analyses.validate("analyses")
         self._validate_listeners()
         for i, rule in enumerate(self.custom):
             rule.validate(f"custom[{i}]")
@@ -899,6 +913,10 @@ class Config:
         if self.queue.admission_group == self.worker.pcap_group:
             raise ConfigError("queue.admission_group", self.queue.admission_group,
                               "must differ from worker.pcap_group: one reader per nflog group")
+        if (self.analyses.file or self.analyses.directory) and self.worker.log == "":
+            raise ConfigError("analyses.file" if self.analyses.file else "analyses.directory",
+                              self.analyses.file or self.analyses.directory,
+                              'analyses tag and split the conversation log, which is off (--log "")')
         if self.divert_path == "kernel" and self.worker.pcap_rewritten:
             raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
                               'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')
@@ -968,7 +986,8 @@ def _check_interface(key: str, name: object) -> None:
 _SECTIONS = {"leave_alone": LeaveAlone, "queue": QueueConfig, "worker": WorkerConfig, "dns": DnsConfig,
              "http": HttpConfig, "tls": TlsConfig, "recognize": RecognizeConfig,
              "server_first": ServerFirstConfig, "small_services": SmallServicesConfig, "hooks": HooksConfig,
-             "syslog": SyslogConfig}
+             "syslog": SyslogConfig,
+             "analyses": AnalysesConfig}
 
 
 def _known_keys(cls: type) -> set[str]:

@@ -271,6 +271,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
             hooks = Hooks(config.hooks, log.event, lambda address: answers[0].profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
+        analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
         observer = seen.start(config, stack, log, listeners.name_for, hooks)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
@@ -298,7 +299,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                 snap = _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
             else:
                 snap = _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
-            return {**snap, **_counted(engine.spoofed, config.table, nft), **_shipped(sender)}
+            running = {"tasks": analyses.table.tasks(time.time())} if analyses is not None else {}
+            return {**snap, **_counted(engine.spoofed, config.table, nft), **_shipped(sender), **running}
 
         def tick(now: float) -> None:
             renew = now >= due["serving"]
@@ -390,6 +392,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         warn_once()
         _say("stopping: removing the ruleset" + ("" if rs.kernel_path else ", unbinding the queues"))
         final = snapshot()  # the table is still loaded
+        final.pop("tasks", None)  # the stop ends them (below, with their evidence)
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
     final.update(_shipped(sender))  # what the collector took, and what it missed, once the sender has stopped
@@ -399,6 +402,26 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     if not failure and log.error is not None:  # it failed on the way out: the end records
         failure.append(_log_error(config, log))
     return final, (failure[0] if failure else None)
+
+
+def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack):
+    """The analyses' table, its control socket and file (`nftdivert task`): records tagged with
+    their task, each task's evidence apart. Closed after the observer's last records."""
+    if config.worker.log == "":
+        return None
+    from nftdivert.observers.analyses import Analyses
+
+    analyses = Analyses(config, log, capture)
+    try:
+        analyses.open()
+    except OSError as exc:
+        raise NftDivertError(f"cannot serve the analyses' control socket: {exc.strerror or exc}") from None
+    stack.callback(analyses.close)
+    log.tasks, log.route = analyses.owner, analyses.route
+    if config.analyses.file:
+        _say(f"analyses: watching {config.analyses.file}"
+             + (f"; each task's evidence in {config.analyses.directory}/TASK" if config.analyses.directory else ""))
+    return analyses
 
 
 def _watch_children(pump, stop_now: Callable[[Callable[[], str]], None], children: list) -> None:
@@ -438,7 +461,7 @@ def _start_capture(config: Config, stack: ExitStack):
         fd = capture_mod.open_file(path)
     except OSError as exc:
         raise ConfigError("worker.pcap (-w)", path, exc.strerror or str(exc)) from None
-    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path)
+    cap = capture_mod.NflogCapture(fd, config.worker.pcap_group, path, split=bool(config.analyses.directory))
     cap.start()
     stack.push(partial(_stop_capture, cap))
     return cap

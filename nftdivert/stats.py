@@ -48,7 +48,8 @@ def read(table: str) -> dict | None:
 
 def summary(snap: dict) -> str:
     return (_path_summary(snap) + (f"; spoofed sources: dropped {snap['spoofed']} packets" if "spoofed" in snap else "")
-            + _processes_summary(snap) + _syslog_summary(snap.get("syslog")))
+            + _processes_summary(snap) + _syslog_summary(snap.get("syslog"))
+            + _tasks_summary(snap))
 
 
 def _syslog_summary(shipped: dict | None) -> str:
@@ -56,6 +57,11 @@ def _syslog_summary(shipped: dict | None) -> str:
         return ""
     return (f"; syslog records sent {shipped['sent']}, buffered {shipped['buffered']}, dropped {shipped['dropped']}"
             f" ({shipped['connections']} connections, {'connected' if shipped['connected'] else 'not connected'})")
+
+
+def _tasks_summary(snap: dict) -> str:
+    running = snap.get("tasks")
+    return f"; analyses running: {', '.join(running)}" if running else ""
 
 
 def _processes_summary(snap: dict) -> str:

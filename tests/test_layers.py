@@ -17,7 +17,7 @@ PACKAGE = Path(nftdivert.__file__).parent
 
 LAYERS = {
     "nftdivert": 0, "nftdivert.process": 0, "nftdivert.netlink": 0, "nftdivert.errors": 0,
-    "nftdivert.config": 1, "nftdivert.profiles": 1, "nftdivert.ruleset": 1, "nftdivert.worker": 1,
+    "nftdivert.config": 1, "nftdivert.profiles": 1, "nftdivert.tasks": 1, "nftdivert.ruleset": 1, "nftdivert.worker": 1,
     "nftdivert.observers": 2, "nftdivert.services": 2, "nftdivert.report": 2, "nftdivert.metrics": 2,
     "nftdivert.stats": 2,
     "nftdivert.runner": 3,

@@ -185,13 +185,13 @@ def remove_stale() -> list[str]:
 
 
 def _remove_stats(lab: Lab) -> None:
-    """The counters file and the ownership lock the diverter kept (stats.stats_path,
-    owner.lock_path), named by its namespace."""
+    """The counters file, the ownership lock and the analyses' control socket the diverter kept
+    (stats.stats_path, owner.lock_path, analyses.control_path), named by its namespace."""
     try:
         ino = os.stat(netns.NETNS_DIR / lab.diverter).st_ino
     except OSError:
         return
-    for path in [*STATS_DIR.glob(f"*-{ino}.json"), *STATS_DIR.glob(f"*-{ino}.lock")]:
+    for path in [*STATS_DIR.glob(f"*-{ino}.json"), *STATS_DIR.glob(f"*-{ino}.lock"), *STATS_DIR.glob(f"*-{ino}.tasks")]:
         path.unlink(missing_ok=True)
 
 

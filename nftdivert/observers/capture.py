@@ -33,6 +33,7 @@ from nftdivert.process.child import READY, wait_ready
 from nftdivert.process.lifeline import fork_child, how_it_ended
 from nftdivert.netlink import nflog
 from nftdivert.observers.pcap import FILE_MODE, PcapWriter
+from nftdivert.observers.pcapsplit import TaskSplit
 
 START_SECONDS = 10.0
 STOP_TIMEOUT = 10.0
@@ -47,11 +48,13 @@ def open_file(path: str) -> int:
 class NflogCapture:
     """Reads nflog `group` in a child process and writes the pcap to an open file descriptor."""
 
-    def __init__(self, fd: int, group: int, path: str) -> None:
+    def __init__(self, fd: int, group: int, path: str, split: bool = False) -> None:
+        """`split`: also write each analysis's packets to its own pcap (pcapsplit.py)."""
         self.fd, self.group, self.path = fd, group, path
         self.pid: int | None = None
         self.sentinel: int | None = None
         self._report: int | None = None
+        self._tasks, self._tasks_child = multiprocessing.Pipe() if split else (None, None)
 
     def start(self) -> None:
         """Bind the group here (a group another program reads is refused at once), then fork the reader."""
@@ -68,12 +71,16 @@ class NflogCapture:
 
         def child() -> int:
             report_r.close()
-            return _read_and_write(sock, self.fd, report_w)
+            if self._tasks is not None:
+                self._tasks.close()
+            return _read_and_write(sock, self.fd, report_w, self._tasks_child)
 
         pid = fork_child(child, signum=signal.SIGTERM)
         sock.close()
         os.close(self.fd)
         report_w.close()
+        if self._tasks_child is not None:
+            self._tasks_child.close()
         self.pid, self._report = pid, report_r
         self.sentinel = os.pidfd_open(pid)  # readable once the reader has ended: the run watches it
         try:  # the file's header is written: the file takes what it is given, at least for now
@@ -81,6 +88,25 @@ class NflogCapture:
         except OSError as exc:
             self.stop()
             raise NftDivertError(f"cannot write the capture {self.path}: {exc}") from None
+
+    def tell(self, *message) -> None:
+        """To the reader's split per analysis (pcapsplit.py); a reader that has ended hears nothing."""
+        try:
+            self._tasks.send(message)
+        except (OSError, ValueError):
+            pass
+
+    def close_task(self, task: str, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Close the task's pcap once the reader has written what the kernel held; its packets, or None."""
+        self.tell("close", task)
+        try:
+            while self._tasks.poll(timeout):
+                kind, closed, packets = self._tasks.recv()
+                if kind == "closed" and closed == task:
+                    return packets
+        except (EOFError, OSError, ValueError):
+            pass
+        return None
 
     def failed(self) -> str | None:
         """Why the capture ended while the run goes on, or None. Reaps the reader."""
@@ -101,6 +127,9 @@ class NflogCapture:
     def stop(self) -> dict:
         """Stop the reader once it has read what the kernel handed over; its counts, and `error` or None."""
         self._close_sentinel()
+        if self._tasks is not None:
+            self._tasks.close()
+            self._tasks = None
         if self.pid is None:
             return {}
         pid, self.pid = self.pid, None
@@ -131,10 +160,12 @@ class NflogCapture:
         return counts
 
 
-def _read_and_write(sock, fd: int, report) -> int:
+def _read_and_write(sock, fd: int, report, tasks=None) -> int:
     """The child: ready once the file's header is written; then nflog batches into the pcap until
-    SIGTERM, then the last of them; 0, or 1 on an error."""
+    SIGTERM, then the last of them; 0, or 1 on an error. `tasks`: the run's pipe to the split."""
     stopping = False
+    split = TaskSplit()
+    readers = [sock] if tasks is None else [sock, tasks]
 
     def stop(*_args) -> None:
         nonlocal stopping
@@ -160,14 +191,21 @@ def _read_and_write(sock, fd: int, report) -> int:
             if last:  # the ruleset is gone; the kernel sends what it still holds within its flush timeout
                 time.sleep(3 * nflog.FLUSH_TIMEOUT / 100)
             else:
-                select.select([sock], [], [], 0.2)
-            floor = _drain(sock, buf, writer, counts, floor)
+                select.select(readers, [], [], 0.2)
+            floor = _drain(sock, buf, writer, counts, floor, split)
             if last:
                 break
+            if tasks is not None and tasks.poll():
+                try:
+                    floor = _tell_split(tasks, split, sock, buf, writer, counts, floor)
+                except EOFError:  # the run is stopping: no more tasks
+                    tasks, readers = None, [sock]
             if time.monotonic() >= flush_at:
                 writer.flush()
+                split.flush()
                 flush_at = time.monotonic() + FLUSH_EVERY
         writer.close()
+        split.close()
         code = 0
     except OSError as exc:
         counts["error"] = exc.strerror or str(exc)
@@ -178,7 +216,21 @@ def _read_and_write(sock, fd: int, report) -> int:
     return code
 
 
-def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float) -> float:
+def _tell_split(tasks, split: TaskSplit, sock, buf: bytearray, writer: PcapWriter, counts: dict,
+                floor: float) -> float:
+    """The run's messages to the split; before a task's pcap closes, what the kernel still holds
+    of its packets (a batch waits up to its flush timeout there) is read."""
+    while tasks.poll():
+        message = tasks.recv()
+        if message[0] == "close":
+            time.sleep(3 * nflog.FLUSH_TIMEOUT / 100)
+            floor = _drain(sock, buf, writer, counts, floor, split)
+        split.handle(message, tasks)
+    return floor
+
+
+def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float,
+           split: TaskSplit) -> float:
     """Everything the socket holds into the file; returns the time of the last packet written."""
     while True:
         try:
@@ -196,5 +248,6 @@ def _drain(sock, buf: bytearray, writer: PcapWriter, counts: dict, floor: float)
         packets = nflog.timed(nflog.batch(buf, size), time.time(), floor)
         if packets:
             writer.write_many(packets)  # before the next receive reuses the buffer
+            split.write(packets)
             floor = packets[-1][1]
             counts["packets"] += len(packets)

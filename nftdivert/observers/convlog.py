@@ -14,10 +14,11 @@ import queue
 import stat
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, TextIO
 
-from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint
-from nftdivert.observers.logorder import StartsFirst
+from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint, with_task
+from nftdivert.observers.logorder import LIVE_LIMIT, StartsFirst
 
 
 def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:
@@ -69,13 +70,17 @@ def text_line(rec: dict) -> str:
     if event == "hook":  # [hooks]: a command on a client's (or process's) first conversation
         result = rec.get("error") or f"exit {rec['exit_status']}"
         return f"{at}  hook   {rec['hooked']}: {' '.join(rec['argv'])[:80]} -> {result}"
+    if event == "task":
+        what = {"start": lambda: " ".join(rec.get("clients", [])), "refused": lambda: rec.get("error", "")}
+        return f"{at}  task   {rec.get('task', 'analyses file')} {rec['action']} {what.get(rec['action'], str)()}".rstrip()
     if event == "reload":
         return f"{at}  reload " + (f"refused: {rec['error']}" if "error" in rec else ", ".join(rec["sections"]))
     port = f" (:{rec['listener_port']})" if "listener_port" in rec else ""
     where = f" via {rec['interface']}" if rec.get("interface") else ""
     proc = rec.get("process")
     who = f" by pid {proc['pid']} {proc['command'][:40]}" if proc else ""
-    return f"{at}  start  {_conversation(rec)} => {rec['listener'] or '-'}{port}{where}{who}"
+    task = f" task {rec['task']}" if "task" in rec else ""
+    return f"{at}  start  {_conversation(rec)} => {rec['listener'] or '-'}{port}{where}{who}{task}"
 
 
 def _service_line(rec: dict) -> str:
@@ -199,12 +204,17 @@ class ConversationLog:
         self._json = as_json
         self._schema = schema  # the JSON records' field names (ecs.to_ecs), where they are written; None: ours
         self._ship = ship  # each record, as JSON, to the syslog collector too (it never waits)
-        self._queue: queue.Queue[dict | threading.Event | None] = queue.Queue(limit)
+        self._queue: queue.Queue[dict | threading.Event | Callable[[], None] | None] = queue.Queue(limit)
         self._order = StartsFirst()
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self._abandon = False
         self.written = self.dropped = self.failed = 0
         self.on_error: Callable[[OSError], None] | None = None
+        # (client address, time) -> the analysis it belongs to then, or None (tasks.TaskTable.owner).
+        self.tasks: Callable[[str, float], str | None] | None = None
+        self._conversation_tasks: OrderedDict[str, str | None] = OrderedDict()  # client -> its start's task
+        # Each record written, in the log's order, in its thread: an analysis's own evidence.
+        self.route: Callable[[dict], None] | None = None
         self.error: OSError | None = None
         self._file, self._whole = _regular_file(stream)  # where its last whole record ends
         self._thread.start()
@@ -212,6 +222,8 @@ class ConversationLog:
     def put(self, rec: dict) -> None:
         if self._stream is None and self._ship is None:
             return
+        if self.tasks is not None and "task" not in rec and rec.get("event") not in ("start", "end"):
+            rec = self._tagged(rec)
         # Those who put are readers of other processes' pipes, never the packet path: under a
         # burst (a stop ends every live conversation at once: 22,000 in a lab) they wait for the
         # writer rather than lose records. Only a writer stuck for PUT_WAIT loses one, counted.
@@ -219,6 +231,17 @@ class ConversationLog:
             self._queue.put(rec, timeout=PUT_WAIT)
         except queue.Full:
             self.dropped += 1
+
+    def _tagged(self, rec: dict) -> dict:
+        """A listener's or admission's record, with the task its client belongs to now (a
+        conversation's own start and end carry the task of its start: observer_process.py)."""
+        address = rec.get("client_address")
+        if address is None and isinstance(rec.get("client"), str):
+            address = split_endpoint(rec["client"])[0]
+        try:
+            return with_task(rec, self.tasks(address, time.time())) if address else rec
+        except ValueError:  # not an address: nobody's
+            return rec
 
     def dns_question(self, client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> None:
         self.put(question_record(client, name, qtype, answer, rcode))
@@ -244,6 +267,11 @@ class ConversationLog:
                     self._write(rec)
                 item.set()
                 continue
+            if callable(item):  # in_order(): after the records put before it that may go now
+                for rec in order.due(time.monotonic()):
+                    self._write(rec)
+                item()
+                continue
             now = time.monotonic()
             ready = order.due(now)
             if item is not _NOTHING:
@@ -257,6 +285,8 @@ class ConversationLog:
                 self._write(rec)
 
     def _write(self, rec: dict) -> None:
+        if self.tasks is not None:
+            rec = self._as_its_conversation(rec)
         if self.error is not None:
             self.failed += 1
             return
@@ -280,6 +310,36 @@ class ConversationLog:
         if self._ship is not None:
             self._ship(as_json, rec)
         self.written += 1
+        if self.route is not None and "task" in rec:
+            self.route(rec)
+
+    def in_order(self, call: Callable[[], None], timeout: float = PUT_WAIT) -> bool:
+        """Call `call` in the writer's thread once the records put before it are written (those
+        that still wait for their conversation's start excepted); False if it could not be queued."""
+        if self._stream is None:
+            call()
+            return True
+        try:
+            self._queue.put(call, timeout=timeout)
+        except queue.Full:
+            return False
+        return True
+
+    def _as_its_conversation(self, rec: dict) -> dict:
+        """A listener's record takes the task of its conversation's start, written before it
+        (logorder.py), over its client's task when it was made: a late record of an ended
+        task's conversation stays that task's, though its address went to another since."""
+        event, client = rec.get("event"), rec.get("client")
+        if event == "start":
+            self._conversation_tasks[client] = rec.get("task")
+            self._conversation_tasks.move_to_end(client)
+            if len(self._conversation_tasks) > LIVE_LIMIT:
+                self._conversation_tasks.popitem(last=False)
+        elif event == "end":
+            self._conversation_tasks.pop(client, None)
+        elif client in self._conversation_tasks:
+            return with_task(rec, self._conversation_tasks[client])
+        return rec
 
     def drain(self, timeout: float = 10) -> None:
         """Write what is queued and what waits for a start (none comes once the observer has

@@ -66,6 +66,21 @@ def named(rec: dict, name: str) -> dict:
     return out
 
 
+def with_task(rec: dict, task: str | None) -> dict:
+    """The record with its analysis's `task`, after the client; without one for None."""
+    if rec.get("task") == task:
+        return rec
+    out = {}
+    for key, value in rec.items():
+        if key != "task":
+            out[key] = value
+        if key == "client_address" and task is not None:
+            out["task"] = task
+    if task is not None:
+        out.setdefault("task", task)
+    return out
+
+
 def _port(ev: CtEvent, port: int) -> int | None:
     return None if ev.icmp is not None else port
 
@@ -123,6 +138,16 @@ def identity(ev: CtEvent) -> dict:
     if ev.icmp is not None:
         rec["icmp"] = {"type": ev.icmp[0], "code": ev.icmp[1], "id": ev.icmp[2]}
     return rec
+
+
+def conversation_key(rec: dict) -> tuple:
+    """What pairs a start with its end (conntrack's id alone is a 32-bit hash two may share)."""
+    return rec["id"], rec["client"], rec["original_destination"]
+
+
+def event_key(ev: CtEvent) -> tuple:
+    """conversation_key of the records an event makes."""
+    return conversation_key({"id": ev.id, **identity(ev)})
 
 
 def start_time(ev: CtEvent, received: float) -> float:

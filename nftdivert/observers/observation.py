@@ -53,7 +53,7 @@ class Observation:
             return Unobserved()
         try:
             emit = log.put if hooks is None else hooks.watching(log.put)  # [hooks]: on each first start
-            self.observer = ObserverProcess(config, emit, name_for, self.clients_netns)
+            self.observer = ObserverProcess(config, emit, name_for, self.clients_netns, task_for=log.tasks)
             self.log = log
         except OSError as exc:
             raise NftDivertError(str(exc)) from None

@@ -23,7 +23,7 @@ from nftdivert.config import Config
 from nftdivert.process.child import READY, spawn, wait_ready
 from nftdivert.observers import convrecords
 from nftdivert.observers.admission import AdmissionLog, Tally
-from nftdivert.observers.summary import Summary
+from nftdivert.observers.summary import BY_TASK, GROUP_BY, Summary
 from nftdivert.ruleset import bound_sets
 
 _STATS_SECONDS = 1.0
@@ -41,14 +41,17 @@ OPEN_KEPT = 65536  # open conversations remembered here (their names, what to en
 class ObserverProcess:
     """Parent side: `emit(record)` gets each record, with its name; counters as the child last said."""
 
+    _task_for = None  # no analyses: no record carries a task
+
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
-                 clients_netns: str | None = None) -> None:
-        self._config, self._emit, self._name_for = config, emit, name_for
+                 clients_netns: str | None = None, task_for=None) -> None:
+        """`task_for(client address, start time)`: the analysis a conversation belongs to, or None."""
+        self._config, self._emit, self._name_for, self._task_for = config, emit, name_for, task_for
         self._pools = config.dns.named()  # the addresses the DNS listener gives names
-        self.summary = Summary()
+        self.summary = Summary(BY_TASK if task_for is not None else GROUP_BY)
         self._counts: dict = {}  # the child's, as it last said
         self._failed_here = 0  # records the parent could not finish
-        # A conversation (_conversation) -> (its start record as written, its time), until its
+        # A conversation (convrecords.conversation_key) -> (its start record as written, its time), until its
         # end record: its name for the end, and what a child that dies leaves for close() to end.
         # Bounded: past OPEN_KEPT the oldest is forgotten here (the child still ends it).
         self._open: OrderedDict[tuple, tuple[dict, float]] = OrderedDict()
@@ -104,22 +107,28 @@ class ObserverProcess:
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] not in ("start", "end"):  # admission: no conversation, no name
+            rec = convrecords.with_task(rec, self._task(rec, when))
             self.summary.add(rec)
             self._emit(rec)
             return
         if rec["event"] == "start":
-            name = self._name(rec, when)
-        else:
-            start = self._open.pop(_conversation(rec), None)
-            name = start[0].get("name") if start else None
+            name, task = self._name(rec, when), self._task(rec, when)
+        else:  # an end has its start's name and task, as of the start
+            start = self._open.pop(convrecords.conversation_key(rec), None)
+            began = when - (rec.get("duration") or 0)
+            name, task = (start[0].get("name"), start[0].get("task")) if start else (None, self._task(rec, began))
         if name:
             rec = convrecords.named(rec, name)
+        rec = convrecords.with_task(rec, task)
         if rec["event"] == "start":
-            self._open[_conversation(rec)] = (rec, when)
+            self._open[convrecords.conversation_key(rec)] = (rec, when)
             if len(self._open) > OPEN_KEPT:
                 self._open.popitem(last=False)
         self.summary.add(rec)
         self._emit(rec)
+
+    def _task(self, rec: dict, when: float) -> str | None:
+        return None if self._task_for is None else self._task_for(rec["client_address"], when)
 
     def _name(self, rec: dict, when: float) -> str | None:
         if self._name_for is None:
@@ -165,7 +174,7 @@ class ObserverProcess:
         listener_for = observer.listener_lookup(self._config, lambda *key, since=0.0: ports.is_bound(*key))
         subnets, now = links.subnets(), time.time()
         for ev in live:
-            key = _event_conversation(ev)
+            key = convrecords.event_key(ev)
             if key not in self._open:
                 if ev.start_ns / 1e9 < self._since:
                     continue  # another run's (or without a stamp: nothing tells)
@@ -175,15 +184,6 @@ class ObserverProcess:
             if key in self._open:  # else forgotten past OPEN_KEPT: unended
                 start, started = self._open[key]
                 self._record(now, convrecords.end_record(ev, now, start, started))
-
-
-def _conversation(rec: dict) -> tuple:
-    return rec["id"], rec["client"], rec["original_destination"]
-
-
-def _event_conversation(ev) -> tuple:
-    """_conversation of the records an event makes."""
-    return _conversation({"id": ev.id, **convrecords.identity(ev)})
 
 
 def _serve(conn, config: Config, clients_netns: str | None) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from nftdivert.observers.convrecords import has_start, split_endpoint
 
-GROUP_BY = ("client_address",)  # the fields a group is keyed by (an analysis, a task: one more field)
+GROUP_BY = ("client_address",)  # the fields a group is keyed by
+BY_TASK = ("client_address", "task")  # with analyses: a client's conversations of each task apart
 ROWS_KEPT = 4096  # rows in memory, all clients together
 GROUPS_KEPT = 256
 ROWS_SHOWN = 20  # per client, in the table
@@ -85,9 +86,18 @@ def _order(key: tuple | None) -> tuple:
         return (2,)
     try:
         ip = ipaddress.ip_address(key[0])
-        return 0, ip.version, int(ip), key[1:]
+        return 0, ip.version, int(ip), _comparable(key[1:])
     except ValueError:
-        return 1, key
+        return 1, _comparable(key)
+
+
+def _comparable(key: tuple) -> tuple:
+    """A key whose parts may be missing (a client's conversations of no task): None first."""
+    return tuple(("",) if k is None else (str(k),) for k in key)
+
+
+def _label(key: tuple | None) -> str:
+    return "other clients" if key is OTHERS else " ".join(str(k) for k in key if k is not None)
 
 
 class Summary:
@@ -212,7 +222,7 @@ class Summary:
                 hidden_groups += 1
             shown = shown[:GROUPS_SHOWN]
         for g in shown:
-            client = "other clients" if g.key is OTHERS else " ".join(str(k) for k in g.key)
+            client = _label(g.key)
             rows = g.sorted_rows()
             for (name, addr, port, proto), c in rows[:ROWS_SHOWN]:
                 lines.append((client, name or "-", addr, "-" if port is None else str(port), proto, *_cells(c)))
@@ -233,7 +243,7 @@ class Summary:
 
     def _dropped_table(self) -> str:
         """New conversations admission control dropped, per client and protocol."""
-        lines = [f"  {'other clients' if g.key is OTHERS else ' '.join(str(k) for k in g.key)}  {proto}  {n}\n"
+        lines = [f"  {_label(g.key)}  {proto}  {n}\n"
                  for g in self.sorted_groups() for proto, n in sorted(g.dropped.items())]
         if not lines:
             return ""

@@ -279,3 +279,42 @@ def test_without_a_file_records_are_still_shipped():
     log.put(START)
     log.close()
     assert shipped == [START] and log.written == 1
+
+
+def test_analyses_records_have_text_lines_and_listener_records_get_their_clients_task():
+    assert text_line({**START, "task": "4711"}).endswith(" task 4711")
+    line = text_line({"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "task", "task": "4711", "action": "start",
+                      "clients": ["10.0.1.23/32"]})
+    assert line == "08:00:00.250  task   4711 start 10.0.1.23/32"
+    refused = text_line({"v": 1, "time": "2027-01-15T08:00:00.250Z", "event": "task", "action": "refused",
+                         "error": "analyses.file = ''"})
+    assert refused == "08:00:00.250  task   analyses file refused analyses.file = ''"
+    out, routed = io.StringIO(), []
+    log = ConversationLog(out, as_json=True)
+    log.tasks = lambda address, _when: "4711" if address == "192.0.2.2" else None
+    log.route = routed.append
+    log.dns_question("192.0.2.2:5353", "x.example", "A", "198.18.0.1")
+    log.dns_question("192.0.2.3:5353", "y.example", "A", "198.18.0.2")
+    log.put({**START, "client_address": "192.0.2.2"})  # a start is tagged by the observer, by its start time
+    log.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r.get("task") for r in lines] == ["4711", None, None]
+    assert list(lines[0]).index("task") == list(lines[0]).index("client_address") + 1
+    assert routed == [lines[0]]
+
+
+def test_a_listener_record_takes_its_conversations_task_though_the_address_went_to_another():
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True)
+    log.tasks = lambda _address, _when: "later"  # the address belongs to another task by now
+    http = {"event": "http", "client": "192.0.2.2:40000", "client_address": "192.0.2.2", "method": "GET"}
+    log.put({**START, "client_address": "192.0.2.2", "task": "earlier"})
+    log.event(http)  # of the earlier task's conversation
+    log.put({**START, "client": "192.0.2.2:40001", "client_address": "192.0.2.2"})  # began in no task
+    log.event({**http, "client": "192.0.2.2:40001"})
+    log.put({**END, "client": "192.0.2.2:40000"})
+    log.event(http)  # no conversation of its own any more: its client's task now
+    log.close()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(r["event"], r.get("task")) for r in lines] == [("start", "earlier"), ("http", "earlier"), ("start", None),
+                                                            ("http", None), ("end", None), ("http", "later")]

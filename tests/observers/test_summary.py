@@ -155,3 +155,16 @@ def test_an_end_whose_row_was_folded_adds_its_bytes_to_more():
     assert group["conversations"] == 6 and group["bytes_sent"] == 60
     assert sum(r["conversations"] for r in group["contacted"]) + group["more"]["conversations"] == 6
     assert sum(r["bytes_sent"] for r in group["contacted"]) + group["more"]["bytes_sent"] == 60
+
+
+def test_grouped_by_task_a_reused_address_is_two_groups_and_no_task_is_its_own():
+    s = Summary(("client_address", "task"))
+    for task in ("4711", None, "4712"):
+        rec = {**_start(1, "198.51.100.9:80"), **({"task": task} if task else {})}
+        s.add(rec)
+    doc = json.loads(s.as_json())
+    assert doc["group_by"] == ["client_address", "task"]
+    assert [(g["client_address"], g["task"], g["conversations"]) for g in doc["groups"]] == [
+        (CLIENT, None, 1), (CLIENT, "4711", 1), (CLIENT, "4712", 1)]
+    clients = [line.split()[:2] for line in s.table().splitlines()[2:5]]
+    assert clients == [[CLIENT, "-"], [CLIENT, "4711"], [CLIENT, "4712"]]
