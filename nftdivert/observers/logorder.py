@@ -4,18 +4,30 @@ The start comes from conntrack through the observer's process, which runs
 at nice 19 and so lags behind; a listener's record (a TLS handshake, an HTTP
 request, a DNS question) comes from the listener's process and often
 arrives first. So a listener's record waits here, until:
-- a start with its `client` is written (the address and port the listener
-  saw: the start's `client`, unless the client port was changed on the way);
+- a start with its `client` (and its `original_destination`, where the
+  record names one) is written;
 - or the observer writes a record stamped later than this one: the observer
   sends conntrack's events in order, so its start would have come first
   (a question to the diverter's own address never gets one);
 - or HOLD_SECONDS pass, or more than HOLD_LIMIT records wait.
 A record of a client whose start was written (and not yet ended) waits for
 nothing of its own, only for the records before it.
+
+The listener names the client as it saw it. Where the kernel gave the
+conversation another client port at input NAT (its reply tuple was taken:
+the same client port towards another address), the start says which in
+`listener_client_port`; a listener's record that names that port (and the
+start's destination) is the conversation's: it gets the start's `client`,
+and `listener_client_port` keeps what the listener saw. That is the kernel
+path's only way to know (its listener asks nobody); where the listener's
+parent told it the client's own port (the queue path, UDP), its record
+says so already and is left as it is.
 """
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+
+from nftdivert.observers.convrecords import split_endpoint
 
 HOLD_SECONDS = 3.0
 HOLD_LIMIT = 1024
@@ -35,7 +47,15 @@ class StartsFirst:
                  live_limit: int = LIVE_LIMIT) -> None:
         self._hold, self._limit, self._live_limit = hold_seconds, limit, live_limit
         self._held: deque[tuple[float, dict]] = deque()  # (deadline, record), in arrival order
-        self._live: OrderedDict[str, int] = OrderedDict()  # client -> conversations started, not ended
+        # Held records by their `client`, in arrival order (a start that names it as the
+        # listener's view of its client finds them).
+        self._held_by: dict[str, deque[dict]] = {}
+        # Conversations started, not ended: by client, and by (client, destination)
+        self._live: OrderedDict[str, int] = OrderedDict()
+        self._live_to: OrderedDict[tuple[str, str | None], int] = OrderedDict()
+        # The client as the listener saw it -> (client, destination) of each live conversation
+        # the kernel gave that port.
+        self._aliases: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()
         self._observed = ""  # the latest time of an observer's record
 
     @property
@@ -45,23 +65,27 @@ class StartsFirst:
     def add(self, rec: dict, now: float) -> list[dict]:
         event, client = rec.get("event"), rec.get("client")
         if event not in ("start", "end") or "id" not in rec:  # a listener's
+            if "original_destination" in rec and not self._as_started(rec):
+                self._held_by.setdefault(client, deque()).append(rec)
             self._held.append((now + self._hold, rec))
             return self.due(now)
         self._observed = max(self._observed, rec.get("time", ""))
         out = self.due(now)  # made before this conversation began
         out.append(rec)
         if event == "start":
-            self._started(client)
+            self._started(rec)
             out += self.due(now)  # its own
         else:
-            self._ended(client)
+            self._ended(rec)
         return out
 
     def due(self, now: float) -> list[dict]:
         """The records that may go now, from the first on."""
         out = []
         while self._held and (len(self._held) > self._limit or self._may_go(*self._held[0], now)):
-            out.append(self._held.popleft()[1])
+            rec = self._held.popleft()[1]
+            self._unindex(rec)
+            out.append(rec)
         return out
 
     def wait(self, now: float) -> float | None:
@@ -72,24 +96,103 @@ class StartsFirst:
         """Every waiting record (at the stop: no start comes any more)."""
         out = [rec for _deadline, rec in self._held]
         self._held.clear()
+        self._held_by.clear()
         return out
 
     def _may_go(self, deadline: float, rec: dict, now: float) -> bool:
         client = rec.get("client")
-        return (client is None or client in self._live or rec.get("time", "") < self._observed
-                or deadline <= now)
+        if client is None or rec.get("time", "") < self._observed or deadline <= now:
+            return True
+        # With a destination, only its own conversation's start: at a high rate the port the
+        # kernel gave this one may well be another live conversation's own.
+        return ((client, rec["original_destination"]) in self._live_to if "original_destination" in rec
+                else client in self._live)
 
-    def _started(self, client: str | None) -> None:
+    def _as_started(self, rec: dict) -> bool:
+        """Give a listener's record (with a destination) the client of the live conversation
+        the kernel gave its client port, if it is one's: True if it names its client now."""
+        if "listener_client_port" in rec:
+            return True  # its listener knew the client's own port
+        for client, destination in self._aliases.get(rec["client"], ()):
+            if rec["original_destination"] == destination:
+                own_client(rec, client)
+                return True
+        return False
+
+    def _unindex(self, rec: dict) -> None:
+        held = self._held_by.get(rec.get("client"))
+        if held and held[0] is rec:  # records leave in the order they came
+            held.popleft()
+            if not held:
+                del self._held_by[rec["client"]]
+
+    def _started(self, rec: dict) -> None:
+        client, destination = rec.get("client"), rec.get("original_destination")
         if client is None:
             return
-        self._live[client] = self._live.get(client, 0) + 1
-        self._live.move_to_end(client)
-        if len(self._live) > self._live_limit:
-            self._live.popitem(last=False)
+        _count(self._live, client, 1, self._live_limit)
+        _count(self._live_to, (client, destination), 1, self._live_limit)
+        seen = _seen(rec)
+        if seen is None:
+            return
+        aliases = self._aliases.setdefault(seen, [])
+        aliases.append((client, destination))
+        self._aliases.move_to_end(seen)
+        if len(self._aliases) > self._live_limit:
+            self._aliases.popitem(last=False)
+        held = self._held_by.pop(seen, None)
+        if held:  # its listener's records, come before it
+            left = deque()
+            for waiting in held:
+                if waiting["original_destination"] == destination:
+                    own_client(waiting, client)
+                else:
+                    left.append(waiting)
+            if left:
+                self._held_by[seen] = left
 
-    def _ended(self, client: str | None) -> None:
-        left = self._live.get(client, 0) - 1
-        if left > 0:
-            self._live[client] = left
-        else:
-            self._live.pop(client, None)
+    def _ended(self, rec: dict) -> None:
+        client, destination = rec.get("client"), rec.get("original_destination")
+        _count(self._live, client, -1)
+        _count(self._live_to, (client, destination), -1)
+        seen = _seen(rec)
+        aliases = self._aliases.get(seen) if seen is not None else None
+        if aliases and (client, destination) in aliases:
+            aliases.remove((client, destination))
+            if not aliases:
+                del self._aliases[seen]
+
+
+def own_client(rec: dict, client: str) -> None:
+    """A listener's record, made to name its conversation's `client` (in place); the port
+    the listener saw stays in `listener_client_port`, after the client's fields."""
+    seen = split_endpoint(rec["client"])[1]
+    after = "client_address" if "client_address" in rec else "client"
+    fields = list(rec.items())
+    rec.clear()
+    for key, value in fields:
+        rec[key] = client if key == "client" else value
+        if key == after:
+            rec["listener_client_port"] = seen
+
+
+def _seen(rec: dict) -> str | None:
+    """The start's client as its listener sees it, when the kernel gave it another port."""
+    port = rec.get("listener_client_port")
+    if port is None:
+        return None
+    address = rec.get("client_address") or split_endpoint(rec["client"])[0]
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _count(live: OrderedDict, key, step: int, limit: int = 0) -> None:
+    """Count a conversation in or out of `live` (the oldest key forgotten beyond `limit`)."""
+    left = live.get(key, 0) + step
+    if left <= 0:
+        live.pop(key, None)
+        return
+    live[key] = left
+    if step > 0:
+        live.move_to_end(key)
+        if len(live) > limit:
+            live.popitem(last=False)

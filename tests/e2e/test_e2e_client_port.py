@@ -1,0 +1,57 @@
+"""End to end: a listener's record names the client as its conversation's start does.
+
+A client port used first towards one address, then towards another: the
+first conversation's entry (TIME_WAIT, the listener closed first) still
+holds the reply tuple, so the kernel gives the second one another client
+port at input NAT; on the queue path, towards another port, the worker
+gives it an alias instead (the listener's socket lingers on the binding).
+Either way the listener sees a port the client never used. Its records
+must still name the client's own port, the one in the start record, and
+say what it saw in `listener_client_port`. Backend: NFTDIVERT_TEST_BACKEND,
+as in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+import harness
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.mark.any_backend  # the worker's table and the log's order, the same on both backends
+@pytest.mark.parametrize("second_port", [80, 81], ids=["same-port-kernel-remap", "other-port"])
+def test_a_listeners_record_names_the_client_port_the_client_used(gw, second_port):
+    gw.stop()
+    div = gw.ensure()
+    tag = uuid.uuid4().hex[:6]
+    sports = [gw.fresh_port() for _ in range(6)]
+
+    def request(k: int, batch: str) -> str:
+        return f"GET /{tag}/{batch}/{k} HTTP/1.1\r\nHost: client-port.example\r\n\r\n"
+
+    first = [[p, "198.51.100.40", 80, request(k, "first")] for k, p in enumerate(sports)]
+    second = [[p, "198.51.100.41", second_port, request(k, "second")] for k, p in enumerate(sports)]
+    for batch in (first, second):
+        r = gw.client_run("from-ports", "--json", json.dumps(batch), timeout=60)
+        assert all(x["ok"] and x["reply"].startswith("HTTP/1.1 200") for x in r["results"]), r["results"]
+
+    gw.stop()  # every record written
+    log = div.log()
+    starts = {(x["client"], x["original_destination"]): i for i, x in enumerate(log) if x.get("event") == "start"}
+    mine = [(i, x) for i, x in enumerate(log) if x.get("event") == "http" and f"/{tag}/" in x.get("url", "")]
+    assert len(mine) == 12, mine
+    for i, x in mine:
+        batch, k = x["url"].split("/")[-2:]
+        want = f"{harness.CLIENT4}:{sports[int(k)]}"
+        assert x["client"] == want, f"the {batch} batch's record names {x['client']}, its client used {want}: {x}"
+        at = starts.get((x["client"], x["original_destination"]))
+        assert at is not None and at < i, f"no start before the record of {x['client']}: {x}"
+        if batch == "first":
+            assert "listener_client_port" not in x, x
+        else:  # the listener saw another port: the kernel's or the worker's
+            assert x.get("listener_client_port") not in (None, sports[int(k)]), x
