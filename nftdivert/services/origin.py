@@ -48,6 +48,12 @@ Entry = Callable[[int, int, bytes, int, bytes, int], object]  # conntrack.Conntr
 class Table(Protocol):
     def peek(self, binding: tuple): ...
 
+    def recent_ports(self, protocol: int, client: bytes, local: bytes, limit: int) -> list[int]: ...
+
+
+# How many of a client's original ports a question the table cannot place may try (as the worker's).
+REMAP_TRIES = 16
+
 
 def _packed(host: str) -> bytes:
     return ipaddress.ip_address(host.removeprefix("::ffff:")).packed  # IPv4 on the dual-stack socket
@@ -79,9 +85,24 @@ def original(table: Table | None, entry: Entry | None, client: Endpoint, local: 
         found = _ask(entry, version, protocol, client_b, conv.reply_port, local_b, route[4])
         return _text((found.dst, found.dst_port) if found is not None else (local_b, route[4]), route[2])
     found = _ask(entry, version, protocol, client_b, client[1], local_b, local[1])
+    if found is None and table is not None:
+        found = _remapped(table, entry, version, protocol, client_b, client[1], local_b)
     if found is None:
         return _text((local_b, local[1]), client[1])
     return _text((found.dst, found.dst_port), found.src_port)
+
+
+def _remapped(table: Table, entry: Entry | None, version: int, protocol: int, client: bytes, port: int,
+              local: bytes):
+    """The entry of a diverted datagram the kernel gave another client port at input NAT
+    (the same client port towards another address): the worker wrote the route's port,
+    the kernel then its own, and the worker learns of it only at the listener's reply.
+    Conntrack's reply tuple is local:P -> client:port, for one of the client's original ports P."""
+    for original_port in table.recent_ports(protocol, client, local, REMAP_TRIES):
+        found = _ask(entry, version, protocol, client, port, local, original_port)
+        if found is not None:
+            return found
+    return None
 
 
 def of_socket(sock) -> Asked | None:

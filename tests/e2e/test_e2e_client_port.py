@@ -14,6 +14,7 @@ as in test_e2e.py.
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 
 import pytest
@@ -55,3 +56,42 @@ def test_a_listeners_record_names_the_client_port_the_client_used(gw, second_por
             assert "listener_client_port" not in x, x
         else:  # the listener saw another port: the kernel's or the worker's
             assert x.get("listener_client_port") not in (None, sports[int(k)]), x
+
+
+_UDP_FROM_ONE_PORT = """
+import json, socket, sys
+sport, targets = int(sys.argv[1]), json.loads(sys.argv[2])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", sport))
+sock.settimeout(5)
+out = []
+for host, port in targets:
+    sock.sendto(b"what time is it", (host, port))
+    data, source = sock.recvfrom(65536)
+    out.append([len(data), list(source)])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.any_backend
+@pytest.mark.parametrize("second_port", [37, 13], ids=["same-port-kernel-remap", "other-port"])
+def test_a_udp_listeners_record_names_the_client_port_the_client_used(gw, second_port):
+    """One UDP socket asks one address for the time, then another: the first
+    conversation is still tracked, so the second gets another client port at
+    the listener (the kernel's, or on the queue path towards another port the
+    worker's alias). The UDP listener asks its parent, on both paths."""
+    div = gw.ensure()
+    sport = gw.fresh_port()
+    targets = [["198.51.100.42", 37], [f"198.51.100.{second_port}", second_port]]
+    asked = [f"{host}:{port}" for host, port in targets]
+    got = json.loads(gw.client.run(sys.executable, "-c", _UDP_FROM_ONE_PORT, str(sport), json.dumps(targets)).stdout)
+    assert [source for _size, source in got] == targets, got
+    lines = gw.log_barrier(div)
+    client = f"{harness.CLIENT4}:{sport}"
+    starts = [x for x in lines if x["event"] == "start" and x["client"] == client]
+    assert sorted(x["original_destination"] for x in starts) == sorted(asked), starts
+    records = [x for x in lines if x["event"] in ("time", "daytime") and x["original_destination"] in asked
+               and x["time"] >= min(s["time"] for s in starts)]
+    assert [x["client"] for x in records] == [client, client], records
+    first, second = records
+    assert "listener_client_port" not in first and second.get("listener_client_port") not in (None, sport), records

@@ -88,6 +88,21 @@ def test_the_answer_names_the_client_port_the_client_used_where_the_listener_saw
     assert origin.original(None, entry, ("10.0.0.2", 51234), ("10.0.0.1", 80)) == ("203.0.113.9", 80, 40000)
 
 
+def test_a_datagram_the_kernel_remapped_is_found_by_the_clients_original_ports():
+    """Queue path, UDP: the worker wrote the route's client port, the kernel then its own; the
+    listener asks before it replies, so before the worker learns the port. Conntrack's reply
+    tuple names the original port, which the client's routes hold."""
+    table = ConversationTable(16, 60, 60, 5)
+    table.open(RouteKey(UDP, CLIENT, 40000, LOCAL, 37), 1337, 0.0)
+
+    def lookup(version, protocol, client, client_port, local, local_port):
+        lookup.calls.append((client_port, local_port))
+        return Entry(CLIENT, 40000, ASKED, 37, 1, False) if (client_port, local_port) == (51234, 37) else None
+    lookup.calls = []
+    got = origin.original(table, lookup, ("10.0.0.2", 51234), ("10.0.0.1", 1337), UDP)
+    assert got == ("203.0.113.9", 37, 40000) and lookup.calls == [(51234, 1337), (51234, 37)]
+
+
 @pytest.mark.parametrize("peer, asked, fields", [
     (("10.0.0.2", 40000), None, {"client": "10.0.0.2:40000", "client_address": "10.0.0.2"}),
     (("::ffff:10.0.0.2", 40000), origin.Asked("203.0.113.9", 80), {"client": "10.0.0.2:40000",
