@@ -238,7 +238,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             _say(f"capturing diverted packets as the worker rewrites them to {pcap_path}")
 
         log_failed, log_wake = _wake_pipe(stack)  # before the log: its thread may use it until log.close
-        log = ConversationLog(stream, as_json)
+        log = ConversationLog(stream, as_json, dns_listeners=frozenset(lst.name for lst in config.listeners
+                                                                        if lst.kind == "dns"))
         stack.callback(log.close)
         log.on_error = log_wake
         listeners.on_question = log.dns_question

@@ -190,11 +190,12 @@ class ConversationLog:
     (logorder.py); with no target (`--log ""`) nothing is queued or counted.
     """
 
-    def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT,
+                 dns_listeners: frozenset[str] = frozenset()) -> None:
         self._stream = stream
         self._json = as_json
         self._queue: queue.Queue[dict | threading.Event | None] = queue.Queue(limit)
-        self._order = StartsFirst()
+        self._order = StartsFirst(dns_listeners=dns_listeners)  # their conversations' `dns` questions
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self._abandon = False
         self.written = self.dropped = self.failed = 0

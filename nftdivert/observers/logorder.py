@@ -44,8 +44,9 @@ class StartsFirst:
     """
 
     def __init__(self, hold_seconds: float = HOLD_SECONDS, limit: int = HOLD_LIMIT,
-                 live_limit: int = LIVE_LIMIT) -> None:
+                 live_limit: int = LIVE_LIMIT, dns_listeners: frozenset[str] = frozenset()) -> None:
         self._hold, self._limit, self._live_limit = hold_seconds, limit, live_limit
+        self._dns = dns_listeners  # a `dns` question names no destination: these listeners' conversations have it
         self._held: deque[tuple[float, dict]] = deque()  # (deadline, record), in arrival order
         # Held records by their `client`, in arrival order (a start that names it as the
         # listener's view of its client finds them).
@@ -53,9 +54,9 @@ class StartsFirst:
         # Conversations started, not ended: by client, and by (client, destination)
         self._live: OrderedDict[str, int] = OrderedDict()
         self._live_to: OrderedDict[tuple[str, str | None], int] = OrderedDict()
-        # The client as the listener saw it -> (client, destination) of each live conversation
-        # the kernel gave that port.
-        self._aliases: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()
+        # The client as the listener saw it -> (client, destination, listener) of each live
+        # conversation the kernel gave that port.
+        self._aliases: OrderedDict[str, list[tuple[str, str, str]]] = OrderedDict()
         self._observed = ""  # the latest time of an observer's record
 
     @property
@@ -65,7 +66,7 @@ class StartsFirst:
     def add(self, rec: dict, now: float) -> list[dict]:
         event, client = rec.get("event"), rec.get("client")
         if event not in ("start", "end") or "id" not in rec:  # a listener's
-            if "original_destination" in rec and not self._as_started(rec):
+            if client is not None and not self._as_started(rec):
                 self._held_by.setdefault(client, deque()).append(rec)
             self._held.append((now + self._hold, rec))
             return self.due(now)
@@ -109,15 +110,22 @@ class StartsFirst:
                 else client in self._live)
 
     def _as_started(self, rec: dict) -> bool:
-        """Give a listener's record (with a destination) the client of the live conversation
-        the kernel gave its client port, if it is one's: True if it names its client now."""
+        """Give a listener's record the client of the live conversation the kernel gave its
+        client port, if it is one's: True if it names its client now (or nothing could)."""
         if "listener_client_port" in rec:
             return True  # its listener knew the client's own port
-        for client, destination in self._aliases.get(rec["client"], ()):
-            if rec["original_destination"] == destination:
+        if "original_destination" not in rec and rec.get("event") != "dns":
+            return True  # nothing tells which conversation it is
+        for client, destination, listener in self._aliases.get(rec["client"], ()):
+            if self._of(rec, destination, listener):
                 own_client(rec, client)
                 return True
         return False
+
+    def _of(self, rec: dict, destination: str, listener: str) -> bool:
+        """Whether a listener's record of the port the listener saw is this conversation's."""
+        asked = rec.get("original_destination")
+        return asked == destination if asked is not None else listener in self._dns
 
     def _unindex(self, rec: dict) -> None:
         held = self._held_by.get(rec.get("client"))
@@ -135,8 +143,9 @@ class StartsFirst:
         seen = _seen(rec)
         if seen is None:
             return
+        listener = rec.get("listener", "")
         aliases = self._aliases.setdefault(seen, [])
-        aliases.append((client, destination))
+        aliases.append((client, destination, listener))
         self._aliases.move_to_end(seen)
         if len(self._aliases) > self._live_limit:
             self._aliases.popitem(last=False)
@@ -144,7 +153,7 @@ class StartsFirst:
         if held:  # its listener's records, come before it
             left = deque()
             for waiting in held:
-                if waiting["original_destination"] == destination:
+                if self._of(waiting, destination, listener):
                     own_client(waiting, client)
                 else:
                     left.append(waiting)
@@ -157,8 +166,9 @@ class StartsFirst:
         _count(self._live_to, (client, destination), -1)
         seen = _seen(rec)
         aliases = self._aliases.get(seen) if seen is not None else None
-        if aliases and (client, destination) in aliases:
-            aliases.remove((client, destination))
+        mine = (client, destination, rec.get("listener", ""))
+        if aliases and mine in aliases:
+            aliases.remove(mine)
             if not aliases:
                 del self._aliases[seen]
 

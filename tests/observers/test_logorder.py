@@ -152,3 +152,19 @@ def test_a_record_whose_listener_knew_the_clients_port_is_left_as_it_is():
     order.add(_remapped(), 0.0)
     told = {**_named(_http()), "listener_client_port": 40404}  # the worker's alias, from its table
     assert order.add(dict(told), 0.1) == [told]
+
+
+def test_a_dns_question_of_the_port_the_kernel_gave_is_named_as_its_dns_conversation():
+    """A question names no destination: the remapped conversation must be the DNS listener's."""
+    order = StartsFirst(dns_listeners=frozenset({"dns"}))
+    question = {"time": "2027-01-15T08:00:00.300Z", "event": "dns", "client": "192.0.2.2:51234",
+                "client_address": "192.0.2.2", "name": "a.example"}
+    assert order.add(question, 0.0) == []
+    start = {**_remapped(), "listener": "dns", "original_destination": "198.51.100.41:53"}
+    assert order.add(start, 0.1) == [start, question]
+    assert question["client"] == CLIENT and question["listener_client_port"] == 51234
+    echo = StartsFirst()  # the conversation another listener's: the question is not its
+    echo.add(_remapped(), 0.0)
+    other = {**question, "client": "192.0.2.2:51234"}
+    del other["listener_client_port"]
+    assert echo.add(other, 0.1) == [] and other["client"] == "192.0.2.2:51234"  # it waits, unnamed
