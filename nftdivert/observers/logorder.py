@@ -16,12 +16,13 @@ nothing of its own, only for the records before it.
 The listener names the client as it saw it. Where the kernel gave the
 conversation another client port at input NAT (its reply tuple was taken:
 the same client port towards another address), the start says which in
-`listener_client_port`; a listener's record that names that port (and the
-start's destination) is the conversation's: it gets the start's `client`,
-and `listener_client_port` keeps what the listener saw. That is the kernel
-path's only way to know (its listener asks nobody); where the listener's
-parent told it the client's own port (the queue path, UDP), its record
-says so already and is left as it is.
+`listener_client_port`; a listener's record that names that port and the
+start's destination (a `dns` question names none: if a DNS listener
+answered the conversation) is the conversation's: it gets the start's
+`client`, and `listener_client_port` keeps what the listener saw. Only so
+can the kernel path's TCP listener and the DNS listener know (they ask
+nobody); where the listener's parent told it the client's own port (the
+queue path, UDP), its record says so already and is left as it is.
 """
 from __future__ import annotations
 
