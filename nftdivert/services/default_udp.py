@@ -29,8 +29,6 @@ Endpoint = tuple[str, int]
 Origin = Callable[..., Awaitable["Asked | None"]]
 
 
-
-
 class DefaultUdp:
     def __init__(self, name: str, emit, origin: Origin | None, small: SmallServicesConfig = SmallServicesConfig(),
                  first: ServerFirstConfig = ServerFirstConfig(), custom=None) -> None:

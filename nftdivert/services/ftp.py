@@ -23,6 +23,7 @@ from nftdivert.config import ServerFirstConfig
 from nftdivert.services import active, handoff, payloads
 from nftdivert.services.mailbox import Lines, say
 from nftdivert.services.mailstore import keep
+from nftdivert.services.origin import client_fields
 
 DATA_TIMEOUT = 10.0  # seconds a session waits for the client's data connection
 MAX_COMMANDS = 1000
@@ -220,8 +221,6 @@ class Session:
         try:
             await say(self.stream, "150 Ok to send data." if upload else "150 Opening BINARY mode data connection.")
             if self.protect and self.upgrade is not None:  # PROT P: the client's ClientHello comes after the 150
-                from nftdivert.services.origin import client_fields
-
                 # The data connection's client, as the listener saw it (the session's client port is not its).
                 peer = data_stream.writer.get_extra_info("peername")
                 base = {key: value for key, value in self.base.items() if key != "listener_client_port"}
