@@ -44,6 +44,8 @@ def test_a_listeners_record_names_the_client_port_the_client_used(gw, second_por
     gw.stop()  # every record written
     log = div.log()
     starts = {(x["client"], x["original_destination"]): i for i, x in enumerate(log) if x.get("event") == "start"}
+    kernels = {(x["client"], x["original_destination"]): x["listener_client_port"]
+               for x in log if x.get("event") == "start" and "listener_client_port" in x}
     mine = [(i, x) for i, x in enumerate(log) if x.get("event") == "http" and f"/{tag}/" in x.get("url", "")]
     assert len(mine) == 12, mine
     for i, x in mine:
@@ -54,8 +56,10 @@ def test_a_listeners_record_names_the_client_port_the_client_used(gw, second_por
         assert at is not None and at < i, f"no start before the record of {x['client']}: {x}"
         if batch == "first":
             assert "listener_client_port" not in x, x
-        else:  # the listener saw another port: the kernel's or the worker's
+        else:  # the listener saw another port: the kernel's (its start says which) or the worker's
             assert x.get("listener_client_port") not in (None, sports[int(k)]), x
+            key = (x["client"], x["original_destination"])
+            assert key not in kernels or kernels[key] == x["listener_client_port"], (x, kernels.get(key))
 
 
 _UDP_FROM_ONE_PORT = """
