@@ -254,7 +254,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             _say(f"records also to the syslog collector {config.syslog.address}"
                  f"{' over TLS' if collector_tls else ''} (buffer {config.syslog.buffer} records)")
         log = ConversationLog(stream, as_json, schema=to_ecs if config.worker.log_schema == "ecs" else None,
-                              ship=sender.offer if sender is not None else None)
+                              ship=sender.offer if sender is not None else None,
+                              dns_listeners=frozenset(lst.name for lst in config.listeners if lst.kind == "dns"))
         stack.callback(log.close)
         log.on_error = log_wake
         listeners.on_question = log.dns_question

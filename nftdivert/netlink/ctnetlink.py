@@ -143,6 +143,10 @@ class CtEvent:
     stop_ns: int = 0
     event_ns: int = 0  # when the kernel sent the event; 0 unknown
     tcp_state: int | None = None
+    # The client's port in the reply tuple: the one the listener sees. Not
+    # src_port when the kernel gave the conversation another at input NAT
+    # (its reply tuple was taken: the same client port towards another address).
+    reply_dst_port: int | None = None
 
 
 class ConntrackError(NetlinkError):
@@ -251,7 +255,7 @@ def parse_event(kind: str, payload: bytes | memoryview, mark: int = 0) -> CtEven
     if mark and not unsigned(top, CTA_MARK, 4) & mark:
         return None
     src, sport, dst, dport, protocol, icmp = _tuple(top, CTA_TUPLE_ORIG, "CTA_TUPLE_ORIG")
-    rsrc, rsport, _rdst, _rdport, _p, _i = _tuple(top, CTA_TUPLE_REPLY, "CTA_TUPLE_REPLY")
+    rsrc, rsport, _rdst, rdport, _p, _i = _tuple(top, CTA_TUPLE_REPLY, "CTA_TUPLE_REPLY")
     stamps = attrs(top[CTA_TIMESTAMP]) if CTA_TIMESTAMP in top else {}
     return CtEvent(
         kind=kind, id=unsigned(top, CTA_ID, 4), version=4 if len(src) == 4 else 6, protocol=protocol,
@@ -260,7 +264,7 @@ def parse_event(kind: str, payload: bytes | memoryview, mark: int = 0) -> CtEven
         sent=_counters(top, CTA_COUNTERS_ORIG), received=_counters(top, CTA_COUNTERS_REPLY),
         start_ns=unsigned(stamps, CTA_TIMESTAMP_START, 8), stop_ns=unsigned(stamps, CTA_TIMESTAMP_STOP, 8),
         event_ns=unsigned(top, CTA_TIMESTAMP_EVENT, 8),
-        tcp_state=_tcp_state(top))
+        tcp_state=_tcp_state(top), reply_dst_port=rdport)
 
 
 def event_kind(msg_type: int) -> str | None:

@@ -199,13 +199,14 @@ class ConversationLog:
 
     def __init__(self, stream: TextIO | None, as_json: bool, limit: int = QUEUE_LIMIT, *,
                  schema: Callable[[dict], dict] | None = None,
-                 ship: Callable[[str, dict], None] | None = None) -> None:
+                 ship: Callable[[str, dict], None] | None = None,
+                 dns_listeners: frozenset[str] = frozenset()) -> None:
         self._stream = stream
         self._json = as_json
         self._schema = schema  # the JSON records' field names (ecs.to_ecs), where they are written; None: ours
         self._ship = ship  # each record, as JSON, to the syslog collector too (it never waits)
         self._queue: queue.Queue[dict | threading.Event | Callable[[], None] | None] = queue.Queue(limit)
-        self._order = StartsFirst()
+        self._order = StartsFirst(dns_listeners=dns_listeners)  # their conversations' `dns` questions
         self._thread = threading.Thread(target=self._run, name="nftdivert-log", daemon=True)
         self._abandon = False
         self.written = self.dropped = self.failed = 0

@@ -125,16 +125,27 @@ def listener_for(ev: CtEvent, listeners: dict[tuple[int, int], str], defaults: d
     return default or ("", None)  # no default listener: the kernel refuses it
 
 
+def listener_client_port(ev: CtEvent) -> int | None:
+    """The client port the listener sees, when the kernel gave the conversation
+    another than the client's (conntrack's reply tuple names it); else None."""
+    if ev.icmp is not None or ev.reply_dst_port is None or ev.reply_dst_port == ev.src_port:
+        return None
+    return ev.reply_dst_port
+
+
 def identity(ev: CtEvent) -> dict:
     rec = {
         "protocol": PROTOCOL_NAMES.get(ev.protocol, str(ev.protocol)),
         "client": endpoint(ev.src, _port(ev, ev.src_port)),
         "client_address": address(ev.src),  # the client without its port: what a per-client filter wants
-        "original_destination": endpoint(ev.dst, _port(ev, ev.dst_port)),
-        # The tuple the client asked for, as the pcap and other tools see it (ICMP: its type and code).
-        "community_id": community_id(ev.protocol, ev.src, ev.dst, *(ev.icmp[:2] if ev.icmp is not None
-                                                                    else (ev.src_port, ev.dst_port))),
     }
+    seen = listener_client_port(ev)
+    if seen is not None:
+        rec["listener_client_port"] = seen
+    rec["original_destination"] = endpoint(ev.dst, _port(ev, ev.dst_port))
+    # The tuple the client asked for, as the pcap and other tools see it (ICMP: its type and code).
+    rec["community_id"] = community_id(ev.protocol, ev.src, ev.dst, *(ev.icmp[:2] if ev.icmp is not None
+                                                                     else (ev.src_port, ev.dst_port)))
     if ev.icmp is not None:
         rec["icmp"] = {"type": ev.icmp[0], "code": ev.icmp[1], "id": ev.icmp[2]}
     return rec

@@ -24,11 +24,6 @@ from nftdivert.config import CustomRule, HttpConfig
 MAX_SEEN = 16384  # UDP client tuples whose datagrams are counted (for `when`), least recent forgotten
 
 
-def endpoint(addr) -> str:
-    host = addr[0].removeprefix("::ffff:")
-    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
-
-
 _loaded: dict[tuple[str, str], object] = {}  # (path, function) -> the function: each script runs once
 
 
@@ -117,7 +112,7 @@ class Rules:
         reply = None
         try:
             if rule.script is not None:
-                info = SimpleNamespace(client=endpoint(client), original=endpoint(original), name=name, count=count)
+                info = SimpleNamespace(client=base["client"], original=base["original_destination"], name=name, count=count)
                 reply = answer(data, info)
                 if reply is not None and not isinstance(reply, (bytes, bytearray)):
                     raise TypeError(f"udp() returned {type(reply).__name__}, not bytes or None")

@@ -34,13 +34,17 @@ _tunnels = contextvars.ContextVar("tunnels", default=0)  # each conversation is 
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
-Origin = Callable[[tuple, tuple], Awaitable["tuple[str, int] | None"]]
+Origin = Callable[[tuple, tuple], Awaitable["origin_mod.Asked | None"]]
 
 
-def endpoint(addr) -> str:
-    host, port = addr[0], addr[1]
-    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+endpoint = origin_mod.endpoint  # "192.0.2.2:40000", as the log writes it
+
+
+def _asked(base: dict, peer, original) -> None:
+    """The conversation's client and what it asked for, once known, in the record's base."""
+    base.update(origin_mod.client_fields(peer, original))
+    base["original_destination"] = endpoint(original)
+    base["community_id"] = of_sockets(TCP, (peer[0], origin_mod.client_port(peer, original)), original)
 
 
 async def first_bytes(read, wait: float) -> bytes:
@@ -122,7 +126,7 @@ class DefaultTcp:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
         peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-        base = {"client": endpoint(peer), "client_address": peer[0].removeprefix("::ffff:"), "listener": self._name}
+        base = {**origin_mod.client_fields(peer, None), "listener": self._name}
         # Queue path: asked alongside the first bytes, so the wait for them hides
         # the round trip. Kernel path: a getsockopt, when something needs it.
         asked = (asyncio.ensure_future(self._original(peer, sock))
@@ -130,7 +134,8 @@ class DefaultTcp:
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
         custom = self._custom_for(base["client_address"])
-        if custom and self._fixed is None and await self._answer_custom(custom, asked, reader, writer, count, base):
+        if custom and self._fixed is None and await self._answer_custom(custom, asked, reader, writer, count, base,
+                                                                        peer):
             return
         fixed = self._fixed
         server_first = fixed not in (None, "http", "https")
@@ -145,8 +150,7 @@ class DefaultTcp:
         if not known:  # even an unknown protocol's port may name a small service (finger on 79)
             original = await self._origin_of(asked, writer)
         if original is not None:
-            base["original_destination"] = endpoint(original)
-            base["community_id"] = of_sockets(TCP, peer, original)
+            _asked(base, peer, original)
         port = _port(original)
         kind = {"https": "tls"}.get(fixed, fixed) if fixed is not None else recognize.choose(first, port)
         if fixed is None and kind in ("other", "ftp", "pop3"):  # a small service by its port or words (IRC, finger...)
@@ -195,14 +199,13 @@ class DefaultTcp:
         else:
             await echo(stream, await stream.read())
 
-    async def _answer_custom(self, custom, asked, reader, writer, count, base: dict) -> bool:
+    async def _answer_custom(self, custom, asked, reader, writer, count, base: dict, peer) -> bool:
         """The analyst's answer, when a [[custom]] rule matches (before any byte is read: it may speak first)."""
         original = await self._origin_of(asked, writer)
         matched = custom.match(original)
         if matched is None:
             return False
-        base["original_destination"] = endpoint(original)
-        base["community_id"] = of_sockets(TCP, writer.get_extra_info("peername"), original)
+        _asked(base, peer, original)
         await custom.serve_tcp(matched, Plain(reader, writer, b"", count), base, self._emit,
                                      lambda read: first_bytes(read, self._wait))
         return True
@@ -229,14 +232,14 @@ class DefaultTcp:
                 return True
         return False
 
-    async def _origin_of(self, asked, writer) -> tuple[str, int] | None:
+    async def _origin_of(self, asked, writer) -> origin_mod.Asked | None:
         if asked is not None:
             return await asked
         if self._origin_in_kernel:  # the kernel path: the socket's own conntrack entry names it
             return origin_mod.of_socket(writer.get_extra_info("socket"))
         return None  # nobody to ask
 
-    async def _original(self, peer, sock) -> tuple[str, int] | None:
+    async def _original(self, peer, sock) -> origin_mod.Asked | None:
         return await self._origin(peer[:2], sock[:2])
 
     def _conversation(self, stream, base: dict, peer, sock, original, upgrade: Upgrade,

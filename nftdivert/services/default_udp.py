@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 
 from nftdivert.config import ServerFirstConfig, SmallServicesConfig
 from nftdivert.services import clock, simple, syslog
+from nftdivert.services.origin import Asked, client_fields, client_port, endpoint
 from nftdivert.services.tftp import Tftp
 from nftdivert.netlink.ipproto import UDP
 from nftdivert.observers.flowid import of_sockets
@@ -26,12 +27,7 @@ MAX_KEPT = 16384
 PORTS = {123: "ntp", 37: "time", 13: "daytime", 17: "qotd", 19: "chargen", 514: "syslog", 69: "tftp"}
 
 Endpoint = tuple[str, int]
-Origin = Callable[..., Awaitable["Endpoint | None"]]
-
-
-def endpoint(addr) -> str:
-    host = addr[0].removeprefix("::ffff:")
-    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+Origin = Callable[..., Awaitable["Asked | None"]]
 
 
 class DefaultUdp:
@@ -39,7 +35,7 @@ class DefaultUdp:
                  first: ServerFirstConfig = ServerFirstConfig(), custom=None, served=None) -> None:
         self._name, self._emit, self._origin, self._small = name, emit or (lambda _rec: None), origin, small
         self._tftp = Tftp(self._emit, first.uploads_dir)
-        self._kept: dict[tuple, tuple[Endpoint | None, float]] = {}
+        self._kept: dict[tuple, tuple[Asked | None, float]] = {}
         self._quotes = 0
         self._custom = custom  # custom.Rules: the analyst's answers, by original destination; None: none
         self._served = served  # custom.ServedFor: a client's rules by its profile; None: the ones above for all
@@ -52,16 +48,14 @@ class DefaultUdp:
         original = await self._original(client, local)
         custom = self._served(client[0].removeprefix("::ffff:")).udp if self._served is not None else self._custom
         matched = custom.match(original) if custom else None
-        if matched is not None:
-            base = {"client": endpoint(client), "client_address": client[0].removeprefix("::ffff:"),
-                    "listener": self._name, "original_destination": endpoint(original),
-                    "community_id": of_sockets(UDP, client, original)}
-            return custom.answer_udp(matched, data, client, original, base, self._emit)
         kind = PORTS.get(original[1]) if original is not None else None
-        if kind is None:
+        if matched is None and kind is None:
             return data  # the echo
-        base = {"client": endpoint(client), "listener": self._name, "original_destination": endpoint(original),
-                "community_id": of_sockets(UDP, client, original)}
+        base = {**client_fields(client, original), "listener": self._name,
+                "original_destination": endpoint(original),
+                "community_id": of_sockets(UDP, (client[0], client_port(client, original)), original)}
+        if matched is not None:
+            return custom.answer_udp(matched, data, client, original, base, self._emit)
         if kind == "tftp":
             return self._tftp.answer((client[:2], local), data, base)
         if kind == "syslog":
@@ -82,7 +76,7 @@ class DefaultUdp:
             return simple.quote(self._quotes)
         return simple.chargen_datagram()
 
-    async def _original(self, client: tuple, local: Endpoint | None) -> Endpoint | None:
+    async def _original(self, client: tuple, local: Endpoint | None) -> Asked | None:
         if self._origin is None or local is None:
             return None
         key = (client[0], client[1], local[0])

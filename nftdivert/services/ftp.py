@@ -23,6 +23,7 @@ from nftdivert.config import ServerFirstConfig
 from nftdivert.services import active, handoff, payloads
 from nftdivert.services.mailbox import Lines, say
 from nftdivert.services.mailstore import keep
+from nftdivert.services.origin import client_fields
 
 DATA_TIMEOUT = 10.0  # seconds a session waits for the client's data connection
 MAX_COMMANDS = 1000
@@ -220,10 +221,10 @@ class Session:
         try:
             await say(self.stream, "150 Ok to send data." if upload else "150 Opening BINARY mode data connection.")
             if self.protect and self.upgrade is not None:  # PROT P: the client's ClientHello comes after the 150
-                from nftdivert.services.default_tcp import endpoint  # the listener's, which serves this module
-
+                # The data connection's client, as the listener saw it (the session's client port is not its).
                 peer = data_stream.writer.get_extra_info("peername")
-                data_stream = await self.upgrade(data_stream, base=dict(self.base, ftp_data=True, client=endpoint(peer)))
+                base = {key: value for key, value in self.base.items() if key != "listener_client_port"}
+                data_stream = await self.upgrade(data_stream, base={**base, "ftp_data": True, **client_fields(peer, None)})
                 if data_stream is None:
                     await say(self.stream, "522 TLS negotiation failed on the data connection.")
                     return

@@ -188,3 +188,22 @@ def test_two_diverters_with_one_pool_key_give_each_name_the_same_address(tmp_pat
         answers.append(dict(zip([(n, t) for n in order for t in "A6"], got)))
     differ = [q for q in answers[0] if answers[0][q] != answers[1][q]]
     assert len(differ) <= 6, differ  # collisions only: a few pairs among 300 names in a /15
+
+
+def test_a_question_from_a_client_port_used_again_names_the_client_port_the_client_used(tmp_path):
+    """One client port asks two resolvers within conntrack's wait: the first
+    entry holds the reply tuple at the DNS listener, so the kernel gives the
+    second another client port. Its question names the port the client used,
+    as its start does; the one the listener saw is listener_client_port."""
+    import harness
+
+    recs, out = run(tmp_path, f"""
+        {DIG} +short -b 0.0.0.0#24111 @198.51.100.50 first.example A
+        {DIG} +short -b 0.0.0.0#24111 @198.51.100.51 second.example A""", config=harness.DIVERT_PATH_LINE)
+    starts = {r["original_destination"]: r for r in recs if r["event"] == "start" and r["client"].endswith(":24111")}
+    assert set(starts) == {"198.51.100.50:53", "198.51.100.51:53"}, out
+    questions = {r["name"]: r for r in recs if r["event"] == "dns" and r["name"] in ("first.example", "second.example")}
+    first, second = questions["first.example"], questions["second.example"]
+    assert first["client"] == starts["198.51.100.50:53"]["client"] and "listener_client_port" not in first, first
+    assert second["client"] == starts["198.51.100.51:53"]["client"], (second, starts)
+    assert second["listener_client_port"] == starts["198.51.100.51:53"]["listener_client_port"] != 24111, second

@@ -70,7 +70,7 @@ def test_a_destroy_event_parses_with_counters_stamps_and_tcp_state():
     ev = parse(tcp_destroy(7))
     assert (ev.kind, ev.id, ev.protocol, ev.version, ev.mark) == ("destroy", 77, 6, 4, 0x200000)
     assert (ev.src_port, ev.dst, ev.dst_port) == (40000, ipaddress.ip_address(ASKED).packed, 45678)
-    assert (ev.reply_src, ev.reply_src_port) == (ipaddress.ip_address(OURS).packed, 45678)
+    assert (ev.reply_src, ev.reply_src_port, ev.reply_dst_port) == (ipaddress.ip_address(OURS).packed, 45678, 40000)
     assert ev.sent == Counters(6, 336) and ev.received == Counters(4, 232)
     assert (ev.start_ns, ev.stop_ns, ev.tcp_state) == (START_NS, STOP_NS, 7)
 
@@ -113,6 +113,17 @@ def test_the_end_record_carries_the_start_records_name_and_listener():
                    "community_id": ASKED_FLOW, "name": "c2.example", "listener": "tcp-echo", "listener_port": 1337, "interface": "eth1",
                    "duration": 3.5,
                    "sent": {"packets": 6, "bytes": 336}, "received": {"packets": 4, "bytes": 232}, "ended": "closed"}
+
+
+def test_a_client_port_the_kernel_changed_is_the_one_the_listener_saw():
+    """The reply tuple names the port the kernel gave the conversation at input NAT."""
+    ev = parse(message(_tuple(1, CLIENT, ASKED, _ports(6, 40000, 80)), _tuple(2, OURS, CLIENT, _ports(6, 1337, 51234))))
+    assert ev.reply_dst_port == 51234
+    start = convrecords.start_record(ev, START_NS / 1e9, ("tcp-echo", 1337), "eth1")
+    assert list(start)[5:9] == ["client", "client_address", "listener_client_port", "original_destination"]
+    assert start["client"] == f"{CLIENT}:40000" and start["listener_client_port"] == 51234
+    assert convrecords.end_record(ev, now=START_NS / 1e9 + 1, start=start)["listener_client_port"] == 51234
+    assert "listener_client_port" not in convrecords.start_record(parse(tcp_destroy(7)), 1.0, ("x", 1), "")
 
 
 def test_without_conntrack_stamps_the_duration_runs_from_the_start_record():
