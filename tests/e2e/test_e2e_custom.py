@@ -259,7 +259,10 @@ def test_a_hook_runs_once_per_process_on_its_first_conversation(run):
     keys = [r["hooked"] for r in hooks]
     assert len(keys) == len(set(keys)), keys  # once each, however many conversations
     # Where the log names the process, the hook is per process; elsewhere per client address.
-    assert {f"pid {p}" for p in processes} <= set(keys) and len(processes) > 3
+    # The log names a process only if it still holds its socket when the observer (nice 19)
+    # asks: most of the battery's (dig, curl) live for milliseconds, so under load few are
+    # named. Two named processes of one client address, with a hook each, show it is per process.
+    assert {f"pid {p}" for p in processes} <= set(keys) and len(processes) >= 2, processes
     assert len(starts) > len(hooks)
     # A process's first conversation as the sandbox ends may find its hook stopped: it says so.
     ran = [r for r in hooks if r.get("error") != "not run: stopping" and r.get("exit_status") != -9]
