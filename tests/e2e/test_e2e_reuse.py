@@ -141,13 +141,13 @@ def test_a_client_port_the_kernel_remapped_an_earlier_conversation_to_is_answere
     new SYN's sequence number is past the old one: it takes the listener's
     socket to accept the SYN as a new incarnation. With TCP timestamps on, the
     socket also asks for a timestamp newer than the old conversation's, and a
-    Linux client's timestamp clock differs per destination: in about half the
-    cases the socket answers with the stale ACK of the old conversation, the
-    client resets and retries, and the log shows the conversation twice."""
+    Linux client's timestamp clock differs per destination: about one time in
+    three the socket answered with the stale ACK of the old conversation, the
+    client reset and retried, and the log showed the conversation twice."""
     gw.stop()
     div = gw.ensure()
     tag = uuid.uuid4().hex[:6]
-    sports = [gw.fresh_port() for _ in range(16)]
+    sports = [gw.fresh_port() for _ in range(24)]
     before = _time_wait_peers(gw.diverter_ns)
     request = f"GET /{tag} HTTP/1.1\r\nHost: remap.example\r\n\r\n"
     for dest in ("198.51.100.11", "198.51.100.12"):  # the second meets the first's entries: remapped
@@ -160,9 +160,12 @@ def test_a_client_port_the_kernel_remapped_an_earlier_conversation_to_is_answere
                      detail=lambda: f"TIME_WAIT towards {sorted(_time_wait_peers(gw.diverter_ns))}")
     third = [[p, f"198.18.24.{k + 1}", 6000 + k, f"echo-{k}-{tag}"] for k, p in enumerate(sorted(remapped()))]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(third), timeout=60)
-    bad = [x for x, (_, _, _, payload) in zip(r["results"], third)
-           if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
-    assert not bad, f"{len(bad)} of {len(third)} not answered at the first SYN (a stale ACK, then a retry): {bad}"
+    # The kernel chose those ports anywhere from 1024 up: one may be in the client's own use
+    # (its ephemeral range). The client cannot make that conversation; the others count.
+    made = [(x, step) for x, step in zip(r["results"], third) if "Address already in use" not in x.get("error", "")]
+    assert len(made) >= 16, r["results"]
+    bad = [x for x, (_, _, _, payload) in made if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
+    assert not bad, f"{len(bad)} of {len(made)} not answered at the first SYN (a stale ACK, then a retry): {bad}"
 
     lines = gw.log_barrier(div)
     gw.stop()
@@ -170,5 +173,6 @@ def test_a_client_port_the_kernel_remapped_an_earlier_conversation_to_is_answere
     for x in div.log():
         if x.get("event") in ("start", "end") and x["original_destination"].startswith("198.18.24."):
             records[x["client"]].append(x["event"])
-    assert {c: sorted(v) for c, v in records.items()} == {f"{harness.CLIENT4}:{p}": ["end", "start"] for p, *_ in third}
+    assert {c: sorted(v) for c, v in records.items()} == {f"{harness.CLIENT4}:{p}": ["end", "start"]
+                                                          for _, (p, *_) in made}
     assert lines
