@@ -29,7 +29,7 @@ KNOWN: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {
     ("packets", "seen"): ("packets_seen_total", "counter", "diverted packets the queue worker got", "", ""),
     **{("packets", k): ("packets_total", "counter", "the queue worker's verdicts and failures, by result",
                         "result", k)
-       for k in ("rewritten", "passed", "malformed", "dropped", "errors", "hook_errors")},
+       for k in ("rewritten", "passed", "malformed", "dropped", "errors", "hook_errors", "stale_answers")},
     ("unfit", None): ("unfit_packets_total", "counter", "packets the worker could not parse, by reason",
                       "reason", ""),
     ("conversations", "new"): ("conversations_total", "counter", "new conversations the worker saw", "", ""),
@@ -38,6 +38,9 @@ KNOWN: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {
     ("conversations", "kernel_remaps"): ("kernel_remaps_total", "counter",
                                          "conversations learned from conntrack after the kernel remapped their port",
                                          "", ""),
+    **{("conversations", f"stale_{what}"): ("stale_answers_cleared_total", "counter",
+                                            "stale answers to kernel remaps, by what was cleared", "cleared", what)
+       for what in ("sockets_closed", "entries_deleted")},
     ("conversations", "size"): ("conversation_table_size", "gauge", "conversations in the worker's table", "", ""),
     ("conversations", "routes"): ("conversation_table_routes", "gauge", "routes in the worker's table", "", ""),
     ("conversations", "lingering"): ("conversation_table_lingering", "gauge",

@@ -130,14 +130,37 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
     return stream, as_json
 
 
-def _conntrack_lookup(stack: ExitStack):
-    """A ctnetlink lookup of an entry by its reply tuple, on a socket of its own."""
+def _conntrack(stack: ExitStack):
+    """A ctnetlink socket of its own (lookups of an entry by its reply tuple), or None."""
     try:
         from nftdivert.netlink.ctnetlink import Conntrack
-        ct = stack.enter_context(Conntrack())
+        return stack.enter_context(Conntrack())
     except (ImportError, OSError):
         return None  # the log falls back to the packet as it arrived
-    return ct.entry
+
+
+def _conntrack_lookup(stack: ExitStack):
+    ct = _conntrack(stack)
+    return ct.entry if ct is not None else None
+
+
+def _queue_fixup(config: Config, stack: ExitStack, is_local):
+    """The queue path's FixUp, with conntrack to place kernel remaps and to
+    clear what answers them stale (worker/stale.py)."""
+    ct = _conntrack(stack)
+    clear = None
+    if ct is not None:
+        from nftdivert.worker.stale import StaleClearer
+        try:
+            clear = StaleClearer(ct)
+        except OSError:
+            pass  # no sock_diag: stale answers pass as they are
+        else:
+            stack.callback(clear.close)
+    # What the ruleset queues, its bound sets found unbound, and it marked the
+    # conversation queued (the log names the listener by that mark): the worker
+    # must not overrule it with a view of the sockets refreshed since.
+    return build_fixup(config, _as_the_sets_said, is_local=is_local, resolve=ct.entry if ct else None, clear=clear)
 
 
 def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
@@ -274,11 +297,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
         analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
         observer = seen.start(config, stack, log, listeners.name_for, hooks)
-        # What the ruleset queues, its bound sets found unbound, and it marked
-        # the conversation queued (the log names the listener by that mark): the
-        # worker must not overrule it with a view of the sockets refreshed since.
-        fixup = None if rs.kernel_path else build_fixup(config, _as_the_sets_said, is_local=ports.is_local,
-                                                         resolve=_conntrack_lookup(stack))
+        fixup = None if rs.kernel_path else _queue_fixup(config, stack, ports.is_local)
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything).
         listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
@@ -524,12 +543,13 @@ def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, 
         "pid": os.getpid(),
         "updated": time.time(),
         "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
-                    "malformed": c.malformed, "dropped": c.dropped,
+                    "malformed": c.malformed, "dropped": c.dropped, "stale_answers": c.stale_answers,
                     "errors": c.errors + worker.stats.verdict_errors, "hook_errors": c.hook_errors},
         "log": _log_counts(log, observer),
         "unfit": dict(c.unfit),
         "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
-                          "kernel_remaps": c.kernel_remaps, **asdict(worker.fixup.table.stats)},
+                          "kernel_remaps": c.kernel_remaps, "stale_sockets_closed": c.sockets_closed,
+                          "stale_entries_deleted": c.entries_deleted, **asdict(worker.fixup.table.stats)},
         **_listener_counts(listeners),
         "kernel": worker.kernel_drops(),
         "admission": admission,

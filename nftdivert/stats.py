@@ -82,7 +82,8 @@ def _path_summary(snap: dict) -> str:
     return (f"packets seen {p['seen']}, rewritten {p['rewritten']}, passed {p['passed']}, "
             f"malformed {p['malformed']}, dropped {p['dropped']}, errors {p['errors']}; conversations {c['new']} "
             f"(in table {c['size']} on {c['routes']} routes, client port clashes {c['client_port_clashes']}, "
-            f"kernel remaps {c['kernel_remaps']}, evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
+            f"kernel remaps {c['kernel_remaps']} (stale answers {p.get('stale_answers', 0)}: sockets closed "
+            f"{c.get('stale_sockets_closed', 0)}, entries deleted {c.get('stale_entries_deleted', 0)}), evicted idle {c['evicted_idle']}, closed {c['evicted_closed']}, "
             f"cap {c['evicted_cap']}); new-conversation hook errors {p['hook_errors']}, "
             f"log lines {lg['written']} (dropped {lg['dropped']}, failed {lg['failed']}), "
             + _observer_summary(lg) + _kernel_summary(snap.get("kernel", {})) + _admission_summary(snap.get("admission", {})))

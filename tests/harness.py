@@ -1071,7 +1071,8 @@ def cmd_fan_out(proto: str, targets: list[list], sport: int, timeout: float, one
                 data = b""
                 while chunk := sock.recv(65536):
                     data += chunk
-                r.update(ok=data == payload.encode(), reply=data.decode(errors="replace")[:80])
+                r.update(ok=data == payload.encode(), reply=data.decode(errors="replace")[:80],
+                         retransmits=_total_retrans(sock))
             except OSError as exc:
                 r["error"] = f"{type(exc).__name__}: {exc}"
         sock.close()

@@ -288,8 +288,9 @@ def _check_args(version: int, protocol: int, client: bytes, client_port: int, lo
 
 
 def build_get_request(seq: int, version: int, protocol: int, client: bytes, client_port: int,
-                      local: bytes, local_port: int) -> bytes:
-    """IPCTNL_MSG_CT_GET for the entry whose REPLY tuple is local -> client."""
+                      local: bytes, local_port: int, *, delete_id: int | None = None) -> bytes:
+    """IPCTNL_MSG_CT_GET for the entry whose REPLY tuple is local -> client;
+    with `delete_id`, IPCTNL_MSG_CT_DELETE of that entry if its CTA_ID is that."""
     _check_args(version, protocol, client, client_port, local, local_port)
     family, _, attr_src, attr_dst = _FAMILY[version]
     ip = attr(attr_src, bytes(local)) + attr(attr_dst, bytes(client))
@@ -301,9 +302,13 @@ def build_get_request(seq: int, version: int, protocol: int, client: bytes, clie
                        nested=True)
     # nfgen_family selects how the kernel reads CTA_TUPLE_IP (v4 or v6 attributes).
     body = NFGENMSG.pack(family, NFNETLINK_V0, 0) + tuple_reply
+    kind = IPCTNL_MSG_CT_GET
+    if delete_id is not None:  # the id: never another entry that took the tuple since
+        body += attr(CTA_ID, struct.pack("!I", delete_id))
+        kind = IPCTNL_MSG_CT_DELETE
     # NLM_F_ACK: success ends with an explicit ack after the entry, so the end
     # of every answer is an NLMSG_ERROR we can wait for; no guessing.
-    return message(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq, body)
+    return message(NFNL_SUBSYS_CTNETLINK << 8 | kind, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
 def build_dump_request(family: int, mark: int) -> bytes:
@@ -368,6 +373,27 @@ class Conntrack:
                 # e.g. ENOBUFS when our receive queue overflowed
                 raise ConntrackError(exc.errno, f"ctnetlink CT_GET: {exc.strerror or exc}") from exc
             return found
+
+    def delete(self, version: int, protocol: int, client: bytes, client_port: int,
+               local: bytes, local_port: int, entry_id: int) -> bool:
+        """Delete the entry whose REPLY tuple is local:local_port -> client:client_port
+        if it is still the one with CTA_ID `entry_id`; False if it is gone."""
+        with self._lock:
+            if self._sock is None:
+                raise ValueError("Conntrack is closed")
+            self._seq = self._seq % 0xFFFFFFFF + 1
+            try:
+                self._sock.send(build_get_request(self._seq, version, protocol, client, client_port, local,
+                                                  local_port, delete_id=entry_id))
+                for _ in answers(self._sock, self._seq, self._buffer):
+                    pass
+            except TimeoutError as exc:
+                raise ConntrackError(errno.ETIMEDOUT, "ctnetlink: no answer from the kernel") from exc
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return False
+                raise ConntrackError(exc.errno, f"ctnetlink CT_DELETE: {exc.strerror or exc}") from exc
+            return True
 
 
 class EventSocket:

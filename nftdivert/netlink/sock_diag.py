@@ -2,7 +2,8 @@
 
 Two questions: which sockets listen (TCP) or wait unconnected (UDP), one
 dump per family and protocol; and which socket (its uid and inode) is one
-conversation's. /proc/net/{tcp,udp}* would answer the first too, but not
+conversation's. One order: close a listener's TCP socket lingering in
+TIME_WAIT (SOCK_DESTROY), when the kernel gave a new conversation its tuple. /proc/net/{tcp,udp}* would answer the first too, but not
 whether an IPv6 wildcard socket is IPV6_V6ONLY.
 
 Hand-written rather than pyroute2: pyroute2 is no dependency of nftdivert
@@ -15,10 +16,13 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from nftdivert.netlink.codec import NETLINK_SOCK_DIAG, NLM_F_REQUEST, attrs, dump, message, messages, open_socket
+from nftdivert.netlink.codec import (NETLINK_SOCK_DIAG, NLM_F_REQUEST, attrs, dump, message, messages, open_socket,
+                                     request)
 from nftdivert.netlink.ipproto import TCP, UDP
 
 SOCK_DIAG_BY_FAMILY = 20
+SOCK_DESTROY = 21  # needs CONFIG_INET_DIAG_DESTROY (Debian's kernels have it)
+TCP_TIME_WAIT = 6  # enum tcp_state
 INET_DIAG_SKV6ONLY = 11
 TCP_LISTEN = 1 << 10  # states, as a bit mask of enum tcp_state
 UDP_UNCONNECTED = 1 << 7  # TCP_CLOSE: a connected UDP socket hears only its peer
@@ -30,6 +34,7 @@ NOCOOKIE = b"\xff" * 8
 # inet_diag_msg: family, state, timer, retrans, sockid (sport, dport, src, dst, if, cookie),
 # expires, rqueue, wqueue, uid, inode
 MSG = struct.Struct("=BBxxHH16s16s12xIIIII")
+COOKIE = slice(44, 52)  # inet_diag_msg's idiag_cookie (after family..retrans 4, ports 4, addresses 32, if 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +99,30 @@ def owner(sock: socket.socket, protocol: int, src: bytes, sport: int, dst: bytes
     """(uid, inode) of a conversation's socket, asked over the sock_diag socket `sock`."""
     sock.send(lookup_request(protocol, src, sport, dst, dport))
     return parse_answer(sock.recv(1 << 12))
+
+
+def tcp_socket(sock: socket.socket, local: bytes, local_port: int, remote: bytes, remote_port: int
+               ) -> tuple[int, bytes] | None:
+    """(state, cookie) of the TCP socket the kernel finds for local:local_port
+    <-> remote:remote_port, or None. With no connection of that tuple that is
+    the listening socket on local_port (state TCP_LISTEN). `sock`: a sock_diag socket."""
+    family = socket.AF_INET if len(local) == 4 else socket.AF_INET6
+    sock.send(message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1,
+                      _request(family, TCP, ALL_STATES, local_port, remote_port, local, remote)))
+    for msg_type, _flags, _seq, body in messages(sock.recv(1 << 12)):
+        if msg_type == SOCK_DIAG_BY_FAMILY and len(body) >= MSG.size:
+            return body[1], bytes(body[COOKIE])
+        return None
+    return None
+
+
+def destroy_tcp(sock: socket.socket, local: bytes, local_port: int, remote: bytes, remote_port: int,
+                cookie: bytes) -> None:
+    """Close the TCP socket of that tuple now (one in TIME_WAIT simply goes), if
+    it is still the one with `cookie`: never the listening socket the same
+    tuple finds once it has gone. NetlinkError if the kernel refuses (ENOENT or
+    ESTALE: not that socket; EOPNOTSUPP: no CONFIG_INET_DIAG_DESTROY)."""
+    family = socket.AF_INET if len(local) == 4 else socket.AF_INET6
+    body = bytearray(_request(family, TCP, ALL_STATES, local_port, remote_port, local, remote))
+    body[REQ.size - 8:] = cookie
+    request(sock, SOCK_DESTROY, bytes(body))

@@ -102,6 +102,7 @@ class Conversation:
     # Its listener's socket may outlive it: the listener sent the first FIN
     # (TIME_WAIT follows), or it is forgotten before it closed.
     lingers: bool = False
+    acks_after_fin: int = 0  # bare ACKs its listener sent after its FIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +300,13 @@ class ConversationTable:
                     if not ports:
                         self._peers.pop((key[0], key[1], key[3]), None)
         return conv
+
+    def socket_gone(self, binding: tuple) -> None:
+        """The listener's socket on `binding` was closed: nothing lingers there
+        now, and a conversation still held there is forgotten."""
+        self.remove(binding)  # which may leave it lingering: not any more
+        if self._lingering.pop(binding, None) is not None:
+            self._freed(binding)
 
     def _freed(self, binding: tuple) -> None:
         peer = self._peers.get((binding[0], binding[1], binding[3]))

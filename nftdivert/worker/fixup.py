@@ -8,6 +8,16 @@ client port the table does not know belongs, in practice, to a conversation
 whose client port the kernel remapped after the worker saw it (see
 conversations.py); conntrack is asked which one.
 
+The kernel chooses that port at random, and may choose one where a
+listener socket of an earlier conversation still lingers in TIME_WAIT
+(conntrack knows nothing of it: its reply tuples name the ports the clients
+asked for, not the listener's). That socket then answers the new SYN with a
+bare ACK of the old conversation: a stale answer. It is dropped, the socket
+closed (or, if it is not one in TIME_WAIT, the new conversation's entry
+deleted, so that the kernel chooses again), and the client's retransmitted
+SYN is answered: one conversation, one second later, instead of a reset, a
+retry and a conversation logged twice.
+
 Both return None (accept unchanged), DROP, or the new payload, and never
 raise: the queue thread must survive anything and every packet must get a verdict.
 """
@@ -20,7 +30,7 @@ from dataclasses import dataclass, field
 from nftdivert.netlink.ctnetlink import Entry
 from nftdivert.worker.conversations import Conversation, ConversationTable, RouteKey
 from nftdivert.worker.decide import Divert
-from nftdivert.worker.packet import ACK, FIN, RST, SYN, UDP, Segment, Unfit, parse, parse_head
+from nftdivert.worker.packet import ACK, FIN, RST, SYN, TCP, UDP, Segment, Unfit, parse, parse_head
 from nftdivert.worker.rewrite import with_ports
 
 Decide = Callable[[int, bytes, int], Divert | None]
@@ -28,6 +38,10 @@ OnNew = Callable[[Conversation], None]
 # (version, protocol, client, client_port, local, local_port) -> the conntrack
 # entry whose reply tuple is local:local_port -> client:client_port.
 Resolve = Callable[[int, int, bytes, int, bytes, int], Entry | None]
+# (a stale answer, the new conversation's entry, its original port) -> what was
+# cleared: "socket" (the lingering socket closed), "entry" (the entry deleted),
+# or None (nothing could be).
+Clear = Callable[[Segment, Entry, int], str | None]
 
 DROP = b""  # the verdict for a packet that must not go on (compared by identity)
 
@@ -37,11 +51,13 @@ RESOLVE_TRIES = 16
 # A reply conntrack could not place is not asked about again for this long.
 UNPLACED_TTL = 1.0
 UNPLACED_MAX = 4096
+# How many of a client's original ports a suspected stale answer may try.
+STALE_TRIES = 4
 
 
 @dataclass(slots=True)
 class Counters:
-    """Each packet counts in `seen` and in exactly one of the next five."""
+    """Each packet counts in `seen` and in exactly one of the next six."""
 
     seen: int = 0
     rewritten: int = 0
@@ -49,6 +65,7 @@ class Counters:
     malformed: int = 0  # unfit and passed unchanged
     dropped: int = 0  # unfit and dropped: a truncated copy of diverted traffic
     errors: int = 0
+    stale_answers: int = 0  # a lingering socket's answer to a new conversation: dropped (module docstring)
     new_conversations: int = 0
     hook_errors: int = 0  # on_new raised; the packet was still handled
     # New routes whose client port was already taken at the listener (the
@@ -57,7 +74,15 @@ class Counters:
     # New conversations the kernel gave another client port (one client port
     # towards several addresses on one port), found through conntrack.
     kernel_remaps: int = 0
+    # What was cleared after a stale answer: the lingering socket closed, or
+    # the new conversation's entry deleted (the kernel then remaps it again).
+    sockets_closed: int = 0
+    entries_deleted: int = 0
     unfit: dict[str, int] = field(default_factory=dict)
+
+
+class _Stale(Exception):
+    """A stale answer was found and cleared: its packet is dropped."""
 
 
 class FixUp:
@@ -72,12 +97,14 @@ class FixUp:
         on_new: OnNew | None = None,
         is_local: Callable[[bytes], bool] | None = None,
         resolve: Resolve | None = None,
+        clear: Clear | None = None,
     ) -> None:
         self.table = table
         self.decide = decide  # e.g. partial(decide.decide, listeners=..., ...)
         self.counters = counters if counters is not None else Counters()
         self.on_new = on_new
         self.resolve = resolve
+        self.clear = clear
         self.refusing = False  # the run is stopping by itself: a new conversation is dropped, not answered
         self.last_error: Exception | None = None
         # Conversations to an address of ours that is not a unicast one (a
@@ -149,6 +176,9 @@ class FixUp:
                 self.table.mark_closing(conv.binding, now, listener_fin=bool(flags & FIN))
             counters.rewritten += 1
             return with_ports(data, seg, conv.route[4], conv.reply_port)
+        except _Stale:
+            counters.stale_answers += 1
+            return DROP
         except Exception as exc:  # noqa: BLE001
             counters.errors += 1
             self.last_error = exc
@@ -199,7 +229,15 @@ class FixUp:
             return self._learn(seg, binding, (seg.dport,), now)
         if conv.listener_port != seg.sport:
             return None
-        if conv.closing_since is not None and seg.tcp_flags & (SYN | ACK) == SYN | ACK:
+        flags = seg.tcp_flags
+        if conv.lingers and flags & (SYN | RST | FIN) == 0 and seg.protocol == TCP:
+            # After its FIN a listener's socket sends one bare ACK (of the
+            # client's FIN), then waits in TIME_WAIT. Another is its answer
+            # to a retransmitted FIN, or to a SYN the kernel remapped here.
+            conv.acks_after_fin += 1
+            if conv.acks_after_fin > 1:
+                self._stale_check(seg, binding)
+        if conv.closing_since is not None and flags & (SYN | ACK) == SYN | ACK:
             # The listener accepts a new connection on a closing binding: the
             # client reopened it (conntrack's reply tuple names its own port),
             # or the kernel gave a new conversation's client this port (it
@@ -240,6 +278,9 @@ class FixUp:
                 route = table.route(route_key)
                 if route is None or route.listener_port != seg.sport:
                     return self._unplaced_now(binding, now)  # a conversation of the kernel's, not diverted
+                if not entry.seen_reply and seg.tcp_flags & (SYN | RST) == 0 and seg.protocol == TCP:
+                    # A new conversation's first answer must be a SYN/ACK (or a reset).
+                    self._clear_stale(seg, binding, entry, port)
                 conv = table.learn(binding, route_key, reply_port, now, original=(entry.dst, entry.dst_port))
                 unplaced.pop(binding, None)
                 if entry.seen_reply:
@@ -250,6 +291,38 @@ class FixUp:
                     self.counters.kernel_remaps += 1
                 return conv
         return self._unplaced_now(binding, now)
+
+    def _stale_check(self, seg: Segment, binding: tuple) -> None:
+        """Raise _Stale if this bare ACK of a listener socket that closed first
+        answers a new conversation's SYN: conntrack holds an entry not yet
+        answered whose reply goes to this binding."""
+        if self.resolve is None:
+            return
+        table = self.table
+        for port in table.recent_ports(seg.protocol, seg.dst, seg.src, STALE_TRIES):
+            entry = self.resolve(seg.version, seg.protocol, seg.dst, seg.dport, seg.src, port)
+            if entry is not None and not entry.seen_reply and \
+                    table.route((seg.protocol, seg.dst, entry.src_port, seg.src, port)) is not None:
+                self._clear_stale(seg, binding, entry, port)
+
+    def _clear_stale(self, seg: Segment, binding: tuple, entry: Entry, port: int) -> None:
+        """Clear what answered stale and raise _Stale (the packet is dropped);
+        if nothing could be cleared, return: the packet goes on as before."""
+        if self.clear is None:
+            return
+        try:
+            cleared = self.clear(seg, entry, port)
+        except Exception as exc:  # noqa: BLE001 - the packet still gets its verdict
+            self.last_error = exc
+            cleared = None
+        if cleared == "socket":
+            self.counters.sockets_closed += 1
+            self.table.socket_gone(binding)
+        elif cleared == "entry":
+            self.counters.entries_deleted += 1
+        else:
+            return
+        raise _Stale
 
     def _unplaced_now(self, binding: tuple, now: float) -> None:
         unplaced = self._unplaced

@@ -29,7 +29,7 @@ from nftdivert.worker import decide as decide_mod
 from nftdivert.config import Config
 from nftdivert.errors import NftDivertError
 from nftdivert.worker.conversations import ConversationTable
-from nftdivert.worker.fixup import DROP, FixUp, Resolve
+from nftdivert.worker.fixup import DROP, Clear, FixUp, Resolve
 from nftdivert.netlink.ipproto import TCP, UDP
 from nftdivert.netlink.nfqueue import drop_verdict, packet_id
 from nftdivert.worker.pump import Pump
@@ -63,11 +63,12 @@ class WorkerStats:
 
 
 def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_new=None,
-                is_local: Callable[[bytes], bool] | None = None, resolve: Resolve | None = None) -> FixUp:
+                is_local: Callable[[bytes], bool] | None = None, resolve: Resolve | None = None,
+                clear: Clear | None = None) -> FixUp:
     """The per-packet pipeline for `config`: decide() wired to its listeners and exemptions.
 
     `is_local(address)`: is it one of this host's unicast addresses (see FixUp).
-    `resolve`: a conntrack lookup by reply tuple (see FixUp)."""
+    `resolve`: a conntrack lookup by reply tuple; `clear`: what clears a stale answer (see FixUp)."""
     listeners = {PROTOCOLS[p]: lst.port for p in PROTOCOLS if (lst := config.default_listener(p))}
     # One byte per port: a lookup per new conversation, however many ranges.
     alone = {TCP: bytearray(65536), UDP: bytearray(65536)}
@@ -81,7 +82,7 @@ def build_fixup(config: Config, is_bound: Callable[[int, bytes, int], bool], on_
     table = ConversationTable(config.worker.max_conversations, config.worker.tcp_idle,
                               config.worker.udp_idle, config.worker.close_grace)
     decide = partial(decide_mod.decide, listeners=listeners, is_bound=is_bound, left_alone=left_alone)
-    return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve)
+    return FixUp(table, decide, on_new=on_new, is_local=is_local, resolve=resolve, clear=clear)
 
 
 class _BoundedSocket:

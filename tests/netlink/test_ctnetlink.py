@@ -235,6 +235,25 @@ def test_entry_finds_a_conversation_whose_client_port_the_kernel_remapped(lab):
 
 
 @kernel
+def test_an_entry_is_deleted_by_its_reply_tuple_and_only_with_its_id(lab):
+    """What clears a stale answer when the socket behind it is not one in
+    TIME_WAIT: the new conversation's entry goes, and only that one."""
+    seen = lab.converse("198.51.100.7", TCP_PORT, "tcp")
+    snippet = (
+        "import ipaddress, sys\n"
+        "from nftdivert.netlink.ctnetlink import Conntrack\n"
+        "p = lambda a: ipaddress.ip_address(a).packed\n"
+        "tup = (4, 6, p('192.0.2.2'), int(sys.argv[1]), p('192.0.2.1'), %d)\n"
+        "with Conntrack() as ct:\n"
+        "    e = ct.entry(*tup)\n"
+        "    print(ct.delete(*tup, e.id ^ 1), ct.entry(*tup) == e)\n"  # another id: left alone
+        "    print(ct.delete(*tup, e.id), ct.entry(*tup))\n"
+        "    print(ct.delete(*tup, e.id))\n" % TCP_PORT)
+    out = lab.diverter.run(sys.executable, "-c", snippet, str(seen["cport"]), env=ENV).stdout.split()
+    assert out == ["False", "True", "True", "None", "False"]
+
+
+@kernel
 def test_no_entry_is_none(lab):
     seen = lab.converse("198.51.100.7", TCP_PORT, "tcp")
     other_port = dict(seen, cport=(seen["cport"] + 1) % 65536 or 1)

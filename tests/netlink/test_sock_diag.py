@@ -81,3 +81,35 @@ def test_the_owner_of_a_conversation_is_its_clients_socket(host):
         "    print(sock_diag.owner(diag, 6, lo, 1, lo, 7010))\n")
     host.run("ip", "link", "set", "lo", "up")
     assert host.run("python3", "-c", code, str(REPO)).stdout.split() == ["True", "True", "None"]
+
+
+@pytest.mark.kernel
+def test_a_socket_in_time_wait_is_found_and_closed_by_its_cookie(host):
+    """The side that closes first waits in TIME_WAIT; SOCK_DESTROY ends that at
+    once. Once it has gone, the same tuple finds the listening socket: a
+    request with the old socket's cookie must not touch that."""
+    code = (
+        "import errno, socket, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from nftdivert.netlink import sock_diag\n"
+        "lo = socket.inet_aton('127.0.0.1')\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 7020)); srv.listen()\n"
+        "cli = socket.create_connection(('127.0.0.1', 7020))\n"
+        "conn, peer = srv.accept()\n"
+        "ends = (lo, 7020, lo, peer[1])\n"
+        "with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4) as diag:\n"
+        "    print(sock_diag.tcp_socket(diag, *ends)[0])\n"  # 1: established
+        "    conn.close(); assert cli.recv(1) == b''; cli.close()\n"  # the server first
+        "    state, cookie = sock_diag.tcp_socket(diag, *ends)\n"
+        "    print(state)\n"
+        "    sock_diag.destroy_tcp(diag, *ends, cookie)\n"
+        "    state, listening = sock_diag.tcp_socket(diag, *ends)\n"
+        "    print(state)\n"  # the listening socket now
+        "    try:\n"
+        "        sock_diag.destroy_tcp(diag, *ends, cookie)\n"
+        "    except OSError as exc:\n"
+        "        print(exc.errno in (errno.ESTALE, errno.ENOENT))\n"
+        "    print(sock_diag.tcp_socket(diag, *ends) == (10, listening))\n")
+    host.run("ip", "link", "set", "lo", "up")
+    assert host.run("python3", "-c", code, str(REPO)).stdout.split() == \
+        ["1", str(sock_diag.TCP_TIME_WAIT), "10", "True", "True"]

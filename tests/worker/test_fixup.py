@@ -16,7 +16,7 @@ LISTEN = {TCP: 1337, UDP: 1338}
 BOUND = {(TCP, 22)}
 
 
-def make(on_new=None, max_entries=100, is_local=None, resolve=None):
+def make(on_new=None, max_entries=100, is_local=None, resolve=None, clear=None):
     table = ConversationTable(max_entries=max_entries, tcp_idle=60.0, udp_idle=10.0, close_grace=2.0)
     decide = partial(
         decide_mod.decide,
@@ -24,7 +24,7 @@ def make(on_new=None, max_entries=100, is_local=None, resolve=None):
         is_bound=lambda p, addr, port: (p, port) in BOUND,
         left_alone=lambda p, port: False,
     )
-    return FixUp(table, decide, Counters(), on_new=on_new, is_local=is_local, resolve=resolve)
+    return FixUp(table, decide, Counters(), on_new=on_new, is_local=is_local, resolve=resolve, clear=clear)
 
 
 class Conntrack:
@@ -61,7 +61,7 @@ def ports(data):
 
 
 def balanced(c: Counters):
-    return c.seen == c.rewritten + c.passed + c.malformed + c.dropped + c.errors
+    return c.seen == c.rewritten + c.passed + c.malformed + c.dropped + c.errors + c.stale_answers
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -498,3 +498,89 @@ def test_a_remap_onto_a_closing_conversations_alias_is_found_by_the_alias():
     ct.add(TCP, 5000, 5003, ADDR_B, 4444)  # the kernel gave it 5003: the alias
     assert ports(f.outgoing(server(1337, 5003, SYN | ACK), 1.1)) == (4444, 5003)
     assert seen[-1].original == (ADDR_B, 4444)
+
+
+# A stale answer: the kernel remapped a new conversation's client port onto a
+# binding where a listener socket lingers in TIME_WAIT, and that socket
+# answered the SYN with a bare ACK of its old conversation.
+
+
+class Clear:
+    """Stands in for worker/stale.py: records what it was asked to clear."""
+
+    def __init__(self, result="socket"):
+        self.result = result
+        self.asked = []
+
+    def __call__(self, answer, entry, original_port):
+        self.asked.append((answer.dport, entry.dst, original_port))
+        return self.result
+
+
+def _remapped_onto(f, ct, old_port, *, forget):
+    """An old conversation from `old_port` whose listener closed first; then two
+    conversations from client port 5000 to two addresses on 4444: the second
+    is remapped (NAT at input) onto `old_port`. `forget`: the old conversation
+    has left the table (its socket lingers), else it is still closing there."""
+    f.incoming(client(old_port, 80, SYN), 0.0)
+    f.outgoing(server(1337, old_port, SYN | ACK), 0.0)
+    f.outgoing(server(1337, old_port, FIN | ACK), 0.1)  # the listener closes first
+    f.incoming(client(old_port, 80, FIN | ACK), 0.1)
+    assert ports(f.outgoing(server(1337, old_port, ACK), 0.1)) == (80, old_port)  # its last ACK: not asked about
+    assert ct.asked == []
+    if forget:
+        f.table.expire(5.0)  # past close_grace: the binding lingers
+        assert (TCP, V4_CLIENT, old_port, V4_LOCAL) not in f.table
+    f.incoming(client(5000, 4444, SYN), 5.0)
+    f.outgoing(server(1337, 5000, SYN | ACK), 5.0)
+    f.incoming(client(5000, 4444, SYN), 5.1)  # to another address: the kernel gives it old_port
+    ct.add(TCP, 5000, old_port, ADDR_B, 4444)
+
+
+@pytest.mark.parametrize("forget", [True, False], ids=["lingering", "closing"])
+def test_a_stale_answer_to_a_remapped_conversation_is_dropped_and_its_socket_cleared(forget):
+    ct, clear, seen = Conntrack(), Clear(), []
+    f = make(on_new=seen.append, resolve=ct, clear=clear)
+    _remapped_onto(f, ct, 700, forget=forget)
+    assert f.outgoing(server(1337, 700, ACK), 5.1) is DROP  # the old socket's ACK
+    assert clear.asked == [(700, ADDR_B, 4444)]
+    c = f.counters
+    assert (c.stale_answers, c.sockets_closed, c.entries_deleted) == (1, 1, 0) and balanced(c)
+    assert (TCP, V4_CLIENT, 700, V4_LOCAL) not in f.table  # its socket is gone
+    # The client's SYN again, answered now: learned, announced once, restored.
+    f.incoming(client(5000, 4444, SYN), 6.1)
+    assert ports(f.outgoing(server(1337, 700, SYN | ACK), 6.1)) == (4444, 700)
+    assert seen[-1].original == (ADDR_B, 4444) and c.kernel_remaps == 1
+    assert f.table.free_alias((TCP, V4_CLIENT, 700, V4_LOCAL, 9)) != 700  # held by the new conversation
+
+
+def test_a_stale_answer_whose_entry_was_deleted_instead_is_dropped_too():
+    ct, clear = Conntrack(), Clear("entry")
+    f = make(resolve=ct, clear=clear)
+    _remapped_onto(f, ct, 700, forget=True)
+    assert f.outgoing(server(1337, 700, ACK), 5.1) is DROP
+    assert (f.counters.stale_answers, f.counters.sockets_closed, f.counters.entries_deleted) == (1, 0, 1)
+
+
+def test_a_stale_answer_nothing_could_clear_goes_on_as_before():
+    ct = Conntrack()
+    f = make(resolve=ct, clear=Clear(None))
+    _remapped_onto(f, ct, 700, forget=True)
+    assert ports(f.outgoing(server(1337, 700, ACK), 5.1)) == (4444, 700)
+    assert f.counters.stale_answers == 0 and balanced(f.counters)
+
+
+def test_an_answer_to_a_conversation_conntrack_has_seen_answered_is_not_stale():
+    """A lingering socket's ACK to a retransmitted FIN of its own conversation:
+    that entry has had its reply."""
+    ct, clear = Conntrack(), Clear()
+    f = make(resolve=ct, clear=clear)
+    f.incoming(client(700, 80, SYN), 0.0)
+    f.outgoing(server(1337, 700, SYN | ACK), 0.0)
+    f.outgoing(server(1337, 700, FIN | ACK), 0.1)
+    f.incoming(client(700, 80, FIN | ACK), 0.1)
+    f.outgoing(server(1337, 700, ACK), 0.1)
+    ct.add(TCP, 700, 700, ADDR_A, 80, seen_reply=True)
+    f.incoming(client(700, 80, FIN | ACK), 0.5)  # retransmitted
+    assert ports(f.outgoing(server(1337, 700, ACK), 0.5)) == (80, 700)
+    assert clear.asked == [] and f.counters.stale_answers == 0
