@@ -273,7 +273,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             hooks = Hooks(config.hooks, log.event, lambda address: answers[0].profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
         analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
-        observer = seen.start(config, stack, log, listeners.name_for, hooks)
+        observer = seen.start(config, stack, log, listeners.name_for, hooks,
+                              profile_for=lambda address: answers[0].profile_for(address).profile)
         # What the ruleset queues, its bound sets found unbound, and it marked
         # the conversation queued (the log names the listener by that mark): the
         # worker must not overrule it with a view of the sockets refreshed since.
