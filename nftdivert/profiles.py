@@ -67,6 +67,8 @@ class Profiles:
 
     def profile_for(self, client: object) -> Answers:
         """The answer sections for `client` (an address or its text); the top-level ones outside every profile."""
+        if not self.lengths:  # no profiles: nothing to parse (the observer asks for every record)
+            return self.default
         address = _address(client)
         if address is not None:
             for (version, length), nets in self.lengths:

@@ -296,7 +296,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             hooks = Hooks(config.hooks, log.event, lambda address: answers[0].profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
         analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
-        observer = seen.start(config, stack, log, listeners.name_for, hooks)
+        observer = seen.start(config, stack, log, listeners.name_for, hooks,
+                              profile_for=lambda address: answers[0].profile_for(address).profile)
         fixup = None if rs.kernel_path else _queue_fixup(config, stack, ports.is_local)
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything).

@@ -19,7 +19,7 @@ BIG = b"x" * 300_000  # beyond HTTP/2's initial window (65,535): sent as the cli
 class Served:
     port: int
     records: list
-    questions: list  # (client, name, type, answer, rcode) from the DNS pool
+    questions: list  # (client, name, type, answer, rcode, profile) from the DNS pool
     ca: Path
     resolver: Resolver
 

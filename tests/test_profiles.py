@@ -116,7 +116,8 @@ def test_the_dns_listener_answers_each_question_by_its_clients_profile(tmp_path)
     from nftdivert.services.dns import Resolver
 
     config = _load(tmp_path, GOOD)
-    resolver = Resolver.from_config(config.dns)
+    asked: list[tuple] = []
+    resolver = Resolver.from_config(config.dns, on_question=lambda *q: asked.append(q))
     resolver.set_answers(Profiles(config))
 
     def a(client: str, name: str = "c2.example") -> list[str]:
@@ -128,6 +129,17 @@ def test_the_dns_listener_answers_each_question_by_its_clients_profile(tmp_path)
     assert a("192.0.2.24:5353") == ["203.0.113.7"]
     assert a("[2001:db8:1::5]:5353") == ["203.0.113.7"]
     assert a("198.51.100.5:5353") == ["198.51.100.1"]
+    # Each question's record names the profile whose answers it got.
+    assert [q[-1] for q in asked] == ["one-vm", "one-vm", "family-a", "family-a", None]
+
+
+def test_the_listeners_records_name_the_profile_that_answers_the_client(tmp_path):
+    from nftdivert.services import custom
+
+    served = custom.serving(Profiles(_load(tmp_path, GOOD)))
+    assert served("192.0.2.23").fields() == {"profile": "one-vm"}
+    assert served("::ffff:192.0.2.24").fields() == {"profile": "family-a"}
+    assert served("198.51.100.5").fields() == {}  # the top-level answers: no profile
 
 
 def test_the_ports_a_profile_leaves_alone_cover_its_prefixes_less_the_longer_ones_inside(tmp_path):

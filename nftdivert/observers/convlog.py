@@ -21,9 +21,12 @@ from nftdivert.observers.convrecords import SCHEMA, iso, split_endpoint, with_ta
 from nftdivert.observers.logorder import LIVE_LIMIT, StartsFirst
 
 
-def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> dict:
+def question_record(client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR",
+                    profile: str | None = None) -> dict:
+    """`profile`: the [[profiles]] name whose answers the DNS listener gave; None: the top-level ones."""
     return {"v": SCHEMA, "time": iso(time.time()), "event": "dns", "client": client,
-            "client_address": split_endpoint(client)[0], "name": name, "type": qtype, "answer": answer, "rcode": rcode}
+            "client_address": split_endpoint(client)[0], **({"profile": profile} if profile else {}),
+            "name": name, "type": qtype, "answer": answer, "rcode": rcode}
 
 
 def recycled_record(when: float, address: str, old_name: str, new_name: str) -> dict:
@@ -80,7 +83,8 @@ def text_line(rec: dict) -> str:
     proc = rec.get("process")
     who = f" by pid {proc['pid']} {proc['command'][:40]}" if proc else ""
     task = f" task {rec['task']}" if "task" in rec else ""
-    return f"{at}  start  {_conversation(rec)} => {rec['listener'] or '-'}{port}{where}{who}{task}"
+    profile = f" profile {rec['profile']}" if "profile" in rec else ""
+    return f"{at}  start  {_conversation(rec)} => {rec['listener'] or '-'}{port}{where}{who}{task}{profile}"
 
 
 def _service_line(rec: dict) -> str:
@@ -244,8 +248,9 @@ class ConversationLog:
         except ValueError:  # not an address: nobody's
             return rec
 
-    def dns_question(self, client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR") -> None:
-        self.put(question_record(client, name, qtype, answer, rcode))
+    def dns_question(self, client: str, name: str, qtype: str, answer: str, rcode: str = "NOERROR",
+                     profile: str | None = None) -> None:
+        self.put(question_record(client, name, qtype, answer, rcode, profile))
 
     def dns_recycled(self, when: float, address: str, old_name: str, new_name: str) -> None:
         self.put(recycled_record(when, address, old_name, new_name))

@@ -68,16 +68,26 @@ def named(rec: dict, name: str) -> dict:
 
 def with_task(rec: dict, task: str | None) -> dict:
     """The record with its analysis's `task`, after the client; without one for None."""
-    if rec.get("task") == task:
+    return _after_client(rec, "task", task)
+
+
+def with_profile(rec: dict, profile: str | None) -> dict:
+    """The record with the [[profiles]] name that answers its client, after the client (and
+    before a task added later); without one for None."""
+    return _after_client(rec, "profile", profile)
+
+
+def _after_client(rec: dict, field: str, value: str | None) -> dict:
+    if rec.get(field) == value:
         return rec
     out = {}
-    for key, value in rec.items():
-        if key != "task":
-            out[key] = value
-        if key == "client_address" and task is not None:
-            out["task"] = task
-    if task is not None:
-        out.setdefault("task", task)
+    for key, item in rec.items():
+        if key != field:
+            out[key] = item
+        if key == "client_address" and value is not None:
+            out[field] = value
+    if value is not None:
+        out.setdefault(field, value)
     return out
 
 

@@ -4,8 +4,8 @@
 log file and the syslog collector), nowhere else: the summary, the hooks and
 the text log keep reading our own names. What ECS has a field for goes
 there (source.*, destination.*, network.*, event.*, dns.*, tls.*, http.*,
-url.*, process.*); everything else keeps its name under `nftdivert.`, so
-nothing a record says is lost. docs/reference/log-schema.md has the table.
+url.*, process.*, and the profile as labels.profile); everything else keeps
+its name under `nftdivert.`, so nothing a record says is lost. docs/reference/log-schema.md has the table.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ _IANA = {"tcp": "6", "udp": "17", "icmp": "1", "icmpv6": "58"}
 # Ours -> ECS, for any record; then per event (its own meaning of `name`, say).
 _COMMON = dict((("time", "@timestamp"), ("event", "event.action"), ("community_id", "network.community_id"),
                 ("interface", "observer.ingress.interface.name"), ("client_address", "source.ip"),
-                ("name", "destination.domain")))  # pairs: no record is built here
+                ("name", "destination.domain"), ("profile", "labels.profile")))  # pairs: no record is built here
 _BY_EVENT = {
     "dns": {"name": "dns.question.name", "type": "dns.question.type", "rcode": "dns.response_code"},
     "tls": {"sni": "tls.client.server_name"},

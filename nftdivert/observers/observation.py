@@ -41,8 +41,9 @@ class Observation:
             except OSError as exc:
                 raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
 
-    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None):
+    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None, profile_for=None):
         """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log.
+        `profile_for(client address)`: the [[profiles]] name that answers it now, or None.
 
         With the log off and no summary file asked for, nothing watches
         conntrack: what it would cost is not spent for a record nobody keeps.
@@ -53,7 +54,8 @@ class Observation:
             return Unobserved()
         try:
             emit = log.put if hooks is None else hooks.watching(log.put)  # [hooks]: on each first start
-            self.observer = ObserverProcess(config, emit, name_for, self.clients_netns, task_for=log.tasks)
+            self.observer = ObserverProcess(config, emit, name_for, self.clients_netns, task_for=log.tasks,
+                                            profile_for=profile_for)
             self.log = log
         except OSError as exc:
             raise NftDivertError(str(exc)) from None

@@ -140,6 +140,11 @@ class Served:
     tcp: Rules
     udp: Rules
     http: HttpConfig
+    profile: str | None = None  # the profile's name; None: the top-level answers
+
+    def fields(self) -> dict:
+        """What a listener's record of this client says of its answers: the profile that gave them."""
+        return {"profile": self.profile} if self.profile else {}
 
 
 ServedFor = Callable[[str], Served]  # a client's address -> its answers
@@ -154,7 +159,7 @@ def serving(profiles, resolver=None) -> ServedFor:
             if rule.script:
                 script(rule.script, "http")
         by_name[answers.profile] = Served(Rules(answers.custom, "tcp", resolver), Rules(answers.custom, "udp", resolver),
-                                          answers.http)
+                                          answers.http, answers.profile)
     if not profiles:
         return lambda _client: by_name[None]
     return lambda client: by_name[profiles.profile_for(client).profile]

@@ -31,6 +31,9 @@ from nftdivert.services.tls import Plain, Upgrade
 C2 = ("socks4", "socks5", "h2c")  # recognised kinds served by proxy.py and http2.py
 MAX_TUNNELS = 8  # proxies inside proxies' tunnels (a chain), per conversation
 _tunnels = contextvars.ContextVar("tunnels", default=0)  # each conversation is a task of its own
+# The conversation's answers (custom.Served), chosen once at its start: a reload meanwhile changes
+# neither its HTTP answers nor the profile its records name. None: the listener's own.
+_serving = contextvars.ContextVar("serving", default=None)
 
 Emit = Callable[[dict], None]
 # (client, local) as the listener's socket sees them -> what the client asked for; blocks briefly.
@@ -109,11 +112,9 @@ class DefaultTcp:
         """A reload's answers (custom.ServedFor): new conversations get them."""
         self._served = served
 
-    def _custom_for(self, client: str):
-        return self._served(client).tcp if self._served is not None else self._custom
-
-    def _http_for(self, client: str) -> HttpConfig:
-        return self._served(client).http if self._served is not None else self._http
+    def _conversation_http(self) -> HttpConfig:
+        served = _serving.get()
+        return served.http if served is not None else self._http
 
     def _certs(self):
         if self._contexts is None:
@@ -126,14 +127,16 @@ class DefaultTcp:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count) -> None:
         peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-        base = {**origin_mod.client_fields(peer, None), "listener": self._name}
+        served = self._served(peer[0].removeprefix("::ffff:")) if self._served is not None else None
+        _serving.set(served)
+        base = {**origin_mod.client_fields(peer, None), **(served.fields() if served else {}), "listener": self._name}
         # Queue path: asked alongside the first bytes, so the wait for them hides
         # the round trip. Kernel path: a getsockopt, when something needs it.
         asked = (asyncio.ensure_future(self._original(peer, sock))
                  if self._origin is not None and not self._origin_in_kernel else None)
         if await self._ftp_data(asked, reader, writer, count, peer):
             return
-        custom = self._custom_for(base["client_address"])
+        custom = served.tcp if served is not None else self._custom
         if custom and self._fixed is None and await self._answer_custom(custom, asked, reader, writer, count, base,
                                                                         peer):
             return
@@ -245,7 +248,7 @@ class DefaultTcp:
     def _conversation(self, stream, base: dict, peer, sock, original, upgrade: Upgrade,
                       scheme: str) -> Conversation:
         return Conversation(stream, base, peer, sock, original, upgrade, scheme, self._emit,
-                            self._http_for(base["client_address"]),
+                            self._conversation_http(),
                             self._first, lambda: self._transports(peer, sock))
 
     def _transports(self, peer, sock):

@@ -46,12 +46,13 @@ class DefaultUdp:
 
     async def answer(self, data: bytes, client: tuple, local: Endpoint | None) -> bytes | None:
         original = await self._original(client, local)
-        custom = self._served(client[0].removeprefix("::ffff:")).udp if self._served is not None else self._custom
+        served = self._served(client[0].removeprefix("::ffff:")) if self._served is not None else None
+        custom = served.udp if served is not None else self._custom
         matched = custom.match(original) if custom else None
         kind = PORTS.get(original[1]) if original is not None else None
         if matched is None and kind is None:
             return data  # the echo
-        base = {**client_fields(client, original), "listener": self._name,
+        base = {**client_fields(client, original), **(served.fields() if served else {}), "listener": self._name,
                 "original_destination": endpoint(original),
                 "community_id": of_sockets(UDP, (client[0], client_port(client, original)), original)}
         if matched is not None:

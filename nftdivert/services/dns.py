@@ -117,7 +117,7 @@ class Resolver:
         # Addresses fixed answers gave, with the name last answered: the log names conversations by them too.
         self._given: dict[Address, str] = {}
         self.on_assign = on_assign
-        self.on_question = on_question  # (client, name, type, answer, rcode) for the log
+        self.on_question = on_question  # (client, name, type, answer, rcode, profile) for the log
         # A date-shaped serial (YYYYMMDDnn), as zone files have.
         self.serial = serial if serial is not None else int(time.strftime("%Y%m%d01"))
 
@@ -137,10 +137,12 @@ class Resolver:
         self._by_profile = {name: Fixed.of(answers.dns) for name, answers in profiles.answers.items()}
         self._profiles = profiles if profiles else None
 
-    def _fixed_for(self, client: str) -> Fixed:
+    def _fixed_for(self, client: str) -> tuple[str | None, Fixed]:
+        """(the client's profile, its answers); (None, every client's) outside every profile."""
         if self._profiles is None:
-            return self.fixed
-        return self._by_profile.get(self._profiles.profile_for(_client_address(client)).profile, self.fixed)
+            return None, self.fixed
+        profile = self._profiles.profile_for(_client_address(client)).profile
+        return profile, self._by_profile.get(profile, self.fixed)
 
     def name_for(self, address: Address) -> str | None:
         pool = self.v4 if address.version == 4 else self.v6
@@ -155,7 +157,7 @@ class Resolver:
         # What a common recursive resolver says: RA set (dig warns when it is
         # missing), and the EDNS buffer size resolvers use since 2020.
         response = dns.message.make_response(query, recursion_available=True, our_payload=1232)
-        fixed = self._fixed_for(client)
+        profile, fixed = self._fixed_for(client)
         for question in query.question:
             qtype = question.rdtype
             rcode, rrsets = dns.rcode.NOERROR, []
@@ -167,7 +169,7 @@ class Resolver:
             if self.on_question is not None:
                 shown = ", ".join(rd.to_text(origin=dns.name.root, relativize=True) for rrset in rrsets for rd in rrset)
                 self.on_question(client, question.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(qtype),
-                                 shown, dns.rcode.to_text(rcode))
+                                 shown, dns.rcode.to_text(rcode), profile)
         return response.to_wire()
 
     def _records(self, name: dns.name.Name, qtype: int, given: Fixed, local: str = "",

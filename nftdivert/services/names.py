@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Assigned = Callable[[Address, str, str | None], None]  # address, new name, the name it had before
-Question = Callable[[str, str, str, str, str], None]  # client, name, type, answer, rcode
+# client, name, type, answer, rcode, and the [[profiles]] name whose answers it got (None: the top-level ones)
+Question = Callable[[str, str, str, str, str, str | None], None]
 
 
 class AnswerPool:

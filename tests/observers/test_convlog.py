@@ -52,6 +52,13 @@ def test_dns_records_in_json_and_text():
     assert text_line(nx).endswith("asked A x.blocked.example -> NXDOMAIN")
     mx = question_record("192.0.2.2:5353", "corp.example", "MX", "10 mail.corp.example")
     assert text_line(mx).endswith("asked MX corp.example -> 10 mail.corp.example")
+    profiled = question_record("192.0.2.2:5353", "c2.example", "A", "198.51.100.80", profile="sinkhole")
+    assert list(profiled)[4:7] == ["client_address", "profile", "name"] and "profile" not in mx
+
+
+def test_a_start_of_a_profiled_client_says_its_profile():
+    assert text_line({**START, "profile": "sinkhole"}).endswith("curl http://c2.example/ profile sinkhole")
+    assert "profile" not in text_line(START)
 
 
 class _Stuck(io.StringIO):

@@ -164,3 +164,11 @@ def test_diverted_reads_the_reply_port_on_the_kernel_path_and_the_queued_mark_on
 def test_ipv6_endpoints_are_bracketed():
     assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, 53) == "[2001:db8::53]:53"
     assert convrecords.endpoint(ipaddress.ip_address("2001:db8::53").packed, None) == "2001:db8::53"
+
+
+def test_profile_and_task_follow_the_client_and_none_removes_them():
+    rec = {"event": "start", "client": "192.0.2.2:40000", "client_address": "192.0.2.2", "listener": "tcp-echo"}
+    both = convrecords.with_task(convrecords.with_profile(rec, "sinkhole"), "t1")
+    assert list(both) == ["event", "client", "client_address", "task", "profile", "listener"]
+    assert convrecords.with_profile(both, None) == convrecords.with_task(rec, "t1")
+    assert convrecords.with_profile(rec, None) is rec

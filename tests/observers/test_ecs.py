@@ -73,3 +73,8 @@ def test_listener_records_use_their_own_fields():
     tls = to_ecs({"event": "tls", "sni": "c2.example", "version": "TLSv1.3"})
     assert tls["tls"] == {"client": {"server_name": "c2.example"}} and tls["nftdivert"]["version"] == "TLSv1.3"
     assert to_ecs({"event": "admission", "client_address": "192.0.2.2", "dropped": 3})["source"] == {"ip": "192.0.2.2"}
+
+
+def test_the_profile_that_answered_is_a_label():
+    ecs = to_ecs({**END, "profile": "sinkhole"})
+    assert ecs["labels"] == {"profile": "sinkhole"} and "profile" not in ecs["nftdivert"]

@@ -122,3 +122,48 @@ def test_every_protocol_recognised_or_fixed_has_a_service():
     """What recognition can name, or a listener's kind fixes, is served (TLS is unwrapped, then named again)."""
     named = {"http", *C2, *recognize.SERVER_FIRST.values(), *PROTOCOL_KINDS} - {"https"}
     assert named == set(ANSWERS)
+
+
+def test_a_conversation_keeps_the_profile_it_began_with_and_its_records_name_it(tmp_path):
+    import asyncio
+
+    from nftdivert.config import HttpConfig, load
+    from nftdivert.profiles import Profiles
+    from nftdivert.services import custom
+    from nftdivert.services.default_tcp import DefaultTcp
+
+    def served(name: str, body: str):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'[[profiles]]\nname = "{name}"\nclients = ["127.0.0.0/8"]\n'
+                        f'http = {{ body = "{body}", bodies_dir = "" }}\n')
+        return custom.serving(Profiles(load(path)))
+
+    records: list[dict] = []
+    answers = DefaultTcp("t", HttpConfig(body="top-level", bodies_dir=""),
+                         TlsConfig(state_dir=str(tmp_path / "state")), RecognizeConfig(wait=0.3), records.append)
+    old, new = served("lab", "before"), served("lab-renamed", "after")
+
+    def reloading(client: str):  # a reload lands just after the conversation chose its answers
+        answers.reload(new)
+        return old(client)
+
+    answers.reload(reloading)
+
+    async def ask() -> bytes:
+        async def handle(reader, writer):
+            try:
+                await answers.serve(reader, writer, lambda _n: None)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = await reader.read()
+            writer.close()
+            return reply
+
+    assert asyncio.run(ask()).endswith(b"before")
+    assert asyncio.run(ask()).endswith(b"after")
+    assert [(r["event"], r.get("profile")) for r in records] == [("http", "lab"), ("http", "lab-renamed")]

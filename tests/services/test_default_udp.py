@@ -65,3 +65,18 @@ def test_the_origin_is_asked_once_per_tuple():
 
     assert asyncio.run(transfer())[1] is None  # the last block acknowledged: done
     assert len(origin.asked) == 1
+
+
+def test_a_record_names_the_profile_that_answered_its_client(tmp_path):
+    from nftdivert.config import load
+    from nftdivert.profiles import Profiles
+    from nftdivert.services import custom
+
+    path = tmp_path / "c.toml"
+    path.write_text('[[profiles]]\nname = "lab"\nclients = ["192.0.2.0/24"]\n')
+    records: list[dict] = []
+    udp = DefaultUdp("udp-echo", records.append, Origin(37), served=custom.serving(Profiles(load(path))))
+    asyncio.run(udp.answer(b"", CLIENT, LOCAL))
+    asyncio.run(udp.answer(b"", ("2001:db8:1::2", 40000, 0, 0), ("2001:db8:1::1", 1337)))
+    assert [r.get("profile") for r in records] == ["lab", None]
+    assert list(records[0])[:3] == ["client", "client_address", "profile"]

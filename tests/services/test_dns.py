@@ -256,7 +256,7 @@ def test_any_other_ptr_is_nxdomain(name):
     seen = []
     reply, _ = ask(resolver(seen=seen), name, "PTR")
     assert reply.rcode() == dns.rcode.NXDOMAIN and reply.answer == []
-    assert seen[0][3:] == ("", "NXDOMAIN")
+    assert seen[0][3:] == ("", "NXDOMAIN", None)
 
 
 def test_names_on_the_nxdomain_list_do_not_exist_for_any_type():
@@ -269,7 +269,7 @@ def test_names_on_the_nxdomain_list_do_not_exist_for_any_type():
     assert len(res.v4) == 0 and len(res.v6) == 0  # no address spent on them
     for name in ("blocked.example", "sub.exact.example", "notblocked.example"):  # "*." is below only
         assert ask(res, name, "A")[0].rcode() == dns.rcode.NOERROR, name
-    assert seen[0] == ("192.0.2.2:5353", "x.blocked.example", "A", "", "NXDOMAIN")
+    assert seen[0] == ("192.0.2.2:5353", "x.blocked.example", "A", "", "NXDOMAIN", None)
 
 
 def test_mx_and_ns_point_at_names_that_resolve_into_the_pool():
@@ -305,9 +305,9 @@ def test_other_types_get_an_empty_noerror_and_everything_is_logged():
     assert reply.rcode() == dns.rcode.NOERROR and reply.answer == []
     ask(res, "web.example", "A")
     ask(res, "corp.example", "MX")
-    assert seen == [("192.0.2.2:5353", "host.example", "HINFO", "", "NOERROR"),
-                    ("192.0.2.2:5353", "web.example", "A", "198.51.100.1", "NOERROR"),
-                    ("192.0.2.2:5353", "corp.example", "MX", "10 mail.corp.example", "NOERROR")]
+    assert seen == [("192.0.2.2:5353", "host.example", "HINFO", "", "NOERROR", None),
+                    ("192.0.2.2:5353", "web.example", "A", "198.51.100.1", "NOERROR", None),
+                    ("192.0.2.2:5353", "corp.example", "MX", "10 mail.corp.example", "NOERROR", None)]
 
 
 def test_nothing_in_any_answer_names_nftdivert():
