@@ -8,6 +8,12 @@ stale ACK of the old conversation, the client would reset and retry, and
 the log would show a conversation twice. The kernel path gets a fresh tuple
 from conntrack (the old entry's reply tuple is still taken). Backend:
 NFTDIVERT_TEST_BACKEND, as in test_e2e.py.
+
+A stale answer shows in the log as two starts (the client resets and
+retries). How a conversation ended is not asserted: it is the wire's, and
+on a loaded machine a listener that sees no ACK within a few milliseconds
+sends its FIN again (a tail loss probe); the client's second ACK then finds
+the socket gone and draws a reset, truthfully logged as `"ended": "reset"`.
 """
 
 from __future__ import annotations
@@ -81,7 +87,6 @@ def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at
         for client, mine in by_client.items():
             assert sorted(x["event"] for x in mine) == ["end", "start"], (dest, client, mine)
             assert mine[0]["id"] == mine[1]["id"], mine
-            assert not any(x.get("ended") == "reset" for x in mine), mine
             ids.add(mine[0]["id"])
     assert len(ids) == 20, f"{len(ids)} distinct ids for 20 conversations"
 
@@ -245,5 +250,4 @@ def test_a_remap_onto_a_listener_socket_in_time_wait_is_one_conversation(gw, gra
     for dest, mine in records.items():
         assert sorted(x["event"] for x in mine) == ["end", "start"], (dest, mine)
         assert mine[0]["id"] == mine[1]["id"], mine
-        assert not any(x.get("ended") == "reset" for x in mine), mine
     assert lines
