@@ -193,6 +193,7 @@ def _stale_sockets_closed(ns) -> int:
 
 
 @pytest.mark.any_backend  # the worker's table and its conntrack questions, the same on both backends
+@pytest.mark.queue_path  # on the kernel path the listener's tuple is conntrack's own (the test above)
 @pytest.mark.parametrize("grace", [GRACE, 60.0], ids=["forgotten", "closing"])
 def test_a_remap_onto_a_listener_socket_in_time_wait_is_one_conversation(gw, grace):
     """One client port towards two addresses on one port: the kernel remaps
@@ -206,8 +207,6 @@ def test_a_remap_onto_a_listener_socket_in_time_wait_is_one_conversation(gw, gra
     per destination): the client reset and retried, and the log held the
     conversation twice. The queue path drops that answer and closes the
     socket, and the client's retransmitted SYN is answered."""
-    if harness.KERNEL_PATH:
-        pytest.skip("the queue path's: on the kernel path the listener's tuple is conntrack's own (the test above)")
     if not harness.stats_writable():
         pytest.skip("/run is not writable here: the worker's counters show what it cleared")
     gw.stop()

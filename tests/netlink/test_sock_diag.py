@@ -84,6 +84,7 @@ def test_the_owner_of_a_conversation_is_its_clients_socket(host):
 
 
 @pytest.mark.kernel
+@pytest.mark.vm  # the stock kernel's SOCK_DESTROY of a TIME_WAIT socket, which the worker relies on
 def test_a_socket_in_time_wait_is_found_and_closed_by_its_cookie(host):
     """The side that closes first waits in TIME_WAIT; SOCK_DESTROY ends that at
     once. Once it has gone, the same tuple finds the listening socket: a
