@@ -1087,13 +1087,25 @@ def _total_retrans(sock: socket.socket) -> int:
     return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 100)[0]
 
 
+def _syn_retransmits() -> int:
+    """This network namespace's TCPSynRetrans: the SYNs its sockets sent again.
+    (tcpi_total_retrans counts every segment, tail loss probes too, which a
+    loaded machine makes of a stalled ACK.)"""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for head, values in zip(lines[::2], lines[1::2]):
+        if head.startswith("TcpExt:"):
+            return int(dict(zip(head.split()[1:], values.split()[1:]))["TCPSynRetrans"])
+    raise RuntimeError("no TcpExt in /proc/net/netstat")
+
+
 def cmd_from_ports(targets: list[list], half_close: bool, timeout: float) -> dict:
     """One TCP exchange per [sport, host, port, payload], one after another,
     each from its own fixed client port (SO_REUSEADDR, as a client reusing its
     ports does). Without --half-close the server is left to close first (an
     HTTP request); with it, the client half-closes after sending (the echo).
-    Each reports how many segments it had to send again: 0 if its SYN was
-    answered at once."""
+    Each reports how many times its SYN was sent again (`syn_retransmits`: 0
+    if it was answered at once; the client's namespace has no other traffic)
+    and how many segments in all (`retransmits`)."""
     res = []
     for sport, host, port, payload in targets:
         r: dict = {"sport": sport, "target": [host, port], "ok": False}
@@ -1102,7 +1114,9 @@ def cmd_from_ports(targets: list[list], half_close: bool, timeout: float) -> dic
         sock.settimeout(timeout)
         try:
             sock.bind(("::" if _family(host) == socket.AF_INET6 else "0.0.0.0", sport))
+            syns = _syn_retransmits()
             sock.connect((host, port))
+            r["syn_retransmits"] = _syn_retransmits() - syns
             sock.sendall(payload.encode())
             if half_close:
                 sock.shutdown(socket.SHUT_WR)

@@ -67,7 +67,7 @@ def test_a_client_port_used_again_after_the_listener_closed_first_is_answered_at
     second = [[p, "198.18.23.20", 6000 + k, f"echo-{k}-{tag}"] for k, p in enumerate(sports)]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
     bad = [x for x, (_, _, _, payload) in zip(r["results"], second)
-           if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
+           if not x["ok"] or x["reply"] != payload or x["syn_retransmits"] != 0]
     assert not bad, f"{len(bad)} of 10 not answered at the first SYN (a stale ACK, then a retry): {bad}"
     # Untouched by the new conversations (a SYN that met one would have replaced or reset it).
     assert set(sports) <= _time_wait_peers(gw.diverter_ns), "the new conversations met the old sockets"
@@ -127,7 +127,7 @@ def test_a_conversation_the_kernel_remaps_onto_a_closed_conversations_client_por
     second = [[sport, "198.51.100.33", 7777, f"new-{tag}"]]
     r = gw.client_run("from-ports", "--half-close", "--json", json.dumps(second), timeout=60)
     (x,) = r["results"]
-    assert x["ok"] and x["reply"] == f"new-{tag}" and x["retransmits"] == 0, x
+    assert x["ok"] and x["reply"] == f"new-{tag}" and x["syn_retransmits"] == 0, x
     if not harness.KERNEL_PATH:
         harness.wait_for(lambda: _kernel_remaps(gw.diverter_ns) >= 1, 5,  # the counters are published once a second
                      "the kernel's remap counted (else the test proved nothing)")
@@ -169,7 +169,7 @@ def test_a_client_port_the_kernel_remapped_an_earlier_conversation_to_is_answere
     # (its ephemeral range). The client cannot make that conversation; the others count.
     made = [(x, step) for x, step in zip(r["results"], third) if "Address already in use" not in x.get("error", "")]
     assert len(made) >= 16, r["results"]
-    bad = [x for x, (_, _, _, payload) in made if not x["ok"] or x["reply"] != payload or x["retransmits"] != 0]
+    bad = [x for x, (_, _, _, payload) in made if not x["ok"] or x["reply"] != payload or x["syn_retransmits"] != 0]
     assert not bad, f"{len(bad)} of {len(made)} not answered at the first SYN (a stale ACK, then a retry): {bad}"
 
     lines = gw.log_barrier(div)

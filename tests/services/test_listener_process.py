@@ -48,7 +48,7 @@ def test_serves_reports_counters_and_dns_answers_then_leaves_no_process(ports):
             s.sendto(query.to_wire(), ("127.0.0.1", ports["dns"]))
             answer = str(dns.message.from_wire(s.recvfrom(4096)[0]).answer[0][0])
         wait(lambda: questions and proc.stats["t"].bytes_received == 5)
-        assert questions[0][1:] == ("c2.example", "A", answer, "NOERROR")
+        assert questions[0][1:] == ("c2.example", "A", answer, "NOERROR", None)  # no profile selects it
         assert proc.name_for(ipaddress.ip_address(answer)) == "c2.example"
         assert "x" not in proc.stats  # external: someone else's program
     finally:
