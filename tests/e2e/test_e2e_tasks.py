@@ -145,8 +145,13 @@ def test_two_analyses_at_once_each_get_only_their_own_records_and_packets(lab, r
         assert summary["total"]["bytes_sent"] > 0, summary
         assert "<html" in (evidence / name / "report.html").read_text()
         assert host in (evidence / name / "summary.txt").read_text()
-    # The run's own pcap has the third client too.
-    assert any(c2 in p for p in pcap_addresses(tmp_path / "all.pcap"))
+    # The run's own pcap has the third client too. The run is still writing it: wait for it.
+    def third_client_captured() -> bool:
+        try:
+            return any(c2 in p for p in pcap_addresses(tmp_path / "all.pcap"))
+        except AssertionError:  # tshark met a packet still being written
+            return False
+    harness.wait_for(third_client_captured, 15, "the third client's packets in the run's pcap")
 
 
 def test_a_reused_address_goes_to_the_later_analysis_and_errors_exit_2(lab, run, tmp_path):
