@@ -2,9 +2,10 @@
 
 Two questions: which sockets listen (TCP) or wait unconnected (UDP), one
 dump per family and protocol; and which socket (its uid and inode) is one
-conversation's. One order: close a listener's TCP socket lingering in
-TIME_WAIT (SOCK_DESTROY), when the kernel gave a new conversation its tuple. /proc/net/{tcp,udp}* would answer the first too, but not
-whether an IPv6 wildcard socket is IPV6_V6ONLY.
+conversation's. /proc/net/{tcp,udp}* would answer the first too, but not
+whether an IPv6 wildcard socket is IPV6_V6ONLY. One order: close a
+listener's TCP socket lingering in TIME_WAIT (SOCK_DESTROY), when the kernel
+gave a new conversation its tuple.
 
 Hand-written rather than pyroute2: pyroute2 is no dependency of nftdivert
 (nor installed with it), and a request here is one struct and a loop over
