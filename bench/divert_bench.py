@@ -27,7 +27,9 @@ listener code (nftdivert.services.listeners.Listeners) on TCP 1337:
           all at once for --lab-seconds on each path, log and pcap on: DNS,
           HTTP, HTTPS, TCP echo, UDP, ping in a loop (lab_load.py); conv/s,
           p50/p99 per kind, CPU per process and per core, the listeners'
-          memory, the log checked against the clients (lab_run.py)
+          memory, the log checked against the clients (lab_run.py); with the
+          queue path, its row again with one queue worker: what one worker
+          per core (the default) gains, side by side
 
 The table and bench-results.json come from report.py.
 
@@ -54,7 +56,7 @@ import lab_topology
 import load
 import report
 import topology
-from lab_report import print_lab
+from lab_report import print_lab, workers_gain
 from common import T0, BenchError, say
 from micro import micro
 from sides import KernelSide, NftdivertSide
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             res["lab"] = {"clients": args.lab_clients, "seconds": args.lab_seconds,
                           "unique_ports": args.lab_unique_ports, "rows": {}}
             lab_run.run(args.paths, res["lab"], tmp, rng, topos)
+            res["lab"]["workers_gain"] = workers_gain(res["lab"]["rows"])
             failed = lab_run.failures(res["lab"]["rows"])
             if failed:
                 raise BenchError("the lab row: " + "; ".join(failed))

@@ -44,14 +44,17 @@ def _netfilter_inodes(pid: int) -> tuple[set[str], set[str]]:
     return subscribed, other
 
 
-def classify(run_pid: int, ports: set[int]) -> dict[str, list[int]]:
-    """label -> pids (a child with its descendants): `run`, `listener N`, `observer`, `capture`, `other N`."""
+def classify(run_pid: int, ports: set[int], workers: list[int] = ()) -> dict[str, list[int]]:
+    """label -> pids (a child with its descendants): `run`, `worker N` (the queue workers: `workers`,
+    as the run names them), `listener N`, `observer`, `capture`, `other N`."""
     bound = cpu.listening_inodes(run_pid, ports, udp=True)
     subscribed, other_nf = _netfilter_inodes(run_pid)
     groups: dict[str, list[int]] = {"run": [run_pid]}
     listeners = others = 0
     for kid in sorted(cpu.children(run_pid)):
-        if cpu.holds_socket(kid, bound):
+        if kid in workers:
+            label = f"worker {list(workers).index(kid)}"
+        elif cpu.holds_socket(kid, bound):
             listeners += 1
             label = f"listener {listeners}"
         elif cpu.holds_socket(kid, subscribed):

@@ -46,5 +46,20 @@ def print_lab(lab: dict) -> None:
         busy = ", ".join(f"cpu{c} {100 * b:.0f}%" for c, b in r["machine_busy_per_core"].items())
         print(f"{path:<8} the {r['clients']} clients' own processes: {r['clients_cpu_seconds']:.1f} CPU s; "
               f"the machine's cores busy: {busy}")
-    print("run: `nftdivert run`'s own process (the queue worker and its threads); x 1 core: CPU s / the load's "
-          "wall time;\ncpuN: the seconds spent on core N (sampled every 0.1 s)")
+    print("run: `nftdivert run`'s own process (one queue worker, or the tick beside several); worker N: a queue "
+          "worker's process;\nx 1 core: CPU s / the load's wall time; cpuN: the seconds spent on core N "
+          "(sampled every 0.1 s)")
+    gain = workers_gain(rows)
+    if gain:
+        print(f"\nqueue path, {gain['workers']} queue workers (one per core) vs one, on the same run: "
+              f"conversations/s x{gain['per_s']:.2f}, p50 x{gain['p50_ms']:.2f}, p99 x{gain['p99_ms']:.2f}")
+
+
+def workers_gain(rows: dict) -> dict | None:
+    """What the queue row (one worker per core) has over the one-worker row: ratios, and how many workers."""
+    many, one = rows.get("queue"), rows.get("queue-1w")
+    if not many or not one or not one["per_s"] or not one["all"]["p50_ms"] or not one["all"]["p99_ms"]:
+        return None
+    workers = sum(1 for g in many["cpu_seconds"] if g.startswith("worker ")) or 1
+    return {"workers": workers, "per_s": many["per_s"] / one["per_s"],
+            "p50_ms": many["all"]["p50_ms"] / one["all"]["p50_ms"], "p99_ms": many["all"]["p99_ms"] / one["all"]["p99_ms"]}

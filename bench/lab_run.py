@@ -116,14 +116,21 @@ def check_log(path: Path, made: list[list], dns: list[list]) -> dict:
     return out
 
 
+# The queue path again with one queue worker: what one worker per core gains, on the same run.
+ONE_WORKER = "queue-1w"
+
+
 def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: tuple[Path, str],
              unique_ports: bool) -> dict:
     state_dir, ca_file = tls
-    side = NftdivertSide(topo, tmp, 0, path, ("log", "pcap"), config(state_dir), name=f"lab {path} path")
+    workers = "workers = 1\n" if path == ONE_WORKER else ""  # into [queue], which the side's config ends with
+    divert_path = "queue" if path == ONE_WORKER else path
+    side = NftdivertSide(topo, tmp, 0, divert_path, ("log", "pcap"), workers + config(state_dir),
+                         name=f"lab {path} path")
     topo.flush_conntrack()
     say(f"lab: {path} path: starting nftdivert run (log and pcap on)")
     side.start()
-    groups = lab_cpu.classify(side.proc.pid, LISTENER_PORTS)
+    groups = lab_cpu.classify(side.proc.pid, LISTENER_PORTS, _workers(side.err.read_text(errors="replace")))
     listeners = [g for g in groups if g.startswith("listener")]
     rss_start = {g: lab_cpu.rss_mb(groups[g]) for g in listeners}
     before = {g: sum(cpu.cpu_seconds(p) for p in pids) for g, pids in groups.items()}
@@ -157,6 +164,12 @@ def run_path(topo: LabTopology, tmp: Path, path: str, seconds: float, rng, tls: 
         f"p99 {row['all']['p99_ms']:.1f} ms, errors {sum(row['errors'].values())}, "
         f"log {'ok' if log['ok'] else 'NOT ok'}")
     return row
+
+
+def _workers(stderr: str) -> list[int]:
+    """The queue workers' pids, in order, as the run names them (none for one worker)."""
+    found = re.search(r"(\d+) queue workers \(pids ([\d, ]+)\)", stderr)
+    return [int(p) for p in found[2].split(",")] if found else []
 
 
 # The gateway's own counters that explain a conversation seen twice or lost:
@@ -205,6 +218,8 @@ def failures(rows: dict) -> list[str]:
 def run(paths, lab: dict, tmp: Path, rng, topos: list) -> None:
     """The lab on each path in turn, each in a lab of its own (registered in `topos` for the cleanup);
     each path's row into lab["rows"] as it is done. `lab`: clients, seconds, unique_ports.
+    With the queue path, its row again with one queue worker (ONE_WORKER): what the default
+    (one per core) gains over one, measured side by side.
 
     Not one lab for both: the listener sockets of the first run that closed
     first wait in TIME_WAIT for 60 s, and the queue path's worker knows only
@@ -213,7 +228,7 @@ def run(paths, lab: dict, tmp: Path, rng, topos: list) -> None:
     has two starts for it (measured: a few in a thousand).
     """
     tls = make_ca(tmp)
-    for path in paths:
+    for path in [*paths, *([ONE_WORKER] if "queue" in paths and lab.get("one_worker", True) else [])]:
         topo = LabTopology(lab["clients"])
         topos.append(topo)
         topo.up()

@@ -183,8 +183,17 @@ class Listener:
 @dataclass(frozen=True)
 class QueueConfig:
     backend: str = "auto"
+    # Worker k (of `workers`) reads queues incoming + k and outgoing + k, so the
+    # two ranges must not overlap: 64 apart by default, room for 64 workers.
     incoming: int = 0
-    outgoing: int = 1
+    outgoing: int = 64
+    # Queue workers (processes), each owning the client addresses the ruleset's
+    # hash gives it (worker/spread.py); 0: one per CPU this run may use.
+    workers: int = 0
+    # xt backend with several workers: the nft table writes the worker's number
+    # into these mark bits beside `mark`, and the iptables-nft rule of worker k
+    # matches both (those rules cannot compute the hash).
+    worker_mark: int = 0x3F000000
     # closed: with no worker attached diverted packets are dropped, so nothing
     # leaks to the real destination; open: they pass (the kernel's bypass).
     fail: str = "closed"
@@ -220,6 +229,13 @@ class QueueConfig:
         if self.incoming == self.outgoing:
             raise ConfigError(f"{key}.outgoing", self.outgoing,
                               "must differ from queue.incoming: each direction needs its own queue")
+        _check_type(f"{key}.workers", self.workers, int, "a number of queue workers (0: one per CPU)")
+        if not 0 <= self.workers <= MAX_QUEUE_WORKERS:
+            raise ConfigError(f"{key}.workers", self.workers, f"0 (one per CPU) to {MAX_QUEUE_WORKERS}")
+        _check_type(f"{key}.worker_mark", self.worker_mark, int, "an integer bit mask")
+        low = self.worker_mark & -self.worker_mark
+        if not 0 < self.worker_mark <= 0xFFFFFFFF or (self.worker_mark + low) & self.worker_mark:
+            raise ConfigError(f"{key}.worker_mark", self.worker_mark, "must be one run of set bits in 32")
         _check_type(f"{key}.admission_group", self.admission_group, int, "an integer nflog group")
         if not 0 <= self.admission_group <= 65535:
             raise ConfigError(f"{key}.admission_group", self.admission_group, "nflog groups are 0-65535")
@@ -230,6 +246,26 @@ class QueueConfig:
         _check_type(f"{key}.ct_mark", self.ct_mark, int, "an integer bit mask")
         if not 0 < self.ct_mark <= 0xFFFFFFFF:
             raise ConfigError(f"{key}.ct_mark", self.ct_mark, "must be a non-zero 32-bit mask")
+        if self.worker_mark & self.mark:
+            raise ConfigError(f"{key}.worker_mark", self.worker_mark,
+                              f"shares bits with queue.mark ({self.mark:#x}): each marks something else")
+
+    def worker_numbers(self, workers: int, key: str = "queue") -> None:
+        """Refuse queue numbers or mark bits that `workers` workers cannot have."""
+        for name in ("incoming", "outgoing"):
+            first = getattr(self, name)
+            if first + workers - 1 > 65535:
+                raise ConfigError(f"{key}.{name}", first, f"{workers} workers need queues {first}-{first + workers - 1}, "
+                                  "beyond 65535")
+        if abs(self.incoming - self.outgoing) < workers:
+            raise ConfigError(f"{key}.outgoing", self.outgoing,
+                              f"{workers} workers take queues {self.incoming}-{self.incoming + workers - 1} "
+                              f"(incoming) and {self.outgoing}-{self.outgoing + workers - 1} (outgoing): "
+                              f"the two ranges must not overlap; set queue.outgoing {workers} or more away "
+                              "from queue.incoming, or fewer queue.workers")
+        room = self.worker_mark // (self.worker_mark & -self.worker_mark) + 1
+        if workers > room:
+            raise ConfigError(f"{key}.worker_mark", self.worker_mark, f"holds {room} worker numbers, not {workers}")
 
 
 @dataclass(frozen=True)
@@ -834,6 +870,7 @@ DEFAULT_LISTENERS = (
 
 
 MAX_LISTENER_PROCESSES = 64
+MAX_QUEUE_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -917,9 +954,25 @@ class Config:
             raise ConfigError("analyses.file" if self.analyses.file else "analyses.directory",
                               self.analyses.file or self.analyses.directory,
                               'analyses tag and split the conversation log, which is off (--log "")')
+        self.queue.worker_numbers(self.queue_workers())
+        if self.queue.workers > 1 and self.worker.pcap_rewritten:
+            raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
+                              f"is one worker's view, and queue.workers is {self.queue.workers}: set it to 1 "
+                              "(or 0, which with pcap_rewritten means one)")
         if self.divert_path == "kernel" and self.worker.pcap_rewritten:
             raise ConfigError("worker.pcap_rewritten", self.worker.pcap_rewritten,
                               'the kernel path has no queue worker whose view it would be; use divert_path = "queue"')
+
+    def queue_workers(self) -> int:
+        """How many queue workers run: none on the kernel path; `queue.workers`, or one per
+        CPU this run may use (one while pcap_rewritten, a single worker's view, is asked for)."""
+        if self.divert_path == "kernel":
+            return 0
+        if self.queue.workers:
+            return self.queue.workers
+        if self.worker.pcap_rewritten:
+            return 1
+        return min(len(os.sched_getaffinity(0)), MAX_QUEUE_WORKERS)
 
     def _validate_listeners(self) -> None:
         names: set[str] = set()

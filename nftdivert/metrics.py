@@ -52,6 +52,8 @@ KNOWN: dict[tuple[str, str | None], tuple[str, str, str, str, str]] = {
        for k in ("written", "dropped", "failed")},
     ("log", "events_lost"): ("conntrack_event_overruns_total", "counter",
                              "times the kernel dropped conntrack events for the observer", "", ""),
+    ("worker_conversations", None): ("queue_worker_conversations_total", "counter",
+                                     "new conversations each queue worker took (several workers)", "worker", ""),
     ("admission", None): ("admission_dropped_total", "counter",
                           "new conversations beyond their client's share, dropped before the queue", "protocol", ""),
     ("diverted", None): ("diverted_total", "counter",

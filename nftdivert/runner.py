@@ -44,7 +44,8 @@ from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
 from nftdivert.ruleset import bound_sets, client_sets
 from nftdivert.worker.pump import Ticker
-from nftdivert.worker.queue import Worker, build_fixup
+from nftdivert.worker.processes import WorkerProcesses
+from nftdivert.worker.queue import Worker, conntrack, queue_fixup
 
 # How often the sets of bound ports follow the host's sockets: a service that
 # binds after the start gets its own new conversations within this.
@@ -52,11 +53,6 @@ BOUND_REFRESH = 0.25  # seconds
 SERVING_RENEW = 1.0  # seconds; the kernel path's fail-closed set (model.SERVING_TIMEOUT)
 _KIND_NAMES = {"echo": "built-in echo", "dns": "built-in DNS", "external": "external program",
                **{kind: f"built-in {kind.upper()}" for kind in PROTOCOL_KINDS}}
-
-
-def _as_the_sets_said(_protocol: int, _address: bytes, _port: int) -> bool:
-    """The worker's is_bound: a queued conversation's port was unbound when the ruleset queued it."""
-    return False
 
 
 class _BoundPorts:
@@ -130,37 +126,9 @@ def _log_stream(config: Config, stack: ExitStack) -> tuple[TextIO | None, bool]:
     return stream, as_json
 
 
-def _conntrack(stack: ExitStack):
-    """A ctnetlink socket of its own (lookups of an entry by its reply tuple), or None."""
-    try:
-        from nftdivert.netlink.ctnetlink import Conntrack
-        return stack.enter_context(Conntrack())
-    except (ImportError, OSError):
-        return None  # the log falls back to the packet as it arrived
-
-
 def _conntrack_lookup(stack: ExitStack):
-    ct = _conntrack(stack)
+    ct = conntrack(stack)
     return ct.entry if ct is not None else None
-
-
-def _queue_fixup(config: Config, stack: ExitStack, is_local):
-    """The queue path's FixUp, with conntrack to place kernel remaps and to
-    clear what answers them stale (worker/stale.py)."""
-    ct = _conntrack(stack)
-    clear = None
-    if ct is not None:
-        from nftdivert.worker.stale import StaleClearer
-        try:
-            clear = StaleClearer(ct)
-        except OSError:
-            pass  # no sock_diag: stale answers pass as they are
-        else:
-            stack.callback(clear.close)
-    # What the ruleset queues, its bound sets found unbound, and it marked the
-    # conversation queued (the log names the listener by that mark): the worker
-    # must not overrule it with a view of the sockets refreshed since.
-    return build_fixup(config, _as_the_sets_said, is_local=is_local, resolve=ct.entry if ct else None, clear=clear)
 
 
 def run(config: Config, *, pcap_path: str | None = None, on_ready: Callable[[], object] | None = None,
@@ -255,6 +223,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                                   exc.strerror or str(exc)) from None
             stack.push(partial(_close_capture, pcap, pcap_path))
 
+        # Forked before any thread of ours exists, as the listeners are.
+        team = _worker_processes(config, stack)
         # Started before any thread of ours exists: the listener process is a fork.
         listeners = ListenerProcess(config)
         try:
@@ -298,10 +268,15 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
         observer = seen.start(config, stack, log, listeners.name_for, hooks,
                               profile_for=lambda address: answers[0].profile_for(address).profile)
-        fixup = None if rs.kernel_path else _queue_fixup(config, stack, ports.is_local)
+        fixup = None if rs.kernel_path or team is not None else queue_fixup(config, stack, ports.is_local)
         # The listener's origin questions: the worker's table (queue path), and
-        # conntrack on a socket of their own (on the kernel path it knows everything).
-        listeners.answer_origins(partial(origin.original, fixup.table if fixup else None, _conntrack_lookup(stack)))
+        # conntrack on a socket of their own (on the kernel path it knows everything);
+        # with several workers, the one that owns the client answers.
+        if team is not None:
+            listeners.ask_origins_later(team.ask)
+        else:
+            listeners.answer_origins(partial(origin.original, fixup.table if fixup else None,
+                                             _conntrack_lookup(stack)))
         statsfile = stats.stats_path(config.table)
         stack.callback(metrics.remove, config.worker.metrics_file)  # the counters go with the run
         metrics.serve(config.worker.metrics_listen, statsfile, config.table, stack)
@@ -310,16 +285,19 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
         def warn_once() -> None:
             nonlocal warned
-            if fixup is not None and fixup.counters.dropped and not warned:
+            if not warned and (fixup.counters.dropped if fixup is not None else
+                               team.counters().get("packets", {}).get("dropped", 0) if team is not None else 0):
                 warned = True
                 _say(f"warning: dropped a packet larger than the queue copies ({QUEUE_COPY_LIMIT} bytes): it cannot "
                      "be rewritten; such packets are counted as 'dropped' and not reported again")
 
-        def snapshot() -> dict:
-            if fixup is None:
+        def snapshot(fresh: bool = False) -> dict:
+            """The run's counters; `fresh`: the workers' asked for now, not their last report."""
+            if rs.kernel_path:
                 snap = _kernel_snapshot(_counted(engine.diverted, config.table, nft), listeners, log, observer)
             else:
-                snap = _snapshot(pump, listeners, log, observer, _admission(config.table, nft))
+                counts = team.counters(fresh) if team is not None else pump.counters()
+                snap = _snapshot(counts, listeners, log, observer, _admission(config.table, nft))
             running = {"tasks": analyses.table.tasks(time.time())} if analyses is not None else {}
             return {**snap, **_counted(engine.spoofed, config.table, nft), **_shipped(sender), **running}
 
@@ -349,12 +327,14 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
                 except OSError as exc:  # disk full, EIO: stop rather than divert uncaptured
                     raise _capture_failed(pcap_path, exc) from None
 
-        if fixup is None:
+        if fixup is None:  # the kernel path, or workers of their own: the tick and the readers alone
             pump = Ticker(tick, BOUND_REFRESH)
         else:
             pump = Worker(config, fixup, pcap=pcap, tick=tick, tick_seconds=2 * BOUND_REFRESH)
             pump.bind()
         stack.callback(pump.close)
+        if team is not None:
+            team.serve(pump)
         for questions in listeners.origins:  # each listener process's questions, between turns of packets
             pump.add_reader(questions.fileno(), questions.answer_pending)
         failure: list[str] = []
@@ -366,6 +346,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             if not failure:
                 if fixup is not None:
                     fixup.refusing = True
+                if team is not None:
+                    team.refuse()
                 try:
                     ports.refuse()
                 except (KernelError, OSError) as exc:
@@ -376,6 +358,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         unlogged = "answer conversations that would not be logged"
         _watch_children(pump, stop_now, [*((process, "the built-in listeners' process", "refuse every new conversation")
                                            for process in listeners.processes),
+                                         *((process, f"queue worker {index}", "leave its clients unanswered")
+                                           for index, process in enumerate(team.processes if team else ())),
                                          (observer.process, "the conversation observer", unlogged)])
         if capture is not None:
             pump.add_reader(capture.sentinel, lambda: stop_now(lambda: capture.failed() or "the capture stopped"))
@@ -412,7 +396,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         pump.run()
         warn_once()
         _say("stopping: removing the ruleset" + ("" if rs.kernel_path else ", unbinding the queues"))
-        final = snapshot()  # the table is still loaded
+        final = snapshot(fresh=True)  # the table is still loaded
         final.pop("tasks", None)  # the stop ends them (below, with their evidence)
     # Now the observer has ended what was left and the log is written out.
     final["log"] = _log_counts(log, observer)
@@ -423,6 +407,21 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
     if not failure and log.error is not None:  # it failed on the way out: the end records
         failure.append(_log_error(config, log))
     return final, (failure[0] if failure else None)
+
+
+def _worker_processes(config: Config, stack: ExitStack):
+    """Several queue workers (queue.workers), each in a process of its own with its queues bound,
+    stopped after the ruleset has gone; None for one worker (the run's own loop) or none."""
+    count = config.queue_workers()
+    if count <= 1:
+        return None
+    team = WorkerProcesses(config, count, origin.original)
+    team.start()
+    stack.callback(team.stop)
+    _say(f"{count} queue workers (pids {', '.join(str(p.pid) for p in team.processes)}), "
+         f"each owning the clients its queues {config.queue.incoming}-{config.queue.incoming + count - 1} "
+         f"and {config.queue.outgoing}-{config.queue.outgoing + count - 1} bring it")
+    return team
 
 
 def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack):
@@ -537,22 +536,15 @@ def _counted(read: Callable[[str, Nft], dict[str, int]], table: str, nft: Nft) -
         return {}  # counters are a courtesy; diverting goes on
 
 
-def _snapshot(worker: Worker, listeners: ListenerProcess, log: ConversationLog, observer,
+def _snapshot(counters: dict, listeners: ListenerProcess, log: ConversationLog, observer,
               admission: dict[str, int]) -> dict:
-    c = worker.fixup.counters
+    """The queue path's counters: the workers' (summed), the listeners', the log's."""
     return {
         "pid": os.getpid(),
         "updated": time.time(),
-        "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
-                    "malformed": c.malformed, "dropped": c.dropped, "stale_answers": c.stale_answers,
-                    "errors": c.errors + worker.stats.verdict_errors, "hook_errors": c.hook_errors},
+        **counters,
         "log": _log_counts(log, observer),
-        "unfit": dict(c.unfit),
-        "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
-                          "kernel_remaps": c.kernel_remaps, "stale_sockets_closed": c.sockets_closed,
-                          "stale_entries_deleted": c.entries_deleted, **asdict(worker.fixup.table.stats)},
         **_listener_counts(listeners),
-        "kernel": worker.kernel_drops(),
         "admission": admission,
     }
 

@@ -65,11 +65,14 @@ def _tasks_summary(snap: dict) -> str:
 
 
 def _processes_summary(snap: dict) -> str:
+    text = ""
+    if workers := snap.get("worker_conversations"):
+        text += f"; queue workers' conversations {' + '.join(str(n) for _, n in sorted(workers.items(), key=lambda w: int(w[0])))}"
     each = snap.get("listener_processes")
     if not each:
-        return ""
-    return (f"; listener processes' conversations {' + '.join(map(str, each))} "
-            f"(DNS pool questions unanswered {snap.get('pool_unanswered', 0)})")
+        return text
+    return text + (f"; listener processes' conversations {' + '.join(map(str, each))} "
+                   f"(DNS pool questions unanswered {snap.get('pool_unanswered', 0)})")
 
 
 def _path_summary(snap: dict) -> str:

@@ -73,6 +73,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+RULESET_TESTS = Path(__file__).resolve().parent / "ruleset"
+
+
+@pytest.fixture(autouse=True)
+def _ruleset_tests_on_one_cpu(request):
+    """The ruleset tests run as on a host of one CPU. queue.workers = 0 (the default) means one
+    queue worker per CPU the run may use, and the ruleset has chains per worker: a golden
+    rendering must not depend on the machine that checks it (the CLI's renderings inherit
+    the affinity). Several workers are rendered from configs that say how many."""
+    if RULESET_TESTS not in Path(request.node.path).parents:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @pytest.fixture
 def make_netns():
     """Factory for test hosts; every namespace it made is removed, pass or fail."""

@@ -53,7 +53,24 @@ DIVERT_PATH = os.environ.get("NFTDIVERT_TEST_PATH", "queue")
 DIVERT_PATH_LINE = f'divert_path = "{DIVERT_PATH}"\n'
 KERNEL_PATH = DIVERT_PATH == "kernel"
 TABLE = "nftdivert"
-QUEUES = (0, 1)
+# Queue workers a default run has (queue.workers = 0: one per CPU it may use, as this process may),
+# and the queues they bind: incoming 0.., outgoing 64..
+WORKERS = 0 if KERNEL_PATH else min(len(os.sched_getaffinity(0)), 64)
+QUEUES = (0, 64)
+ALL_QUEUES = tuple(q + k for q in QUEUES for k in range(max(WORKERS, 1)))
+
+
+def client_queues(address: str, workers: int = WORKERS) -> tuple[tuple[str, int], tuple[str, int]]:
+    """((name, number) of the incoming queue, the same of the outgoing) of the worker that owns
+    the client at `address`, as the counters name them ("incoming", or "incoming-1" among several)."""
+    import ipaddress
+
+    from nftdivert.worker.spread import worker_for
+
+    if workers <= 1:
+        return ("incoming", QUEUES[0]), ("outgoing", QUEUES[1])
+    k = worker_for(ipaddress.ip_address(address).packed, workers)
+    return (f"incoming-{k}", QUEUES[0] + k), (f"outgoing-{k}", QUEUES[1] + k)
 LISTENER_PORT = 1337
 
 CLIENT4, CLIENT6 = "192.0.2.2", "2001:db8:1::2"
@@ -163,7 +180,7 @@ def build_local_host(netns_mod):
 
 def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), udp_ports=(),
                 hosts=(), users=(), after_stop: str = "keep", new_tcp_per_source: int | None = None,
-                close_grace: float | None = None) -> str:
+                close_grace: float | None = None, workers: int | None = None) -> str:
     # JSON lists of strings and integers are valid TOML arrays.
     return "\n".join([
         f'mode = "{mode}"',
@@ -174,6 +191,7 @@ def config_text(*, mode: str = "gateway", fail: str = "closed", tcp_ports=(), ud
         f'backend = "{BACKEND}"',
         f'fail = "{fail}"',
         *([f"new_tcp_per_source = {new_tcp_per_source}"] if new_tcp_per_source is not None else []),
+        *([f"workers = {workers}"] if workers is not None else []),
         "",
         "[leave_alone]",
         f"tcp_ports = {json.dumps(list(tcp_ports))}",
@@ -260,7 +278,7 @@ def queue_bindings(ns) -> list[str]:
     """Lines of /proc/net/netfilter/nfnetlink_queue (this namespace) for our queues."""
     proc = ns.run("cat", "/proc/net/netfilter/nfnetlink_queue", check=False)
     return [line for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0] in {str(q) for q in QUEUES}]
+            if line.split() and line.split()[0] in {str(q) for q in ALL_QUEUES}]
 
 
 def port_bound(ns, proto: str, port: int) -> bool:

@@ -43,7 +43,7 @@ def test_the_lab_row_runs_tiny_on_both_paths(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert _left_by(proc.pid) == []
     rows = json.loads(results.read_text())["lab"]["rows"]
-    assert set(rows) == {"kernel", "queue"}
+    assert set(rows) == {"kernel", "queue", "queue-1w"}  # the queue path again with one queue worker
     for path, row in rows.items():
         assert row["clients"] == 3 and sum(row["errors"].values()) == 0, (path, row["errors"], row["first_error"])
         assert all(row["by_kind"][kind]["count"] > 0 for kind in ("dns", "http", "https", "echo", "udp", "ping")), \
@@ -59,6 +59,13 @@ def test_the_lab_row_runs_tiny_on_both_paths(tmp_path):
         assert row["clients_cpu_seconds"] > 0 and len(row["machine_busy_per_core"]) == os.cpu_count(), row
         assert row["capture"]["packets"] > 0 and row["capture"]["overruns"] == 0, row["capture"]
     assert "log check" in out and "listener 1" in out
+    workers = harness.WORKERS
+    gain = json.loads(results.read_text())["lab"]["workers_gain"]
+    if workers > 1:  # each queue worker's process measured, and what they gain over one
+        assert {f"worker {k}" for k in range(workers)} <= set(rows["queue"]["cpu_seconds"]), rows["queue"]["cpu_seconds"]
+        assert not any(g.startswith("worker ") for g in rows["queue-1w"]["cpu_seconds"]), rows["queue-1w"]["cpu_seconds"]
+        assert gain["workers"] == workers and gain["per_s"] > 0, gain
+        assert f"{workers} queue workers (one per core) vs one" in out, out[-2000:]
 
 
 @pytest.mark.kernel

@@ -26,12 +26,20 @@ pytestmark = pytest.mark.kernel
 def _children(host, div: harness.Diverter) -> list[int]:
     """The run's children: its listener processes in the order forked (the DNS owner first;
     one per usable CPU by default), then the observer. The listeners' processes are the
-    ones holding the listener's socket."""
+    ones holding the listener's socket; the queue workers (one per CPU too, when more
+    than one) are forked before them."""
     below = procs.descendants(div.proc.pid)
     ss = host.run("ss", "-Hltnp", f"sport = :{harness.LISTENER_PORT}").stdout
     holders = sorted({int(pid) for pid in re.findall(r"pid=(\d+)", ss)} & set(below), key=below.get)
-    assert len(holders) == len(os.sched_getaffinity(0)) and len(below) == len(holders) + 1, (ss, below)
-    return [*holders, next(pid for pid in below if pid not in holders)]
+    workers = sorted(below, key=below.get)[:_workers()]
+    assert len(holders) == len(os.sched_getaffinity(0)) and len(below) == len(holders) + len(workers) + 1, \
+        (ss, below)
+    return [*holders, next(pid for pid in below if pid not in holders and pid not in workers)]
+
+
+def _workers() -> int:
+    """The queue worker processes a default run has: none apart from the run itself with one."""
+    return harness.WORKERS if harness.WORKERS > 1 else 0
 
 
 def _stopped_by_itself(div: harness.Diverter, why: str) -> str:
@@ -117,7 +125,7 @@ def test_a_dead_capture_reader_stops_the_run_at_once(host, tmp_path):
     # Before: noticed at the next tick only, with "ended unexpectedly" for how.
     div = _start(host, tmp_path, "-w", str(tmp_path / "c.pcap"))
     below = procs.descendants(div.proc.pid)
-    assert len(below) == 2 + len(os.sched_getaffinity(0)), below
+    assert len(below) == 2 + len(os.sched_getaffinity(0)) + _workers(), below
     reader = min(below, key=below.get)  # forked first, before the listeners and the observer
     os.kill(reader, signal.SIGKILL)
     _stopped_by_itself(div, rf"the capture {tmp_path}/c.pcap stopped: its reader \(pid {reader}\) "

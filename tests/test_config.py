@@ -135,6 +135,21 @@ BAD = [
     case("queue-incoming-65536", "[queue]\nincoming = 65536\n", "queue.incoming", "0-65535"),
     case("queue-outgoing-negative", "[queue]\noutgoing = -1\n", "queue.outgoing", "0-65535"),
     case("queue-numbers-equal", "[queue]\nincoming = 7\noutgoing = 7\n", "queue.outgoing", "must differ"),
+    case("queue-workers-negative", "[queue]\nworkers = -1\n", "queue.workers", "0 (one per CPU) to 64"),
+    case("queue-workers-too-many", "[queue]\nworkers = 65\n", "queue.workers", "0 (one per CPU) to 64"),
+    case("queue-workers-as-string", '[queue]\nworkers = "2"\n', "queue.workers", "not str"),
+    case("queue-worker-ranges-overlap", "[queue]\nworkers = 4\nincoming = 10\noutgoing = 12\n", "queue.outgoing",
+         "queues 10-13 (incoming) and 12-15 (outgoing): the two ranges must not overlap"),
+    case("queue-worker-range-beyond", "[queue]\nworkers = 2\nincoming = 65535\noutgoing = 0\n", "queue.incoming",
+         "beyond 65535"),
+    case("queue-worker-mark-split", "[queue]\nworkers = 2\nworker_mark = 0x0500\n", "queue.worker_mark",
+         "one run of set bits"),
+    case("queue-worker-mark-shares", "[queue]\nworkers = 2\nworker_mark = 0x00010000\n", "queue.worker_mark",
+         "shares bits with queue.mark"),
+    case("queue-worker-mark-too-narrow", "[queue]\nworkers = 3\nworker_mark = 0x01000000\n", "queue.worker_mark",
+         "holds 2 worker numbers, not 3"),
+    case("queue-workers-pcap-rewritten", '[queue]\nworkers = 2\n[worker]\npcap_rewritten = "w.pcap"\n',
+         "worker.pcap_rewritten", "one worker's view"),
     case("queue-number-as-string", '[queue]\nincoming = "0"\n', "queue.incoming", "not str"),
     case("queue-mark-zero", "[queue]\nmark = 0\n", "queue.mark", "non-zero"),
     case("queue-mark-too-wide", "[queue]\nmark = 0x100000000\n", "queue.mark", "32-bit"),
@@ -276,7 +291,7 @@ def test_no_file_and_empty_file_are_the_safe_default(tmp_path):
     assert cfg.mode == "gateway" and cfg.table == "nftdivert"
     assert cfg.ipv4 and cfg.ipv6 and cfg.forward_containment
     assert cfg.queue.fail == "closed" and cfg.queue.backend == "auto"
-    assert (cfg.queue.incoming, cfg.queue.outgoing) == (0, 1)
+    assert (cfg.queue.incoming, cfg.queue.outgoing, cfg.queue.workers) == (0, 64, 0)
     assert (cfg.queue.new_tcp_per_source, cfg.queue.new_udp_per_source) == (500, 2000)
     assert cfg.default_listener("tcp") == Listener("tcp-echo", "tcp", 1337)
     assert cfg.default_listener("udp") == Listener("udp-echo", "udp", 1337)
@@ -535,3 +550,12 @@ def test_every_toml_example_in_answers_you_write_loads(tmp_path):
         path = tmp_path / "example.toml"
         path.write_text(block.replace("/etc/nftdivert/", f"{tmp_path}/"))
         load(path)
+
+
+def test_queue_workers_one_per_cpu_unless_said():
+    import os
+    cpus = len(os.sched_getaffinity(0))
+    assert Config().queue_workers() == min(cpus, 64)
+    assert Config(queue=QueueConfig(workers=3, outgoing=10)).queue_workers() == 3
+    assert from_mapping({"worker": {"pcap_rewritten": "w.pcap"}}).queue_workers() == 1  # one worker's view
+    assert from_mapping({"divert_path": "kernel"}).queue_workers() == 0  # nothing is queued

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from nftdivert.config import NATIVE_QUEUE, QUEUE_BACKENDS, XT_QUEUE, Config, PortRange
 from nftdivert.ruleset import client_sets
+from nftdivert.worker import spread
 
 # NetfilterQueue copies at most 4016 bytes of a packet and a rewritten packet
 # must go back whole. Clamp the MSS of diverted TCP so that no segment is
@@ -64,6 +65,27 @@ class Ruleset:
     serving_timeout: int = SERVING_TIMEOUT
     # [[profiles]]: (set name, address type, `client . port` elements) of the ports left alone per client.
     profile_alone: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    # Queue workers: with more than one, each client address's packets go to the queues of one
+    # (worker/spread.py), and on the xt backend its number rides in `worker_mark`'s bits.
+    workers: int = 1
+    worker_mark: int = 0
+    worker_seed: int = spread.SEED
+
+    @property
+    def worker_queues(self) -> tuple[tuple[int, int, int, str], ...]:
+        """(worker, incoming queue, outgoing queue, xt mark value) of each worker."""
+        shift = (self.worker_mark & -self.worker_mark).bit_length() - 1 if self.worker_mark else 0
+        return tuple((k, self.incoming_queue + k, self.outgoing_queue + k, f"0x{self.mark | k << shift:x}")
+                     for k in range(self.workers))
+
+    @property
+    def queue_mark_hex(self) -> str:
+        """The bits the xt rules match: the queue mark, and with several workers the worker's number."""
+        return f"0x{self.mark | (self.worker_mark if self.workers > 1 else 0):x}"
+
+    @property
+    def worker_seed_hex(self) -> str:
+        return f"0x{self.worker_seed:x}"
 
     @property
     def native_queue(self) -> bool:
@@ -107,7 +129,7 @@ class Ruleset:
 
     @property
     def unmark_hex(self) -> str:
-        return f"0x{~self.mark & 0xFFFFFFFF:x}"
+        return f"0x{~int(self.queue_mark_hex, 16) & 0xFFFFFFFF:x}"
 
     @property
     def interface_set(self) -> str:
@@ -181,4 +203,6 @@ def build(config: Config, backend: str) -> Ruleset:
         admission_group=config.queue.admission_group,
         kernel_path=config.divert_path == "kernel",
         profile_alone=client_sets.sets(config),
+        workers=max(config.queue_workers(), 1),
+        worker_mark=config.queue.worker_mark,
     )

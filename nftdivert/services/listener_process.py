@@ -90,6 +90,12 @@ class ListenerProcess:
         for child in self._children:
             child.origins.lookup = lookup
 
+    def ask_origins_later(self, ask) -> None:
+        """From now on the listeners' origin questions go to `ask(client, local, protocol, reply)`,
+        which answers by calling reply(answer) (several queue workers: the one that knows)."""
+        for child in self._children:
+            child.origins.ask_later = ask
+
     @property
     def processes(self) -> "list[multiprocessing.process.BaseProcess]":
         """The children while they run (none: only external listeners); each sentinel tells its end at once."""

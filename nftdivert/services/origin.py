@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import itertools
 import socket
+from functools import partial
 from typing import Callable, NamedTuple, Protocol
 
 from nftdivert.netlink.ipproto import TCP
@@ -171,6 +172,9 @@ class Server:
     def __init__(self, conn) -> None:
         self._conn = conn
         self.lookup: Callable[[Endpoint, Endpoint, int], Asked | None] | None = None  # set once the worker exists
+        # Several queue workers: the question goes on to the worker that owns the client, and
+        # ask_later(client, local, protocol, reply) calls reply(answer) once that worker answers.
+        self.ask_later: Callable[[Endpoint, Endpoint, int, Callable[[tuple | None], None]], None] | None = None
 
     def fileno(self) -> int:
         return self._conn.fileno()
@@ -180,6 +184,9 @@ class Server:
         try:
             while self._conn.poll(0):
                 ident, client, local, protocol = self._conn.recv()
+                if self.ask_later is not None:
+                    self.ask_later(tuple(client), tuple(local), protocol, partial(self._reply, ident))
+                    continue
                 lookup = self.lookup
                 try:
                     answer = lookup(tuple(client), tuple(local), protocol) if lookup is not None else None
@@ -189,6 +196,12 @@ class Server:
         except (EOFError, OSError, ValueError, TypeError):
             return False
         return True
+
+    def _reply(self, ident: int, answer: tuple | None) -> None:
+        try:
+            self._conn.send((ident, answer))
+        except (OSError, ValueError):
+            pass  # the listener process is gone: its sentinel stops the run
 
     def close(self) -> None:
         self._conn.close()

@@ -20,8 +20,9 @@ import select
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -158,11 +159,16 @@ def kernel_queue_drops(numbers: dict[str, int], path: Path = KERNEL_QUEUES) -> d
     return {key: {"queue": num, **by_number[num]} for key, num in numbers.items() if num in by_number}
 
 
+def queue_names(index: int, workers: int) -> tuple[str, str]:
+    """What the counters call worker `index`'s two queues: "incoming" alone, "incoming-1" among several."""
+    return ("incoming", "outgoing") if workers <= 1 else (f"incoming-{index}", f"outgoing-{index}")
+
+
 class Worker(Pump):
-    """Binds the two queues and pumps packets until stop() or a signal."""
+    """Binds the two queues (worker `index`'s, of `workers`) and pumps packets until stop() or a signal."""
 
     def __init__(self, config: Config, fixup: FixUp, *, pcap=None, tick: Callable[[float], None] | None = None,
-                 tick_seconds: float = 1.0) -> None:
+                 tick_seconds: float = 1.0, index: int = 0, workers: int = 1) -> None:
         super().__init__(tick, tick_seconds)
         self.config = config
         self.fixup = fixup
@@ -170,6 +176,8 @@ class Worker(Pump):
         self.stats = WorkerStats()
         self._queues: list = []
         self._now = time.monotonic()  # the clock as the current turn began
+        names = queue_names(index, workers)
+        self.numbers = {names[0]: config.queue.incoming + index, names[1]: config.queue.outgoing + index}
 
     # -- queue callbacks (the hot path) --------------------------------------
 
@@ -211,28 +219,43 @@ class Worker(Pump):
         """Attach to both queues (before the ruleset sends anything there)."""
         from netfilterqueue import NetfilterQueue
 
-        for key, num in (("incoming", self.config.queue.incoming), ("outgoing", self.config.queue.outgoing)):
+        for key, num in self.numbers.items():
             nfq = NetfilterQueue()
             reader = _BoundedSocket(nfq.get_fd(), num)
             with warnings.catch_warnings():
                 # A smaller receive buffer than asked for (net.core.rmem_max) is fine.
                 warnings.simplefilter("ignore", RuntimeWarning)
                 try:
-                    nfq.bind(num, self._callback(key == "incoming", reader), max_len=QUEUE_LENGTH)
+                    nfq.bind(num, self._callback(key.startswith("incoming"), reader), max_len=QUEUE_LENGTH)
                 except OSError as exc:
                     reader.sock.close()
                     self.unbind()
+                    which = key.split("-")[0]
                     raise NftDivertError(
-                        f"cannot bind queue.{key} = {num} ({exc}): another program (another "
+                        f"cannot bind queue.{which} = {num} ({exc}): another program (another "
                         "nftdivert run?) holds it; stop that, or choose other numbers in [queue]") from None
             self._queues.append((nfq, reader))
 
     def kernel_drops(self) -> dict[str, dict[str, int]]:
         """Per queue ("incoming", "outgoing"): what the kernel dropped or holds, and
         what the worker dropped unread."""
-        drops = kernel_queue_drops({"incoming": self.config.queue.incoming, "outgoing": self.config.queue.outgoing})
+        drops = kernel_queue_drops(self.numbers)
         unread = {reader.queue: reader.unreadable for _nfq, reader in self._queues}  # the worker's own drops
         return {key: {**counts, "unreadable": unread.get(counts["queue"], 0)} for key, counts in drops.items()}
+
+    def counters(self) -> dict:
+        """What this worker did, as the run's counters name it (summed over workers: add_counters)."""
+        c = self.fixup.counters
+        return {
+            "packets": {"seen": c.seen, "rewritten": c.rewritten, "passed": c.passed,
+                        "malformed": c.malformed, "dropped": c.dropped, "stale_answers": c.stale_answers,
+                        "errors": c.errors + self.stats.verdict_errors, "hook_errors": c.hook_errors},
+            "unfit": dict(c.unfit),
+            "conversations": {"new": c.new_conversations, "client_port_clashes": c.port_clashes,
+                              "kernel_remaps": c.kernel_remaps, "stale_sockets_closed": c.sockets_closed,
+                              "stale_entries_deleted": c.entries_deleted, **asdict(self.fixup.table.stats)},
+            "kernel": self.kernel_drops(),
+        }
 
     def unbind(self) -> None:
         for nfq, reader in self._queues:
@@ -283,3 +306,46 @@ class Worker(Pump):
                         self.tick(now)
         finally:
             poll.close()
+
+
+def add_counters(total: dict, more: dict) -> dict:
+    """`more`'s numbers added into `total`, at every depth (the workers' counters summed)."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            add_counters(total.setdefault(key, {}), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def conntrack(stack: ExitStack):
+    """A ctnetlink socket of its own (lookups of an entry by its reply tuple), or None."""
+    try:
+        from nftdivert.netlink.ctnetlink import Conntrack
+        return stack.enter_context(Conntrack())
+    except (ImportError, OSError):
+        return None  # the log falls back to the packet as it arrived
+
+
+def _as_the_sets_said(_protocol: int, _address: bytes, _port: int) -> bool:
+    """The worker's is_bound: a queued conversation's port was unbound when the ruleset queued it."""
+    return False
+
+
+def queue_fixup(config: Config, stack: ExitStack, is_local) -> FixUp:
+    """The queue path's FixUp, with conntrack to place kernel remaps and to
+    clear what answers them stale (worker/stale.py)."""
+    ct = conntrack(stack)
+    clear = None
+    if ct is not None:
+        from nftdivert.worker.stale import StaleClearer
+        try:
+            clear = StaleClearer(ct)
+        except OSError:
+            pass  # no sock_diag: stale answers pass as they are
+        else:
+            stack.callback(clear.close)
+    # What the ruleset queues, its bound sets found unbound, and it marked the
+    # conversation queued (the log names the listener by that mark): the worker
+    # must not overrule it with a view of the sockets refreshed since.
+    return build_fixup(config, _as_the_sets_said, is_local=is_local, resolve=ct.entry if ct else None, clear=clear)

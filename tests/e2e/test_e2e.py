@@ -42,14 +42,15 @@ _RESTORE_PRIO = re.compile(r"(chain restore_replies \{\n\s*type filter hook outp
 
 
 def _move_xt_rule(ns, chain: str, src: str, dst: str) -> None:
-    """Move nftdivert's tagged iptables-nft rule in `chain` from table `src` to `dst`."""
+    """Move nftdivert's tagged iptables-nft rules (one per queue worker) in `chain` from table `src` to `dst`."""
     for tool in ("iptables-nft", "ip6tables-nft"):
         rules = [line for line in ns.run(f"{tool}-save", "-t", src).stdout.splitlines()
                  if line.startswith(f"-A {chain} ") and "nftdivert:" in line]
-        assert len(rules) == 1, f"{tool} -t {src}: expected one tagged {chain} rule, got {rules}"
-        spec = shlex.split(rules[0])[2:]
-        ns.run(tool, "-t", src, "-D", chain, *spec)
-        ns.run(tool, "-t", dst, "-A", chain, *spec)
+        assert rules, f"{tool} -t {src}: no tagged {chain} rule"
+        for rule in rules:
+            spec = shlex.split(rule)[2:]
+            ns.run(tool, "-t", src, "-D", chain, *spec)
+            ns.run(tool, "-t", dst, "-A", chain, *spec)
 
 
 def _restore_replies_prio(ns) -> int:
@@ -91,7 +92,7 @@ def test_counterproof_reply_fixup_at_mangle_priority_breaks_the_connection(gw, d
     assert _restore_replies_prio(ns) == normal_prio
     if backend == "xt":
         tagged = [line for line in harness.xt_save(ns).splitlines() if "nftdivert:" in line]
-        assert len(tagged) == 4, tagged  # mangle INPUT + raw OUTPUT, per family
+        assert len(tagged) == 4 * harness.WORKERS, tagged  # mangle INPUT + raw OUTPUT, per family and worker
     assert div.alive()
     gw.assert_origin_scenario(div, tmp_path / "restored.pcap")
 

@@ -30,7 +30,7 @@ def own_8080(gw):
 
 
 def _expected_xt_rules(backend: str) -> int:
-    return {"xt": 4, "nft": 0, "none": 0}[backend]  # mangle INPUT + raw OUTPUT, per family
+    return {"xt": 4 * harness.WORKERS, "nft": 0, "none": 0}[backend]  # mangle INPUT + raw OUTPUT, per family and worker
 
 
 @pytest.mark.any_backend
@@ -154,6 +154,27 @@ def test_a_dead_child_stops_the_run_leaves_containment_and_nothing_more_is_answe
 
 
 @pytest.mark.any_backend
+@pytest.mark.queue_path  # the kernel path has no queue worker
+def test_a_dead_queue_worker_stops_the_run_and_leaves_no_queue_bound(gw):
+    div = gw.ensure(workers=2)
+    assert gw.tcp("198.51.100.7", 45678, "logged")["ok"]
+    pids = re.search(r"2 queue workers \(pids (\d+), (\d+)\)", div.stderr())
+    assert pids is not None, div.stderr()
+    pid = int(pids[2])
+    os.kill(pid, signal.SIGKILL)
+    assert div.proc.wait(timeout=30) == 1, div.stderr()
+    said = f"nftdivert: queue worker 1 (pid {pid}) was killed by SIGKILL: stopping, rather than leave its clients unanswered\n"
+    assert div.stderr().endswith(said), div.stderr()
+    harness.assert_contained(gw.diverter_ns)
+    assert harness.queue_bindings(gw.diverter_ns) == [], "the other worker unbound its queues"
+    assert not [p for p in (pids[1], pids[2]) if Path(f"/proc/{p}").exists()], "no worker left behind"
+    log = div.log()
+    assert {r["id"] for r in log if r["event"] == "start"} <= {r["id"] for r in log if r["event"] == "end"}, log
+    gw.assert_no_leaks()
+    gw.stop()
+
+
+@pytest.mark.any_backend
 @pytest.mark.queue_path  # the kernel path binds no queue
 def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw, tmp_path):
     gw.ensure()
@@ -172,7 +193,7 @@ def test_second_run_on_taken_queues_fails_cleanly_and_leaves_the_first_alone(gw,
 
 # ---- one table, one owner ---------------------------------------------------------------
 
-OTHER = ('[queue]\nbackend = "{backend}"\nincoming = 10\noutgoing = 11\n'
+OTHER = ('[queue]\nbackend = "{backend}"\nincoming = 10\noutgoing = 74\n'
          '[[listeners]]\nname = "tcp-other"\nprotocol = "tcp"\nport = 2337\n'
          '[[listeners]]\nname = "udp-other"\nprotocol = "udp"\nport = 2337\n')
 

@@ -87,7 +87,7 @@ def _under_flood(gw, argv: list[str]) -> tuple[dict, list[dict]]:
 
 
 def _check(gw, samples: list[dict], what: str, answer_within: float) -> None:
-    incoming, outgoing = harness.QUEUES
+    (in_name, incoming), (out_name, outgoing) = harness.client_queues(harness.CLIENT4)  # the client's worker
     lines = []
     for s in samples:
         p, st, q = s["probe"], s["stats"], s["queues"]
@@ -116,7 +116,7 @@ def _check(gw, samples: list[dict], what: str, answer_within: float) -> None:
         status = harness.nftdivert(gw.diverter_ns, "status").stdout
         kernel = _queues(gw.diverter_ns)
         said = [re.search(rf"{name} queue {num} dropped (\d+) \(queue full\) \+ (\d+) \(socket full\)", status)
-                for name, num in (("incoming", incoming), ("outgoing", outgoing))]
+                for name, num in ((in_name, incoming), (out_name, outgoing))]
         if all(said) and [[int(m[1]), int(m[2])] for m in said] == [kernel[incoming][1:3], kernel[outgoing][1:3]]:
             return status
         return None

@@ -177,7 +177,7 @@ def test_apply_gateway_hooks_and_priorities(cli, backend):
                 assert len(rules) == 1
                 assert {"xt": {"type": "target", "name": "NFQUEUE"}} in rules[0]["expr"]
             save = cli.xt_save("ipv4" if family == "ip" else "ipv6")
-            assert f'-A OUTPUT -m mark --mark 0xd10000/0xd10000 -m comment --comment "{TAG}" -j NFQUEUE --queue-num 1' in save
+            assert f'-A OUTPUT -m mark --mark 0xd10000/0xd10000 -m comment --comment "{TAG}" -j NFQUEUE --queue-num 64' in save
             assert f'-A INPUT -m mark --mark 0xd10000/0xd10000 -m comment --comment "{TAG}" -j NFQUEUE --queue-num 0' in save
     else:
         assert "unmark_incoming" not in ch
@@ -399,7 +399,7 @@ def test_diff_sees_xt_rule_drift(cli):
     cli.host.run("iptables-nft", "-t", "raw", "-D", "OUTPUT", "1")
     proc = cli("diff", "-c", cfg)
     assert proc.returncode == 1
-    assert re.search(r"^\+# xt: ipv4 raw -A OUTPUT .*NFQUEUE --queue-num 1$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\+# xt: ipv4 raw -A OUTPUT .*NFQUEUE --queue-num 64$", proc.stdout, re.M), proc.stdout
     cli.ok("apply", "-c", cfg)
     assert cli("diff", "-c", cfg).returncode == 0
 

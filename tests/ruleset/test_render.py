@@ -36,7 +36,7 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 GOLDEN = ["default", "default_xt", "gateway_ipv6", "local", "interfaces", "ipv4_only", "ipv6_only", "both", "capture",
-          "bignets", "kernel_path", "kernel_path_both"]
+          "bignets", "kernel_path", "kernel_path_both", "workers", "workers_native"]
 
 BIGNETS = 10_000
 
@@ -167,10 +167,10 @@ def test_default_golden_content():
     assert "type filter hook input priority mangle; policy accept;" in text
     assert "type filter hook output priority raw; policy accept;" in text
     assert "type filter hook forward priority filter; policy drop;" in text
-    assert "counter queue num 0\n" in text and "counter queue num 1\n" in text
+    assert "counter queue num 0\n" in text and "counter queue num 64\n" in text
     assert "bypass" not in text  # fail-closed
-    assert "tcp sport 1337 counter queue num 1" in text
-    assert "udp sport 1337 counter queue num 1" in text
+    assert "tcp sport 1337 counter queue num 64" in text
+    assert "udp sport 1337 counter queue num 64" in text
     assert "answer_for_self" not in text and "NFQUEUE" not in text
 
 
@@ -214,7 +214,7 @@ def test_xt_golden_content():
     for line in ('iptables-nft -t mangle -A INPUT -m mark --mark 0xd10000/0xd10000 -m comment --comment '
                  '"nftdivert:nftdivert" -j NFQUEUE --queue-num 0',
                  'ip6tables-nft -t raw -A OUTPUT -m mark --mark 0xd10000/0xd10000 -m comment --comment '
-                 '"nftdivert:nftdivert" -j NFQUEUE --queue-num 1'):
+                 '"nftdivert:nftdivert" -j NFQUEUE --queue-num 64'):
         assert f"#   {line}\n" in text
     assert "--queue-bypass" not in text
 
