@@ -82,7 +82,6 @@ BAD = [
                  "profiles[0].leave_alone.tcp_ports[0]", "ports are 1-65535", id="leave-alone-port"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ncustom = [{ protocol = "tcp" }]\n',
                  "profiles[0].custom[0].static", "exactly one", id="custom"),
-    pytest.param('[[profiles]]\nname = "a"\nclients = []\n', "profiles[0].clients", "at least one", id="no-clients"),
     pytest.param('[[profiles]]\nclients = ["192.0.2.0/24"]\n', "profiles[0].name", "missing", id="no-name"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\n[[profiles]]\nname = "a"\n'
                  'clients = ["192.0.3.0/24"]\n', "profiles[1].name", "profiles[0] has this name", id="same-name"),

@@ -43,7 +43,7 @@ class Observation:
 
     def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None, profile_for=None):
         """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log.
-        `profile_for(client address)`: the [[profiles]] name that answers it now, or None.
+        `profile_for(client address, time)`: the [[profiles]] name that answers it then, or None.
 
         With the log off and no summary file asked for, nothing watches
         conntrack: what it would cost is not spent for a record nobody keeps.
