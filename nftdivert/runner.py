@@ -296,7 +296,7 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
             hooks = Hooks(config.hooks, log.event, lambda address: answers.profiles.profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
         # Before the observer: it tags by the analyses' table.
-        analyses = _analyses(config, log, capture, stack, answers.tasks_changed if config.profiles else None)
+        analyses = _analyses(config, log, capture, stack, answers.tasks_changed)
         observer = seen.start(config, stack, log, listeners.name_for, hooks,
                               profile_for=lambda address, when: answers.profiles.profile_for(address, when).profile)
         fixup = None if rs.kernel_path else _queue_fixup(config, stack, ports.is_local)

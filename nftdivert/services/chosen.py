@@ -38,8 +38,10 @@ class Answers:
     def tasks_changed(self, table: TaskTable) -> None:
         """The analyses' new table: the tasks' choices to the listeners and into the sets, at once."""
         with self._lock:
-            self._tasks = table
-            self.profiles.chosen = table
+            # The whole table: a late record's profile is its conversation's start's. Without a choice
+            # in it, none: the observer's lookup per record stays as cheap as without tasks.
+            self._tasks = table if any(iv.profile for iv in table.intervals) else TaskTable()
+            self.profiles.chosen = self._tasks
             now = time.time()
             choosing = table.choosing(now)
             if choosing != self._sent:
@@ -61,7 +63,7 @@ class Answers:
             names = {p.name for p in config.profiles}
             for task, name in self._tasks.profiles(time.time()).items():
                 if name not in names:
-                    raise ConfigError(f"profiles ({name})", "gone", f"task {task} runs with it: end the task first")
+                    raise ConfigError("profiles", name, f"task {task} runs with this profile: end it first")
             profiles = Profiles(config)
             profiles.chosen = self._tasks
             if self._sets:

@@ -66,6 +66,7 @@ class _Child:
         self.stats: dict[str, ListenerStats] = {}
         self.pool_unanswered = 0  # its questions to the DNS pool's owner that got no answer in time
         self.chosen = 0  # the last tasks' choice it took (ListenerProcess.choose)
+        self.gone = False  # its reports ended: it takes nothing more
         self.reader: threading.Thread | None = None
 
 
@@ -197,10 +198,10 @@ class ListenerProcess:
                         child.chosen = message[1]
                     self._applied.notify_all()
             except (EOFError, OSError):
-                if owner:
-                    with self._applied:
-                        self._eof = True
-                        self._applied.notify_all()
+                with self._applied:
+                    child.gone = True
+                    self._eof = self._eof or owner
+                    self._applied.notify_all()
                 return
             if message[0] == "dns":
                 if self.on_question is not None:
@@ -245,8 +246,8 @@ class ListenerProcess:
             choice = self._choice
         self._send(("tasks", choice, tasks))
         with self._applied:
-            return self._applied.wait_for(lambda: all(child.chosen >= choice for child in self._children),
-                                          _CHOSEN_SECONDS)
+            return self._applied.wait_for(lambda: all(child.chosen >= choice or child.gone
+                                                      for child in self._children), _CHOSEN_SECONDS)
 
     def _send(self, message: tuple) -> None:
         with self._sending:
