@@ -153,6 +153,12 @@ http = { body = "b's own\\n" }
 """
 
 
+def task_config(analyses) -> str:
+    """Two listener processes: the DNS listener is in the first, conversations go to either."""
+    return ("listener_processes = 2\n" + harness.config_text() + '\n[http]\nbody = "everyone else\\n"\n'
+            f'bodies_dir = ""\n[analyses]\nfile = "{analyses}"\n' + TASK_PROFILES)
+
+
 def ask(client, name: str) -> str:
     return dig(client, name=name)
 
@@ -175,10 +181,7 @@ def test_a_task_chooses_a_profile_for_its_clients_while_it_runs(tmp_path):
         lab.bridge_netfilter(False)
         a, b = lab.clients
         a4, b4, a6 = harness.bridge_client(0), harness.bridge_client(1), harness.bridge_client(0, 6)
-        # Two listener processes: the DNS listener is in the first, conversations go to either.
-        text = ("listener_processes = 2\n" + harness.config_text() + '\n[http]\nbody = "everyone else\\n"\n'
-                f'bodies_dir = ""\n[analyses]\nfile = "{analyses}"\n' + TASK_PROFILES)
-        div = harness.Diverter(lab.diverter_ns, tmp_path, text, name="task-profiles").start()
+        div = harness.Diverter(lab.diverter_ns, tmp_path, task_config(analyses), name="task-profiles").start()
 
         def task(*args: str):
             return harness.nftdivert(lab.diverter_ns, "task", *args, check=False)
@@ -230,6 +233,30 @@ def test_a_task_chooses_a_profile_for_its_clients_while_it_runs(tmp_path):
         assert "profile" not in question(div, a4, "unfiled.example")
         div.stop_and_check()
         assert_ends_carry_their_starts_profile(div.log())
+    finally:
+        if div is not None:
+            div.kill()
+        harness.nftdivert(lab.diverter_ns, "remove", check=False)
+        lab.close()
+
+
+def test_a_task_the_analyses_file_held_before_the_run_has_its_profile_from_the_first_conversation(tmp_path):
+    """The file's task starts before the ruleset is in: its profile's ports left alone go into
+    the sets the ruleset brings, and the listeners have its choice before they get a conversation."""
+    lab = harness.BridgeLab(netns, tmp_path, 1)
+    div = None
+    analyses = tmp_path / "analyses.toml"
+    try:
+        lab.bridge_netfilter(False)
+        a, a4 = lab.clients[0], harness.bridge_client(0)
+        analyses.write_text(f'[[task]]\nid = "early"\nclients = ["{a4}"]\nprofile = "sinkhole"\n')
+        div = harness.Diverter(lab.diverter_ns, tmp_path, task_config(analyses), name="early").start()
+        assert ask(a, "early.example") == SINKHOLE
+        assert curl(a, SINKHOLE) == "sinkholed\n"
+        assert curl(a, SINKHOLE, 8081).startswith("curl exit")  # left alone: containment drops it
+        rec = first(div, "start", a4, f"{SINKHOLE}:80")
+        assert (rec.get("profile"), rec.get("task")) == ("sinkhole", "early"), rec
+        div.stop_and_check()
     finally:
         if div is not None:
             div.kill()
