@@ -69,6 +69,9 @@ class Profiles:
                 by_length.setdefault((net.version, net.prefixlen), {})[_leading(net.network_address, net.prefixlen)] \
                     = self.answers[p.name]
         self.lengths = tuple(sorted(by_length.items(), key=lambda item: -item[0][1]))
+        # Where the addresses that stand for names lie: the pools, every profile's fixed answers too.
+        self.named = tuple(dict.fromkeys(net for answers in (self.default, *self.answers.values())
+                                         for net in answers.dns.named()))
 
     def __bool__(self) -> bool:
         return bool(self.answers)

@@ -298,7 +298,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         # Before the observer: it tags by the analyses' table.
         analyses = _analyses(config, log, capture, stack, answers.tasks_changed)
         observer = seen.start(config, stack, log, listeners.name_for, hooks,
-                              profile_for=lambda address, when: answers.profiles.profile_for(address, when).profile)
+                              profile_for=lambda address, when: answers.profiles.profile_for(address, when).profile,
+                              named=lambda: answers.profiles.named)
         fixup = None if rs.kernel_path else _queue_fixup(config, stack, ports.is_local)
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything).

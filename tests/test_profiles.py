@@ -240,3 +240,9 @@ def test_the_ports_left_alone_follow_the_profile_a_task_chose(tmp_path):
         == [["443"], ["8081"], ["8081"], ["443"]], found
     commands = client_sets.set_commands("nftdivert", config, ((net("2001:db8:1::a/128"), "sinkhole"),))
     assert "2001:db8:1::a/128 . 8081" in commands and "2001:db8:1::/64 . 443" not in commands, commands
+
+
+def test_the_addresses_that_stand_for_names_are_every_profiles_too(tmp_path):
+    named = {str(net) for net in Profiles(_load(tmp_path, GOOD)).named}
+    # The pools, the top-level one_address, family-a's, one-vm's fixed record: the log names conversations to them.
+    assert named == {"198.18.0.0/15", "2001:db8:53::/64", "198.51.100.1/32", "203.0.113.7/32", "203.0.113.99/32"}

@@ -43,14 +43,17 @@ class ObserverProcess:
 
     _task_for = None  # no analyses: no record carries a task
     _profile_for = None  # no [[profiles]]: no record carries a profile
+    _named = None  # the DNS listener's addresses as the config says them (no reload changes them)
 
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
-                 clients_netns: str | None = None, task_for=None, profile_for=None) -> None:
+                 clients_netns: str | None = None, task_for=None, profile_for=None, named=None) -> None:
         """`task_for(client address, start time)`: the analysis a conversation belongs to, or None;
         `profile_for(client address, start time)`: the profile that answers that client then (by its
-        address: as the profiles are now, a reload changes them; or its task's choice then), or None."""
+        address: as the profiles are now, a reload changes them; or its task's choice then), or None.
+        `named()`: the networks whose addresses stand for names now (every profile's fixed answers too)."""
         self._config, self._emit, self._name_for, self._task_for = config, emit, name_for, task_for
         self._profile_for = profile_for
+        self._named = named
         self._pools = config.dns.named()  # the addresses the DNS listener gives names
         self.summary = Summary(BY_TASK if task_for is not None else GROUP_BY)
         self._counts: dict = {}  # the child's, as it last said
@@ -142,7 +145,7 @@ class ObserverProcess:
         if self._name_for is None:
             return None
         address = ipaddress.ip_address(convrecords.split_endpoint(rec["original_destination"])[0])
-        if not any(address in pool for pool in self._pools):
+        if not any(address in pool for pool in (self._pools if self._named is None else self._named())):
             return None  # only the DNS listener's pool addresses have names
         return self._name_for(address, when)
 

@@ -202,6 +202,8 @@ def test_a_task_chooses_a_profile_for_its_clients_while_it_runs(tmp_path):
                     first(div, "start", a4, f"{SINKHOLE}:80"), first(div, "http", a4, f"{SINKHOLE}:80"),
                     first(div, "start", b4, f"{SINKHOLE}:80"), first(div, "http", b4, f"{SINKHOLE}:80")):
             assert (rec.get("profile"), rec.get("task")) == ("sinkhole", "T-1"), rec
+        # The profile's one address stands for the name last asked: the log names the conversation by it.
+        assert first(div, "start", b4, f"{SINKHOLE}:80").get("name") == "during.example"
         assert task("end", "T-1").returncode == 0
 
         # Ended: the top-level answers for a, its address's profile for b; no profile named, no task.
