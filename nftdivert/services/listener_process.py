@@ -87,7 +87,9 @@ class ListenerProcess:
         self.on_event: Callable[[dict], None] | None = None  # a TLS handshake or HTTP request, as a log record
         self._children: list[_Child] = []
         self._ended: list[_Child] = []  # after stop: the counters they reported last
-        self._sending = threading.Lock()  # a reload (main thread) and a task (analyses' thread) on one pipe
+        # A reload (a signal handler: it may interrupt a stop's last task end in the main thread, so
+        # reentrant) and a task's choice (the analyses' thread) on one pipe.
+        self._sending = threading.RLock()
         self._choice = 0
 
     @property
