@@ -261,19 +261,26 @@ def task() -> None:
 @click.argument("task_id", metavar="TASK")
 @click.option("--client", "clients", multiple=True, required=True, metavar="ADDR",
               help="A client address or prefix of this task (10.0.1.23, 10.0.2.0/28); repeat for more.")
+@click.option("--profile", metavar="NAME", default=None,
+              help="The [[profiles]] whose answers its clients get while it runs, whatever their addresses.")
 @TABLE_OPTION
 @TABLE_CONFIG_OPTION
-def task_start(task_id: str, clients: tuple[str, ...], table: str, config_path: str | None) -> None:
+def task_start(task_id: str, clients: tuple[str, ...], profile: str | None, table: str,
+               config_path: str | None) -> None:
     """Start task TASK: its clients' new conversations are its own from now on.
 
     A client already in a running task goes to this one (the later start wins).
+    With --profile, its clients get that profile's answers until it ends
+    (exit 2: the run has no profile of that name).
     """
     from nftdivert import tasks
     from nftdivert.observers import analyses
 
     tasks.check_task(task_id)
     tasks.check_clients(list(clients))
-    click.echo(analyses.ask(_table_name(table, config_path), {"op": "start", "task": task_id, "clients": list(clients)}))
+    chosen = {"profile": profile} if profile is not None else {}
+    click.echo(analyses.ask(_table_name(table, config_path),
+                            {"op": "start", "task": task_id, "clients": list(clients), **chosen}))
 
 
 @task.command("end")

@@ -826,11 +826,12 @@ class ProfileLeaveAlone:
 
 @dataclass(frozen=True)
 class Profile:
-    """[[profiles]]: other answers for the clients in `clients` (the longest prefix wins).
+    """[[profiles]]: other answers for the clients in `clients` (the longest prefix wins), and for
+    those of an analysis (task) that chooses it; with no clients, only tasks choose it.
     Each section given is the top-level one with the profile's keys over it; None: the top-level one."""
 
     name: str
-    clients: tuple[Network, ...]
+    clients: tuple[Network, ...] = ()
     dns: DnsConfig | None = None
     http: HttpConfig | None = None
     custom: tuple[CustomRule, ...] | None = None
@@ -842,8 +843,6 @@ class Profile:
         if not _LISTENER_NAME.fullmatch(self.name):
             raise ConfigError(f"{key}.name", self.name,
                               "names are 1-32 letters, digits, '_', '.', '-', starting with a letter or digit")
-        if not self.clients:
-            raise ConfigError(f"{key}.clients", [], 'at least one address or prefix, like "10.0.1.0/24"')
         for section in ("dns", "http", "hooks"):
             if getattr(self, section) is not None:
                 getattr(self, section).validate(f"{key}.{section}")
@@ -1094,12 +1093,11 @@ def _profile(key: str, data: object, top: Mapping[str, Any]) -> Profile:
     _check_type(key, data, dict, "a table with name, clients and the answers to give them")
     assert isinstance(data, dict)
     _reject_unknown(f"{key}.", data, Profile)
-    for name in ("name", "clients"):
-        if name not in data:
-            raise ConfigError(f"{key}.{name}", None, "missing: every profile needs a name and its clients")
+    if "name" not in data:
+        raise ConfigError(f"{key}.name", None, "missing: every profile needs a name")
     values: dict[str, Any] = {"name": data["name"]}
-    values["clients"] = tuple(_network(f"{key}.clients[{i}]", v)
-                              for i, v in enumerate(_as_list(f"{key}.clients", data["clients"])))
+    values["clients"] = tuple(_network(f"{key}.clients[{i}]", v)  # none: only analyses choose it
+                              for i, v in enumerate(_as_list(f"{key}.clients", data.get("clients", []))))
     dns = data.get("dns", {})
     for name in (dns if isinstance(dns, dict) else ()):
         if name in _known_keys(DnsConfig) and name not in PROFILE_DNS_KEYS:

@@ -1,15 +1,20 @@
-"""Answers per client: which answer sections a client gets, by its address ([[profiles]]).
+"""Answers per client: which answer sections a client gets, by its address ([[profiles]]),
+or by the analysis (task) it belongs to, if that task chose a profile.
 
 Pure: the listeners ask per conversation (the DNS listener per question)
 and the ruleset's sets of ports left alone per client come from here, so a
-reload that changes a profile changes what new conversations get.
+reload that changes a profile changes what new conversations get. A task's
+choice wins over the address while the task runs: `chosen` is the table of
+tasks, which the run replaces whenever a task starts or ends.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
 
+from nftdivert.tasks import TaskTable
 from nftdivert.config import Config, CustomRule, DnsConfig, HooksConfig, HttpConfig, PortRange
 
 
@@ -44,7 +49,10 @@ def _leading(address: ipaddress.IPv4Address | ipaddress.IPv6Address, length: int
 
 
 class Profiles:
-    """The answers of each profile, found by a client's address: the longest prefix wins."""
+    """The answers of each profile, found by the task a client belongs to if it chose one, else by
+    the client's address: the longest prefix wins."""
+
+    chosen: TaskTable = TaskTable()  # the tasks; replaced (never changed) as they start and end
 
     def __init__(self, config: Config) -> None:
         self.default = Answers(None, config.dns, config.http, config.custom, config.hooks)
@@ -61,15 +69,24 @@ class Profiles:
                 by_length.setdefault((net.version, net.prefixlen), {})[_leading(net.network_address, net.prefixlen)] \
                     = self.answers[p.name]
         self.lengths = tuple(sorted(by_length.items(), key=lambda item: -item[0][1]))
+        # Where the addresses that stand for names lie: the pools, every profile's fixed answers too.
+        self.named = tuple(dict.fromkeys(net for answers in (self.default, *self.answers.values())
+                                         for net in answers.dns.named()))
 
     def __bool__(self) -> bool:
         return bool(self.answers)
 
-    def profile_for(self, client: object) -> Answers:
-        """The answer sections for `client` (an address or its text); the top-level ones outside every profile."""
-        if not self.lengths:  # no profiles: nothing to parse (the observer asks for every record)
+    def profile_for(self, client: object, when: float | None = None) -> Answers:
+        """The answer sections for `client` (an address or its text) at `when` (wall clock; None: now);
+        the top-level ones outside every profile."""
+        chosen = self.chosen
+        if not self.lengths and not chosen.intervals:  # nothing to parse (the observer asks for every record)
             return self.default
         address = _address(client)
+        if address is not None and chosen.intervals:
+            found = self.answers.get(chosen.profile_of(address, time.time() if when is None else when))
+            if found is not None:  # (a reload cannot take a running task's profile away)
+                return found
         if address is not None:
             for (version, length), nets in self.lengths:
                 if version == address.version:

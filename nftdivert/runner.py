@@ -35,14 +35,14 @@ from nftdivert.config import NATIVE_QUEUE, PROTOCOL_KINDS, Config, HttpConfig
 from nftdivert.observers.convlog import ConversationLog
 from nftdivert.observers import syslogship
 from nftdivert.observers.ecs import to_ecs
-from nftdivert.profiles import Profiles
+from nftdivert.services.chosen import Answers
 from nftdivert.errors import ConfigError, KernelError, NftDivertError, say as _say
 from nftdivert.ruleset.kernel import Nft
 from nftdivert.process.lifeline import process_ended
 from nftdivert.services.listener_process import ListenerProcess
 from nftdivert.ruleset.model import QUEUE_COPY_LIMIT
 from nftdivert.observers.observation import Observation
-from nftdivert.ruleset import bound_sets, client_sets
+from nftdivert.ruleset import bound_sets
 from nftdivert.worker.pump import Ticker
 from nftdivert.worker.processes import WorkerProcesses
 from nftdivert.worker.queue import Worker, conntrack, queue_fixup
@@ -259,15 +259,17 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         ports = _BoundPorts(nft, rs)
         client_bridges = _ClientBridges(nft, rs)
         hooks = None
-        answers = [Profiles(config)]  # the answers in effect: a reload replaces them
+        answers = Answers(config, listeners)  # the answers in effect: a reload, a task's profile change them
         if config.hooks.first_conversation or config.profiles:
             from nftdivert.observers.hooks import Hooks
 
-            hooks = Hooks(config.hooks, log.event, lambda address: answers[0].profile_for(address).hooks)
+            hooks = Hooks(config.hooks, log.event, lambda address: answers.profiles.profile_for(address).hooks)
             stack.callback(hooks.close)  # after the observer's last records, before the log closes
-        analyses = _analyses(config, log, capture, stack)  # before the observer: it tags by the analyses' table
+        # Before the observer: it tags by the analyses' table.
+        analyses = _analyses(config, log, capture, stack, answers.tasks_changed)
         observer = seen.start(config, stack, log, listeners.name_for, hooks,
-                              profile_for=lambda address: answers[0].profile_for(address).profile)
+                              profile_for=lambda address, when: answers.profiles.profile_for(address, when).profile,
+                              named=lambda: answers.profiles.named)
         fixup = None if rs.kernel_path or team is not None else queue_fixup(config, stack, ports.is_local)
         # The listener's origin questions: the worker's table (queue path), and
         # conntrack on a socket of their own (on the kernel path it knows everything);
@@ -369,6 +371,8 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
 
         stack.callback(_leave_table, config, nft)  # before apply: a commit may precede a failure
         applied = engine.apply(config, nft, claim, serving=True)
+        answers.ruleset_in()  # the profiles' ports the running tasks chose (the analyses file's) into its sets
+        stack.callback(answers.ruleset_out)  # before the table goes
         due["serving"] = time.monotonic() + SERVING_RENEW
         if rs.kernel_path:
             _say(f"table inet {applied.table} applied; divert path kernel ({applied.reason})")
@@ -383,10 +387,10 @@ def _run(config: Config, nft: Nft, on_ready: Callable[[], object] | None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: pump.stop())
         def reloaded(new: Config) -> None:
-            """The profiles' ports left alone into the table's sets, then their hooks. A context of its
-            own: the signal may have interrupted the loop's use of `nft` between two of its calls."""
-            Nft().run(client_sets.set_commands(config.table, new), source="profiles")  # one transaction
-            answers[0] = Profiles(new)
+            """The profiles' ports left alone into the table's sets, then their hooks; a task may choose them."""
+            answers.reloaded(new)
+            if analyses is not None:
+                analyses.profile_names = frozenset(p.name for p in new.profiles)
 
         if reread is not None:  # SIGHUP: the answer sections again, from the config file
             signal.signal(signal.SIGHUP, lambda *_: _reload(reread, config, listeners, log, reloaded))
@@ -424,14 +428,16 @@ def _worker_processes(config: Config, stack: ExitStack):
     return team
 
 
-def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack):
+def _analyses(config: Config, log: ConversationLog, capture, stack: ExitStack, on_change=None):
     """The analyses' table, its control socket and file (`nftdivert task`): records tagged with
-    their task, each task's evidence apart. Closed after the observer's last records."""
+    their task, each task's evidence apart. Closed after the observer's last records.
+    `on_change(table)`: each new table, as the profiles the tasks chose follow it."""
     if config.worker.log == "":
         return None
     from nftdivert.observers.analyses import Analyses
 
     analyses = Analyses(config, log, capture)
+    analyses.on_change = on_change
     try:
         analyses.open()
     except OSError as exc:

@@ -12,7 +12,10 @@ The analyses file lists tasks the same way the `task` command gives them:
     id = "4711"
     clients = ["10.0.1.23", "10.0.2.0/28"]
     end = 2026-12-06T10:07:00Z    # optional; a TOML date-time or an RFC 3339 string
+    profile = "sinkhole"          # optional: the [[profiles]] whose answers its clients get
 (or the same as JSON: {"task": [{"id": ..., "clients": [...], "end": "..."}]}).
+A task that names a profile gives its clients that profile's answers while
+it runs, whatever their address would choose (profiles.py asks profile_of).
 """
 from __future__ import annotations
 
@@ -39,6 +42,14 @@ def check_task(value: object, key: str = "TASK") -> str:
     if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
         raise ConfigError(key, value, "a task id is 1-64 letters, digits, '_', '.' and '-', "
                                       "starting with a letter or digit")
+    return value
+
+
+def check_profile(value: object, known, key: str = "--profile") -> str:
+    """The name of one of the run's [[profiles]] (`known`: their names)."""
+    if not isinstance(value, str) or value not in known:
+        have = ", ".join(sorted(known)) or "none"
+        raise ConfigError(key, value, f"no [[profiles]] of that name in the run's config (it has: {have})")
     return value
 
 
@@ -72,6 +83,7 @@ class Interval:
     start: float
     end: float | None = None
     source: str = COMMAND
+    profile: str | None = None  # the [[profiles]] the task chose for its clients; None: their address's
 
     def covers(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, when: float) -> bool:
         return (self.start <= when and (self.end is None or when < self.end)
@@ -92,13 +104,33 @@ class TaskTable:
         """The task that owns `address` (text, bytes or an ipaddress object) at `when`, or None."""
         if not self.intervals:
             return None
-        addr = _address(address)
+        best = self._owning(_address(address), when)
+        return best.task if best else None
+
+    def profile_of(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, when: float) -> str | None:
+        """The profile the task that owns `address` at `when` chose, or None (no task, or it chose none)."""
+        best = self._owning(address, when) if self.intervals else None
+        return best.profile if best else None
+
+    def _owning(self, addr, when: float) -> Interval | None:
         best = None
         for iv in self._holding(addr):
             if iv.covers(addr, when) and (best is None or (iv.start, iv.network.prefixlen)
                                            > (best.start, best.network.prefixlen)):
                 best = iv
-        return best.task if best else None
+        return best
+
+    def choosing(self, when: float) -> TaskTable:
+        """The intervals open at `when`, if one of them chose a profile (else none): what the listeners
+        need to choose like profile_of, without the history (a task that chose none still hides an
+        earlier one's choice)."""
+        open_now = tuple(iv for iv in self.intervals if iv.open_at(when))
+        return TaskTable(open_now) if any(iv.profile for iv in open_now) else TaskTable()
+
+    def chosen(self, when: float) -> tuple[tuple[Network, str | None], ...]:
+        """(network, profile) of the intervals open at `when`, the one that wins first (as owner() chooses)."""
+        ordered = sorted(self.choosing(when).intervals, key=lambda iv: (iv.start, iv.network.prefixlen), reverse=True)
+        return tuple((iv.network, iv.profile) for iv in ordered)
 
     def holding(self, address) -> TaskTable:
         """The intervals whose clients hold `address`, at any time: owner() over them is owner() over all."""
@@ -140,12 +172,17 @@ class TaskTable:
     def end_of(self, task: str) -> float | None:
         return next((iv.end for iv in self.intervals if iv.task == task), None)
 
+    def profiles(self, when: float) -> dict[str, str]:
+        """task -> the profile it chose, of the tasks running at `when` that chose one."""
+        return {iv.task: iv.profile for iv in self.intervals if iv.open_at(when) and iv.profile}
+
     def started(self, task: str, clients: tuple[Network, ...], when: float, end: float | None = None,
-                source: str = COMMAND) -> TaskTable:
+                source: str = COMMAND, profile: str | None = None) -> TaskTable:
         """With `task` started at `when`; a task id this table knows (running or ended) is refused."""
         if self.known(task):
             raise ConfigError("TASK", task, "duplicate: this run already has a task of that id")
-        return replace(self, intervals=self.intervals + tuple(Interval(task, net, when, end, source) for net in clients))
+        return replace(self, intervals=self.intervals + tuple(Interval(task, net, when, end, source, profile)
+                                                              for net in clients))
 
     def ended(self, task: str, when: float) -> TaskTable:
         """With `task` ended at `when` (never before it started: its tagged records stay true)."""
@@ -177,10 +214,13 @@ class TaskSpec:
     task: str
     clients: tuple[Network, ...]
     end: float | None = None
+    profile: str | None = None
 
 
-def parse_file(text: str, json_format: bool, key: str = "analyses.file") -> tuple[TaskSpec, ...]:
-    """The analyses file's tasks; ConfigError names the first thing wrong."""
+def parse_file(text: str, json_format: bool, key: str = "analyses.file",
+               profiles=frozenset()) -> tuple[TaskSpec, ...]:
+    """The analyses file's tasks; ConfigError names the first thing wrong. `profiles`: the names
+    of the run's [[profiles]], which a task may choose."""
     try:
         data = json.loads(text) if json_format else tomllib.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -193,14 +233,17 @@ def parse_file(text: str, json_format: bool, key: str = "analyses.file") -> tupl
     specs, seen = [], set()
     for i, item in enumerate(items):
         k = f"{key} task[{i}]"
-        if not isinstance(item, dict) or set(item) - {"id", "clients", "end"} or not {"id", "clients"} <= set(item):
-            raise ConfigError(k, item, "a table with id, clients and (optional) end")
+        if not isinstance(item, dict) or set(item) - {"id", "clients", "end", "profile"} \
+                or not {"id", "clients"} <= set(item):
+            raise ConfigError(k, item, "a table with id, clients and (optional) end and profile")
         task = check_task(item["id"], f"{k}.id")
         if task in seen:
             raise ConfigError(f"{k}.id", task, "listed twice")
         seen.add(task)
+        profile = item.get("profile")
         specs.append(TaskSpec(task, check_clients(item["clients"], f"{k}.clients"),
-                              _end(item.get("end"), f"{k}.end")))
+                              _end(item.get("end"), f"{k}.end"),
+                              None if profile is None else check_profile(profile, profiles, f"{k}.profile")))
     return tuple(specs)
 
 
@@ -223,7 +266,7 @@ def reconciled(table: TaskTable, specs: tuple[TaskSpec, ...], now: float) -> tup
     A task new to the table starts now (unless its end has passed already);
     a running task the file started and no longer lists ends now. A task
     the table knows is not started again, and a running one keeps its
-    clients; only its end follows the file (never into the past).
+    clients and profile; only its end follows the file (never into the past).
     """
     listed = {spec.task: spec for spec in specs}
     started, ended = [], []
@@ -234,7 +277,7 @@ def reconciled(table: TaskTable, specs: tuple[TaskSpec, ...], now: float) -> tup
     for spec in specs:
         if not table.known(spec.task):
             if spec.end is None or spec.end > now:
-                table = table.started(spec.task, spec.clients, now, spec.end, FILE)
+                table = table.started(spec.task, spec.clients, now, spec.end, FILE, spec.profile)
                 started.append(spec.task)
         elif table.running(spec.task, now) and table.end_of(spec.task) != spec.end:
             end = None if spec.end is None else max(spec.end, now)

@@ -82,7 +82,6 @@ BAD = [
                  "profiles[0].leave_alone.tcp_ports[0]", "ports are 1-65535", id="leave-alone-port"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ncustom = [{ protocol = "tcp" }]\n',
                  "profiles[0].custom[0].static", "exactly one", id="custom"),
-    pytest.param('[[profiles]]\nname = "a"\nclients = []\n', "profiles[0].clients", "at least one", id="no-clients"),
     pytest.param('[[profiles]]\nclients = ["192.0.2.0/24"]\n', "profiles[0].name", "missing", id="no-name"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\n[[profiles]]\nname = "a"\n'
                  'clients = ["192.0.3.0/24"]\n', "profiles[1].name", "profiles[0] has this name", id="same-name"),
@@ -189,3 +188,61 @@ def test_a_clients_hooks_are_its_profiles(tmp_path):
     outputs = sorted(got.get(timeout=30)["output"] for _ in range(2))
     hooks.close()
     assert outputs == ["loud 2001:db8:1::2\n", "top 198.51.100.2\n"] and got.empty()  # none for the quiet one
+
+
+TASK_ONLY = GOOD + '''
+[[profiles]]
+name = "sinkhole"                  # no clients: only a task chooses it
+http = { body = "sinkholed" }
+leave_alone = { tcp_ports = [8081] }
+'''
+
+
+def test_a_task_that_chose_a_profile_wins_over_the_address_while_it_runs(tmp_path):
+    from nftdivert import tasks
+
+    config = _load(tmp_path, TASK_ONLY)
+    assert config.profiles[2].clients == ()
+    profiles = Profiles(config)
+    vm, outside = ipaddress.ip_network("192.0.2.23/32"), ipaddress.ip_network("198.51.100.0/24")
+    profiles.chosen = (tasks.TaskTable().started("t1", (vm, outside), 10.0, profile="sinkhole")
+                       .ended("t1", 20.0).started("t2", (outside,), 30.0))
+    assert profiles.profile_for("192.0.2.23", 5.0).profile == "one-vm"  # before: its address's
+    assert profiles.profile_for("::ffff:192.0.2.23", 15.0).profile == "sinkhole"
+    assert profiles.profile_for("198.51.100.5", 15.0).http.body == "sinkholed"  # in no address's profile
+    assert profiles.profile_for("192.0.2.23", 25.0).profile == "one-vm"  # after: its address's again
+    assert profiles.profile_for("198.51.100.5", 35.0) is profiles.default  # a task that chose none
+    assert profiles.profile_for("192.0.2.24", 15.0).profile == "family-a"  # not its client
+    del profiles.answers["sinkhole"]  # a profile gone (a reload cannot do it while the task runs): its address's
+    assert profiles.profile_for("192.0.2.23", 15.0).profile == "one-vm"
+
+
+def test_the_ports_left_alone_follow_the_profile_a_task_chose(tmp_path):
+    from nftdivert.ruleset import client_sets
+
+    config = _load(tmp_path, TASK_ONLY)
+    net = ipaddress.ip_network
+
+    def ports(found: dict, address: str) -> list[str]:
+        """The ports left alone for `address`: those of the one element that holds it, if any."""
+        return [element.split(" . ")[1] for element in found["tcp", 4]
+                if ipaddress.ip_address(address) in net(element.split(" . ")[0])]
+
+    before = client_sets.elements(config)
+    assert [ports(before, a) for a in ("192.0.2.5", "192.0.2.23", "192.0.2.200")] == [["443"], [], ["443"]]
+    # A task's /32 inside family-a's /24 takes it from there; its /25 also beats one-vm's longer /32.
+    found = client_sets.elements(config, ((net("192.0.2.5/32"), "sinkhole"), (net("192.0.2.0/25"), "sinkhole")))
+    assert [ports(found, a) for a in ("192.0.2.5", "192.0.2.23", "192.0.2.100", "192.0.2.200")] \
+        == [["8081"], ["8081"], ["8081"], ["443"]], found
+    # A task that chose none (the later start: first) leaves its clients to their addresses.
+    found = client_sets.elements(config, ((net("192.0.2.5/32"), None), (net("192.0.2.0/25"), "sinkhole")))
+    assert [ports(found, a) for a in ("192.0.2.5", "192.0.2.23", "192.0.2.100", "192.0.2.200")] \
+        == [["443"], ["8081"], ["8081"], ["443"]], found
+    commands = client_sets.set_commands("nftdivert", config, ((net("2001:db8:1::a/128"), "sinkhole"),))
+    assert "2001:db8:1::a/128 . 8081" in commands and "2001:db8:1::/64 . 443" not in commands, commands
+
+
+def test_the_addresses_that_stand_for_names_are_every_profiles_too(tmp_path):
+    named = {str(net) for net in Profiles(_load(tmp_path, GOOD)).named}
+    # The pools, the top-level one_address, family-a's, one-vm's fixed record: the log names conversations to them.
+    assert named == {"198.18.0.0/15", "2001:db8:53::/64", "198.51.100.1/32", "203.0.113.7/32", "203.0.113.99/32"}

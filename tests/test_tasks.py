@@ -146,3 +146,46 @@ def test_the_intervals_holding_an_address_answer_as_the_whole_table():
     assert sorted(iv.task for iv in held.intervals) == ["lab", "vm"]
     for when in (0.5, 1.0, 4.9, 5.0, 8.9, 9.0, 20.0):
         assert held.owner(A, when) == table.owner(A, when)
+
+
+def test_a_task_may_choose_a_profile_which_wins_while_it_owns_the_client():
+    a = ipaddress.ip_address(A)
+    table = (tasks.TaskTable().started("lab", nets("10.0.1.0/24"), 1.0, profile="sinkhole")
+             .started("vm", nets(A), 5.0).ended("vm", 9.0))
+    assert table.profile_of(a, 2.0) == "sinkhole"
+    assert table.profile_of(a, 6.0) is None  # the later task chose none: the address's profile, not the earlier's
+    assert table.profile_of(a, 9.0) == "sinkhole" and table.profile_of(a, 0.5) is None
+    assert table.profiles(6.0) == {"lab": "sinkhole"}
+    # What the listeners get: the open intervals, only while one of them chose a profile.
+    assert [iv.task for iv in table.choosing(6.0).intervals] == ["lab", "vm"]
+    assert table.chosen(6.0) == ((nets(A)[0], None), (nets("10.0.1.0/24")[0], "sinkhole"))  # the winner first
+    assert table.ended("lab", 10.0).choosing(11.0) == tasks.TaskTable()
+    assert tasks.TaskTable().started("plain", nets(A), 1.0).choosing(2.0) == tasks.TaskTable()
+
+
+def test_a_profile_must_be_one_the_run_has():
+    assert tasks.check_profile("sinkhole", {"sinkhole", "c2"}) == "sinkhole"
+    for value, known in (("nosuch", {"sinkhole", "c2"}), (7, {"sinkhole"}), ("sinkhole", frozenset())):
+        with pytest.raises(ConfigError) as info:
+            tasks.check_profile(value, known)
+        assert str(info.value).startswith("--profile = ") and "no [[profiles]] of that name" in str(info.value)
+    with pytest.raises(ConfigError, match="it has: none"):
+        tasks.check_profile("sinkhole", ())
+
+
+def test_the_file_gives_a_tasks_profile_and_refuses_one_the_run_has_not():
+    toml = '[[task]]\nid = "a"\nclients = ["10.0.1.23"]\nprofile = "sinkhole"\n[[task]]\nid = "b"\nclients = ["10.0.1.24"]\n'
+    specs = tasks.parse_file(toml, json_format=False, profiles={"sinkhole"})
+    assert [(s.task, s.profile) for s in specs] == [("a", "sinkhole"), ("b", None)]
+    assert tasks.parse_file('{"task": [{"id": "a", "clients": ["10.0.1.23"], "profile": "sinkhole"}]}', True,
+                            profiles={"sinkhole"})[0] == specs[0]
+    with pytest.raises(ConfigError) as info:
+        tasks.parse_file(toml, json_format=False, profiles={"c2"})
+    assert str(info.value).startswith("analyses.file task[0].profile = 'sinkhole': no [[profiles]]"), str(info.value)
+    with pytest.raises(ConfigError, match=r"task\[0\].profile"):
+        tasks.parse_file('[[task]]\nid = "a"\nclients = ["10.0.1.23"]\nprofile = 3\n', False, profiles={"sinkhole"})
+    table, started, _ = tasks.reconciled(tasks.TaskTable(), specs, 10.0)
+    assert started == ["a", "b"] and table.profiles(10.0) == {"a": "sinkhole"}
+    # Listed again with another profile: a running task keeps the one it started with.
+    again = (tasks.TaskSpec("a", nets(A), None, "c2"), specs[1])
+    assert tasks.reconciled(table, again, 20.0)[0].profiles(20.0) == {"a": "sinkhole"}

@@ -10,6 +10,9 @@ A thread of its own serves both and ends tasks the file gave an end time;
 packets never wait for it. The table it makes (tasks.TaskTable) is
 immutable: the log tags records with whatever table is current, without a
 lock (a conversation by the task its client belonged to at its start).
+A task may choose a profile for its clients: `on_change` tells the run of
+every table, before the start or end is answered or logged, so the
+listeners give its clients that profile's answers from then on.
 Each task's evidence (evidence.py) gets its records from the log's writer
 thread and its packets from the capture's reader (pcapsplit.py); a task's
 end waits until both have written what came before it, then summarizes.
@@ -23,6 +26,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from nftdivert import tasks
 from nftdivert.config import read_input
@@ -95,6 +99,9 @@ class Analyses:
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
         self._stopping = False
+        self.profile_names = frozenset(p.name for p in config.profiles)  # what a task may choose (a reload sets it)
+        # Each new table, and each end the file set that came: the run's listeners and sets follow.
+        self.on_change: Callable[[tasks.TaskTable], None] | None = None
 
     # -- the log's side (other threads)
     def owner(self, address: str, when: float) -> str | None:
@@ -153,7 +160,10 @@ class Analyses:
                 if self._file:
                     self._read_file()
                 now = time.time()
-                for task in self.table.due_ends(self._checked, now):
+                due = self.table.due_ends(self._checked, now)
+                if due and self.on_change is not None:  # their profiles are not chosen any more
+                    self.on_change(self.table)
+                for task in due:
                     self._finish(task, self.table.end_of(task))
                 self._checked = now
                 if now - self._pruned > RETAIN:
@@ -186,9 +196,13 @@ class Analyses:
         task = tasks.check_task(request.get("task"))
         if request["op"] == "start":
             clients = tasks.check_clients(request.get("clients"))
-            self._start(task, clients, time.time())
+            profile = request.get("profile")
+            if profile is not None:
+                tasks.check_profile(profile, self.profile_names)
+            self._start(task, clients, time.time(), profile)
             where = f"; evidence in {evidence.directory(self._dir, task)}" if self._dir else ""
-            return f"task {task} started: {', '.join(map(str, clients))}{where}"
+            chose = f"; profile {profile}" if profile is not None else ""
+            return f"task {task} started: {', '.join(map(str, clients))}{chose}{where}"
         now = time.time()
         self._set(self.table.ended(task, now))
         made = self._finish(task, now)
@@ -196,8 +210,8 @@ class Analyses:
         return f"task {task} ended{where}"
 
     # -- starting and ending
-    def _start(self, task: str, clients: tuple, now: float) -> None:
-        table = self.table.started(task, clients, now)  # a duplicate is refused before anything is made
+    def _start(self, task: str, clients: tuple, now: float, profile: str | None = None) -> None:
+        table = self.table.started(task, clients, now, profile=profile)  # a duplicate is refused before anything is made
         self._open_evidence(task)
         self._set(table)
         self._started(task, now)
@@ -217,13 +231,16 @@ class Analyses:
         self.table = table
         if self._capture is not None:
             self._capture.tell("table", table)
+        if self.on_change is not None:
+            self.on_change(table)
 
     def _started(self, task: str, now: float) -> None:
         self._live.add(task)
-        end = self.table.end_of(task)
+        end, profile = self.table.end_of(task), self.table.profiles(now).get(task)
         self._log.put({"v": SCHEMA, "time": iso(now), "event": "task", "task": task, "action": "start",
                        "clients": [str(net) for net in self.table.clients(task)],
-                       **({"end": iso(end)} if end is not None else {})})
+                       **({"end": iso(end)} if end is not None else {}),
+                       **({"profile": profile} if profile is not None else {})})
 
     def _finish(self, task: str, when: float) -> list[str]:
         """The task's end record, then its evidence closed once the log and the capture reached it."""
@@ -266,7 +283,8 @@ class Analyses:
         self._seen = seen
         try:
             text = "" if seen is None else _read(self._file)
-            specs = tasks.parse_file(text, self._file.endswith(".json")) if text.strip() else ()
+            specs = tasks.parse_file(text, self._file.endswith(".json"), profiles=self.profile_names) \
+                if text.strip() else ()
         except ConfigError as exc:
             if at_start:
                 raise

@@ -41,9 +41,11 @@ class Observation:
             except OSError as exc:
                 raise ConfigError("--summary", self.summary_path, exc.strerror or str(exc)) from None
 
-    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None, profile_for=None):
+    def start(self, config: Config, stack: ExitStack, log: ConversationLog, name_for, hooks=None, profile_for=None,
+              named=None):
         """Closed after the ruleset is gone (the stack unwinds in reverse) and before the log.
-        `profile_for(client address)`: the [[profiles]] name that answers it now, or None.
+        `profile_for(client address, time)`: the [[profiles]] name that answers it then, or None;
+        `named()`: where the addresses that stand for names lie now (ObserverProcess).
 
         With the log off and no summary file asked for, nothing watches
         conntrack: what it would cost is not spent for a record nobody keeps.
@@ -55,7 +57,7 @@ class Observation:
         try:
             emit = log.put if hooks is None else hooks.watching(log.put)  # [hooks]: on each first start
             self.observer = ObserverProcess(config, emit, name_for, self.clients_netns, task_for=log.tasks,
-                                            profile_for=profile_for)
+                                            profile_for=profile_for, named=named)
             self.log = log
         except OSError as exc:
             raise NftDivertError(str(exc)) from None

@@ -43,13 +43,17 @@ class ObserverProcess:
 
     _task_for = None  # no analyses: no record carries a task
     _profile_for = None  # no [[profiles]]: no record carries a profile
+    _named = None  # the DNS listener's addresses as the config says them (no reload changes them)
 
     def __init__(self, config: Config, emit: Callable[[dict], None], name_for=None,
-                 clients_netns: str | None = None, task_for=None, profile_for=None) -> None:
+                 clients_netns: str | None = None, task_for=None, profile_for=None, named=None) -> None:
         """`task_for(client address, start time)`: the analysis a conversation belongs to, or None;
-        `profile_for(client address)`: the profile that answers that client now (a reload changes it), or None."""
+        `profile_for(client address, start time)`: the profile that answers that client then (by its
+        address: as the profiles are now, a reload changes them; or its task's choice then), or None.
+        `named()`: the networks whose addresses stand for names now (every profile's fixed answers too)."""
         self._config, self._emit, self._name_for, self._task_for = config, emit, name_for, task_for
         self._profile_for = profile_for
+        self._named = named
         self._pools = config.dns.named()  # the addresses the DNS listener gives names
         self.summary = Summary(BY_TASK if task_for is not None else GROUP_BY)
         self._counts: dict = {}  # the child's, as it last said
@@ -110,17 +114,17 @@ class ObserverProcess:
 
     def _record(self, when: float, rec: dict) -> None:
         if rec["event"] not in ("start", "end"):  # admission: no conversation, no name
-            rec = convrecords.with_task(convrecords.with_profile(rec, self._profile(rec)), self._task(rec, when))
+            rec = convrecords.with_task(convrecords.with_profile(rec, self._profile(rec, when)), self._task(rec, when))
             self.summary.add(rec)
             self._emit(rec)
             return
         if rec["event"] == "start":
-            name, task, profile = self._name(rec, when), self._task(rec, when), self._profile(rec)
+            name, task, profile = self._name(rec, when), self._task(rec, when), self._profile(rec, when)
         else:  # an end has its start's name, task and profile, as of the start
             start = self._open.pop(convrecords.conversation_key(rec), None)
             began = when - (rec.get("duration") or 0)
             name, task, profile = ((start[0].get("name"), start[0].get("task"), start[0].get("profile")) if start
-                                   else (None, self._task(rec, began), self._profile(rec)))
+                                   else (None, self._task(rec, began), self._profile(rec, began)))
         if name:
             rec = convrecords.named(rec, name)
         rec = convrecords.with_task(convrecords.with_profile(rec, profile), task)
@@ -134,14 +138,14 @@ class ObserverProcess:
     def _task(self, rec: dict, when: float) -> str | None:
         return None if self._task_for is None else self._task_for(rec["client_address"], when)
 
-    def _profile(self, rec: dict) -> str | None:
-        return None if self._profile_for is None else self._profile_for(rec["client_address"])
+    def _profile(self, rec: dict, when: float) -> str | None:
+        return None if self._profile_for is None else self._profile_for(rec["client_address"], when)
 
     def _name(self, rec: dict, when: float) -> str | None:
         if self._name_for is None:
             return None
         address = ipaddress.ip_address(convrecords.split_endpoint(rec["original_destination"])[0])
-        if not any(address in pool for pool in self._pools):
+        if not any(address in pool for pool in (self._pools if self._named is None else self._named())):
             return None  # only the DNS listener's pool addresses have names
         return self._name_for(address, when)
 

@@ -8,7 +8,11 @@ pool gave to a name (the conversation log names conversations by them), and
 its counters once a second, and what the recognised protocols log (TLS
 handshakes, HTTP requests, mails, logins). A second pipe carries the
 listener's questions about a conversation's original destination
-(origin.py), a third a reload's answer sections (SIGHUP). It dies with
+(origin.py), a third a reload's answer sections (SIGHUP) and the tasks that
+chose a profile for their clients, which each child acknowledges before
+the task's start or end is done: a conversation after it gets what it
+says (the analyses' table is the parent's; the listeners choose per
+conversation, the DNS listener per question, without asking). It dies with
 its parent (lifeline.py), so a `kill -9` of the worker does not leave the
 listener ports taken for the next run.
 
@@ -35,6 +39,7 @@ from typing import Callable
 
 from nftdivert.config import Config
 from nftdivert.profiles import Profiles
+from nftdivert.tasks import TaskTable
 from nftdivert.services import handoff, origin, pool_channel
 from nftdivert.observers.convrecords import split_endpoint
 from nftdivert.services.names import NameHistory, Question
@@ -43,6 +48,7 @@ from nftdivert.services.listeners import Listeners, ListenerStats
 
 _STATS_SECONDS = 1.0
 _CATCH_UP_SECONDS = 1.0  # at most this long a name lookup waits for the pipe to be read
+_CHOSEN_SECONDS = 5.0  # at most this long a task's start or end waits for every child to take it
 
 Recycled = Callable[[float, str, str, str], None]  # when, address, old name, new name
 
@@ -59,6 +65,8 @@ class _Child:
         self.process, self.conn, self.origins, self.reloads = process, conn, origins, reloads
         self.stats: dict[str, ListenerStats] = {}
         self.pool_unanswered = 0  # its questions to the DNS pool's owner that got no answer in time
+        self.chosen = 0  # the last tasks' choice it took (ListenerProcess.choose)
+        self.gone = False  # its reports ended: it takes nothing more
         self.reader: threading.Thread | None = None
 
 
@@ -79,6 +87,10 @@ class ListenerProcess:
         self.on_event: Callable[[dict], None] | None = None  # a TLS handshake or HTTP request, as a log record
         self._children: list[_Child] = []
         self._ended: list[_Child] = []  # after stop: the counters they reported last
+        # A reload (a signal handler: it may interrupt a stop's last task end in the main thread, so
+        # reentrant) and a task's choice (the analyses' thread) on one pipe.
+        self._sending = threading.RLock()
+        self._choice = 0
 
     @property
     def origins(self) -> "list[origin.Server]":
@@ -190,12 +202,14 @@ class ListenerProcess:
                         _, when, address, name, _old = message
                         self._names.assign(ipaddress.ip_address(address), name, when)
                         self._applied_until = when
+                    elif message[0] == "chosen":
+                        child.chosen = message[1]
                     self._applied.notify_all()
             except (EOFError, OSError):
-                if owner:
-                    with self._applied:
-                        self._eof = True
-                        self._applied.notify_all()
+                with self._applied:
+                    child.gone = True
+                    self._eof = self._eof or owner
+                    self._applied.notify_all()
                 return
             if message[0] == "dns":
                 if self.on_question is not None:
@@ -230,11 +244,26 @@ class ListenerProcess:
     def reload(self, config: Config) -> None:
         """The answer sections of `config` to every child; the first logs a `reload` record when
         applied (any logs one that fails)."""
-        for child in self._children:
-            try:
-                child.reloads.send(Profiles(config))
-            except (OSError, ValueError):
-                pass  # the child is gone: its end is reported elsewhere
+        self._send(("reload", Profiles(config)))
+
+    def choose(self, tasks: TaskTable) -> bool:
+        """The tasks that chose a profile (tasks.TaskTable.choosing) to every child; True once each
+        has taken them, False if one did not within _CHOSEN_SECONDS (or is gone)."""
+        with self._applied:
+            self._choice += 1
+            choice = self._choice
+        self._send(("tasks", choice, tasks))
+        with self._applied:
+            return self._applied.wait_for(lambda: all(child.chosen >= choice or child.gone
+                                                      for child in self._children), _CHOSEN_SECONDS)
+
+    def _send(self, message: tuple) -> None:
+        with self._sending:
+            for child in self._children:
+                try:
+                    child.reloads.send(message)
+                except (OSError, ValueError):
+                    pass  # the child is gone: its end is reported elsewhere
 
     def stop(self) -> None:
         for child in self._children:
@@ -312,12 +341,19 @@ def _stats(listeners: Listeners, resolver) -> tuple:
 
 def _reloading(reloads, listeners: Listeners, send, report: bool) -> None:
     """Each reload's answer sections, applied on the listeners' loop; a `reload` record says how it
-    went (`report`: this process says it went well; every process says what failed)."""
+    went (`report`: this process says it went well; every process says what failed). And the
+    tasks that chose a profile, each choice acknowledged once taken."""
     while True:
         try:
-            profiles = reloads.recv()
+            kind, *message = reloads.recv()
         except (EOFError, OSError):
             return
+        if kind == "tasks":
+            choice, tasks = message
+            listeners.choose(tasks)
+            send(("chosen", choice))
+            continue
+        profiles = message[0]
         try:
             listeners.reload(profiles)
             if report:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from nftdivert.config import (Config, CustomRule, HttpConfig, Listener, RecognizeConfig, ServerFirstConfig,
                               SmallServicesConfig, TlsConfig)
 from nftdivert.profiles import Profiles
+from nftdivert.tasks import TaskTable
 from nftdivert.services import active, handoff, origin as origin_mod, pool_channel
 from nftdivert.services.default_tcp import DefaultTcp, Emit, Origin, endpoint as _endpoint
 from nftdivert.services.default_udp import DefaultUdp
@@ -186,6 +187,7 @@ class Listeners:
         self._udp_answers = (on_event, origin, small, server_first)  # DefaultUdp's arguments after the name
         self._custom = custom
         self._profiles = profiles  # [[profiles]]: other answers for some clients; None: these for all
+        self._chosen = TaskTable()  # the tasks that chose a profile for their clients (choose())
         self._defaults: list = []  # the DefaultTcp and DefaultUdp answers: a reload gives them new rules
         self._ipv6 = ipv6 and socket.has_ipv6
         self._loop = asyncio.new_event_loop()
@@ -254,11 +256,20 @@ class Listeners:
         OSError (one line) if a script does not load, and then the old ones stay."""
         asyncio.run_coroutine_threadsafe(self._reload(profiles), self._loop).result(timeout=30)
 
+    def choose(self, tasks: TaskTable) -> None:
+        """The tasks that chose a profile for their clients (tasks.TaskTable.choosing), from now on:
+        one reference replaced, which the loop reads per conversation and per question."""
+        self._chosen = tasks
+        if self._profiles is not None:
+            self._profiles.chosen = tasks
+
     async def _reload(self, profiles: Profiles) -> None:
         from nftdivert.services import custom
 
         custom.forget_scripts()
+        profiles.chosen = self._chosen  # a reload changes the profiles, not which tasks chose them
         self._served = custom.serving(profiles, self._resolver)
+        self._profiles = profiles
         for answers in self._defaults:
             answers.reload(self._served)
         if self._resolver is not None:

@@ -105,3 +105,36 @@ def test_the_file_starts_ends_and_times_out_tasks_and_a_bad_one_changes_nothing(
     analyses_mod.ask("nftdivert", {"op": "end", "task": "after"})
     assert served.table.tasks(time.time()) == []
     assert [r.get("task") for r in records(log, out) if r.get("action") == "start"] == ["f1", "f2", "after"]
+
+
+def test_a_task_may_choose_one_of_the_runs_profiles_and_the_run_hears_of_each_table(tmp_path, monkeypatch):
+    from nftdivert.config import Profile
+
+    monkeypatch.setattr(owner, "STATE_DIR", tmp_path / "state")
+    out = io.StringIO()
+    log = ConversationLog(out, as_json=True)
+    served = analyses_mod.Analyses(replace(Config(), profiles=(Profile("sinkhole"),)), log)
+    heard: list = []
+    served.on_change = lambda table: heard.append(table.profiles(time.time()))
+    served.open()
+    try:
+        with pytest.raises(ConfigError) as info:
+            analyses_mod.ask("nftdivert", {"op": "start", "task": "t0", "clients": ["192.0.2.10"], "profile": "c2"})
+        assert str(info.value) == ("--profile = 'c2': no [[profiles]] of that name in the run's config "
+                                   "(it has: sinkhole)"), str(info.value)
+        assert {"t0": "c2"} not in heard and not served.table.known("t0")  # refused before anything changed
+        said = analyses_mod.ask("nftdivert", {"op": "start", "task": "t1", "clients": ["192.0.2.10"],
+                                              "profile": "sinkhole"})
+        assert said == "task t1 started: 192.0.2.10/32; profile sinkhole", said
+        assert heard[-1] == {"t1": "sinkhole"}  # before the answer
+        served.profile_names = frozenset({"c2"})  # a reload
+        with pytest.raises(ConfigError, match="it has: c2"):
+            analyses_mod.ask("nftdivert", {"op": "start", "task": "t2", "clients": ["192.0.2.11"], "profile": "sinkhole"})
+        analyses_mod.ask("nftdivert", {"op": "end", "task": "t1"})
+        after = heard[heard.index({"t1": "sinkhole"}) + 1:]
+        assert after and all(profiles == {} for profiles in after), heard  # (the prune and due ends tell it too)
+        task_records = [r for r in records(log, out) if r["event"] == "task"]
+        assert [(r["action"], r.get("profile")) for r in task_records] == [("start", "sinkhole"), ("end", None)]
+    finally:
+        served.close()
+        log.close()

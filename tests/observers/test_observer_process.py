@@ -35,7 +35,7 @@ def test_a_start_and_admission_carry_the_clients_profile_then_and_an_end_its_sta
     written: list[dict] = []
     profiles = {"192.0.2.2": "sinkhole"}  # what a reload replaces
     parent._emit, parent._name_for, parent._pools = written.append, None, []
-    parent._profile_for = profiles.get
+    parent._profile_for = lambda address, _when: profiles.get(address)
     parent.summary, parent._open = Summary(), OrderedDict()
     parent._record(0.0, _rec("start", 1))
     profiles["192.0.2.2"] = "renamed"  # a reload between the start and its end

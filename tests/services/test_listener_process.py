@@ -59,6 +59,46 @@ def test_serves_reports_counters_and_dns_answers_then_leaves_no_process(ports):
         s.bind(("::", ports["tcp"]))
 
 
+def test_a_tasks_profile_reaches_every_process_before_choose_returns(ports):
+    """Two processes: the DNS listener in the first answers by the task's profile once choose()
+    returns, and by the client's address (none) once the task's choice is gone."""
+    from dataclasses import replace
+
+    from nftdivert.config import Profile
+    from nftdivert.tasks import TaskTable
+
+    questions, events = [], []
+    chosen = replace(config(ports), listener_processes=2,
+                     profiles=(Profile("sinkhole", dns=DnsConfig(one_address="198.51.100.80")),))
+    proc = ListenerProcess(chosen)
+    proc.on_question = lambda *q: questions.append(q)
+    proc.on_event = events.append
+    proc.start()
+
+    def ask() -> str:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(dns.message.make_query("c2.example", "A").to_wire(), ("127.0.0.1", ports["dns"]))
+            return str(dns.message.from_wire(s.recvfrom(4096)[0]).answer[0][0])
+
+    try:
+        pooled = ask()
+        task = TaskTable().started("t1", (ipaddress.ip_network("127.0.0.1/32"),), time.time(), profile="sinkhole")
+        assert proc.choose(task.choosing(time.time()))
+        assert [child.chosen for child in proc._children] == [1, 1]
+        assert ask() == "198.51.100.80"
+        proc.reload(chosen)  # a reload changes the profiles, not the tasks' choice
+        wait(lambda: events)
+        assert events == [{"event": "reload", "sections": ["custom", "dns", "http", "profiles"]}]
+        assert ask() == "198.51.100.80"
+        assert proc.choose(TaskTable())
+        assert ask() == pooled
+        wait(lambda: len(questions) == 4)
+        assert [q[-1] for q in questions] == [None, "sinkhole", "sinkhole", None]  # each answer's profile
+    finally:
+        proc.stop()
+
+
 def test_a_taken_port_is_an_error_naming_the_listener(ports):
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
         taken.bind(("::", ports["tcp"]))
