@@ -11,7 +11,7 @@ bridges, counters), which then no longer stalls any packet.
 Over one pipe each way the run asks a worker where a listener's conversation
 was going (the listener's origin question, sent to the worker its client's
 address hashes to), tells it to refuse new conversations (the run is failing
-closed) or to report now; the worker answers, and sends its counters twice a
+closed) or to report now; the worker answers, and sends its counters four times a
 second. A worker dies with the run (lifeline.py), and the run stops when a
 worker dies, as it does for the listeners.
 """
@@ -33,7 +33,7 @@ from nftdivert.ruleset import bound_sets
 from nftdivert.worker import spread
 from nftdivert.worker.queue import Worker, add_counters, conntrack, queue_fixup
 
-REPORT_SECONDS = 0.5
+REPORT_SECONDS = 0.25  # the counters `status` shows stay at most this much older than one worker's
 # The origin question's answer: (table, conntrack lookup, client, local, protocol) -> Asked or None.
 Original = Callable[..., object]
 Reply = Callable[[object], None]

@@ -138,8 +138,11 @@ def test_syn_flood_starves_neither_the_replies_nor_the_tick(gw):
     # As fast as one raw socket goes: more than the worker can take. Admission
     # control drops the SYNs beyond the client's share before the queue, so the
     # queue keeps room and a normal client's datagram (same address, UDP) is
-    # answered within a second.
-    result, samples = _under_flood(gw, ["synflood", harness.CLIENT4, "198.18.0.0/16", "100000"])
+    # answered within a second. Paced over 2.5 s (40,000 a second, still far more than
+    # the worker takes), so that the counters, written about once a second from the
+    # workers' reports, are seen to move while it lasts.
+    result, samples = _under_flood(gw, ["synflood", harness.CLIENT4, "198.18.0.0/16", "100000",
+                                        "--seconds", "2.5"])
     assert result["sent"] == 100000, result
     _check(gw, samples, f"100k SYNs in {result['seconds']:.1f}s", answer_within=1.0)
     # What admission control dropped is reported: all but the client's share

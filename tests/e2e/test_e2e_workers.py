@@ -23,7 +23,8 @@ import pytest
 import harness
 from nftdivert.worker import spread
 
-pytestmark = [pytest.mark.kernel, pytest.mark.queue_path, pytest.mark.any_backend]
+# In the VM tier too: there the workers queue with the native `queue num` statement of their own chains.
+pytestmark = [pytest.mark.kernel, pytest.mark.queue_path]
 
 WORKERS = 2
 CLIENTS = [f"192.0.2.{20 + i}" for i in range(12)] + [f"2001:db8:1::{0x20 + i:x}" for i in range(4)]
