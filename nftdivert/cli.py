@@ -215,11 +215,39 @@ def remove(table: str, config_path: str | None) -> None:
 
     if active.remove_stale():
         gone.append("active FTP's port-20 routing rule, left by a killed run")
-    click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
     running = owner.owner_of(table)
+    if running is None and _remove_state_files(table):
+        gone.append("the state files a killed run left (its counters, ownership lock, analyses' socket)")
+    click.echo(f"removed {', '.join(gone)}" if gone else f"nothing to remove for table {table}")
     if gone and running is not None:
         click.echo(f"nftdivert: note: nftdivert run (pid {running.pid}) still runs, now without its table",
                    err=True)
+
+
+def _remove_state_files(table: str) -> bool:
+    """The files a run of `table` keeps in this network namespace, which a killed run leaves;
+    only when no live run owns the table. True if there were any."""
+    from nftdivert import stats
+    from nftdivert.observers import analyses
+
+    from nftdivert.process import lockfile
+
+    try:  # held while the others go, as a run's own stop does: a run starting now waits, then claims anew
+        fd = lockfile.acquire(owner.lock_path(table), create=False)
+    except OSError:
+        return False
+    if fd is None and owner.lock_path(table).exists():
+        return False  # a run holds it after all
+    found = fd is not None
+    for path in (stats.stats_path(table), analyses.control_path(table)):
+        try:
+            path.unlink()
+            found = True
+        except OSError:
+            pass  # none, or not ours to take: status checks the pid anyway
+    if fd is not None:
+        lockfile.release(owner.lock_path(table), fd)
+    return found
 
 
 @cli.command()

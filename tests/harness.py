@@ -311,6 +311,13 @@ def assert_clean(ns) -> None:
     assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
     assert port20_rules(ns) == [], f"routing rules left behind: {port20_rules(ns)}"
+    assert state_files(ns) == [], f"state files left behind: {state_files(ns)}"
+
+
+def state_files(ns) -> list[str]:
+    """What a run keeps under /run/nftdivert for `ns` (its counters, ownership lock, analyses' socket)."""
+    ino = os.stat(f"/run/netns/{ns.name}").st_ino
+    return sorted(p.name for p in Path("/run/nftdivert").glob(f"*-{ino}.*"))
 
 
 def assert_contained(ns, table: str = TABLE) -> None:
@@ -330,6 +337,13 @@ def assert_contained(ns, table: str = TABLE) -> None:
     assert nfqueue_rules(ns) == [], f"NFQUEUE rules left behind: {nfqueue_rules(ns)}"
     assert queue_bindings(ns) == [], f"queues still bound: {queue_bindings(ns)}"
     assert port20_rules(ns) == [], f"routing rules left behind: {port20_rules(ns)}"
+    assert state_files(ns) == [], f"state files left behind: {state_files(ns)}"
+
+
+def state_files(ns) -> list[str]:
+    """What a run keeps under /run/nftdivert for `ns` (its counters, ownership lock, analyses' socket)."""
+    ino = os.stat(f"/run/netns/{ns.name}").st_ino
+    return sorted(p.name for p in Path("/run/nftdivert").glob(f"*-{ino}.*"))
 
 
 def keeps_containment(config: str) -> bool:

@@ -88,7 +88,9 @@ def test_fail_closed_killed_worker_answers_nothing_and_leaks_nothing(gw):
     udp = gw.udp("198.51.100.7", 45678, "nobody-home", timeout=1)
     assert not udp["ok"], udp
     gw.assert_no_leaks()
-    gw.stop()  # nftdivert remove: the stale table and xt rules go
+    left = harness.state_files(gw.diverter_ns)
+    assert left, "the killed run's counters and lock: what `remove` must take"
+    gw.stop()  # nftdivert remove: the stale table, xt rules and state files go (assert_clean checks)
     assert harness.table_handle(gw.diverter_ns) is None
 
 
