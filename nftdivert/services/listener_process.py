@@ -75,7 +75,8 @@ class ListenerProcess:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._names = NameHistory(4 * config.dns.max_names)  # two pools, each its names and as many freed
+        # Every pool (each profile's own too): its names and as many freed.
+        self._names = NameHistory(2 * sum(dns.max_names for dns in config.dns_pools().values()))
         # Held while a message is read and applied; a name lookup waits on it
         # until the pool's assignments up to its moment have all arrived.
         self._applied = threading.Condition()
