@@ -20,10 +20,10 @@ Several processes (`listener_processes`; one per CPU by default) bind the
 same ports with SO_REUSEPORT, so the kernel spreads connections and
 datagrams over them by their addresses and ports (a UDP conversation stays
 on one process). Each has its two pipes. The DNS listeners run in the
-first only: one pool, one owner, so a name has one address for the whole
-run, and only that process reports assignments; the others ask it over a
-channel of their own (pool_channel.py: DoH, [[custom]] `names`, a proxy's
-`target_name`). FTP data connections that reach another process than their
+first only: one owner of the pools (every profile's too), so a name has
+one address per pool for the whole run, and only that process reports
+assignments; the others ask it over a channel of their own
+(pool_channel.py: DoH, [[custom]] `names`, a proxy's `target_name`). FTP data connections that reach another process than their
 session are handed over (handoff.py).
 """
 
