@@ -207,6 +207,26 @@ def test_each_profile_answers_from_its_own_pools_and_every_address_names_its_nam
     assert len(resolver.pools) == 6
 
 
+def test_a_client_whose_task_chose_a_profile_gets_its_pools_addresses_and_the_old_ones_still_name(tmp_path):
+    import time
+
+    from nftdivert import tasks
+    from nftdivert.services.dns import Resolver
+
+    config = _load(tmp_path, POOLS)
+    resolver = Resolver.from_config(config.dns)
+    profiles = Profiles(config)
+    resolver.set_answers(profiles)
+    ask = _asker(resolver)
+    before = ask("203.0.113.9:1", "c2.example")[0]
+    profiles.chosen = tasks.TaskTable().started("t1", (ipaddress.ip_network("203.0.113.9/32"),), time.time() - 1,
+                                                profile="keyed")
+    during = ask("203.0.113.9:1", "c2.example")[0]
+    assert ipaddress.ip_address(before) in ipaddress.ip_network("198.18.0.0/16")
+    assert ipaddress.ip_address(during) in ipaddress.ip_network("198.19.128.0/17")
+    assert {resolver.name_for(ipaddress.ip_address(a)) for a in (before, during)} == {"c2.example"}
+
+
 def test_a_reload_keeps_each_networks_pool_and_its_names(tmp_path):
     from nftdivert.services.dns import Resolver
 

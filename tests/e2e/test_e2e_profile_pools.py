@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
+import signal
 
 import pytest
 
@@ -42,9 +43,19 @@ dns = {{ answer_v4 = "198.19.128.0/17", answer_v6 = "2001:db8:b::/64", pool_key 
 NET = ipaddress.ip_network
 
 
-def config() -> str:
+def config(pools: str = POOLS) -> str:
     return ("listener_processes = 2\n" + harness.config_text() + '\n[http]\nbody = "answered\\n"\nbodies_dir = ""\n'
-            + harness.ECHO_LISTENERS + harness.DNS_LISTENER + POOLS)
+            + harness.ECHO_LISTENERS + harness.DNS_LISTENER + pools)
+
+
+def reload(div, pools: str) -> dict:
+    """The config with these pools, SIGHUP: the next `reload` record."""
+    def reloads() -> list[dict]:
+        return [r for r in div.log() if r.get("event") == "reload"]
+    done = len(reloads())
+    div.config_path.write_text(config(pools))
+    div.proc.send_signal(signal.SIGHUP)
+    return harness.wait_for(lambda: reloads()[done] if len(reloads()) > done else None, 10, "the reload record")
 
 
 def dig(client, name: str, qtype: str = "A", server: str = harness.DIV_CLIENT4) -> str:
@@ -94,6 +105,16 @@ def test_each_profile_answers_from_its_own_pool_and_the_log_names_every_address(
         assert {(r["client_address"], r["answer"], r.get("profile")) for r in questions} == {
             (A4, got[A4], "family-a"), (B4, got[B4], "family-b"), (C4, got[C4], None),
             (A6, got6[A6], "family-a"), (B4, got6[B6], "family-b")}, questions
+
+        # A reload keeps each network's pool, a renamed profile's too; a pool the run has not is refused.
+        refused = reload(div, POOLS.replace("198.19.0.0/17", "198.19.0.0/18"))
+        assert "profiles[0].dns.answer_v4" in refused.get("error", ""), refused
+        renamed = reload(div, POOLS.replace('"family-a"', '"family-a2"'))
+        assert "error" not in renamed, renamed
+        assert dig(a, "c2.example") == got[A4]
+        asked = div.wait_log(lambda r: r.get("event") == "dns" and r.get("profile") == "family-a2",
+                             what="a's question in the renamed profile")
+        assert (asked["name"], asked["answer"]) == ("c2.example", got[A4]), asked
         div.stop_and_check()
 
         # The same key in another run: the same address for the name, whatever was asked before it.
