@@ -158,8 +158,8 @@ class Resolver:
         for net in config.pools():
             if net not in self.pools:
                 self.pools[net] = AnswerPool(net, config.max_names, self.on_assign, config.pool_key)
-        v4, v6 = config.pools()
-        return self.pools[v4], self.pools[v6]
+        v4, v6 = (self.pools[net] for net in config.pools())
+        return v4, v6
 
     def _section_for(self, client: str) -> tuple[str | None, Section]:
         """(the client's profile, its section); (None, every client's) outside every profile."""
@@ -225,11 +225,12 @@ class Resolver:
         if qtype == dns.rdatatype.CNAME:
             # Every name here is canonical, so there is no alias to give; the
             # addresses it stands for are what the asker goes on to need.
-            return dns.rcode.NOERROR, [_address(name, dns.rdatatype.A, given), _address(name, dns.rdatatype.AAAA, given)]
+            return dns.rcode.NOERROR, [_address(name, t, given) for t in (dns.rdatatype.A, dns.rdatatype.AAAA)]
         if qtype == dns.rdatatype.MX:  # a target that resolves into the pool: mail goes on to connect
             return dns.rcode.NOERROR, [_rrset(name, given.ttl, "MX", f"10 {_child(b'mail', name)}")]
         if qtype == dns.rdatatype.NS:
-            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "NS", str(_child(b"ns1", name)), str(_child(b"ns2", name)))]
+            servers = (str(_child(b"ns1", name)), str(_child(b"ns2", name)))
+            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "NS", *servers)]
         if qtype == dns.rdatatype.SOA:
             soa = f"{_child(b'ns1', name)} {_child(b'hostmaster', name)} {self.serial} 7200 3600 1209600 {given.ttl}"
             return dns.rcode.NOERROR, [_rrset(name, given.ttl, "SOA", soa)]

@@ -23,8 +23,9 @@ on one process). Each has its two pipes. The DNS listeners run in the
 first only: one owner of the pools (every profile's too), so a name has
 one address per pool for the whole run, and only that process reports
 assignments; the others ask it over a channel of their own
-(pool_channel.py: DoH, [[custom]] `names`, a proxy's `target_name`). FTP data connections that reach another process than their
-session are handed over (handoff.py).
+(pool_channel.py: DoH, [[custom]] `names`, a proxy's `target_name`). FTP
+data connections that reach another process than their session are handed
+over (handoff.py).
 """
 
 from __future__ import annotations
