@@ -463,10 +463,14 @@ class DnsConfig:
     def pools(self) -> tuple[Network, Network]:
         return ipaddress.ip_network(self.answer_v4), ipaddress.ip_network(self.answer_v6)
 
+    def fixed(self) -> tuple[str, ...]:
+        """The addresses the analyst fixed: the records' A and AAAA values ("self" aside) and one_address."""
+        given = [r.value for r in self.records if r.type in ("A", "AAAA") and r.value != "self"]
+        return tuple(a for a in (*given, self.one_address) if a)
+
     def named(self) -> tuple[Network, ...]:
         """Where the addresses that stand for names lie: the pools, the fixed records' and one_address."""
-        fixed = [r.value for r in self.records if r.type in ("A", "AAAA") and r.value != "self"]
-        return (*self.pools(), *(ipaddress.ip_network(a) for a in (*fixed, self.one_address) if a))
+        return (*self.pools(), *(ipaddress.ip_network(a) for a in self.fixed()))
 
 
 DNS_RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "PTR")
@@ -812,10 +816,6 @@ class HooksConfig:
         _check_seconds(f"{key}.timeout", self.timeout)
 
 
-# What a profile's [profiles.dns] may set: the pools are the run's, one for every client.
-PROFILE_DNS_KEYS = ("records", "one_address", "nxdomain", "txt")
-
-
 @dataclass(frozen=True)
 class ProfileLeaveAlone:
     """Ports a profile's clients reach undiverted, besides [leave_alone]'s."""
@@ -1013,6 +1013,48 @@ class Config:
                                       f"profiles[{owners[net]}] has this prefix too: the longest prefix wins, "
                                       "so equal ones would leave it to chance")
                 owners[net] = i
+        self._validate_pools()
+
+    def dns_sections(self) -> tuple[tuple[str, DnsConfig], ...]:
+        """(key, section): [dns], then each profile's [profiles.dns] that is given."""
+        return (("dns", self.dns),
+                *((f"profiles[{i}].dns", p.dns) for i, p in enumerate(self.profiles) if p.dns is not None))
+
+    def dns_pools(self) -> dict[Network, DnsConfig]:
+        """Each DNS pool once, by its network (sections with the same network share the one pool):
+        the first section that gives it (its max_names and pool_key are every sharer's)."""
+        pools: dict[Network, DnsConfig] = {}
+        for _, dns in self.dns_sections():
+            for net in dns.pools():
+                pools.setdefault(net, dns)
+        return pools
+
+    def _validate_pools(self) -> None:
+        """A profile's pool is another's exactly (one pool, so one max_names and pool_key) or apart from
+        every other pool and every fixed address: an address stands for one name, whoever asked."""
+        pools: dict[Network, tuple[str, DnsConfig]] = {}  # -> the key that gives it first, and its section
+        fixed = [(f"{key}.{'records' if a != dns.one_address else 'one_address'}", ipaddress.ip_address(a))
+                 for key, dns in self.dns_sections() for a in dns.fixed()]
+        for key, dns in self.dns_sections():
+            for name, net in zip(("answer_v4", "answer_v6"), dns.pools()):
+                if net in pools:
+                    owner, first = pools[net]
+                    for k in ("max_names", "pool_key"):
+                        if getattr(dns, k) != getattr(first, k):
+                            raise ConfigError(f"{key}.{k}", getattr(dns, k),
+                                              f"{owner} is its {net} too, with {k} {getattr(first, k)!r}: one network "
+                                              "is one pool (give the profile answer_v4 and answer_v6 of its own)")
+                    continue
+                other = next((o for o in pools if net.overlaps(o)), None)
+                if other is not None:
+                    raise ConfigError(f"{key}.{name}", str(net), f"overlaps {pools[other][0]} {other}: a pool is "
+                                      "another's exactly (then shared) or apart from it, so an address names one name")
+                if key != "dns":  # (a fixed address in the top-level pool is as it always was)
+                    inside = next(((k, a) for k, a in fixed if a in net), None)
+                    if inside is not None:
+                        raise ConfigError(f"{key}.{name}", str(net), f"holds the fixed address {inside[1]} of "
+                                          f"{inside[0]}: an address names one name")
+                pools[net] = (f"{key}.{name}", dns)
 
     def default_listener(self, protocol: str) -> Listener | None:
         name = getattr(self, f"default_{protocol}_listener")
@@ -1098,11 +1140,6 @@ def _profile(key: str, data: object, top: Mapping[str, Any]) -> Profile:
     values: dict[str, Any] = {"name": data["name"]}
     values["clients"] = tuple(_network(f"{key}.clients[{i}]", v)  # none: only analyses choose it
                               for i, v in enumerate(_as_list(f"{key}.clients", data.get("clients", []))))
-    dns = data.get("dns", {})
-    for name in (dns if isinstance(dns, dict) else ()):
-        if name in _known_keys(DnsConfig) and name not in PROFILE_DNS_KEYS:
-            raise ConfigError(f"{key}.dns.{name}", dns[name], "the pools are the run's, one for every client; "
-                              f"a profile sets {', '.join(PROFILE_DNS_KEYS)}")
     for name, cls in (("dns", DnsConfig), ("http", HttpConfig), ("hooks", HooksConfig)):
         if name in data:
             values[name] = replace(top.get(name) or cls(), **_section_values(f"{key}.{name}", data[name], cls))

@@ -172,8 +172,8 @@ def _reload(reread: Callable[[], Config], running: Config, listeners: ListenerPr
         changed = not_reloadable(running, config)
         if changed:
             raise ConfigError(", ".join(changed), "changed", "a reload gives only [[custom]], [dns] records and "
-                              "one_address, [http] and [[profiles]] anew; for the rest (the ruleset, the run) "
-                              "restart it")
+                              "one_address, [http] and [[profiles]] (on the run's DNS pools) anew; for the rest "
+                              "(the ruleset, the run, a new DNS pool) restart it")
         apply(config)
     except (ConfigError, KernelError, OSError) as exc:
         _say(f"reload refused, the answers stay as they were: {exc}")
@@ -184,12 +184,21 @@ def _reload(reread: Callable[[], Config], running: Config, listeners: ListenerPr
 
 
 def not_reloadable(running: Config, new: Config) -> list[str]:
-    """The keys `new` changes that a reload cannot apply: all but the answer sections (pure)."""
+    """The keys `new` changes that a reload cannot apply: all but the answer sections, and a profile's
+    DNS pool that the run does not have as it is (pure)."""
     def rest(c: Config) -> Config:
         return replace(c, custom=(), http=HttpConfig(), dns=replace(c.dns, records=(), one_address=""), profiles=(),
                        worker=replace(c.worker, pcap=""))  # -w: from the command line, not the file
     was, now = rest(running), rest(new)
-    return [f.name for f in fields(Config) if getattr(was, f.name) != getattr(now, f.name)]
+    changed = [f.name for f in fields(Config) if getattr(was, f.name) != getattr(now, f.name)]
+    # A profile's pool must be one the run has, as it is: the listeners keep each pool with its names,
+    # and the log's naming history is as large as the run's pools.
+    pools = {net: (dns.max_names, dns.pool_key) for net, dns in running.dns_pools().items()}
+    for key, dns in new.dns_sections()[1:]:
+        for name, net in zip(("answer_v4", "answer_v6"), dns.pools()):
+            if pools.get(net) != (dns.max_names, dns.pool_key):
+                changed.append(f"{key}.{name}")
+    return changed
 
 
 class _Stopped(Exception):

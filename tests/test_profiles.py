@@ -60,6 +60,7 @@ def test_a_profile_section_is_the_top_level_one_with_its_keys_over_it(tmp_path):
     assert (top.profile, top.dns.one_address, top.http.body) == (None, "198.51.100.1", "top-level")
 
 
+PROFILE = '[[profiles]]\nname = "{}"\ndns = {{ {} }}\n'
 BAD = [
     pytest.param('[[profiles]]\nname = "a"\nclients = ["10.0.1.5/24"]\n', "profiles[0].clients[0]", "host bits set",
                  id="host-bits"),
@@ -73,7 +74,24 @@ BAD = [
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\nhttp = { colour = 1 }\n',
                  "profiles[0].http.colour", "unknown key", id="unknown-section-key"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ndns = { answer_v4 = "198.18.0.0/16" }\n',
-                 "profiles[0].dns.answer_v4", "the pools are the run's", id="pool-key"),
+                 "profiles[0].dns.answer_v4", "overlaps dns.answer_v4 198.18.0.0/15", id="pool-inside-the-top-level"),
+    pytest.param('[dns]\nanswer_v4 = "198.18.0.0/16"\n' + PROFILE.format("a", 'answer_v4 = "198.19.0.0/16"')
+                 + PROFILE.format("b", 'answer_v4 = "198.19.128.0/17"'),
+                 "profiles[1].dns.answer_v4", "overlaps profiles[0].dns.answer_v4 198.19.0.0/16", id="pools-overlap"),
+    pytest.param('[dns]\nanswer_v4 = "198.18.0.0/16"\n' + PROFILE.format("a", 'pool_key = "k"'),
+                 "profiles[0].dns.pool_key", "dns.answer_v4 is its 198.18.0.0/16 too, with pool_key ''",
+                 id="one-network-two-keys"),
+    pytest.param('[dns]\nanswer_v4 = "198.18.0.0/16"\n' + PROFILE.format("a", 'answer_v4 = "198.19.0.0/16"')
+                 + PROFILE.format("b", 'answer_v4 = "198.19.0.0/16", max_names = 9'),
+                 "profiles[1].dns.max_names", "profiles[0].dns.answer_v4 is its 198.19.0.0/16 too, with max_names",
+                 id="one-network-two-sizes"),
+    pytest.param('[dns]\nanswer_v4 = "198.18.0.0/16"\nrecords = [{ name = "c2.example", type = "A", value = '
+                 '"198.19.0.5" }]\n' + PROFILE.format("a", 'answer_v4 = "198.19.0.0/16"'),
+                 "profiles[0].dns.answer_v4", "holds the fixed address 198.19.0.5 of dns.records", id="pool-holds-record"),
+    pytest.param('[dns]\nanswer_v4 = "198.18.0.0/16"\n' + PROFILE.format("a", 'answer_v4 = "198.19.0.0/16"')
+                 + PROFILE.format("b", 'one_address = "198.19.1.1"'),
+                 "profiles[0].dns.answer_v4", "holds the fixed address 198.19.1.1 of profiles[1].dns.one_address",
+                 id="pool-holds-another-profiles-one-address"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\ndns = { one_address = "nope" }\n',
                  "profiles[0].dns.one_address", "not an IP address", id="dns-value"),
     pytest.param('[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\nleave_alone = { hosts = [] }\n',
@@ -130,6 +148,118 @@ def test_the_dns_listener_answers_each_question_by_its_clients_profile(tmp_path)
     assert a("198.51.100.5:5353") == ["198.51.100.1"]
     # Each question's record names the profile whose answers it got.
     assert [q[-1] for q in asked] == ["one-vm", "one-vm", "family-a", "family-a", None]
+
+
+POOLS = '''
+[dns]
+answer_v4 = "198.18.0.0/16"
+ttl = 60
+
+[[profiles]]
+name = "family-a"
+clients = ["192.0.2.0/25"]
+dns = { answer_v4 = "198.19.0.0/17", answer_v6 = "2001:db8:a::/64", max_names = 1000 }
+
+[[profiles]]
+name = "family-a-too"              # the same networks: the same pools
+clients = ["192.0.2.128/25"]
+dns = { answer_v4 = "198.19.0.0/17", answer_v6 = "2001:db8:a::/64", max_names = 1000, txt = "too" }
+
+[[profiles]]
+name = "keyed"                     # its own key: its own networks
+clients = ["198.51.100.0/24"]
+dns = { answer_v4 = "198.19.128.0/17", answer_v6 = "2001:db8:b::/64", pool_key = "lab-b", ttl = 5 }
+'''
+
+
+def _asker(resolver):
+    import dns.message
+
+    def ask(client: str, name: str, qtype: str = "A") -> tuple[str, int]:
+        reply = dns.message.from_wire(resolver.answer(dns.message.make_query(name, qtype).to_wire(), client))
+        return reply.answer[0][0].to_text(), reply.answer[0].ttl
+    return ask
+
+
+def test_each_profile_answers_from_its_own_pools_and_every_address_names_its_name(tmp_path):
+    from nftdivert.services.dns import Resolver
+    from nftdivert.services.names import AnswerPool
+
+    config = _load(tmp_path, POOLS)
+    assigned: list[tuple] = []
+    resolver = Resolver.from_config(config.dns, on_assign=lambda *a: assigned.append(a))
+    resolver.set_answers(Profiles(config))
+    ask = _asker(resolver)
+    top, a, too, keyed = (ask(client, "c2.example") for client in
+                          ("203.0.113.9:1", "192.0.2.1:1", "192.0.2.200:1", "198.51.100.7:1"))
+    net = ipaddress.ip_network
+    assert ipaddress.ip_address(top[0]) in net("198.18.0.0/16") and top[1] == 60
+    assert ipaddress.ip_address(a[0]) in net("198.19.0.0/17") and a == too  # one pool: one address for the name
+    # Keyed: the address any pool of that network and key gives the name (another run, another gateway).
+    assert keyed == (str(AnswerPool(net("198.19.128.0/17"), key="lab-b").address_for("c2.example")), 5)
+    assert ipaddress.ip_address(ask("[2001:db8:1::5]:1", "c2.example", "AAAA")[0]) in net("2001:db8:53::/64")
+    assert ipaddress.ip_address(ask("192.0.2.1:1", "c2.example", "AAAA")[0]) in net("2001:db8:a::/64")
+    # Each address names the name it was given, whichever pool, for the log and for PTR; every pool reports.
+    for address, _ in (top, a, keyed):
+        assert resolver.name_for(ipaddress.ip_address(address)) == "c2.example"
+        assert ask("203.0.113.9:1", ipaddress.ip_address(address).reverse_pointer, "PTR")[0] == "c2.example."
+    assert {str(address) for address, _, _ in assigned} >= {top[0], a[0], keyed[0]}
+    assert len(resolver.pools) == 6
+
+
+def test_a_client_whose_task_chose_a_profile_gets_its_pools_addresses_and_the_old_ones_still_name(tmp_path):
+    import time
+
+    from nftdivert import tasks
+    from nftdivert.services.dns import Resolver
+
+    config = _load(tmp_path, POOLS)
+    resolver = Resolver.from_config(config.dns)
+    profiles = Profiles(config)
+    resolver.set_answers(profiles)
+    ask = _asker(resolver)
+    before = ask("203.0.113.9:1", "c2.example")[0]
+    profiles.chosen = tasks.TaskTable().started("t1", (ipaddress.ip_network("203.0.113.9/32"),), time.time() - 1,
+                                                profile="keyed")
+    during = ask("203.0.113.9:1", "c2.example")[0]
+    assert ipaddress.ip_address(before) in ipaddress.ip_network("198.18.0.0/16")
+    assert ipaddress.ip_address(during) in ipaddress.ip_network("198.19.128.0/17")
+    assert {resolver.name_for(ipaddress.ip_address(a)) for a in (before, during)} == {"c2.example"}
+
+
+def test_a_reload_keeps_each_networks_pool_and_its_names(tmp_path):
+    from nftdivert.services.dns import Resolver
+
+    config = _load(tmp_path, POOLS)
+    resolver = Resolver.from_config(config.dns)
+    resolver.set_answers(Profiles(config))
+    ask = _asker(resolver)
+    before = ask("192.0.2.1:1", "c2.example")
+    renamed = _load(tmp_path, POOLS.replace('"family-a"', '"family-a-renamed"').replace(', txt = "too"', ""))
+    resolver.set_answers(Profiles(renamed))
+    assert ask("192.0.2.1:1", "c2.example") == before  # the renamed profile's pool is the one it had
+    assert len(resolver.pools) == 6
+
+
+def test_a_reload_may_not_bring_a_profile_a_pool_the_run_has_not(tmp_path):
+    from nftdivert.runner import not_reloadable
+
+    running = _load(tmp_path, POOLS)
+    same = POOLS.replace('"family-a"', '"renamed"')
+    assert not_reloadable(running, _load(tmp_path, same)) == []
+    assert not_reloadable(running, _load(tmp_path, POOLS.split("[[profiles]]")[0])) == []  # profiles gone: fine
+    assert not_reloadable(running, _load(tmp_path, POOLS.replace('"lab-b"', '"lab-c"'))) \
+        == ["profiles[2].dns.answer_v4", "profiles[2].dns.answer_v6"]
+    assert not_reloadable(running, _load(tmp_path, POOLS.replace("2001:db8:b::/64", "2001:db8:c::/64"))) \
+        == ["profiles[2].dns.answer_v6"]
+
+
+def test_the_naming_history_holds_every_pools_names(tmp_path):
+    from nftdivert.services.listener_process import ListenerProcess
+
+    config = _load(tmp_path, POOLS)
+    # [dns]'s two pools, family-a's two (shared), keyed's two: each its names and as many freed.
+    assert ListenerProcess(config)._names.max_addresses == 2 * (2 * 131072 + 2 * 1000 + 2 * 131072)
 
 
 def test_the_listeners_records_name_the_profile_that_answers_the_client(tmp_path):

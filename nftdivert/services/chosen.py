@@ -29,6 +29,8 @@ class Answers:
         self._config = config
         self._tasks = TaskTable()
         self.profiles = Profiles(config)
+        # The run's DNS pools, every profile's: the listeners keep each (with its names) for the run.
+        self._pools = tuple(config.dns_pools())
         # A reload (a signal handler in the main thread, which may hold it already) and the analyses' thread.
         self._lock = threading.RLock()
         self._sets = False  # the table's sets exist: the ruleset is in, and not yet on its way out
@@ -66,6 +68,8 @@ class Answers:
                     raise ConfigError("profiles", name, f"task {task} runs with this profile: end it first")
             profiles = Profiles(config)
             profiles.chosen = self._tasks
+            # A profile gone with its pool: the addresses it gave still name their names.
+            profiles.named = tuple(dict.fromkeys((*profiles.named, *self._pools)))
             if self._sets:
                 self._fill(config, self._filled)
             self._config, self.profiles = config, profiles

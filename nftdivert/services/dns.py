@@ -28,7 +28,7 @@ import dns.rrset
 
 from nftdivert.config import DnsConfig, DnsRecord
 from nftdivert.profiles import Profiles
-from nftdivert.services.names import Address, AnswerPool, Assigned, Question
+from nftdivert.services.names import Address, AnswerPool, Assigned, Network, Question
 
 class NamePatterns:
     """Values by name: exact names, or "*.zone" for everything below zone (the longest zone wins)."""
@@ -58,20 +58,23 @@ class NxdomainList(NamePatterns):
         return bool(self.find(name))
 
 
-class Fixed:
-    """The answers the analyst set, for every client or a profile's: fixed records, one address for
-    every name, names that do not exist, the TXT answer."""
+class Section:
+    """What a DNS section answers, every client's or a profile's: the answers the analyst set (fixed
+    records, one address for every name, names that do not exist, the TXT answer, the TTL) and the
+    pools its other names' addresses come from."""
 
-    def __init__(self, records: Iterable[DnsRecord] = (), one_address: str = "", nxdomain: Iterable[str] = (),
-                 txt: str = "v=spf1 -all") -> None:
+    def __init__(self, v4: AnswerPool, v6: AnswerPool, records: Iterable[DnsRecord] = (), one_address: str = "",
+                 nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", ttl: int = 60) -> None:
+        self.v4, self.v6 = v4, v6
         self.records = NamePatterns((r.name, r) for r in records)  # before everything else
         self.one_address = ipaddress.ip_address(one_address) if one_address else None
         self.nxdomain = NxdomainList(nxdomain)
         self.txt = txt.encode()
+        self.ttl = ttl
 
     @classmethod
-    def of(cls, config: DnsConfig) -> "Fixed":
-        return cls(config.records, config.one_address, config.nxdomain, config.txt)
+    def of(cls, config: DnsConfig, v4: AnswerPool, v6: AnswerPool) -> "Section":
+        return cls(v4, v6, config.records, config.one_address, config.nxdomain, config.txt, config.ttl)
 
 
 def _client_address(client: str) -> str:
@@ -105,15 +108,22 @@ def _reverse(name: dns.name.Name) -> Address | None:
 
 
 class Resolver:
-    """Answers a DNS query in wire format with a response in wire format (pure but for the pools)."""
+    """Answers a DNS query in wire format with a response in wire format (pure but for the pools).
+
+    `v4` and `v6`: the pools of every client but a profile's that has pools of its own. Each pool
+    is one network's: profiles with the same network share it (the config refuses pools that
+    overlap otherwise), so an address stands for one name whichever pool gave it."""
 
     def __init__(self, v4: AnswerPool, v6: AnswerPool, ttl: int = 60, on_question: Question | None = None,
                  nxdomain: Iterable[str] = (), txt: str = "v=spf1 -all", serial: int | None = None,
                  records: Iterable[DnsRecord] = (), one_address: str = "", on_assign: Assigned | None = None) -> None:
-        self.v4, self.v6, self.ttl = v4, v6, ttl
-        self.fixed = Fixed(records, one_address, nxdomain, txt)  # every client's, but a profile's
+        self.v4, self.v6 = v4, v6
+        self.default = Section(v4, v6, records, one_address, nxdomain, txt, ttl)  # every client's, but a profile's
         self._profiles: Profiles | None = None
-        self._by_profile: dict[str | None, Fixed] = {}
+        self._by_profile: dict[str | None, Section] = {}
+        # Every pool by its network: a reload's profiles take theirs from here (a profile renamed keeps its pool).
+        self.pools: dict[Network, AnswerPool] = {v4.network: v4, v6.network: v6}
+        self._every_pool = tuple(self.pools.values())  # what name_for searches (a tuple: replaced, never changed)
         # Addresses fixed answers gave, with the name last answered: the log names conversations by them too.
         self._given: dict[Address, str] = {}
         self.on_assign = on_assign
@@ -132,21 +142,39 @@ class Resolver:
                    one_address=config.one_address, on_assign=on_assign)
 
     def set_answers(self, profiles: Profiles) -> None:
-        """The answers the analyst set, every client's and each profile's (at start, and again on a reload)."""
-        self.fixed = Fixed.of(profiles.default.dns)
-        self._by_profile = {name: Fixed.of(answers.dns) for name, answers in profiles.answers.items()}
+        """The answers the analyst set, every client's and each profile's (at start, and again on a
+        reload: a pool once made stays, with its names, for the run)."""
+        top = profiles.default.dns
+        self.default = Section.of(top, self.v4, self.v6)
+        self._by_profile = {name: Section.of(answers.dns, *self._pools_of(answers.dns, top))
+                            for name, answers in profiles.answers.items()}
+        self._every_pool = tuple(self.pools.values())
         self._profiles = profiles if profiles else None
 
-    def _fixed_for(self, client: str) -> tuple[str | None, Fixed]:
-        """(the client's profile, its answers); (None, every client's) outside every profile."""
+    def _pools_of(self, config: DnsConfig, top: DnsConfig) -> tuple[AnswerPool, AnswerPool]:
+        """A profile's pools: every client's where it has none of its own, else its networks' (made once)."""
+        if config.pools() == top.pools():
+            return self.v4, self.v6
+        for net in config.pools():
+            if net not in self.pools:
+                self.pools[net] = AnswerPool(net, config.max_names, self.on_assign, config.pool_key)
+        v4, v6 = (self.pools[net] for net in config.pools())
+        return v4, v6
+
+    def _section_for(self, client: str) -> tuple[str | None, Section]:
+        """(the client's profile, its section); (None, every client's) outside every profile."""
         if self._profiles is None:
-            return None, self.fixed
+            return None, self.default
         profile = self._profiles.profile_for(_client_address(client)).profile
-        return profile, self._by_profile.get(profile, self.fixed)
+        return profile, self._by_profile.get(profile, self.default)
 
     def name_for(self, address: Address) -> str | None:
-        pool = self.v4 if address.version == 4 else self.v6
-        return pool.name_for(address) or self._given.get(address)
+        """The name `address` stands for now, whichever pool gave it (the log, PTR, the other listeners ask)."""
+        for pool in self._every_pool:
+            name = pool.name_for(address)
+            if name is not None:
+                return name
+        return self._given.get(address)
 
     def answer(self, wire: bytes, client: str = "", local: str = "") -> bytes | None:
         """`local`: the address the question came to, what a fixed answer of "self" gives."""
@@ -157,12 +185,12 @@ class Resolver:
         # What a common recursive resolver says: RA set (dig warns when it is
         # missing), and the EDNS buffer size resolvers use since 2020.
         response = dns.message.make_response(query, recursion_available=True, our_payload=1232)
-        profile, fixed = self._fixed_for(client)
+        profile, section = self._section_for(client)
         for question in query.question:
             qtype = question.rdtype
             rcode, rrsets = dns.rcode.NOERROR, []
             if question.rdclass == dns.rdataclass.IN:
-                rcode, rrsets = self._records(question.name, qtype, fixed, local)
+                rcode, rrsets = self._records(question.name, qtype, section, local)
             if rcode != dns.rcode.NOERROR:
                 response.set_rcode(rcode)
             response.answer.extend(rrsets)
@@ -172,7 +200,7 @@ class Resolver:
                                  shown, dns.rcode.to_text(rcode), profile)
         return response.to_wire()
 
-    def _records(self, name: dns.name.Name, qtype: int, given: Fixed, local: str = "",
+    def _records(self, name: dns.name.Name, qtype: int, given: Section, local: str = "",
                  depth: int = 0) -> tuple[int, list[dns.rrset.RRset]]:
         fixed = given.records.find(name)
         if fixed and depth < 8:  # a bound on CNAMEs that lead to each other
@@ -185,33 +213,34 @@ class Resolver:
             wanted = 4 if qtype == dns.rdatatype.A else 6
             if given.one_address.version != wanted:
                 return dns.rcode.NOERROR, []
-            return dns.rcode.NOERROR, [self._given_rrset(name, qtype, given.one_address)]
+            return dns.rcode.NOERROR, [self._given_rrset(name, qtype, given.ttl, given.one_address)]
         if qtype == dns.rdatatype.PTR:
             address = _reverse(name)
             target = self.name_for(address) if address is not None else None
             if target is None:  # not one of ours: no waiting on an empty answer
                 return dns.rcode.NXDOMAIN, []
-            return dns.rcode.NOERROR, [self._rrset(name, "PTR", target.rstrip(".") + ".")]
+            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "PTR", target.rstrip(".") + ".")]
         if qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            return dns.rcode.NOERROR, [self._address(name, qtype)]
+            return dns.rcode.NOERROR, [_address(name, qtype, given)]
         if qtype == dns.rdatatype.CNAME:
             # Every name here is canonical, so there is no alias to give; the
             # addresses it stands for are what the asker goes on to need.
-            return dns.rcode.NOERROR, [self._address(name, dns.rdatatype.A), self._address(name, dns.rdatatype.AAAA)]
+            return dns.rcode.NOERROR, [_address(name, t, given) for t in (dns.rdatatype.A, dns.rdatatype.AAAA)]
         if qtype == dns.rdatatype.MX:  # a target that resolves into the pool: mail goes on to connect
-            return dns.rcode.NOERROR, [self._rrset(name, "MX", f"10 {_child(b'mail', name)}")]
+            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "MX", f"10 {_child(b'mail', name)}")]
         if qtype == dns.rdatatype.NS:
-            return dns.rcode.NOERROR, [self._rrset(name, "NS", str(_child(b"ns1", name)), str(_child(b"ns2", name)))]
+            servers = (str(_child(b"ns1", name)), str(_child(b"ns2", name)))
+            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "NS", *servers)]
         if qtype == dns.rdatatype.SOA:
-            soa = f"{_child(b'ns1', name)} {_child(b'hostmaster', name)} {self.serial} 7200 3600 1209600 {self.ttl}"
-            return dns.rcode.NOERROR, [self._rrset(name, "SOA", soa)]
+            soa = f"{_child(b'ns1', name)} {_child(b'hostmaster', name)} {self.serial} 7200 3600 1209600 {given.ttl}"
+            return dns.rcode.NOERROR, [_rrset(name, given.ttl, "SOA", soa)]
         if qtype == dns.rdatatype.TXT:
             rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.TXT)
-            rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [given.txt]), self.ttl)
+            rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [given.txt]), given.ttl)
             return dns.rcode.NOERROR, [rrset]
         return dns.rcode.NOERROR, []  # other types: the name exists, nothing more
 
-    def _fixed(self, name: dns.name.Name, qtype: int, fixed: list[DnsRecord], given: Fixed, local: str,
+    def _fixed(self, name: dns.name.Name, qtype: int, fixed: list[DnsRecord], given: Section, local: str,
                depth: int) -> list[dns.rrset.RRset] | None:
         """The fixed records' answer; None where none is of this type (the usual answer then)."""
         rdtype = dns.rdatatype.to_text(qtype)
@@ -219,22 +248,22 @@ class Resolver:
         if of_type and qtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             wanted = 4 if qtype == dns.rdatatype.A else 6
             addresses = [a for r in of_type if (a := _address_of(r.value, local)) is not None and a.version == wanted]
-            return [self._given_rrset(name, qtype, *addresses)] if addresses else []
+            return [self._given_rrset(name, qtype, given.ttl, *addresses)] if addresses else []
         if of_type and qtype == dns.rdatatype.TXT:
             rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.TXT)
             for r in of_type:
-                rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [r.value.encode()]), self.ttl)
+                rrset.add(dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [r.value.encode()]), given.ttl)
             return [rrset]
         if of_type:  # CNAME, MX, PTR: names, made absolute
-            return [self._rrset(name, rdtype, *(r.value.rstrip(".") + "." for r in of_type))]
+            return [_rrset(name, given.ttl, rdtype, *(r.value.rstrip(".") + "." for r in of_type))]
         alias = next((r for r in fixed if r.type == "CNAME"), None)
         if alias is None:
             return None
         target = dns.name.from_text(alias.value)
         _, more = self._records(target, qtype, given, local, depth + 1)
-        return [self._rrset(name, "CNAME", str(target)), *more]
+        return [_rrset(name, given.ttl, "CNAME", str(target)), *more]
 
-    def _given_rrset(self, name: dns.name.Name, qtype: int, *addresses: Address) -> dns.rrset.RRset:
+    def _given_rrset(self, name: dns.name.Name, qtype: int, ttl: int, *addresses: Address) -> dns.rrset.RRset:
         """A fixed address answer; each address now stands for this name (reported as a pool's would be)."""
         shown = name.to_text(omit_final_dot=True)
         for address in addresses:
@@ -242,11 +271,14 @@ class Resolver:
                 self._given[address] = shown
                 if self.on_assign is not None:
                     self.on_assign(address, shown, None)
-        return self._rrset(name, dns.rdatatype.to_text(qtype), *(str(a) for a in addresses))
+        return _rrset(name, ttl, dns.rdatatype.to_text(qtype), *(str(a) for a in addresses))
 
-    def _address(self, name: dns.name.Name, qtype: int) -> dns.rrset.RRset:
-        pool = self.v4 if qtype == dns.rdatatype.A else self.v6
-        return self._rrset(name, dns.rdatatype.to_text(qtype), str(pool.address_for(name.to_text())))
 
-    def _rrset(self, name: dns.name.Name, rdtype: str, *rdatas: str) -> dns.rrset.RRset:
-        return dns.rrset.from_text(name, self.ttl, "IN", rdtype, *rdatas)
+def _address(name: dns.name.Name, qtype: int, section: Section) -> dns.rrset.RRset:
+    """The name's address from the section's pool."""
+    pool = section.v4 if qtype == dns.rdatatype.A else section.v6
+    return _rrset(name, section.ttl, dns.rdatatype.to_text(qtype), str(pool.address_for(name.to_text())))
+
+
+def _rrset(name: dns.name.Name, ttl: int, rdtype: str, *rdatas: str) -> dns.rrset.RRset:
+    return dns.rrset.from_text(name, ttl, "IN", rdtype, *rdatas)

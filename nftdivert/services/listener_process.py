@@ -20,11 +20,12 @@ Several processes (`listener_processes`; one per CPU by default) bind the
 same ports with SO_REUSEPORT, so the kernel spreads connections and
 datagrams over them by their addresses and ports (a UDP conversation stays
 on one process). Each has its two pipes. The DNS listeners run in the
-first only: one pool, one owner, so a name has one address for the whole
-run, and only that process reports assignments; the others ask it over a
-channel of their own (pool_channel.py: DoH, [[custom]] `names`, a proxy's
-`target_name`). FTP data connections that reach another process than their
-session are handed over (handoff.py).
+first only: one owner of the pools (every profile's too), so a name has
+one address per pool for the whole run, and only that process reports
+assignments; the others ask it over a channel of their own
+(pool_channel.py: DoH, [[custom]] `names`, a proxy's `target_name`). FTP
+data connections that reach another process than their session are handed
+over (handoff.py).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class ListenerProcess:
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._names = NameHistory(4 * config.dns.max_names)  # two pools, each its names and as many freed
+        # Every pool (each profile's own too): its names and as many freed.
+        self._names = NameHistory(2 * sum(dns.max_names for dns in config.dns_pools().values()))
         # Held while a message is read and applied; a name lookup waits on it
         # until the pool's assignments up to its moment have all arrived.
         self._applied = threading.Condition()

@@ -101,8 +101,10 @@ class AnswerPool:
         if address.version != self.network.version:
             return None
         offset = int(address) - int(self._first)
+        if not 0 <= offset < self.hosts:  # another pool's (the resolver asks each): no lock taken
+            return None
         with self._lock:
-            return self._by_offset.get(offset) if 0 <= offset < self.hosts else None
+            return self._by_offset.get(offset)
 
 
 def candidates(key: bytes, name: str, hosts: int, count: int) -> Iterator[int]:

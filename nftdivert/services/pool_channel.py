@@ -1,8 +1,10 @@
 """The DNS pool for listener processes other than its owner.
 
-The DNS listeners and their Resolver (the name pool, the fixed records,
-one_address) live in the first listener process only: a name has one
-address for the whole run. The others still need it: DNS over HTTPS
+The DNS listeners and their Resolver (the name pools, every profile's
+too, the fixed records, one_address) live in the first listener process
+only: a name has one address per pool for the whole run. A DoH question
+carries its client, so the owner answers it from the client's profile's
+pool; naming an address needs no client (it names one name, whichever pool). The others still need it: DNS over HTTPS
 answers from it, [[custom]] rules by `names` and a proxy's `target_name`
 name an address by it. Each other process gets a Remote in its place, which
 asks the owner over a socketpair of its own (made before the fork); the

@@ -54,3 +54,16 @@ def test_the_tasks_choices_reach_the_listeners_once_each_and_a_reload_keeps_them
     assert listeners.told[-1] == TaskTable()
     assert answers.profiles.profile_for("192.0.2.10", time.time() + 1).profile == "lab"
     assert answers.profiles.profile_for("192.0.2.10", now).profile == "sinkhole"  # a late record of its start
+
+
+def test_a_reload_that_drops_a_profiles_pool_still_names_its_addresses():
+    from nftdivert.config import DnsConfig
+
+    own = Profile("own", (ipaddress.ip_network("192.0.2.0/24"),),
+                  dns=DnsConfig(answer_v4="198.19.0.0/16", answer_v6="2001:db8:a::/64"))
+    running = replace(Config(), dns=DnsConfig(answer_v4="198.18.0.0/16"), profiles=(own,))
+    answers = Answers(running, Listeners())
+    assert ipaddress.ip_network("198.19.0.0/16") in answers.profiles.named
+    answers.reloaded(replace(running, profiles=()))
+    assert {str(net) for net in answers.profiles.named} == {"198.18.0.0/16", "2001:db8:53::/64",
+                                                            "198.19.0.0/16", "2001:db8:a::/64"}

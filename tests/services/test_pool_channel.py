@@ -63,3 +63,31 @@ def test_a_silent_or_gone_owner_answers_none_and_is_counted():
     assert remote.answer(dns.message.make_query("x.example", "A").to_wire()) is None
     assert remote.unanswered == 2
     remote.close()
+
+
+def test_the_remote_gets_the_asking_clients_profiles_pool(tmp_path):
+    """DoH in another process: the owner answers from the pool of the client's profile, and names
+    an address from any pool."""
+    from nftdivert.config import load
+    from nftdivert.profiles import Profiles
+
+    path = tmp_path / "pools.toml"
+    path.write_text('[dns]\nanswer_v4 = "198.18.0.0/16"\n[[profiles]]\nname = "a"\nclients = ["192.0.2.0/24"]\n'
+                    'dns = { answer_v4 = "198.19.0.0/16", answer_v6 = "2001:db8:a::/64" }\n')
+    config = load(path)
+    resolver = Resolver.from_config(config.dns)
+    resolver.set_answers(Profiles(config))
+    owners_end, askers_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stop = _owner(resolver, owners_end)
+    remote = pool_channel.Remote(askers_end)
+    try:
+        got = {}
+        for client in ("192.0.2.1:5000", "198.51.100.1:5000"):
+            wire = remote.answer(dns.message.make_query("far.example", "A").to_wire(), client)
+            got[client] = ipaddress.ip_address(str(dns.message.from_wire(wire).answer[0][0]))
+        assert got["192.0.2.1:5000"] in ipaddress.ip_network("198.19.0.0/16"), got
+        assert got["198.51.100.1:5000"] in ipaddress.ip_network("198.18.0.0/16"), got
+        assert {remote.name_for(address) for address in got.values()} == {"far.example"}
+    finally:
+        stop()
+        remote.close()
