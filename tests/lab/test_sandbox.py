@@ -267,8 +267,8 @@ def test_a_daemonizing_cmd_is_observed_until_everything_it_started_has_exited(co
 
 def test_inside_pids_are_the_sandbox_own_and_proc_shows_only_its_processes(config):
     # Until the child has become `sleep` (right after the fork it is still `sh`): the event, not a time.
-    proc = sandbox(config, 'sleep 30 & echo "started $!"; for i in $(seq 2000); do found=$(pgrep -x sleep) && break; '
-                           'done; echo "found $found"; kill $!; echo "processes $(ls /proc | grep -c "^[0-9]")"')
+    proc = sandbox(config, 'sleep 30 & echo "started $!"; until found=$(pgrep -x sleep); do :; done; '
+                           'echo "found $found"; kill $!; echo "processes $(ls /proc | grep -c "^[0-9]")"')
     assert proc.returncode == 0, proc.stderr
     said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("started", "found",
                                                                                              "processes")))
