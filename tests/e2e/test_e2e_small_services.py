@@ -158,11 +158,15 @@ def logged(records, event: str, name: str, port: int) -> list[dict]:
     """The service's records for the conversation to `name` on `port`, each with the start record's destination."""
     found = [r for r in records if r.get("event") == event and r.get("name") == name]
     assert found, f"no {event} record for {name}: {[r for r in records if r.get('event') == event]}"
-    starts = {r["client"]: r for r in records if r.get("event") == "start"}
+    # A client port may start a TCP and a UDP conversation (two port spaces): every start it made.
+    starts: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("event") == "start":
+            starts.setdefault(r["client"], []).append(r)
     for rec in found:
         assert rec["original_destination"].endswith(f":{port}"), rec
-        start = starts.get(rec["client"])
-        assert start is not None and start["original_destination"] == rec["original_destination"], (rec, start)
+        made = starts.get(rec["client"], [])
+        assert rec["original_destination"] in [s["original_destination"] for s in made], (rec, made)
     return found
 
 
